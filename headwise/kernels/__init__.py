@@ -1,0 +1,29 @@
+"""Attention kernels, one folder per op: ``naive.py`` (reference), ``cpu.py``, ``triton.py``.
+
+Every op exposes ``<op>(..., backend="auto")``; ``pick_backend`` resolves the name and logs the
+backend that actually runs (once per op and device).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Callable
+
+import torch
+
+logger = logging.getLogger("headwise.kernels")
+_announced: set[tuple[str, str, str]] = set()
+
+
+def pick_backend(op: str, backends: dict[str, Callable], auto_order: list[tuple[str, Callable]],
+                 backend: str, device: torch.device) -> Callable:
+    """Resolve ``backend`` ("auto" or a name in ``backends``) for tensors on ``device``."""
+    if backend == "auto":
+        backend = next(name for name, runs_on in auto_order if runs_on(device))
+    elif backend not in backends:
+        raise ValueError(f"{op}: unknown backend {backend!r}; choose one of {['auto', *backends]}.")
+    key = (op, backend, device.type)
+    if key not in _announced:
+        _announced.add(key)
+        logger.info("%s: running the %s backend on %s", op, backend, device.type)
+    return backends[backend]

@@ -1,0 +1,25 @@
+"""``sink_window`` op: causal attention where each KV head reads its sink + its own local window.
+
+``sink_window_attention(q, k, v, q_pos, k_pos, sink, span, scale, backend="auto")`` — shapes in
+``naive.sink_window_attention``. Backends share that signature; ``auto`` picks the fastest one
+that can run on the inputs' device and logs which one ran.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .. import pick_backend
+from . import naive
+
+BACKENDS = {"naive": naive.sink_window_attention}
+# Preference order for "auto": first entry whose device test passes wins.
+AUTO_ORDER = [("naive", lambda device: True)]
+
+
+def sink_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor,
+                          k_pos: torch.Tensor, sink: torch.Tensor, span: torch.Tensor, scale: float,
+                          backend: str = "auto") -> torch.Tensor:
+    """Sink + window attention, ``[B, H, Q, D]`` out; see ``naive.sink_window_attention``."""
+    fn = pick_backend("sink_window", BACKENDS, AUTO_ORDER, backend, q.device)
+    return fn(q, k, v, q_pos, k_pos, sink, span, scale)

@@ -1,0 +1,336 @@
+"""Plans: which attention every KV head of a model runs, as versioned JSON.
+
+A plan is tied to one model architecture (by a fingerprint of its config) and holds, per layer,
+one head spec per KV head. Head kinds live in a registry: a new kind is a new ``HeadSpec``
+subclass decorated with ``@register_head_kind`` (in its own module), nothing else changes.
+
+Span rule of a ``window`` head at sequence length ``N`` (DESIGN §2)::
+
+    span(N) = clamp(floor(alpha + beta * N), 1, N)      kept(N) = min(N, sink + span(N))
+
+``N`` is the length the sequence will reach when known, else the current key length.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+FORMAT = "headwise.plan/1"
+
+HEAD_KINDS: dict[str, type["HeadSpec"]] = {}
+
+
+class PlanError(ValueError):
+    """A plan that cannot be used: malformed, or made for another model."""
+
+
+def register_head_kind(cls: type["HeadSpec"]) -> type["HeadSpec"]:
+    """Class decorator adding a head kind to the registry under ``cls.kind``."""
+    if not cls.kind or cls.kind in HEAD_KINDS:
+        raise ValueError(f"head kind {cls.kind!r} is empty or registered twice; give each kind a unique name.")
+    HEAD_KINDS[cls.kind] = cls
+    return cls
+
+
+def _check_number(where: str, name: str, value: Any, *, minimum: float | None = None,
+                  maximum: float | None = None, integer: bool = False) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise PlanError(f"{where}: field {name!r} must be a number, got {value!r}.")
+    if not math.isfinite(value):
+        raise PlanError(f"{where}: field {name!r} must be finite, got {value!r}.")
+    if integer and int(value) != value:
+        raise PlanError(f"{where}: field {name!r} must be a whole number, got {value!r}.")
+    if minimum is not None and value < minimum:
+        raise PlanError(f"{where}: field {name!r} must be >= {minimum}, got {value!r}.")
+    if maximum is not None and value > maximum:
+        raise PlanError(f"{where}: field {name!r} must be <= {maximum}, got {value!r}.")
+
+
+@dataclass(frozen=True)
+class HeadSpec:
+    """One KV head's attention. Subclasses set ``kind`` and implement ``kept``.
+
+    ``family`` names the attention implementation the patch dispatches to; heads of one family
+    in a layer run in one kernel call.
+    """
+
+    kind: ClassVar[str] = ""
+    family: ClassVar[str] = ""
+
+    def kept(self, n: int) -> int:
+        """Number of KV entries this head keeps at sequence length ``n``."""
+        raise NotImplementedError
+
+    def to_json(self) -> dict[str, Any]:
+        return {"kind": self.kind, **dataclasses.asdict(self)}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any], where: str) -> "HeadSpec":
+        names = {f.name for f in dataclasses.fields(cls)}
+        missing = sorted(names - data.keys())
+        if missing:
+            raise PlanError(f"{where}: {cls.kind!r} head is missing field(s) {missing}.")
+        extra = sorted(data.keys() - names - {"kind"})
+        if extra:
+            raise PlanError(f"{where}: {cls.kind!r} head has unknown field(s) {extra}.")
+        spec = cls(**{n: data[n] for n in names})
+        spec.validate(where)
+        return spec
+
+    def validate(self, where: str, max_length: int | None = None) -> None:
+        """Raise ``PlanError`` with one sentence if a field is out of range."""
+
+
+@register_head_kind
+@dataclass(frozen=True)
+class Window(HeadSpec):
+    """Sink + local window: first ``sink`` tokens and the last ``span(N)`` tokens.
+
+    ``beta = 0`` is StreamingLLM; ``beta > 0`` is MoA's elastic span ``alpha + beta * N``.
+    """
+
+    kind: ClassVar[str] = "window"
+    family: ClassVar[str] = "sink_window"
+    sink: int = 0
+    alpha: float = 0.0
+    beta: float = 0.0
+
+    def span(self, n: int) -> int:
+        return span_of(self.alpha, self.beta, n)
+
+    def kept(self, n: int) -> int:
+        return min(n, self.sink + self.span(n))
+
+    def validate(self, where: str, max_length: int | None = None) -> None:
+        _check_number(where, "sink", self.sink, minimum=0, integer=True)
+        _check_number(where, "alpha", self.alpha)
+        _check_number(where, "beta", self.beta, minimum=0.0, maximum=1.0)
+        if max_length is not None and self.sink >= max_length:
+            raise PlanError(f"{where}: sink {self.sink} must be smaller than the model's context of {max_length} tokens.")
+        if max_length is not None and abs(self.alpha) > 4 * max_length:
+            raise PlanError(f"{where}: alpha {self.alpha} is far outside the model's context of {max_length} tokens.")
+
+
+@register_head_kind
+@dataclass(frozen=True)
+class Dense(HeadSpec):
+    """Full causal attention (a window whose span is always ``N``)."""
+
+    kind: ClassVar[str] = "dense"
+    family: ClassVar[str] = "sink_window"
+
+    def kept(self, n: int) -> int:
+        return n
+
+
+def span_of(alpha: float, beta: float, n: int) -> int:
+    """``clamp(floor(alpha + beta * n), 1, n)``: the window span at length ``n`` (float64 math)."""
+    return max(1, min(n, math.floor(alpha + beta * n)))
+
+
+def head_from_json(data: Any, where: str) -> HeadSpec:
+    if not isinstance(data, dict):
+        raise PlanError(f"{where}: a head must be a JSON object, got {type(data).__name__}.")
+    kind = data.get("kind")
+    if kind not in HEAD_KINDS:
+        raise PlanError(f"{where}: unknown head kind {kind!r}; known kinds are {sorted(HEAD_KINDS)}.")
+    return HEAD_KINDS[kind].from_json(data, where)
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """The architecture a plan is made for."""
+
+    name: str
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    max_length: int
+    fingerprint: str
+
+    @classmethod
+    def of(cls, model_or_config: Any) -> "ModelInfo":
+        """Describe a ``transformers`` model (or its config)."""
+        config = getattr(model_or_config, "config", model_or_config)
+        config = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+        num_heads = config.num_attention_heads
+        fields = {
+            "model_type": getattr(config, "model_type", ""),
+            "vocab_size": config.vocab_size,
+            "hidden_size": config.hidden_size,
+            "intermediate_size": getattr(config, "intermediate_size", None),
+            "num_layers": config.num_hidden_layers,
+            "num_heads": num_heads,
+            "num_kv_heads": getattr(config, "num_key_value_heads", None) or num_heads,
+            "head_dim": getattr(config, "head_dim", None) or config.hidden_size // num_heads,
+        }
+        digest = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
+        name = getattr(config, "headwise_name", None) or os.path.basename(
+            str(getattr(config, "name_or_path", "") or "").rstrip("/")) or fields["model_type"]
+        return cls(name=name, num_layers=fields["num_layers"], num_heads=num_heads,
+                   num_kv_heads=fields["num_kv_heads"], head_dim=fields["head_dim"],
+                   max_length=getattr(config, "max_position_embeddings", None) or 0, fingerprint=digest)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Per layer, per KV head attention specs for one model.
+
+    ``layers[i][h]`` is the ``HeadSpec`` of KV head ``h`` in layer ``i``.
+    """
+
+    model: ModelInfo
+    layers: tuple[tuple[HeadSpec, ...], ...]
+    calibration: dict[str, Any] = field(default_factory=dict)
+
+    # ---- construction -------------------------------------------------------------------
+    @classmethod
+    def dense(cls, model: Any) -> "Plan":
+        """Every head dense: patched model computes exactly what the unpatched one does."""
+        info = ModelInfo.of(model)
+        return cls(info, tuple(tuple(Dense() for _ in range(info.num_kv_heads)) for _ in range(info.num_layers)),
+                   {"method": "dense"})
+
+    @classmethod
+    def uniform(cls, model: Any, density: float, sink: int = 64, length: int | None = None) -> "Plan":
+        """StreamingLLM baseline: every head keeps ``sink`` tokens plus one local window.
+
+        With ``length=None`` the window is sized so every head keeps ``density * N`` tokens at
+        every length ``N`` (``alpha = -sink, beta = density``); with ``length`` set the window is a
+        fixed ``density * length - sink`` tokens (``beta = 0``), the classic StreamingLLM cache.
+        """
+        _check_number("Plan.uniform", "density", density, minimum=0.0, maximum=1.0)
+        _check_number("Plan.uniform", "sink", sink, minimum=0, integer=True)
+        if density == 0.0:
+            raise PlanError("Plan.uniform: density must be above 0; use a positive fraction such as 0.25.")
+        info = ModelInfo.of(model)
+        if length is None:
+            head = Window(sink=int(sink), alpha=float(-sink), beta=float(density))
+        else:
+            head = Window(sink=int(sink), alpha=float(max(1.0, density * length - sink)), beta=0.0)
+        plan = cls(info, tuple(tuple(head for _ in range(info.num_kv_heads)) for _ in range(info.num_layers)),
+                   {"method": "uniform", "density": density, "sink": sink, "length": length})
+        plan.validate()
+        return plan
+
+    @classmethod
+    def from_spec(cls, spec: "Plan | str | os.PathLike", model: Any) -> "Plan":
+        """A plan from a ``Plan``, a JSON path, ``"dense"`` or ``"uniform:<density>[:<sink>]"``,
+        checked against ``model``."""
+        if isinstance(spec, Plan):
+            plan = spec
+        elif str(spec) == "dense":
+            plan = cls.dense(model)
+        elif str(spec).startswith("uniform:"):
+            parts = str(spec).split(":")
+            try:
+                density = float(parts[1])
+                sink = int(parts[2]) if len(parts) > 2 else 64
+            except (ValueError, IndexError):
+                raise PlanError(f"plan spec {spec!r} must look like 'uniform:0.25' or 'uniform:0.25:64'.") from None
+            plan = cls.uniform(model, density=density, sink=sink)
+        else:
+            plan = load_plan(spec)
+        plan.check_model(model)
+        return plan
+
+    # ---- math ---------------------------------------------------------------------------
+    @property
+    def heads(self) -> list[HeadSpec]:
+        return [h for layer in self.layers for h in layer]
+
+    def kept(self, n: int) -> list[list[int]]:
+        """Kept KV entries per ``[layer][kv_head]`` at length ``n``."""
+        return [[h.kept(n) for h in layer] for layer in self.layers]
+
+    def layer_density(self, n: int) -> list[float]:
+        return [sum(h.kept(n) for h in layer) / (n * len(layer)) for layer in self.layers]
+
+    def density(self, n: int) -> float:
+        """Mean over all KV heads of ``kept(n) / n``."""
+        heads = self.heads
+        return sum(h.kept(n) for h in heads) / (n * len(heads))
+
+    # ---- validation ---------------------------------------------------------------------
+    def validate(self) -> None:
+        m = self.model
+        for name in ("num_layers", "num_heads", "num_kv_heads", "head_dim"):
+            _check_number("plan model", name, getattr(m, name), minimum=1, integer=True)
+        if m.num_heads % m.num_kv_heads:
+            raise PlanError(f"plan model: num_heads {m.num_heads} is not a multiple of num_kv_heads {m.num_kv_heads}.")
+        if len(self.layers) != m.num_layers:
+            raise PlanError(f"plan has {len(self.layers)} layers but its model block says {m.num_layers}.")
+        for i, layer in enumerate(self.layers):
+            if len(layer) != m.num_kv_heads:
+                raise PlanError(f"plan layer {i} has {len(layer)} heads but the model has {m.num_kv_heads} KV heads.")
+            for h, head in enumerate(layer):
+                head.validate(f"layer {i} head {h}", m.max_length or None)
+
+    def check_model(self, model: Any) -> None:
+        """Raise ``PlanError`` unless this plan was made for ``model``'s architecture."""
+        other = ModelInfo.of(model)
+        if (self.model.num_layers, self.model.num_kv_heads) != (other.num_layers, other.num_kv_heads):
+            raise PlanError(
+                f"plan is for {self.model.num_layers} layers x {self.model.num_kv_heads} KV heads but the model has "
+                f"{other.num_layers} x {other.num_kv_heads}; calibrate a plan for this model.")
+        if self.model.fingerprint != other.fingerprint:
+            raise PlanError(
+                f"plan was made for model {self.model.name!r} (fingerprint {self.model.fingerprint[:12]}) but this is "
+                f"{other.name!r} (fingerprint {other.fingerprint[:12]}); calibrate a plan for this model.")
+
+    # ---- JSON ---------------------------------------------------------------------------
+    def to_json(self) -> dict[str, Any]:
+        return {"format": FORMAT, "model": dataclasses.asdict(self.model), "calibration": self.calibration,
+                "layers": [{"heads": [h.to_json() for h in layer]} for layer in self.layers]}
+
+    def save(self, path: str | os.PathLike) -> None:
+        with open(path, "w") as f:
+            json.dump(self.to_json(), f, indent=1)
+            f.write("\n")
+
+    @classmethod
+    def from_json(cls, data: Any) -> "Plan":
+        if not isinstance(data, dict):
+            raise PlanError(f"a plan must be a JSON object, got {type(data).__name__}.")
+        if data.get("format") != FORMAT:
+            raise PlanError(f"plan format is {data.get('format')!r} but headwise reads {FORMAT!r}.")
+        for key in ("model", "layers"):
+            if key not in data:
+                raise PlanError(f"plan is missing the {key!r} block.")
+        mdata = data["model"]
+        names = [f.name for f in dataclasses.fields(ModelInfo)]
+        if not isinstance(mdata, dict) or any(n not in mdata for n in names):
+            raise PlanError(f"plan 'model' block must have the fields {names}.")
+        info = ModelInfo(**{n: mdata[n] for n in names})
+        if not isinstance(data["layers"], list):
+            raise PlanError("plan 'layers' must be a list with one {'heads': [...]} object per layer.")
+        layers = []
+        for i, layer in enumerate(data["layers"]):
+            if not isinstance(layer, dict) or not isinstance(layer.get("heads"), list):
+                raise PlanError(f"plan layer {i} must be an object with a 'heads' list.")
+            layers.append(tuple(head_from_json(h, f"layer {i} head {j}") for j, h in enumerate(layer["heads"])))
+        plan = cls(info, tuple(layers), dict(data.get("calibration") or {}))
+        plan.validate()
+        return plan
+
+
+def load_plan(path: str | os.PathLike, model: Any = None) -> Plan:
+    """Read and validate a plan JSON file; with ``model``, also check it was made for that model."""
+    try:
+        with open(path) as f:
+            data = json.load(f, parse_constant=lambda c: float(c))
+    except FileNotFoundError:
+        raise PlanError(f"plan file {str(path)!r} does not exist.") from None
+    except json.JSONDecodeError as e:
+        raise PlanError(f"plan file {str(path)!r} is not valid JSON ({e.msg} at line {e.lineno}).") from None
+    plan = Plan.from_json(data)
+    if model is not None:
+        plan.check_model(model)
+    return plan
