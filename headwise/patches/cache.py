@@ -62,6 +62,7 @@ class HeadwiseLayer(DynamicLayer):
         self.keys = keys.gather(2, order[..., None].expand(-1, -1, -1, keys.shape[-1]))
         self.values = values.gather(2, order[..., None].expand(-1, -1, -1, values.shape[-1]))
         self.pos = torch.where(keep.gather(2, order), pos.gather(2, order), -1)
+        self._grow(1)   # the next token's slot: a window head then cycles through sink + span slots
         return keys, values
 
     def _write_one(self, key_states, value_states, new_pos, rule: LayerRule, lengths: torch.Tensor):

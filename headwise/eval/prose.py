@@ -1,0 +1,67 @@
+"""Real English prose available offline: CPython's own ``pydoc_data.topics``.
+
+Every Python install ships this module: ~465k characters (~110k tokens with SmolLM2's tokenizer)
+of reference prose. Haystacks and perplexity documents are slices of it, never repeated filler.
+"""
+
+from __future__ import annotations
+
+import bisect
+import functools
+import random
+import weakref
+from dataclasses import dataclass
+
+
+@functools.lru_cache(maxsize=1)
+def corpus_text() -> str:
+    """All pydoc topics in sorted-name order, separated by blank lines (deterministic)."""
+    from pydoc_data.topics import topics
+
+    return "\n\n".join(topics[name].strip() for name in sorted(topics))
+
+
+@dataclass(frozen=True)
+class TokenizedProse:
+    """The corpus with the character span of every token, for slicing by token count."""
+
+    text: str
+    starts: tuple[int, ...]   # character offset where token i starts
+    ends: tuple[int, ...]     # character offset where token i ends
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.starts)
+
+    def random_start(self, rng: random.Random, num_tokens: int) -> int:
+        """A token index where a slice of ``num_tokens`` tokens fits, at the start of a paragraph."""
+        last = self.num_tokens - num_tokens
+        if last < 0:
+            raise ValueError(f"the prose corpus has {self.num_tokens} tokens, fewer than the {num_tokens} asked for; "
+                             "ask for a shorter context.")
+        index = rng.randint(0, last)
+        para = self.text.rfind("\n\n", 0, self.starts[index])
+        char = 0 if para < 0 else para + 2
+        return min(bisect.bisect_left(self.starts, char), last)
+
+    def slice(self, start: int, num_tokens: int) -> str:
+        """Text of tokens ``start .. start + num_tokens`` (re-tokenizes to about ``num_tokens``)."""
+        if num_tokens <= 0:
+            return ""
+        end = min(self.num_tokens, start + num_tokens) - 1
+        return self.text[self.starts[start]:self.ends[end]].strip()
+
+
+_CACHE: "weakref.WeakKeyDictionary[object, TokenizedProse]" = weakref.WeakKeyDictionary()
+
+
+def tokenized_prose(tokenizer) -> TokenizedProse:
+    """The corpus tokenized with ``tokenizer`` (a fast tokenizer; cached per tokenizer object)."""
+    if tokenizer not in _CACHE:
+        text = corpus_text()
+        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        offsets = enc["offset_mapping"]
+        if not offsets:
+            raise ValueError("the tokenizer returned no offsets; headwise eval needs a fast (Rust) tokenizer.")
+        _CACHE[tokenizer] = TokenizedProse(text, tuple(s for s, _ in offsets), tuple(e for _, e in offsets))
+    return _CACHE[tokenizer]

@@ -1,0 +1,43 @@
+"""Shared fixtures: tiny random models of several architectures, and the real embedded model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import (AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config)
+
+TINY = dict(vocab_size=128, hidden_size=96, intermediate_size=128, num_hidden_layers=2, num_attention_heads=6,
+            num_key_value_heads=2, head_dim=16, max_position_embeddings=1024, initializer_range=0.2,
+            pad_token_id=0, bos_token_id=1, eos_token_id=2)
+
+TINY_CONFIGS = {
+    "llama": lambda: LlamaConfig(**TINY),
+    "mistral": lambda: MistralConfig(**TINY, sliding_window=None),
+    "qwen2": lambda: Qwen2Config(**TINY),
+    "qwen3": lambda: Qwen3Config(**TINY),
+}
+
+
+def make_tiny(arch: str = "llama", seed: int = 0):
+    """A tiny random causal LM in eval mode, fp32, sdpa attention."""
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(TINY_CONFIGS[arch](), attn_implementation="sdpa")
+    return model.eval()
+
+
+@pytest.fixture(params=sorted(TINY_CONFIGS))
+def tiny_model(request):
+    return make_tiny(request.param)
+
+
+@pytest.fixture
+def llama():
+    return make_tiny("llama")
+
+
+@pytest.fixture(scope="session")
+def real_model():
+    """The embedded SmolLM2-135M-Instruct (safetensors copy cached after the first conversion)."""
+    from headwise import load_model
+
+    return load_model()
