@@ -247,3 +247,19 @@ def test_real_model_kv_bytes_follow_density(real, density):
     patch_model(model, Plan.uniform(model, density=density, sink=64))
     used = kv_bytes(model(input_ids=x, use_cache=True).past_key_values)
     assert used["kept"] <= (density + 0.05) * dense
+
+
+@pytest.mark.slow
+def test_real_model_cached_generation_equals_recomputation(real):
+    model, tokenizer = real
+    x, steps = _prose_ids(tokenizer, 160), 12
+    patch_model(model, Plan.uniform(model, density=0.25, sink=4))
+    with expected_length(model, x.shape[1] + steps):
+        out = model.generate(input_ids=x, max_new_tokens=steps, min_new_tokens=steps, do_sample=False,
+                             output_logits=True, return_dict_in_generate=True)
+        assert out.past_key_values.layers[0].keys.shape[-2] < x.shape[1] // 2     # eviction happened
+        for t in range(steps):
+            full = model(input_ids=out.sequences[:, : x.shape[1] + t], use_cache=False).logits[:, -1]
+            assert torch.allclose(full, out.logits[t], atol=1e-3), f"step {t}"
+            full[:, model.config.eos_token_id] = float("-inf")
+            assert int(full.argmax()) == int(out.sequences[0, x.shape[1] + t])

@@ -50,6 +50,9 @@ class LayerRule:
     dense: torch.Tensor    # [Hkv] bool
     _on: dict = field(default_factory=dict, repr=False)
 
+    def __post_init__(self):
+        self.all_dense = bool(self.dense.all())
+
     @classmethod
     def from_heads(cls, heads: tuple[HeadSpec, ...]) -> "LayerRule":
         for h in heads:
@@ -61,10 +64,6 @@ class LayerRule:
             beta=torch.tensor([h.beta if isinstance(h, Window) else 0.0 for h in heads], dtype=torch.float64),
             dense=torch.tensor([isinstance(h, Dense) for h in heads], dtype=torch.bool),
         )
-
-    @property
-    def all_dense(self) -> bool:
-        return bool(self.dense.all())
 
     def to(self, device: torch.device) -> "LayerRule":
         if device not in self._on:
