@@ -1,0 +1,38 @@
+"""Heatmap of a plan: kept fraction ``kept(N) / N`` of every (layer, KV head), one panel per length."""
+
+from __future__ import annotations
+
+import os
+
+from ..plan import Dense, Plan
+
+
+def plan_heatmap(plan: Plan, path: str | os.PathLike, lengths: list[int]) -> None:
+    """Write a PNG: rows are layers, columns KV heads; colour is the kept fraction at each length,
+    dense heads are marked "D". Uses matplotlib's Agg backend (no display needed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    layers, heads = plan.model.num_layers, plan.model.num_kv_heads
+    fig, axes = plt.subplots(1, len(lengths), figsize=(1.2 + 0.55 * heads * len(lengths) + 1.2, 0.5 + 0.22 * layers),
+                             squeeze=False, constrained_layout=True)
+    image = None
+    for ax, n in zip(axes[0], lengths):
+        kept = np.array(plan.kept(n), dtype=float) / n
+        image = ax.imshow(kept, vmin=0.0, vmax=1.0, cmap="viridis", aspect="auto", interpolation="nearest")
+        for i, layer in enumerate(plan.layers):
+            for h, head in enumerate(layer):
+                if isinstance(head, Dense):
+                    ax.text(h, i, "D", ha="center", va="center", fontsize=7, color="black")
+        ax.set_title(f"N={n}: density {plan.density(n):.3f}", fontsize=9)
+        ax.set_xticks(range(heads))
+        ax.set_xlabel("KV head")
+        ax.set_yticks(range(0, layers, max(1, layers // 10)))
+    axes[0][0].set_ylabel("layer")
+    fig.colorbar(image, ax=axes[0].tolist(), label="kept(N) / N")
+    fig.suptitle(f"{plan.model.name} ({plan.calibration.get('method', 'plan')})", fontsize=10)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

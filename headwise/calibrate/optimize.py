@@ -1,0 +1,250 @@
+"""From profiles to a plan: candidate spans, their dropped |E| mass, and a binary MILP (HiGHS).
+
+Every KV head picks exactly one candidate (a ``Window`` with a fixed sink and elastic span
+``alpha + beta * N``, or ``Dense``). A candidate's loss at length ``N`` is the profiled ``|E|``
+mass of the attention entries it drops; entries are known per ``block x block`` tile, and a tile
+counts in proportion to the exact number of its causal entries the head's band geometry drops.
+The MILP minimises the weighted, normalised loss subject to: total kept tokens at most
+``density * N * heads`` at every profiled length, and at most ``max_configs`` distinct candidates
+per layer. Several length weightings give Pareto plans; the one with the least loss at a held-out
+length wins.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import numpy as np
+import scipy.optimize
+import scipy.sparse
+
+from ..plan import Dense, HeadSpec, ModelInfo, Plan, Window
+
+logger = logging.getLogger("headwise")
+
+BETAS = tuple(i / 8 for i in range(9))
+
+
+def candidate_grid(lengths: list[int], sink: int = 64, alpha_step: int | None = None,
+                   betas: tuple[float, ...] = BETAS) -> list[HeadSpec]:
+    """MoA's grid: ``alpha`` from ``-min(lengths)`` to ``max(lengths)`` in steps of
+    ``min(lengths) / 8`` (plus ``alpha = -sink``, which with ``beta = d`` keeps exactly ``d * N``),
+    every ``beta`` in ``betas``, a fixed sink, and ``Dense``.
+
+    Candidates that keep the same span at every length in ``lengths`` are merged (the first in
+    grid order stays), and windows that keep everything at every length are left to ``Dense``.
+    """
+    shortest, longest = min(lengths), max(lengths)
+    step = alpha_step or max(1, shortest // 8)
+    alphas = sorted({float(-sink), *(float(a) for a in range(-shortest, longest + 1, step))})
+    seen: set[tuple[int, ...]] = set()
+    grid: list[HeadSpec] = []
+    for beta in betas:
+        for alpha in alphas:
+            head = Window(sink=sink, alpha=alpha, beta=float(beta))
+            kept = tuple(head.kept(n) for n in lengths)
+            if all(k >= n for k, n in zip(kept, lengths)):
+                continue
+            spans = tuple(head.span(n) for n in lengths)
+            if spans in seen:
+                continue
+            seen.add(spans)
+            grid.append(head)
+    return grid + [Dense()]
+
+
+def dropped_fraction(head: HeadSpec, n: int, block: int) -> np.ndarray:
+    """Fraction of each tile's causal entries that ``head`` drops at length ``n``.
+
+    Query ``i`` keeps key ``j <= i`` iff ``j < sink`` or ``j > i - span(n)`` (the kernel's
+    rule), so it drops keys ``sink <= j <= i - span``. Returns ``[nb, nb]`` float64,
+    ``nb = ceil(n / block)``; tiles with no causal entry are 0.
+    """
+    nb = -(-n // block)
+    if isinstance(head, Dense) or head.kept(n) >= n:
+        return np.zeros((nb, nb))
+    if not isinstance(head, Window):
+        raise TypeError(f"the calibrator cannot score {type(head).__name__} heads; use Window or Dense candidates.")
+    span = head.span(n)
+    i = np.arange(n)[:, None]                                   # [n, 1] queries
+    start = np.arange(nb)[None, :] * block                      # [1, nb] key tile starts
+    stop = np.minimum(start + block, n)
+    causal = np.clip(np.minimum(stop, i + 1) - start, 0, None)
+    dropped = np.clip(np.minimum(stop, i - span + 1) - np.maximum(start, head.sink), 0, None)
+    pad = nb * block - n
+    causal = np.pad(causal, ((0, pad), (0, 0))).reshape(nb, block, nb).sum(1)
+    dropped = np.pad(dropped, ((0, pad), (0, 0))).reshape(nb, block, nb).sum(1)
+    return np.divide(dropped, causal, out=np.zeros((nb, nb)), where=causal > 0)
+
+
+def candidate_losses(blocks: np.ndarray, candidates: list[HeadSpec], n: int, block: int) -> np.ndarray:
+    """Dropped ``|E|`` mass of every candidate for every head at length ``n``.
+
+    Args:
+        blocks: ``[layers, Hkv, nb, nb]`` float64 profile at length ``n``.
+
+    Returns:
+        ``[layers, Hkv, C]`` float64.
+    """
+    layers, heads, nb, _ = blocks.shape
+    fractions, cache = [], {}
+    for cand in candidates:
+        key = (cand.sink, cand.span(n)) if isinstance(cand, Window) else ("dense",)
+        if key not in cache:
+            cache[key] = dropped_fraction(cand, n, block).reshape(-1)
+        fractions.append(cache[key])
+    return (blocks.reshape(layers * heads, nb * nb) @ np.stack(fractions, axis=1)).reshape(layers, heads, -1)
+
+
+@dataclass
+class Solution:
+    """One MILP solve: ``choice`` ``[layers, Hkv]`` candidate indices and what it costs."""
+
+    weights: dict[int, float]
+    choice: np.ndarray
+    status: str
+    optimal: bool
+    mip_gap: float | None
+    normalized_loss: dict[int, float] = field(default_factory=dict)
+    density: dict[int, float] = field(default_factory=dict)
+
+
+def solve(losses: dict[int, np.ndarray], kept: dict[int, np.ndarray], weights: dict[int, float], density: float,
+          max_configs: int = 2, time_limit: float = 300.0, mip_rel_gap: float = 1e-4) -> Solution:
+    """Binary MILP: one candidate per KV head, kept-token budget at every length, at most
+    ``max_configs`` distinct candidates per layer; minimise ``sum_N w_N loss_N / total_N``.
+
+    Args:
+        losses: per length ``[layers, Hkv, C]`` dropped ``|E|`` (already normalised by the caller).
+        kept: per length ``[C]`` kept tokens of each candidate.
+        weights: per length weight of its normalised loss in the objective (lengths without a
+            weight only constrain).
+        density: kept-token budget as a fraction of ``N * layers * Hkv``.
+
+    Variables: ``x[l, h, c]`` (head picks candidate) then ``y[l, c]`` (layer uses candidate).
+    """
+    lengths = sorted(kept)
+    layers, heads, C = next(iter(losses.values())).shape
+    H = layers * heads
+    nx, ny = H * C, layers * C
+    cost = np.zeros(nx + ny)
+    for n, w in weights.items():
+        cost[:nx] += w * losses[n].reshape(-1)
+    rows = []
+    # exactly one candidate per head
+    one = scipy.sparse.kron(scipy.sparse.eye(H), np.ones((1, C)))
+    rows.append((scipy.sparse.hstack([one, scipy.sparse.csr_matrix((H, ny))]), np.ones(H), np.ones(H)))
+    # kept tokens within budget at every length
+    budget = np.stack([np.tile(kept[n], H) for n in lengths])
+    limit = np.array([density * n * H for n in lengths])
+    rows.append((scipy.sparse.hstack([scipy.sparse.csr_matrix(budget), scipy.sparse.csr_matrix((len(lengths), ny))]),
+                 np.full(len(lengths), -np.inf), limit))
+    # x[l, h, c] <= y[l, c]
+    link_y = scipy.sparse.kron(scipy.sparse.eye(layers), scipy.sparse.kron(np.ones((heads, 1)), scipy.sparse.eye(C)))
+    rows.append((scipy.sparse.hstack([scipy.sparse.eye(nx), -link_y]), np.full(nx, -np.inf), np.zeros(nx)))
+    # at most max_configs candidates per layer
+    per_layer = scipy.sparse.kron(scipy.sparse.eye(layers), np.ones((1, C)))
+    rows.append((scipy.sparse.hstack([scipy.sparse.csr_matrix((layers, nx)), per_layer]),
+                 np.full(layers, -np.inf), np.full(layers, float(max_configs))))
+    constraints = [scipy.optimize.LinearConstraint(scipy.sparse.csr_matrix(a), lo, hi) for a, lo, hi in rows]
+    result = scipy.optimize.milp(cost, constraints=constraints, integrality=np.ones(nx + ny),
+                                 bounds=scipy.optimize.Bounds(0, 1),
+                                 options={"time_limit": time_limit, "mip_rel_gap": mip_rel_gap, "presolve": True})
+    if result.x is None:
+        raise RuntimeError(f"the MILP found no plan ({result.message}); raise the density, or use a smaller sink "
+                           "or longer lengths so that some candidates fit the budget.")
+    x = np.round(result.x[:nx]).reshape(layers, heads, C)
+    choice = x.argmax(-1)
+    return Solution(weights, choice, result.message, result.status == 0, getattr(result, "mip_gap", None))
+
+
+def length_weightings(fit_lengths: list[int], steps: int = 4) -> list[dict[int, float]]:
+    """Weightings over the fit lengths for Pareto plans: each length alone, uniform, and (for
+    two or more lengths) mixes in steps of ``1/steps`` between neighbours."""
+    fit = sorted(fit_lengths)
+    found: list[dict[int, float]] = [{n: 1.0 / len(fit) for n in fit}]
+    for a, b in zip(fit, fit[1:]):
+        for k in range(steps + 1):
+            found.append({n: (1 - k / steps if n == a else k / steps if n == b else 0.0) for n in fit})
+    if len(fit) == 1:
+        found = [{fit[0]: 1.0}]
+    unique, seen = [], set()
+    for w in found:
+        key = tuple(round(w[n], 9) for n in fit)
+        if key not in seen:
+            seen.add(key)
+            unique.append(w)
+    return unique
+
+
+@dataclass
+class Calibration:
+    """Result of ``optimize``: the chosen plan, every Pareto solution, and solver details."""
+
+    plan: Plan
+    solutions: list[Solution]
+    chosen: int
+    candidates: list[HeadSpec]
+    holdout: int | None
+
+
+def optimize(profiles: dict, model_info: ModelInfo, density: float, *, holdout: int | None = None,
+             max_configs: int = 2, sink: int = 64, alpha_step: int | None = None, time_limit: float = 300.0,
+             calibration: dict | None = None) -> Calibration:
+    """Choose one candidate per KV head from ``profiles`` (length -> ``LengthProfile``).
+
+    Lengths other than ``holdout`` are the fit lengths the Pareto weightings mix; ``holdout``
+    (if given) only picks the winner (least normalised loss there). The token budget holds at
+    every profiled length, including the held-out one.
+    """
+    lengths = sorted(profiles)
+    if holdout is not None and holdout not in profiles:
+        raise ValueError(f"held-out length {holdout} was not profiled; profile it or pick one of {lengths}.")
+    fit = [n for n in lengths if n != holdout] or lengths
+    block = next(iter(profiles.values())).block
+    candidates = candidate_grid(lengths, sink, alpha_step)
+    losses, kept = {}, {}
+    for n in lengths:
+        raw = candidate_losses(profiles[n].blocks, candidates, n, block)
+        total = profiles[n].blocks.sum()
+        if not total > 0:
+            raise ValueError(f"the profile at length {n} is all zeros; re-run the profiling.")
+        losses[n] = raw / total
+        kept[n] = np.array([c.kept(n) for c in candidates], dtype=np.float64)
+    heads_total = model_info.num_layers * model_info.num_kv_heads
+    solutions = []
+    for weights in length_weightings(fit):
+        sol = solve(losses, kept, weights, density, max_configs, time_limit)
+        for n in lengths:
+            sol.normalized_loss[n] = float(np.take_along_axis(losses[n], sol.choice[..., None], -1).sum())
+            sol.density[n] = float(kept[n][sol.choice].sum() / (n * heads_total))
+        logger.info("headwise: weights %s -> loss %s (%s)", weights, sol.normalized_loss, sol.status)
+        solutions.append(sol)
+    if holdout is None:
+        scores = [sum(s.weights[n] * s.normalized_loss[n] for n in fit) for s in solutions]
+    else:
+        scores = [s.normalized_loss[holdout] for s in solutions]
+    chosen = int(np.argmin(scores))           # first minimum: deterministic
+    best = solutions[chosen]
+    layers = tuple(tuple(candidates[c] for c in row) for row in best.choice.tolist())
+    block_info = {
+        "method": "moa-milp", "density": density, "lengths": lengths, "fit_lengths": fit, "holdout_length": holdout,
+        "max_configs_per_layer": max_configs, "sink": sink, "candidates": len(candidates),
+        "solver": f"scipy.optimize.milp (HiGHS), time limit {time_limit:g} s", "solver_status": best.status,
+        "solver_optimal": all(s.optimal for s in solutions),
+        "mip_gap": best.mip_gap, "chosen_weights": {str(k): v for k, v in best.weights.items()},
+        "normalized_loss": {str(k): v for k, v in best.normalized_loss.items()},
+        "pareto": [{"weights": {str(k): v for k, v in s.weights.items()},
+                    "normalized_loss": {str(k): v for k, v in s.normalized_loss.items()},
+                    "density": {str(k): v for k, v in s.density.items()}, "optimal": s.optimal}
+                   for s in solutions],
+        **(calibration or {}),
+    }
+    uniform = Window(sink=sink, alpha=float(-sink), beta=float(density))
+    block_info["uniform_normalized_loss"] = {
+        str(n): float(candidate_losses(profiles[n].blocks, [uniform], n, block).sum() / profiles[n].blocks.sum())
+        for n in lengths}
+    plan = Plan(model_info, layers, block_info)
+    plan.validate()
+    return Calibration(plan, solutions, chosen, candidates, holdout)

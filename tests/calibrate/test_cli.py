@@ -1,0 +1,115 @@
+"""End to end: ``headwise calibrate`` on a tiny random model with the embedded model's tokenizer,
+resuming from cached profiles, then ``headwise plan show``; and the calibration samples."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig
+
+from headwise.cli import main
+from headwise.plan import Plan, load_plan
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from transformers import AutoTokenizer
+
+    from headwise.models import embedded_model_dir
+
+    tok = AutoTokenizer.from_pretrained(embedded_model_dir(), local_files_only=True)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory, tokenizer):
+    """A tiny random Llama with the real vocabulary, saved as a local checkpoint."""
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=2048,
+                         initializer_range=0.2, bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    model = AutoModelForCausalLM.from_config(config)
+    path = tmp_path_factory.mktemp("tiny")
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.mark.slow
+def test_calibrate_then_resume_then_show(tiny_dir, tmp_path, capsys):
+    args = ["calibrate", "--model", str(tiny_dir), "--lengths", "256,512", "--samples", "2", "--answer-tokens", "8",
+            "--sink", "16", "--cache-dir", str(tmp_path / "cache"), "--threads", "1"]
+    assert main(args + ["--density", "0.5", "--out", str(tmp_path / "a.json")]) == 0
+    first = capsys.readouterr().out
+    assert "4 of 4 samples to compute" in first
+    plan = load_plan(tmp_path / "a.json")
+    assert (tmp_path / "a.png").stat().st_size > 0
+    cal = plan.calibration
+    assert cal["density"] == 0.5 and cal["lengths"] == [256, 512] and cal["holdout_length"] == 512
+    assert "calibrate" in cal["command"] and "pydoc_data" in cal["data"]["source"]
+    for n in (256, 512):
+        assert plan.density(n) <= 0.5
+    for layer in plan.layers:
+        assert len(set(layer)) <= 2
+
+    # same inputs again: every profile comes from the cache and the plan is identical
+    assert main(args + ["--density", "0.5", "--out", str(tmp_path / "b.json")]) == 0
+    assert "0 of 4 samples to compute" in capsys.readouterr().out
+    again = load_plan(tmp_path / "b.json")
+    assert again.layers == plan.layers
+
+    # another density re-solves from the same profile
+    assert main(args + ["--density", "0.25", "--out", str(tmp_path / "c.json")]) == 0
+    assert "0 of 4 samples to compute" in capsys.readouterr().out
+    assert load_plan(tmp_path / "c.json").density(512) <= 0.25
+
+    assert main(["plan", "show", str(tmp_path / "a.json"), "--png", str(tmp_path / "show.png")]) == 0
+    shown = capsys.readouterr().out
+    assert f"{plan.density(512):.4f}" in shown and (tmp_path / "show.png").stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_samples_are_exact_length_with_the_models_own_answer(tiny_dir, tokenizer):
+    from headwise.calibrate.data import INSTRUCTIONS, SampleBuilder
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir).eval()
+    builder = SampleBuilder(model, tokenizer, answer_tokens=6, seed=1)
+    offsets = builder.offsets(300, 2)
+    assert offsets == SampleBuilder(model, tokenizer, answer_tokens=6, seed=1).offsets(300, 2)
+    compared = 0
+    for i, end in enumerate(offsets):
+        sample = builder.build(300, i, end)
+        ids = sample.input_ids
+        assert ids.shape == (1, 300)
+        assert 300 - 6 <= sample.answer_start < 300
+        prompt = ids[:, :sample.answer_start]
+        text = tokenizer.decode(prompt[0])
+        assert INSTRUCTIONS[i % len(INSTRUCTIONS)] in text
+        # the target is the model's own greedy continuation of the prompt
+        with torch.no_grad():
+            greedy = model.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False,
+                                    max_new_tokens=300 - sample.answer_start, pad_token_id=tokenizer.pad_token_id)
+        answer_len = 300 - sample.answer_start
+        if answer_len == 6:        # no early end: the answer is exactly the greedy continuation
+            assert torch.equal(greedy[0, sample.answer_start:], ids[0, sample.answer_start:])
+            compared += 1
+    assert compared > 0
+
+
+def test_plan_show_on_a_uniform_plan(tmp_path, capsys):
+    from tests.conftest import make_tiny
+
+    plan = Plan.uniform(make_tiny("llama"), 0.25)
+    plan.save(tmp_path / "u.json")
+    assert main(["plan", "show", str(tmp_path / "u.json"), "--lengths", "1024,4096"]) == 0
+    out = capsys.readouterr().out
+    assert "1024   0.2500" in out and "4096   0.2500" in out
+    assert (tmp_path / "u.png").is_file()
+    assert json.loads((tmp_path / "u.json").read_text())["calibration"]["method"] == "uniform"
+    assert np.isclose(plan.density(4096), 0.25)
