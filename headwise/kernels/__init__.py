@@ -6,6 +6,8 @@ backend that actually runs (once per op and device).
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import logging
 from typing import Callable
 
@@ -27,3 +29,24 @@ def pick_backend(op: str, backends: dict[str, Callable], auto_order: list[tuple[
         _announced.add(key)
         logger.info("%s: running the %s backend on %s", op, backend, device.type)
     return backends[backend]
+
+
+def triton_available() -> bool:
+    """Whether the optional ``triton`` package is installed (not imported here)."""
+    return importlib.util.find_spec("triton") is not None
+
+
+def lazy_backend(module: str, function: str) -> Callable:
+    """A backend that imports ``module`` (e.g. a Triton file) on its first call, not at package import.
+
+    Keeps Triton optional, and lets ``TRITON_INTERPRET=1`` set before the first call take effect
+    (Triton reads it when kernels are defined).
+    """
+    def run(*args, **kwargs):
+        if not triton_available():
+            raise ImportError(f"{module} needs the optional 'triton' package; install headwise[triton] "
+                              "or pick backend='cpu'.")
+        return getattr(importlib.import_module(module), function)(*args, **kwargs)
+
+    run.__name__ = run.__qualname__ = f"lazy_{function}"
+    return run

@@ -2,19 +2,28 @@
 
 ``sink_window_attention(q, k, v, q_pos, k_pos, sink, span, scale, backend="auto")`` — shapes in
 ``naive.sink_window_attention``. Backends share that signature; ``auto`` picks the fastest one
-that can run on the inputs' device and logs which one ran.
+that can run on the inputs' device (``triton`` on CUDA when Triton is installed, ``cpu``
+otherwise) and logs which one ran. ``kernels.sink_window_decode`` is the one-query-per-sequence form and
+``kernels.paged_decode`` the same over a paged KV pool.
 """
 
 from __future__ import annotations
 
 import torch
 
-from .. import pick_backend
-from . import naive
+from .. import lazy_backend, pick_backend, triton_available
+from . import cpu, naive
 
-BACKENDS = {"naive": naive.sink_window_attention}
+BACKENDS = {
+    "naive": naive.sink_window_attention,
+    "cpu": cpu.sink_window_attention,
+    "triton": lazy_backend(__name__ + ".triton", "sink_window_attention"),
+}
 # Preference order for "auto": first entry whose device test passes wins.
-AUTO_ORDER = [("naive", lambda device: True)]
+AUTO_ORDER = [
+    ("triton", lambda device: device.type == "cuda" and triton_available()),
+    ("cpu", lambda device: True),
+]
 
 
 def sink_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor,
@@ -23,3 +32,6 @@ def sink_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_p
     """Sink + window attention, ``[B, H, Q, D]`` out; see ``naive.sink_window_attention``."""
     fn = pick_backend("sink_window", BACKENDS, AUTO_ORDER, backend, q.device)
     return fn(q, k, v, q_pos, k_pos, sink, span, scale)
+
+
+__all__ = ["sink_window_attention", "BACKENDS", "AUTO_ORDER"]

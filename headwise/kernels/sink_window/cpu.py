@@ -2,16 +2,26 @@
 
 Same signature and result as ``naive.sink_window_attention``. Two paths:
 
-* **Banded** (many queries, i.e. prefill): per sequence, the key slots are put in position order
-  (free when they already are: prefill without cache, left or right padding, or a compacted cache
-  followed by new keys; otherwise one ``argsort`` + gather per KV head). Queries then go in blocks
-  of ``query_block``; a block reads only two key slices found by binary search, its heads' sink
-  ``[0, sink)`` and its window band ``[q_min - span + 1, q_max]``, and runs
-  ``scaled_dot_product_attention`` on them in fp32 with a small ``[block, slice]`` mask. KV heads
-  of a sequence with the same sink, span and key positions run together, their GQA query heads
-  folded into the query axis, so a uniform plan makes one call per query block.
+* **Banded** (more than ``DIRECT_MAX_QUERIES`` queries, i.e. prefill): per sequence the key slots
+  are put in position order (free when they already are: prefill without cache, left or right
+  padding, a compacted cache followed by new keys; otherwise one ``sort`` + gather per KV head).
+  KV heads with the same sink, span and key positions run together, their GQA query heads folded
+  into the query axis. Queries go in blocks of ``query_block``:
+
+  - a *regular* block (consecutive real query positions ``q0..q1``, keys ``0..n-1`` in consecutive
+    slots: every prefill) splits its visible keys into mask-free pieces, run by torch's CPU flash
+    attention, which also returns each row's log-sum-exp, and merged exactly with those:
+    ``full`` (sink + window interior, seen by every query), ``causal`` (the diagonal square) and
+    ``reverse`` (the window's lower edge, causal once queries and keys are reversed). Blocks whose
+    window starts past the sink all have the same piece sizes and run as one batched call per
+    piece; blocks whose every window reaches the sink are plain causal (``full`` + ``causal``).
+  - any other block reads two key slices found by binary search (its heads' sink ``[0, sink)``
+    and its window band ``[q_min - span + 1, q_max]``) with a small ``[block, slice]`` mask.
+
 * **Direct** (few queries, i.e. decode over a ring-ordered cache): one fp32 masked attention over
   all slots; its cost is ``Q x S`` with ``S`` the kept slots, already small.
+
+Math is fp32 (bf16/fp16 inputs are upcast slice by slice); the output has ``q``'s dtype.
 """
 
 from __future__ import annotations
@@ -23,6 +33,8 @@ from .naive import visible
 
 #: Queries per block of the banded path; the band read per block is ``span + query_block`` keys.
 QUERY_BLOCK = 256
+#: Key position given to empty slots when sorting puts them last.
+PAST_END = torch.iinfo(torch.int64).max
 #: Up to this many queries the direct path (one masked attention over all slots) runs.
 DIRECT_MAX_QUERIES = 16
 
@@ -55,7 +67,7 @@ def direct_attention(q, k, v, q_pos, k_pos, sink, span, scale) -> torch.Tensor:
     Hkv, S = k.shape[1], k.shape[2]
     G = H // Hkv
     allowed = visible(q_pos, k_pos, sink, span).expand(B, Hkv, Q, S)             # [B, Hkv, Q, S]
-    qf = q.float().view(B, Hkv, G * Q, D)
+    qf = q.float().reshape(B, Hkv, G * Q, D)     # q may be a transposed view (HF)
     scores = torch.matmul(qf, k.float().transpose(-1, -2)).view(B, Hkv, G, Q, S) * scale
     scores = scores.masked_fill(~allowed[:, :, None], float("-inf"))
     probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)                         # empty rows -> 0
@@ -75,23 +87,119 @@ def banded_attention(q, k, v, q_pos, k_pos, sink, span, scale, query_block: int 
     span_rows = span.tolist()
     for b in range(B):
         pos, kb, vb = _keys_in_position_order(k[b], v[b], k_pos[b])            # [Hk, S], [Hkv, S, D] x2
+        first_slots = [_first_slot_of_contiguous(row) for row in pos]
         groups: dict[tuple[int, int, int], list[int]] = {}
         for h in range(Hkv):
             row = h if pos.shape[0] > 1 else 0
             groups.setdefault((sink_list[h], span_rows[b][h], row), []).append(h)
         q_rows = q_pos[b]
+        runs = _QueryRuns(q_rows)
         for (s, w, row), heads in groups.items():
             heads_t = torch.tensor(heads, device=q.device)
-            key_rows = pos[row].contiguous()
-            q_heads = q[b].view(Hkv, G, Q, D)[heads_t]                            # [h, G, Q, D]
-            k_heads, v_heads = kb[heads_t], vb[heads_t]                           # [h, S, D]
+            keys = _Keys(pos[row].contiguous(), kb[heads_t].float(), vb[heads_t].float(), first_slots[row])
+            q_heads = q[b].view(Hkv, G, Q, D)[heads_t].float()                    # [h, G, Q, D]
+            band_starts = []
             for start in range(0, Q, query_block):
                 stop = min(Q, start + query_block)
-                block = _attend_block(q_heads[:, :, start:stop], k_heads, v_heads, q_rows[start:stop],
-                                      key_rows, s, w, scale)
+                regular = runs.regular(start, stop, keys)
+                if regular and stop - start == query_block and _is_band(*regular, s, w):
+                    band_starts.append(start)            # done together below
+                    continue
+                block = _attend_block(q_heads[:, :, start:stop], keys, q_rows[start:stop], regular, s, w, scale)
                 if block is not None:
                     out[b].view(Hkv, G, Q, D)[heads_t, :, start:stop] = block.to(q.dtype)
+            for starts, blocks in _band_blocks(q_heads, keys, q_rows, band_starts, query_block, s, w, scale):
+                for start, block in zip(starts, blocks):
+                    out[b].view(Hkv, G, Q, D)[heads_t, :, start:start + query_block] = block.to(q.dtype)
     return out
+
+
+#: Bytes of gathered keys and values one batched band call may hold.
+BAND_BATCH_BYTES = 64 << 20
+
+
+class _QueryRuns:
+    """Which query blocks are *regular*: consecutive real positions whose keys are all present.
+
+    Answers from Python lists, so the per-block checks of a long prefill cost no tensor ops.
+    """
+
+    def __init__(self, q_pos: torch.Tensor):
+        self.first = q_pos.tolist()
+        steps = (q_pos[1:] == q_pos[:-1] + 1).long().cumsum(0).tolist()
+        self.breaks_before = [0, *steps]          # consecutive steps among the first i + 1 queries
+
+    def regular(self, start: int, stop: int, keys: "_Keys") -> tuple[int, int] | None:
+        """``(q0, q1)`` when queries ``start..stop-1`` are ``q0, q0+1, ..., q1`` and keys ``0..q1`` are all there."""
+        q0, q1 = self.first[start], self.first[stop - 1]
+        if keys.first_slot is None or q0 < 0 or q1 >= keys.count:
+            return None
+        if self.breaks_before[stop - 1] - self.breaks_before[start] != stop - 1 - start:
+            return None
+        return q0, q1
+
+
+def _is_band(q0: int, q1: int, sink: int, span: int) -> bool:
+    """A regular block whose every window starts at or after the sink and is longer than the block."""
+    return q0 - span + 1 >= sink and span > q1 - q0 + 1
+
+
+def _band_blocks(q: torch.Tensor, keys: "_Keys", q_pos: torch.Tensor, starts: list[int], size: int,
+                 sink: int, span: int, scale: float):
+    """All band blocks of a head group at once: three batched flash calls per batch of blocks.
+
+    The pieces are those of ``_unmasked_parts`` case "band" (``full``: sink + window interior,
+    ``reverse``: lower edge, ``causal``: diagonal); every band block has the same piece sizes,
+    so the blocks become the batch axis. Yields ``(starts, out [n, h, G, size, D] fp32)``.
+    """
+    if not starts:
+        return
+    h, G, _, D = q.shape
+    inner = span - size - 1
+    full_keys = sink + inner
+    per_block = 2 * h * (full_keys + 2 * G * size) * D * 4
+    step = max(1, BAND_BATCH_BYTES // per_block)
+    device = q.device
+    offsets = torch.arange(size, device=device)
+    for i in range(0, len(starts), step):
+        chunk = starts[i:i + step]
+        n = len(chunk)
+        query_index = torch.tensor(chunk, device=device)[:, None] + offsets                # [n, size]
+        qb = q[:, :, query_index].permute(2, 0, 1, 3, 4)                                   # [n, h, G, size, D]
+        first = keys.first_slot + q_pos[query_index[:, 0]]                                 # [n] slot of q0
+        pieces = []
+        if full_keys > 0:
+            full = torch.cat([torch.arange(sink, device=device).expand(n, sink) + keys.first_slot,
+                              (first - span + size + 1)[:, None] + torch.arange(inner, device=device)], dim=1)
+            k = keys.k[:, full].transpose(0, 1)                                            # [n, h, K, D]
+            v = keys.v[:, full].transpose(0, 1)
+            out, lse = _flash(qb.reshape(n, h, G * size, D), k, v, False, scale)
+            pieces.append((out.view(n, h, G, size, D), lse.view(n, h, G, size)))
+        qf = qb.reshape(n, h * G, size, D)
+        for kind, lo in (("reverse", first - span + 1), ("causal", first)):
+            slots = lo[:, None] + offsets                                                  # [n, size]
+            k = keys.k[:, slots].transpose(0, 1)[:, :, None].expand(n, h, G, size, D).reshape(n, h * G, size, D)
+            v = keys.v[:, slots].transpose(0, 1)[:, :, None].expand(n, h, G, size, D).reshape(n, h * G, size, D)
+            if kind == "reverse":
+                out, lse = _flash(qf.flip(2), k.flip(2), v.flip(2), True, scale)
+                out, lse = out.flip(2), lse.flip(2)
+            else:
+                out, lse = _flash(qf, k, v, True, scale)
+            pieces.append((out.view(n, h, G, size, D), lse.view(n, h, G, size)))
+        weights = torch.softmax(torch.stack([lse for _, lse in pieces]), dim=0)[..., None]
+        yield chunk, sum(out * w for (out, _), w in zip(pieces, weights))
+
+
+class _Keys:
+    """One sequence's keys of a head group in position order (see ``_keys_in_position_order``).
+
+    ``pos [S]`` sorted positions, ``k, v [h, S, D]`` fp32, ``first_slot``: when the real keys are
+    exactly positions ``0..n-1`` in consecutive slots, the slot of position 0 (else ``None``).
+    """
+
+    def __init__(self, pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor, first_slot: int | None):
+        self.pos, self.k, self.v, self.first_slot = pos, k, v, first_slot
+        self.count = int(((pos >= 0) & (pos < PAST_END)).sum())
 
 
 def _keys_in_position_order(k: torch.Tensor, v: torch.Tensor, k_pos: torch.Tensor):
@@ -108,7 +216,7 @@ def _keys_in_position_order(k: torch.Tensor, v: torch.Tensor, k_pos: torch.Tenso
     empty = k_pos < 0
     if bool((k_pos[:, 1:] >= k_pos[:, :-1]).all()):
         return k_pos, k, v                                                      # sorted, empty slots first
-    past_end = k_pos.masked_fill(empty, torch.iinfo(torch.int64).max)
+    past_end = k_pos.masked_fill(empty, PAST_END)
     if bool((past_end[:, 1:] >= past_end[:, :-1]).all()):
         return past_end, k, v                                                   # sorted, empty slots last
     past_end, order = torch.sort(past_end, dim=-1, stable=True)
@@ -117,17 +225,108 @@ def _keys_in_position_order(k: torch.Tensor, v: torch.Tensor, k_pos: torch.Tenso
     return past_end, k.gather(1, index), v.gather(1, index)
 
 
-def _attend_block(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor,
-                  key_pos: torch.Tensor, sink: int, span: int, scale: float) -> torch.Tensor | None:
+def _first_slot_of_contiguous(pos: torch.Tensor) -> int | None:
+    """Slot of position 0 when the real keys of a sorted ``pos [S]`` row are ``0, 1, ..., n-1`` in a row."""
+    real = (pos >= 0) & (pos < PAST_END)
+    n = int(real.sum())
+    if n == 0:
+        return None
+    first = int(real.to(torch.int8).argmax())
+    if bool((pos[first:first + n] == torch.arange(n, device=pos.device)).all()):
+        return first
+    return None
+
+
+def _attend_block(q: torch.Tensor, keys: _Keys, q_pos: torch.Tensor, regular: tuple[int, int] | None,
+                  sink: int, span: int, scale: float) -> torch.Tensor | None:
     """Attention of one query block of heads that share sink, span and key positions.
 
     Args:
-        q: ``[h, G, Qb, D]``; k, v: ``[h, S, D]`` in position order; q_pos: ``[Qb]``;
-        key_pos: ``[S]`` sorted (see ``_keys_in_position_order``); sink, span: ints.
+        q: ``[h, G, Qb, D]`` fp32; keys: the group's keys; q_pos: ``[Qb]``;
+        regular: ``(q0, q1)`` from ``_QueryRuns.regular`` or ``None``; sink, span: ints.
 
     Returns:
         ``[h, G, Qb, D]`` fp32, or ``None`` when no query of the block sees any key (all zeros).
     """
+    parts = _unmasked_parts(keys, *regular, sink, span) if regular else None
+    if parts is None:
+        return _masked_block(q, keys, q_pos, sink, span, scale)
+    outs, lses = zip(*(_flash_part(q, keys, lo, hi, kind, scale) for kind, lo, hi in parts))
+    if len(outs) == 1:
+        return outs[0]
+    lse = torch.stack(lses)                                                  # [parts, h, G, Qb]
+    weights = torch.softmax(lse, dim=0)[..., None]                           # each part's share of the mass
+    return (torch.stack(outs) * weights).sum(0)
+
+
+def _unmasked_parts(keys: _Keys, q0: int, q1: int, sink: int, span: int):
+    """Split a regular block's visible keys into pieces that need no mask, or ``None``.
+
+    A block is regular when its queries are consecutive real positions ``q0..q1`` whose keys are
+    all present at consecutive slots. Its visible keys are then the union of disjoint position
+    ranges, each of which is a mask-free flash-attention call:
+
+    * ``full``: seen by every query: the sink ``[0, sink)`` and the window interior
+      ``[q1 - span + 2, q0)`` (or all of ``[0, q0)`` when every window reaches the sink);
+    * ``causal``: the diagonal ``[q0, q1]``, key ``j`` seen by query ``i`` iff ``j <= i``;
+    * ``reverse``: the window's lower edge ``[q0 - span + 1, q1 - span + 1]``, key ``j`` seen by
+      query ``i`` iff ``j >= i``: causal once queries and keys are both reversed.
+
+    Returns:
+        ``[(kind, slot_lo, slot_hi), ...]`` with ``full`` given as a list of slot slices, or ``None``.
+    """
+    size = q1 - q0 + 1
+    at = keys.first_slot
+    parts = []
+    if q1 - span + 1 <= sink:                                  # every window reaches the sink: causal
+        if q0 > 0:
+            parts.append(("full", [(at, at + q0)], None))
+    elif _is_band(q0, q1, sink, span):
+        full = [(at, at + sink)] if sink > 0 else []
+        if q1 - span + 2 < q0:
+            full.append((at + q1 - span + 2, at + q0))
+        if full:
+            parts.append(("full", full, None))
+        parts.append(("reverse", at + q0 - span + 1, at + q1 - span + 2))
+    else:
+        return None
+    parts.append(("causal", at + q0, at + q1 + 1))
+    return parts
+
+
+def _flash_part(q: torch.Tensor, keys: _Keys, lo, hi, kind: str, scale: float):
+    """One mask-free piece: ``(out [h, G, Qb, D], logsumexp [h, G, Qb])`` fp32.
+
+    ``full`` folds the ``G`` query heads into the query axis (all rows see the same keys);
+    ``causal``/``reverse`` repeat the piece's ``Qb`` keys over the ``G`` heads instead.
+    """
+    h, G, Qb, D = q.shape
+    if kind == "full":
+        slices = lo
+        k = torch.cat([keys.k[:, a:b] for a, b in slices], dim=1) if len(slices) > 1 else keys.k[:, slices[0][0]:slices[0][1]]
+        v = torch.cat([keys.v[:, a:b] for a, b in slices], dim=1) if len(slices) > 1 else keys.v[:, slices[0][0]:slices[0][1]]
+        out, lse = _flash(q.reshape(1, h, G * Qb, D), k[None], v[None], False, scale)
+        return out.view(h, G, Qb, D), lse.view(h, G, Qb)
+    k = keys.k[:, lo:hi, None].expand(h, hi - lo, G, D).transpose(1, 2).reshape(1, h * G, hi - lo, D)
+    v = keys.v[:, lo:hi, None].expand(h, hi - lo, G, D).transpose(1, 2).reshape(1, h * G, hi - lo, D)
+    qf = q.reshape(1, h * G, Qb, D)
+    if kind == "reverse":
+        out, lse = _flash(qf.flip(2), k.flip(2), v.flip(2), True, scale)
+        out, lse = out.flip(2), lse.flip(2)
+    else:
+        out, lse = _flash(qf, k, v, True, scale)
+    return out.view(h, G, Qb, D), lse.view(h, G, Qb)
+
+
+def _flash(q, k, v, causal: bool, scale: float):
+    """torch's CPU flash attention, which also returns the log-sum-exp needed to merge pieces."""
+    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, scale=scale)
+
+
+def _masked_block(q: torch.Tensor, keys: _Keys, q_pos: torch.Tensor, sink: int, span: int,
+                  scale: float) -> torch.Tensor | None:
+    """Any block: the sink and window slices found by binary search, a small ``[Qb, K]`` mask."""
+    key_pos = keys.pos
     real = q_pos >= 0
     if not bool(real.any()):
         return None
@@ -139,8 +338,8 @@ def _attend_block(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torc
     if b <= a and d <= c:
         return None
     slots = [sl for sl in (slice(a, b), slice(c, d)) if sl.stop > sl.start]
-    ks = torch.cat([k[:, sl] for sl in slots], dim=1) if len(slots) > 1 else k[:, slots[0]]
-    vs = torch.cat([v[:, sl] for sl in slots], dim=1) if len(slots) > 1 else v[:, slots[0]]
+    ks = torch.cat([keys.k[:, sl] for sl in slots], dim=1) if len(slots) > 1 else keys.k[:, slots[0]]
+    vs = torch.cat([keys.v[:, sl] for sl in slots], dim=1) if len(slots) > 1 else keys.v[:, slots[0]]
     kp = torch.cat([key_pos[sl] for sl in slots]) if len(slots) > 1 else key_pos[slots[0]]
     qp = q_pos[:, None]
     mask = (kp[None, :] <= qp) & ((kp[None, :] < sink) | (kp[None, :] > qp - span)) & (qp >= 0)   # [Qb, K]
@@ -149,9 +348,9 @@ def _attend_block(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torc
     if not all_seen:
         mask = mask | ~seen[:, None]                 # keep softmax finite; those rows are zeroed below
     h, G, Qb, D = q.shape
-    out = F.scaled_dot_product_attention(
-        q.float().reshape(h, G * Qb, D), ks.float(), vs.float(),
-        attn_mask=mask.repeat(G, 1), scale=scale).view(h, G, Qb, D)
+    bias = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill_(~mask, float("-inf"))
+    out = F.scaled_dot_product_attention(q.reshape(1, h * G, Qb, D), ks[None], vs[None], attn_mask=bias,
+                                         scale=scale, enable_gqa=True).view(h, G, Qb, D)
     if not all_seen:
         out = out.masked_fill(~seen[:, None], 0.0)
     return out

@@ -41,7 +41,7 @@ def _accumulate(acc, m_i, l_i, q, q_pos, qk_scale, k_ptr, v_ptr, kpos_ptr, strid
         k = tl.load(k_ptr + offs_n[:, None] * stride_ks + offs_d[None, :],
                     mask=in_range[:, None] & d_mask[None, :], other=0.0)
         if IEEE:
-            s = tl.dot(q, tl.trans(k), input_precision="ieee")
+            s = tl.dot(q, tl.trans(k.to(tl.float32)), input_precision="ieee")
         else:
             s = tl.dot(q, tl.trans(k))
         s = s * qk_scale
@@ -176,7 +176,8 @@ def sink_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_p
         ``naive.visible``). block_m, block_n: query and key tile sizes (powers of two, >= 16).
 
     Returns:
-        ``[B, H, Q, D]`` in ``q.dtype``; fp32 inputs use IEEE fp32 dots, fp16/bf16 accumulate in fp32.
+        ``[B, H, Q, D]`` in ``q.dtype``; fp32 inputs use IEEE fp32 dots, fp16/bf16 use native dots
+        accumulating in fp32 (fp32 dots under the interpreter, whose bf16 dot is wrong).
     """
     _check_device(q)
     B, H, Q, D = q.shape
@@ -198,12 +199,21 @@ def sink_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_p
         v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
         pos.stride(0), pos.stride(1), ranges.stride(0), ranges.stride(1), ranges.stride(2),
         H, Hkv, Q, D, float(scale),
-        KPOS_PER_HEAD=pos.shape[1] > 1, IEEE=q.dtype == torch.float32,
+        KPOS_PER_HEAD=pos.shape[1] > 1, IEEE=fp32_dots(q.dtype),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=max(16, triton.next_power_of_2(D)))
     return out
 
 
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def fp32_dots(dtype: torch.dtype) -> bool:
+    """Dots in IEEE fp32: for fp32 inputs, and always under the interpreter (its bf16 dot is wrong)."""
+    return dtype == torch.float32 or interpreting()
+
+
 def _check_device(t: torch.Tensor) -> None:
-    if t.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+    if t.device.type == "cpu" and not interpreting():
         raise RuntimeError("the triton backend got CPU tensors; set TRITON_INTERPRET=1 before the first call "
                            "(tests do) or use backend='cpu'.")

@@ -1,0 +1,39 @@
+"""``paged_decode`` op: one query per sequence, sink + window attention over a paged KV pool.
+
+``paged_decode(q, k_pool, v_pool, pos_pool, block_tables, q_pos, sink, span, scale, backend="auto")``
+— pool layout and shapes in ``naive`` (its module docstring and ``naive.paged_decode``). There is
+no separate plan step: the block tables are read directly by every backend, so a decode engine
+builds ``block_tables`` / ``q_pos`` / ``span`` once per batch and calls this once per layer.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .. import lazy_backend, pick_backend, triton_available
+from . import cpu, naive
+
+BACKENDS = {
+    "naive": naive.paged_decode,
+    "cpu": cpu.paged_decode,
+    "triton": lazy_backend(__name__ + ".triton", "paged_decode"),
+}
+AUTO_ORDER = [
+    ("triton", lambda device: device.type == "cuda" and triton_available()),
+    ("cpu", lambda device: True),
+]
+
+
+def paged_decode(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, pos_pool: torch.Tensor,
+                 block_tables: torch.Tensor, q_pos: torch.Tensor, sink: torch.Tensor, span: torch.Tensor,
+                 scale: float, backend: str = "auto") -> torch.Tensor:
+    """``[B, H, D]`` decode output over a paged pool; see ``naive.paged_decode``."""
+    Hb, Ht = k_pool.shape[2], block_tables.shape[1]
+    if sink.shape[0] != Ht * Hb:
+        raise ValueError(f"paged_decode: {Ht} block-table rows x {Hb} heads per block give {Ht * Hb} KV heads but "
+                         f"sink has {sink.shape[0]}; make block_tables [B, Hkv // Hb, M] for a [P, bs, Hb, D] pool.")
+    fn = pick_backend("paged_decode", BACKENDS, AUTO_ORDER, backend, q.device)
+    return fn(q, k_pool, v_pool, pos_pool, block_tables, q_pos, sink, span, scale)
+
+
+__all__ = ["paged_decode", "BACKENDS", "AUTO_ORDER"]

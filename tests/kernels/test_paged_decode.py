@@ -1,0 +1,53 @@
+"""``paged_decode`` backends against the naive reference, and the naive paged path against the dense one."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from headwise.kernels import paged_decode as op
+from headwise.kernels.sink_window_decode import naive as dense_naive
+from tests.kernels.cases import TOLERANCE, WINDOWS, decode_case, paged
+
+LAYOUTS = {"per-head-bs16": (16, 1), "per-head-bs5": (5, 1), "shared-bs16": (16, 2)}
+
+
+def paged_case(length, gqa, sink, window, dtype, layout):
+    q, k, v, q_pos, k_pos, sink_t, span, scale = decode_case(length, gqa, sink, window, dtype)
+    block_size, heads_per_block = LAYOUTS[layout]
+    if heads_per_block > 1:                                  # shared blocks: heads share slot positions
+        k_pos = k_pos[:, :1].expand_as(k_pos).contiguous()
+    pool = paged(k, v, k_pos, block_size, heads_per_block)
+    return (q, k, v, q_pos, k_pos, sink_t, span, scale), (q, *pool, q_pos, sink_t, span, scale)
+
+
+# Every fourth combination: each length, GQA ratio, sink, window and layout appears, in varied pairs.
+GRID = [pytest.param(length, gqa, sink, window, layout, id=f"len{length}-gqa{gqa}-sink{sink}-{window}-{layout}")
+        for i, (length, gqa, sink, window, layout) in enumerate(
+            itertools.product([1, 65, 1000], [1, 3, 4], [0, 4, 64], WINDOWS, LAYOUTS)) if i % 4 == 0]
+
+
+@pytest.mark.parametrize("length,gqa,sink,window,layout", GRID)
+def test_naive_paged_matches_dense_reference(length, gqa, sink, window, layout):
+    dense, paged_args = paged_case(length, gqa, sink, window, torch.float32, layout)
+    torch.testing.assert_close(op.paged_decode(*paged_args, backend="naive"), dense_naive.sink_window_decode(*dense),
+                               **TOLERANCE[torch.float32])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("length,gqa,sink,window,layout", GRID[::2])
+def test_cpu_paged(length, gqa, sink, window, layout, dtype):
+    _, paged_args = paged_case(length, gqa, sink, window, dtype, layout)
+    expected = op.paged_decode(*paged_args, backend="naive")
+    got = op.paged_decode(*paged_args, backend="cpu")
+    assert got.shape == expected.shape and got.dtype == dtype
+    torch.testing.assert_close(got.float(), expected.float(), **TOLERANCE[dtype])
+
+
+def test_mismatched_head_count_is_refused():
+    _, (q, k_pool, v_pool, pos_pool, tables, q_pos, sink, span, scale) = paged_case(65, 3, 4, "win_lt", torch.float32,
+                                                                                     "per-head-bs16")
+    with pytest.raises(ValueError, match="block-table rows"):
+        op.paged_decode(q, k_pool, v_pool, pos_pool, tables[:, :1], q_pos, sink, span, scale)

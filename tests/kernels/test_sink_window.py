@@ -1,0 +1,131 @@
+"""``sink_window`` backends against the naive reference (prefill shapes, any slot order, GQA, padding)."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from headwise.kernels import pick_backend
+from headwise.kernels import sink_window as op
+from headwise.kernels.sink_window import naive
+from tests.kernels.cases import TOLERANCE, WINDOWS, Case, prefill_case
+
+SHORT_LENGTHS = [1, 63, 64, 65]
+GQA = [1, 3, 4]
+SINKS = [0, 4, 64]
+
+
+def grid(lengths, gqas, sinks, windows, paddings):
+    return list(_grid(lengths, gqas, sinks, windows, paddings))
+
+
+def _grid(lengths, gqas, sinks, windows, paddings):
+    for length, gqa, sink, window, padding in itertools.product(lengths, gqas, sinks, windows, paddings):
+        yield pytest.param(length, gqa, sink, window, padding,
+                           id=f"len{length}-gqa{gqa}-sink{sink}-{window}-{padding}")
+
+
+def check(backend: str, case: Case, dtype: torch.dtype) -> None:
+    expected = naive.sink_window_attention(*case.args())
+    got = op.sink_window_attention(*case.args(), backend=backend)
+    assert got.shape == expected.shape and got.dtype == expected.dtype
+    assert torch.isfinite(got.float()).all()
+    torch.testing.assert_close(got.float(), expected.float(), **TOLERANCE[dtype])
+    padding_rows = (case.q_pos < 0)[:, None, :, None].expand_as(got)
+    assert (got[padding_rows] == 0).all(), "padding queries must give zeros"
+
+
+def mid_length_grid():
+    """Length 1000: every GQA ratio x sink with the small window, plus one other window each (the full product is slow)."""
+    params = []
+    for j, (gqa, sink) in enumerate(itertools.product(GQA, SINKS)):
+        for window in dict.fromkeys(["win_lt", list(WINDOWS)[j % 3]]):
+            padding = ("left", "right")[len(params) % 2]
+            params.append(pytest.param(1000, gqa, sink, window, padding,
+                                       id=f"len1000-gqa{gqa}-sink{sink}-{window}-{padding}"))
+    return params
+
+
+@pytest.mark.parametrize("length,gqa,sink,window,padding",
+                         grid(SHORT_LENGTHS, GQA, SINKS, WINDOWS, ["left", "right"]) + mid_length_grid())
+def test_cpu_prefill_fp32(length, gqa, sink, window, padding):
+    check("cpu", prefill_case(length, gqa, sink, window, padding, torch.float32), torch.float32)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("length,gqa,sink,window,padding", [
+    pytest.param(4097, 3, 64, "win_lt", "left", id="len4097-gqa3-sink64-win_lt-left"),
+    pytest.param(4097, 3, 4, "win_eq", "right", id="len4097-gqa3-sink4-win_eq-right"),
+    pytest.param(4097, 4, 0, "win_gt", "left", id="len4097-gqa4-sink0-win_gt-left"),
+])
+def test_cpu_prefill_long(length, gqa, sink, window, padding):
+    """4097 tokens (uneven last query block, several band blocks); one KV head pair keeps the reference quick."""
+    check("cpu", prefill_case(length, gqa, sink, window, padding, torch.float32, batch=2, Hkv=2, D=16), torch.float32)
+
+
+@pytest.mark.parametrize("length,gqa,sink,window,padding", grid([63, 1000], [3], [4], WINDOWS, ["left", "right"]))
+def test_cpu_prefill_bf16(length, gqa, sink, window, padding):
+    check("cpu", prefill_case(length, gqa, sink, window, padding, torch.bfloat16), torch.bfloat16)
+
+
+@pytest.mark.parametrize("queries", [17, 300], ids=lambda q: f"last{q}q")
+@pytest.mark.parametrize("padding", ["left", "right"])
+def test_cpu_prompt_chunk_after_cached_keys(queries, padding):
+    """A later prompt chunk: queries are the last ``queries`` positions, earlier keys already there."""
+    check("cpu", prefill_case(1000, 3, 4, "win_lt", padding, torch.float32, queries=queries), torch.float32)
+
+
+def scrambled(case: Case, seed: int = 0) -> Case:
+    """The same attention with every KV head's slots in its own random order (``k_pos [B, Hkv, S]``)."""
+    g = torch.Generator().manual_seed(seed)
+    B, Hkv, S, D = case.k.shape
+    order = torch.stack([torch.randperm(S, generator=g) for _ in range(B * Hkv)]).view(B, Hkv, S)
+    index = order[..., None].expand(-1, -1, -1, D)
+    k_pos = case.k_pos.expand(B, Hkv, S).gather(2, order)
+    return Case(case.q, case.k.gather(2, index), case.v.gather(2, index), case.q_pos, k_pos, case.sink,
+                case.span, case.scale)
+
+
+@pytest.mark.parametrize("queries", [1, 16, 17, 200], ids=lambda q: f"{q}q")
+@pytest.mark.parametrize("window", list(WINDOWS))
+def test_cpu_any_slot_order(queries, window):
+    """Slots in per-head random order (a ring-written cache): the direct path and the sorting path."""
+    check("cpu", scrambled(prefill_case(300, 3, 4, window, "right", torch.float32, queries=queries)), torch.float32)
+
+
+def test_cpu_per_head_positions_that_agree():
+    """``k_pos [B, Hkv, S]`` with equal rows, what a fresh headwise cache passes at prefill."""
+    case = prefill_case(200, 3, 4, "win_lt", "left", torch.float32)
+    B, Hkv, S, _ = case.k.shape
+    check("cpu", Case(*case.args()[:4], case.k_pos.expand(B, Hkv, S).clone(), case.sink, case.span, case.scale),
+          torch.float32)
+
+
+@pytest.mark.parametrize("span,sink", [(1, 0), (1, 500), (2, 3)], ids=["self-only", "sink-beyond-length", "tiny"])
+def test_cpu_edge_spans(span, sink):
+    case = prefill_case(130, 3, 0, "win_lt", "left", torch.float32)
+    case.span = torch.full_like(case.span, span)
+    case.sink = torch.full_like(case.sink, sink)
+    check("cpu", case, torch.float32)
+
+
+def test_cpu_query_with_no_visible_key_gets_zeros():
+    """A query past every cached key with an empty sink and a window that misses them all."""
+    case = prefill_case(64, 1, 0, "win_lt", "left", torch.float32, batch=1)
+    case.q_pos = case.q_pos + 1000
+    case.span = torch.full_like(case.span, 2)
+    got = op.sink_window_attention(*case.args(), backend="cpu")
+    assert (got == 0).all()
+
+
+def test_auto_picks_cpu_for_cpu_tensors():
+    picked = pick_backend("sink_window", op.BACKENDS, op.AUTO_ORDER, "auto", torch.device("cpu"))
+    assert picked is op.BACKENDS["cpu"]
+
+
+def test_unknown_backend_is_refused():
+    case = prefill_case(8, 1, 0, "win_lt", "left", torch.float32)
+    with pytest.raises(ValueError, match="unknown backend 'fast'"):
+        op.sink_window_attention(*case.args(), backend="fast")
