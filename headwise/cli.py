@@ -11,6 +11,9 @@ import sys
 # Modules that define ``register(subparsers)``; one line per area.
 COMMAND_MODULES = [
     "headwise.demo",
+    "headwise.eval.cli",
+    "headwise.calibrate.cli",
+    "headwise.plan_cli",
 ]
 
 

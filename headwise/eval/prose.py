@@ -44,6 +44,14 @@ class TokenizedProse:
         char = 0 if para < 0 else para + 2
         return min(bisect.bisect_left(self.starts, char), last)
 
+    def char_at(self, start: int, num_tokens: int, fraction: float) -> int:
+        """Character position, inside ``slice(start, num_tokens)``, of the token ``fraction`` of the way in."""
+        index = start + min(num_tokens, max(0, round(fraction * num_tokens)))
+        raw = self.text[self.starts[start]:]
+        lead = len(raw) - len(raw.lstrip())
+        at = self.starts[index] if index < self.num_tokens else len(self.text)
+        return max(0, at - self.starts[start] - lead)
+
     def slice(self, start: int, num_tokens: int) -> str:
         """Text of tokens ``start .. start + num_tokens`` (re-tokenizes to about ``num_tokens``)."""
         if num_tokens <= 0:
