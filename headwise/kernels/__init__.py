@@ -50,3 +50,19 @@ def lazy_backend(module: str, function: str) -> Callable:
 
     run.__name__ = run.__qualname__ = f"lazy_{function}"
     return run
+
+
+# Preference order for "auto" shared by every op: first entry whose device test passes wins.
+AUTO_ORDER: list[tuple[str, Callable]] = [
+    ("triton", lambda device: device.type == "cuda" and triton_available()),
+    ("cpu", lambda device: True),
+]
+
+
+def standard_backends(package: str, function: str, naive_module, cpu_module) -> dict[str, Callable]:
+    """The three backends of an op folder: ``naive`` and ``cpu`` modules, ``triton`` loaded lazily."""
+    return {
+        "naive": getattr(naive_module, function),
+        "cpu": getattr(cpu_module, function),
+        "triton": lazy_backend(package + ".triton", function),
+    }

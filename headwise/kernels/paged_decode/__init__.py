@@ -10,18 +10,10 @@ from __future__ import annotations
 
 import torch
 
-from .. import lazy_backend, pick_backend, triton_available
+from .. import AUTO_ORDER, pick_backend, standard_backends
 from . import cpu, naive
 
-BACKENDS = {
-    "naive": naive.paged_decode,
-    "cpu": cpu.paged_decode,
-    "triton": lazy_backend(__name__ + ".triton", "paged_decode"),
-}
-AUTO_ORDER = [
-    ("triton", lambda device: device.type == "cuda" and triton_available()),
-    ("cpu", lambda device: True),
-]
+BACKENDS = standard_backends(__name__, "paged_decode", naive, cpu)
 
 
 def paged_decode(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, pos_pool: torch.Tensor,

@@ -9,18 +9,10 @@ from __future__ import annotations
 
 import torch
 
-from .. import lazy_backend, pick_backend, triton_available
+from .. import AUTO_ORDER, pick_backend, standard_backends
 from . import cpu, naive
 
-BACKENDS = {
-    "naive": naive.sink_window_decode,
-    "cpu": cpu.sink_window_decode,
-    "triton": lazy_backend(__name__ + ".triton", "sink_window_decode"),
-}
-AUTO_ORDER = [
-    ("triton", lambda device: device.type == "cuda" and triton_available()),
-    ("cpu", lambda device: True),
-]
+BACKENDS = standard_backends(__name__, "sink_window_decode", naive, cpu)
 
 
 def sink_window_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor,
