@@ -10,7 +10,12 @@ from headwise import Plan, PlanError, expected_length, kv_bytes, patch_model, un
 from headwise.plan import Dense, Window
 from tests.conftest import make_tiny
 
-torch.set_grad_enabled(False)
+
+
+@pytest.fixture(autouse=True)
+def _no_grad():
+    with torch.no_grad():
+        yield
 
 
 def mixed_plan(model, sink=3, alpha=5.0, beta=0.0) -> Plan:

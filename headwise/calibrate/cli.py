@@ -10,8 +10,6 @@ same model, data and lengths only re-solves the MILP.
 
 from __future__ import annotations
 
-import shlex
-import sys
 import time
 from pathlib import Path
 
@@ -80,8 +78,7 @@ def run(args) -> int:
     print(f"headwise calibrate: solving the MILP at density {args.density} "
           f"(fit {[n for n in lengths if n != holdout]}, held-out {holdout})", flush=True)
     solve_start = time.perf_counter()
-    command = "headwise " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if Path(sys.argv[0]).name == "headwise" \
-        else " ".join(shlex.quote(a) for a in sys.argv)
+    command = args.command_line
     result = optimize(profiles, store.info, args.density, holdout=holdout, max_configs=args.max_configs,
                       sink=args.sink, alpha_step=args.alpha_step, time_limit=args.time_limit, calibration={
                           "data": {**data_description(), "samples_per_length": args.samples,

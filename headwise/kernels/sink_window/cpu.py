@@ -275,7 +275,6 @@ def _unmasked_parts(keys: _Keys, q0: int, q1: int, sink: int, span: int):
     Returns:
         ``[(kind, slot_lo, slot_hi), ...]`` with ``full`` given as a list of slot slices, or ``None``.
     """
-    size = q1 - q0 + 1
     at = keys.first_slot
     parts = []
     if q1 - span + 1 <= sink:                                  # every window reaches the sink: causal

@@ -53,7 +53,7 @@ def sink_window_attention(
         ``[B, H, Q, D]`` in ``q.dtype``; a query with no visible key (padding) gets zeros.
     """
     B, H, Q, D = q.shape
-    Hkv, S = k.shape[1], k.shape[2]
+    Hkv = k.shape[1]
     G = H // Hkv
     kf = k.float()                                      # [B, Hkv, S, D]
     vf = v.float()
