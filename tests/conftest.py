@@ -41,3 +41,10 @@ def real_model():
     from headwise import load_model
 
     return load_model()
+
+
+@pytest.fixture
+def no_grad():
+    """Run a test without autograd (modules opt in with ``pytest.mark.usefixtures("no_grad")``)."""
+    with torch.no_grad():
+        yield

@@ -11,11 +11,7 @@ from headwise.plan import Dense, Window
 from tests.conftest import make_tiny
 
 
-
-@pytest.fixture(autouse=True)
-def _no_grad():
-    with torch.no_grad():
-        yield
+pytestmark = pytest.mark.usefixtures("no_grad")
 
 
 def mixed_plan(model, sink=3, alpha=5.0, beta=0.0) -> Plan:

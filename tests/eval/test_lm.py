@@ -10,8 +10,7 @@ from headwise import Plan, PlanError, unpatch_model
 from headwise.plan import Dense, Window
 from tests.conftest import make_tiny
 
-pytestmark = pytest.mark.slow
-torch.set_grad_enabled(False)
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("no_grad")]
 
 
 def small_window_plan(model) -> Plan:
