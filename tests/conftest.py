@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import os
+
+# Triton decides at import whether it interprets; set this before transformers imports Triton so
+# the Triton kernel tests run in this process on CPU (a GPU run can set TRITON_INTERPRET=0).
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
 import pytest
 import torch
 from transformers import (AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config)

@@ -1,10 +1,10 @@
 """Triton backends of every op against the naive references, on CPU under ``TRITON_INTERPRET=1``.
 
-Triton decides at import whether it interprets, and ``tests/conftest.py`` imports transformers,
-which imports Triton, before this file runs. So when Triton was imported without the interpreter
-(and there is no GPU), ``test_triton_kernels_in_interpreter_subprocess`` runs this file again in a
-fresh ``python -m pytest`` with ``TRITON_INTERPRET=1`` and every other test here is skipped in the
-parent process; running ``TRITON_INTERPRET=1 pytest tests/kernels`` directly runs them in place.
+Triton decides at import whether it interprets; ``tests/conftest.py`` sets ``TRITON_INTERPRET=1``
+before anything imports Triton, so these tests run in this process. If Triton was nevertheless
+imported without the interpreter (and there is no GPU), ``test_triton_kernels_in_interpreter_subprocess``
+runs this file again in a fresh ``python -m pytest`` with the variable set and every other test here
+is skipped in the parent process.
 The interpreter is slow: shapes are small.
 """
 
