@@ -43,7 +43,8 @@ def task_name(kind: str, length: int) -> str:
     return f"headwise_{kind}_{length}"
 
 
-def _generation_yaml(name: str, data: Path, max_gen_toks: int) -> str:
+def _yaml_head(name: str, data: Path, output_type: str) -> str:
+    """The part of a task YAML every headwise task shares: name, tag, local JSONL test split."""
     return f"""task: {name}
 tag: {TAG}
 dataset_path: json
@@ -51,8 +52,12 @@ dataset_kwargs:
   data_files:
     test: {json.dumps(str(data))}
 test_split: test
-output_type: generate_until
-doc_to_text: "{{{{prompt}}}}"
+output_type: {output_type}
+"""
+
+
+def _generation_yaml(name: str, data: Path, max_gen_toks: int) -> str:
+    return _yaml_head(name, data, "generate_until") + f"""doc_to_text: "{{{{prompt}}}}"
 doc_to_target: "{{{{answers | join(', ')}}}}"
 target_delimiter: ""
 generation_kwargs:
@@ -70,16 +75,8 @@ metadata:
 
 
 def _perplexity_yaml(name: str, data: Path) -> str:
-    return f"""task: {name}
-tag: {TAG}
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {json.dumps(str(data))}
-test_split: test
-output_type: loglikelihood_rolling
-doc_to_text: ""
-doc_to_target: "{{{{prompt}}}}"
+    return _yaml_head(name, data, "loglikelihood_rolling") + """doc_to_text: ""
+doc_to_target: "{{prompt}}"
 metric_list:
   - metric: word_perplexity
   - metric: byte_perplexity

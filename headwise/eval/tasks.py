@@ -127,6 +127,19 @@ NIAH_QUESTION = ("\n\nWhat is the special magic number for {key} mentioned in th
                  "Answer with the number only.")
 
 
+def _haystack_prompt(tokenizer, prose, rng, length: int, placed, intro: str, question: str) -> tuple[str, int]:
+    """Chat prompt of about ``length`` tokens: ``intro``, ``prose`` with ``placed`` statements
+    ``[(depth, text)]`` inserted at their depths, then ``question``. Returns ``(prompt, tokens)``."""
+    start = prose.random_start(rng, length)
+
+    def build(k: int) -> str:
+        hay = insert_at_depths(prose.slice(start, k), placed, lambda d: prose.char_at(start, k, d))
+        return render_chat(tokenizer, intro + hay + question)
+
+    _, prompt, n = fit_units(tokenizer, length, build, max_units=length)
+    return prompt, n
+
+
 def niah(tokenizer, length: int, trials: int, seed: int = 0, needles: int = 4,
          depths: list[float] | None = None) -> list[Sample]:
     """Multi-key needle-in-a-haystack over real prose: ``needles`` keys, the one at ``depth`` asked."""
@@ -139,14 +152,8 @@ def niah(tokenizer, length: int, trials: int, seed: int = 0, needles: int = 4,
         others = [rng.uniform(0.02, 0.98) for _ in keys[1:]]
         texts = [NIAH_NEEDLE.format(key=k, value=v) for k, v in zip(keys, values)]
         placed = [(depth, texts[0])] + list(zip(others, texts[1:]))
-        start = prose.random_start(rng, length)
-        question = NIAH_QUESTION.format(key=keys[0])
-
-        def build(k: int) -> str:
-            hay = insert_at_depths(prose.slice(start, k), placed, lambda d: prose.char_at(start, k, d))
-            return render_chat(tokenizer, NIAH_INTRO + hay + question)
-
-        _, prompt, n = fit_units(tokenizer, length, build, max_units=length)
+        prompt, n = _haystack_prompt(tokenizer, prose, rng, length, placed, NIAH_INTRO,
+                                     NIAH_QUESTION.format(key=keys[0]))
         samples.append(Sample("niah", prompt, (values[0],), depth, n, texts[0]))
     return samples
 
@@ -227,14 +234,7 @@ def vt(tokenizer, length: int, trials: int, seed: int = 0, hops: int = 4, chains
             step = (0.98 - first) / (hops + 1)
             placed += [(first + h * step, s) for h, s in enumerate(statements)]
         asked = tuple(names[:hops + 1])
-        start = prose.random_start(rng, length)
-        question = VT_QUESTION.format(value=values[0])
-
-        def build(k: int) -> str:
-            hay = insert_at_depths(prose.slice(start, k), placed, lambda d: prose.char_at(start, k, d))
-            return render_chat(tokenizer, VT_INTRO + hay + question)
-
-        _, prompt, n = fit_units(tokenizer, length, build, max_units=length)
+        prompt, n = _haystack_prompt(tokenizer, prose, rng, length, placed, VT_INTRO, VT_QUESTION.format(value=values[0]))
         samples.append(Sample("vt", prompt, asked, depth, n, placed[0][1]))
     return samples
 
