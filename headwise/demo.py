@@ -6,6 +6,7 @@ after the prefill, prefill time and time per decode step (greedy, cached).
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 import time
 from dataclasses import dataclass
@@ -41,7 +42,7 @@ def greedy_passkey(model, tokenizer, prompt: str, max_new_tokens: int) -> tuple[
 
     ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False).input_ids.to(model.device)
     target = ids.shape[1] + max_new_tokens
-    ctx = expected_length(model, target) if is_patched(model) else _null()
+    ctx = expected_length(model, target) if is_patched(model) else contextlib.nullcontext()
     with ctx:
         t0 = time.perf_counter()
         out = model(input_ids=ids, use_cache=True)
@@ -60,14 +61,6 @@ def greedy_passkey(model, tokenizer, prompt: str, max_new_tokens: int) -> tuple[
         decode = (time.perf_counter() - t0) / max(1, len(generated) - 1)
     text = tokenizer.decode(torch.cat(generated, dim=1)[0], skip_special_tokens=True)
     return text, kept, prefill, decode
-
-
-class _null:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 def run_passkey(model, tokenizer, plans: dict[str, object], lengths: list[int], depths: list[float],
@@ -105,9 +98,10 @@ def run_passkey(model, tokenizer, plans: dict[str, object], lengths: list[int], 
 
 
 def _dense_kv_bytes(model, tokens: float) -> float:
-    c = model.config
-    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
-    return 2 * c.num_hidden_layers * c.num_key_value_heads * head_dim * tokens * model.dtype.itemsize
+    from .plan import ModelInfo
+
+    info = ModelInfo.of(model)
+    return 2 * info.num_layers * info.num_kv_heads * info.head_dim * tokens * model.dtype.itemsize
 
 
 def format_table(runs: list[PasskeyRun]) -> str:

@@ -43,11 +43,17 @@ def uniform_span(n: int) -> int:
     return int(min(n, max(1, int(-SINK + DENSITY * n))))
 
 
-def bench_prefill(lengths: list[int], repeats: int, naive: bool) -> None:
-    print(f"\nprefill, 1 x {H} q heads / {HKV} kv heads, d={D}, fp32, uniform plan sink={SINK} span=0.25N-{SINK}")
-    header = f"{'N':>6} {'kept/query':>10} {'sdpa causal s':>14} {'cpu s':>8} {'naive s':>8} {'cpu vs sdpa':>12} {'max |cpu-naive|':>16}"
+def print_table_header(title: str, header: str) -> None:
+    print(f"\n{title}")
     print(header)
     print("-" * len(header))
+
+
+def bench_prefill(lengths: list[int], repeats: int, naive: bool) -> None:
+    print_table_header(f"prefill, 1 x {H} q heads / {HKV} kv heads, d={D}, fp32, uniform plan sink={SINK} "
+                       f"span=0.25N-{SINK}",
+                       f"{'N':>6} {'kept/query':>10} {'sdpa causal s':>14} {'cpu s':>8} {'naive s':>8} "
+                       f"{'cpu vs sdpa':>12} {'max |cpu-naive|':>16}")
     for n in lengths:
         g = torch.Generator().manual_seed(n)
         q = torch.randn(1, H, n, D, generator=g)
@@ -71,10 +77,9 @@ def bench_prefill(lengths: list[int], repeats: int, naive: bool) -> None:
 
 
 def bench_decode(kept_list: list[int], repeats: int, block_size: int = 16) -> None:
-    print(f"\ndecode step, 1 sequence, {H} q / {HKV} kv heads, d={D}, fp32, kept keys per head in ring order")
-    header = f"{'kept':>7} {'sdpa dense ms':>14} {'cpu ms':>8} {'naive ms':>9} {'paged cpu ms':>13} {'cpu GB/s':>9}"
-    print(header)
-    print("-" * len(header))
+    print_table_header(f"decode step, 1 sequence, {H} q / {HKV} kv heads, d={D}, fp32, kept keys per head in ring order",
+                       f"{'kept':>7} {'sdpa dense ms':>14} {'cpu ms':>8} {'naive ms':>9} {'paged cpu ms':>13} "
+                       f"{'cpu GB/s':>9}")
     for kept in kept_list:
         g = torch.Generator().manual_seed(kept)
         q = torch.randn(1, H, D, generator=g)
