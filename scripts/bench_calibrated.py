@@ -8,6 +8,10 @@ head has dropped the most). Prints a markdown table.
     flock /tmp/headwise-heavy.lock .venv/bin/python scripts/bench_calibrated.py \
         --plan plans/smollm2-135m-d25.json --lengths 2048,4096,8192 --trials 50
 
+``--trials`` takes one count or one per length (``50,50,10``). After the table it checks issue
+3's targets: calibrated retrieval >= 95% of dense and >= 1.5x uniform where uniform is below
+dense, perplexity <= +3% of dense.
+
 Note the calibration data and the perplexity documents both come from ``pydoc_data.topics`` (the
 only long real prose available offline), so passages may overlap.
 """
@@ -16,6 +20,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
+import json
 import math
 import time
 from pathlib import Path
@@ -54,8 +60,13 @@ def main() -> None:
     parser.add_argument("--plan", default=str(ROOT / "plans" / "smollm2-135m-d25.json"), help="calibrated plan")
     parser.add_argument("--density", type=float, default=None, help="uniform baseline density (default: the plan's)")
     parser.add_argument("--lengths", default="2048,4096,8192")
-    parser.add_argument("--trials", type=int, default=50, help="prompts per task and length (needle depths)")
-    parser.add_argument("--ppl-docs", type=int, default=None, help="perplexity documents per length (default: trials)")
+    parser.add_argument("--trials", default="50", help="prompts per task and length (needle depths): one count, "
+                        "or one per length")
+    parser.add_argument("--ppl-docs", type=int, default=None,
+                        help="perplexity documents per length (default: the retrieval trials)")
+    parser.add_argument("--json", default=None, help="also write the results here")
+    parser.add_argument("--cache", default=None, help="JSONL of per-prompt results: reused and extended, so an "
+                        "interrupted or repeated run only computes what is missing")
     parser.add_argument("--tasks", default="passkey,niah,perplexity")
     parser.add_argument("--max-new-tokens", type=int, default=12)
     parser.add_argument("--threads", type=int, default=None)
@@ -75,45 +86,112 @@ def main() -> None:
     density = args.density if args.density is not None else float(calibrated.calibration["density"])
     plans = {"dense": "dense", f"uniform {density:g}": f"uniform:{density}", Path(args.plan).stem: calibrated}
     lengths = [int(x) for x in args.lengths.split(",")]
+    trials = dict(zip(lengths, per_length(args.trials, lengths)))
     kinds = [k.strip() for k in args.tasks.split(",") if k.strip()]
-    docs = args.ppl_docs if args.ppl_docs is not None else args.trials
-    samples = {(k, n): eval_tasks.generate(k, tokenizer, n, docs if k == "perplexity" else args.trials, args.seed)
-               for k in kinds for n in lengths}
-    results: dict[tuple[str, str, int], str] = {}
+    count = lambda kind, n: args.ppl_docs if kind == "perplexity" and args.ppl_docs is not None else trials[n]  # noqa: E731
+    samples = {(k, n): eval_tasks.generate(k, tokenizer, n, count(k, n), args.seed) for n in lengths for k in kinds}
+    store = ResultStore(Path(args.cache) if args.cache else None)
+    keys = {name: spec if isinstance(spec, str) else "plan-" + hashlib.sha256(json.dumps(spec.to_json(), sort_keys=True).encode()).hexdigest()[:16]
+            for name, spec in plans.items()}
+    results: dict[tuple[str, str, int], object] = {}
     bar = tqdm(total=len(plans) * sum(len(s) for s in samples.values()), desc="bench", unit="prompt")
     started = time.perf_counter()
-    for name, spec in plans.items():
-        patch_model(model, spec)
-        try:
-            for (kind, n), group in samples.items():
-                if kind == "perplexity":
-                    nll, count = 0.0, 0
-                    for s in group:
-                        bar.set_postfix_str(f"{name} {kind} {n}")
-                        a, b = second_half_nll(model, tokenizer, s.prompt)
-                        nll, count = nll + a, count + b
-                        bar.update()
-                    results[(name, kind, n)] = f"{math.exp(nll / count):.3f}"
-                else:
-                    correct = 0
-                    for s in group:
-                        bar.set_postfix_str(f"{name} {kind} {n}")
-                        text = greedy(model, tokenizer, s.prompt, args.max_new_tokens)
-                        correct += all(a in text for a in s.answers)
-                        bar.update()
-                    results[(name, kind, n)] = f"{correct}/{len(group)}"
-        finally:
-            unpatch_model(model)
+    for (kind, n), group in samples.items():          # length by length: partial runs are already useful
+        for name, spec in plans.items():
+            bar.set_postfix_str(f"{name} {kind} {n}")
+            values = []
+            patch_model(model, spec)
+            try:
+                for i, s in enumerate(group):
+                    key = f"{keys[name]}|{kind}|{n}|{args.seed}|{i}|{args.max_new_tokens}"
+                    if key not in store:
+                        if kind == "perplexity":
+                            store[key] = second_half_nll(model, tokenizer, s.prompt)
+                        else:
+                            text = greedy(model, tokenizer, s.prompt, args.max_new_tokens)
+                            store[key] = all(a in text for a in s.answers)
+                    values.append(store[key])
+                    bar.update()
+            finally:
+                unpatch_model(model)
+            if kind == "perplexity":
+                results[(name, kind, n)] = math.exp(sum(v[0] for v in values) / sum(v[1] for v in values))
+            else:
+                results[(name, kind, n)] = (sum(map(bool, values)), len(values))
     bar.close()
-    print(f"\nSmolLM2-135M-Instruct, density {density:g}; plan {args.plan}; trials {args.trials} per task and length "
-          f"(perplexity: {docs} documents, second half of each); {time.perf_counter() - started:.0f} s\n")
-    header = "| plan | " + " | ".join(f"{k} {n}" for k in kinds for n in lengths) + " |"
-    print(header)
+    seconds = time.perf_counter() - started
+    print(f"\nSmolLM2-135M-Instruct, density {density:g}; plan {args.plan}; trials per length "
+          f"{', '.join(f'{n}: {c}' for n, c in trials.items())} (perplexity: second half of each document); "
+          f"{seconds:.0f} s\n")
+    show = lambda r: f"{r[0]}/{r[1]}" if isinstance(r, tuple) else f"{r:.3f}"  # noqa: E731
+    print("| plan | " + " | ".join(f"{k} {n}" for k in kinds for n in lengths) + " |")
     print("|---|" + "---:|" * (len(kinds) * len(lengths)))
     for name, spec in plans.items():
         kept = ", ".join(f"{Plan.from_spec(spec, model).density(n):.3f}" for n in lengths)
-        print(f"| {name} (density {kept}) | " + " | ".join(results[(name, k, n)] for k in kinds for n in lengths)
+        print(f"| {name} (density {kept}) | " + " | ".join(show(results[(name, k, n)]) for k in kinds for n in lengths)
               + " |")
+    names = list(plans)
+    checks = target_checks(results, *names, kinds, lengths)
+    print("\nTargets (calibrated vs dense and uniform):")
+    for line in checks:
+        print(f"- {line}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({
+            "plan": args.plan, "density": density, "trials": trials, "seconds": round(seconds, 1),
+            "results": [{"plan": p, "task": k, "length": n, "value": v if not isinstance(v, tuple) else list(v)}
+                        for (p, k, n), v in results.items()], "targets": checks}, indent=1))
+
+
+class ResultStore(dict):
+    """Per-prompt results, appended to a JSONL file as they come (``None``: in memory only)."""
+
+    def __init__(self, path: Path | None):
+        super().__init__()
+        self.path = path
+        if path is not None and path.is_file():
+            for line in path.read_text().splitlines():
+                row = json.loads(line)
+                super().__setitem__(row["key"], row["value"])
+
+    def __setitem__(self, key, value):
+        super().__setitem__(key, value)
+        if self.path is not None:
+            with self.path.open("a") as f:
+                f.write(json.dumps({"key": key, "value": value}) + "\n")
+
+
+def per_length(text: str, lengths: list[int]) -> list[int]:
+    """``"50"`` -> 50 at every length; ``"50,50,10"`` -> one count per length."""
+    counts = [int(x) for x in text.split(",")]
+    if len(counts) == 1:
+        return counts * len(lengths)
+    if len(counts) != len(lengths):
+        raise SystemExit(f"--trials needs one count or one per length ({len(lengths)}), got {text!r}.")
+    return counts
+
+
+def target_checks(results: dict, dense: str, uniform: str, calibrated: str, kinds: list[str],
+                  lengths: list[int]) -> list[str]:
+    """Issue 3's targets, one line per task and length, with the margin by which each is met or missed."""
+    lines = []
+    for kind in kinds:
+        for n in lengths:
+            d, u, c = (results[(p, kind, n)] for p in (dense, uniform, calibrated))
+            if kind == "perplexity":
+                change = c / d - 1.0
+                lines.append(f"perplexity {n}: calibrated {c:.3f} vs dense {d:.3f} ({change:+.1%}; target <= +3%: "
+                             f"{'met' if change <= 0.03 else 'missed'}); uniform {u:.3f} ({u / d - 1.0:+.1%})")
+                continue
+            acc = {p: r[0] / r[1] for p, r in ((dense, d), (uniform, u), (calibrated, c))}
+            of_dense = acc[calibrated] / acc[dense] if acc[dense] else float("nan")
+            line = (f"{kind} {n}: calibrated {acc[calibrated]:.0%}, dense {acc[dense]:.0%}, uniform {acc[uniform]:.0%}; "
+                    f"calibrated/dense {of_dense:.2f} (target >= 0.95: "
+                    f"{'met' if acc[dense] and of_dense >= 0.95 else 'missed' if acc[dense] else 'n/a, dense 0'})")
+            if acc[uniform] < acc[dense]:
+                ratio = acc[calibrated] / acc[uniform] if acc[uniform] else float("inf") if acc[calibrated] else 0.0
+                line += f"; calibrated/uniform {ratio:.2f} (target >= 1.5: {'met' if ratio >= 1.5 else 'missed'})"
+            lines.append(line)
+    return lines
 
 
 if __name__ == "__main__":

@@ -40,9 +40,14 @@ def register(subparsers) -> None:
     p.add_argument("--lengths", default="1024,2048,4096", help="profiled lengths in tokens (add 8192 for 8k)")
     p.add_argument("--holdout", type=int, default=None,
                    help="length that picks among Pareto plans (default: the longest of --lengths)")
-    p.add_argument("--samples", type=int, default=2, help="calibration samples per length")
+    p.add_argument("--samples", type=int, default=4,
+                   help="calibration samples per length (even: recall, odd: summary)")
     p.add_argument("--answer-tokens", type=int, default=32, help="greedy answer tokens per sample (loss targets)")
     p.add_argument("--max-configs", type=int, default=2, help="distinct head configs allowed per layer")
+    p.add_argument("--score", choices=("abs", "tile"), default="tile",
+                   help="tile mass a span drops: tile = |sum of E| per tile and sample (default), abs = sum of |E| (MoA)")
+    p.add_argument("--min-span", type=int, default=64,
+                   help="least window span a head may have at half the shortest length (guards short inputs)")
     p.add_argument("--sink", type=int, default=64, help="sink tokens of every window head")
     p.add_argument("--alpha-step", type=int, default=None, help="alpha grid step (default: shortest length / 8)")
     p.add_argument("--time-limit", type=float, default=300.0, help="seconds per MILP solve")
@@ -80,7 +85,7 @@ def run(args) -> int:
     solve_start = time.perf_counter()
     command = args.command_line
     result = optimize(profiles, store.info, args.density, holdout=holdout, max_configs=args.max_configs,
-                      sink=args.sink, alpha_step=args.alpha_step, time_limit=args.time_limit, calibration={
+                      sink=args.sink, alpha_step=args.alpha_step, time_limit=args.time_limit, score=args.score, min_span=args.min_span, calibration={
                           "data": {**data_description(), "samples_per_length": args.samples,
                                    "answer_tokens": args.answer_tokens, "seed": args.seed},
                           "mean_answer_loss": {str(n): p.loss for n, p in profiles.items()},

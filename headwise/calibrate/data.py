@@ -1,4 +1,4 @@
-"""Calibration data: long real prose, an instruction about it, and the model's own greedy answer.
+"""Calibration data: long real prose, a question about it, and the model's own greedy answer.
 
 The prose is CPython's ``pydoc_data.topics`` (English reference text shipped with every Python,
 ~465k characters), cut into passages at deterministic offsets. Each sample is exactly ``length``
@@ -6,6 +6,18 @@ tokens: chat template around ``passage + instruction``, then the dense model's g
 (``answer_tokens`` tokens, or fewer when it ends early; then the passage is extended at its start
 by the missing tokens so the sample still has ``length`` tokens). The calibration loss is the
 cross-entropy of those answer tokens only.
+
+Two kinds of sample alternate (even index: recall, odd index: summary):
+
+- **recall**: ``RECALL_FACTS`` short archive notes with a random 5-digit number each are
+  inserted at line starts at random depths of the passage; the instruction asks for one of them.
+  The answer depends on distant context, so the heads that retrieve it carry the gradient, as with
+  MoA's long-range QA data and DuoAttention's passkeys in real essays. (A 135M model cannot quote
+  plain lines of the prose back: measured 0/9 at 1k-4k, so the facts are inserted.) Up to
+  ``RECALL_ATTEMPTS`` fact draws are tried until the dense model's answer holds the asked value,
+  so the gradient points at the fact it read, not at a wrong one. The note and question wording
+  differ from the eval suite's passkey and needle templates.
+- **summary**: one of ``INSTRUCTIONS`` about the passage as a whole (mostly local evidence).
 """
 
 from __future__ import annotations
@@ -24,6 +36,13 @@ INSTRUCTIONS = (
     "Which Python feature does the text above describe, and what does it do?",
     "Write one question a reader could answer from the text above, then answer it.",
 )
+RECALL_FACT = "(Archive note: the shelf number of the {key} folder is {value}.)"
+RECALL_QUESTION = "What is the shelf number of the {key} folder? Answer with the number only."
+RECALL_ANSWER_PREFIX = "The shelf number of the {key} folder is"   # in the prompt: targets are the digits
+RECALL_KEYS = ("amber", "birch", "cedar", "delta", "ferry", "garnet", "heron", "indigo", "juniper", "kestrel",
+               "linden", "mosaic", "nutmeg", "onyx", "pewter", "quill", "raven", "sorrel", "tamarind", "umber")
+RECALL_FACTS = 3
+RECALL_ATTEMPTS = 8     # fact draws tried per recall sample until the dense model answers it right
 _PLACEHOLDER = "\u2063HEADWISE_CONTENT\u2063"
 
 
@@ -36,6 +55,8 @@ class CalibrationSample:
     length: int
     offset: int
     instruction: str
+    facts: tuple[tuple[float, str], ...] = ()
+    answer_prefix: str = ""
 
 
 def corpus_text() -> str:
@@ -51,7 +72,12 @@ def data_description() -> dict:
     return {"source": "pydoc_data.topics (CPython reference prose)",
             "python": f"{sys.version_info.major}.{sys.version_info.minor}",
             "characters": len(text), "sha256": hashlib.sha256(text.encode()).hexdigest()[:16],
-            "instructions": list(INSTRUCTIONS), "targets": "dense model's own greedy answers"}
+            "instructions": list(INSTRUCTIONS), "recall_fact": RECALL_FACT,
+            "recall_question": RECALL_QUESTION,
+            "recall_answer_prefix": RECALL_ANSWER_PREFIX, "recall_facts": RECALL_FACTS,
+            "recall_attempts": RECALL_ATTEMPTS,
+            "mix": "even samples recall, odd samples summary",
+            "targets": "dense model's own greedy answers"}
 
 
 def data_key(answer_tokens: int, seed: int) -> str:
@@ -85,6 +111,8 @@ class SampleBuilder:
         self.corpus = tokenizer(corpus_text(), add_special_tokens=False).input_ids
         self.before, self.after = _template_parts(tokenizer)
         self._encode = lambda s: tokenizer(s, add_special_tokens=False).input_ids  # noqa: E731
+        ends_line = {t: "\n" in tokenizer.decode([t]) for t in set(self.corpus)}
+        self._newline = [ends_line[t] for t in self.corpus]
 
     def offsets(self, length: int, count: int) -> list[int]:
         """Deterministic passage end offsets into the tokenized corpus for ``count`` samples."""
@@ -94,26 +122,59 @@ class SampleBuilder:
                              "use shorter lengths.")
         return [rng.randrange(length + self.answer_tokens, len(self.corpus)) for _ in range(count)]
 
-    def _prompt(self, end: int, passage_tokens: int, instruction: str) -> list[int]:
-        passage = self.corpus[end - passage_tokens:end]
-        return self.before + passage + self._encode("\n\n" + instruction) + self.after
+    def task(self, length: int, index: int, attempt: int = 0) -> tuple[str, tuple[tuple[float, str], ...], str, str]:
+        """Sample ``index``'s instruction, inserted ``(depth, text)`` facts, the start of the
+        assistant's answer placed in the prompt, and the asked value (the last three empty for summaries)."""
+        if index % 2:
+            return INSTRUCTIONS[(index // 2) % len(INSTRUCTIONS)], (), "", ""
+        rng = random.Random(f"{self.seed}:{length}:{index}:recall:{attempt}")
+        keys = rng.sample(RECALL_KEYS, RECALL_FACTS)
+        values = [str(rng.randint(10_000, 99_999)) for _ in keys]
+        facts = tuple((rng.uniform(0.02, 0.98), RECALL_FACT.format(key=k, value=v)) for k, v in zip(keys, values))
+        return RECALL_QUESTION.format(key=keys[0]), facts, RECALL_ANSWER_PREFIX.format(key=keys[0]), values[0]
+
+    def _prompt(self, end: int, passage_tokens: int, instruction: str,
+                facts: tuple[tuple[float, str], ...] = (), answer_prefix: str = "") -> list[int]:
+        """Chat prompt: passage of ``passage_tokens`` corpus tokens ending at ``end``, each fact inserted
+        at the first line start at or after its depth, the instruction, then ``answer_prefix``."""
+        start = end - passage_tokens
+        cuts = sorted((self._line_start_from(start + int(depth * passage_tokens), end), text) for depth, text in facts)
+        passage, at = [], start
+        for cut, text in cuts:
+            passage += self.corpus[at:cut] + self._encode(text + "\n")
+            at = cut
+        passage += self.corpus[at:end]
+        prefix = self._encode(answer_prefix) if answer_prefix else []
+        return self.before + passage + self._encode("\n\n" + instruction) + self.after + prefix
+
+    def _greedy(self, prompt: list[int]) -> list[int]:
+        """The dense model's greedy answer (at most ``answer_tokens``, cut after end-of-sequence)."""
+        ids = torch.tensor([prompt], device=self.model.device)
+        out = self.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=self.answer_tokens,
+                                  do_sample=False, pad_token_id=self.tokenizer.pad_token_id)
+        answer = out[0, ids.shape[1]:].tolist()
+        eos = self.tokenizer.eos_token_id
+        return answer[:answer.index(eos) + 1] if eos in answer else answer
+
+    def _line_start_from(self, i: int, end: int) -> int:
+        for j in range(max(i, 1), min(i + 128, end)):
+            if self._newline[j - 1] and not self._newline[j]:
+                return j
+        return i
 
     @torch.no_grad()
     def build(self, length: int, index: int, end: int) -> CalibrationSample:
         """Sample ``index`` at ``length`` tokens whose passage ends at corpus token ``end``."""
-        instruction = INSTRUCTIONS[index % len(INSTRUCTIONS)]
-        fixed = len(self._prompt(end, 0, instruction))
-        passage = length - self.answer_tokens - fixed
-        if passage < 16:
-            raise ValueError(f"calibration length {length} leaves no room for a passage; use lengths >= 256.")
-        prompt = torch.tensor([self._prompt(end, passage, instruction)], device=self.model.device)
-        out = self.model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=self.answer_tokens,
-                                  do_sample=False, pad_token_id=self.tokenizer.pad_token_id)
-        answer = out[0, prompt.shape[1]:].tolist()
-        eos = self.tokenizer.eos_token_id
-        if eos in answer:
-            answer = answer[:answer.index(eos) + 1]
+        for attempt in range(RECALL_ATTEMPTS if index % 2 == 0 else 1):
+            instruction, facts, prefix, value = self.task(length, index, attempt)
+            fixed = len(self._prompt(end, 0, instruction, facts, prefix))
+            passage = length - self.answer_tokens - fixed
+            if passage < 16:
+                raise ValueError(f"calibration length {length} leaves no room for a passage; use lengths >= 256.")
+            answer = self._greedy(self._prompt(end, passage, instruction, facts, prefix))
+            if value in self.tokenizer.decode(answer):
+                break                   # recall: keep facts the dense model retrieves (else the last try)
         passage += self.answer_tokens - len(answer)          # keep the sample exactly `length` tokens
-        ids = self._prompt(end, passage, instruction) + answer
+        ids = self._prompt(end, passage, instruction, facts, prefix) + answer
         return CalibrationSample(torch.tensor([ids], device=self.model.device), length - len(answer), length, end,
-                                 instruction)
+                                 instruction, facts, prefix)

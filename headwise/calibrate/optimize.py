@@ -24,16 +24,19 @@ from ..plan import Dense, HeadSpec, ModelInfo, Plan, Window
 logger = logging.getLogger("headwise")
 
 BETAS = tuple(i / 8 for i in range(9))
+SCORES = {"abs": "blocks", "tile": "tiles"}     # --score name -> LengthProfile field
 
 
 def candidate_grid(lengths: list[int], sink: int = 64, alpha_step: int | None = None,
-                   betas: tuple[float, ...] = BETAS) -> list[HeadSpec]:
+                   betas: tuple[float, ...] = BETAS, min_span: int = 0) -> list[HeadSpec]:
     """MoA's grid: ``alpha`` from ``-min(lengths)`` to ``max(lengths)`` in steps of
     ``min(lengths) / 8`` (plus ``alpha = -sink``, which with ``beta = d`` keeps exactly ``d * N``),
     every ``beta`` in ``betas``, a fixed sink, and ``Dense``.
 
     Candidates that keep the same span at every length in ``lengths`` are merged (the first in
     grid order stays), and windows that keep everything at every length are left to ``Dense``.
+    Windows whose span at half the shortest length is below ``min_span`` are left out: a large
+    negative ``alpha`` fitted at long lengths would otherwise shrink to one token on short inputs.
     """
     shortest, longest = min(lengths), max(lengths)
     step = alpha_step or max(1, shortest // 8)
@@ -43,6 +46,8 @@ def candidate_grid(lengths: list[int], sink: int = 64, alpha_step: int | None = 
     for beta in betas:
         for alpha in alphas:
             head = Window(sink=sink, alpha=alpha, beta=float(beta))
+            if head.span(max(1, shortest // 2)) < min_span:
+                continue
             kept = tuple(head.kept(n) for n in lengths)
             if all(k >= n for k, n in zip(kept, lengths)):
                 continue
@@ -191,23 +196,32 @@ class Calibration:
 
 def optimize(profiles: dict, model_info: ModelInfo, density: float, *, holdout: int | None = None,
              max_configs: int = 2, sink: int = 64, alpha_step: int | None = None, time_limit: float = 300.0,
-             calibration: dict | None = None) -> Calibration:
+             score: str = "abs", min_span: int = 0, calibration: dict | None = None) -> Calibration:
     """Choose one candidate per KV head from ``profiles`` (length -> ``LengthProfile``).
+
+    ``score`` picks the tile mass a candidate drops: ``"abs"`` sums ``|E|`` over the tile's
+    entries (MoA); ``"tile"`` takes ``|sum of E|`` over the tile per sample, the first-order loss
+    change of dropping the tile at once, in which the many small entries of opposite sign cancel.
 
     Lengths other than ``holdout`` are the fit lengths the Pareto weightings mix; ``holdout``
     (if given) only picks the winner (least normalised loss there). The token budget holds at
     every profiled length, including the held-out one.
     """
+    if score not in SCORES:
+        raise ValueError(f"score must be one of {', '.join(SCORES)}, got {score!r}.")
+    mass = {n: getattr(p, SCORES[score]) for n, p in profiles.items()}
     lengths = sorted(profiles)
     if holdout is not None and holdout not in profiles:
         raise ValueError(f"held-out length {holdout} was not profiled; profile it or pick one of {lengths}.")
     fit = [n for n in lengths if n != holdout] or lengths
     block = next(iter(profiles.values())).block
-    candidates = candidate_grid(lengths, sink, alpha_step)
+    # the guard never excludes the uniform head, so a budget the uniform plan meets stays feasible
+    min_span = min(min_span, Window(sink=sink, alpha=float(-sink), beta=float(density)).span(max(1, lengths[0] // 2)))
+    candidates = candidate_grid(lengths, sink, alpha_step, min_span=min_span)
     losses, kept = {}, {}
     for n in lengths:
-        raw = candidate_losses(profiles[n].blocks, candidates, n, block)
-        total = profiles[n].blocks.sum()
+        raw = candidate_losses(mass[n], candidates, n, block)
+        total = mass[n].sum()
         if not total > 0:
             raise ValueError(f"the profile at length {n} is all zeros; re-run the profiling.")
         losses[n] = raw / total
@@ -230,7 +244,7 @@ def optimize(profiles: dict, model_info: ModelInfo, density: float, *, holdout: 
     layers = tuple(tuple(candidates[c] for c in row) for row in best.choice.tolist())
     block_info = {
         "method": "moa-milp", "density": density, "lengths": lengths, "fit_lengths": fit, "holdout_length": holdout,
-        "max_configs_per_layer": max_configs, "sink": sink, "candidates": len(candidates),
+        "score": score, "min_span": min_span, "max_configs_per_layer": max_configs, "sink": sink, "candidates": len(candidates),
         "solver": f"scipy.optimize.milp (HiGHS), time limit {time_limit:g} s", "solver_status": best.status,
         "solver_optimal": all(s.optimal for s in solutions),
         "mip_gap": best.mip_gap, "chosen_weights": {str(k): v for k, v in best.weights.items()},
@@ -243,7 +257,7 @@ def optimize(profiles: dict, model_info: ModelInfo, density: float, *, holdout: 
     }
     uniform = Window(sink=sink, alpha=float(-sink), beta=float(density))
     block_info["uniform_normalized_loss"] = {
-        str(n): float(candidate_losses(profiles[n].blocks, [uniform], n, block).sum() / profiles[n].blocks.sum())
+        str(n): float(candidate_losses(mass[n], [uniform], n, block).sum() / mass[n].sum())
         for n in lengths}
     plan = Plan(model_info, layers, block_info)
     plan.validate()

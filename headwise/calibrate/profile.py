@@ -45,20 +45,27 @@ class BlockRecorder:
     def __init__(self, num_layers: int, num_kv_heads: int, length: int, block: int = 64):
         self.block = block
         self.num_blocks = -(-length // block)
-        self.blocks = np.zeros((num_layers, num_kv_heads, self.num_blocks, self.num_blocks), dtype=np.float64)
+        shape = (num_layers, num_kv_heads, self.num_blocks, self.num_blocks)
+        self.blocks = np.zeros(shape, dtype=np.float64)
+        self.signed = np.zeros(shape, dtype=np.float64)
 
-    def add(self, layer: int, row_start: int, e_abs: torch.Tensor, group: int) -> None:
-        """Add ``|E|`` of one row chunk: ``e_abs`` ``[H, rows, kv]`` for query rows starting at
-        ``row_start`` (a multiple of ``block``); query heads ``h*group .. (h+1)*group-1`` form KV head ``h``."""
-        H, rows, kv = e_abs.shape
+    def add(self, layer: int, row_start: int, e: torch.Tensor, group: int) -> None:
+        """Add one row chunk of ``E``: ``e`` ``[H, rows, kv]`` for query rows starting at ``row_start``
+        (a multiple of ``block``); query heads ``h*group .. (h+1)*group-1`` form KV head ``h``.
+
+        ``blocks`` gets the tile sums of ``|E|``, ``signed`` the tile sums of ``E`` itself (the
+        first-order loss change of dropping the whole tile of that KV head's group at once).
+        """
+        H, rows, kv = e.shape
         b = self.block
         pad_rows, pad_cols = -rows % b, -kv % b
         if pad_rows or pad_cols:
-            e_abs = F.pad(e_abs, (0, pad_cols, 0, pad_rows))
-        tiles = e_abs.reshape(H // group, group, (rows + pad_rows) // b, b, (kv + pad_cols) // b, b)
-        tiles = tiles.sum(dim=(1, 3, 5), dtype=torch.float64)                # [Hkv, rb, kb]
+            e = F.pad(e, (0, pad_cols, 0, pad_rows))
         r0 = row_start // b
-        self.blocks[layer, :, r0:r0 + tiles.shape[1], :tiles.shape[2]] += tiles.cpu().numpy()
+        for target, values in ((self.blocks, e.abs()), (self.signed, e)):
+            tiles = values.reshape(H // group, group, (rows + pad_rows) // b, b, (kv + pad_cols) // b, b)
+            tiles = tiles.sum(dim=(1, 3, 5), dtype=torch.float64)            # [Hkv, rb, kb]
+            target[layer, :, r0:r0 + tiles.shape[1], :tiles.shape[2]] += tiles.cpu().numpy()
 
 
 class _ProfiledCausalAttention(torch.autograd.Function):
@@ -98,12 +105,12 @@ class _ProfiledCausalAttention(torch.autograd.Function):
                 row_dot = (attn * grad_attn).sum(-1, keepdim=True)
                 grad_scores = attn * (grad_attn - row_dot)                   # A (G - sum_n A G)
                 del grad_attn
-                # |E| = |A (G - sum_n A G)| / (1 - A); a row with a single key (A = 1) cannot drop it.
+                # E = -A (G - sum_n A G) / (1 - A); a row with a single key (A = 1) cannot drop it.
                 keep_only = attn >= 1.0
-                e_abs = grad_scores.abs() / (1.0 - attn).clamp_min(1e-6)
-                e_abs = e_abs.masked_fill(keep_only, 0.0)
-                recorder.add(ctx.layer_idx, r0, e_abs, group)
-                del e_abs, keep_only
+                e = -grad_scores / (1.0 - attn).clamp_min(1e-6)
+                e = e.masked_fill(keep_only, 0.0)
+                recorder.add(ctx.layer_idx, r0, e, group)
+                del e, keep_only
                 grad_v[b, :, :r1] += attn.transpose(-1, -2) @ dout
                 grad_q[b, :, r0:r1] = (grad_scores @ k) * scale
                 grad_k[b, :, :r1] += (grad_scores.transpose(-1, -2) @ q) * scale
@@ -194,8 +201,9 @@ def profile_sample(model, input_ids: torch.Tensor, answer_start: int, block: int
         block: tile size in tokens.
 
     Returns:
-        ``(blocks, loss)``: ``blocks`` ``[layers, Hkv, nb, nb]`` float64 sums of ``|E|`` with
-        ``nb = ceil(T / block)``; ``loss`` the answer cross-entropy (nats per token).
+        ``(blocks, signed, loss)``: ``blocks`` ``[layers, Hkv, nb, nb]`` float64 tile sums of ``|E|``
+        with ``nb = ceil(T / block)``, ``signed`` the same shape with tile sums of ``E``; ``loss``
+        the answer cross-entropy (nats per token).
     """
     if input_ids.dim() != 2 or input_ids.shape[0] != 1:
         raise ValueError(f"profile_sample takes input_ids of shape [1, T], got {tuple(input_ids.shape)}.")
@@ -217,4 +225,4 @@ def profile_sample(model, input_ids: torch.Tensor, answer_start: int, block: int
     finally:
         for name, p in model.named_parameters():
             p.requires_grad_(requires_grad[name])
-    return recorder.blocks, float(loss.detach())
+    return recorder.blocks, recorder.signed, float(loss.detach())

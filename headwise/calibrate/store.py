@@ -23,12 +23,14 @@ from .profile import profile_sample
 
 @dataclass
 class LengthProfile:
-    """Profile at one length: ``blocks`` ``[layers, Hkv, nb, nb]`` float64 sum of ``|E|`` over
-    ``samples`` samples; mean answer ``loss``; ``seconds`` spent computing them."""
+    """Profile at one length, summed over ``samples`` samples: ``blocks`` ``[layers, Hkv, nb, nb]``
+    float64 tile sums of ``|E|``; ``tiles`` the same shape, ``|sum of E over the tile|`` per sample
+    (first-order loss change of dropping the whole tile); mean answer ``loss``; ``seconds`` spent."""
 
     length: int
     block: int
     blocks: np.ndarray
+    tiles: np.ndarray
     samples: int
     loss: float
     seconds: float
@@ -71,30 +73,30 @@ class ProfileStore:
                 bar.set_postfix_str(f"length {n} sample {i}")
                 start = time.perf_counter()
                 sample = builder.build(n, i, offsets[n][i])
-                blocks, loss = profile_sample(model, sample.input_ids, sample.answer_start, self.block)
-                self._save(n, i, blocks, loss, time.perf_counter() - start, sample)
+                blocks, signed, loss = profile_sample(model, sample.input_ids, sample.answer_start, self.block)
+                self._save(n, i, blocks, signed, loss, time.perf_counter() - start, sample)
                 bar.update(weight[n])
             bar.close()
         return {n: self.load(n, samples) for n in lengths}
 
-    def _save(self, length, index, blocks, loss, seconds, sample) -> None:
+    def _save(self, length, index, blocks, signed, loss, seconds, sample) -> None:
         target = self.path(length, index)
         tmp = target.with_suffix(".tmp.npz")
-        np.savez_compressed(tmp, blocks=blocks, loss=np.float64(loss), seconds=np.float64(seconds),
+        np.savez_compressed(tmp, blocks=blocks, signed=signed, loss=np.float64(loss), seconds=np.float64(seconds),
                             offset=np.int64(sample.offset), answer_start=np.int64(sample.answer_start),
                             input_ids=sample.input_ids[0].cpu().numpy().astype(np.int64))
         tmp.rename(target)
 
     def load(self, length: int, samples: int) -> LengthProfile:
         """Sum of the first ``samples`` cached samples at ``length``."""
-        total, losses, seconds = None, [], 0.0
+        total, tiles, losses, seconds = 0.0, 0.0, [], 0.0
         for i in range(samples):
             with np.load(self.path(length, i), allow_pickle=False) as f:
-                blocks = f["blocks"]
-                total = blocks.astype(np.float64) if total is None else total + blocks
+                total = total + f["blocks"].astype(np.float64)
+                tiles = tiles + np.abs(f["signed"].astype(np.float64))
                 losses.append(float(f["loss"]))
                 seconds += float(f["seconds"])
-        return LengthProfile(length, self.block, total, samples, float(np.mean(losses)), seconds)
+        return LengthProfile(length, self.block, total, tiles, samples, float(np.mean(losses)), seconds)
 
 
 def torch_threads(threads: int | None) -> None:

@@ -76,12 +76,12 @@ def test_calibrate_then_resume_then_show(tiny_dir, tmp_path, capsys):
 
 @pytest.mark.slow
 def test_samples_are_exact_length_with_the_models_own_answer(tiny_dir, tokenizer):
-    from headwise.calibrate.data import INSTRUCTIONS, SampleBuilder
+    from headwise.calibrate.data import INSTRUCTIONS, RECALL_FACTS, SampleBuilder
 
     model = AutoModelForCausalLM.from_pretrained(tiny_dir).eval()
     builder = SampleBuilder(model, tokenizer, answer_tokens=6, seed=1)
-    offsets = builder.offsets(300, 2)
-    assert offsets == SampleBuilder(model, tokenizer, answer_tokens=6, seed=1).offsets(300, 2)
+    offsets = builder.offsets(300, 4)
+    assert offsets == SampleBuilder(model, tokenizer, answer_tokens=6, seed=1).offsets(300, 4)
     compared = 0
     for i, end in enumerate(offsets):
         sample = builder.build(300, i, end)
@@ -90,7 +90,15 @@ def test_samples_are_exact_length_with_the_models_own_answer(tiny_dir, tokenizer
         assert 300 - 6 <= sample.answer_start < 300
         prompt = ids[:, :sample.answer_start]
         text = tokenizer.decode(prompt[0])
-        assert INSTRUCTIONS[i % len(INSTRUCTIONS)] in text
+        if i % 2:      # summary: an instruction about the whole passage, no inserted facts
+            assert INSTRUCTIONS[(i // 2) % len(INSTRUCTIONS)] in text and not sample.facts
+        else:          # recall: every fact inside the passage, the asked one's answer start ends the prompt
+            assert len(sample.facts) == RECALL_FACTS
+            assert all(fact in text for _, fact in sample.facts)
+            asked = sample.facts[0][1]
+            assert asked.split(" folder")[0].split()[-1] in sample.instruction
+            assert text.endswith(sample.answer_prefix) and sample.answer_prefix
+            assert text.index(asked) < text.index(sample.instruction)
         # the target is the model's own greedy continuation of the prompt
         with torch.no_grad():
             greedy = model.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False,

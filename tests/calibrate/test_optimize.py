@@ -32,7 +32,7 @@ def _synthetic_profiles(lengths, block=64, seed=0):
         tiles = np.where(distance >= 0, np.exp(-distance / reach), 0.0)
         tiles[..., :, 0] += np.where(distance[:, 0] >= 0, sink[..., 0], 0.0)
         tiles *= rng.uniform(0.5, 1.5, size=tiles.shape)
-        profiles[n] = LengthProfile(n, block, tiles, 1, 0.0, 0.0)
+        profiles[n] = LengthProfile(n, block, tiles, tiles, 1, 0.0, 0.0)
     return profiles
 
 
@@ -64,6 +64,14 @@ def test_candidate_grid_is_deduplicated_and_ends_with_dense():
     assert len(spans) == len(set(spans))
     assert Window(sink=64, alpha=-64.0, beta=0.25) in grid          # the uniform plan's head is a candidate
     assert all(any(c.kept(n) < n for n in (1024, 2048, 4096)) for c in grid[:-1])
+
+
+def test_min_span_keeps_short_inputs_covered():
+    full = candidate_grid([1024, 2048, 4096])
+    guarded = candidate_grid([1024, 2048, 4096], min_span=64)
+    assert any(c.span(512) < 64 for c in full[:-1])
+    assert all(c.span(n) >= 64 for c in guarded[:-1] for n in (512, 1024, 8192))
+    assert Window(sink=64, alpha=-64.0, beta=0.25) in guarded and isinstance(guarded[-1], Dense)
 
 
 def _check_constraints(plan, density, lengths, max_configs):
@@ -141,3 +149,23 @@ def test_calibrated_plan_drops_less_than_uniform_at_equal_budget():
     uniform = result.plan.calibration["uniform_normalized_loss"]
     assert sum(w * chosen.normalized_loss[n] for n, w in chosen.weights.items()) <= \
         sum(w * uniform[str(n)] for n, w in chosen.weights.items()) * (1 + 1e-3)  # MIP gap 1e-4
+
+
+def test_score_picks_which_tile_mass_the_candidates_drop():
+    """``abs`` reads ``LengthProfile.blocks``, ``tile`` reads ``LengthProfile.tiles``: with far
+    mass of one head only in ``tiles``, the tile score must keep that head's distant keys."""
+    lengths = [256, 512]
+    profiles = _synthetic_profiles(lengths, seed=4)
+    for n, p in profiles.items():
+        local = np.where(np.eye(p.blocks.shape[-1], dtype=bool), 1.0, 0.0) * np.ones_like(p.blocks)
+        far = local.copy()
+        far[0, 0, :, 0:2] += np.tril(np.ones_like(far[0, 0]))[:, 0:2] * 50.0   # head (0, 0) reads its first tiles
+        profiles[n] = LengthProfile(n, p.block, local, far, 1, 0.0, 0.0)
+    by_abs = optimize(profiles, INFO, 0.5, holdout=512, alpha_step=64, sink=0, score="abs")
+    by_tile = optimize(profiles, INFO, 0.5, holdout=512, alpha_step=64, sink=0, score="tile")
+    assert by_abs.plan.calibration["score"] == "abs" and by_tile.plan.calibration["score"] == "tile"
+    assert by_tile.plan.layers[0][0].kept(512) >= 256       # reaches back for its first tiles
+    abs_uniform, tile_uniform = (r.plan.calibration["uniform_normalized_loss"]["512"] for r in (by_abs, by_tile))
+    assert tile_uniform > abs_uniform
+    with pytest.raises(ValueError, match="score must be one of"):
+        optimize(profiles, INFO, 0.5, score="mean")

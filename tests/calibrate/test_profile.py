@@ -66,51 +66,57 @@ def _rms_norm_in_input_dtype(self, hidden_states):
 
 @pytest.fixture(scope="module")
 def setup():
-    """A float64 tiny GQA Llama (6 query / 2 KV heads), a sample and its 1x1-tile profile."""
+    """A float64 tiny GQA Llama (6 query / 2 KV heads), a sample and its 1x1-tile profile
+    (``|E|`` tiles and signed ``E`` tiles)."""
     with pytest.MonkeyPatch.context() as patch:
         # fp32 inside RMSNorm would leave ~1e-7 noise in the loss and spoil finite differences
         patch.setattr(LlamaRMSNorm, "forward", _rms_norm_in_input_dtype)
         model = make_tiny("llama", seed=3).double()
         ids = torch.randint(3, 128, (1, T), generator=torch.Generator().manual_seed(0))
-        blocks, loss = profile_sample(model, ids, ANSWER_START, block=1)
-        yield model, ids, blocks, loss
+        blocks, signed, loss = profile_sample(model, ids, ANSWER_START, block=1)
+        yield model, ids, blocks, signed, loss
 
 
 def test_profile_loss_is_the_answer_cross_entropy(setup):
-    model, ids, _, loss = setup
+    model, ids, _, _, loss = setup
     assert model.config._attn_implementation == "sdpa"     # restored after profiling
     assert loss == pytest.approx(_loss(model, ids), rel=1e-10)
 
 
 @pytest.mark.parametrize("layer,kv_head,row,col", [(0, 0, 9, 3), (1, 1, 10, 0), (1, 0, 7, 7), (0, 1, 5, 2)])
 def test_e_matches_brute_force_drop(setup, layer, kv_head, row, col):
-    model, ids, blocks, _ = setup
+    model, ids, blocks, signed, _ = setup
     group = model.config.num_attention_heads // model.config.num_key_value_heads
     AttentionInterface.register("edit_test", _eager_with_edit)
     AttentionMaskInterface.register("edit_test", lambda *a, **k: None)
     model.set_attn_implementation("edit_test")
     try:
         _Edit.layer, _Edit.row, _Edit.col = layer, row, col
-        linearised = 0.0
+        linearised, net = 0.0, 0.0
         for head in range(kv_head * group, (kv_head + 1) * group):
             _Edit.head = head
             # E is the loss change, to first order in A, of the exact drop-and-renormalise move of
             # the attention row: a fourth-order central difference along that move recovers it
-            linearised += abs(_derivative(lambda t: _loss_at(model, ids, t), 1e-3))
+            e = _derivative(lambda t: _loss_at(model, ids, t), 1e-3)
+            linearised, net = linearised + abs(e), net + e
     finally:
         _Edit.layer = -1
         model.set_attn_implementation("sdpa")
     assert blocks[layer, kv_head, row, col] == pytest.approx(linearised, rel=1e-7, abs=1e-12)
+    assert signed[layer, kv_head, row, col] == pytest.approx(net, rel=1e-7, abs=1e-12)
     assert blocks[layer, kv_head, row, col] > 0
 
 
 def test_blocks_are_causal_and_tiles_sum_entries(setup):
-    model, ids, blocks, _ = setup
-    assert np.all(blocks[:, :, np.triu_indices(T, 1)[0], np.triu_indices(T, 1)[1]] == 0)
-    assert np.all(blocks[:, :, 0, 0] == 0)                  # the first query can only attend to itself
-    tiled, _ = profile_sample(model, ids, ANSWER_START, block=4)
-    summed = blocks.reshape(*blocks.shape[:2], T // 4, 4, T // 4, 4).sum(axis=(3, 5))
-    np.testing.assert_allclose(tiled, summed, rtol=1e-9, atol=1e-15)
+    model, ids, blocks, signed, _ = setup
+    for values in (blocks, signed):
+        assert np.all(values[:, :, np.triu_indices(T, 1)[0], np.triu_indices(T, 1)[1]] == 0)
+        assert np.all(values[:, :, 0, 0] == 0)              # the first query can only attend to itself
+    assert np.all(np.abs(signed) <= blocks + 1e-15)
+    tiled, tiled_signed, _ = profile_sample(model, ids, ANSWER_START, block=4)
+    for per_entry, tiles in ((blocks, tiled), (signed, tiled_signed)):
+        summed = per_entry.reshape(*per_entry.shape[:2], T // 4, 4, T // 4, 4).sum(axis=(3, 5))
+        np.testing.assert_allclose(tiles, summed, rtol=1e-9, atol=1e-15)
 
 
 def test_input_gradients_match_autograd_of_eager_attention():
