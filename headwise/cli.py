@@ -27,6 +27,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse_lengths(text: str, minimum: int = 1) -> list[int]:
+    """``--lengths`` value ``"1024,2048"`` -> sorted unique token counts, each at least ``minimum``."""
+    try:
+        values = sorted({int(x) for x in text.split(",") if x.strip()})
+    except ValueError:
+        raise SystemExit(f"--lengths must be comma-separated token counts such as 1024,2048,4096, got {text!r}.")
+    if not values or values[0] < minimum:
+        raise SystemExit(f"--lengths must be token counts of at least {minimum}, got {text!r}.")
+    return values
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)

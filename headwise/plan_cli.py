@@ -20,14 +20,12 @@ def register(subparsers) -> None:
 
 def show_plan(args) -> int:
     from .calibrate.heatmap import plan_heatmap
+    from .cli import parse_lengths
     from .plan import Dense, load_plan
 
     plan = load_plan(args.plan)
     if args.lengths:
-        try:
-            lengths = sorted({int(x) for x in args.lengths.split(",") if x.strip()})
-        except ValueError:
-            raise SystemExit(f"--lengths must be comma-separated token counts, got {args.lengths!r}.")
+        lengths = parse_lengths(args.lengths)
     else:
         lengths = sorted({*(int(n) for n in plan.calibration.get("lengths") or []), *DEFAULT_LENGTHS})
     cal = plan.calibration

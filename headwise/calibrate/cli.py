@@ -13,16 +13,9 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from ..cli import parse_lengths
 
-
-def _lengths(text: str) -> list[int]:
-    try:
-        values = sorted({int(x) for x in text.split(",") if x.strip()})
-    except ValueError:
-        raise SystemExit(f"--lengths must be comma-separated token counts such as 1024,2048,4096, got {text!r}.")
-    if not values or values[0] < 256:
-        raise SystemExit(f"--lengths must be token counts of at least 256, got {text!r}.")
-    return values
+MIN_LENGTH = 256
 
 
 def peak_rss_gib() -> float:
@@ -67,7 +60,7 @@ def run(args) -> int:
 
     if not 0.0 < args.density <= 1.0:
         raise SystemExit(f"--density must be in (0, 1], got {args.density}.")
-    lengths = _lengths(args.lengths)
+    lengths = parse_lengths(args.lengths, MIN_LENGTH)
     holdout = args.holdout if args.holdout is not None else (lengths[-1] if len(lengths) > 1 else None)
     if holdout is not None and holdout not in lengths:
         lengths = sorted({*lengths, holdout})
@@ -85,7 +78,8 @@ def run(args) -> int:
     solve_start = time.perf_counter()
     command = args.command_line
     result = optimize(profiles, store.info, args.density, holdout=holdout, max_configs=args.max_configs,
-                      sink=args.sink, alpha_step=args.alpha_step, time_limit=args.time_limit, score=args.score, min_span=args.min_span, calibration={
+                      sink=args.sink, alpha_step=args.alpha_step, time_limit=args.time_limit, score=args.score,
+                      min_span=args.min_span, calibration={
                           "data": {**data_description(), "samples_per_length": args.samples,
                                    "answer_tokens": args.answer_tokens, "seed": args.seed},
                           "mean_answer_loss": {str(n): p.loss for n, p in profiles.items()},

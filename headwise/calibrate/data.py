@@ -98,8 +98,11 @@ def _template_parts(tokenizer) -> tuple[list[int], list[int]]:
     wants_bos = getattr(tokenizer, "add_bos_token", False) and tokenizer.bos_token_id is not None
     if wants_bos and not (tokenizer.bos_token and before.startswith(tokenizer.bos_token)):
         bos = [tokenizer.bos_token_id]          # GGUF-derived tokenizers may not put it in the template
-    encode = lambda s: tokenizer(s, add_special_tokens=False).input_ids  # noqa: E731
-    return bos + encode(before), encode(after)
+    return bos + _encode(tokenizer, before), _encode(tokenizer, after)
+
+
+def _encode(tokenizer, text: str) -> list[int]:
+    return tokenizer(text, add_special_tokens=False).input_ids
 
 
 class SampleBuilder:
@@ -108,9 +111,8 @@ class SampleBuilder:
     def __init__(self, model, tokenizer, answer_tokens: int = 32, seed: int = 0):
         self.model, self.tokenizer = model, tokenizer
         self.answer_tokens, self.seed = answer_tokens, seed
-        self.corpus = tokenizer(corpus_text(), add_special_tokens=False).input_ids
+        self.corpus = _encode(tokenizer, corpus_text())
         self.before, self.after = _template_parts(tokenizer)
-        self._encode = lambda s: tokenizer(s, add_special_tokens=False).input_ids  # noqa: E731
         ends_line = {t: "\n" in tokenizer.decode([t]) for t in set(self.corpus)}
         self._newline = [ends_line[t] for t in self.corpus]
 
@@ -141,11 +143,11 @@ class SampleBuilder:
         cuts = sorted((self._line_start_from(start + int(depth * passage_tokens), end), text) for depth, text in facts)
         passage, at = [], start
         for cut, text in cuts:
-            passage += self.corpus[at:cut] + self._encode(text + "\n")
+            passage += self.corpus[at:cut] + _encode(self.tokenizer, text + "\n")
             at = cut
         passage += self.corpus[at:end]
-        prefix = self._encode(answer_prefix) if answer_prefix else []
-        return self.before + passage + self._encode("\n\n" + instruction) + self.after + prefix
+        prefix = _encode(self.tokenizer, answer_prefix) if answer_prefix else []
+        return self.before + passage + _encode(self.tokenizer, "\n\n" + instruction) + self.after + prefix
 
     def _greedy(self, prompt: list[int]) -> list[int]:
         """The dense model's greedy answer (at most ``answer_tokens``, cut after end-of-sequence)."""

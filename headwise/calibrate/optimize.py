@@ -1,8 +1,9 @@
-"""From profiles to a plan: candidate spans, their dropped |E| mass, and a binary MILP (HiGHS).
+"""From profiles to a plan: candidate spans, the profiled mass they drop, and a binary MILP (HiGHS).
 
 Every KV head picks exactly one candidate (a ``Window`` with a fixed sink and elastic span
-``alpha + beta * N``, or ``Dense``). A candidate's loss at length ``N`` is the profiled ``|E|``
-mass of the attention entries it drops; entries are known per ``block x block`` tile, and a tile
+``alpha + beta * N``, or ``Dense``). A candidate's loss at length ``N`` is the profiled mass of
+the attention entries it drops (``score``: sum of ``|E|``, or ``|sum of E|`` per tile and
+sample); entries are known per ``block x block`` tile, and a tile
 counts in proportion to the exact number of its causal entries the head's band geometry drops.
 The MILP minimises the weighted, normalised loss subject to: total kept tokens at most
 ``density * N * heads`` at every profiled length, and at most ``max_configs`` distinct candidates

@@ -27,10 +27,14 @@ def plan_label(spec: str) -> str:
     return Path(spec).stem
 
 
+def slug(text: str) -> str:
+    """``text`` with only letters, digits, dots and dashes: safe in file and folder names."""
+    return re.sub(r"[^A-Za-z0-9.-]+", "", text)
+
+
 def run_name(model_name: str, plans: dict[str, str], kinds: list[str], lengths: list[int],
              trials: dict[str, int], seed: int) -> str:
     """Directory name that states the run's configuration."""
-    slug = lambda s: re.sub(r"[^A-Za-z0-9.-]+", "", s)  # noqa: E731
     counts = sorted(set(trials.values()))
     return "_".join([
         "eval", slug(model_name), "+".join(slug(p) for p in plans),
@@ -95,6 +99,6 @@ def compare_plans(plans: dict[str, str], kinds: list[str], lengths: list[int], t
             unpatch_model(model)
         seconds[label] = time.perf_counter() - t0
         results[label] = out_eval["results"]
-        write_answers(out / f"answers_{re.sub(r'[^A-Za-z0-9.-]+', '', label)}.jsonl", out_eval["samples"])
+        write_answers(out / f"answers_{slug(label)}.jsonl", out_eval["samples"])
     table = write_report(out, config, results, seconds)
     return out, table
