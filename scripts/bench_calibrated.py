@@ -19,7 +19,6 @@ only long real prose available offline), so passages may overlap.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import hashlib
 import json
 import math
@@ -29,20 +28,6 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-@torch.no_grad()
-def greedy(model, tokenizer, prompt: str, max_new_tokens: int) -> str:
-    """Prefill + cached greedy decode; with a patched model, spans sized for the final length."""
-    from headwise import expected_length
-    from headwise.patches import is_patched
-
-    ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False).input_ids
-    sized = expected_length(model, ids.shape[1] + max_new_tokens) if is_patched(model) else contextlib.nullcontext()
-    with sized:
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                             do_sample=False, pad_token_id=tokenizer.pad_token_id)
-    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
 
 
 @torch.no_grad()
@@ -68,7 +53,8 @@ def main() -> None:
     parser.add_argument("--cache", default=None, help="JSONL of per-prompt results: reused and extended, so an "
                         "interrupted or repeated run only computes what is missing")
     parser.add_argument("--tasks", default="passkey,niah,perplexity")
-    parser.add_argument("--max-new-tokens", type=int, default=12)
+    parser.add_argument("--max-new-tokens", type=int, default=None,
+                        help="generated tokens per retrieval prompt (default: the eval task's own budget)")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
@@ -76,7 +62,10 @@ def main() -> None:
     from tqdm import tqdm
 
     from headwise import load_model, load_plan, patch_model, unpatch_model
+    from headwise.demo import greedy_passkey
     from headwise.eval import tasks as eval_tasks
+    from headwise.eval.scoring import contains_all
+    from headwise.eval.taskfiles import KINDS
     from headwise.plan import Plan
 
     if args.threads:
@@ -91,8 +80,7 @@ def main() -> None:
     count = lambda kind, n: args.ppl_docs if kind == "perplexity" and args.ppl_docs is not None else trials[n]  # noqa: E731
     samples = {(k, n): eval_tasks.generate(k, tokenizer, n, count(k, n), args.seed) for n in lengths for k in kinds}
     store = ResultStore(Path(args.cache) if args.cache else None)
-    keys = {name: spec if isinstance(spec, str) else "plan-" + hashlib.sha256(json.dumps(spec.to_json(), sort_keys=True).encode()).hexdigest()[:16]
-            for name, spec in plans.items()}
+    keys = {name: plan_key(spec) for name, spec in plans.items()}
     results: dict[tuple[str, str, int], object] = {}
     bar = tqdm(total=len(plans) * sum(len(s) for s in samples.values()), desc="bench", unit="prompt")
     started = time.perf_counter()
@@ -102,14 +90,15 @@ def main() -> None:
             values = []
             patch_model(model, spec)
             try:
+                budget = args.max_new_tokens or KINDS[kind].max_gen_toks
                 for i, s in enumerate(group):
-                    key = f"{keys[name]}|{kind}|{n}|{args.seed}|{i}|{args.max_new_tokens}"
+                    key = f"{keys[name]}|{kind}|{n}|{args.seed}|{i}|{budget}"
                     if key not in store:
                         if kind == "perplexity":
                             store[key] = second_half_nll(model, tokenizer, s.prompt)
                         else:
-                            text = greedy(model, tokenizer, s.prompt, args.max_new_tokens)
-                            store[key] = all(a in text for a in s.answers)
+                            text, *_ = greedy_passkey(model, tokenizer, s.prompt, budget)
+                            store[key] = contains_all(list(s.answers), text) == 1.0
                     values.append(store[key])
                     bar.update()
             finally:
@@ -140,6 +129,13 @@ def main() -> None:
             "plan": args.plan, "density": density, "trials": trials, "seconds": round(seconds, 1),
             "results": [{"plan": p, "task": k, "length": n, "value": v if not isinstance(v, tuple) else list(v)}
                         for (p, k, n), v in results.items()], "targets": checks}, indent=1))
+
+
+def plan_key(spec) -> str:
+    """Identity of a plan in the result cache: the spec string, or a hash of the plan's JSON."""
+    if isinstance(spec, str):
+        return spec
+    return "plan-" + hashlib.sha256(json.dumps(spec.to_json(), sort_keys=True).encode()).hexdigest()[:16]
 
 
 class ResultStore(dict):
