@@ -10,9 +10,7 @@ cross-entropy of those answer tokens only.
 Two kinds of sample alternate (even index: recall, odd index: summary):
 
 - **recall**: ``RECALL_FACTS`` short archive notes with a random 5-digit number each are
-  inserted at line starts of the passage; the instruction asks for one of them. The asked one's
-  depth is spread evenly over the recall samples of a length (``asked_depth``), the others are
-  random distractors.
+  inserted at line starts at random depths of the passage; the instruction asks for one of them.
   The answer depends on distant context, so the heads that retrieve it carry the gradient, as with
   MoA's long-range QA data and DuoAttention's passkeys in real essays. (A 135M model cannot quote
   plain lines of the prose back: measured 0/9 at 1k-4k, so the facts are inserted.) Up to
@@ -45,7 +43,6 @@ RECALL_KEYS = ("amber", "birch", "cedar", "delta", "ferry", "garnet", "heron", "
                "linden", "mosaic", "nutmeg", "onyx", "pewter", "quill", "raven", "sorrel", "tamarind", "umber")
 RECALL_FACTS = 3
 RECALL_ATTEMPTS = 8     # fact draws tried per recall sample until the dense model answers it right
-GOLDEN = (5 ** 0.5 - 1) / 2      # spreads the asked facts' depths: r * GOLDEN mod 1 fills [0, 1) evenly
 _PLACEHOLDER = "\u2063HEADWISE_CONTENT\u2063"
 
 
@@ -80,7 +77,6 @@ def data_description() -> dict:
             "recall_answer_prefix": RECALL_ANSWER_PREFIX, "recall_facts": RECALL_FACTS,
             "recall_attempts": RECALL_ATTEMPTS,
             "mix": "even samples recall, odd samples summary",
-            "asked_depth": "0.02 + 0.96 * ((u_length + r * 0.618...) mod 1) for recall sample r",
             "targets": "dense model's own greedy answers"}
 
 
@@ -88,17 +84,6 @@ def data_key(answer_tokens: int, seed: int) -> str:
     """Short stable hash of everything that decides the samples' prompts (not the model)."""
     payload = json.dumps({**data_description(), "answer_tokens": answer_tokens, "seed": seed}, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:12]
-
-
-def asked_depth(seed: int, length: int, recall_index: int) -> float:
-    """Depth of the asked fact in recall sample ``recall_index`` at ``length``, in [0.02, 0.98].
-
-    Depths follow a golden-ratio sequence from a per-length random start, so any number of recall
-    samples spreads evenly over the passage (early facts are what long spans are needed for), and a
-    redrawn attempt keeps its depth (retries must not drift toward the depths the model finds easy).
-    """
-    start = random.Random(f"{seed}:{length}:depth").random()
-    return 0.02 + 0.96 * ((start + recall_index * GOLDEN) % 1.0)
 
 
 def _template_parts(tokenizer) -> tuple[list[int], list[int]]:
@@ -147,8 +132,7 @@ class SampleBuilder:
         rng = random.Random(f"{self.seed}:{length}:{index}:recall:{attempt}")
         keys = rng.sample(RECALL_KEYS, RECALL_FACTS)
         values = [str(rng.randint(10_000, 99_999)) for _ in keys]
-        depths = [asked_depth(self.seed, length, index // 2)] + [rng.uniform(0.02, 0.98) for _ in keys[1:]]
-        facts = tuple((d, RECALL_FACT.format(key=k, value=v)) for d, k, v in zip(depths, keys, values))
+        facts = tuple((rng.uniform(0.02, 0.98), RECALL_FACT.format(key=k, value=v)) for k, v in zip(keys, values))
         return RECALL_QUESTION.format(key=keys[0]), facts, RECALL_ANSWER_PREFIX.format(key=keys[0]), values[0]
 
     def _prompt(self, end: int, passage_tokens: int, instruction: str,

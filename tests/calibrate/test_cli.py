@@ -76,7 +76,7 @@ def test_calibrate_then_resume_then_show(tiny_dir, tmp_path, capsys):
 
 @pytest.mark.slow
 def test_samples_are_exact_length_with_the_models_own_answer(tiny_dir, tokenizer):
-    from headwise.calibrate.data import INSTRUCTIONS, RECALL_FACTS, SampleBuilder, asked_depth
+    from headwise.calibrate.data import INSTRUCTIONS, RECALL_FACTS, SampleBuilder
 
     model = AutoModelForCausalLM.from_pretrained(tiny_dir).eval()
     builder = SampleBuilder(model, tokenizer, answer_tokens=6, seed=1)
@@ -94,7 +94,6 @@ def test_samples_are_exact_length_with_the_models_own_answer(tiny_dir, tokenizer
             assert INSTRUCTIONS[(i // 2) % len(INSTRUCTIONS)] in text and not sample.facts
         else:          # recall: every fact inside the passage, the asked one's answer start ends the prompt
             assert len(sample.facts) == RECALL_FACTS
-            assert sample.facts[0][0] == asked_depth(1, 300, i // 2)      # every retry keeps the asked depth
             assert all(fact in text for _, fact in sample.facts)
             asked = sample.facts[0][1]
             assert asked.split(" folder")[0].split()[-1] in sample.instruction
