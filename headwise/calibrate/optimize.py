@@ -28,6 +28,11 @@ BETAS = tuple(i / 8 for i in range(9))
 SCORES = {"abs": "blocks", "tile": "tiles"}     # --score name -> LengthProfile field
 
 
+def guard_length(lengths: list[int]) -> int:
+    """The short input ``min_span`` is checked at: half the shortest profiled length."""
+    return max(1, min(lengths) // 2)
+
+
 def candidate_grid(lengths: list[int], sink: int = 64, alpha_step: int | None = None,
                    betas: tuple[float, ...] = BETAS, min_span: int = 0) -> list[HeadSpec]:
     """MoA's grid: ``alpha`` from ``-min(lengths)`` to ``max(lengths)`` in steps of
@@ -47,7 +52,7 @@ def candidate_grid(lengths: list[int], sink: int = 64, alpha_step: int | None = 
     for beta in betas:
         for alpha in alphas:
             head = Window(sink=sink, alpha=alpha, beta=float(beta))
-            if head.span(max(1, shortest // 2)) < min_span:
+            if head.span(guard_length(lengths)) < min_span:
                 continue
             kept = tuple(head.kept(n) for n in lengths)
             if all(k >= n for k, n in zip(kept, lengths)):
@@ -216,16 +221,16 @@ def optimize(profiles: dict, model_info: ModelInfo, density: float, *, holdout: 
         raise ValueError(f"held-out length {holdout} was not profiled; profile it or pick one of {lengths}.")
     fit = [n for n in lengths if n != holdout] or lengths
     block = next(iter(profiles.values())).block
+    uniform = Window(sink=sink, alpha=float(-sink), beta=float(density))
     # the guard never excludes the uniform head, so a budget the uniform plan meets stays feasible
-    min_span = min(min_span, Window(sink=sink, alpha=float(-sink), beta=float(density)).span(max(1, lengths[0] // 2)))
+    min_span = min(min_span, uniform.span(guard_length(lengths)))
     candidates = candidate_grid(lengths, sink, alpha_step, min_span=min_span)
-    losses, kept = {}, {}
+    losses, kept, totals = {}, {}, {}
     for n in lengths:
-        raw = candidate_losses(mass[n], candidates, n, block)
-        total = mass[n].sum()
-        if not total > 0:
+        totals[n] = mass[n].sum()
+        if not totals[n] > 0:
             raise ValueError(f"the profile at length {n} is all zeros; re-run the profiling.")
-        losses[n] = raw / total
+        losses[n] = candidate_losses(mass[n], candidates, n, block) / totals[n]
         kept[n] = np.array([c.kept(n) for c in candidates], dtype=np.float64)
     heads_total = model_info.num_layers * model_info.num_kv_heads
     solutions = []
@@ -256,9 +261,8 @@ def optimize(profiles: dict, model_info: ModelInfo, density: float, *, holdout: 
                    for s in solutions],
         **(calibration or {}),
     }
-    uniform = Window(sink=sink, alpha=float(-sink), beta=float(density))
     block_info["uniform_normalized_loss"] = {
-        str(n): float(candidate_losses(mass[n], [uniform], n, block).sum() / mass[n].sum())
+        str(n): float(candidate_losses(mass[n], [uniform], n, block).sum() / totals[n])
         for n in lengths}
     plan = Plan(model_info, layers, block_info)
     plan.validate()
