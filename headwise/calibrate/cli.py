@@ -43,6 +43,9 @@ def register(subparsers) -> None:
                    help="least window span a head may have at half the shortest length (guards short inputs)")
     p.add_argument("--sink", type=int, default=64, help="sink tokens of every window head")
     p.add_argument("--alpha-step", type=int, default=None, help="alpha grid step (default: shortest length / 8)")
+    p.add_argument("--refit", type=int, default=0,
+                   help="rounds of re-profiling the same samples at the last plan and re-solving with every "
+                        "profile pooled (0: MoA's single profile at the dense model)")
     p.add_argument("--time-limit", type=float, default=300.0, help="seconds per MILP solve")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--seed", type=int, default=0, help="data sampling seed")
@@ -56,7 +59,7 @@ def run(args) -> int:
     from .data import data_description
     from .heatmap import plan_heatmap
     from .optimize import optimize
-    from .store import ProfileStore, torch_threads
+    from .store import ProfileStore, pooled, torch_threads
 
     if not 0.0 < args.density <= 1.0:
         raise SystemExit(f"--density must be in (0, 1], got {args.density}.")
@@ -75,16 +78,34 @@ def run(args) -> int:
     profiled = time.perf_counter() - started
     print(f"headwise calibrate: solving the MILP at density {args.density} "
           f"(fit {[n for n in lengths if n != holdout]}, held-out {holdout})", flush=True)
-    solve_start = time.perf_counter()
+    solve_start = time.perf_counter()     # includes refit rounds
     command = args.command_line
-    result = optimize(profiles, store.info, args.density, holdout=holdout, max_configs=args.max_configs,
-                      sink=args.sink, alpha_step=args.alpha_step, time_limit=args.time_limit, score=args.score,
-                      min_span=args.min_span, calibration={
-                          "data": {**data_description(), "samples_per_length": args.samples,
-                                   "answer_tokens": args.answer_tokens, "seed": args.seed},
-                          "mean_answer_loss": {str(n): p.loss for n, p in profiles.items()},
-                          "profile_seconds_when_computed": round(sum(p.seconds for p in profiles.values()), 1),
-                          "command": command})
+    calibration = {"data": {**data_description(), "samples_per_length": args.samples,
+                            "answer_tokens": args.answer_tokens, "seed": args.seed},
+                   "mean_answer_loss": {str(n): p.loss for n, p in profiles.items()},
+                   "profile_seconds_when_computed": round(sum(p.seconds for p in profiles.values()), 1),
+                   "command": command}
+    points = [profiles]
+
+    def solve():
+        mass = profiles if len(points) == 1 else {n: pooled([p[n] for p in points]) for n in lengths}
+        return optimize(mass, store.info, args.density, holdout=holdout, max_configs=args.max_configs,
+                        sink=args.sink, alpha_step=args.alpha_step, time_limit=args.time_limit, score=args.score,
+                        min_span=args.min_span, calibration=calibration)
+
+    result = solve()
+    refits = []
+    for round_ in range(args.refit):
+        todo = store.missing(lengths, args.samples, result.plan)
+        print(f"headwise calibrate: refit {round_ + 1}/{args.refit}: profiling the samples at the plan "
+              f"({len(todo)} to compute)", flush=True)
+        at_plan = store.collect_at(model, result.plan, lengths, args.samples)
+        points.append(at_plan)
+        refits.append({"mean_answer_loss_at_plan": {str(n): p.loss for n, p in at_plan.items()},
+                       "profile_seconds_when_computed": round(sum(p.seconds for p in at_plan.values()), 1)})
+        result = solve()
+    if refits:
+        result.plan.calibration["refits"] = refits
     result.plan.calibration["solve_seconds"] = round(time.perf_counter() - solve_start, 1)
     result.plan.calibration["seconds"] = round(time.perf_counter() - started, 1)
     result.plan.calibration["seconds_this_run_profiling"] = round(profiled, 1)

@@ -48,6 +48,29 @@ class BlockRecorder:
         shape = (num_layers, num_kv_heads, self.num_blocks, self.num_blocks)
         self.blocks = np.zeros(shape, dtype=np.float64)
         self.signed = np.zeros(shape, dtype=np.float64)
+        self.bands: list[torch.Tensor | None] = [None] * num_layers
+
+    def attend_as(self, plan, length: int) -> None:
+        """Run every layer's attention as ``plan``'s heads do at ``length`` (window heads banded).
+
+        ``E`` is then taken at the plan instead of at the dense model: a kept entry records the
+        loss change of dropping it, a dropped entry the loss change of leaving it out (minus the
+        first-order change of adding it back).
+        """
+        from ..plan import Dense, Window
+
+        for layer, heads in enumerate(plan.layers):
+            bands = []
+            for head in heads:
+                if isinstance(head, Dense) or head.kept(length) >= length:
+                    bands.append((length, length))
+                elif isinstance(head, Window):
+                    bands.append((head.sink, head.span(length)))
+                else:
+                    raise TypeError(f"profiling at a plan supports window and dense heads, not {head.kind!r}; "
+                                    "profile at the dense model instead.")
+            dense = all(span >= length for _, span in bands)
+            self.bands[layer] = None if dense else torch.tensor(bands, dtype=torch.int64)
 
     def add(self, layer: int, row_start: int, e: torch.Tensor, group: int) -> None:
         """Add one row chunk of ``E``: ``e`` ``[H, rows, kv]`` for query rows starting at ``row_start``
@@ -68,20 +91,59 @@ class BlockRecorder:
             target[layer, :, r0:r0 + tiles.shape[1], :tiles.shape[2]] += tiles.cpu().numpy()
 
 
+def _chunk_attention(q, k, scale, r0, bands, group):
+    """Scores and kept-entry mask of query rows ``r0 .. r0 + rows`` against keys ``0 .. r1``.
+
+    ``bands`` is ``None`` (every causal entry kept) or ``[Hkv, 2]`` int64 ``(sink, span)``: query
+    ``i`` keeps key ``j <= i`` iff ``j < sink`` or ``j > i - span`` (the window kernels' rule).
+    Returns ``scores`` ``[H, rows, r1]`` (future entries ``-inf``), ``causal`` ``[rows, r1]`` and
+    ``kept`` ``[H, rows, r1]`` bool (``None`` when every causal entry is kept).
+    """
+    rows, r1 = q.shape[-2], k.shape[-2]
+    queries = torch.arange(r0, r0 + rows, device=q.device)[:, None]     # [rows, 1]
+    keys = torch.arange(r1, device=q.device)[None, :]                  # [1, r1]
+    causal = keys <= queries                                           # [rows, r1]
+    scores = ((q @ k.transpose(-1, -2)) * scale).masked_fill(~causal, float("-inf"))
+    if bands is None:
+        return scores, causal, None
+    sink = bands[:, 0].repeat_interleave(group)[:, None, None]          # [H, 1, 1]
+    span = bands[:, 1].repeat_interleave(group)[:, None, None]
+    kept = causal & ((keys < sink) | (keys > queries - span))          # [H, rows, r1]
+    return scores, causal, kept
+
+
 class _ProfiledCausalAttention(torch.autograd.Function):
-    """Causal attention ``softmax(q k^T * scale) v`` whose backward also records ``|E|`` tiles."""
+    """Causal attention ``softmax(q k^T * scale) v`` whose backward also records ``E`` tiles.
+
+    With ``bands`` (per KV head ``(sink, span)``) the attention is the plan's banded attention,
+    and the recorded value of an entry the band drops is the loss change of *not* adding it back.
+    """
 
     @staticmethod
-    def forward(ctx, query, key, value, scale, layer_idx, recorder):
+    def forward(ctx, query, key, value, scale, layer_idx, recorder, bands):
         ctx.save_for_backward(query, key, value)
-        ctx.scale, ctx.layer_idx, ctx.recorder = scale, layer_idx, recorder
-        return F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scale,
-                                              enable_gqa=key.shape[1] != query.shape[1])
+        ctx.scale, ctx.layer_idx, ctx.recorder, ctx.bands = scale, layer_idx, recorder, bands
+        if bands is None:
+            return F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scale,
+                                                  enable_gqa=key.shape[1] != query.shape[1])
+        B, H, T, D = query.shape
+        group = H // key.shape[1]
+        keys = key.repeat_interleave(group, dim=1)                           # [B, H, T, D]
+        values = value.repeat_interleave(group, dim=1)
+        out = torch.empty_like(query)
+        rows = _rows_per_chunk(H, T, recorder.block)
+        for b in range(B):
+            for r0 in range(0, T, rows):
+                r1 = min(T, r0 + rows)
+                scores, _, kept = _chunk_attention(query[b, :, r0:r1], keys[b, :, :r1], scale, r0, bands, group)
+                attn = torch.softmax(scores.masked_fill(~kept, float("-inf")), dim=-1)
+                out[b, :, r0:r1] = attn @ values[b, :, :r1]
+        return out
 
     @staticmethod
     def backward(ctx, grad_out):
         query, key, value = ctx.saved_tensors
-        scale, recorder = ctx.scale, ctx.recorder
+        scale, recorder, bands = ctx.scale, ctx.recorder, ctx.bands
         B, H, T, D = query.shape
         group = H // key.shape[1]
         keys = key.repeat_interleave(group, dim=1)                           # [B, H, T, D]
@@ -89,35 +151,42 @@ class _ProfiledCausalAttention(torch.autograd.Function):
         grad_q = torch.zeros_like(query)
         grad_k = torch.zeros_like(keys)
         grad_v = torch.zeros_like(values)
-        block = recorder.block
-        rows = max(block, (CHUNK_ELEMENTS // max(1, H * T)) // block * block)
-        positions = torch.arange(T, device=query.device)
+        rows = _rows_per_chunk(H, T, recorder.block)
         for b in range(B):
             for r0 in range(0, T, rows):
                 r1 = min(T, r0 + rows)
                 q, k, v, dout = query[b, :, r0:r1], keys[b, :, :r1], values[b, :, :r1], grad_out[b, :, r0:r1]
-                scores = (q @ k.transpose(-1, -2)) * scale                   # [H, rows, r1]
-                future = positions[None, :r1] > positions[r0:r1, None]       # [rows, r1]
-                scores = scores.masked_fill(future, float("-inf"))
-                attn = torch.softmax(scores, dim=-1)
-                del scores
+                scores, causal, kept = _chunk_attention(q, k, scale, r0, bands, group)   # [H, rows, r1]
+                logits = scores if kept is None else scores.masked_fill(~kept, float("-inf"))
+                attn = torch.softmax(logits, dim=-1)
                 grad_attn = dout @ v.transpose(-1, -2)                       # G = dL/dA
                 row_dot = (attn * grad_attn).sum(-1, keepdim=True)
                 grad_scores = attn * (grad_attn - row_dot)                   # A (G - sum_n A G)
-                del grad_attn
                 # E = -A (G - sum_n A G) / (1 - A); a row with a single key (A = 1) cannot drop it.
-                keep_only = attn >= 1.0
                 e = -grad_scores / (1.0 - attn).clamp_min(1e-6)
-                e = e.masked_fill(keep_only, 0.0)
+                e = e.masked_fill(attn >= 1.0, 0.0)
+                if kept is not None:
+                    # a dropped entry j added back gets A'_j = p / (1 + p), p = exp(s_j) / Z_kept, and
+                    # changes the loss by A'_j (G_j - sum_n A_n G_n); not adding it "costs" minus that
+                    p = torch.exp(scores - torch.logsumexp(logits, dim=-1, keepdim=True))
+                    added = -(p / (1.0 + p)) * (grad_attn - row_dot)
+                    e = torch.where(kept, e, added.masked_fill(~causal, 0.0))
+                    del p, added
+                del scores, logits, grad_attn
                 recorder.add(ctx.layer_idx, r0, e, group)
-                del e, keep_only
+                del e
                 grad_v[b, :, :r1] += attn.transpose(-1, -2) @ dout
                 grad_q[b, :, r0:r1] = (grad_scores @ k) * scale
                 grad_k[b, :, :r1] += (grad_scores.transpose(-1, -2) @ q) * scale
                 del attn, grad_scores
         grad_k = grad_k.view(B, key.shape[1], group, T, D).sum(2)
         grad_v = grad_v.view(B, key.shape[1], group, T, D).sum(2)
-        return grad_q, grad_k, grad_v, None, None, None
+        return grad_q, grad_k, grad_v, None, None, None, None
+
+
+def _rows_per_chunk(heads: int, length: int, block: int) -> int:
+    """Query rows per chunk so one ``[H, rows, T]`` fp32 temporary stays near ``CHUNK_ELEMENTS``."""
+    return max(block, (CHUNK_ELEMENTS // max(1, heads * length)) // block * block)
 
 
 def profile_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
@@ -138,7 +207,9 @@ def profile_attention(module, query, key, value, attention_mask, scaling=None, d
     if dropout:
         raise ValueError("the profiling attention does not implement dropout; set the model's attention_dropout to 0.")
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-    out = _ProfiledCausalAttention.apply(query, key, value, scale, module.layer_idx, _ACTIVE)
+    bands = _ACTIVE.bands[module.layer_idx]
+    out = _ProfiledCausalAttention.apply(query, key, value, scale, module.layer_idx, _ACTIVE,
+                                         None if bands is None else bands.to(query.device))
     return out.transpose(1, 2).contiguous(), None
 
 
@@ -190,8 +261,8 @@ def answer_loss(logits: torch.Tensor, input_ids: torch.Tensor, answer_start: int
     return F.cross_entropy(predicted.reshape(-1, predicted.shape[-1]), input_ids[:, answer_start:].reshape(-1))
 
 
-def profile_sample(model, input_ids: torch.Tensor, answer_start: int, block: int = 64
-                   ) -> tuple[np.ndarray, float]:
+def profile_sample(model, input_ids: torch.Tensor, answer_start: int, block: int = 64, plan=None
+                   ) -> tuple[np.ndarray, np.ndarray, float]:
     """One forward + backward of ``model`` on one sample, recording every layer's ``|E|`` tiles.
 
     Args:
@@ -199,6 +270,8 @@ def profile_sample(model, input_ids: torch.Tensor, answer_start: int, block: int
         input_ids: ``[1, T]`` int64, prompt followed by the answer tokens.
         answer_start: index of the first answer token; the loss is the answer's cross-entropy.
         block: tile size in tokens.
+        plan: optional ``Plan`` of window/dense heads to profile at (its banded attention runs in
+            place of dense attention; see ``BlockRecorder.attend_as``); ``None`` profiles dense.
 
     Returns:
         ``(blocks, signed, loss)``: ``blocks`` ``[layers, Hkv, nb, nb]`` float64 tile sums of ``|E|``
@@ -212,6 +285,9 @@ def profile_sample(model, input_ids: torch.Tensor, answer_start: int, block: int
     config = model.config.get_text_config(decoder=True)
     num_kv = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
     recorder = BlockRecorder(config.num_hidden_layers, num_kv, input_ids.shape[1], block)
+    if plan is not None:
+        plan.check_model(model)
+        recorder.attend_as(plan, input_ids.shape[1])
     requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
     model.requires_grad_(False)      # only activations need gradients: G flows, weight grads are skipped
     try:

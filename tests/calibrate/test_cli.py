@@ -69,6 +69,21 @@ def test_calibrate_then_resume_then_show(tiny_dir, tmp_path, capsys):
     assert "0 of 4 samples to compute" in capsys.readouterr().out
     assert load_plan(tmp_path / "c.json").density(512) <= 0.25
 
+    # a refit round profiles the same samples at the first plan and re-solves with both profiles
+    assert main(args + ["--density", "0.5", "--refit", "1", "--out", str(tmp_path / "d.json")]) == 0
+    assert "refit 1/1: profiling the samples at the plan (4 to compute)" in capsys.readouterr().out
+    refitted = load_plan(tmp_path / "d.json")
+    (refit,) = refitted.calibration["refits"]
+    assert set(refit["mean_answer_loss_at_plan"]) == {"256", "512"}
+    assert len(list((tmp_path / "cache").glob("*/at-*/L*-s*.npz"))) == 4
+    for n in (256, 512):
+        assert refitted.density(n) <= 0.5
+    for layer in refitted.layers:
+        assert len(set(layer)) <= 2
+    assert main(args + ["--density", "0.5", "--refit", "1", "--out", str(tmp_path / "e.json")]) == 0
+    assert "(0 to compute)" in capsys.readouterr().out
+    assert load_plan(tmp_path / "e.json").layers == refitted.layers
+
     assert main(["plan", "show", str(tmp_path / "a.json"), "--png", str(tmp_path / "show.png")]) == 0
     shown = capsys.readouterr().out
     assert f"{plan.density(512):.4f}" in shown and (tmp_path / "show.png").stat().st_size > 0

@@ -10,35 +10,53 @@ from transformers import AttentionInterface, AttentionMaskInterface
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
 from headwise.calibrate.profile import answer_loss, profile_sample
+from headwise.plan import Dense, ModelInfo, Plan, Window
 from tests.conftest import make_tiny
 
 T, ANSWER_START = 12, 8
 
 
 class _Edit:
-    """Which attention entry the brute-force attention changes, and how far along the drop."""
+    """Which attention entry the brute-force attention changes, how far along the move, and the
+    plan whose banded attention runs (``None``: dense causal)."""
 
     layer = head = row = col = -1
     t = 0.0
+    plan = None
 
 
 def _eager_with_edit(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """Eager causal attention; at ``_Edit``'s (layer, query head, row) it moves the attention row
-    a fraction ``t`` of the way to "entry ``col`` dropped, row renormalised"."""
+    """Eager causal (or ``_Edit.plan``-banded) attention; at ``_Edit``'s (layer, query head, row)
+    it moves the attention row a fraction ``t`` of the way to "entry ``col`` dropped, row
+    renormalised" for a kept entry, or to "entry ``col`` added back, row renormalised" for an
+    entry the band drops."""
     group = query.shape[1] // key.shape[1]
     k = key.repeat_interleave(group, dim=1)
     v = value.repeat_interleave(group, dim=1)
     scores = (query @ k.transpose(-1, -2)) * scaling
     n = query.shape[-2]
     scores = scores.masked_fill(torch.ones(n, n, dtype=torch.bool).triu(1), float("-inf"))
-    attn = torch.softmax(scores, dim=-1)
+    logits = scores.clone()
+    if _Edit.plan is not None:
+        i, j = torch.arange(n)[:, None], torch.arange(n)[None, :]
+        for h in range(query.shape[1]):
+            spec = _Edit.plan.layers[module.layer_idx][h // group]
+            if isinstance(spec, Window):
+                logits[0, h] = logits[0, h].masked_fill((j >= spec.sink) & (j <= i - spec.span(n)), float("-inf"))
+    attn = torch.softmax(logits, dim=-1)
     if module.layer_idx == _Edit.layer:
         row = attn[0, _Edit.head, _Edit.row]
-        dropped = row.clone()
-        dropped[_Edit.col] = 0
-        dropped = dropped / dropped.sum()
+        if row[_Edit.col] > 0:
+            target = row.clone()
+            target[_Edit.col] = 0
+            target = target / target.sum()
+        else:
+            p = torch.exp(scores[0, _Edit.head, _Edit.row, _Edit.col]
+                          - torch.logsumexp(logits[0, _Edit.head, _Edit.row], dim=-1))
+            target = row / (1 + p)
+            target[_Edit.col] = p / (1 + p)
         attn = attn.clone()
-        attn[0, _Edit.head, _Edit.row] = row + _Edit.t * (dropped - row)
+        attn[0, _Edit.head, _Edit.row] = row + _Edit.t * (target - row)
     return (attn @ v).transpose(1, 2).contiguous(), None
 
 
@@ -83,15 +101,14 @@ def test_profile_loss_is_the_answer_cross_entropy(setup):
     assert loss == pytest.approx(_loss(model, ids), rel=1e-10)
 
 
-@pytest.mark.parametrize("layer,kv_head,row,col", [(0, 0, 9, 3), (1, 1, 10, 0), (1, 0, 7, 7), (0, 1, 5, 2)])
-def test_e_matches_brute_force_drop(setup, layer, kv_head, row, col):
-    model, ids, blocks, signed, _ = setup
+def _brute_force(model, ids, layer, kv_head, row, col, plan=None) -> tuple[float, float]:
+    """(sum of |dL|, sum of dL) over the KV head's query heads for moving entry (row, col)."""
     group = model.config.num_attention_heads // model.config.num_key_value_heads
     AttentionInterface.register("edit_test", _eager_with_edit)
     AttentionMaskInterface.register("edit_test", lambda *a, **k: None)
     model.set_attn_implementation("edit_test")
     try:
-        _Edit.layer, _Edit.row, _Edit.col = layer, row, col
+        _Edit.layer, _Edit.row, _Edit.col, _Edit.plan = layer, row, col, plan
         linearised, net = 0.0, 0.0
         for head in range(kv_head * group, (kv_head + 1) * group):
             _Edit.head = head
@@ -100,11 +117,75 @@ def test_e_matches_brute_force_drop(setup, layer, kv_head, row, col):
             e = _derivative(lambda t: _loss_at(model, ids, t), 1e-3)
             linearised, net = linearised + abs(e), net + e
     finally:
-        _Edit.layer = -1
+        _Edit.layer, _Edit.plan = -1, None
         model.set_attn_implementation("sdpa")
+    return linearised, net
+
+
+@pytest.mark.parametrize("layer,kv_head,row,col", [(0, 0, 9, 3), (1, 1, 10, 0), (1, 0, 7, 7), (0, 1, 5, 2)])
+def test_e_matches_brute_force_drop(setup, layer, kv_head, row, col):
+    model, ids, blocks, signed, _ = setup
+    linearised, net = _brute_force(model, ids, layer, kv_head, row, col)
     assert blocks[layer, kv_head, row, col] == pytest.approx(linearised, rel=1e-7, abs=1e-12)
     assert signed[layer, kv_head, row, col] == pytest.approx(net, rel=1e-7, abs=1e-12)
     assert blocks[layer, kv_head, row, col] > 0
+
+
+def _banded_plan(model) -> Plan:
+    """Layer 0: a 2-sink, 3-span window and a dense head; layer 1: two windows (sinks 1 and 0)."""
+    return Plan(ModelInfo.of(model), ((Window(sink=2, alpha=3.0), Dense()),
+                                      (Window(sink=1, alpha=2.0, beta=0.25), Window(sink=0, alpha=4.0))))
+
+
+@pytest.fixture(scope="module")
+def banded(setup):
+    model, ids, *_ = setup
+    plan = _banded_plan(model)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(LlamaRMSNorm, "forward", _rms_norm_in_input_dtype)
+        blocks, signed, loss = profile_sample(model, ids, ANSWER_START, block=1, plan=plan)
+        yield plan, blocks, signed, loss
+
+
+# (layer, kv head, row, col): kept band entries, kept sink entries, and entries the band drops
+@pytest.mark.parametrize("layer,kv_head,row,col", [
+    (0, 0, 9, 8), (0, 0, 10, 1), (0, 0, 9, 4), (0, 1, 9, 4),
+    (1, 0, 10, 0), (1, 0, 10, 3), (1, 1, 10, 7), (1, 1, 10, 2)])
+def test_e_at_a_plan_matches_brute_force(setup, banded, layer, kv_head, row, col):
+    """At a plan, a kept entry records the loss change of dropping it and a dropped entry the
+    loss change of leaving it out (minus that of adding it back, renormalised)."""
+    model, ids, *_ = setup
+    plan, blocks, signed, _ = banded
+    linearised, net = _brute_force(model, ids, layer, kv_head, row, col, plan)
+    spec = plan.layers[layer][kv_head]
+    dropped = isinstance(spec, Window) and spec.sink <= col <= row - spec.span(T)
+    sign = -1.0 if dropped else 1.0
+    assert blocks[layer, kv_head, row, col] == pytest.approx(linearised, rel=1e-7, abs=1e-12)
+    assert signed[layer, kv_head, row, col] == pytest.approx(sign * net, rel=1e-7, abs=1e-12)
+    assert blocks[layer, kv_head, row, col] > 0
+
+
+def test_profile_at_a_plan_reports_the_banded_models_loss(setup, banded):
+    model, ids, *_ = setup
+    plan, _, _, loss = banded
+    AttentionInterface.register("edit_test", _eager_with_edit)
+    AttentionMaskInterface.register("edit_test", lambda *a, **k: None)
+    model.set_attn_implementation("edit_test")
+    _Edit.plan = plan
+    try:
+        expected = _loss(model, ids)
+    finally:
+        _Edit.plan = None
+        model.set_attn_implementation("sdpa")
+    assert loss == pytest.approx(expected, rel=1e-10)
+    assert loss != pytest.approx(setup[4], rel=1e-3)    # the bands do change the model
+
+
+def test_dense_plan_profiles_like_no_plan(setup):
+    model, ids, blocks, signed, loss = setup
+    got = profile_sample(model, ids, ANSWER_START, block=1, plan=Plan.dense(model))
+    np.testing.assert_array_equal(got[0], blocks)
+    np.testing.assert_array_equal(got[1], signed)
 
 
 def test_blocks_are_causal_and_tiles_sum_entries(setup):
@@ -129,7 +210,7 @@ def test_input_gradients_match_autograd_of_eager_attention():
     v = torch.randn(1, 2, 70, 16, dtype=torch.float64, generator=g, requires_grad=True)
     w = torch.randn(1, 6, 70, 16, dtype=torch.float64, generator=g)
     rec = BlockRecorder(1, 2, 70, block=64)
-    (_ProfiledCausalAttention.apply(q, k, v, 0.25, 0, rec) * w).sum().backward()
+    (_ProfiledCausalAttention.apply(q, k, v, 0.25, 0, rec, None) * w).sum().backward()
     got = [t.grad.clone() for t in (q, k, v)]
     for t in (q, k, v):
         t.grad = None
@@ -138,3 +219,33 @@ def test_input_gradients_match_autograd_of_eager_attention():
     for a, t in zip(got, (q, k, v)):
         torch.testing.assert_close(a, t.grad)
     assert rec.blocks.shape == (1, 2, 2, 2) and rec.blocks[0, :, 0, 1].sum() == 0 and rec.blocks.sum() > 0
+
+
+def test_banded_forward_and_gradients_match_autograd_of_masked_sdpa():
+    """With bands, the forward output and dq/dk/dv equal autograd through masked sdpa, across
+    several row chunks (the chunk size is forced small)."""
+    from headwise.calibrate import profile as prof
+
+    g = torch.Generator().manual_seed(2)
+    T_, sink, spans = 150, 4, (7, 150)
+    q = torch.randn(1, 6, T_, 16, dtype=torch.float64, generator=g, requires_grad=True)
+    k = torch.randn(1, 2, T_, 16, dtype=torch.float64, generator=g, requires_grad=True)
+    v = torch.randn(1, 2, T_, 16, dtype=torch.float64, generator=g, requires_grad=True)
+    w = torch.randn(1, 6, T_, 16, dtype=torch.float64, generator=g)
+    bands = torch.tensor([[sink, spans[0]], [T_, spans[1]]])
+    rec = prof.BlockRecorder(1, 2, T_, block=16)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(prof, "CHUNK_ELEMENTS", 6 * T_ * 32)       # 32-row chunks
+        out = prof._ProfiledCausalAttention.apply(q, k, v, 0.25, 0, rec, bands)
+        (out * w).sum().backward()
+    got = [t.grad.clone() for t in (q, k, v)]
+    for t in (q, k, v):
+        t.grad = None
+    i, j = torch.arange(T_)[:, None], torch.arange(T_)[None, :]
+    window = (j <= i) & ((j < sink) | (j > i - spans[0]))
+    mask = torch.stack([window] * 3 + [j <= i] * 3)[None]           # [1, 6, T, T]
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=0.25, enable_gqa=True)
+    torch.testing.assert_close(out, ref)
+    (ref * w).sum().backward()
+    for a, t in zip(got, (q, k, v)):
+        torch.testing.assert_close(a, t.grad)
