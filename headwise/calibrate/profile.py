@@ -96,7 +96,8 @@ def _chunk_attention(q, k, scale, r0, bands, group):
 
     ``bands`` is ``None`` (every causal entry kept) or ``[Hkv, 2]`` int64 ``(sink, span)``: query
     ``i`` keeps key ``j <= i`` iff ``j < sink`` or ``j > i - span`` (the window kernels' rule).
-    Returns ``scores`` ``[H, rows, r1]`` (future entries ``-inf``), ``causal`` ``[rows, r1]`` and
+    Returns ``scores`` ``[H, rows, r1]`` (future entries ``-inf``), ``logits`` (``scores`` with
+    the dropped entries also ``-inf``: what the softmax takes), ``causal`` ``[rows, r1]`` and
     ``kept`` ``[H, rows, r1]`` bool (``None`` when every causal entry is kept).
     """
     rows, r1 = q.shape[-2], k.shape[-2]
@@ -105,11 +106,11 @@ def _chunk_attention(q, k, scale, r0, bands, group):
     causal = keys <= queries                                           # [rows, r1]
     scores = ((q @ k.transpose(-1, -2)) * scale).masked_fill(~causal, float("-inf"))
     if bands is None:
-        return scores, causal, None
+        return scores, scores, causal, None
     sink = bands[:, 0].repeat_interleave(group)[:, None, None]          # [H, 1, 1]
     span = bands[:, 1].repeat_interleave(group)[:, None, None]
     kept = causal & ((keys < sink) | (keys > queries - span))          # [H, rows, r1]
-    return scores, causal, kept
+    return scores, scores.masked_fill(~kept, float("-inf")), causal, kept
 
 
 class _ProfiledCausalAttention(torch.autograd.Function):
@@ -135,8 +136,8 @@ class _ProfiledCausalAttention(torch.autograd.Function):
         for b in range(B):
             for r0 in range(0, T, rows):
                 r1 = min(T, r0 + rows)
-                scores, _, kept = _chunk_attention(query[b, :, r0:r1], keys[b, :, :r1], scale, r0, bands, group)
-                attn = torch.softmax(scores.masked_fill(~kept, float("-inf")), dim=-1)
+                _, logits, _, _ = _chunk_attention(query[b, :, r0:r1], keys[b, :, :r1], scale, r0, bands, group)
+                attn = torch.softmax(logits, dim=-1)
                 out[b, :, r0:r1] = attn @ values[b, :, :r1]
         return out
 
@@ -156,8 +157,7 @@ class _ProfiledCausalAttention(torch.autograd.Function):
             for r0 in range(0, T, rows):
                 r1 = min(T, r0 + rows)
                 q, k, v, dout = query[b, :, r0:r1], keys[b, :, :r1], values[b, :, :r1], grad_out[b, :, r0:r1]
-                scores, causal, kept = _chunk_attention(q, k, scale, r0, bands, group)   # [H, rows, r1]
-                logits = scores if kept is None else scores.masked_fill(~kept, float("-inf"))
+                scores, logits, causal, kept = _chunk_attention(q, k, scale, r0, bands, group)  # [H, rows, r1]
                 attn = torch.softmax(logits, dim=-1)
                 grad_attn = dout @ v.transpose(-1, -2)                       # G = dL/dA
                 row_dot = (attn * grad_attn).sum(-1, keepdim=True)
