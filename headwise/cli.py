@@ -15,6 +15,7 @@ COMMAND_MODULES = [
     "headwise.eval.cli",
     "headwise.calibrate.cli",
     "headwise.plan_cli",
+    "headwise.bench_cli",
 ]
 
 

@@ -1,0 +1,1 @@
+"""Benchmarks shipped with headwise (``headwise bench ...``; thin scripts in ``scripts/`` call them)."""

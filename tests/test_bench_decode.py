@@ -1,0 +1,81 @@
+"""The decode benchmark's code paths on a tiny random model (no timings asserted, no vLLM)."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+import torch
+
+from headwise.bench import decode as bench
+from tests.conftest import make_tiny
+
+SETTING = bench.Setting(64, 2)
+STEPS = 4
+
+
+def engine_available() -> bool:
+    try:
+        from headwise.engine import LLM, SamplingParams  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def test_parse_settings_and_rows():
+    assert bench.parse_settings("4096x4, 8192x8") == [bench.Setting(4096, 4), bench.Setting(8192, 8)]
+    with pytest.raises(SystemExit):
+        bench.parse_settings("4096")
+    assert "vllm" not in bench.parse_rows(None, skip_vllm=True)
+    assert bench.parse_rows("hf,engine-d25") == ["hf", "engine-d25"]
+    with pytest.raises(SystemExit):
+        bench.parse_rows("hf,nope")
+
+
+def test_bytes_model():
+    from headwise.plan import Plan
+
+    model = make_tiny()
+    per_token = bench.kv_bytes_per_token(model)
+    assert per_token == 2 * 2 * 2 * 16 * 4                      # K+V, layers, kv heads, head_dim, fp32
+    dense = bench.kv_read_per_step(Plan.dense(model), SETTING, STEPS, model)
+    assert dense == pytest.approx(SETTING.batch * per_token * (SETTING.context + (STEPS + 1) / 2))
+    window = bench.kv_read_per_step(Plan.uniform(model, 0.25, sink=4), bench.Setting(512, 2), STEPS, model)
+    assert window < 0.3 * bench.kv_read_per_step(Plan.dense(model), bench.Setting(512, 2), STEPS, model)
+    tied = sum(p.numel() for p in model.parameters()) * 4
+    assert bench.weight_bytes(model) == tied
+
+
+def test_rows_on_tiny_model(capsys):
+    rows = ["hf", "generate_batch", "engine-dense", "engine-uniform25"]
+    results = bench.run_setting(SETTING, rows, STEPS, lambda: (make_tiny(), None), model_dir=None, threads=1)
+    by = {r.key: r for r in results}
+    hf, gb = by["hf"], by["generate_batch"]
+    assert hf.error is None and gb.error is None, (hf.error, gb.error)
+    for r in (hf, gb):
+        assert r.prefill_s > 0 and r.decode_tok_s > 0 and r.kv_held_bytes > 0
+        assert len(r.tokens) == SETTING.batch and all(len(t) == STEPS + 1 for t in r.tokens)
+    assert gb.tokens == hf.tokens                                 # both greedy dense on the same prompts
+    assert hf.kv_held_bytes == SETTING.batch * (SETTING.context + STEPS) * bench.kv_bytes_per_token(make_tiny())
+    for key in ("engine-dense", "engine-uniform25"):
+        if engine_available():
+            assert by[key].error is None, by[key].error
+            assert [t[: STEPS + 1] for t in by["engine-dense"].tokens] == hf.tokens
+        else:
+            assert "engine" in by[key].error
+    machine = {"read_gbps": 10.0}
+    table = bench.format_table(results, machine, [SETTING])
+    assert table.count("\n") == 1 + len(rows)
+    checks = bench.target_checks(results, [SETTING], machine["read_gbps"])
+    assert all(c.line().startswith("- ") for c in checks)
+    assert all(c.met is None for c in checks if "vLLM" in c.name)
+
+
+def test_machine_measure_and_cli_registration():
+    m = bench.measure_machine(gib=0.01, repeats=2)
+    assert m["read_gbps"] > 0 and m["matmul_gflops"] > 0
+    from headwise.cli import build_parser
+
+    args = build_parser().parse_args(["bench", "decode", "--settings", "64x2", "--skip-vllm"])
+    assert args.func.__module__ == "headwise.bench_cli" and args.skip_vllm
+    assert isinstance(args, argparse.Namespace) and torch.get_num_threads() >= 1
