@@ -1,0 +1,13 @@
+"""Paged-KV decode engine with continuous batching: every KV head keeps only its own span (DESIGN §6).
+
+``from headwise.engine import LLM, SamplingParams``; ``LLM(model, plan=...).generate(prompts, params)``.
+Modules: ``block_manager`` (free list, per-head tables), ``scheduler`` (continuous batching,
+chunked prefill, preemption), ``runner`` (the HF model's modules over the paged pool), ``kinds``
+(how each head kind keeps KV and runs attention), ``llm`` (the API).
+"""
+
+from .llm import LLM, EngineStats, StreamEvent
+from .sampling import SamplingParams
+from .sequence import CompletionOutput, RequestOutput
+
+__all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput", "EngineStats", "StreamEvent"]

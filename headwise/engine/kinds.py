@@ -1,0 +1,136 @@
+"""Head kinds as the engine sees them: how a head uses KV blocks, and how its attention runs.
+
+Every plan head kind the engine can run maps to one ``EngineKind`` in ``ENGINE_KINDS``. A kind
+answers two questions:
+
+* ``layout(spec, n, block_size)``: for a request that will reach ``n`` tokens, the head's sink,
+  span, and the block layout of its KV (``HeadLayout``);
+* ``prefill`` / ``decode``: its attention over the heads of one layer that use it (a *group*),
+  reading and writing the paged pool through ``LayerStep``.
+
+A layer groups its heads by kind, runs each group and scatters the outputs back into head order
+(``runner.layer_attention``). ``window`` and ``dense`` are one softmax-over-kept-KV kind
+(``SoftmaxKV``); a kind with another state (a linear-attention recurrent state, a router) adds an
+``EngineKind`` here and nothing else in the engine changes.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
+
+import torch
+
+from ..kernels.paged_decode import paged_decode
+from ..kernels.sink_window import sink_window_attention
+from ..plan import Dense, HeadSpec, Window
+
+if TYPE_CHECKING:
+    from .runner import LayerStep
+
+
+@dataclass(frozen=True)
+class HeadLayout:
+    """How one KV head of one request keeps its KV in blocks.
+
+    Position ``p`` lives at logical slot ``p`` when ``p < sink``, else at
+    ``sink_slots + (p - sink) mod ring`` (no wrap when ``ring == 0``); logical slot ``l`` is block
+    ``l // block_size`` of the head's table, offset ``l % block_size``.
+
+    sink, span: the attention rule (a query at ``q`` reads keys ``k < sink`` or ``k > q - span``).
+    sink_slots: slots reserved for the sink (``sink`` rounded up to whole blocks).
+    ring: window slots (``span`` rounded up to whole blocks), 0 when the head keeps everything.
+    max_blocks: blocks the head holds at most (at length ``n``).
+    """
+
+    sink: int
+    span: int
+    sink_slots: int
+    ring: int
+    max_blocks: int
+
+
+def softmax_layout(sink: int, span: int, n: int, block_size: int) -> HeadLayout:
+    """Layout of a head that keeps its sink and a ring of at least ``span`` slots."""
+    sink = min(sink, n)
+    sink_slots = math.ceil(sink / block_size) * block_size
+    ring = math.ceil(span / block_size) * block_size
+    if sink + span >= n or ring >= n - sink:
+        ring = 0                                    # keeps every token: no ring needed
+    if n <= sink:
+        last = n - 1
+    else:
+        last = sink_slots + (min(n - sink, ring) if ring else n - sink) - 1
+    return HeadLayout(sink=sink, span=span, sink_slots=sink_slots, ring=ring, max_blocks=last // block_size + 1)
+
+
+class EngineKind(Protocol):
+    """What the engine needs from a head kind (see the module docstring)."""
+
+    name: str
+
+    def layout(self, spec: HeadSpec, n: int, block_size: int) -> HeadLayout: ...
+
+    def prefill(self, step: "LayerStep", heads: list[int], q: torch.Tensor, k: torch.Tensor,
+                v: torch.Tensor) -> torch.Tensor: ...
+
+    def decode(self, step: "LayerStep", heads: list[int], q: torch.Tensor) -> torch.Tensor: ...
+
+
+class SoftmaxKV:
+    """``window`` and ``dense`` heads: softmax attention over the sink + window kept in the pool."""
+
+    name = "softmax_kv"
+
+    def layout(self, spec: HeadSpec, n: int, block_size: int) -> HeadLayout:
+        if isinstance(spec, Dense):
+            return softmax_layout(0, n, n, block_size)
+        assert isinstance(spec, Window)
+        return softmax_layout(spec.sink, spec.span(n), n, block_size)
+
+    def prefill(self, step: "LayerStep", heads: list[int], q: torch.Tensor, k: torch.Tensor,
+                v: torch.Tensor) -> torch.Tensor:
+        """One sequence's prefill chunk.
+
+        Args:
+            q: ``[1, Hg * G, n, D]`` the chunk's queries of this group's heads; k, v: ``[1, Hg, n, D]``
+                the chunk's keys/values (not yet in the pool).
+
+        Returns:
+            ``[1, Hg * G, n, D]``.
+        """
+        seq = step.prefill_seq
+        sink, span = seq.sink[step.layer, heads], seq.span[step.layer, heads]
+        q_pos = step.prefill_pos[None]                                             # [1, n]
+        cached = step.cached_kv(heads)
+        if cached is not None:
+            ck, cv, cpos = cached                                                  # [1, Hg, C, D], [1, Hg, C]
+            k, v = torch.cat([ck, k], dim=2), torch.cat([cv, v], dim=2)
+            k_pos = torch.cat([cpos, q_pos[:, None].expand(1, len(heads), -1)], dim=-1)
+        else:
+            k_pos = q_pos[:, None]
+        return sink_window_attention(q, k, v, q_pos, k_pos, sink, span[None], step.scale, backend=step.backend)
+
+    def decode(self, step: "LayerStep", heads: list[int], q: torch.Tensor) -> torch.Tensor:
+        """Decode tokens of the step: ``q [Bd, Hg * G, D]`` -> ``[Bd, Hg * G, D]`` (new KV already written)."""
+        tables = step.decode_tables[:, heads]                                      # [Bd, Hg, M]
+        sink = step.decode_sink[heads]
+        span = step.decode_span[:, heads]
+        return paged_decode(q, step.k_pool, step.v_pool, step.pos_pool, tables, step.decode_pos, sink, span,
+                            step.scale, backend=step.backend)
+
+
+SOFTMAX_KV = SoftmaxKV()
+
+#: Plan head kind name -> the engine kind that runs it.
+ENGINE_KINDS: dict[str, EngineKind] = {"window": SOFTMAX_KV, "dense": SOFTMAX_KV}
+
+
+def engine_kind(spec: HeadSpec) -> EngineKind:
+    """The engine kind of a plan head; one clear sentence when the engine cannot run it."""
+    kind = ENGINE_KINDS.get(spec.kind)
+    if kind is None:
+        raise ValueError(f"the engine cannot run {spec.kind!r} heads yet (it runs {sorted(ENGINE_KINDS)}); "
+                         "use patch_model for this plan or remove those heads.")
+    return kind

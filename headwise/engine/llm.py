@@ -1,0 +1,309 @@
+"""``LLM``: the engine's front door, shaped like vLLM's (``generate``, ``SamplingParams``, outputs)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+import torch
+
+from ..plan import Plan
+from .block_manager import BlockManager
+from .config import EngineConfig
+from .runner import ModelRunner
+from .sampling import SamplingParams, sample
+from .scheduler import Scheduler
+from .sequence import CompletionOutput, RequestOutput, Sequence, Status
+
+logger = logging.getLogger("headwise.engine")
+
+
+@dataclass
+class EngineStats:
+    """What the last ``generate``/``stream`` call did.
+
+    prefill_seconds: wall time of steps that ran any prefill token; decode_seconds: of steps that
+    ran only decode tokens (``decode_steps`` of them, ``decode_tokens`` tokens).
+    peak_kv_bytes: KV pool bytes held at the peak (whole blocks); dense_kv_bytes: the peak a dense
+    cache would hold for the tokens in flight; kv_bytes_by_kind: the held peak split by head kind. peak_blocks / num_blocks: pool blocks at the peak / in the pool.
+    """
+
+    prefill_seconds: float = 0.0
+    decode_seconds: float = 0.0
+    steps: int = 0
+    decode_steps: int = 0
+    decode_tokens: int = 0
+    prefill_tokens: int = 0
+    peak_kv_bytes: int = 0
+    dense_kv_bytes: int = 0
+    kv_bytes_by_kind: dict = field(default_factory=dict)
+    peak_blocks: int = 0
+    num_blocks: int = 0
+    preemptions: int = 0
+
+    @property
+    def decode_tokens_per_second(self) -> float:
+        return self.decode_tokens / self.decode_seconds if self.decode_seconds else 0.0
+
+
+@dataclass
+class StreamEvent:
+    """One token made by ``LLM.stream``: request ``index`` (in prompt order), its id, the text so far."""
+
+    index: int
+    request_id: str
+    token_id: int
+    text: str
+    finished: bool
+    finish_reason: str | None
+
+
+class LLM:
+    """Paged-KV engine running a headwise plan on a Hugging Face model.
+
+    Args:
+        model: ``None`` (the embedded SmolLM2-135M-Instruct), a local checkpoint directory, or a
+            loaded ``transformers`` causal LM (not patched by ``patch_model``; the engine applies
+            the plan itself and restores the model's attention after each call).
+        plan: a ``Plan``, a plan JSON path, ``"dense"`` or ``"uniform:<density>"``.
+        tokenizer: needed with a model object when prompts are text or outputs should carry text.
+        kv_cache_memory: size of the preallocated KV pool ("2GiB", "512MiB", or bytes).
+        block_size, max_num_seqs, max_num_batched_tokens, dtype, backend: see ``EngineConfig``.
+    """
+
+    def __init__(self, model: Any = None, plan: Any = "dense", *, tokenizer=None, kv_cache_memory="2GiB",
+                 block_size: int = 16, max_num_seqs: int = 16, max_num_batched_tokens: int = 2048,
+                 dtype: torch.dtype | str = torch.float32, backend: str = "auto"):
+        from ..models import load_model
+        from ..patches import is_patched
+
+        self.config = EngineConfig(kv_cache_memory=kv_cache_memory, block_size=block_size,
+                                   max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
+                                   dtype=dtype, backend=backend)
+        if model is None or isinstance(model, (str, os.PathLike)):
+            model, tokenizer = load_model(model, dtype=self.config.dtype)
+        elif is_patched(model):
+            raise ValueError("the engine got a model patched by patch_model; pass the unpatched model "
+                             "(unpatch_model(model)) and the plan to LLM(model, plan=...).")
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.plan = Plan.from_spec(plan, model)
+        text = model.config.get_text_config(decoder=True)
+        self.vocab_size = text.vocab_size
+        self.max_length = getattr(text, "max_position_embeddings", None) or 1 << 30
+        head_dim = self.plan.model.head_dim
+        element = next(model.parameters()).element_size()
+        bs = self.config.block_size
+        self.block_bytes = bs * head_dim * 2 * element               # K and V of one block
+        num_blocks = self.config.kv_cache_memory // (self.block_bytes + bs * 8)   # + slot positions
+        if num_blocks < 1:
+            raise ValueError(f"kv_cache_memory of {self.config.kv_cache_memory} bytes holds no {bs}-token block; "
+                             "give the pool more memory.")
+        self.blocks = BlockManager(num_blocks, bs)
+        self.scheduler = Scheduler(self.config, self.blocks)
+        self.runner = ModelRunner(model, self.plan, self.config, num_blocks)
+        self.eos_token_ids = self._eos_ids()
+        self.last_stats = EngineStats(num_blocks=num_blocks)
+        logger.info("headwise engine: %d blocks of %d tokens (%.1f MiB), plan %s, backend %s", num_blocks, bs,
+                    num_blocks * self.block_bytes / 2**20, self.plan.calibration.get("method", "custom"),
+                    self.config.backend)
+
+    def _eos_ids(self) -> set[int]:
+        ids: set[int] = set()
+        for source in (getattr(self.model, "generation_config", None), self.tokenizer, self.model.config):
+            value = getattr(source, "eos_token_id", None) if source is not None else None
+            if value is not None:
+                ids.update([value] if isinstance(value, int) else value)
+        return ids
+
+    # ---- requests -------------------------------------------------------------------------------
+    def _token_ids(self, prompt: Any) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, str):
+            if not prompt:
+                raise ValueError("the prompt is empty; give at least one token.")
+            if self.tokenizer is None:
+                raise ValueError("text prompts need a tokenizer; pass LLM(model, tokenizer=...) or "
+                                 "{'prompt_token_ids': [...]}.")
+            return prompt, self.tokenizer(prompt).input_ids
+        if isinstance(prompt, dict) and "prompt_token_ids" in prompt:
+            ids = prompt["prompt_token_ids"]
+            if isinstance(ids, torch.Tensor):
+                ids = ids.tolist()
+            if not isinstance(ids, (list, tuple)) or not all(isinstance(t, int) and not isinstance(t, bool)
+                                                             for t in ids):
+                raise ValueError("prompt_token_ids must be a list of whole numbers.")
+            return prompt.get("prompt"), list(ids)
+        raise ValueError(f"a prompt must be text or {{'prompt_token_ids': [...]}}, got {type(prompt).__name__}.")
+
+    def _make_sequence(self, index: int, prompt: Any, params: SamplingParams) -> Sequence:
+        text, ids = self._token_ids(prompt)
+        if not ids:
+            raise ValueError("the prompt is empty; give at least one token.")
+        bad = [t for t in ids if not 0 <= t < self.vocab_size]
+        if bad:
+            raise ValueError(f"token id {bad[0]} is outside the model's vocabulary of {self.vocab_size} tokens.")
+        if len(ids) >= self.max_length:
+            raise ValueError(f"the prompt has {len(ids)} tokens but the model's context is {self.max_length}; "
+                             "shorten it.")
+        params.check()
+        seq = Sequence(ids, params, self.plan, self.config.block_size, self.max_length, prompt=text,
+                       request_id=str(index))
+        need = self.blocks.lifetime_blocks(seq)
+        if need > self.blocks.num_blocks:
+            raise ValueError(f"the request needs {need} KV blocks at its length of {seq.target_length} tokens but "
+                             f"the pool has {self.blocks.num_blocks}; raise kv_cache_memory or lower max_tokens.")
+        return seq
+
+    # ---- running --------------------------------------------------------------------------------
+    def generate(self, prompts: Any, sampling_params: SamplingParams | list[SamplingParams] | None = None,
+                 use_tqdm: bool = True) -> list[RequestOutput]:
+        """Generate for every prompt; one ``RequestOutput`` per prompt, in prompt order.
+
+        A prompt is text or ``{"prompt_token_ids": [...]}``; ``sampling_params`` is one
+        ``SamplingParams`` for all or a list, one per prompt. A request that cannot run (empty
+        prompt, bad token ids, bad params, longer than the model or the pool) fails alone: its
+        output has ``error`` set and ``finish_reason == "error"``.
+        """
+        outputs = self._start(prompts, sampling_params)
+        bar = None
+        if use_tqdm:
+            from tqdm.auto import tqdm
+            bar = tqdm(total=len(outputs), desc="headwise generate", unit="req")
+        for event in self._loop():
+            if event.finished and bar is not None:
+                bar.update(1)
+        if bar is not None:
+            bar.update(len(outputs) - bar.n)
+            bar.close()
+        return [self._output(item) for item in outputs]
+
+    def stream(self, prompts: Any, sampling_params: SamplingParams | list[SamplingParams] | None = None
+               ) -> Iterator[StreamEvent]:
+        """Like ``generate`` but yields a ``StreamEvent`` for every token as it is made.
+
+        Requests that fail before running yield one finished event with ``finish_reason == "error"``
+        and token id -1.
+        """
+        items = self._start(prompts, sampling_params)
+        for i, item in enumerate(items):
+            if isinstance(item, RequestOutput):
+                yield StreamEvent(i, item.request_id, -1, "", True, "error")
+        yield from self._loop()
+
+    def _start(self, prompts: Any, sampling_params) -> list[Sequence | RequestOutput]:
+        if self.scheduler.has_work():
+            raise RuntimeError("this LLM is already generating; wait for the running call to finish.")
+        if isinstance(prompts, (str, dict)):
+            prompts = [prompts]
+        prompts = list(prompts)
+        if sampling_params is None:
+            sampling_params = SamplingParams()
+        params = list(sampling_params) if isinstance(sampling_params, (list, tuple)) else \
+            [sampling_params] * len(prompts)
+        if len(params) != len(prompts):
+            raise ValueError(f"got {len(params)} SamplingParams for {len(prompts)} prompts; give one or one per prompt.")
+        items: list[Sequence | RequestOutput] = []
+        for i, (prompt, p) in enumerate(zip(prompts, params)):
+            try:
+                seq = self._make_sequence(i, prompt, p)
+            except ValueError as e:
+                logger.warning("headwise engine: request %d failed: %s", i, e)
+                ids = prompt.get("prompt_token_ids") if isinstance(prompt, dict) else None
+                items.append(RequestOutput(str(i), prompt if isinstance(prompt, str) else None,
+                                           list(ids) if isinstance(ids, (list, tuple)) else [],
+                                           [CompletionOutput(0, "", [], "error")], True, error=str(e)))
+                continue
+            items.append(seq)
+            self.scheduler.add(seq)
+        self.last_stats = EngineStats(num_blocks=self.blocks.num_blocks)
+        self._items = items
+        return items
+
+    def _loop(self) -> Iterator[StreamEvent]:
+        stats = self.last_stats
+        preempted_before = self.scheduler.num_preemptions
+        index = {id(item): i for i, item in enumerate(self._items)}
+        self.runner.attach()
+        try:
+            while self.scheduler.has_work():
+                batch = self.scheduler.schedule()
+                self._account_peak(stats, batch)
+                decode_only = all(seq.is_decoding for seq, _ in batch)
+                t0 = time.perf_counter()
+                samplers, logits = self.runner.run(batch, self.blocks.take_fresh())
+                for seq, n in batch:
+                    seq.num_computed += n
+                events = [self._append(seq, logits[row]) for row, seq in enumerate(samplers)]
+                elapsed = time.perf_counter() - t0
+                stats.steps += 1
+                if decode_only:
+                    stats.decode_seconds += elapsed
+                    stats.decode_steps += 1
+                    stats.decode_tokens += len(batch)
+                else:
+                    stats.prefill_seconds += elapsed
+                    stats.prefill_tokens += sum(n for seq, n in batch if not (n == 1 and seq.num_computed > 1))
+                for seq, token, finished in events:
+                    yield StreamEvent(index[id(seq)], seq.request_id, token, seq.text, finished, seq.finish_reason)
+        finally:
+            self.runner.detach()
+            stats.preemptions = self.scheduler.num_preemptions - preempted_before
+            if self.scheduler.has_work():          # a failure mid-run: free everything, keep the engine usable
+                for seq in list(self.scheduler.running):
+                    self.scheduler.finish(seq)
+                self.scheduler.waiting.clear()
+
+    def _append(self, seq: Sequence, logits: torch.Tensor) -> tuple[Sequence, int, bool]:
+        token = sample(logits, seq.params, seq.generator)
+        seq.output_token_ids.append(token)
+        p = seq.params
+        if token in p.stop_token_ids:
+            seq.finish_reason, seq.stop_reason = "stop", token
+        elif token in self.eos_token_ids and not p.ignore_eos:
+            seq.finish_reason = "stop"
+        elif len(seq.output_token_ids) >= p.max_tokens or seq.num_tokens >= self.max_length:
+            seq.finish_reason = "length"
+        if self.tokenizer is not None and (p.stop_strings or seq.finish_reason is not None):
+            seq.text = self.tokenizer.decode(seq.output_token_ids, skip_special_tokens=True)
+            for stop in p.stop_strings:
+                at = seq.text.find(stop)
+                if at >= 0:
+                    seq.text, seq.finish_reason, seq.stop_reason = seq.text[:at], "stop", stop
+                    break
+        if seq.finish_reason is not None:
+            self.scheduler.finish(seq)
+        return seq, token, seq.finish_reason is not None
+
+    def _account_peak(self, stats: EngineStats, batch) -> None:
+        """Peak blocks held (split by head kind) and, separately, the peak a dense cache would hold."""
+        heads = self.plan.model.num_layers * self.plan.model.num_kv_heads
+        scheduled = {id(seq): n for seq, n in batch}
+        tokens = sum(seq.num_computed + scheduled.get(id(seq), 0) for seq in self.scheduler.running)
+        stats.dense_kv_bytes = max(stats.dense_kv_bytes, tokens * heads * self.block_bytes // self.config.block_size)
+        used = self.blocks.num_used
+        if used <= stats.peak_blocks:
+            return
+        stats.peak_blocks = used
+        stats.peak_kv_bytes = used * self.block_bytes
+        by_kind: dict[str, int] = {}
+        for seq in self.scheduler.running:
+            for layer, kinds in enumerate(seq.kinds):
+                for h, kind in enumerate(kinds):
+                    by_kind[kind] = by_kind.get(kind, 0) + int(seq.nblocks[layer, h]) * self.block_bytes
+        stats.kv_bytes_by_kind = by_kind
+
+    def _output(self, item: Sequence | RequestOutput) -> RequestOutput:
+        if isinstance(item, RequestOutput):
+            return item
+        seq = item
+        heads = self.plan.model.num_layers * self.plan.model.num_kv_heads
+        per_token = self.block_bytes // self.config.block_size
+        kv = {"peak_blocks": seq.peak_blocks, "peak_bytes": seq.peak_blocks * self.block_bytes,
+              "dense_bytes": seq.num_tokens * heads * per_token}
+        return RequestOutput(seq.request_id, seq.prompt, seq.prompt_token_ids,
+                             [CompletionOutput(0, seq.text, list(seq.output_token_ids), seq.finish_reason,
+                                               seq.stop_reason)],
+                             seq.status is Status.FINISHED, kv=kv)

@@ -1,0 +1,286 @@
+"""Model runner: one packed forward of the real HF model per step, attention over the paged pool.
+
+The model's own modules run (weights shared, nothing copied); only attention is headwise's,
+registered with transformers' ``AttentionInterface`` as ``"headwise_engine"`` and selected with
+``set_attn_implementation`` while the engine owns the model. A step's tokens (decode tokens
+first, then prefill chunks) go in as one ``[1, T]`` sequence with their real positions, so RoPE
+is right and no mask is built.
+
+flashinfer's split: ``StepPlan`` (positions, write slots, decode block tables, spans) is built
+once per step on the CPU; every layer's attention (``layer_attention``) reuses it.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import torch
+from transformers import AttentionInterface, AttentionMaskInterface
+
+from ..kernels.paged_decode.naive import gather_pages
+from ..plan import Plan
+from .config import EngineConfig
+from .kinds import EngineKind, engine_kind
+from .sequence import Sequence
+
+logger = logging.getLogger("headwise.engine")
+
+NAME = "headwise_engine"
+STEP_KWARG = "headwise_step"
+
+
+@dataclass
+class Chunk:
+    """One sequence's prefill chunk in the step: tokens ``[start, stop)`` of the packed batch."""
+
+    seq: Sequence
+    start: int
+    stop: int
+    positions: torch.Tensor          # [n] int64
+
+
+@dataclass
+class StepPlan:
+    """Everything the layers of one step share, built on the CPU before the forward.
+
+    decode_pos: ``[Bd]`` positions of the decode tokens (they are tokens ``0..Bd-1``).
+    decode_tables: ``[L, Bd, Hkv, M]`` int32 block tables of the decode sequences.
+    decode_span: ``[L, Bd, Hkv]`` int64 spans.
+    write_dst, write_src: per layer, flat pool slots and the ``t * Hkv + h`` rows written there.
+    write_pos: ``[T]`` positions of the step's tokens.
+    """
+
+    runner: "ModelRunner"
+    decode_seqs: list[Sequence]
+    decode_pos: torch.Tensor
+    decode_tables: torch.Tensor | None
+    decode_span: torch.Tensor | None
+    chunks: list[Chunk]
+    write_dst: list[torch.Tensor]
+    write_src: list[torch.Tensor]
+    write_pos: torch.Tensor
+
+
+@dataclass
+class LayerStep:
+    """A ``StepPlan`` seen from one layer: what a kind's ``prefill``/``decode`` reads."""
+
+    plan: StepPlan
+    layer: int
+    scale: float
+    k_pool: torch.Tensor
+    v_pool: torch.Tensor
+    pos_pool: torch.Tensor
+    backend: str
+    decode_pos: torch.Tensor
+    decode_tables: torch.Tensor | None
+    decode_sink: torch.Tensor
+    decode_span: torch.Tensor | None
+    prefill_seq: Sequence | None = None
+    prefill_pos: torch.Tensor | None = None
+    _cached: tuple | None = field(default=None, repr=False)
+
+    def cached_kv(self, heads: list[int]):
+        """The current prefill sequence's KV already in the pool for ``heads``, or None.
+
+        Returns ``(k [1, Hg, C, D], v [1, Hg, C, D], pos [1, Hg, C])`` (-1 positions are empty slots).
+        """
+        if self._cached is None:
+            return None
+        k, v, pos = self._cached
+        return k[:, heads], v[:, heads], pos[:, heads]
+
+
+class ModelRunner:
+    """Owns the KV pool and runs steps of the model."""
+
+    def __init__(self, model, plan: Plan, config: EngineConfig, num_blocks: int):
+        self.model = model
+        self.plan = plan
+        self.config = config
+        text = model.config.get_text_config(decoder=True)
+        self.num_layers = text.num_hidden_layers
+        self.num_kv_heads = plan.model.num_kv_heads
+        self.group = plan.model.num_heads // plan.model.num_kv_heads
+        self.head_dim = plan.model.head_dim
+        bs = config.block_size
+        dtype = next(model.parameters()).dtype
+        device = next(model.parameters()).device
+        self.k_pool = torch.zeros(num_blocks, bs, 1, self.head_dim, dtype=dtype, device=device)
+        self.v_pool = torch.zeros_like(self.k_pool)
+        self.pos_pool = torch.full((num_blocks, bs), -1, dtype=torch.long, device=device)
+        # heads of each layer grouped by the kind that runs them
+        self.groups: list[list[tuple[EngineKind, list[int]]]] = []
+        for layer in plan.layers:
+            groups: dict[int, tuple[EngineKind, list[int]]] = {}
+            for h, spec in enumerate(layer):
+                kind = engine_kind(spec)
+                groups.setdefault(id(kind), (kind, []))[1].append(h)
+            self.groups.append(list(groups.values()))
+        self.sink = torch.tensor([[getattr(s, "sink", 0) for s in layer] for layer in plan.layers], dtype=torch.long)
+        self.previous_attn: str | None = None
+
+    # ---- owning the model's attention -----------------------------------------------------------
+    def attach(self) -> None:
+        """Select headwise's engine attention on the model (undone by ``detach``)."""
+        AttentionInterface.register(NAME, engine_attention)
+        AttentionMaskInterface.register(NAME, no_mask)
+        self.previous_attn = self.model.config._attn_implementation
+        self.model.set_attn_implementation(NAME)
+
+    def detach(self) -> None:
+        if self.previous_attn is not None:
+            self.model.set_attn_implementation(self.previous_attn)
+            self.previous_attn = None
+
+    # ---- one step -------------------------------------------------------------------------------
+    def build_plan(self, batch: list[tuple[Sequence, int]], fresh_blocks: list[int]):
+        """CPU work of a step. Returns ``(plan, input_ids, positions, logit_rows, samplers)``: the
+        sequences that sample a token this step and the packed rows of their logits."""
+        if fresh_blocks:
+            self.pos_pool[torch.tensor(fresh_blocks, dtype=torch.long)] = -1
+        bs = self.config.block_size
+        decodes = [(s, n) for s, n in batch if s.is_decoding]
+        prefills = [(s, n) for s, n in batch if not s.is_decoding]
+        ids: list[int] = []
+        positions: list[int] = []
+        logit_rows: list[int] = []
+        samplers: list[Sequence] = []
+        slot_parts, keep_parts = [], []
+        chunks: list[Chunk] = []
+        for seq, n in decodes + prefills:
+            start = seq.num_computed
+            pos = torch.arange(start, start + n)
+            if not seq.is_decoding:
+                chunks.append(Chunk(seq, len(ids), len(ids) + n, pos))
+            ids.extend(seq.all_token_ids[start:start + n])
+            positions.extend(range(start, start + n))
+            if start + n == seq.num_tokens:
+                logit_rows.append(len(ids) - 1)
+                samplers.append(seq)
+            logical = seq.logical_slots(pos)                                         # [L, H, n]
+            blocks = seq.table.long().gather(-1, logical // bs)
+            slot_parts.append(blocks * bs + logical % bs)
+            last = start + n - 1
+            p = pos[None, None, :]
+            survives = (p < seq.sink[..., None]) | (seq.ring[..., None] == 0) | (p > last - seq.ring[..., None])
+            keep_parts.append(survives)
+        slots = torch.cat(slot_parts, dim=-1).transpose(1, 2)                          # [L, T, H]
+        keep = torch.cat(keep_parts, dim=-1).transpose(1, 2)
+        L, T, H = slots.shape
+        if bool(keep.all()):
+            src = torch.arange(T * H)
+            write_dst = [slots[layer].reshape(-1) for layer in range(L)]
+            write_src = [src] * L
+        else:
+            flat_keep = keep.reshape(L, T * H)
+            write_src = [flat_keep[layer].nonzero().squeeze(1) for layer in range(L)]
+            write_dst = [slots[layer].reshape(-1)[write_src[layer]] for layer in range(L)]
+        decode_tables = decode_span = None
+        if decodes:
+            M = max(int(s.nblocks.max()) for s, _ in decodes)
+            decode_tables = torch.full((L, len(decodes), H, M), -1, dtype=torch.int32)
+            for i, (s, _) in enumerate(decodes):
+                width = min(M, s.table.shape[-1])
+                decode_tables[:, i, :, :width] = s.table[:, :, :width]
+            decode_span = torch.stack([s.span for s, _ in decodes], dim=1)            # [L, Bd, H]
+        plan = StepPlan(self, [s for s, _ in decodes], torch.tensor([s.num_computed for s, _ in decodes],
+                                                                    dtype=torch.long),
+                        decode_tables, decode_span, chunks, write_dst, write_src,
+                        torch.tensor(positions, dtype=torch.long))
+        return plan, ids, positions, logit_rows, samplers
+
+    @torch.inference_mode()
+    def run(self, batch: list[tuple[Sequence, int]], fresh_blocks: list[int]) -> tuple[list[Sequence], torch.Tensor]:
+        """Run one step. Returns the sequences that sample and their ``[S, V]`` fp32 logits."""
+        plan, ids, positions, rows, samplers = self.build_plan(batch, fresh_blocks)
+        device = self.k_pool.device
+        out = self.model(input_ids=torch.tensor([ids], device=device),
+                         position_ids=torch.tensor([positions], device=device), use_cache=False,
+                         logits_to_keep=torch.tensor(rows, dtype=torch.long, device=device), **{STEP_KWARG: plan})
+        return samplers, out.logits[0].float()
+
+    def layer_step(self, plan: StepPlan, layer: int, scale: float) -> LayerStep:
+        return LayerStep(plan, layer, scale, self.k_pool, self.v_pool, self.pos_pool, self.config.backend,
+                         plan.decode_pos,
+                         None if plan.decode_tables is None else plan.decode_tables[layer],
+                         self.sink[layer],
+                         None if plan.decode_span is None else plan.decode_span[layer])
+
+
+def no_mask(*args, **kwargs):
+    """Mask-interface function: the engine's attention reads positions, not a mask."""
+    return None
+
+
+def engine_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                     attention_mask, scaling: float | None = None, dropout: float = 0.0, **kwargs):
+    """Attention-interface function of the engine.
+
+    Args:
+        query: ``[1, H, T, D]`` the step's packed tokens; key, value: ``[1, Hkv, T, D]``.
+        kwargs[STEP_KWARG]: the step's ``StepPlan``.
+
+    Returns:
+        ``(out [1, T, H, D], None)``.
+    """
+    plan: StepPlan | None = kwargs.get(STEP_KWARG)
+    if plan is None:
+        raise RuntimeError("the 'headwise_engine' attention ran outside an engine step; generate through "
+                           "headwise.engine.LLM, or unpatch the model before calling it directly.")
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    step = plan.runner.layer_step(plan, module.layer_idx, scale)
+    return layer_attention(step, query[0], key[0], value[0])[None], None
+
+
+def layer_attention(step: LayerStep, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """One layer's attention for a step: ``q [H, T, D]``, ``k, v [Hkv, T, D]`` -> ``[T, H, D]``."""
+    runner, plan = step.plan.runner, step.plan
+    H, T, D = q.shape
+    Hkv, G = k.shape[0], H // k.shape[0]
+    groups = runner.groups[step.layer]
+    # 1. KV that prefill chunks read from the pool, taken before this step's writes overwrite ring slots
+    cached = []
+    for chunk in plan.chunks:
+        seq = chunk.seq
+        if seq.num_computed == 0:
+            cached.append(None)
+            continue
+        width = int(seq.nblocks[step.layer].max())
+        cached.append(gather_pages(step.k_pool, step.v_pool, step.pos_pool, seq.table[step.layer][None, :, :width]))
+    # 2. write the step's keys/values and positions
+    kt, vt = k.transpose(0, 1).reshape(T * Hkv, D), v.transpose(0, 1).reshape(T * Hkv, D)
+    dst, src = plan.write_dst[step.layer], plan.write_src[step.layer]
+    step.k_pool.view(-1, D).index_copy_(0, dst, kt.index_select(0, src).to(step.k_pool.dtype))
+    step.v_pool.view(-1, D).index_copy_(0, dst, vt.index_select(0, src).to(step.v_pool.dtype))
+    step.pos_pool.view(-1).index_copy_(0, dst, plan.write_pos.repeat_interleave(Hkv).index_select(0, src))
+    out = q.new_empty(T, H, D)
+    # 3. decode tokens (the first Bd of the step) over the pool
+    Bd = len(plan.decode_seqs)
+    if Bd:
+        qd = q[:, :Bd].transpose(0, 1)                                                   # [Bd, H, D]
+        for kind, heads in groups:
+            qh = _query_heads(heads, G)
+            res = kind.decode(step, heads, qd if len(heads) == Hkv else qd[:, qh])
+            if len(heads) == Hkv:
+                out[:Bd] = res
+            else:
+                out[:Bd, qh] = res
+    # 4. prefill chunks: cached KV + the chunk's own keys
+    for chunk, cache in zip(plan.chunks, cached):
+        step.prefill_seq, step.prefill_pos, step._cached = chunk.seq, chunk.positions, cache
+        qc = q[None, :, chunk.start:chunk.stop]                                        # [1, H, n, D]
+        kc, vc = k[None, :, chunk.start:chunk.stop], v[None, :, chunk.start:chunk.stop]
+        for kind, heads in groups:
+            if len(heads) == Hkv:
+                out[chunk.start:chunk.stop] = kind.prefill(step, heads, qc, kc, vc)[0].transpose(0, 1)
+            else:
+                qh = _query_heads(heads, G)
+                res = kind.prefill(step, heads, qc[:, qh], kc[:, heads], vc[:, heads])
+                out[chunk.start:chunk.stop, qh] = res[0].transpose(0, 1)
+    return out
+
+
+def _query_heads(kv_heads: list[int], group: int) -> list[int]:
+    return [h * group + g for h in kv_heads for g in range(group)]

@@ -1,0 +1,182 @@
+"""Engine outputs against Hugging Face: same greedy tokens for every plan, batched with mixed lengths."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from headwise import Plan
+from headwise.engine import LLM, SamplingParams
+from headwise.plan import Dense, ModelInfo, Window
+from tests.conftest import make_tiny
+from tests.engine.conftest import greedy, hf_greedy, random_prompts
+
+LENGTHS = (1, 5, 37, 130, 301)
+
+
+def mixed_plan(model) -> Plan:
+    """Window heads of several shapes (fixed, elastic, tiny sink) beside dense heads."""
+    info = ModelInfo.of(model)
+    shapes = [Window(sink=4, alpha=16.0, beta=0.0), Dense(), Window(sink=0, alpha=3.0, beta=0.25),
+              Window(sink=20, alpha=-8.0, beta=0.5)]
+    layers = tuple(tuple(shapes[(i + h) % len(shapes)] for h in range(info.num_kv_heads))
+                   for i in range(info.num_layers))
+    return Plan(info, layers, {"method": "test-mixed"})
+
+
+PLANS = {"dense": lambda m: "dense", "uniform25": lambda m: "uniform:0.25:4", "mixed": mixed_plan}
+
+
+@pytest.mark.parametrize("plan_name", sorted(PLANS))
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
+def test_batched_greedy_equals_patched_hf(arch, plan_name):
+    model = make_tiny(arch)
+    plan = PLANS[plan_name](model)
+    prompts = random_prompts(LENGTHS, seed=1)
+    llm = LLM(model, plan=plan, kv_cache_memory="32MiB", block_size=8, max_num_batched_tokens=128)
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], greedy(12), use_tqdm=False)
+    for p, out in zip(prompts, outs):
+        ref = hf_greedy(model, p, 12, plan=None if plan_name == "dense" else plan)
+        assert out.outputs[0].token_ids == ref, f"prompt of {len(p)} tokens"
+        assert out.outputs[0].finish_reason == "length"
+    assert llm.blocks.num_free == llm.blocks.num_blocks
+
+
+def test_dense_plan_equals_unpatched_generate(llama):
+    prompts = random_prompts((3, 64, 200), seed=2)
+    llm = LLM(llama, plan="dense", kv_cache_memory="16MiB", block_size=16)
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], greedy(20), use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in outs] == [hf_greedy(llama, p, 20) for p in prompts]
+    assert llama.config._attn_implementation == "sdpa"          # the engine gave the model back
+
+
+def test_window_heads_hold_only_their_blocks(llama):
+    """A window head never holds more than ceil((sink + span) / block_size) + 1 blocks."""
+    plan = Plan.uniform(llama, 0.25, sink=4)
+    llm = LLM(llama, plan=plan, kv_cache_memory="16MiB", block_size=8, max_num_batched_tokens=64)
+    prompt = random_prompts((500,), seed=3)[0]
+    stats_blocks = []
+    for event in llm.stream([{"prompt_token_ids": prompt}], greedy(40)):
+        seq = llm.scheduler.running[0] if llm.scheduler.running else None
+        if seq is not None:
+            stats_blocks.append(int(seq.nblocks.max()))
+    span = plan.layers[0][0].span(540)
+    assert max(stats_blocks) <= -(-(4 + span) // 8) + 1
+    # a dense cache would hold 540 tokens per head; the plan a quarter, plus at most 2 partly used blocks a head
+    stats, heads = llm.last_stats, 2 * 2
+    assert stats.dense_kv_bytes == 539 * heads * 16 * 2 * 4      # the last token is sampled, never stored
+    assert stats.peak_kv_bytes <= 0.25 * stats.dense_kv_bytes + heads * 2 * llm.block_bytes
+
+
+def test_chunk_size_does_not_change_tokens(llama):
+    plan = mixed_plan(llama)
+    prompts = random_prompts((250, 90), seed=4)
+    runs = []
+    for chunk in (7, 64, 4096):
+        llm = LLM(llama, plan=plan, kv_cache_memory="16MiB", block_size=4, max_num_batched_tokens=chunk)
+        runs.append([o.outputs[0].token_ids for o in llm.generate([{"prompt_token_ids": p} for p in prompts],
+                                                                  greedy(10), use_tqdm=False)])
+    assert runs[0] == runs[1] == runs[2]
+
+
+def test_text_prompts_stop_strings_and_stream(llama):
+    class Tok:
+        eos_token_id = 2
+
+        def __call__(self, text):
+            return type("E", (), {"input_ids": [3 + (ord(c) % 120) for c in text]})()
+
+        def decode(self, ids, skip_special_tokens=True):
+            return "".join(chr(97 + i % 26) for i in ids)
+
+    llm = LLM(llama, plan="dense", tokenizer=Tok(), kv_cache_memory="8MiB")
+    full = llm.generate("hello world", greedy(12), use_tqdm=False)[0].outputs[0]
+    assert len(full.token_ids) == 12 and full.text == Tok().decode(full.token_ids)
+    stop = full.text[5:7]
+    cut = llm.generate("hello world", SamplingParams(max_tokens=12, temperature=0, ignore_eos=True, stop=[stop]),
+                       use_tqdm=False)[0].outputs[0]
+    assert cut.finish_reason == "stop" and cut.stop_reason == stop and cut.text == full.text[:full.text.find(stop)]
+    tokens = [e.token_id for e in llm.stream(["hello world"], greedy(12))]
+    assert tokens == full.token_ids
+    stop_id = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True, stop_token_ids=[full.token_ids[3]])
+    out = llm.generate("hello world", stop_id, use_tqdm=False)[0].outputs[0]
+    first = full.token_ids.index(full.token_ids[3])
+    assert out.token_ids == full.token_ids[:first + 1] and out.finish_reason == "stop"
+
+
+def test_eos_ends_a_request(llama):
+    llm = LLM(llama, plan="dense", kv_cache_memory="8MiB")
+    prompt = random_prompts((20,), seed=5)[0]
+    free_run = llm.generate([{"prompt_token_ids": prompt}], greedy(30), use_tqdm=False)[0].outputs[0].token_ids
+    llm.eos_token_ids = {free_run[4]}
+    out = llm.generate([{"prompt_token_ids": prompt}], SamplingParams(max_tokens=30, temperature=0),
+                       use_tqdm=False)[0].outputs[0]
+    assert out.finish_reason == "stop" and out.token_ids == free_run[:free_run.index(free_run[4]) + 1]
+
+
+def test_seeded_sampling_is_reproducible_and_batch_independent(llama):
+    prompts = random_prompts((10, 40, 80), seed=6)
+    params = SamplingParams(max_tokens=15, temperature=0.9, top_p=0.9, top_k=20, seed=123, ignore_eos=True)
+    llm = LLM(llama, plan="uniform:0.5:4", kv_cache_memory="8MiB")
+    together = [o.outputs[0].token_ids for o in llm.generate([{"prompt_token_ids": p} for p in prompts], params,
+                                                             use_tqdm=False)]
+    alone = [llm.generate([{"prompt_token_ids": p}], params, use_tqdm=False)[0].outputs[0].token_ids for p in prompts]
+    assert together == alone
+    top1 = SamplingParams(max_tokens=15, temperature=0.7, top_k=1, seed=5, ignore_eos=True)
+    assert [o.outputs[0].token_ids for o in llm.generate([{"prompt_token_ids": p} for p in prompts], top1,
+                                                         use_tqdm=False)] == \
+        [o.outputs[0].token_ids for o in llm.generate([{"prompt_token_ids": p} for p in prompts], greedy(15),
+                                                      use_tqdm=False)]
+
+
+@pytest.mark.parametrize("bad, message", [
+    ({"prompt_token_ids": []}, "prompt is empty"),
+    ("", "prompt is empty"),
+    ({"prompt_token_ids": [5, 999]}, "outside the model's vocabulary"),
+    ({"prompt_token_ids": [5, "x"]}, "list of whole numbers"),
+    ({"prompt_token_ids": list(range(3, 100)) * 12}, "model's context"),
+    (42, "a prompt must be text"),
+])
+def test_bad_request_fails_alone(llama, bad, message):
+    good = random_prompts((30,), seed=7)[0]
+    llm = LLM(llama, plan="dense", kv_cache_memory="8MiB")
+    outs = llm.generate([{"prompt_token_ids": good}, bad, {"prompt_token_ids": good}], greedy(5), use_tqdm=False)
+    assert outs[1].error is not None and message in outs[1].error and outs[1].outputs[0].finish_reason == "error"
+    assert outs[0].outputs[0].token_ids == outs[2].outputs[0].token_ids == hf_greedy(llama, good, 5)
+
+
+@pytest.mark.parametrize("params, message", [
+    (SamplingParams(max_tokens=0), "max_tokens"),
+    (SamplingParams(temperature=-1.0), "temperature"),
+    (SamplingParams(top_p=0.0), "top_p"),
+    (SamplingParams(top_k=0), "top_k"),
+    (SamplingParams(stop=[""]), "stop"),
+    (SamplingParams(stop_token_ids=[-3]), "stop_token_ids"),
+])
+def test_bad_sampling_params_fail_alone(llama, params, message):
+    good = random_prompts((30,), seed=8)[0]
+    llm = LLM(llama, plan="dense", kv_cache_memory="8MiB")
+    outs = llm.generate([{"prompt_token_ids": good}] * 2, [greedy(4), params], use_tqdm=False)
+    assert outs[1].error and message in outs[1].error and outs[1].error.endswith(".")
+    assert outs[0].outputs[0].token_ids == hf_greedy(llama, good, 4)
+
+
+def test_request_larger_than_pool_fails_alone(llama):
+    llm = LLM(llama, plan="dense", kv_cache_memory="200KiB", block_size=16)
+    small, big = random_prompts((20, 900), seed=9)
+    outs = llm.generate([{"prompt_token_ids": big}, {"prompt_token_ids": small}], greedy(50), use_tqdm=False)
+    assert "raise kv_cache_memory" in outs[0].error
+    assert outs[1].outputs[0].token_ids == hf_greedy(llama, small, 50)
+
+
+def test_engine_refuses_patched_model_and_bad_config(llama):
+    from headwise import patch_model, unpatch_model
+
+    patch_model(llama, "dense")
+    with pytest.raises(ValueError, match="unpatched model"):
+        LLM(llama, plan="dense")
+    unpatch_model(llama)
+    with pytest.raises(ValueError, match="kv_cache_memory"):
+        LLM(llama, kv_cache_memory="lots")
+    with pytest.raises(ValueError, match="block_size"):
+        LLM(llama, block_size=0)
