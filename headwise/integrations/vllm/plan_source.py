@@ -1,0 +1,78 @@
+"""Where the vLLM plugin finds its plan, and the checks a plan must pass before vLLM starts.
+
+No vLLM import here: these functions take plain dicts and config objects, so they are tested
+without vLLM.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Mapping
+
+from ...plan import Dense, Plan, PlanError, Window
+
+#: Key of ``--additional-config`` (``LLM(additional_config=...)``) naming the plan.
+PLAN_KEY = "headwise_plan"
+#: Environment variable naming the plan when ``--additional-config`` does not.
+ENV_VAR = "HEADWISE_PLAN"
+#: Head kinds the plugin runs inside vLLM's paged cache.
+RUNNABLE_KINDS = (Window, Dense)
+
+
+def plan_spec(additional_config: Any, environ: Mapping[str, str] | None = None) -> str | None:
+    """The plan spec for this vLLM run, or ``None`` when none is given (the plugin stays inert).
+
+    Args:
+        additional_config: vLLM's ``VllmConfig.additional_config`` (a dict, possibly empty).
+        environ: environment to read ``HEADWISE_PLAN`` from (``os.environ`` by default).
+
+    Returns:
+        ``additional_config["headwise_plan"]`` when set, else ``$HEADWISE_PLAN`` when set and
+        non-empty, else ``None``.
+    """
+    environ = os.environ if environ is None else environ
+    if isinstance(additional_config, Mapping) and additional_config.get(PLAN_KEY) is not None:
+        spec = additional_config[PLAN_KEY]
+        if not isinstance(spec, (str, os.PathLike)) or not str(spec):
+            raise PlanError(f"--additional-config {PLAN_KEY!r} must be a plan path, 'dense' or 'uniform:<density>', "
+                            f"got {spec!r}.")
+        return str(spec)
+    return environ.get(ENV_VAR) or None
+
+
+def load_plan_for_vllm(spec: str, hf_config: Any) -> Plan:
+    """Load ``spec`` for the model vLLM serves and check the plugin can run every head.
+
+    Args:
+        spec: a plan JSON path, ``"dense"`` or ``"uniform:<density>[:<sink>]"``.
+        hf_config: vLLM's ``model_config.hf_config`` (a ``transformers`` config).
+
+    Returns:
+        The validated ``Plan``.
+
+    Raises:
+        PlanError: one sentence: malformed plan, plan for another model, or a head kind the
+            plugin cannot run, or a model whose own layers use sliding-window attention.
+    """
+    plan = Plan.from_spec(spec, hf_config)
+    for i, layer in enumerate(plan.layers):
+        for h, head in enumerate(layer):
+            if not isinstance(head, RUNNABLE_KINDS):
+                raise PlanError(f"layer {i} head {h} is a {head.kind!r} head, which the vLLM plugin cannot run (it runs "
+                                f"{sorted(k.kind for k in RUNNABLE_KINDS)}); serve this plan with headwise.patch_model "
+                                "or the headwise engine instead.")
+    text = hf_config.get_text_config(decoder=True) if hasattr(hf_config, "get_text_config") else hf_config
+    native = [i for i, t in enumerate(getattr(text, "layer_types", None) or []) if t != "full_attention"]
+    if native or getattr(text, "sliding_window", None) not in (None, 0) and getattr(text, "use_sliding_window", True):
+        raise PlanError("this model's own layers use sliding-window attention, which the vLLM plugin does not combine "
+                        "with a plan; serve a model whose layers all use full attention.")
+    return plan
+
+
+def describe(plan: Plan, spec: str) -> str:
+    """One line naming the plan for the start-up log."""
+    all_dense = sum(all(isinstance(h, Dense) for h in layer) for layer in plan.layers)
+    all_window = sum(all(isinstance(h, Window) for h in layer) for layer in plan.layers)
+    return (f"plan {spec!r} for {plan.model.name} ({plan.calibration.get('method', 'calibrated')}): density "
+            f"{plan.density(4096):.3f} at 4k, {plan.density(8192):.3f} at 8k; {all_dense} of {len(plan.layers)} layers "
+            f"all dense (vLLM's own kernel), {all_window} all window")

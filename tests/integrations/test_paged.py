@@ -1,0 +1,107 @@
+"""The adapter from vLLM's CPU paged cache to headwise's kernels, on random tensors.
+
+The cache is written by vLLM's own ``cpu_attn_reshape_and_cache`` op (ISA "vec"), so a change of
+vLLM's layout fails here; the reference is ``sink_window.naive`` over each sequence's keys in order.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from headwise.integrations.vllm import paged
+from headwise.kernels.sink_window import naive
+from headwise.patches.runtime import LayerRule
+from headwise.plan import Dense, Window
+
+ops = pytest.importorskip("vllm._custom_ops", reason="vLLM is not installed")
+
+D, HKV, G, BS = 32, 3, 2, 32
+
+
+def write_cache(keys: list[torch.Tensor], values: list[torch.Tensor], tables: torch.Tensor, num_blocks: int,
+                dtype=torch.float32) -> torch.Tensor:
+    """A ``[P, Hkv, bs, 2D]`` cache holding each sequence's ``[L, Hkv, D]`` keys/values at its blocks."""
+    cache = torch.zeros(num_blocks, HKV, BS, 2 * D, dtype=dtype)
+    kc, vc = cache.view(num_blocks, HKV, 2 * BS, D).chunk(2, dim=2)
+    for b, (k, v) in enumerate(zip(keys, values)):
+        pos = torch.arange(k.shape[0])
+        slots = tables[b, pos // BS].long() * BS + pos % BS
+        ops.cpu_attn_reshape_and_cache(k.to(dtype), v.to(dtype), kc, vc, slots, "vec", k_scale=1.0, v_scale=1.0,
+                                       kv_cache_dtype="auto")
+    return cache
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_pools_read_what_vllm_wrote(dtype):
+    torch.manual_seed(0)
+    k, v = torch.randn(70, HKV, D), torch.randn(70, HKV, D)
+    tables = torch.tensor([[5, 2, 7]])
+    cache = write_cache([k], [v], tables, 8, dtype)
+    k_pool, v_pool = paged.pools(cache)
+    for p in (0, 31, 32, 69):
+        for h in range(HKV):
+            block = int(tables[0, p // BS]) * HKV + h
+            assert torch.equal(k_pool[block, p % BS, 0], k[p, h].to(dtype))
+            assert torch.equal(v_pool[block, p % BS, 0], v[p, h].to(dtype))
+
+
+RULES = {
+    "windows": [Window(sink=40, alpha=-8.0, beta=0.25), Window(sink=0, alpha=50.0, beta=0.0),
+                Window(sink=64, alpha=0.0, beta=0.5)],
+    "mixed": [Dense(), Window(sink=4, alpha=33.0, beta=0.0), Window(sink=64, alpha=-64.0, beta=0.25)],
+    "same": [Window(sink=32, alpha=0.0, beta=0.125)] * 3,
+}
+
+
+@pytest.mark.parametrize("rule_name", sorted(RULES))
+def test_attend_matches_naive_over_decode_prefill_and_chunks(rule_name):
+    """A mixed step: decodes at several lengths, a fresh prompt and a prompt chunk with context."""
+    torch.manual_seed(1)
+    rule = LayerRule.from_heads(tuple(RULES[rule_name]))
+    # (context before the step, new tokens this step)
+    seqs = [(300, 1), (1, 1), (0, 90), (31, 1), (200, 57), (63, 1), (0, 1)]
+    lengths = [c + q for c, q in seqs]
+    max_blocks = max(-(-n // BS) for n in lengths)
+    num_blocks = sum(-(-n // BS) for n in lengths) + 3
+    perm = torch.randperm(num_blocks)                  # physical blocks in shuffled order
+    tables = torch.zeros(len(seqs), max_blocks, dtype=torch.int32)
+    used = 0
+    for b, n in enumerate(lengths):
+        nb = -(-n // BS)
+        tables[b, :nb] = perm[used:used + nb]
+        used += nb
+    keys = [torch.randn(n, HKV, D) for n in lengths]
+    values = [torch.randn(n, HKV, D) for n in lengths]
+    cache = write_cache(keys, values, tables, num_blocks)
+    q_lens = [q for _, q in seqs]
+    qsl = torch.tensor([0, *torch.tensor(q_lens).cumsum(0).tolist()], dtype=torch.int32)
+    T = int(qsl[-1])
+    query = torch.randn(T, HKV * G, D)
+    new_k = torch.cat([k[c:] for k, (c, _) in zip(keys, seqs)])
+    new_v = torch.cat([v[c:] for v, (c, _) in zip(values, seqs)])
+    step = paged.StepLayout.build(qsl, torch.tensor(lengths, dtype=torch.int32), tables, BS, HKV)
+    output = torch.full((T, HKV * G, D), float("nan"))
+    scale = D ** -0.5
+    paged.attend(query, new_k, new_v, cache, output, step, rule, scale)
+    for b, (c, q) in enumerate(seqs):
+        s, e = int(qsl[b]), int(qsl[b + 1])
+        n = c + q
+        span = rule.span(torch.tensor([n]))
+        ref = naive.sink_window_attention(query[s:e].transpose(0, 1)[None], keys[b].transpose(0, 1)[None],
+                                          values[b].transpose(0, 1)[None], torch.arange(c, n)[None],
+                                          torch.arange(n)[None, None], rule.sink, span, scale)
+        torch.testing.assert_close(output[s:e], ref[0].transpose(0, 1), atol=2e-5, rtol=1e-4)
+
+
+def test_decode_tables_read_only_sink_and_window_blocks():
+    # sequence of 1000 tokens (query at 999), sink 40 -> blocks 0,1; span 100 -> positions 900..999 -> blocks 28..31
+    table = torch.arange(100, 132)[None]
+    ids = paged.decode_tables(table, torch.tensor([1000]), 40, torch.tensor([100]), [2], BS, HKV)
+    assert ids.tolist() == [[[b * HKV + 2 for b in (100, 101, 128, 129, 130, 131)]]]
+    # a window reaching into the sink blocks never lists a block twice
+    ids = paged.decode_tables(table, torch.tensor([70]), 40, torch.tensor([60]), [0], BS, HKV)
+    assert ids.tolist() == [[[100 * HKV, 101 * HKV, 102 * HKV]]]
+    # dense heads (span N) read every block
+    ids = paged.decode_tables(table, torch.tensor([65]), 0, torch.tensor([65]), [1], BS, HKV)
+    assert ids.tolist() == [[[100 * HKV + 1, 101 * HKV + 1, 102 * HKV + 1]]]
