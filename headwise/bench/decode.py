@@ -659,36 +659,50 @@ def run(args) -> int:
     load = lambda: load_model(model_dir)                                  # noqa: E731
     all_rows: list[Row] = []
     started = time.perf_counter()
-    for setting in settings:
+    for i, setting in enumerate(settings):
         all_rows += run_setting(setting, rows, args.decode_tokens, load, model_dir, args.threads)
+        if i + 1 < len(settings):                                         # partial report: long runs may be cut
+            report(args, all_rows, settings[: i + 1], machine, None, time.perf_counter() - started, model_dir)
     wall = time.perf_counter() - started
     after = measure_machine(repeats=3)                                   # drift check
-    # The machine is shared: the best of the two measurements is what it can do.
-    machine["read_gbps_before"], machine["read_gbps_after"] = machine["read_gbps"], after["read_gbps"]
-    machine["read_gbps"] = max(machine["read_gbps"], after["read_gbps"])
+    report(args, all_rows, settings, machine, after, wall, model_dir)
+    return 0
+
+
+def report(args, all_rows: list[Row], settings: list[Setting], machine: dict, after: dict | None, wall: float,
+           model_dir: str) -> None:
+    """Print the table and target checks (and write ``--json``); ``after=None`` marks a partial report."""
+    machine = dict(machine)
+    before = machine["read_gbps"]
+    if after is not None:
+        # The machine is shared: the best of the two measurements is what it can do.
+        machine.update(read_gbps_before=before, read_gbps_after=after["read_gbps"],
+                       read_gbps=max(before, after["read_gbps"]))
+        where = f"best of {before:.1f} before and {after['read_gbps']:.1f} after the rows"
+    else:
+        where = "measured before the rows; PARTIAL report, settings still to run"
     table = format_table(all_rows, machine, settings)
     checks = target_checks(all_rows, settings, machine["read_gbps"])
+    weights = next((r.weight_bytes for r in all_rows if r.weight_bytes), None)
     print()
     print(f"Decode benchmark, {Path(model_dir).name}, fp32, {machine['threads']} CPU threads, greedy, "
-          f"{args.decode_tokens} decode steps; read bandwidth {machine['read_gbps']:.1f} GB/s "
-          f"(best of {machine['read_gbps_before']:.1f} before and {after['read_gbps']:.1f} after the rows), fp32 matmul {machine['matmul_gflops']:.0f} GFLOP/s; "
-          f"weights {all_rows[0].weight_bytes / 1e6 if all_rows and all_rows[0].weight_bytes else float('nan'):.0f} MB "
-          f"read per step")
+          f"{args.decode_tokens} decode steps; read bandwidth {machine['read_gbps']:.1f} GB/s ({where}), "
+          f"fp32 matmul {machine['matmul_gflops']:.0f} GFLOP/s; weights {(weights or 0) / 1e6:.0f} MB read per step")
     print(table)
     print("\nTarget checks (issue 11; ratios in this run):")
     for c in checks:
         print(c.line())
-    print(f"\n(total {wall / 60:.1f} min)")
+    print(f"\n(rows took {wall / 60:.1f} min)", flush=True)
     if args.json:
         batch_of = {str(s): s.batch for s in settings}
         Path(args.json).write_text(json.dumps({
-            "command": getattr(args, "command_line", " ".join(sys.argv)), "machine": machine, "machine_after": after,
-            "settings": [str(s) for s in settings], "decode_tokens": args.decode_tokens,
+            "command": getattr(args, "command_line", " ".join(sys.argv)), "partial": after is None,
+            "machine": machine, "machine_after": after, "settings": [str(s) for s in settings],
+            "decode_tokens": args.decode_tokens,
             "rows": [r.to_json(machine["read_gbps"], batch_of[r.setting]) for r in all_rows],
             "checks": [dict(dataclasses.asdict(c), met=c.met) for c in checks], "table": table,
             "wall_s": wall}, indent=1, default=str))
         print(f"wrote {args.json}")
-    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
