@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 FORMAT = "headwise.plan/1"
+PREFILL_MODES = ("sparse", "dense")
 
 HEAD_KINDS: dict[str, type["HeadSpec"]] = {}
 
@@ -183,12 +184,16 @@ class ModelInfo:
 class Plan:
     """Per layer, per KV head attention specs for one model.
 
-    ``layers[i][h]`` is the ``HeadSpec`` of KV head ``h`` in layer ``i``.
+    ``layers[i][h]`` is the ``HeadSpec`` of KV head ``h`` in layer ``i``. ``prefill`` is how a
+    forward with more than one query runs: ``"sparse"`` (every head reads only its sink + window,
+    the default) or ``"dense"`` (every head reads everything it has; the cache still keeps only
+    the plan's KV afterwards, so decoding follows the plan).
     """
 
     model: ModelInfo
     layers: tuple[tuple[HeadSpec, ...], ...]
     calibration: dict[str, Any] = field(default_factory=dict)
+    prefill: str = "sparse"
 
     # ---- construction -------------------------------------------------------------------
     @classmethod
@@ -260,6 +265,8 @@ class Plan:
 
     # ---- validation ---------------------------------------------------------------------
     def validate(self) -> None:
+        if self.prefill not in PREFILL_MODES:
+            raise PlanError(f"plan 'prefill' must be one of {list(PREFILL_MODES)}, got {self.prefill!r}.")
         m = self.model
         for name in ("num_layers", "num_heads", "num_kv_heads", "head_dim"):
             _check_number("plan model", name, getattr(m, name), minimum=1, integer=True)
@@ -288,7 +295,7 @@ class Plan:
     # ---- JSON ---------------------------------------------------------------------------
     def to_json(self) -> dict[str, Any]:
         return {"format": FORMAT, "model": dataclasses.asdict(self.model), "calibration": self.calibration,
-                "layers": [{"heads": [h.to_json() for h in layer]} for layer in self.layers]}
+                "prefill": self.prefill, "layers": [{"heads": [h.to_json() for h in layer]} for layer in self.layers]}
 
     def save(self, path: str | os.PathLike) -> None:
         with open(path, "w") as f:
@@ -316,7 +323,7 @@ class Plan:
             if not isinstance(layer, dict) or not isinstance(layer.get("heads"), list):
                 raise PlanError(f"plan layer {i} must be an object with a 'heads' list.")
             layers.append(tuple(head_from_json(h, f"layer {i} head {j}") for j, h in enumerate(layer["heads"])))
-        plan = cls(info, tuple(layers), dict(data.get("calibration") or {}))
+        plan = cls(info, tuple(layers), dict(data.get("calibration") or {}), data.get("prefill", "sparse"))
         plan.validate()
         return plan
 

@@ -8,9 +8,18 @@ head has dropped the most). Prints a markdown table.
     flock /tmp/headwise-heavy.lock .venv/bin/python scripts/bench_calibrated.py \
         --plan plans/smollm2-135m-d25.json --lengths 2048,4096,8192 --trials 50
 
-``--trials`` takes one count or one per length (``50,50,10``). After the table it checks issue
-3's targets: calibrated retrieval >= 95% of dense and >= 1.5x uniform where uniform is below
-dense, perplexity <= +3% of dense.
+``--trials`` takes one count or one per length (``50,50,10``). ``--plan`` takes several plans
+(comma-separated, e.g. calibrator v1 and v2) and ``--prefill sparse,dense`` runs each calibrated
+plan in each prefill mode (``dense``: the prompt runs dense, the cache keeps only the plan's KV).
+After the table it checks issue 3's targets for every calibrated row: retrieval >= 95% of dense
+and >= 1.5x uniform where uniform is below dense, perplexity <= +3% of dense.
+
+Perplexity is the second half of each document. In sparse prefill it is one forward; in dense
+prefill one forward would be dense by construction, so the first half is prefilled (dense) and
+the second half is fed through the cache in chunks of ``--ppl-chunk`` tokens (each chunk reads
+the plan's kept KV of everything before it and its own tokens), which is what a dense-prefill
+plan sees when it continues a document. The table also gives the mean prefill seconds of the
+retrieval prompts per plan and length.
 
 Note the calibration data and the perplexity documents both come from ``pydoc_data.topics`` (the
 only long real prose available offline), so passages may overlap.
@@ -19,6 +28,7 @@ only long real prose available offline), so passages may overlap.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import math
@@ -40,9 +50,32 @@ def second_half_nll(model, tokenizer, text: str) -> tuple[float, int]:
     return float(half.sum()), half.numel()
 
 
+@torch.no_grad()
+def chunked_second_half_nll(model, tokenizer, text: str, chunk: int) -> tuple[float, int]:
+    """Like ``second_half_nll``, but the first half is one (prefill) forward with a cache and the
+    second half is fed through that cache ``chunk`` tokens at a time."""
+    ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids
+    half = (ids.shape[1] - 1) // 2 + 1          # first scored target: token `half`, as in second_half_nll
+    out = model(input_ids=ids[:, :half], use_cache=True)
+    cache, last = out.past_key_values, out.logits[:, -1:]
+    total, count = 0.0, 0
+    for start in range(half, ids.shape[1], chunk):
+        piece = ids[:, start:start + chunk]
+        out = model(input_ids=piece, past_key_values=cache, use_cache=True)
+        logits = torch.cat([last, out.logits[:, :-1]], 1).float()
+        total += float(torch.nn.functional.cross_entropy(logits[0], piece[0], reduction="sum"))
+        count += piece.shape[1]
+        last = out.logits[:, -1:]
+    return total, count
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--plan", default=str(ROOT / "plans" / "smollm2-135m-d25.json"), help="calibrated plan")
+    parser.add_argument("--plan", default=str(ROOT / "plans" / "smollm2-135m-d25.json"),
+                        help="calibrated plan(s), comma-separated")
+    parser.add_argument("--prefill", default=None, help="prefill modes to run each calibrated plan in, "
+                        "comma-separated from sparse,dense (default: each plan's own)")
+    parser.add_argument("--ppl-chunk", type=int, default=64, help="chunk of the dense-prefill perplexity")
     parser.add_argument("--density", type=float, default=None, help="uniform baseline density (default: the plan's)")
     parser.add_argument("--lengths", default="2048,4096,8192")
     parser.add_argument("--trials", default="50", help="prompts per task and length (needle depths): one count, "
@@ -71,9 +104,16 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     model, tokenizer = load_model()
-    calibrated = load_plan(args.plan, model)
-    density = args.density if args.density is not None else float(calibrated.calibration["density"])
-    plans = {"dense": "dense", f"uniform {density:g}": f"uniform:{density}", Path(args.plan).stem: calibrated}
+    paths = [p.strip() for p in args.plan.split(",") if p.strip()]
+    loaded = [load_plan(p, model) for p in paths]
+    density = args.density if args.density is not None else float(loaded[0].calibration["density"])
+    plans = {"dense": "dense", f"uniform {density:g}": f"uniform:{density}"}
+    for path, plan in zip(paths, loaded):
+        name = Path(path).stem if len({Path(p).stem for p in paths}) == len(paths) else \
+            f"{Path(path).parent.name}/{Path(path).stem}"
+        modes = [m.strip() for m in args.prefill.split(",")] if args.prefill else [plan.prefill]
+        for mode in modes:
+            plans[f"{name} ({mode} prefill)"] = dataclasses.replace(plan, prefill=mode)
     lengths = [int(x) for x in args.lengths.split(",")]
     trials = dict(zip(lengths, per_length(args.trials, lengths)))
     kinds = [k.strip() for k in args.tasks.split(",") if k.strip()]
@@ -82,6 +122,7 @@ def main() -> None:
     store = ResultStore(Path(args.cache) if args.cache else None)
     keys = {name: plan_key(spec) for name, spec in plans.items()}
     results: dict[tuple[str, str, int], object] = {}
+    prefill_times: dict[tuple[str, int], list[float]] = {}
     bar = tqdm(total=len(plans) * sum(len(s) for s in samples.values()), desc="bench", unit="prompt")
     started = time.perf_counter()
     for (kind, n), group in samples.items():          # length by length: partial runs are already useful
@@ -93,12 +134,18 @@ def main() -> None:
                 budget = args.max_new_tokens or KINDS[kind].max_gen_toks
                 for i, s in enumerate(group):
                     key = f"{keys[name]}|{kind}|{n}|{args.seed}|{i}|{budget}"
+                    chunked = kind == "perplexity" and not isinstance(spec, str) and spec.prefill == "dense"
+                    if chunked:
+                        key += f"|chunk{args.ppl_chunk}"
                     if key not in store:
-                        if kind == "perplexity":
+                        if chunked:
+                            store[key] = chunked_second_half_nll(model, tokenizer, s.prompt, args.ppl_chunk)
+                        elif kind == "perplexity":
                             store[key] = second_half_nll(model, tokenizer, s.prompt)
                         else:
-                            text, *_ = greedy_passkey(model, tokenizer, s.prompt, budget)
-                            store[key] = contains_all(list(s.answers), text) == 1.0
+                            text, _, prefill_s, _ = greedy_passkey(model, tokenizer, s.prompt, budget)
+                            store[key] = {"ok": contains_all(list(s.answers), text) == 1.0,
+                                          "prefill_s": round(prefill_s, 3)}
                     values.append(store[key])
                     bar.update()
             finally:
@@ -106,21 +153,28 @@ def main() -> None:
             if kind == "perplexity":
                 results[(name, kind, n)] = math.exp(sum(v[0] for v in values) / sum(v[1] for v in values))
             else:
-                results[(name, kind, n)] = (sum(map(bool, values)), len(values))
+                ok = [v["ok"] if isinstance(v, dict) else bool(v) for v in values]
+                results[(name, kind, n)] = (sum(ok), len(ok))
+                times = [v["prefill_s"] for v in values if isinstance(v, dict)]
+                if times:
+                    prefill_times.setdefault((name, n), []).extend(times)
     bar.close()
     seconds = time.perf_counter() - started
     print(f"\nSmolLM2-135M-Instruct, density {density:g}; plan {args.plan}; trials per length "
           f"{', '.join(f'{n}: {c}' for n, c in trials.items())} (perplexity: second half of each document); "
           f"{seconds:.0f} s\n")
     show = lambda r: f"{r[0]}/{r[1]}" if isinstance(r, tuple) else f"{r:.3f}"  # noqa: E731
-    print("| plan | " + " | ".join(f"{k} {n}" for k in kinds for n in lengths) + " |")
-    print("|---|" + "---:|" * (len(kinds) * len(lengths)))
+    timed = [n for n in lengths if any((name, n) in prefill_times for name in plans)]
+    print("| plan | " + " | ".join(f"{k} {n}" for k in kinds for n in lengths)
+          + "".join(f" | prefill s {n}" for n in timed) + " |")
+    print("|---|" + "---:|" * (len(kinds) * len(lengths) + len(timed)))
+    mean = lambda xs: f"{sum(xs) / len(xs):.2f}" if xs else "-"  # noqa: E731
     for name, spec in plans.items():
         kept = ", ".join(f"{Plan.from_spec(spec, model).density(n):.3f}" for n in lengths)
         print(f"| {name} (density {kept}) | " + " | ".join(show(results[(name, k, n)]) for k in kinds for n in lengths)
-              + " |")
+              + "".join(f" | {mean(prefill_times.get((name, n), []))}" for n in timed) + " |")
     names = list(plans)
-    checks = target_checks(results, *names, kinds, lengths)
+    checks = [line for calibrated in names[2:] for line in target_checks(results, *names[:2], calibrated, kinds, lengths)]
     print("\nTargets (calibrated vs dense and uniform):")
     for line in checks:
         print(f"- {line}")
@@ -175,12 +229,12 @@ def target_checks(results: dict, dense: str, uniform: str, calibrated: str, kind
             d, u, c = (results[(p, kind, n)] for p in (dense, uniform, calibrated))
             if kind == "perplexity":
                 change = c / d - 1.0
-                lines.append(f"perplexity {n}: calibrated {c:.3f} vs dense {d:.3f} ({change:+.1%}; target <= +3%: "
+                lines.append(f"{calibrated}: perplexity {n}: calibrated {c:.3f} vs dense {d:.3f} ({change:+.1%}; target <= +3%: "
                              f"{'met' if change <= 0.03 else 'missed'}); uniform {u:.3f} ({u / d - 1.0:+.1%})")
                 continue
             acc = {p: r[0] / r[1] for p, r in ((dense, d), (uniform, u), (calibrated, c))}
             of_dense = acc[calibrated] / acc[dense] if acc[dense] else float("nan")
-            line = (f"{kind} {n}: calibrated {acc[calibrated]:.0%}, dense {acc[dense]:.0%}, uniform {acc[uniform]:.0%}; "
+            line = (f"{calibrated}: {kind} {n}: calibrated {acc[calibrated]:.0%}, dense {acc[dense]:.0%}, uniform {acc[uniform]:.0%}; "
                     f"calibrated/dense {of_dense:.2f} (target >= 0.95: "
                     f"{'met' if acc[dense] and of_dense >= 0.95 else 'missed' if acc[dense] else 'n/a, dense 0'})")
             if acc[uniform] < acc[dense]:

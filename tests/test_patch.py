@@ -26,8 +26,10 @@ def mixed_plan(model, sink=3, alpha=5.0, beta=0.0) -> Plan:
     return Plan(base.model, tuple(layers))
 
 
-def reference_logits(model, plan: Plan, input_ids: torch.Tensor, n: int | None = None) -> torch.Tensor:
-    """Eager attention with per-head masks written out here, independent of headwise's kernels."""
+def reference_logits(model, plan: Plan, input_ids: torch.Tensor, n: int | None = None,
+                     dense_queries: int = 0) -> torch.Tensor:
+    """Eager attention with per-head masks written out here, independent of headwise's kernels.
+    Queries at positions below ``dense_queries`` read every earlier key (a dense prefill)."""
     n_ctx = n or input_ids.shape[1]
 
     def attention(module, query, key, value, attention_mask, scaling=None, **kwargs):
@@ -41,7 +43,7 @@ def reference_logits(model, plan: Plan, input_ids: torch.Tensor, n: int | None =
                 for j in range(S):
                     if j > i:
                         continue
-                    if isinstance(spec, Dense):
+                    if isinstance(spec, Dense) or i < dense_queries:
                         mask[i, j] = True
                     else:
                         mask[i, j] = j < spec.sink or j > i - spec.span(n_ctx)
@@ -264,3 +266,63 @@ def test_real_model_cached_generation_equals_recomputation(real):
             assert torch.allclose(full, out.logits[t], atol=1e-3), f"step {t}"
             full[:, model.config.eos_token_id] = float("-inf")
             assert int(full.argmax()) == int(out.sequences[0, x.shape[1] + t])
+
+
+# ---- prefill mode ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("beta", [0.0, 0.25])
+def test_dense_prefill_then_cached_decode_equals_hand_reference(tiny_model, beta):
+    """With prefill "dense" the prompt runs dense, the cache keeps only each head's sink + window,
+    and every decode step equals eager attention where prompt queries read everything and later
+    queries read only their plan's keys."""
+    plan = mixed_plan(tiny_model, sink=2, alpha=6.0, beta=beta)
+    x, steps = ids(1, 20, seed=1), 12
+    target = x.shape[1] + steps if beta else None
+    patch_model(tiny_model, plan, prefill="dense")
+    try:
+        with expected_length(tiny_model, target):
+            seq, logits = _cached_greedy(tiny_model, x, steps)
+            prefill = tiny_model(input_ids=x, use_cache=True)
+    finally:
+        unpatch_model(tiny_model)
+    dense = tiny_model(input_ids=x).logits
+    assert torch.allclose(prefill.logits, dense, atol=1e-5)           # the prompt itself is dense
+    patch_model(tiny_model, plan)
+    try:
+        with expected_length(tiny_model, target):
+            sparse_kept = kv_bytes(tiny_model(input_ids=x, use_cache=True).past_key_values)["kept"]
+    finally:
+        unpatch_model(tiny_model)
+    assert kv_bytes(prefill.past_key_values)["kept"] == sparse_kept     # same KV kept either way
+    for t in range(steps):
+        ref = reference_logits(tiny_model, plan, seq[:, : x.shape[1] + t], n=target, dense_queries=x.shape[1])
+        assert torch.allclose(ref[:, -1], logits[:, t], atol=1e-4), f"step {t}"
+    # and it differs from a sparse prefill once window heads evict (the mode really changes something)
+    sparse_ref = reference_logits(tiny_model, plan, seq[:, : x.shape[1] + 1], n=target)
+    assert not torch.allclose(sparse_ref[:, -1], logits[:, 1], atol=1e-4)
+
+
+def test_prefill_mode_is_read_from_the_plan_and_validated(llama, tmp_path):
+    import dataclasses
+    import json
+
+    from headwise import load_plan
+
+    plan = dataclasses.replace(mixed_plan(llama), prefill="dense")
+    plan.save(tmp_path / "p.json")
+    assert load_plan(tmp_path / "p.json").prefill == "dense"
+    data = json.loads((tmp_path / "p.json").read_text())
+    del data["prefill"]
+    (tmp_path / "old.json").write_text(json.dumps(data))
+    assert load_plan(tmp_path / "old.json").prefill == "sparse"        # plans without the field load unchanged
+    data["prefill"] = "lazy"
+    (tmp_path / "bad.json").write_text(json.dumps(data))
+    with pytest.raises(PlanError, match="prefill"):
+        load_plan(tmp_path / "bad.json")
+    patch_model(llama, plan)
+    assert llama._headwise["runtime"].prefill == "dense"
+    unpatch_model(llama)
+    patch_model(llama, plan, prefill="sparse")
+    assert llama._headwise["runtime"].prefill == "sparse"
+    unpatch_model(llama)
+    with pytest.raises(ValueError, match="prefill"):
+        patch_model(llama, plan, prefill="lazy")

@@ -10,8 +10,11 @@ same model, data and lengths only re-solves the MILP.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
+
+import numpy as np
 
 from ..cli import parse_lengths
 
@@ -41,11 +44,33 @@ def register(subparsers) -> None:
                    help="tile mass a span drops: tile = |sum of E| per tile and sample (default), abs = sum of |E| (MoA)")
     p.add_argument("--min-span", type=int, default=64,
                    help="least window span a head may have at half the shortest length (guards short inputs)")
+    p.add_argument("--guard-length", type=int, default=None,
+                   help="input length --min-span is checked at (default: half the shortest of --lengths)")
     p.add_argument("--sink", type=int, default=64, help="sink tokens of every window head")
     p.add_argument("--alpha-step", type=int, default=None, help="alpha grid step (default: shortest length / 8)")
     p.add_argument("--refit", type=int, default=0,
                    help="rounds of re-profiling the same samples at the last plan and re-solving with every "
                         "profile pooled (0: MoA's single profile at the dense model)")
+    p.add_argument("--method", choices=("profile", "gates"), default="profile",
+                   help="profile: v1, every span from the first-order profile + MILP; gates: v2, long heads chosen "
+                        "by trained DuoAttention-style gates (their joint effect) fixed dense, the others' spans "
+                        "from the same MILP")
+    p.add_argument("--gate-lengths", default="1024,2048,4096", help="v2: lengths of the gate-training samples")
+    p.add_argument("--gate-samples", type=int, default=2, help="v2: gate-training samples per length")
+    p.add_argument("--gate-steps", type=int, default=18, help="v2: Adam steps (one sample each)")
+    p.add_argument("--gate-lr", type=float, default=0.05, help="v2: Adam learning rate of the gates")
+    p.add_argument("--gate-l1", type=float, default=0.05, help="v2: weight of the mean gate (L1 penalty)")
+    p.add_argument("--gate-window", type=int, default=256, help="v2: window span of the local branch while training")
+    p.add_argument("--gate-facts", type=int, default=8, help="v2: facts per gate-training sample")
+    p.add_argument("--gate-threshold", type=float, default=0.5, help="v2: heads whose gate ends above this are long")
+    p.add_argument("--long-heads", type=int, default=None,
+                   help="v2: make exactly this many top-ranked heads long (default: gates above --gate-threshold, "
+                        "at most what --min-short allows)")
+    p.add_argument("--min-short", type=float, default=None,
+                   help="v2: least kept fraction left to every short head when capping the long heads (default: "
+                        "(sink + min-span) / shortest length, so the budget at the shortest length stays feasible)")
+    p.add_argument("--prefill", choices=("sparse", "dense"), default=None,
+                   help="the plan's prefill mode (default: none recorded, i.e. sparse)")
     p.add_argument("--time-limit", type=float, default=300.0, help="seconds per MILP solve")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--seed", type=int, default=0, help="data sampling seed")
@@ -76,6 +101,9 @@ def run(args) -> int:
           "samples to compute)", flush=True)
     profiles = store.collect(model, tokenizer, lengths, args.samples)
     profiled = time.perf_counter() - started
+    long_heads, v2 = None, {}
+    if args.method == "gates":
+        long_heads, v2 = choose_long_heads(model, tokenizer, store.info, args)
     print(f"headwise calibrate: solving the MILP at density {args.density} "
           f"(fit {[n for n in lengths if n != holdout]}, held-out {holdout})", flush=True)
     solve_start = time.perf_counter()     # includes refit rounds
@@ -91,7 +119,8 @@ def run(args) -> int:
         mass = profiles if len(points) == 1 else {n: pooled([p[n] for p in points]) for n in lengths}
         return optimize(mass, store.info, args.density, holdout=holdout, max_configs=args.max_configs,
                         sink=args.sink, alpha_step=args.alpha_step, time_limit=args.time_limit, score=args.score,
-                        min_span=args.min_span, calibration=calibration)
+                        min_span=args.min_span, calibration={**calibration, **v2}, long_heads=long_heads,
+                        guard=args.guard_length)
 
     result = solve()
     refits = []
@@ -106,6 +135,8 @@ def run(args) -> int:
         result = solve()
     if refits:
         result.plan.calibration["refits"] = refits
+    if args.prefill is not None:
+        result.plan = dataclasses.replace(result.plan, prefill=args.prefill)
     result.plan.calibration["solve_seconds"] = round(time.perf_counter() - solve_start, 1)
     result.plan.calibration["seconds"] = round(time.perf_counter() - started, 1)
     result.plan.calibration["seconds_this_run_profiling"] = round(profiled, 1)
@@ -121,3 +152,44 @@ def run(args) -> int:
         print(f"  N={n:>6}: density {result.plan.density(n):.4f}  normalized loss "
               f"{result.plan.calibration['normalized_loss'][str(n)]:.4f}")
     return 0
+
+
+def choose_long_heads(model, tokenizer, info, args):
+    """Calibrator v2: train (or load) the gates and pick the long heads.
+
+    Returns ``(long [layers, Hkv] bool, calibration notes)``: heads whose gate ends above
+    ``--gate-threshold`` (or the top ``--long-heads`` by gate), capped so every other head can
+    still keep ``--min-short`` of the context under ``--density``.
+    """
+    from .gate_store import GateSettings, GateStore
+    from .gates import long_head_mask, max_long_heads
+    from .recall_data import recall_description
+
+    gate_lengths = parse_lengths(args.gate_lengths, MIN_LENGTH)
+    settings = GateSettings(tuple(gate_lengths), args.gate_samples, args.gate_steps, args.gate_lr, args.gate_l1,
+                            args.sink, args.gate_window, args.seed)
+    store = GateStore(model, args.cache_dir, facts=args.gate_facts, seed=args.seed)
+    started = time.perf_counter()
+    result, computed = store.gates(model, tokenizer, settings)
+    print(f"headwise calibrate: gates {'trained' if computed else 'loaded'} from {store.gates_path(settings)} "
+          f"({time.perf_counter() - started:.0f} s this run)", flush=True)
+    heads = info.num_layers * info.num_kv_heads
+    lengths = parse_lengths(args.lengths, MIN_LENGTH)
+    min_short = args.min_short if args.min_short is not None else (args.sink + args.min_span) / min(lengths)
+    cap = max_long_heads(args.density, heads, min_short)
+    ranking = result.ranking()
+    wanted = args.long_heads if args.long_heads is not None else int((result.gates > args.gate_threshold).sum())
+    count = min(wanted, cap)
+    long = long_head_mask(ranking, count, (info.num_layers, info.num_kv_heads))
+    notes = {"long_heads": {"method": "duoattention-style gates", "count": count, "wanted": wanted, "cap": cap,
+                            "heads": [[l, h] for l, h in ranking[:count]],
+                            "gates": np.round(result.gates, 4).tolist(),
+                            "importance": np.round(result.importance, 8).tolist(),
+                            "settings": dataclasses.asdict(settings), "facts": args.gate_facts,
+                            "threshold": args.gate_threshold, "min_short": min_short,
+                            "final_distill": result.history[-1]["distill"] if result.history else None,
+                            "seconds_when_trained": round(result.seconds, 1),
+                            "data": recall_description(args.gate_facts)}}
+    print(f"headwise calibrate: {count} long heads (gates above {args.gate_threshold}: {wanted}, budget cap {cap})",
+          flush=True)
+    return long, notes

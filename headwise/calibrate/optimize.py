@@ -28,21 +28,23 @@ BETAS = tuple(i / 8 for i in range(9))
 SCORES = {"abs": "blocks", "tile": "tiles"}     # --score name -> LengthProfile field
 
 
-def guard_length(lengths: list[int]) -> int:
-    """The short input ``min_span`` is checked at: half the shortest profiled length."""
-    return max(1, min(lengths) // 2)
+def guard_length(lengths: list[int], guard: int | None = None) -> int:
+    """The short input ``min_span`` is checked at: ``guard`` when given, else half the shortest
+    profiled length."""
+    return guard if guard is not None else max(1, min(lengths) // 2)
 
 
 def candidate_grid(lengths: list[int], sink: int = 64, alpha_step: int | None = None,
-                   betas: tuple[float, ...] = BETAS, min_span: int = 0) -> list[HeadSpec]:
+                   betas: tuple[float, ...] = BETAS, min_span: int = 0, guard: int | None = None) -> list[HeadSpec]:
     """MoA's grid: ``alpha`` from ``-min(lengths)`` to ``max(lengths)`` in steps of
     ``min(lengths) / 8`` (plus ``alpha = -sink``, which with ``beta = d`` keeps exactly ``d * N``),
     every ``beta`` in ``betas``, a fixed sink, and ``Dense``.
 
     Candidates that keep the same span at every length in ``lengths`` are merged (the first in
     grid order stays), and windows that keep everything at every length are left to ``Dense``.
-    Windows whose span at half the shortest length is below ``min_span`` are left out: a large
-    negative ``alpha`` fitted at long lengths would otherwise shrink to one token on short inputs.
+    Windows whose span at half the shortest length (or at ``guard``) is below ``min_span`` are left
+    out: a large negative ``alpha`` fitted at long lengths would otherwise shrink to one token on
+    short inputs.
     """
     shortest, longest = min(lengths), max(lengths)
     step = alpha_step or max(1, shortest // 8)
@@ -52,7 +54,7 @@ def candidate_grid(lengths: list[int], sink: int = 64, alpha_step: int | None = 
     for beta in betas:
         for alpha in alphas:
             head = Window(sink=sink, alpha=alpha, beta=float(beta))
-            if head.span(guard_length(lengths)) < min_span:
+            if head.span(guard_length(lengths, guard)) < min_span:
                 continue
             kept = tuple(head.kept(n) for n in lengths)
             if all(k >= n for k, n in zip(kept, lengths)):
@@ -122,7 +124,8 @@ class Solution:
 
 
 def solve(losses: dict[int, np.ndarray], kept: dict[int, np.ndarray], weights: dict[int, float], density: float,
-          max_configs: int = 2, time_limit: float = 300.0, mip_rel_gap: float = 1e-4) -> Solution:
+          max_configs: int = 2, time_limit: float = 300.0, mip_rel_gap: float = 1e-4,
+          fixed: np.ndarray | None = None) -> Solution:
     """Binary MILP: one candidate per KV head, kept-token budget at every length, at most
     ``max_configs`` distinct candidates per layer; minimise ``sum_N w_N loss_N / total_N``.
 
@@ -132,6 +135,8 @@ def solve(losses: dict[int, np.ndarray], kept: dict[int, np.ndarray], weights: d
         weights: per length weight of its normalised loss in the objective (lengths without a
             weight only constrain).
         density: kept-token budget as a fraction of ``N * layers * Hkv``.
+        fixed: optional ``[layers, Hkv]`` int64 candidate index each head must take, ``-1`` for a
+            free head (e.g. the long heads chosen by gates, fixed to ``Dense``).
 
     Variables: ``x[l, h, c]`` (head picks candidate) then ``y[l, c]`` (layer uses candidate).
     """
@@ -159,8 +164,15 @@ def solve(losses: dict[int, np.ndarray], kept: dict[int, np.ndarray], weights: d
     rows.append((scipy.sparse.hstack([scipy.sparse.csr_matrix((layers, nx)), per_layer]),
                  np.full(layers, -np.inf), np.full(layers, float(max_configs))))
     constraints = [scipy.optimize.LinearConstraint(scipy.sparse.csr_matrix(a), lo, hi) for a, lo, hi in rows]
+    lower = np.zeros(nx + ny)
+    if fixed is not None:
+        if fixed.shape != (layers, heads):
+            raise ValueError(f"fixed heads must have shape {(layers, heads)}, got {fixed.shape}.")
+        flat = fixed.reshape(-1)
+        pinned = np.flatnonzero(flat >= 0)
+        lower[pinned * C + flat[pinned]] = 1.0
     result = scipy.optimize.milp(cost, constraints=constraints, integrality=np.ones(nx + ny),
-                                 bounds=scipy.optimize.Bounds(0, 1),
+                                 bounds=scipy.optimize.Bounds(lower, 1),
                                  options={"time_limit": time_limit, "mip_rel_gap": mip_rel_gap, "presolve": True})
     if result.x is None:
         raise RuntimeError(f"the MILP found no plan ({result.message}); raise the density, or use a smaller sink "
@@ -202,7 +214,8 @@ class Calibration:
 
 def optimize(profiles: dict, model_info: ModelInfo, density: float, *, holdout: int | None = None,
              max_configs: int = 2, sink: int = 64, alpha_step: int | None = None, time_limit: float = 300.0,
-             score: str = "abs", min_span: int = 0, calibration: dict | None = None) -> Calibration:
+             score: str = "abs", min_span: int = 0, calibration: dict | None = None,
+             long_heads: np.ndarray | None = None, guard: int | None = None) -> Calibration:
     """Choose one candidate per KV head from ``profiles`` (length -> ``LengthProfile``).
 
     ``score`` picks the tile mass a candidate drops: ``"abs"`` sums ``|E|`` over the tile's
@@ -212,6 +225,10 @@ def optimize(profiles: dict, model_info: ModelInfo, density: float, *, holdout: 
     Lengths other than ``holdout`` are the fit lengths the Pareto weightings mix; ``holdout``
     (if given) only picks the winner (least normalised loss there). The token budget holds at
     every profiled length, including the held-out one.
+
+    ``long_heads`` (``[layers, Hkv]`` bool, optional) fixes those heads to ``Dense`` (calibrator
+    v2: chosen by their joint effect, see ``gates.py``); the MILP then sizes the others' spans
+    under the same budget, which counts the fixed heads too.
     """
     if score not in SCORES:
         raise ValueError(f"score must be one of {', '.join(SCORES)}, got {score!r}.")
@@ -223,8 +240,8 @@ def optimize(profiles: dict, model_info: ModelInfo, density: float, *, holdout: 
     block = next(iter(profiles.values())).block
     uniform = Window(sink=sink, alpha=float(-sink), beta=float(density))
     # the guard never excludes the uniform head, so a budget the uniform plan meets stays feasible
-    min_span = min(min_span, uniform.span(guard_length(lengths)))
-    candidates = candidate_grid(lengths, sink, alpha_step, min_span=min_span)
+    min_span = min(min_span, uniform.span(guard_length(lengths, guard)))
+    candidates = candidate_grid(lengths, sink, alpha_step, min_span=min_span, guard=guard)
     losses, kept, totals = {}, {}, {}
     for n in lengths:
         totals[n] = mass[n].sum()
@@ -233,9 +250,13 @@ def optimize(profiles: dict, model_info: ModelInfo, density: float, *, holdout: 
         losses[n] = candidate_losses(mass[n], candidates, n, block) / totals[n]
         kept[n] = np.array([c.kept(n) for c in candidates], dtype=np.float64)
     heads_total = model_info.num_layers * model_info.num_kv_heads
+    fixed = None
+    if long_heads is not None:
+        long_heads = np.asarray(long_heads, dtype=bool)
+        fixed = np.where(long_heads, len(candidates) - 1, -1).astype(np.int64)     # Dense is the last candidate
     solutions = []
     for weights in length_weightings(fit):
-        sol = solve(losses, kept, weights, density, max_configs, time_limit)
+        sol = solve(losses, kept, weights, density, max_configs, time_limit, fixed=fixed)
         for n in lengths:
             sol.normalized_loss[n] = float(np.take_along_axis(losses[n], sol.choice[..., None], -1).sum())
             sol.density[n] = float(kept[n][sol.choice].sum() / (n * heads_total))
@@ -249,8 +270,8 @@ def optimize(profiles: dict, model_info: ModelInfo, density: float, *, holdout: 
     best = solutions[chosen]
     layers = tuple(tuple(candidates[c] for c in row) for row in best.choice.tolist())
     block_info = {
-        "method": "moa-milp", "density": density, "lengths": lengths, "fit_lengths": fit, "holdout_length": holdout,
-        "score": score, "min_span": min_span, "max_configs_per_layer": max_configs, "sink": sink, "candidates": len(candidates),
+        "method": "moa-milp" if long_heads is None else "gates+milp", "density": density, "lengths": lengths, "fit_lengths": fit, "holdout_length": holdout,
+        "score": score, "min_span": min_span, "min_span_at": guard_length(lengths, guard), "max_configs_per_layer": max_configs, "sink": sink, "candidates": len(candidates),
         "solver": f"scipy.optimize.milp (HiGHS), time limit {time_limit:g} s", "solver_status": best.status,
         "solver_optimal": all(s.optimal for s in solutions),
         "mip_gap": best.mip_gap, "chosen_weights": {str(k): v for k, v in best.weights.items()},

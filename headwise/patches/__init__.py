@@ -16,7 +16,7 @@ from typing import Any, Iterator
 from transformers import AttentionInterface, AttentionMaskInterface
 from transformers.cache_utils import Cache, DynamicCache
 
-from ..plan import Plan
+from ..plan import PREFILL_MODES, Plan
 from .attention import NAME, headwise_attention, headwise_mask
 from .cache import HeadwiseLayer, install_layers, kv_bytes
 from .runtime import _RUNTIMES, Runtime
@@ -55,7 +55,8 @@ def is_patched(model) -> bool:
     return getattr(model, "_headwise", None) is not None
 
 
-def patch_model(model, plan: Plan | str, *, target_length: int | None = None, backend: str = "auto"):
+def patch_model(model, plan: Plan | str, *, target_length: int | None = None, backend: str = "auto",
+                prefill: str | None = None):
     """Make ``model`` run ``plan``: per KV head, its sink + window (or dense) attention and cache.
 
     Args:
@@ -64,6 +65,9 @@ def patch_model(model, plan: Plan | str, *, target_length: int | None = None, ba
         target_length: the length ``N`` sequences will reach (prompt + new tokens), which sizes
             elastic spans; ``None`` uses each sequence's current length. See ``expected_length``.
         backend: kernel backend for attention ("auto", "naive", ...).
+        prefill: ``"sparse"`` or ``"dense"`` overrides the plan's ``prefill`` (``None``: the plan's).
+            Dense prefill runs every head dense in forwards of more than one query; the cache then
+            keeps only each head's sink + window, so decoding follows the plan.
 
     Returns:
         ``model``, patched in place; ``unpatch_model(model)`` undoes it.
@@ -71,6 +75,8 @@ def patch_model(model, plan: Plan | str, *, target_length: int | None = None, ba
     if is_patched(model):
         raise RuntimeError("model is already patched by headwise; call unpatch_model(model) before patching again.")
     plan = Plan.from_spec(plan, model)
+    if prefill not in (None, *PREFILL_MODES):
+        raise ValueError(f"prefill must be one of {list(PREFILL_MODES)} or None, got {prefill!r}.")
     text_config = model.config.get_text_config(decoder=True)
     native = [i for i, t in enumerate(getattr(text_config, "layer_types", None) or []) if t != "full_attention"]
     if native:
@@ -78,7 +84,7 @@ def patch_model(model, plan: Plan | str, *, target_length: int | None = None, ba
                          "does not combine with a plan; patch a model whose layers all use full attention.")
     AttentionInterface.register(NAME, headwise_attention)
     AttentionMaskInterface.register(NAME, headwise_mask)
-    runtime = Runtime(plan, target_length, backend)
+    runtime = Runtime(plan, target_length, backend, prefill)
     previous = model.config._attn_implementation
     model.set_attn_implementation(NAME)
     hook = _decoder(model).register_forward_pre_hook(_install_cache_hook(runtime), with_kwargs=True)

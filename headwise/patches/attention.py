@@ -62,7 +62,8 @@ def headwise_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.
                          "combine with a plan; patch a model whose layers use full attention.")
     sink = rule.sink
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-    if rule.all_dense:
+    if rule.all_dense or (runtime.prefill == "dense" and query.shape[-2] > 1):
+        # dense prefill: every head reads all it has; the cache still keeps only the plan's KV
         return dense_attention(module, query, key, value, info.query_pos, key_pos, scale), None
     out = sink_window_attention(query, key, value, info.query_pos, key_pos, sink, span, scale,
                                 backend=runtime.backend)

@@ -82,8 +82,9 @@ class LayerRule:
 class Runtime:
     """What a patched model needs at run time; one per patched model."""
 
-    def __init__(self, plan: Plan, target_length: int | None, backend: str):
+    def __init__(self, plan: Plan, target_length: int | None, backend: str, prefill: str | None = None):
         self.plan = plan
+        self.prefill = plan.prefill if prefill is None else prefill   # "sparse" | "dense": forwards of > 1 query
         self.rules = [LayerRule.from_heads(layer) for layer in plan.layers]
         self.target_length = target_length
         self.backend = backend

@@ -1,0 +1,301 @@
+"""DuoAttention-style gates: which KV heads must see far context, measured by their joint effect.
+
+Every KV head ``h`` of every layer gets a gate ``a_h in [0, 1]`` mixing its two possible outputs::
+
+    out_h = a_h * full_h + (1 - a_h) * local_h
+
+``full_h`` is causal attention over every earlier token, ``local_h`` attention over the first
+``sink`` tokens plus the last ``window`` tokens (the query included; the kernels' rule: key ``j``
+is read iff ``j < sink`` or ``j > i - window``). With the model frozen, only the gates train, all
+at once, on long-range recall samples: the loss is the distance of the gated model's final hidden
+states at the answer positions from the dense model's (cached once per sample), plus an L1 penalty
+pulling every gate to 0. A head the answers need keeps its gate up *given what the other heads
+do*, so heads that carry a fact jointly are all kept, which a per-entry first-order score at the
+dense model under-counts. Gates are clipped to ``[0, 1]`` after every step (projected Adam, as in
+DuoAttention), so a gate at 0 can come back.
+
+Memory: the local branch is computed block-wise (``O(T * (sink + 2 * window))`` per head), the
+full branch by torch's causal sdpa, and gradient checkpointing keeps one layer's intermediates
+alive at a time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import random
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+logger = logging.getLogger("headwise")
+
+NAME = "headwise_gates"
+
+_ACTIVE: "GateState | None" = None
+
+
+def local_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sink: int, window: int,
+                    scale: float) -> torch.Tensor:
+    """Sink + window causal attention with autograd, ``O(T * (sink + 2 * window))`` memory.
+
+    Query ``i`` reads key ``j <= i`` iff ``j < sink`` or ``j > i - window`` (the sink_window
+    kernels' rule with ``span = window``).
+
+    Args:
+        q, k, v: ``[B, H, T, D]`` (key/value heads already expanded to the query heads).
+        sink: leading tokens every query reads (>= 0); window: local span (>= 1).
+        scale: softmax scale.
+
+    Returns:
+        ``[B, H, T, D]``.
+    """
+    if window < 1 or sink < 0:
+        raise ValueError(f"local attention needs window >= 1 and sink >= 0, got window {window} and sink {sink}.")
+    B, H, T, D = q.shape
+    W = window
+    nb = -(-T // W)
+    pad = nb * W - T
+    qb = F.pad(q, (0, 0, 0, pad)).reshape(B, H, nb, W, D)
+    kb = F.pad(k, (0, 0, W, pad)).unfold(2, 2 * W, W).transpose(-1, -2)        # [B, H, nb, 2W, D]
+    vb = F.pad(v, (0, 0, W, pad)).unfold(2, 2 * W, W).transpose(-1, -2)
+    i = torch.arange(nb * W, device=q.device).view(nb, W, 1)                     # query positions
+    j = (torch.arange(nb, device=q.device).view(nb, 1, 1) - 1) * W + torch.arange(2 * W, device=q.device)
+    band_ok = (j <= i) & (j > i - W) & (j >= max(sink, 0))                      # [nb, W, 2W]
+    scores = (qb @ kb.transpose(-1, -2)) * scale                                 # [B, H, nb, W, 2W]
+    scores = scores.masked_fill(~band_ok, float("-inf"))
+    S = min(sink, T)
+    if S:
+        ks, vs = k[:, :, :S], v[:, :, :S]
+        sink_scores = (qb @ ks[:, :, None].transpose(-1, -2)) * scale            # [B, H, nb, W, S]
+        sink_ok = torch.arange(S, device=q.device) <= i                          # [nb, W, S]
+        scores = torch.cat([sink_scores.masked_fill(~sink_ok, float("-inf")), scores], dim=-1)
+    attn = torch.softmax(scores, dim=-1)
+    out = attn[..., S:] @ vb
+    if S:
+        out = out + attn[..., :S] @ vs[:, :, None]
+    return out.reshape(B, H, nb * W, D)[:, :, :T]
+
+
+@dataclass
+class GateState:
+    """The trainable gates ``[layers, Hkv]`` and the local branch's shape, while gating is on."""
+
+    gates: torch.nn.Parameter
+    sink: int
+    window: int
+    fixed: torch.Tensor | None = None     # [layers, Hkv] float: gates used as-is (no training), or None
+
+
+def gated_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """Attention-interface function "headwise_gates" (active only inside ``gating``).
+
+    Args:
+        query: ``[B, H, T, D]``; key, value: ``[B, Hkv, T, D]`` (no cache, no padding).
+
+    Returns:
+        ``(out [B, T, H, D], None)``: per KV head ``a * full + (1 - a) * local``.
+    """
+    if _ACTIVE is None:
+        raise RuntimeError("headwise_gates attention ran outside headwise.calibrate.gates.gating(); "
+                           "use train_gates() or gated_hidden() instead of selecting it by hand.")
+    if query.shape[-2] != key.shape[-2]:
+        raise ValueError("the gated attention needs a full causal forward without a cache; call with use_cache=False.")
+    if dropout:
+        raise ValueError("the gated attention does not implement dropout; set the model's attention_dropout to 0.")
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    group = query.shape[1] // key.shape[1]
+    k = key.repeat_interleave(group, dim=1)
+    v = value.repeat_interleave(group, dim=1)
+    full = F.scaled_dot_product_attention(query, k, v, is_causal=True, scale=scale)
+    local = local_attention(query, k, v, _ACTIVE.sink, _ACTIVE.window, scale)
+    source = _ACTIVE.fixed if _ACTIVE.fixed is not None else _ACTIVE.gates
+    a = source[module.layer_idx].to(query.dtype).repeat_interleave(group)[None, :, None, None]
+    out = local + a * (full - local)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _no_mask(*args, **kwargs):
+    """Mask-interface function for "headwise_gates": both branches are causal by construction."""
+    return None
+
+
+@contextlib.contextmanager
+def gating(model, state: GateState, checkpoint: bool = True):
+    """Route ``model``'s attention through the gated mix while inside (model frozen).
+
+    Attention implementation, checkpointing, train/eval mode and ``requires_grad`` flags are
+    restored on exit, also after an error.
+    """
+    global _ACTIVE
+    from transformers import AttentionInterface, AttentionMaskInterface
+
+    if getattr(model, "_headwise", None) is not None:
+        raise RuntimeError("train gates on the unpatched model; call unpatch_model(model) first.")
+    AttentionInterface.register(NAME, gated_attention)
+    AttentionMaskInterface.register(NAME, _no_mask)
+    previous = model.config._attn_implementation
+    was_training = model.training
+    was_checkpointing = getattr(model, "is_gradient_checkpointing", False)
+    requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
+    model.requires_grad_(False)
+    model.set_attn_implementation(NAME)
+    use_ckpt = checkpoint and not was_checkpointing and getattr(model, "supports_gradient_checkpointing", False)
+    if use_ckpt:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.train()   # transformers checkpoints only in training mode; the gated attention rejects dropout
+    _ACTIVE = state
+    try:
+        yield state
+    finally:
+        _ACTIVE = None
+        model.train(was_training)
+        if use_ckpt:
+            model.gradient_checkpointing_disable()
+        model.set_attn_implementation(previous or "sdpa")
+        for name, p in model.named_parameters():
+            p.requires_grad_(requires_grad[name])
+
+
+def final_hidden(model, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """The decoder's final (normed) hidden states at ``positions``.
+
+    Args:
+        input_ids: ``[1, T]`` int64; positions: ``[P]`` int64.
+
+    Returns:
+        ``[P, hidden]`` (float32).
+    """
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else model.model
+    embeds = model.get_input_embeddings()(input_ids)
+    hidden = decoder(inputs_embeds=embeds, use_cache=False).last_hidden_state
+    return hidden[0, positions].float()
+
+
+@torch.no_grad()
+def dense_targets(model, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """The unmodified model's final hidden states at ``positions`` (``[P, hidden]`` float32): the
+    distillation targets. Computed with the model's own attention implementation."""
+    return final_hidden(model, input_ids, positions)
+
+
+@dataclass
+class GateSample:
+    """One training sample: ``input_ids`` ``[1, T]``, ``positions`` ``[P]`` whose final hidden
+    states are matched, and ``target`` ``[P, hidden]`` (the dense model's, float32)."""
+
+    input_ids: torch.Tensor
+    positions: torch.Tensor
+    target: torch.Tensor
+
+
+@dataclass
+class GateResult:
+    """Trained gates ``[layers, Hkv]`` (float64, in ``[0, 1]``), the mean gradient of the
+    distillation loss w.r.t. each gate over training (``importance``, >= 0 means lowering the
+    gate hurt), and the per-step log."""
+
+    gates: np.ndarray
+    importance: np.ndarray
+    history: list[dict] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def ranking(self) -> list[tuple[int, int]]:
+        """KV heads ``(layer, head)`` from most to least needed: by gate, ties by importance."""
+        L, H = self.gates.shape
+        order = sorted(((-round(float(self.gates[l, h]), 6), -float(self.importance[l, h]), l, h)
+                        for l in range(L) for h in range(H)))
+        return [(l, h) for *_, l, h in order]
+
+
+def distill_loss(hidden: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """``sum ||hidden - target||^2 / sum ||target||^2`` over the matched positions (scale-free)."""
+    return ((hidden - target) ** 2).sum() / (target ** 2).sum().clamp_min(1e-12)
+
+
+def train_gates(model, samples: list[GateSample], *, sink: int = 64, window: int = 256, steps: int = 32,
+                lr: float = 0.05, l1: float = 0.05, seed: int = 0, progress=None) -> GateResult:
+    """Train one gate per KV head against the dense model's hidden states, model frozen.
+
+    Each step takes one sample (cycling through ``samples`` in a seeded order) and minimises
+    ``distill_loss + l1 * mean(gates)`` with Adam; gates start at 1 and are clipped to ``[0, 1]``.
+
+    Args:
+        samples: training samples with cached dense targets (``GateSample``).
+        sink, window: the local branch (sink tokens + window span).
+        steps: optimiser steps; lr: Adam learning rate; l1: weight of the mean gate.
+        seed: orders the samples.
+        progress: optional ``callable(step, record)`` (e.g. a tqdm update).
+
+    Returns:
+        ``GateResult``; deterministic for a given model, samples and arguments.
+    """
+    if not samples:
+        raise ValueError("train_gates needs at least one sample; build calibration samples first.")
+    config = model.config.get_text_config(decoder=True)
+    layers = config.num_hidden_layers
+    kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    gates = torch.nn.Parameter(torch.ones(layers, kv_heads, dtype=torch.float32))
+    optimizer = torch.optim.Adam([gates], lr=lr)
+    order = list(range(len(samples)))
+    rng = random.Random(seed)
+    state = GateState(gates, sink, window)
+    grad_sum = torch.zeros(layers, kv_heads, dtype=torch.float64)
+    history = []
+    started = time.perf_counter()
+    with gating(model, state), torch.enable_grad():
+        for step in range(steps):
+            if step % len(order) == 0:
+                rng.shuffle(order)
+            sample = samples[order[step % len(order)]]
+            optimizer.zero_grad()
+            hidden = final_hidden(model, sample.input_ids, sample.positions)
+            distill = distill_loss(hidden, sample.target)
+            distill.backward(retain_graph=False)
+            grad_sum -= gates.grad.double()          # d(distill)/d(a) < 0: the head is needed
+            with torch.no_grad():
+                gates.grad += l1 / gates.numel()
+            optimizer.step()
+            with torch.no_grad():
+                gates.clamp_(0.0, 1.0)
+            record = {"step": step, "length": int(sample.input_ids.shape[1]), "distill": float(distill.detach()),
+                      "mean_gate": float(gates.detach().mean()), "gates_above_half": int((gates.detach() > 0.5).sum())}
+            history.append(record)
+            logger.info("headwise gates: %s", record)
+            if progress is not None:
+                progress(step, record)
+    return GateResult(gates.detach().double().numpy(), (grad_sum / steps).numpy(), history,
+                      time.perf_counter() - started)
+
+
+@torch.no_grad()
+def gated_loss(model, samples: list[GateSample], gates: np.ndarray, *, sink: int = 64, window: int = 256) -> float:
+    """Mean ``distill_loss`` over ``samples`` with the gates fixed to ``gates`` ``[layers, Hkv]``
+    (e.g. 0/1: which heads are long), no training."""
+    state = GateState(torch.nn.Parameter(torch.zeros(1)), sink, window, torch.as_tensor(gates, dtype=torch.float32))
+    with gating(model, state, checkpoint=False):
+        losses = [float(distill_loss(final_hidden(model, s.input_ids, s.positions), s.target)) for s in samples]
+    return float(np.mean(losses))
+
+
+def long_head_mask(ranking: list[tuple[int, int]], count: int, shape: tuple[int, int]) -> np.ndarray:
+    """``[layers, Hkv]`` bool: the first ``count`` heads of ``ranking`` are long."""
+    if not 0 <= count <= len(ranking):
+        raise ValueError(f"cannot make {count} of {len(ranking)} heads long; pick a count in [0, {len(ranking)}].")
+    mask = np.zeros(shape, dtype=bool)
+    for l, h in ranking[:count]:
+        mask[l, h] = True
+    return mask
+
+
+def max_long_heads(density: float, heads: int, min_short_fraction: float) -> int:
+    """Most dense heads a ``density`` budget allows while every other head keeps at least
+    ``min_short_fraction`` of the context: ``k + (heads - k) * f <= density * heads``."""
+    if min_short_fraction >= 1.0:
+        return 0
+    return max(0, min(heads, math.floor((density * heads - heads * min_short_fraction) / (1.0 - min_short_fraction)
+                                        + 1e-9)))

@@ -1,0 +1,149 @@
+"""Calibrator v2: the local branch, gate training on a model with a planted retrieval head and a
+planted local head, determinism, and the combined plan's budget (long heads fixed dense)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig
+
+from headwise.calibrate.gates import (GateSample, dense_targets, gated_loss, local_attention, long_head_mask,
+                                      max_long_heads, train_gates)
+from headwise.calibrate.optimize import optimize
+from headwise.kernels.sink_window.naive import sink_window_attention
+from headwise.plan import Dense
+from tests.calibrate.test_optimize import INFO, _check_constraints, _synthetic_profiles
+
+VALUE_TOKENS = range(32, 40)     # carry the retrieval marker (hidden dim 50) and their identity
+QUERY_TOKEN = 41                 # asks for the value (hidden dim 51)
+SINK, WINDOW, T = 4, 32, 192
+
+
+@pytest.mark.parametrize("T_,sink,window", [(37, 4, 8), (64, 0, 16), (50, 64, 7), (5, 2, 100), (130, 8, 32)])
+def test_local_attention_is_the_kernels_sink_window_rule(T_, sink, window):
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 4, T_, 8, dtype=torch.float64) for _ in range(3))
+    out = local_attention(q, k, v, sink, window, 0.3)
+    pos = torch.arange(T_).expand(2, -1)
+    ref = sink_window_attention(q, k, v, pos, pos[:, None], torch.full((4,), sink), torch.full((2, 4), window), 0.3)
+    torch.testing.assert_close(out, ref.to(out.dtype), atol=1e-5, rtol=1e-5)
+
+
+def planted_model():
+    """One-layer Llama, 4 query / 2 KV heads, MLP off. KV head 0 is a retrieval head: the query
+    token's query matches only value tokens' keys (on RoPE's slowest pair, so distance barely
+    matters) and it copies the value's identity into the residual. KV head 1 is a local head: a
+    large constant query/key on a faster RoPE pair makes it read only the last ~30 tokens."""
+    config = LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=8, num_hidden_layers=1,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=1024,
+                         rope_theta=10000.0, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").eval()
+    attn, mlp = model.model.layers[0].self_attn, model.model.layers[0].mlp
+    with torch.no_grad():
+        for p in model.parameters():
+            p.zero_()
+        for norm in (model.model.layers[0].input_layernorm, model.model.layers[0].post_attention_layernorm,
+                     model.model.norm):
+            norm.weight.fill_(1.0)
+        emb = model.model.embed_tokens.weight
+        for t in range(50):
+            emb[t, t] = 1.0
+        emb[:, 63] = 1.0                       # constant component: drives the local head
+        for t in VALUE_TOKENS:
+            emb[t, 50] = 1.0
+        emb[QUERY_TOKEN, 51] = 1.0
+        slow, fast = 7, 5                      # RoPE pairs (i, i + 8) of head_dim 16: i = 7 slowest
+        for h in (0, 1):                       # query heads of KV head 0
+            attn.q_proj.weight[h * 16 + slow, 51] = 2.0
+        attn.k_proj.weight[0 * 16 + slow, 50] = 2.0
+        for d, t in enumerate(VALUE_TOKENS):
+            attn.v_proj.weight[0 * 16 + d, t] = 1.0
+            attn.o_proj.weight[32 + d, 0 * 16 + d] = 3.0
+        for h in (2, 3):                       # query heads of KV head 1
+            attn.q_proj.weight[h * 16 + fast, 63] = 9.0
+        attn.k_proj.weight[1 * 16 + fast, 63] = 9.0
+        for d in range(16):
+            attn.v_proj.weight[1 * 16 + d, d] = 1.0
+            attn.o_proj.weight[d, 2 * 16 + d] = 3.0
+        mlp.down_proj.weight.zero_()
+    return model
+
+
+def planted_samples(model, count=4, seed=0):
+    """Filler tokens, one value token far back (beyond sink + window), the query token last."""
+    g = torch.Generator().manual_seed(seed)
+    samples = []
+    for i in range(count):
+        ids = torch.randint(3, 32, (1, T), generator=g)
+        at = int(torch.randint(SINK + 8, T - WINDOW - 16, (1,), generator=g))
+        ids[0, at] = VALUE_TOKENS[i % len(VALUE_TOKENS)]
+        ids[0, -1] = QUERY_TOKEN
+        positions = torch.tensor([T - 1])
+        samples.append(GateSample(ids, positions, dense_targets(model, ids, positions)))
+    return samples
+
+
+def test_planted_heads_do_what_they_are_built_for():
+    model = planted_model()
+    samples = planted_samples(model)
+    # removing the retrieval head (local branch only) breaks the copy; removing the local head does not
+    only_retrieval_local = gated_loss(model, samples, np.array([[0.0, 1.0]]), sink=SINK, window=WINDOW)
+    only_local_local = gated_loss(model, samples, np.array([[1.0, 0.0]]), sink=SINK, window=WINDOW)
+    assert only_retrieval_local > 0.05
+    assert only_local_local < 1e-3 * only_retrieval_local
+    assert gated_loss(model, samples, np.array([[1.0, 1.0]]), sink=SINK, window=WINDOW) < 1e-10
+
+
+def test_gates_recover_the_retrieval_head_and_drop_the_local_one():
+    model = planted_model()
+    samples = planted_samples(model)
+    result = train_gates(model, samples, sink=SINK, window=WINDOW, steps=30, lr=0.05, l1=0.05)
+    assert result.gates[0, 0] > 0.5, result.gates       # above the selection threshold
+    assert result.gates[0, 1] < 0.1, result.gates
+    assert result.ranking()[0] == (0, 0)
+    assert result.importance[0, 0] > result.importance[0, 1]
+    assert model.config._attn_implementation == "sdpa"          # gating is undone
+
+
+def test_gate_training_is_deterministic():
+    model = planted_model()
+    samples = planted_samples(model)
+    a = train_gates(model, samples, sink=SINK, window=WINDOW, steps=6, seed=3)
+    b = train_gates(model, samples, sink=SINK, window=WINDOW, steps=6, seed=3)
+    np.testing.assert_array_equal(a.gates, b.gates)
+    np.testing.assert_array_equal(a.importance, b.importance)
+    assert [r["distill"] for r in a.history] == [r["distill"] for r in b.history]
+
+
+def test_gating_restores_the_model():
+    model = planted_model()
+    flags = [p.requires_grad for p in model.parameters()]
+    train_gates(model, planted_samples(model, count=1), sink=SINK, window=WINDOW, steps=1)
+    assert [p.requires_grad for p in model.parameters()] == flags
+    assert not model.training and model.config._attn_implementation == "sdpa"
+
+
+@pytest.mark.parametrize("density", [0.25, 0.5])
+def test_combined_plan_keeps_long_heads_dense_within_budget_at_every_length(density):
+    lengths = [256, 512, 1024]
+    profiles = _synthetic_profiles(lengths)
+    heads = INFO.num_layers * INFO.num_kv_heads
+    count = max_long_heads(density, heads, 1 / 16)
+    ranking = [(l, h) for l in range(INFO.num_layers) for h in range(INFO.num_kv_heads)][::-1]
+    long = long_head_mask(ranking, count, (INFO.num_layers, INFO.num_kv_heads))
+    result = optimize(profiles, INFO, density, holdout=1024, max_configs=2, alpha_step=64, sink=16, long_heads=long)
+    _check_constraints(result.plan, density, lengths, 2)
+    for l, h in zip(*np.nonzero(long)):
+        assert isinstance(result.plan.layers[l][h], Dense)
+    assert result.plan.calibration["method"] == "gates+milp"
+    for n in lengths:
+        assert result.plan.density(n) <= density + 1e-9
+
+
+def test_max_long_heads_leaves_every_short_head_its_fraction():
+    assert max_long_heads(0.1, 90, 0.2) == 0        # the budget cannot even give every head its fraction
+    for density, f in [(0.25, 1 / 16), (0.5, 0.1), (0.3, 0.2), (0.25, 0.0)]:
+        k = max_long_heads(density, 90, f)
+        assert k + (90 - k) * f <= density * 90 + 1e-9
+        assert k == 90 or (k + 1) + (90 - k - 1) * f > density * 90
