@@ -34,7 +34,9 @@ class EngineConfig:
     max_num_seqs: most sequences in flight at once.
     max_num_batched_tokens: tokens one step may run (decode tokens + prefill chunks).
     dtype: weights and KV dtype (fp32 default; bf16 halves the bytes a decode step reads).
-    backend: attention kernel backend ("auto", "cpu", "naive", "triton").
+    backend: attention kernel backend ("auto", "cpu", "naive", "native", "triton").
+    native_linear: in steps of at most 8 tokens (decode), run the model's linear layers through the
+        native skinny-linear kernel (``kernels.skinny_linear``) instead of torch's GEMM.
     """
 
     kv_cache_memory: int | str = "2GiB"
@@ -43,6 +45,7 @@ class EngineConfig:
     max_num_batched_tokens: int = 2048
     dtype: torch.dtype = torch.float32
     backend: str = "auto"
+    native_linear: bool = True
 
     def __post_init__(self):
         self.kv_cache_memory = parse_bytes(self.kv_cache_memory)

@@ -71,18 +71,19 @@ class LLM:
         plan: a ``Plan``, a plan JSON path, ``"dense"`` or ``"uniform:<density>"``.
         tokenizer: needed with a model object when prompts are text or outputs should carry text.
         kv_cache_memory: size of the preallocated KV pool ("2GiB", "512MiB", or bytes).
-        block_size, max_num_seqs, max_num_batched_tokens, dtype, backend: see ``EngineConfig``.
+        block_size, max_num_seqs, max_num_batched_tokens, dtype, backend, native_linear: see
+            ``EngineConfig``.
     """
 
     def __init__(self, model: Any = None, plan: Any = "dense", *, tokenizer=None, kv_cache_memory="2GiB",
                  block_size: int = 16, max_num_seqs: int = 16, max_num_batched_tokens: int = 2048,
-                 dtype: torch.dtype | str = torch.float32, backend: str = "auto"):
+                 dtype: torch.dtype | str = torch.float32, backend: str = "auto", native_linear: bool = True):
         from ..models import load_model
         from ..patches import is_patched
 
         self.config = EngineConfig(kv_cache_memory=kv_cache_memory, block_size=block_size,
                                    max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
-                                   dtype=dtype, backend=backend)
+                                   dtype=dtype, backend=backend, native_linear=native_linear)
         if model is None or isinstance(model, (str, os.PathLike)):
             model, tokenizer = load_model(model, dtype=self.config.dtype)
         elif is_patched(model):

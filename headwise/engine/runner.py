@@ -15,10 +15,15 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
+import contextlib
+
 import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
 from transformers import AttentionInterface, AttentionMaskInterface
 
 from ..kernels.paged_decode.naive import gather_pages
+from ..kernels.skinny_linear import native as skinny_native
 from ..plan import Plan
 from .config import EngineConfig
 from .kinds import EngineKind, engine_kind
@@ -196,9 +201,11 @@ class ModelRunner:
         """Run one step. Returns the sequences that sample and their ``[S, V]`` fp32 logits."""
         plan, ids, positions, rows, samplers = self.build_plan(batch, fresh_blocks)
         device = self.k_pool.device
-        out = self.model(input_ids=torch.tensor([ids], device=device),
-                         position_ids=torch.tensor([positions], device=device), use_cache=False,
-                         logits_to_keep=torch.tensor(rows, dtype=torch.long, device=device), **{STEP_KWARG: plan})
+        skinny = self.config.native_linear and len(ids) <= skinny_native.MAX_ROWS and device.type == "cpu"
+        with SkinnyLinearMode() if skinny else contextlib.nullcontext():
+            out = self.model(input_ids=torch.tensor([ids], device=device),
+                             position_ids=torch.tensor([positions], device=device), use_cache=False,
+                             logits_to_keep=torch.tensor(rows, dtype=torch.long, device=device), **{STEP_KWARG: plan})
         return samplers, out.logits[0].float()
 
     def layer_step(self, plan: StepPlan, layer: int, scale: float) -> LayerStep:
@@ -207,6 +214,23 @@ class ModelRunner:
                          None if plan.decode_tables is None else plan.decode_tables[layer],
                          self.sink[layer],
                          None if plan.decode_span is None else plan.decode_span[layer])
+
+
+class SkinnyLinearMode(TorchFunctionMode):
+    """Within a step of few tokens, route ``F.linear`` calls the native kernel supports to it.
+
+    Scoped to one forward (a context manager, nothing patched globally): decode steps are
+    memory-bound and the native kernel streams each weight once (``kernels.skinny_linear``).
+    """
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.linear:
+            x, weight = args[0], args[1]
+            bias = args[2] if len(args) > 2 else kwargs.get("bias")
+            if skinny_native.supports(x, weight, bias):
+                return skinny_native.skinny_linear(x, weight, bias)
+        return func(*args, **kwargs)
 
 
 def no_mask(*args, **kwargs):

@@ -36,12 +36,13 @@ def test_naive_paged_matches_dense_reference(length, gqa, sink, window, layout):
                                **TOLERANCE[torch.float32])
 
 
+@pytest.mark.parametrize("backend", ["cpu", "native"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("length,gqa,sink,window,layout", GRID[::2])
-def test_cpu_paged(length, gqa, sink, window, layout, dtype):
+def test_cpu_paged(length, gqa, sink, window, layout, dtype, backend):
     _, paged_args = paged_case(length, gqa, sink, window, dtype, layout)
     expected = op.paged_decode(*paged_args, backend="naive")
-    got = op.paged_decode(*paged_args, backend="cpu")
+    got = op.paged_decode(*paged_args, backend=backend)
     assert got.shape == expected.shape and got.dtype == dtype
     torch.testing.assert_close(got.float(), expected.float(), **TOLERANCE[dtype])
 
@@ -51,3 +52,22 @@ def test_mismatched_head_count_is_refused():
                                                                                      "per-head-bs16")
     with pytest.raises(ValueError, match="block-table rows"):
         op.paged_decode(q, k_pool, v_pool, pos_pool, tables[:, :1], q_pos, sink, span, scale)
+
+
+def test_native_kernel_builds_here():
+    """CI machines have a C compiler: the native kernel must build, not silently fall back."""
+    from headwise.kernels.paged_decode import native
+
+    assert native.available()
+
+
+@pytest.mark.parametrize("length,gqa,sink,window,layout", GRID[1::3])
+def test_native_paged_over_ragged_tables(length, gqa, sink, window, layout):
+    """Tables with unused (-1) entries in the middle and rows of different widths, as the engine passes them."""
+    _, (q, k_pool, v_pool, pos_pool, tables, q_pos, sink_t, span, scale) = paged_case(
+        length, gqa, sink, window, torch.float32, layout)
+    holes = torch.full((*tables.shape[:2], 3), -1, dtype=tables.dtype)
+    ragged = torch.cat([holes, tables, holes], dim=-1)
+    args = (q, k_pool, v_pool, pos_pool, ragged, q_pos, sink_t, span, scale)
+    torch.testing.assert_close(op.paged_decode(*args, backend="native"), op.paged_decode(*args, backend="naive"),
+                               **TOLERANCE[torch.float32])

@@ -1,7 +1,9 @@
 """``paged_decode`` op: one query per sequence, sink + window attention over a paged KV pool.
 
 ``paged_decode(q, k_pool, v_pool, pos_pool, block_tables, q_pos, sink, span, scale, backend="auto")``
-— pool layout and shapes in ``naive`` (its module docstring and ``naive.paged_decode``). There is
+— pool layout and shapes in ``naive`` (its module docstring and ``naive.paged_decode``). Backends:
+``naive`` (reference), ``cpu`` (torch: gather pages, masked attention), ``native`` (C kernel built
+on first use, reads each kept key once; ``auto`` picks it on CPU when it builds), ``triton``. There is
 no separate plan step: the block tables are read directly by every backend, so a decode engine
 builds ``block_tables`` / ``q_pos`` / ``span`` once per batch and calls this once per layer.
 """
@@ -10,10 +12,14 @@ from __future__ import annotations
 
 import torch
 
-from .. import AUTO_ORDER, pick_backend, standard_backends
-from . import cpu, naive
+from .. import AUTO_ORDER as SHARED_AUTO_ORDER
+from .. import pick_backend, standard_backends
+from . import cpu, naive, native
 
-BACKENDS = standard_backends(__name__, "paged_decode", naive, cpu)
+BACKENDS = {**standard_backends(__name__, "paged_decode", naive, cpu), "native": native.paged_decode}
+# The native C kernel (built on first use) before the torch path on CPU; triton first on CUDA.
+AUTO_ORDER = [SHARED_AUTO_ORDER[0], ("native", lambda device: device.type == "cpu" and native.available()),
+              *SHARED_AUTO_ORDER[1:]]
 
 
 def paged_decode(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, pos_pool: torch.Tensor,

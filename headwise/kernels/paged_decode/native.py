@@ -1,0 +1,75 @@
+"""Native CPU paged decode: ``paged_decode.c`` compiled on first use, called through ctypes.
+
+Why: the torch path (``cpu.py``) gathers every sequence's pages into a dense copy padded to the
+longest head of the layer, so a decode step reads the kept KV about three times and the padding
+besides. The C kernel walks each (sequence, KV head)'s own table and reads every kept key and
+value once, in parallel over (sequence, KV head) with OpenMP (the libgomp torch already loaded).
+
+Built on first use by ``kernels.native_build``; ``available()`` says whether that worked (the
+reason is logged once). Same signature as ``naive.paged_decode``.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+from ..native_build import load_native
+
+SOURCE = Path(__file__).with_name("paged_decode.c")
+
+
+@lru_cache(maxsize=1)
+def _library():
+    """The compiled kernel with its ctypes signature, or ``None`` when it cannot be built here."""
+    lib = load_native(SOURCE)
+    if lib is not None:
+        lib.paged_decode.restype = ctypes.c_int
+        lib.paged_decode.argtypes = [ctypes.c_void_p] * 9 + [ctypes.c_int64] * 7 + [ctypes.c_float, ctypes.c_int]
+    return lib
+
+
+def available() -> bool:
+    """Whether the native kernel is built (builds it on the first call)."""
+    return _library() is not None
+
+
+def supports(q: torch.Tensor, k_pool: torch.Tensor) -> bool:
+    """Inputs the native kernel takes: CPU tensors, fp32/bf16 pools, G <= 16, D <= 256, block <= 256."""
+    return (q.device.type == "cpu" and k_pool.device.type == "cpu" and k_pool.dtype in (torch.float32, torch.bfloat16)
+            and k_pool.shape[1] <= 256 and k_pool.shape[-1] <= 256 and available())
+
+
+def paged_decode(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, pos_pool: torch.Tensor,
+                 block_tables: torch.Tensor, q_pos: torch.Tensor, sink: torch.Tensor, span: torch.Tensor,
+                 scale: float) -> torch.Tensor:
+    """``[B, H, D]`` decode output; shapes as ``naive.paged_decode``."""
+    lib = _library()
+    if lib is None:
+        raise RuntimeError("the native paged_decode kernel could not be built here; use backend='cpu'.")
+    B, H, D = q.shape
+    P, bs, Hb, _ = k_pool.shape
+    Ht, M = block_tables.shape[1], block_tables.shape[2]
+    Hkv = Ht * Hb
+    if H // Hkv > 16 or D > 256 or bs > 256:
+        raise ValueError(f"native paged_decode takes at most 16 query heads per KV head, head_dim 256 and blocks of "
+                         f"256 slots, got {H // Hkv}, {D}, {bs}; use backend='cpu'.")
+    if k_pool.dtype not in (torch.float32, torch.bfloat16) or v_pool.dtype != k_pool.dtype:
+        raise ValueError(f"native paged_decode reads float32 or bfloat16 pools, got {k_pool.dtype}; use backend='cpu'.")
+    qf = q.float().contiguous()
+    k_pool, v_pool = k_pool.contiguous(), v_pool.contiguous()
+    pos_pool = pos_pool.to(torch.int64).contiguous()
+    tables = block_tables.to(torch.int32).contiguous()
+    q_pos = q_pos.to(torch.int64).contiguous()
+    sink = sink.to(torch.int64).contiguous()
+    span = span.to(torch.int64).expand(B, Hkv).contiguous()
+    out = torch.empty(B, H, D, dtype=torch.float32)
+    rc = lib.paged_decode(qf.data_ptr(), k_pool.data_ptr(), v_pool.data_ptr(), pos_pool.data_ptr(), tables.data_ptr(),
+                          q_pos.data_ptr(), sink.data_ptr(), span.data_ptr(), out.data_ptr(),
+                          B, H, Hkv, Hb, M, bs, D, float(scale), int(k_pool.dtype == torch.bfloat16))
+    if rc != 0:
+        raise RuntimeError(f"native paged_decode refused shapes B={B} H={H} Hkv={Hkv} D={D} block={bs}.")
+    return out.to(q.dtype)

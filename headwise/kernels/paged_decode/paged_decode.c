@@ -1,0 +1,112 @@
+/* Native CPU paged decode: one query token per sequence, sink + window softmax over a paged pool.
+ *
+ * Same contract as naive.py (see its docstring); compiled on first use by native.py with
+ * -O3 -march=native -fopenmp (OpenMP resolves to the libgomp torch already loaded).
+ * One task per (sequence, KV head): walk its block table, skip slots the query may not read,
+ * online softmax per block of slots over the G query heads of the group. Reads each kept key and
+ * value once, never copies pages.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+#define MAX_G 16
+#define MAX_D 256
+#define MAX_BS 256
+
+static inline float bf16_to_f32(uint16_t x) {
+    uint32_t u = ((uint32_t)x) << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+/* q [B, H, D] f32; k_pool/v_pool [P, bs, Hb, D] (f32 if kv_bf16 == 0 else bf16); pos_pool [P, bs] i64;
+ * tables [B, Ht, M] i32 (Hkv = Ht * Hb); q_pos [B] i64; sink [Hkv] i64; span [B, Hkv] i64; out [B, H, D] f32. */
+int paged_decode(const float *q, const void *k_pool, const void *v_pool, const int64_t *pos_pool,
+                 const int32_t *tables, const int64_t *q_pos, const int64_t *sink, const int64_t *span,
+                 float *out, int64_t B, int64_t H, int64_t Hkv, int64_t Hb, int64_t M, int64_t bs, int64_t D,
+                 float scale, int kv_bf16) {
+    const int64_t G = H / Hkv;
+    const int64_t Ht = Hkv / Hb;
+    if (G > MAX_G || D > MAX_D || bs > MAX_BS) return 1;
+    #pragma omp parallel for collapse(2) schedule(dynamic, 1)
+    for (int64_t b = 0; b < B; b++) {
+        for (int64_t h = 0; h < Hkv; h++) {
+            float qv[MAX_G][MAX_D], acc[MAX_G][MAX_D], m[MAX_G], l[MAX_G], s[MAX_G][MAX_BS];
+            float kf[MAX_D];
+            int64_t idx[MAX_BS];
+            const int64_t qp = q_pos[b];
+            const int64_t sk = sink[h];
+            const int64_t lo = qp - span[b * Hkv + h];       /* window: p > lo */
+            const int32_t *table = tables + (b * Ht + h / Hb) * M;
+            const int64_t hb = h % Hb;
+            for (int64_t g = 0; g < G; g++) {
+                const float *src = q + (b * H + h * G + g) * D;
+                for (int64_t d = 0; d < D; d++) { qv[g][d] = src[d] * scale; acc[g][d] = 0.f; }
+                m[g] = -INFINITY;
+                l[g] = 0.f;
+            }
+            if (qp >= 0) {
+                for (int64_t j = 0; j < M; j++) {
+                    const int64_t blk = table[j];
+                    if (blk < 0) continue;
+                    int64_t n = 0;
+                    for (int64_t t = 0; t < bs; t++) {
+                        const int64_t p = pos_pool[blk * bs + t];
+                        if (p >= 0 && p <= qp && (p < sk || p > lo)) idx[n++] = t;
+                    }
+                    if (n == 0) continue;
+                    for (int64_t i = 0; i < n; i++) {
+                        const int64_t off = ((blk * bs + idx[i]) * Hb + hb) * D;
+                        const float *kp;
+                        if (kv_bf16) {
+                            const uint16_t *kb = (const uint16_t *)k_pool + off;
+                            for (int64_t d = 0; d < D; d++) kf[d] = bf16_to_f32(kb[d]);
+                            kp = kf;
+                        } else {
+                            kp = (const float *)k_pool + off;
+                        }
+                        for (int64_t g = 0; g < G; g++) {
+                            float dot = 0.f;
+                            #pragma omp simd reduction(+:dot)
+                            for (int64_t d = 0; d < D; d++) dot += qv[g][d] * kp[d];
+                            s[g][i] = dot;
+                        }
+                    }
+                    for (int64_t g = 0; g < G; g++) {
+                        float mx = m[g];
+                        for (int64_t i = 0; i < n; i++) mx = s[g][i] > mx ? s[g][i] : mx;
+                        const float corr = expf(m[g] - mx);      /* m = -inf the first time: corr = 0 */
+                        l[g] *= corr;
+                        for (int64_t d = 0; d < D; d++) acc[g][d] *= corr;
+                        m[g] = mx;
+                        for (int64_t i = 0; i < n; i++) { s[g][i] = expf(s[g][i] - mx); l[g] += s[g][i]; }
+                    }
+                    for (int64_t i = 0; i < n; i++) {
+                        const int64_t off = ((blk * bs + idx[i]) * Hb + hb) * D;
+                        const float *vp;
+                        if (kv_bf16) {
+                            const uint16_t *vb = (const uint16_t *)v_pool + off;
+                            for (int64_t d = 0; d < D; d++) kf[d] = bf16_to_f32(vb[d]);
+                            vp = kf;
+                        } else {
+                            vp = (const float *)v_pool + off;
+                        }
+                        for (int64_t g = 0; g < G; g++) {
+                            const float w = s[g][i];
+                            #pragma omp simd
+                            for (int64_t d = 0; d < D; d++) acc[g][d] += w * vp[d];
+                        }
+                    }
+                }
+            }
+            for (int64_t g = 0; g < G; g++) {
+                float *dst = out + (b * H + h * G + g) * D;
+                const float inv = l[g] > 0.f ? 1.f / l[g] : 0.f;
+                for (int64_t d = 0; d < D; d++) dst[d] = acc[g][d] * inv;
+            }
+        }
+    }
+    return 0;
+}

@@ -1,0 +1,33 @@
+"""``skinny_linear`` native kernel against the fp32 reference over rows, widths and dtypes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from headwise.kernels.skinny_linear import native, skinny_linear
+
+SHAPES = [(1, 576, 576), (3, 576, 192), (4, 1536, 576), (8, 100, 37), (16, 65, 1000), (5, 7, 3)]
+
+
+def test_native_kernel_builds_here():
+    assert native.available()
+
+
+@pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
+@pytest.mark.parametrize("wdtype", [torch.float32, torch.bfloat16], ids=["w-fp32", "w-bf16"])
+@pytest.mark.parametrize("rows,inputs,outputs", SHAPES, ids=[f"m{m}-i{i}-o{o}" for m, i, o in SHAPES])
+def test_native_matches_reference(rows, inputs, outputs, wdtype, bias):
+    g = torch.Generator().manual_seed(rows * 1000 + inputs)
+    x = torch.randn(1, rows, inputs, generator=g)
+    w = torch.randn(outputs, inputs, generator=g).to(wdtype)
+    b = torch.randn(outputs, generator=g) if bias else None
+    expected = skinny_linear(x, w, b, backend="naive")
+    got = skinny_linear(x, w, b, backend="native")
+    assert got.shape == (1, rows, outputs)
+    torch.testing.assert_close(got, expected, atol=1e-4 * inputs ** 0.5, rtol=1e-4)
+
+
+def test_too_many_rows_is_refused():
+    with pytest.raises(ValueError, match="1 to 16 rows"):
+        native.skinny_linear(torch.randn(17, 8), torch.randn(4, 8))
