@@ -103,6 +103,8 @@ class SoftmaxKV:
         seq = step.prefill_seq
         sink, span = seq.sink[step.layer, heads], seq.span[step.layer, heads]
         q_pos = step.prefill_pos[None]                                             # [1, n]
+        if step.dense_prefill:              # every head reads all it has; the pool keeps the plan's KV
+            sink, span = torch.zeros_like(sink), torch.full_like(span, int(step.prefill_pos[-1]) + 1)
         cached = step.cached_kv(heads)
         if cached is not None:
             ck, cv, cpos = cached                                                  # [1, Hg, C, D], [1, Hg, C]

@@ -10,7 +10,7 @@ from typing import Any, Iterator
 
 import torch
 
-from ..plan import Plan
+from ..plan import PREFILL_MODES, Plan
 from .block_manager import BlockManager
 from .config import EngineConfig
 from .runner import ModelRunner
@@ -73,11 +73,15 @@ class LLM:
         kv_cache_memory: size of the preallocated KV pool ("2GiB", "512MiB", or bytes).
         block_size, max_num_seqs, max_num_batched_tokens, dtype, backend, native_linear: see
             ``EngineConfig``.
+        prefill: ``"sparse"`` or ``"dense"`` overrides the plan's prefill mode (``None``: the plan's).
+            Dense prefill runs a prompt in one chunk with every head dense, then keeps only the
+            plan's KV; a preempted request then recomputes its generated tokens densely too.
     """
 
     def __init__(self, model: Any = None, plan: Any = "dense", *, tokenizer=None, kv_cache_memory="2GiB",
                  block_size: int = 16, max_num_seqs: int = 16, max_num_batched_tokens: int = 2048,
-                 dtype: torch.dtype | str = torch.float32, backend: str = "auto", native_linear: bool = True):
+                 dtype: torch.dtype | str = torch.float32, backend: str = "auto", native_linear: bool = True,
+                 prefill: str | None = None):
         from ..models import load_model
         from ..patches import is_patched
 
@@ -92,6 +96,9 @@ class LLM:
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.plan = Plan.from_spec(plan, model)
+        self.prefill = self.plan.prefill if prefill is None else prefill
+        if self.prefill not in PREFILL_MODES:
+            raise ValueError(f"prefill must be one of {list(PREFILL_MODES)} or None, got {prefill!r}.")
         text = model.config.get_text_config(decoder=True)
         self.vocab_size = text.vocab_size
         self.max_length = getattr(text, "max_position_embeddings", None) or 1 << 30
@@ -104,8 +111,9 @@ class LLM:
             raise ValueError(f"kv_cache_memory of {self.config.kv_cache_memory} bytes holds no {bs}-token block; "
                              "give the pool more memory.")
         self.blocks = BlockManager(num_blocks, bs)
-        self.scheduler = Scheduler(self.config, self.blocks)
-        self.runner = ModelRunner(model, self.plan, self.config, num_blocks)
+        dense_prefill = self.prefill == "dense"
+        self.scheduler = Scheduler(self.config, self.blocks, whole_prefill=dense_prefill)
+        self.runner = ModelRunner(model, self.plan, self.config, num_blocks, dense_prefill=dense_prefill)
         self.eos_token_ids = self._eos_ids()
         self.last_stats = EngineStats(num_blocks=num_blocks)
         logger.info("headwise engine: %d blocks of %d tokens (%.1f MiB), plan %s, backend %s", num_blocks, bs,

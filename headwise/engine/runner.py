@@ -82,6 +82,7 @@ class LayerStep:
     decode_tables: torch.Tensor | None
     decode_sink: torch.Tensor
     decode_span: torch.Tensor | None
+    dense_prefill: bool = False
     prefill_seq: Sequence | None = None
     prefill_pos: torch.Tensor | None = None
     _cached: tuple | None = field(default=None, repr=False)
@@ -100,8 +101,9 @@ class LayerStep:
 class ModelRunner:
     """Owns the KV pool and runs steps of the model."""
 
-    def __init__(self, model, plan: Plan, config: EngineConfig, num_blocks: int):
+    def __init__(self, model, plan: Plan, config: EngineConfig, num_blocks: int, dense_prefill: bool = False):
         self.model = model
+        self.dense_prefill = dense_prefill
         self.plan = plan
         self.config = config
         text = model.config.get_text_config(decoder=True)
@@ -213,7 +215,8 @@ class ModelRunner:
                          plan.decode_pos,
                          None if plan.decode_tables is None else plan.decode_tables[layer],
                          self.sink[layer],
-                         None if plan.decode_span is None else plan.decode_span[layer])
+                         None if plan.decode_span is None else plan.decode_span[layer],
+                         dense_prefill=self.dense_prefill)
 
 
 class SkinnyLinearMode(TorchFunctionMode):

@@ -5,7 +5,8 @@ token each, oldest first; when one needs a block and none is free the newest run
 preempted (its blocks freed, its tokens recomputed later), never the pool exceeded. What is left
 of the budget goes to prefill chunks: running sequences part-way through their prompt, then
 waiting requests in arrival order while their first chunk's blocks fit and ``max_num_seqs``
-allows.
+allows. Plans with dense prefill never split a prompt (a chunk after the first would read KV the
+window heads already dropped): its prefill is one chunk, over the budget when it runs alone.
 """
 
 from __future__ import annotations
@@ -18,8 +19,9 @@ from .sequence import Sequence, Status
 
 
 class Scheduler:
-    def __init__(self, config: EngineConfig, blocks: BlockManager):
+    def __init__(self, config: EngineConfig, blocks: BlockManager, whole_prefill: bool = False):
         self.config = config
+        self.whole_prefill = whole_prefill      # dense-prefill plans: a prompt's prefill is one chunk
         self.blocks = blocks
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
@@ -79,18 +81,30 @@ class Scheduler:
             if budget == 0:
                 break
             if not seq.is_decoding and all(s is not seq for s, _ in batch):
-                n = min(seq.uncomputed, budget)
-                if self._take(seq, n):
+                n = self._chunk(seq, budget, batch)
+                if n and self._take(seq, n):
                     batch.append((seq, n))
-                    budget -= n
+                    budget -= min(n, budget)
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             seq = self.waiting[0]
-            n = min(seq.uncomputed, budget)
-            if not self._take(seq, n):
+            n = self._chunk(seq, budget, batch)
+            if not n or not self._take(seq, n):
                 break
             self.waiting.popleft()
             seq.status = Status.RUNNING
             self.running.append(seq)
             batch.append((seq, n))
-            budget -= n
+            budget -= min(n, budget)
         return batch
+
+    def _chunk(self, seq: Sequence, budget: int, batch) -> int:
+        """Prefill tokens ``seq`` runs this step (0: not this step).
+
+        Chunked: up to the budget. Whole-prefill: all its uncomputed tokens, past the budget only
+        when no other prefill is in the step.
+        """
+        if not self.whole_prefill:
+            return min(seq.uncomputed, budget)
+        if seq.uncomputed <= budget or not any(not s.is_decoding for s, _ in batch):
+            return seq.uncomputed
+        return 0

@@ -180,3 +180,28 @@ def test_engine_refuses_patched_model_and_bad_config(llama):
         LLM(llama, kv_cache_memory="lots")
     with pytest.raises(ValueError, match="block_size"):
         LLM(llama, block_size=0)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_dense_prefill_mode_equals_patched_hf(arch):
+    model = make_tiny(arch)
+    plan = mixed_plan(model)
+    prompts = random_prompts((4, 90, 300), seed=13)
+    llm = LLM(model, plan=plan, kv_cache_memory="16MiB", block_size=8, max_num_batched_tokens=64, prefill="dense")
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], greedy(10), use_tqdm=False)
+    sparse = LLM(model, plan=plan, kv_cache_memory="16MiB", block_size=8).generate(
+        [{"prompt_token_ids": p} for p in prompts], greedy(10), use_tqdm=False)
+    from headwise import expected_length, patch_model, unpatch_model
+
+    for p, out in zip(prompts, outs):
+        eos, model.generation_config.eos_token_id = model.generation_config.eos_token_id, None
+        patch_model(model, plan, prefill="dense")
+        with torch.no_grad(), expected_length(model, len(p) + 10):
+            x = torch.tensor([p])
+            ref = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=10, do_sample=False)
+        unpatch_model(model)
+        model.generation_config.eos_token_id = eos
+        assert out.outputs[0].token_ids == ref[0, len(p):].tolist()
+    assert [o.outputs[0].token_ids for o in outs] != [o.outputs[0].token_ids for o in sparse]   # the mode matters
+    with pytest.raises(ValueError, match="prefill must be one of"):
+        LLM(model, plan=plan, prefill="fast")

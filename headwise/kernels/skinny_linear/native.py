@@ -37,7 +37,7 @@ def supports(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -
     """CPU fp32 rows (at most ``MAX_ROWS``), contiguous fp32/bf16 weight, fp32 bias, no autograd (it has none)."""
     return (x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() >= 1 and weight.dim() == 2
             and weight.dtype in (torch.float32, torch.bfloat16) and weight.is_contiguous()
-            and x.numel() // max(1, x.shape[-1]) <= MAX_ROWS
+            and 1 <= x.numel() // max(1, x.shape[-1]) <= MAX_ROWS
             and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
             and (bias is None or (bias.dtype == torch.float32 and bias.is_contiguous())) and available())
 
