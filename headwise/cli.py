@@ -16,6 +16,7 @@ COMMAND_MODULES = [
     "headwise.calibrate.cli",
     "headwise.plan_cli",
     "headwise.bench_cli",
+    "headwise.engine.cli",
 ]
 
 
