@@ -57,7 +57,7 @@ class BlockManager:
         where = (slots >= seq.nblocks[..., None]) & (slots < (seq.nblocks + new)[..., None])   # [L, H, M]
         seq.table[where] = torch.tensor(taken, dtype=torch.int32)
         seq.nblocks += new
-        seq.peak_blocks = max(seq.peak_blocks, int(seq.nblocks.sum()))
+        seq.note_blocks()
 
     def release(self, seq: Sequence) -> None:
         """Return every block of ``seq`` to the free list."""

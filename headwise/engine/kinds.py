@@ -101,7 +101,7 @@ class SoftmaxKV:
             ``[1, Hg * G, n, D]``.
         """
         seq = step.prefill_seq
-        sink, span = seq.sink[step.layer, heads], seq.span[step.layer, heads]
+        sink, span = seq.sink[step.layer, heads].to(q.device), seq.span[step.layer, heads].to(q.device)
         q_pos = step.prefill_pos[None]                                             # [1, n]
         if step.dense_prefill:              # every head reads all it has; the pool keeps the plan's KV
             sink, span = torch.zeros_like(sink), torch.full_like(span, int(step.prefill_pos[-1]) + 1)

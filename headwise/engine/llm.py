@@ -64,6 +64,9 @@ class StreamEvent:
 class LLM:
     """Paged-KV engine running a headwise plan on a Hugging Face model.
 
+    Each ``RequestOutput.kv`` reports the request's peak KV: blocks, bytes, bytes per head kind,
+    and ``dense_bytes``, what a dense cache holds for its stored tokens.
+
     Args:
         model: ``None`` (the embedded SmolLM2-135M-Instruct), a local checkpoint directory, or a
             loaded ``transformers`` causal LM (not patched by ``patch_model``; the engine applies
@@ -311,7 +314,8 @@ class LLM:
         heads = self.plan.model.num_layers * self.plan.model.num_kv_heads
         per_token = self.block_bytes // self.config.block_size
         kv = {"peak_blocks": seq.peak_blocks, "peak_bytes": seq.peak_blocks * self.block_bytes,
-              "dense_bytes": seq.num_tokens * heads * per_token}
+              "peak_bytes_by_kind": {k: b * self.block_bytes for k, b in seq.peak_blocks_by_kind.items()},
+              "dense_bytes": seq.num_computed * heads * per_token}
         return RequestOutput(seq.request_id, seq.prompt, seq.prompt_token_ids,
                              [CompletionOutput(0, seq.text, list(seq.output_token_ids), seq.finish_reason,
                                                seq.stop_reason)],

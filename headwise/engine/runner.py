@@ -126,6 +126,7 @@ class ModelRunner:
                 groups.setdefault(id(kind), (kind, []))[1].append(h)
             self.groups.append(list(groups.values()))
         self.sink = torch.tensor([[getattr(s, "sink", 0) for s in layer] for layer in plan.layers], dtype=torch.long)
+        self.sink_on_device = self.sink.to(device)
         self.previous_attn: str | None = None
 
     # ---- owning the model's attention -----------------------------------------------------------
@@ -192,10 +193,17 @@ class ModelRunner:
                 width = min(M, s.table.shape[-1])
                 decode_tables[:, i, :, :width] = s.table[:, :, :width]
             decode_span = torch.stack([s.span for s, _ in decodes], dim=1)            # [L, Bd, H]
-        plan = StepPlan(self, [s for s, _ in decodes], torch.tensor([s.num_computed for s, _ in decodes],
-                                                                    dtype=torch.long),
-                        decode_tables, decode_span, chunks, write_dst, write_src,
-                        torch.tensor(positions, dtype=torch.long))
+        device = self.k_pool.device          # plan tensors are built on the CPU, moved once per step
+
+        def dev(t):
+            return None if t is None else t.to(device, non_blocking=True)
+
+        for chunk in chunks:
+            chunk.positions = dev(chunk.positions)
+        plan = StepPlan(self, [s for s, _ in decodes],
+                        dev(torch.tensor([s.num_computed for s, _ in decodes], dtype=torch.long)),
+                        dev(decode_tables), dev(decode_span), chunks, [dev(t) for t in write_dst],
+                        [dev(t) for t in write_src], dev(torch.tensor(positions, dtype=torch.long)))
         return plan, ids, positions, logit_rows, samplers
 
     @torch.inference_mode()
@@ -214,7 +222,7 @@ class ModelRunner:
         return LayerStep(plan, layer, scale, self.k_pool, self.v_pool, self.pos_pool, self.config.backend,
                          plan.decode_pos,
                          None if plan.decode_tables is None else plan.decode_tables[layer],
-                         self.sink[layer],
+                         self.sink_on_device[layer],
                          None if plan.decode_span is None else plan.decode_span[layer],
                          dense_prefill=self.dense_prefill)
 
@@ -275,7 +283,8 @@ def layer_attention(step: LayerStep, q: torch.Tensor, k: torch.Tensor, v: torch.
             cached.append(None)
             continue
         width = int(seq.nblocks[step.layer].max())
-        cached.append(gather_pages(step.k_pool, step.v_pool, step.pos_pool, seq.table[step.layer][None, :, :width]))
+        table = seq.table[step.layer][None, :, :width].to(step.k_pool.device)
+        cached.append(gather_pages(step.k_pool, step.v_pool, step.pos_pool, table))
     # 2. write the step's keys/values and positions
     kt, vt = k.transpose(0, 1).reshape(T * Hkv, D), v.transpose(0, 1).reshape(T * Hkv, D)
     dst, src = plan.write_dst[step.layer], plan.write_src[step.layer]

@@ -90,6 +90,16 @@ class Sequence:
         self.table = torch.full((*self.max_blocks.shape, int(self.max_blocks.max())), -1, dtype=torch.int32)
         self.nblocks = torch.zeros_like(self.max_blocks)
         self.peak_blocks = 0
+        self.peak_blocks_by_kind: dict[str, int] = {}
+        self._kind_masks = {k: torch.tensor([[x == k for x in layer] for layer in self.kinds])
+                            for k in {x for layer in self.kinds for x in layer}}
+
+    def note_blocks(self) -> None:
+        """Record the blocks held now if they are this request's peak (per head kind too)."""
+        held = int(self.nblocks.sum())
+        if held > self.peak_blocks:
+            self.peak_blocks = held
+            self.peak_blocks_by_kind = {k: int(self.nblocks[m].sum()) for k, m in self._kind_masks.items()}
 
     # ---- tokens ---------------------------------------------------------------------------------
     @property

@@ -205,3 +205,14 @@ def test_dense_prefill_mode_equals_patched_hf(arch):
     assert [o.outputs[0].token_ids for o in outs] != [o.outputs[0].token_ids for o in sparse]   # the mode matters
     with pytest.raises(ValueError, match="prefill must be one of"):
         LLM(model, plan=plan, prefill="fast")
+
+
+def test_per_request_kv_report_splits_kinds(llama):
+    plan = mixed_plan(llama)
+    llm = LLM(llama, plan=plan, kv_cache_memory="16MiB", block_size=8)
+    out = llm.generate([{"prompt_token_ids": random_prompts((400,), seed=14)[0]}], greedy(8), use_tqdm=False)[0]
+    kv = out.kv
+    assert set(kv["peak_bytes_by_kind"]) == {"window", "dense"}
+    assert sum(kv["peak_bytes_by_kind"].values()) == kv["peak_bytes"] == kv["peak_blocks"] * llm.block_bytes
+    assert kv["dense_bytes"] == 407 * 4 * 16 * 2 * 4        # stored tokens x 4 KV heads x head_dim x K+V x fp32
+    assert kv["peak_bytes_by_kind"]["window"] < kv["peak_bytes_by_kind"]["dense"] / 2   # 2 window, 2 dense heads
