@@ -410,7 +410,8 @@ def run_engine(key: str, model, prompts: list[list[int]], decode_tokens: int, se
     row.kv_held_note = "engine peak_kv_bytes"
     row.dense_kv_bytes = s.dense_kv_bytes
     row.extra["kv_bytes_by_kind"] = dict(getattr(s, "kv_bytes_by_kind", {}) or {})
-    row.extra["prefill_tokens"] = getattr(s, "prefill_tokens", None)
+    for name in ("prefill_tokens", "preemptions", "peak_blocks", "num_blocks", "steps"):
+        row.extra[name] = getattr(s, name, None)
     row.tokens = [list(o.outputs[0].token_ids) for o in outs]
     del llm
     return row
