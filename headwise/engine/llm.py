@@ -82,7 +82,7 @@ class LLM:
     """
 
     def __init__(self, model: Any = None, plan: Any = "dense", *, tokenizer=None, kv_cache_memory="2GiB",
-                 block_size: int = 16, max_num_seqs: int = 16, max_num_batched_tokens: int = 2048,
+                 block_size: int = 16, max_num_seqs: int = 16, max_num_batched_tokens: int = 8192,
                  dtype: torch.dtype | str = torch.float32, backend: str = "auto", native_linear: bool = True,
                  prefill: str | None = None):
         from ..models import load_model
