@@ -66,9 +66,6 @@ def register(subparsers) -> None:
     p.add_argument("--long-heads", type=int, default=None,
                    help="v2: make exactly this many top-ranked heads long (default: gates above --gate-threshold, "
                         "at most what --min-short allows)")
-    p.add_argument("--min-short", type=float, default=None,
-                   help="v2: least kept fraction left to every short head when capping the long heads (default: "
-                        "(sink + min-span) / shortest length, so the budget at the shortest length stays feasible)")
     p.add_argument("--prefill", choices=("sparse", "dense"), default=None,
                    help="the plan's prefill mode (default: none recorded, i.e. sparse)")
     p.add_argument("--time-limit", type=float, default=300.0, help="seconds per MILP solve")
@@ -162,7 +159,8 @@ def choose_long_heads(model, tokenizer, info, args):
     still keep ``--min-short`` of the context under ``--density``.
     """
     from .gate_store import GateSettings, GateStore
-    from .gates import long_head_mask, max_long_heads
+    from .gates import long_head_mask
+    from .optimize import long_head_cap
     from .recall_data import recall_description
 
     gate_lengths = parse_lengths(args.gate_lengths, MIN_LENGTH)
@@ -175,8 +173,7 @@ def choose_long_heads(model, tokenizer, info, args):
           f"({time.perf_counter() - started:.0f} s this run)", flush=True)
     heads = info.num_layers * info.num_kv_heads
     lengths = parse_lengths(args.lengths, MIN_LENGTH)
-    min_short = args.min_short if args.min_short is not None else (args.sink + args.min_span) / min(lengths)
-    cap = max_long_heads(args.density, heads, min_short)
+    cap = long_head_cap(lengths, args.density, heads, args.sink, args.alpha_step, args.min_span, args.guard_length)
     ranking = result.ranking()
     wanted = args.long_heads if args.long_heads is not None else int((result.gates > args.gate_threshold).sum())
     count = min(wanted, cap)
@@ -186,7 +183,7 @@ def choose_long_heads(model, tokenizer, info, args):
                             "gates": np.round(result.gates, 4).tolist(),
                             "importance": np.round(result.importance, 8).tolist(),
                             "settings": dataclasses.asdict(settings), "facts": args.gate_facts,
-                            "threshold": args.gate_threshold, "min_short": min_short,
+                            "threshold": args.gate_threshold,
                             "final_distill": result.history[-1]["distill"] if result.history else None,
                             "seconds_when_trained": round(result.seconds, 1),
                             "data": recall_description(args.gate_facts)}}

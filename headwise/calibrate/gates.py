@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import random
 import time
 from dataclasses import dataclass, field
@@ -291,11 +290,3 @@ def long_head_mask(ranking: list[tuple[int, int]], count: int, shape: tuple[int,
         mask[l, h] = True
     return mask
 
-
-def max_long_heads(density: float, heads: int, min_short_fraction: float) -> int:
-    """Most dense heads a ``density`` budget allows while every other head keeps at least
-    ``min_short_fraction`` of the context: ``k + (heads - k) * f <= density * heads``."""
-    if min_short_fraction >= 1.0:
-        return 0
-    return max(0, min(heads, math.floor((density * heads - heads * min_short_fraction) / (1.0 - min_short_fraction)
-                                        + 1e-9)))

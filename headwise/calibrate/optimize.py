@@ -67,6 +67,24 @@ def candidate_grid(lengths: list[int], sink: int = 64, alpha_step: int | None = 
     return grid + [Dense()]
 
 
+def long_head_cap(lengths: list[int], density: float, heads: int, sink: int = 64, alpha_step: int | None = None,
+                  min_span: int = 0, guard: int | None = None) -> int:
+    """Most heads that can be fixed ``Dense`` while the rest still fit the budget at every length:
+    the largest ``k`` with ``k * N + (heads - k) * m_N <= density * N * heads`` for every ``N``,
+    ``m_N`` the least a window candidate of ``optimize``'s grid (same guard) keeps at ``N``."""
+    uniform = Window(sink=sink, alpha=float(-sink), beta=float(density))
+    min_span = min(min_span, uniform.span(guard_length(lengths, guard)))
+    windows = [c for c in candidate_grid(lengths, sink, alpha_step, min_span=min_span, guard=guard)
+               if isinstance(c, Window)]
+    cap = heads
+    for n in lengths:
+        least = min(c.kept(n) for c in windows)
+        if least >= n:
+            return 0
+        cap = min(cap, int(np.floor((density * n * heads - heads * least) / (n - least) + 1e-9)))
+    return max(0, cap)
+
+
 def dropped_fraction(head: HeadSpec, n: int, block: int) -> np.ndarray:
     """Fraction of each tile's causal entries that ``head`` drops at length ``n``.
 

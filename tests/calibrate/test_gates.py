@@ -9,8 +9,8 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 from headwise.calibrate.gates import (GateSample, dense_targets, gated_loss, local_attention, long_head_mask,
-                                      max_long_heads, train_gates)
-from headwise.calibrate.optimize import optimize
+                                      train_gates)
+from headwise.calibrate.optimize import long_head_cap, optimize
 from headwise.kernels.sink_window.naive import sink_window_attention
 from headwise.plan import Dense
 from tests.calibrate.test_optimize import INFO, _check_constraints, _synthetic_profiles
@@ -129,7 +129,8 @@ def test_combined_plan_keeps_long_heads_dense_within_budget_at_every_length(dens
     lengths = [256, 512, 1024]
     profiles = _synthetic_profiles(lengths)
     heads = INFO.num_layers * INFO.num_kv_heads
-    count = max_long_heads(density, heads, 1 / 16)
+    count = long_head_cap(lengths, density, heads, sink=16, alpha_step=64)
+    assert 0 < count < heads
     ranking = [(l, h) for l in range(INFO.num_layers) for h in range(INFO.num_kv_heads)][::-1]
     long = long_head_mask(ranking, count, (INFO.num_layers, INFO.num_kv_heads))
     result = optimize(profiles, INFO, density, holdout=1024, max_configs=2, alpha_step=64, sink=16, long_heads=long)
@@ -141,9 +142,10 @@ def test_combined_plan_keeps_long_heads_dense_within_budget_at_every_length(dens
         assert result.plan.density(n) <= density + 1e-9
 
 
-def test_max_long_heads_leaves_every_short_head_its_fraction():
-    assert max_long_heads(0.1, 90, 0.2) == 0        # the budget cannot even give every head its fraction
-    for density, f in [(0.25, 1 / 16), (0.5, 0.1), (0.3, 0.2), (0.25, 0.0)]:
-        k = max_long_heads(density, 90, f)
-        assert k + (90 - k) * f <= density * 90 + 1e-9
-        assert k == 90 or (k + 1) + (90 - k - 1) * f > density * 90
+
+def test_long_head_cap_is_the_budget_with_the_least_window_candidate():
+    # grid at 256/512/1024 with sink 16, alpha step 64: the least window keeps 17 tokens at every length
+    lengths, heads = [256, 512, 1024], 8
+    cap = long_head_cap(lengths, 0.25, heads, sink=16, alpha_step=64)
+    assert cap == min(int((0.25 * n * heads - heads * 17) // (n - 17)) for n in lengths)
+    assert long_head_cap(lengths, 0.25, heads, sink=16, alpha_step=64, min_span=64) < cap    # guard costs heads
