@@ -39,7 +39,8 @@ def load_native(source: Path) -> ctypes.CDLL | None:
     if compiler is None:
         logger.warning("%s: no C compiler found; the native kernel is off and the torch path runs", source.name)
         return None
-    code = source.read_bytes()
+    header = Path(__file__).with_name("native.h")
+    code = source.read_bytes() + header.read_bytes()
     key = hashlib.sha256(code + platform.machine().encode() + platform.node().encode()).hexdigest()[:16]
     target = cache_dir() / "kernels" / f"{source.stem}-{key}.so"
     if not target.is_file():
@@ -47,7 +48,7 @@ def load_native(source: Path) -> ctypes.CDLL | None:
         with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
             built = Path(tmp) / target.name
             cmd = [compiler, "-O3", "-march=native", "-ffast-math", "-fno-finite-math-only", "-fopenmp", "-shared",
-                   "-fPIC", str(source), "-o", str(built), "-lm"]
+                   "-fPIC", f"-I{header.parent}", str(source), "-o", str(built), "-lm"]
             result = subprocess.run(cmd, capture_output=True, text=True)
             if result.returncode != 0:
                 last = (result.stderr.strip().splitlines() or [f"exit code {result.returncode}"])[-1]

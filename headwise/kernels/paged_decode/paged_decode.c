@@ -7,19 +7,12 @@
  * value once, never copies pages.
  */
 #include <math.h>
-#include <stdint.h>
-#include <string.h>
+
+#include "native.h"
 
 #define MAX_G 16
 #define MAX_D 256
 #define MAX_BS 256
-
-static inline float bf16_to_f32(uint16_t x) {
-    uint32_t u = ((uint32_t)x) << 16;
-    float f;
-    memcpy(&f, &u, 4);
-    return f;
-}
 
 /* q [B, H, D] f32; k_pool/v_pool [P, bs, Hb, D] (f32 if kv_bf16 == 0 else bf16); pos_pool [P, bs] i64;
  * tables [B, Ht, M] i32 (Hkv = Ht * Hb); q_pos [B] i64; sink [Hkv] i64; span [B, Hkv] i64; out [B, H, D] f32. */
@@ -58,15 +51,7 @@ int paged_decode(const float *q, const void *k_pool, const void *v_pool, const i
                     }
                     if (n == 0) continue;
                     for (int64_t i = 0; i < n; i++) {
-                        const int64_t off = ((blk * bs + idx[i]) * Hb + hb) * D;
-                        const float *kp;
-                        if (kv_bf16) {
-                            const uint16_t *kb = (const uint16_t *)k_pool + off;
-                            for (int64_t d = 0; d < D; d++) kf[d] = bf16_to_f32(kb[d]);
-                            kp = kf;
-                        } else {
-                            kp = (const float *)k_pool + off;
-                        }
+                        const float *kp = row_as_f32(k_pool, ((blk * bs + idx[i]) * Hb + hb) * D, D, kv_bf16, kf);
                         for (int64_t g = 0; g < G; g++) {
                             float dot = 0.f;
                             #pragma omp simd reduction(+:dot)
@@ -84,15 +69,7 @@ int paged_decode(const float *q, const void *k_pool, const void *v_pool, const i
                         for (int64_t i = 0; i < n; i++) { s[g][i] = expf(s[g][i] - mx); l[g] += s[g][i]; }
                     }
                     for (int64_t i = 0; i < n; i++) {
-                        const int64_t off = ((blk * bs + idx[i]) * Hb + hb) * D;
-                        const float *vp;
-                        if (kv_bf16) {
-                            const uint16_t *vb = (const uint16_t *)v_pool + off;
-                            for (int64_t d = 0; d < D; d++) kf[d] = bf16_to_f32(vb[d]);
-                            vp = kf;
-                        } else {
-                            vp = (const float *)v_pool + off;
-                        }
+                        const float *vp = row_as_f32(v_pool, ((blk * bs + idx[i]) * Hb + hb) * D, D, kv_bf16, kf);
                         for (int64_t g = 0; g < G; g++) {
                             const float w = s[g][i];
                             #pragma omp simd

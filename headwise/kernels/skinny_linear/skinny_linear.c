@@ -5,17 +5,9 @@
  * libgomp torch already loaded); for each W row, 16-float chunks are loaded once and multiplied into
  * M vector accumulators (M is a compile-time constant in each specialisation, so they stay in registers).
  */
-#include <stdint.h>
-#include <string.h>
+#include "native.h"
 
 #define LANES 16
-
-static inline float bf16_to_f32(uint16_t x) {
-    uint32_t u = ((uint32_t)x) << 16;
-    float f;
-    memcpy(&f, &u, 4);
-    return f;
-}
 
 #ifdef __AVX512F__
 #include <immintrin.h>
