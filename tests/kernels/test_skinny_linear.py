@@ -28,6 +28,16 @@ def test_native_matches_reference(rows, inputs, outputs, wdtype, bias):
     torch.testing.assert_close(got, expected, atol=1e-4 * inputs ** 0.5, rtol=1e-4)
 
 
+def test_bf16_rows_and_bias():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 64, generator=g).bfloat16()
+    w = torch.randn(40, 64, generator=g).bfloat16()
+    b = torch.randn(40, generator=g).bfloat16()
+    got = skinny_linear(x, w, b, backend="native")
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got, skinny_linear(x, w, b, backend="naive"), atol=2e-2, rtol=2e-2)
+
+
 def test_too_many_rows_is_refused():
     with pytest.raises(ValueError, match="1 to 16 rows"):
         native.skinny_linear(torch.randn(17, 8), torch.randn(4, 8))

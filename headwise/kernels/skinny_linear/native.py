@@ -34,16 +34,16 @@ def available() -> bool:
 
 
 def supports(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
-    """CPU fp32 rows (at most ``MAX_ROWS``), contiguous fp32/bf16 weight, fp32 bias, no autograd (it has none)."""
-    return (x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() >= 1 and weight.dim() == 2
+    """CPU fp32/bf16 rows (at most ``MAX_ROWS``), contiguous fp32/bf16 weight, no autograd (it has none)."""
+    return (x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16) and x.dim() >= 1 and weight.dim() == 2
             and weight.dtype in (torch.float32, torch.bfloat16) and weight.is_contiguous()
             and 1 <= x.numel() // max(1, x.shape[-1]) <= MAX_ROWS
             and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
-            and (bias is None or (bias.dtype == torch.float32 and bias.is_contiguous())) and available())
+            and (bias is None or bias.dim() == 1) and available())
 
 
 def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``[..., I] -> [..., O]``; shapes and dtypes as ``naive.skinny_linear`` (fp32 rows)."""
+    """``[..., I] -> [..., O]``; shapes and dtypes as ``naive.skinny_linear`` (fp32 math, output in ``x.dtype``)."""
     lib = _library()
     if lib is None:
         raise RuntimeError("the native skinny_linear kernel could not be built here; use backend='naive'.")
@@ -53,6 +53,7 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     if not 1 <= M <= 16:
         raise ValueError(f"native skinny_linear takes 1 to 16 rows, got {M}; use torch.nn.functional.linear.")
     y = torch.empty(M, O, dtype=torch.float32)
+    bias = None if bias is None else bias.float().contiguous()
     rc = lib.skinny_linear(rows.data_ptr(), weight.data_ptr(), None if bias is None else bias.data_ptr(),
                            y.data_ptr(), M, I, O, int(weight.dtype == torch.bfloat16))
     if rc != 0:
