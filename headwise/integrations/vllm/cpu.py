@@ -5,8 +5,8 @@
 
 * no plan: vLLM's own ``CPUAttentionBackendImpl``, nothing of headwise runs;
 * a plan: ``HeadwiseCPUImpl``. Layers whose KV heads are all dense run vLLM's implementation
-  untouched (its cache write and its kernel); other layers write their cache with vLLM's own
-  ``cpu_attn_reshape_and_cache`` in the ``"vec"`` layout and attend through ``paged.attend``
+  untouched (its cache write and its kernel); other layers write their cache with ``paged.write``
+  (plain ``[bs, D]`` keys and values per block and head) and attend through ``paged.attend``
   (headwise's ``paged_decode`` / ``sink_window`` kernels).
 
 The plan is loaded and checked once per process when the model is built, so a bad plan stops
@@ -19,7 +19,6 @@ import logging
 from dataclasses import dataclass, field
 
 import torch
-from vllm import _custom_ops as ops
 from vllm.config.vllm import get_current_vllm_config_or_none
 from vllm.v1.attention.backend import AttentionType
 from vllm.v1.attention.backends.cpu_attn import (CPUAttentionBackend, CPUAttentionBackendImpl,
@@ -31,9 +30,6 @@ from . import paged
 from .plan_source import describe, load_plan_for_vllm, plan_spec
 
 logger = logging.getLogger("vllm.headwise")    # under vLLM's logger: its handler and format
-
-#: ISA of the cache layout ``paged.pools`` reads (keys ``[D, bs]``, values ``[bs, D]`` per block and head).
-CACHE_ISA = "vec"
 
 _loaded: dict[tuple[str, str], Plan] = {}
 
@@ -130,14 +126,10 @@ class HeadwiseCPUImpl(CPUAttentionBackendImpl):
         return self._rule
 
     def do_kv_cache_update(self, layer, key, value, kv_cache, slot_mapping) -> None:
-        """Store this step's keys and values: vLLM's own path for all-dense layers, else the ``"vec"`` layout."""
+        """Store this step's keys and values: vLLM's own path for all-dense layers, else ``paged.write``."""
         if self.rule(layer).all_dense:
             return super().do_kv_cache_update(layer, key, value, kv_cache, slot_mapping)
-        P, Hkv, bs, _ = kv_cache.shape
-        key_cache, value_cache = kv_cache.view(P, Hkv, bs * 2, -1).chunk(2, dim=2)
-        ops.cpu_attn_reshape_and_cache(key, value, key_cache, value_cache, slot_mapping, CACHE_ISA,
-                                       k_scale=layer._k_scale_float, v_scale=layer._v_scale_float,
-                                       kv_cache_dtype=self.kv_cache_dtype)
+        paged.write(kv_cache, key, value, slot_mapping)
 
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, output_scale=None,
                 output_block_scale=None):

