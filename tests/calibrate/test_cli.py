@@ -136,3 +136,24 @@ def test_plan_show_on_a_uniform_plan(tmp_path, capsys):
     assert (tmp_path / "u.png").is_file()
     assert json.loads((tmp_path / "u.json").read_text())["calibration"]["method"] == "uniform"
     assert np.isclose(plan.density(4096), 0.25)
+
+
+@pytest.mark.slow
+def test_calibrate_with_gates_then_resolve_from_cached_gates(tiny_dir, tmp_path, capsys):
+    args = ["calibrate", "--model", str(tiny_dir), "--method", "gates", "--lengths", "256,512", "--samples", "2",
+            "--answer-tokens", "8", "--sink", "16", "--gate-lengths", "512", "--gate-samples", "1",
+            "--gate-steps", "2", "--gate-facts", "2", "--gate-window", "32", "--cache-dir", str(tmp_path / "cache"),
+            "--threads", "1"]
+    assert main(args + ["--density", "0.5", "--out", str(tmp_path / "a.json"), "--prefill", "dense"]) == 0
+    assert "gates trained" in capsys.readouterr().out
+    plan = load_plan(tmp_path / "a.json")
+    notes = plan.calibration["long_heads"]
+    assert plan.calibration["method"] == "gates+milp" and plan.prefill == "dense"
+    assert notes["count"] == min(notes["wanted"], notes["cap"])
+    dense = {(l, h) for l, layer in enumerate(plan.layers) for h, head in enumerate(layer) if head.kind == "dense"}
+    assert {tuple(x) for x in notes["heads"]} <= dense
+    for n in (256, 512):
+        assert plan.density(n) <= 0.5 + 1e-9
+    assert main(args + ["--density", "0.25", "--out", str(tmp_path / "b.json")]) == 0
+    out = capsys.readouterr().out
+    assert "gates loaded" in out and "0 of 4 samples to compute" in out
