@@ -71,3 +71,16 @@ def test_native_paged_over_ragged_tables(length, gqa, sink, window, layout):
     args = (q, k_pool, v_pool, pos_pool, ragged, q_pos, sink_t, span, scale)
     torch.testing.assert_close(op.paged_decode(*args, backend="native"), op.paged_decode(*args, backend="naive"),
                                **TOLERANCE[torch.float32])
+
+
+def test_native_reads_strided_pools_in_place():
+    """Pools that are views with a block stride (K and V interleaved per block, as vLLM's cache) give the same result."""
+    _, (q, k_pool, v_pool, pos_pool, tables, q_pos, sink_t, span, scale) = paged_case(
+        300, 3, 4, "win_lt", torch.float32, "per-head-bs16")
+    both = torch.stack([k_pool, v_pool], dim=1)                      # [P, 2, bs, Hb, D]
+    k_view, v_view = both[:, 0], both[:, 1]
+    assert not k_view.is_contiguous()
+    args = (q, k_view, v_view, pos_pool, tables, q_pos, sink_t, span, scale)
+    torch.testing.assert_close(op.paged_decode(*args, backend="native"),
+                               op.paged_decode(q, k_pool, v_pool, pos_pool, tables, q_pos, sink_t, span, scale,
+                                               backend="naive"), **TOLERANCE[torch.float32])

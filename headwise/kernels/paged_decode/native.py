@@ -28,7 +28,7 @@ def _library():
     lib = load_native(SOURCE)
     if lib is not None:
         lib.paged_decode.restype = ctypes.c_int
-        lib.paged_decode.argtypes = [ctypes.c_void_p] * 9 + [ctypes.c_int64] * 7 + [ctypes.c_float, ctypes.c_int]
+        lib.paged_decode.argtypes = [ctypes.c_void_p] * 9 + [ctypes.c_int64] * 10 + [ctypes.c_float, ctypes.c_int]
     return lib
 
 
@@ -60,7 +60,9 @@ def paged_decode(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, po
     if k_pool.dtype not in (torch.float32, torch.bfloat16) or v_pool.dtype != k_pool.dtype:
         raise ValueError(f"native paged_decode reads float32 or bfloat16 pools, got {k_pool.dtype}; use backend='cpu'.")
     qf = q.float().contiguous()
-    k_pool, v_pool = k_pool.contiguous(), v_pool.contiguous()
+    if k_pool.stride() != v_pool.stride() or k_pool.stride(-1) != 1:
+        # read strided views in place (a vLLM cache is one); copy only layouts the kernel cannot stride
+        k_pool, v_pool = k_pool.contiguous(), v_pool.contiguous()
     pos_pool = pos_pool.to(torch.int64).contiguous()
     tables = block_tables.to(torch.int32).contiguous()
     q_pos = q_pos.to(torch.int64).contiguous()
@@ -69,7 +71,8 @@ def paged_decode(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, po
     out = torch.empty(B, H, D, dtype=torch.float32)
     rc = lib.paged_decode(qf.data_ptr(), k_pool.data_ptr(), v_pool.data_ptr(), pos_pool.data_ptr(), tables.data_ptr(),
                           q_pos.data_ptr(), sink.data_ptr(), span.data_ptr(), out.data_ptr(),
-                          B, H, Hkv, Hb, M, bs, D, float(scale), int(k_pool.dtype == torch.bfloat16))
+                          B, H, Hkv, Hb, M, bs, D, k_pool.stride(0), k_pool.stride(1), k_pool.stride(2),
+                          float(scale), int(k_pool.dtype == torch.bfloat16))
     if rc != 0:
         raise RuntimeError(f"native paged_decode refused shapes B={B} H={H} Hkv={Hkv} D={D} block={bs}.")
     return out.to(q.dtype)

@@ -14,12 +14,14 @@
 #define MAX_D 256
 #define MAX_BS 256
 
-/* q [B, H, D] f32; k_pool/v_pool [P, bs, Hb, D] (f32 if kv_bf16 == 0 else bf16); pos_pool [P, bs] i64;
- * tables [B, Ht, M] i32 (Hkv = Ht * Hb); q_pos [B] i64; sink [Hkv] i64; span [B, Hkv] i64; out [B, H, D] f32. */
+/* q [B, H, D] f32; k_pool/v_pool [P, bs, Hb, D] (f32 if kv_bf16 == 0 else bf16) with element strides
+ * (s_block, s_slot, s_head, 1), the same for both pools (vLLM's cache is such a strided view); pos_pool
+ * [P, bs] i64; tables [B, Ht, M] i32 (Hkv = Ht * Hb); q_pos [B] i64; sink [Hkv] i64; span [B, Hkv] i64;
+ * out [B, H, D] f32. */
 int paged_decode(const float *q, const void *k_pool, const void *v_pool, const int64_t *pos_pool,
                  const int32_t *tables, const int64_t *q_pos, const int64_t *sink, const int64_t *span,
                  float *out, int64_t B, int64_t H, int64_t Hkv, int64_t Hb, int64_t M, int64_t bs, int64_t D,
-                 float scale, int kv_bf16) {
+                 int64_t s_block, int64_t s_slot, int64_t s_head, float scale, int kv_bf16) {
     const int64_t G = H / Hkv;
     const int64_t Ht = Hkv / Hb;
     if (G > MAX_G || D > MAX_D || bs > MAX_BS) return 1;
@@ -51,7 +53,7 @@ int paged_decode(const float *q, const void *k_pool, const void *v_pool, const i
                     }
                     if (n == 0) continue;
                     for (int64_t i = 0; i < n; i++) {
-                        const float *kp = row_as_f32(k_pool, ((blk * bs + idx[i]) * Hb + hb) * D, D, kv_bf16, kf);
+                        const float *kp = row_as_f32(k_pool, blk * s_block + idx[i] * s_slot + hb * s_head, D, kv_bf16, kf);
                         for (int64_t g = 0; g < G; g++) {
                             float dot = 0.f;
                             #pragma omp simd reduction(+:dot)
@@ -69,7 +71,7 @@ int paged_decode(const float *q, const void *k_pool, const void *v_pool, const i
                         for (int64_t i = 0; i < n; i++) { s[g][i] = expf(s[g][i] - mx); l[g] += s[g][i]; }
                     }
                     for (int64_t i = 0; i < n; i++) {
-                        const float *vp = row_as_f32(v_pool, ((blk * bs + idx[i]) * Hb + hb) * D, D, kv_bf16, kf);
+                        const float *vp = row_as_f32(v_pool, blk * s_block + idx[i] * s_slot + hb * s_head, D, kv_bf16, kf);
                         for (int64_t g = 0; g < G; g++) {
                             const float w = s[g][i];
                             #pragma omp simd
