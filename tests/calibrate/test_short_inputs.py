@@ -28,6 +28,10 @@ def _ppl(model, tokenizer, texts) -> float:
     return math.exp(nll / count)
 
 
+# Known failure, measured 2026-11-25: at 256 tokens every shipped plan collapses (perplexity 36.4 d25,
+# 56.1 d50, 19.6 d25-v2, 78.7 d50-v2 against dense 17.2): elastic spans alpha + beta*N with a
+# negative alpha shrink to a few tokens on short inputs. strict: the test fails loudly once fixed.
+@pytest.mark.xfail(strict=True, reason="shipped plans collapse at 256 tokens (issue 13 item 5, open); see README Known gaps")
 @pytest.mark.slow
 @pytest.mark.parametrize("path", PLANS, ids=[p.stem for p in PLANS])
 def test_shipped_plans_do_not_collapse_on_short_inputs(real_model, path):
