@@ -594,6 +594,12 @@ def run_setting(setting: Setting, rows: list[str], decode_tokens: int, load: Cal
     model, tokenizer = load()
     if prompts is None:
         prompts = make_prompts(setting, tokenizer, vocab_size=model.config.vocab_size)
+        # prompt + decode steps (+ vLLM's 16-token margin) must fit the model's context: at "8k" with an
+        # 8192-token model the prompts are cut to 8192 - T - 16 tokens
+        limit = (getattr(model.config, "max_position_embeddings", None) or 1 << 30) - decode_tokens - 16
+        if len(prompts[0]) > limit:
+            print(f"  prompts cut to {limit} tokens to fit the model's context with {decode_tokens} decode steps")
+            prompts = [p[:limit] for p in prompts]
     for key in rows:
         if results:
             model, _ = load()
