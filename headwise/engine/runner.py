@@ -53,7 +53,7 @@ class StepPlan:
     decode_tables: ``[L, Bd, Hkv, M]`` int32 block tables of the decode sequences.
     decode_span: ``[L, Bd, Hkv]`` int64 spans.
     write_dst, write_src: per layer, flat pool slots and the ``t * Hkv + h`` rows written there.
-    write_pos: ``[T]`` positions of the step's tokens.
+    write_pos: per layer, the position of each row in ``write_src`` (what goes into ``pos_pool``).
     """
 
     runner: "ModelRunner"
@@ -64,7 +64,7 @@ class StepPlan:
     chunks: list[Chunk]
     write_dst: list[torch.Tensor]
     write_src: list[torch.Tensor]
-    write_pos: torch.Tensor
+    write_pos: list[torch.Tensor]
 
 
 @dataclass
@@ -177,14 +177,17 @@ class ModelRunner:
         slots = torch.cat(slot_parts, dim=-1).transpose(1, 2)                          # [L, T, H]
         keep = torch.cat(keep_parts, dim=-1).transpose(1, 2)
         L, T, H = slots.shape
+        row_pos = torch.tensor(positions, dtype=torch.long).repeat_interleave(H)         # [T * H]
         if bool(keep.all()):
             src = torch.arange(T * H)
             write_dst = [slots[layer].reshape(-1) for layer in range(L)]
             write_src = [src] * L
+            write_pos = [row_pos] * L
         else:
             flat_keep = keep.reshape(L, T * H)
             write_src = [flat_keep[layer].nonzero().squeeze(1) for layer in range(L)]
             write_dst = [slots[layer].reshape(-1)[write_src[layer]] for layer in range(L)]
+            write_pos = [row_pos.index_select(0, src) for src in write_src]
         decode_tables = decode_span = None
         if decodes:
             M = max(int(s.nblocks.max()) for s, _ in decodes)
@@ -203,7 +206,7 @@ class ModelRunner:
         plan = StepPlan(self, [s for s, _ in decodes],
                         dev(torch.tensor([s.num_computed for s, _ in decodes], dtype=torch.long)),
                         dev(decode_tables), dev(decode_span), chunks, [dev(t) for t in write_dst],
-                        [dev(t) for t in write_src], dev(torch.tensor(positions, dtype=torch.long)))
+                        [dev(t) for t in write_src], [dev(t) for t in write_pos])
         return plan, ids, positions, logit_rows, samplers
 
     @torch.inference_mode()
@@ -290,7 +293,7 @@ def layer_attention(step: LayerStep, q: torch.Tensor, k: torch.Tensor, v: torch.
     dst, src = plan.write_dst[step.layer], plan.write_src[step.layer]
     step.k_pool.view(-1, D).index_copy_(0, dst, kt.index_select(0, src).to(step.k_pool.dtype))
     step.v_pool.view(-1, D).index_copy_(0, dst, vt.index_select(0, src).to(step.v_pool.dtype))
-    step.pos_pool.view(-1).index_copy_(0, dst, plan.write_pos.repeat_interleave(Hkv).index_select(0, src))
+    step.pos_pool.view(-1).index_copy_(0, dst, plan.write_pos[step.layer])
     out = q.new_empty(T, H, D)
     # 3. decode tokens (the first Bd of the step) over the pool
     Bd = len(plan.decode_seqs)
