@@ -1,8 +1,13 @@
 """Plans: which attention every KV head of a model runs, as versioned JSON.
 
 A plan is tied to one model architecture (by a fingerprint of its config) and holds, per layer,
-one head spec per KV head. Head kinds live in a registry: a new kind is a new ``HeadSpec``
-subclass decorated with ``@register_head_kind`` (in its own module), nothing else changes.
+one head spec per KV head. Head kinds live in a registry: a new kind is a new folder under
+``headwise/kinds/`` whose ``spec.py`` defines a ``HeadSpec`` subclass decorated with
+``@register_head_kind`` (DESIGN §10); ``window`` and ``dense`` are defined there and re-exported here.
+
+Kinds with fitted parameters (``lightning`` feature maps) keep them in ``Plan.weights``, saved
+beside the JSON as ``<plan>.safetensors``; the JSON records that file's sha256 and loading refuses
+a missing or changed file (never pickle).
 
 Span rule of a ``window`` head at sequence length ``N`` (DESIGN §2)::
 
@@ -19,7 +24,8 @@ import json
 import math
 import os
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from pathlib import Path
+from typing import Any, ClassVar, Mapping
 
 FORMAT = "headwise.plan/1"
 PREFILL_MODES = ("sparse", "dense")
@@ -39,7 +45,7 @@ def register_head_kind(cls: type["HeadSpec"]) -> type["HeadSpec"]:
     return cls
 
 
-def _check_number(where: str, name: str, value: Any, *, minimum: float | None = None,
+def check_number(where: str, name: str, value: Any, *, minimum: float | None = None,
                   maximum: float | None = None, integer: bool = False) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise PlanError(f"{where}: field {name!r} must be a number, got {value!r}.")
@@ -51,6 +57,9 @@ def _check_number(where: str, name: str, value: Any, *, minimum: float | None = 
         raise PlanError(f"{where}: field {name!r} must be >= {minimum}, got {value!r}.")
     if maximum is not None and value > maximum:
         raise PlanError(f"{where}: field {name!r} must be <= {maximum}, got {value!r}.")
+
+
+_check_number = check_number
 
 
 @dataclass(frozen=True)
@@ -67,6 +76,23 @@ class HeadSpec:
     def kept(self, n: int) -> int:
         """Number of KV entries this head keeps at sequence length ``n``."""
         raise NotImplementedError
+
+    def kv_rule(self) -> tuple[int, float, float, bool]:
+        """``(sink, alpha, beta, dense)``: which KV the cache keeps for this head (``kinds.kv_rule``)."""
+        raise NotImplementedError(f"head kind {self.kind!r} does not say which KV it keeps (kv_rule).")
+
+    def state_bytes(self, head_dim: int, group_size: int) -> int:
+        """Bytes of constant-size decode state this head holds besides its KV (0 for softmax kinds)."""
+        return 0
+
+    def memory_bytes(self, n: int, head_dim: int, kv_bytes: int = 2) -> int:
+        """Decode memory of this KV head at length ``n``: kept K and V at ``kv_bytes`` per value,
+        plus its constant state (``state_bytes`` with one query head per KV head)."""
+        return 2 * self.kept(n) * head_dim * kv_bytes + self.state_bytes(head_dim, 1)
+
+    def required_weights(self, info: "ModelInfo", layer: int, head: int) -> dict[str, tuple[int, ...]]:
+        """Tensors (name -> shape) this head needs from the plan's safetensors file (none by default)."""
+        return {}
 
     def to_json(self) -> dict[str, Any]:
         return {"kind": self.kind, **dataclasses.asdict(self)}
@@ -86,48 +112,6 @@ class HeadSpec:
 
     def validate(self, where: str, max_length: int | None = None) -> None:
         """Raise ``PlanError`` with one sentence if a field is out of range."""
-
-
-@register_head_kind
-@dataclass(frozen=True)
-class Window(HeadSpec):
-    """Sink + local window: first ``sink`` tokens and the last ``span(N)`` tokens.
-
-    ``beta = 0`` is StreamingLLM; ``beta > 0`` is MoA's elastic span ``alpha + beta * N``.
-    """
-
-    kind: ClassVar[str] = "window"
-    family: ClassVar[str] = "sink_window"
-    sink: int = 0
-    alpha: float = 0.0
-    beta: float = 0.0
-
-    def span(self, n: int) -> int:
-        return span_of(self.alpha, self.beta, n)
-
-    def kept(self, n: int) -> int:
-        return min(n, self.sink + self.span(n))
-
-    def validate(self, where: str, max_length: int | None = None) -> None:
-        _check_number(where, "sink", self.sink, minimum=0, integer=True)
-        _check_number(where, "alpha", self.alpha)
-        _check_number(where, "beta", self.beta, minimum=0.0, maximum=1.0)
-        if max_length is not None and self.sink >= max_length:
-            raise PlanError(f"{where}: sink {self.sink} must be smaller than the model's context of {max_length} tokens.")
-        if max_length is not None and abs(self.alpha) > 4 * max_length:
-            raise PlanError(f"{where}: alpha {self.alpha} is far outside the model's context of {max_length} tokens.")
-
-
-@register_head_kind
-@dataclass(frozen=True)
-class Dense(HeadSpec):
-    """Full causal attention (a window whose span is always ``N``)."""
-
-    kind: ClassVar[str] = "dense"
-    family: ClassVar[str] = "sink_window"
-
-    def kept(self, n: int) -> int:
-        return n
 
 
 def span_of(alpha: float, beta: float, n: int) -> int:
@@ -194,6 +178,8 @@ class Plan:
     layers: tuple[tuple[HeadSpec, ...], ...]
     calibration: dict[str, Any] = field(default_factory=dict)
     prefill: str = "sparse"
+    #: fitted tensors of kinds that have them (name -> tensor), saved as ``<plan>.safetensors``
+    weights: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     # ---- construction -------------------------------------------------------------------
     @classmethod
@@ -279,6 +265,14 @@ class Plan:
                 raise PlanError(f"plan layer {i} has {len(layer)} heads but the model has {m.num_kv_heads} KV heads.")
             for h, head in enumerate(layer):
                 head.validate(f"layer {i} head {h}", m.max_length or None)
+                for name, shape in head.required_weights(m, i, h).items():
+                    tensor = self.weights.get(name)
+                    if tensor is None:
+                        raise PlanError(f"layer {i} head {h}: {head.kind!r} head needs tensor {name!r}, which the "
+                                        "plan's weights do not have; refit the plan (headwise linearize).")
+                    if tuple(tensor.shape) != tuple(shape):
+                        raise PlanError(f"layer {i} head {h}: tensor {name!r} has shape {tuple(tensor.shape)} but the "
+                                        f"head needs {tuple(shape)}; refit the plan (headwise linearize).")
 
     def check_model(self, model: Any) -> None:
         """Raise ``PlanError`` unless this plan was made for ``model``'s architecture."""
@@ -293,17 +287,37 @@ class Plan:
                 f"{other.name!r} (fingerprint {other.fingerprint[:12]}); calibrate a plan for this model.")
 
     # ---- JSON ---------------------------------------------------------------------------
-    def to_json(self) -> dict[str, Any]:
-        return {"format": FORMAT, "model": dataclasses.asdict(self.model), "calibration": self.calibration,
+    def to_json(self, weights_file: str | None = None) -> dict[str, Any]:
+        """The plan as JSON data; with weights, a ``weights`` block naming their file and sha256."""
+        data = {"format": FORMAT, "model": dataclasses.asdict(self.model), "calibration": self.calibration,
                 "prefill": self.prefill, "layers": [{"heads": [h.to_json() for h in layer]} for layer in self.layers]}
+        if self.weights:
+            data["weights"] = {"file": weights_file or "<unsaved>",
+                               "sha256": hashlib.sha256(self.weights_bytes()).hexdigest()}
+        return data
+
+    def weights_bytes(self) -> bytes:
+        """The fitted tensors serialised as safetensors (deterministic bytes)."""
+        from safetensors.torch import save
+
+        return save({name: t.detach().contiguous().cpu() for name, t in sorted(self.weights.items())})
 
     def save(self, path: str | os.PathLike) -> None:
+        """Write the JSON to ``path``; fitted tensors go to ``path`` with suffix ``.safetensors``."""
+        weights_file = None
+        if self.weights:
+            blob = self.weights_bytes()
+            weights_path = Path(path).with_suffix(".safetensors")
+            weights_path.write_bytes(blob)
+            weights_file = weights_path.name
         with open(path, "w") as f:
-            json.dump(self.to_json(), f, indent=1)
+            json.dump(self.to_json(weights_file), f, indent=1)
             f.write("\n")
 
     @classmethod
-    def from_json(cls, data: Any) -> "Plan":
+    def from_json(cls, data: Any, weights: Mapping[str, Any] | None = None) -> "Plan":
+        """A validated plan from JSON data; ``weights`` are the tensors of its safetensors file
+        (``load_plan`` reads and checks that file)."""
         if not isinstance(data, dict):
             raise PlanError(f"a plan must be a JSON object, got {type(data).__name__}.")
         if data.get("format") != FORMAT:
@@ -323,7 +337,11 @@ class Plan:
             if not isinstance(layer, dict) or not isinstance(layer.get("heads"), list):
                 raise PlanError(f"plan layer {i} must be an object with a 'heads' list.")
             layers.append(tuple(head_from_json(h, f"layer {i} head {j}") for j, h in enumerate(layer["heads"])))
-        plan = cls(info, tuple(layers), dict(data.get("calibration") or {}), data.get("prefill", "sparse"))
+        if data.get("weights") is not None and weights is None:
+            raise PlanError("this plan keeps fitted tensors in a safetensors file beside its JSON; load it with "
+                            "headwise.load_plan(path) so that file is read and checked.")
+        plan = cls(info, tuple(layers), dict(data.get("calibration") or {}), data.get("prefill", "sparse"),
+                   dict(weights or {}))
         plan.validate()
         return plan
 
@@ -337,7 +355,42 @@ def load_plan(path: str | os.PathLike, model: Any = None) -> Plan:
         raise PlanError(f"plan file {str(path)!r} does not exist.") from None
     except json.JSONDecodeError as e:
         raise PlanError(f"plan file {str(path)!r} is not valid JSON ({e.msg} at line {e.lineno}).") from None
-    plan = Plan.from_json(data)
+    weights = _read_weights(Path(path), data.get("weights")) if isinstance(data, dict) else None
+    plan = Plan.from_json(data, weights)
     if model is not None:
         plan.check_model(model)
     return plan
+
+
+def _read_weights(plan_path: Path, block: Any) -> dict[str, Any] | None:
+    """The tensors of a plan's ``weights`` block, after checking the file's sha256 (no pickle)."""
+    if block is None:
+        return None
+    if not isinstance(block, dict) or not isinstance(block.get("file"), str) or not isinstance(block.get("sha256"), str):
+        raise PlanError(f"plan {str(plan_path)!r}: 'weights' must be an object with 'file' and 'sha256' strings.")
+    file = plan_path.parent / block["file"]
+    if Path(block["file"]).name != block["file"]:
+        raise PlanError(f"plan {str(plan_path)!r}: weights file {block['file']!r} must be a file name beside the plan.")
+    try:
+        blob = file.read_bytes()
+    except FileNotFoundError:
+        raise PlanError(f"plan {str(plan_path)!r} needs its weights file {str(file)!r}, which does not exist; keep "
+                        "the .safetensors file beside the plan JSON.") from None
+    if hashlib.sha256(blob).hexdigest() != block["sha256"]:
+        raise PlanError(f"weights file {str(file)!r} does not match the sha256 recorded in plan {str(plan_path)!r} "
+                        "(it was changed or replaced); refit the plan or restore the original file.")
+    from safetensors.torch import load
+
+    return load(blob)
+
+
+# The built-in kinds (each a folder under headwise/kinds/) register themselves; ``Window`` and
+# ``Dense`` stay importable from here.
+from .kinds import load_builtin_kinds  # noqa: E402
+
+load_builtin_kinds()
+from .kinds.dense.spec import Dense  # noqa: E402
+from .kinds.window.spec import Window  # noqa: E402
+
+__all__ = ["FORMAT", "PREFILL_MODES", "HEAD_KINDS", "PlanError", "HeadSpec", "Window", "Dense", "ModelInfo", "Plan",
+           "load_plan", "register_head_kind", "span_of", "check_number", "head_from_json"]

@@ -5,9 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from ..kernels.sink_window import sink_window_attention
+from ..kinds.base import AttentionCall
+from ..kinds.window import dense_attention  # noqa: F401  (re-exported: the all-dense path)
 from .runtime import ForwardInfo, forward_info, runtime_for
 
 NAME = "headwise"
@@ -55,34 +55,13 @@ def headwise_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.
     key_pos = runtime.key_pos.get(layer_idx)
     if key_pos is None or key_pos.shape[-1] != key.shape[-2]:
         key_pos = info.key_pos[:, None, -key.shape[-2]:]                      # [B, 1, kv]
-    rule = runtime.rules[layer_idx].to(query.device)
-    span = rule.span(runtime.effective_lengths(info.lengths))               # [B, Hkv]
     if kwargs.get("sliding_window"):
         raise ValueError(f"layer {layer_idx} uses the model's own sliding-window attention, which headwise does not "
                          "combine with a plan; patch a model whose layers use full attention.")
-    sink = rule.sink
-    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-    if rule.all_dense or (runtime.prefill == "dense" and query.shape[-2] > 1):
-        # dense prefill: every head reads all it has; the cache still keeps only the plan's KV
-        return dense_attention(module, query, key, value, info.query_pos, key_pos, scale), None
-    out = sink_window_attention(query, key, value, info.query_pos, key_pos, sink, span, scale,
-                                backend=runtime.backend)
-    return out.transpose(1, 2).contiguous(), None
-
-
-def dense_attention(module, query, key, value, q_pos, k_pos, scale) -> torch.Tensor:
-    """A layer whose heads are all dense runs transformers' own sdpa path, bit for bit.
-
-    Positions become HF's boolean mask only when slots are not simply ``0..S-1`` (padding, or
-    a cache that dropped padding slots). Returns ``[B, q, H, D]``; padding queries get zeros.
-    """
-    S, Q = key.shape[-2], query.shape[-2]
-    slots = torch.arange(S, device=key.device)
-    if bool((k_pos == slots).all()) and bool((q_pos == slots[S - Q:]).all()):
-        mask = None
-    else:
-        mask = (k_pos[:, :, None, :] <= q_pos[:, None, :, None]) & (k_pos[:, :, None, :] >= 0)   # [B, Hk, Q, S]
-        if mask.shape[1] > 1:
-            mask = mask.repeat_interleave(query.shape[1] // mask.shape[1], dim=1)
-    out, _ = sdpa_attention_forward(module, query, key, value, mask, scaling=scale)
-    return out.masked_fill((q_pos < 0)[:, :, None, None], 0.0)
+    new_keys, new_values = runtime.new_kv.get(layer_idx, (None, None))
+    call = AttentionCall(
+        module=module, query_pos=info.query_pos, key_pos=key_pos, lengths=runtime.effective_lengths(info.lengths),
+        scale=scaling if scaling is not None else query.shape[-1] ** -0.5, backend=runtime.backend,
+        dense_prefill=runtime.prefill == "dense" and query.shape[-2] > 1,
+        new_keys=new_keys, new_values=new_values, states=runtime.states.get(layer_idx))
+    return runtime.layers[layer_idx].attention(query, key, value, call), None

@@ -6,6 +6,11 @@ for an empty one. Slots are in no particular order (attention reads positions, n
 after a prefill the kept keys are compacted; each decode step then writes its key into a free
 slot or over a key that just left the head's window (a ring), so a window head stays at
 ``sink + span`` slots while a dense head grows.
+
+Kinds with a state other than KV (a ``lightning`` head's recurrent state) keep it in ``states``:
+one dict of batch-first tensors per kind group (``KindGroup.state_key``), created and updated by
+the group during attention; this layer only hands it over, reorders it with the batch and counts
+its bytes. Such heads keep one KV slot here (the current token), per their ``kv_rule``.
 """
 
 from __future__ import annotations
@@ -26,6 +31,8 @@ class HeadwiseLayer(DynamicLayer):
         self.runtime = runtime
         self.pos: torch.Tensor | None = None
         self.seen = 0  # tokens fed so far, padding included (HF's notion of cache length)
+        self.states: dict[str, dict[str, torch.Tensor]] = {}   # recurrent kind states, batch-first tensors
+        self.has_state_kinds = any(g.state_key is not None for g in runtime.layers[layer_idx].groups)
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         super().lazy_initialization(key_states, value_states)
@@ -48,6 +55,9 @@ class HeadwiseLayer(DynamicLayer):
         rule = self.rule.to(key_states.device)
         B, H, q, _ = key_states.shape
         self.seen += q
+        if self.has_state_kinds:
+            self.runtime.new_kv[self.layer_idx] = (key_states, value_states)
+            self.runtime.states[self.layer_idx] = self.states
         new_pos = info.query_pos[:, None, :].expand(B, H, q)
         if q == 1 and self.pos.shape[-1] > 0:
             return self._write_one(key_states, value_states, new_pos, rule, info.lengths)
@@ -96,6 +106,10 @@ class HeadwiseLayer(DynamicLayer):
     def reset(self) -> None:
         super().reset()
         self.pos, self.seen = None, 0
+        self.states = {}
+
+    def _map_states(self, fn) -> None:
+        self.states = {key: {name: fn(t) for name, t in state.items()} for key, state in self.states.items()}
 
     def crop(self, tokens_to_remove: int) -> None:
         raise NotImplementedError("a headwise cache has dropped tokens outside each head's window and cannot be "
@@ -108,10 +122,12 @@ class HeadwiseLayer(DynamicLayer):
         if self.is_initialized:
             self.keys, self.values, self.pos = (t.repeat_interleave(repeats, dim=0)
                                                 for t in (self.keys, self.values, self.pos))
+        self._map_states(lambda t: t.repeat_interleave(repeats, dim=0))
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         if self.is_initialized:
             self.keys, self.values, self.pos = (t[indices.to(t.device)] for t in (self.keys, self.values, self.pos))
+        self._map_states(lambda t: t[indices.to(t.device)])
 
     # -- accounting -------------------------------------------------------------------------------
     def kept_bytes(self) -> int:
@@ -119,6 +135,10 @@ class HeadwiseLayer(DynamicLayer):
             return 0
         per_slot = self.keys.shape[-1] * (self.keys.element_size() + self.values.element_size())
         return int((self.pos >= 0).sum()) * per_slot
+
+    def state_bytes(self) -> int:
+        """Bytes of the recurrent kind states (constant in sequence length)."""
+        return sum(t.numel() * t.element_size() for state in self.states.values() for t in state.values())
 
 
 def install_layers(cache: Cache, runtime: Runtime) -> None:
@@ -128,15 +148,17 @@ def install_layers(cache: Cache, runtime: Runtime) -> None:
 
 
 def kv_bytes(cache: Cache) -> dict[str, int]:
-    """Bytes of a cache: ``kept`` (KV entries really held), ``allocated`` (tensor storage).
+    """Bytes of a cache: ``kept`` (KV entries really held), ``allocated`` (tensor storage), ``state``
+    (recurrent kind states such as lightning heads', constant in length; not in the other two).
 
-    Works for headwise and plain HF caches (where both numbers are the same).
+    Works for headwise and plain HF caches (where ``kept == allocated`` and ``state == 0``).
     """
-    kept = allocated = 0
+    kept = allocated = state = 0
     for layer in cache.layers:
         if not getattr(layer, "is_initialized", False):
             continue
         size = layer.keys.numel() * layer.keys.element_size() + layer.values.numel() * layer.values.element_size()
         allocated += size
         kept += layer.kept_bytes() if isinstance(layer, HeadwiseLayer) else size
-    return {"kept": kept, "allocated": allocated}
+        state += layer.state_bytes() if isinstance(layer, HeadwiseLayer) else 0
+    return {"kept": kept, "allocated": allocated, "state": state}

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import weakref
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
-from ..plan import Dense, HeadSpec, Plan, PlanError, Window
+from ..kinds.kv_rule import LayerRule
+from ..kinds.layer import LayerKinds
+from ..plan import Plan
+
+__all__ = ["ForwardInfo", "forward_info", "LayerRule", "Runtime", "runtime_for"]
 
 
 @dataclass
@@ -40,60 +44,27 @@ def forward_info(attention_mask: torch.Tensor | None, batch_size: int, q_length:
     return ForwardInfo(query_pos=key_pos[:, -q_length:], key_pos=key_pos, lengths=lengths)
 
 
-@dataclass
-class LayerRule:
-    """The sink/span rule of one layer's KV heads as tensors (``Hkv`` entries each)."""
-
-    sink: torch.Tensor     # [Hkv] int64
-    alpha: torch.Tensor    # [Hkv] float64
-    beta: torch.Tensor     # [Hkv] float64
-    dense: torch.Tensor    # [Hkv] bool
-    _on: dict = field(default_factory=dict, repr=False)
-
-    def __post_init__(self):
-        self.all_dense = bool(self.dense.all())
-
-    @classmethod
-    def from_heads(cls, heads: tuple[HeadSpec, ...]) -> "LayerRule":
-        for h in heads:
-            if h.family != "sink_window":
-                raise PlanError(f"head kind {h.kind!r} has no attention implementation in this version of headwise.")
-        return cls(
-            sink=torch.tensor([h.sink if isinstance(h, Window) else 0 for h in heads], dtype=torch.long),
-            alpha=torch.tensor([h.alpha if isinstance(h, Window) else 0.0 for h in heads], dtype=torch.float64),
-            beta=torch.tensor([h.beta if isinstance(h, Window) else 0.0 for h in heads], dtype=torch.float64),
-            dense=torch.tensor([isinstance(h, Dense) for h in heads], dtype=torch.bool),
-        )
-
-    def to(self, device: torch.device) -> "LayerRule":
-        if device not in self._on:
-            self._on[device] = LayerRule(self.sink.to(device), self.alpha.to(device), self.beta.to(device),
-                                         self.dense.to(device))
-        return self._on[device]
-
-    def span(self, lengths: torch.Tensor) -> torch.Tensor:
-        """``[B]`` lengths -> ``[B, Hkv]`` spans, ``clamp(floor(alpha + beta*N), 1, N)``; dense: ``N``."""
-        n = lengths.to(torch.float64)[:, None]
-        span = torch.floor(self.alpha + self.beta * n).clamp(min=1.0)
-        span = torch.minimum(span, n).clamp(min=1.0)
-        return torch.where(self.dense, n, span).long()
-
-
 class Runtime:
     """What a patched model needs at run time; one per patched model."""
 
     def __init__(self, plan: Plan, target_length: int | None, backend: str, prefill: str | None = None):
         self.plan = plan
         self.prefill = plan.prefill if prefill is None else prefill   # "sparse" | "dense": forwards of > 1 query
-        self.rules = [LayerRule.from_heads(layer) for layer in plan.layers]
+        self.layers = [LayerKinds(i, layer, plan.weights) for i, layer in enumerate(plan.layers)]
+        self.rules = [layer.rule for layer in self.layers]
         self.target_length = target_length
         self.backend = backend
         self.current: ForwardInfo | None = None
         self.key_pos: dict[int, torch.Tensor] = {}
+        # per layer, set by the cache layer in this forward: its own new keys/values and its kind states
+        self.new_kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.states: dict[int, dict] = {}
 
     def begin_forward(self, info: ForwardInfo) -> None:
         self.current = info
         self.key_pos = {}
+        self.new_kv = {}
+        self.states = {}
 
     def effective_lengths(self, lengths: torch.Tensor) -> torch.Tensor:
         """``N`` used by span rules: the sequence's target length when set, else its real length."""

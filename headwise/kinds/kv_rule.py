@@ -1,0 +1,56 @@
+"""Which KV every head of a layer keeps, as tensors: the sink/span rule the cache and softmax kernels share.
+
+Every head spec states its rule with ``HeadSpec.kv_rule()`` -> ``(sink, alpha, beta, dense)``: a
+``window`` head its own, a ``dense`` head everything, a kind with no softmax part (``lightning``)
+one slot (the current token, so the rectangular HF cache stays uniform).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from ..plan import HeadSpec
+
+
+@dataclass
+class LayerRule:
+    """The sink/span rule of one layer's KV heads as tensors (``Hkv`` entries each)."""
+
+    sink: torch.Tensor     # [Hkv] int64
+    alpha: torch.Tensor    # [Hkv] float64
+    beta: torch.Tensor     # [Hkv] float64
+    dense: torch.Tensor    # [Hkv] bool
+    _on: dict = field(default_factory=dict, repr=False)
+
+    def __post_init__(self):
+        self.all_dense = bool(self.dense.all())
+
+    @classmethod
+    def from_heads(cls, heads: tuple[HeadSpec, ...]) -> "LayerRule":
+        rules = [h.kv_rule() for h in heads]
+        return cls(
+            sink=torch.tensor([r[0] for r in rules], dtype=torch.long),
+            alpha=torch.tensor([r[1] for r in rules], dtype=torch.float64),
+            beta=torch.tensor([r[2] for r in rules], dtype=torch.float64),
+            dense=torch.tensor([r[3] for r in rules], dtype=torch.bool),
+        )
+
+    def to(self, device: torch.device) -> "LayerRule":
+        if device not in self._on:
+            self._on[device] = LayerRule(self.sink.to(device), self.alpha.to(device), self.beta.to(device),
+                                         self.dense.to(device))
+        return self._on[device]
+
+    def select(self, heads: list[int]) -> "LayerRule":
+        """The rule of KV heads ``heads`` only."""
+        index = torch.tensor(heads, dtype=torch.long)
+        return LayerRule(self.sink[index], self.alpha[index], self.beta[index], self.dense[index])
+
+    def span(self, lengths: torch.Tensor) -> torch.Tensor:
+        """``[B]`` lengths -> ``[B, Hkv]`` spans, ``clamp(floor(alpha + beta*N), 1, N)``; dense: ``N``."""
+        n = lengths.to(torch.float64)[:, None]
+        span = torch.floor(self.alpha + self.beta * n).clamp(min=1.0)
+        span = torch.minimum(span, n).clamp(min=1.0)
+        return torch.where(self.dense, n, span).long()
