@@ -1,164 +1,228 @@
-"""vLLM dense vs vLLM + a headwise plan (vs the headwise engine when it exists): a markdown table.
+"""vLLM dense vs vLLM + a headwise plan vs the headwise engine: decode tok/s, prefill s, KV blocks.
 
-    VLLM_CPU_OMP_THREADS_BIND=0-1 VLLM_CPU_NUM_OF_RESERVED_CPU=0 VLLM_CPU_KVCACHE_SPACE=4 \\
-        python scripts/bench_vllm.py --plan plans/smollm2-135m-d25.json --cases 4096x4,8192x8
+    flock /tmp/headwise-heavy.lock timeout 900 .venv/bin/python scripts/bench_vllm.py \\
+        --cases 8192x8 --systems dense,plan,engine --json /tmp/bench_vllm.json
 
-Each (system, case) runs in its own process: ``LLM(..., enable_prefix_caching=False)`` with a token
-budget large enough for the whole batch, so all prompts are prefilled in one step and then decode
-together. vLLM's per-request timestamps give prefill seconds (first scheduled -> first token) and
-decode tokens/s (``B * (max_tokens - 1)`` over first token -> last token). KV blocks used =
-``B * ceil((L + max_tokens) / block_size)`` blocks of ``block_size`` tokens, from vLLM's config; vLLM
-allocates the same blocks with or without a plan (see the README, "Serve with vLLM").
+Every (system, case) runs in its own process, with ``VLLM_CPU_OMP_THREADS_BIND=0-1
+VLLM_CPU_NUM_OF_RESERVED_CPU=0 VLLM_CPU_KVCACHE_SPACE=4`` and 2 torch threads, fp32, greedy,
+``ignore_eos``. Prompts are ``headwise.bench.decode.make_prompts`` (the decode benchmark's prose
+slices), cut to the model's context minus the decode steps minus vLLM's 16-token margin.
+
+- ``dense`` / ``plan``: ``vllm.LLM(..., enable_prefix_caching=False)`` with vLLM's default chunked
+  prefill, without / with ``additional_config={"headwise_plan": PLAN}``. As in the decode benchmark's
+  vLLM worker (``headwise/bench/_vllm_worker.py``), the B requests are added to ``llm.llm_engine``
+  and the engine is stepped by hand: prefill = until every request has its first token; decode =
+  the later steps, over the tokens they made. KV blocks: ``num_gpu_blocks`` is what vLLM allocated
+  (all free at start); "used" is the peak over the run of vLLM's own ``vllm:kv_cache_usage_perc``
+  gauge times its block count, read after every step (the read is left out of the timings).
+- ``engine``: ``headwise.bench.decode.run_engine`` (``headwise.engine.LLM`` with the plan; times and
+  peak KV from the engine's ``last_stats``).
+
+``--json FILE`` keeps every row in FILE across invocations (run the cases one by one under the lock)
+and the table printed is of all rows in it.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {"VLLM_CPU_OMP_THREADS_BIND": "0-1", "VLLM_CPU_NUM_OF_RESERVED_CPU": "0", "VLLM_CPU_KVCACHE_SPACE": "4"}
+MARGIN = 16                                   # tokens vLLM's max_model_len keeps beyond prompt + decode
 
 
-def prompts(length: int, batch: int) -> list[list[int]]:
-    """``batch`` different prompts of exactly ``length`` tokens of real prose (BOS first)."""
-    from transformers import AutoTokenizer
+def bench_prompts(length: int, batch: int, decode_steps: int) -> list[list[int]]:
+    """The decode benchmark's ``batch`` prose prompts of ``length`` tokens, cut to fit the context."""
+    from transformers import AutoConfig, AutoTokenizer
 
+    from headwise.bench.decode import Setting, make_prompts
     from headwise.models import embedded_model_dir
-    from pydoc_data.topics import topics
 
     tokenizer = AutoTokenizer.from_pretrained(embedded_model_dir(), local_files_only=True)
-    ids = tokenizer("\n\n".join(topics[k] for k in sorted(topics)), add_special_tokens=False).input_ids
-    stride = max(1, (len(ids) - length) // max(1, batch))
-    return [[tokenizer.bos_token_id, *ids[i * stride: i * stride + length - 1]] for i in range(batch)]
+    context = AutoConfig.from_pretrained(embedded_model_dir(), local_files_only=True).max_position_embeddings
+    limit = context - decode_steps - MARGIN
+    return [p[:limit] for p in make_prompts(Setting(length, batch), tokenizer)]
 
 
-def run_vllm(plan: str | None, length: int, batch: int, new: int, dtype: str) -> dict:
-    """One vLLM run in this process (called in a child: vLLM needs the ``__main__`` guard)."""
+def kv_usage(llm) -> float | None:
+    """vLLM's ``vllm:kv_cache_usage_perc`` gauge (fraction of blocks in use), ``None`` before any step."""
+    for metric in llm.get_metrics():
+        if metric.name == "vllm:kv_cache_usage_perc":
+            return metric.value
+    return None
+
+
+def run_vllm(plan: str | None, prompts: list[list[int]], steps: int) -> dict:
+    """One vLLM row in this process (a child: vLLM spawns its engine, it needs the ``__main__`` guard)."""
     from vllm import LLM, SamplingParams
+    from vllm.sampling_params import RequestOutputKind
 
     from headwise.models import embedded_model_dir
 
-    kwargs = dict(model=str(embedded_model_dir()), dtype=dtype, enable_prefix_caching=False,
-                  max_model_len=length + new + 16, max_num_batched_tokens=batch * (length + new + 16),
-                  max_num_seqs=max(batch, 8), disable_log_stats=False, seed=0)
+    kwargs = dict(model=str(embedded_model_dir()), dtype="float32", enable_prefix_caching=False,
+                  max_model_len=max(map(len, prompts)) + steps + MARGIN, max_num_seqs=max(8, len(prompts)),
+                  seed=0, disable_log_stats=False)
     if plan:
         kwargs["additional_config"] = {"headwise_plan": plan}
     llm = LLM(**kwargs)
-    batch_prompts = [{"prompt_token_ids": p} for p in prompts(length, batch)]
-    llm.generate(batch_prompts[:1], SamplingParams(max_tokens=2, temperature=0.0), use_tqdm=False)   # warm-up
-    t0 = time.perf_counter()
-    outs = llm.generate(batch_prompts, SamplingParams(max_tokens=new, temperature=0.0, ignore_eos=True),
-                        use_tqdm=False)
-    wall = time.perf_counter() - t0
-    m = [o.metrics for o in outs]
-    first = max(x.first_token_ts for x in m)
-    prefill = first - min(x.scheduled_ts for x in m)
-    decode = sum(x.num_generation_tokens - 1 for x in m) / (max(x.last_token_ts for x in m) - first)
-    block = llm.llm_engine.vllm_config.cache_config.block_size
-    return {"prefill_s": prefill, "decode_tok_s": decode, "wall_s": wall, "block_size": block,
-            "kv_blocks": batch * -(-(length + new) // block),
-            "num_gpu_blocks": llm.llm_engine.vllm_config.cache_config.num_gpu_blocks,
-            "tokens": [list(o.outputs[0].token_ids) for o in outs]}
+    warm = SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True)
+    llm.generate([{"prompt_token_ids": p[:64]} for p in prompts], warm, use_tqdm=False)   # warm-up, not timed
+
+    engine = llm.llm_engine
+    params = SamplingParams(max_tokens=1 + steps, temperature=0.0, ignore_eos=True,
+                            output_kind=RequestOutputKind.CUMULATIVE)
+    for i, p in enumerate(prompts):
+        engine.add_request(f"bench-{i}", {"prompt_token_ids": p}, params)
+    tokens: dict[str, list[int]] = {}
+    peak_usage, untimed = 0.0, 0.0
+    start = time.perf_counter()
+    all_first = last = None
+    decode_tokens = decode_steps = 0
+    while engine.has_unfinished_requests():
+        outs = engine.step()
+        now = time.perf_counter()
+        new = 0
+        for o in outs:
+            ids = list(o.outputs[0].token_ids)
+            new += len(ids) - len(tokens.get(o.request_id, []))
+            tokens[o.request_id] = ids
+        if all_first is not None and new:
+            decode_tokens += new
+            decode_steps += 1
+        if new:
+            last = now - untimed
+        if all_first is None and len(tokens) == len(prompts) and all(tokens.values()):
+            all_first = now - untimed
+        t0 = time.perf_counter()
+        peak_usage = max(peak_usage, kv_usage(llm) or 0.0)
+        untimed += time.perf_counter() - t0
+    cache = engine.vllm_config.cache_config
+    num_blocks = cache.num_gpu_blocks
+    return {"prefill_s": all_first - start, "decode_s": last - all_first, "decode_tokens": decode_tokens,
+            "decode_steps": decode_steps, "block_size": cache.block_size, "num_blocks": num_blocks,
+            "peak_usage": peak_usage,
+            "blocks_used": None if not num_blocks else round(peak_usage * (num_blocks - 1)),
+            "max_num_batched_tokens": engine.vllm_config.scheduler_config.max_num_batched_tokens,
+            "vllm_version": __import__("vllm").__version__,
+            "tokens": [tokens[f"bench-{i}"] for i in range(len(prompts))]}
 
 
-def run_engine(plan: str, length: int, batch: int, new: int) -> dict:
-    """The headwise engine (``headwise.engine.LLM``) on the same prompts, when it exists.
-
-    Prefill s: a ``max_tokens=1`` run; decode tok/s: ``B * (new - 1)`` over the extra time of a
-    ``max_tokens=new`` run (two prefills, hence ``--engine-cases``).
-    """
+def run_engine(plan: str, prompts: list[list[int]], steps: int, length: int) -> dict:
+    """The headwise engine row, through the decode benchmark's ``run_engine``."""
     import torch
 
-    from headwise.engine import LLM, SamplingParams
+    from headwise import load_model
+    from headwise.bench.decode import Setting, run_engine as decode_run_engine
 
     torch.set_num_threads(2)
-    llm = LLM(model=None, plan=plan, kv_cache_memory="4GiB")
-    batch_prompts = [{"prompt_token_ids": p} for p in prompts(length, batch)]
-    t0 = time.perf_counter()
-    llm.generate(batch_prompts, SamplingParams(max_tokens=1, temperature=0, ignore_eos=True), use_tqdm=False)
-    prefill = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    outs = llm.generate(batch_prompts, SamplingParams(max_tokens=new, temperature=0, ignore_eos=True), use_tqdm=False)
-    full = time.perf_counter() - t0
-    return {"prefill_s": prefill, "decode_tok_s": batch * (new - 1) / max(1e-9, full - prefill), "wall_s": full,
-            "kv_blocks": None, "tokens": [list(o.outputs[0].token_ids) for o in outs]}
+    model, _ = load_model()
+    row = decode_run_engine("engine-plan", model, prompts, steps, Setting(length, len(prompts)),
+                            plan_spec=plan, label="engine")
+    if row.error:
+        raise RuntimeError(row.error)
+    return {"prefill_s": row.prefill_s, "decode_s": row.decode_s, "decode_tokens": row.decode_tokens,
+            "decode_steps": row.decode_steps, "kv_held_bytes": row.kv_held_bytes,
+            "dense_kv_bytes": row.dense_kv_bytes, "peak_blocks": row.extra.get("peak_blocks"),
+            "num_blocks": row.extra.get("num_blocks"), "tokens": row.tokens}
 
 
-def child(args) -> None:
-    spec = json.loads(args.child)
+def child(spec: dict) -> None:
+    prompts = bench_prompts(spec["length"], spec["batch"], spec["steps"])
     if spec["system"] == "engine":
-        result = run_engine(spec["plan"], spec["length"], spec["batch"], spec["new"])
+        result = run_engine(spec["plan"], prompts, spec["steps"], spec["length"])
     else:
-        result = run_vllm(spec["plan"], spec["length"], spec["batch"], spec["new"], spec["dtype"])
+        result = run_vllm(spec["plan"], prompts, spec["steps"])
+    result["prompt_tokens"] = len(prompts[0])
     Path(spec["out"]).write_text(json.dumps(result))
 
 
-def engine_available() -> bool:
-    try:
-        from headwise.engine import LLM, SamplingParams  # noqa: F401
-    except ImportError:
-        return False
-    return True
+def kv_bytes_per_token() -> int:
+    """K + V bytes of one token over all layers and KV heads, fp32, for the embedded model."""
+    from transformers import AutoConfig
+
+    from headwise.models import embedded_model_dir
+
+    cfg = AutoConfig.from_pretrained(embedded_model_dir(), local_files_only=True)
+    return 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * (cfg.hidden_size // cfg.num_attention_heads) * 4
+
+
+def table(rows: list[dict]) -> str:
+    """Markdown table of all rows; ratios against the vLLM dense row of the same case."""
+    per_token = kv_bytes_per_token()
+    dense = {r["case"]: r for r in rows if r["system"] == "dense"}
+    out = ["| system | case (prompt tokens) | prefill s | decode tok/s | decode vs vLLM dense | "
+           "vLLM KV blocks used (peak) / allocated | KV MB held |",
+           "|---|---|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        rate = r["decode_tokens"] / r["decode_s"]
+        ref = dense.get(r["case"])
+        speed = f"{rate / (ref['decode_tokens'] / ref['decode_s']):.2f}x" if ref else "-"
+        if r["system"] == "engine":
+            blocks = "- (engine: own per-head pool)"
+            held = r["kv_held_bytes"]
+        else:
+            blocks = f"{r['blocks_used']} / {r['num_blocks']} ({r['block_size']}-token blocks)"
+            held = r["blocks_used"] * r["block_size"] * per_token
+        out.append(f"| {r['name']} | {r['case']} ({r['prompt_tokens']}) | {r['prefill_s']:.1f} | {rate:.1f} | {speed} | "
+                   f"{blocks} | {held / 2**20:.0f} |")
+    return "\n".join(out)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--plan", default=str(ROOT / "plans" / "smollm2-135m-d25.json"))
     parser.add_argument("--cases", default="4096x4,8192x8", help="LENGTHxBATCH,...")
-    parser.add_argument("--new", type=int, default=64, help="tokens generated per prompt")
-    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--steps", type=int, default=32, help="decode steps timed (max_tokens = 1 + steps)")
     parser.add_argument("--systems", default="dense,plan,engine")
-    parser.add_argument("--engine-cases", default="4096x4", help="cases with an engine row (it prefills twice)")
+    parser.add_argument("--json", help="keep rows in this file across invocations; print all of them")
+    parser.add_argument("--timeout", type=float, default=1800, help="seconds per row before it is stopped")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        return child(args)
-    systems = args.systems.split(",")
-    if "engine" in systems and not engine_available():
-        print("headwise engine: not available (headwise.engine has no LLM yet); row skipped", file=sys.stderr)
-        systems.remove("engine")
-    names = {"dense": "vLLM dense", "plan": f"vLLM + {Path(args.plan).stem}", "engine": f"headwise engine + {Path(args.plan).stem}"}
+        return child(json.loads(args.child))
+    plan_name = Path(args.plan).stem
+    names = {"dense": "vLLM dense", "plan": f"vLLM + {plan_name}", "engine": f"headwise engine + {plan_name}"}
     env = {**os.environ, **ENV}
     env.pop("HEADWISE_PLAN", None)
-    rows = []
+    store = Path(args.json) if args.json else None
+    rows = json.loads(store.read_text()) if store and store.exists() else []
     for case in args.cases.split(","):
         length, batch = (int(x) for x in case.split("x"))
-        results = {}
-        for system in systems:
-            if system == "engine" and case not in args.engine_cases.split(","):
-                continue
-            with tempfile.TemporaryDirectory() as tmp:
-                out = Path(tmp, "result.json")
-                spec = {"system": system, "plan": None if system == "dense" else args.plan, "length": length,
-                        "batch": batch, "new": args.new, "dtype": args.dtype, "out": str(out)}
-                proc = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], env=env,
-                                      capture_output=True, text=True)
-                if proc.returncode != 0 or not out.exists():
-                    sys.exit(f"{names[system]} at {case} failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
-                results[system] = json.loads(out.read_text())
-                r = results[system]
-                print(f"{names[system]} {case}: prefill {r['prefill_s']:.1f} s, decode {r['decode_tok_s']:.1f} tok/s",
-                      file=sys.stderr, flush=True)
-        for system in results:
-            r = results[system]
-            speed = r["decode_tok_s"] / results["dense"]["decode_tok_s"] if "dense" in results else float("nan")
-            blocks = "-" if r.get("kv_blocks") is None else f"{r['kv_blocks']} x {r['block_size']} (of {r['num_gpu_blocks']})"
-            rows.append(f"| {names[system]} | {length} | {batch} | {r['prefill_s']:.1f} | {r['decode_tok_s']:.1f} | "
-                        f"{speed:.2f}x | {blocks} |")
-        if "dense" in results and "plan" in results:
-            same = sum(a == b for a, b in zip(results["dense"]["tokens"], results["plan"]["tokens"]))
-            print(f"{case}: {same}/{batch} prompts gave the same tokens with and without the plan", file=sys.stderr)
-    print(f"vLLM {args.dtype}, {args.new} new tokens per prompt, greedy, prefix caching off, 2 CPU threads")
-    print("| system | context | batch | prefill s | decode tok/s | decode vs dense | KV blocks used (of total) |")
-    print("|---|---:|---:|---:|---:|---:|---|")
-    print("\n".join(rows))
+        for system in args.systems.split(","):
+            out = Path(f"/tmp/bench_vllm_{os.getpid()}_{system}_{case}.json")
+            spec = {"system": system, "plan": None if system == "dense" else args.plan, "length": length,
+                    "batch": batch, "steps": args.steps, "out": str(out)}
+            t0 = time.perf_counter()
+            proc = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], env=env,
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=args.timeout)
+            if proc.returncode != 0 or not out.exists():
+                sys.exit(f"{names[system]} at {case} failed (exit {proc.returncode}):\n{proc.stdout[-4000:]}")
+            r = json.loads(out.read_text())
+            out.unlink()
+            r.update(system=system, name=names[system], case=case, wall_s=time.perf_counter() - t0,
+                     measured=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), steps=args.steps)
+            rows = [x for x in rows if (x["system"], x["case"], x["name"]) != (system, case, r["name"])] + [r]
+            print(f"{names[system]} {case}: prefill {r['prefill_s']:.1f} s, decode "
+                  f"{r['decode_tokens'] / r['decode_s']:.1f} tok/s ({r['wall_s']:.0f} s wall)", file=sys.stderr, flush=True)
+            if store:
+                store.write_text(json.dumps(rows))
+    by = {(r["system"], r["case"]): r for r in rows}
+    for case in sorted({r["case"] for r in rows}):
+        ref = by.get(("dense", case))
+        for system in ("plan", "engine"):
+            if ref and (system, case) in by:
+                same = sum(a == b for a, b in zip(ref["tokens"], by[(system, case)]["tokens"]))
+                print(f"{case}: {names[system]} gave the same greedy tokens as vLLM dense for {same}/{len(ref['tokens'])} "
+                      "prompts", file=sys.stderr)
+    print(f"fp32, greedy, {args.steps} decode steps per prompt, prefix caching off, 2 CPU threads")
+    print(table(rows))
 
 
 if __name__ == "__main__":
