@@ -17,6 +17,7 @@ COMMAND_MODULES = [
     "headwise.plan_cli",
     "headwise.bench_cli",
     "headwise.engine.cli",
+    "headwise.linearize.cli",
 ]
 
 

@@ -15,6 +15,8 @@ def register(subparsers) -> None:
     show.add_argument("--lengths", default=None,
                       help="comma-separated lengths (default: the plan's calibration lengths, else 1k..8k)")
     show.add_argument("--png", default=None, help="heatmap path (default: the plan's path with .png)")
+    show.add_argument("--kv-bytes", type=int, default=2,
+                      help="bytes per cached K/V value in the memory table (2: bf16/fp16, 4: fp32)")
     show.set_defaults(func=show_plan)
 
 
@@ -37,7 +39,32 @@ def show_plan(args) -> int:
     print("  length   density")
     for n in lengths:
         print(f"  {n:>6}   {plan.density(n):.4f}")
+    print(memory_table(plan, lengths, args.kv_bytes))
     png = Path(args.png) if args.png else Path(args.plan).with_suffix(".png")
     plan_heatmap(plan, png, lengths)
     print(f"  heatmap: {png}")
     return 0
+
+
+def memory_table(plan, lengths: list[int], kv_bytes: int = 2) -> str:
+    """Decode memory of one sequence per head kind and length: kept K/V (at ``kv_bytes`` per value)
+    plus constant states (a lightning head's ``F x (D+1)`` fp32 state), MiB, over all layers."""
+    D = plan.model.head_dim
+    kinds: dict[str, list] = {}
+    for head in plan.heads:
+        kinds.setdefault(head.kind, []).append(head)
+    dense_total = {n: 2 * n * D * kv_bytes * len(plan.heads) for n in lengths}
+    lines = [f"  memory per sequence, MiB (K/V at {kv_bytes} bytes per value; dense model for comparison)",
+             "  kind        heads" + "".join(f"  {n:>9}" for n in lengths)]
+    totals = {n: 0 for n in lengths}
+    for kind, heads in sorted(kinds.items()):
+        row = f"  {kind:<10} {len(heads):>6}"
+        for n in lengths:
+            used = sum(h.memory_bytes(n, D, kv_bytes) for h in heads)
+            totals[n] += used
+            row += f"  {used / 2**20:>9.2f}"
+        constant = sum(h.state_bytes(D, 1) for h in heads)
+        lines.append(row + (f"   (of which {constant / 2**20:.2f} constant state)" if constant else ""))
+    lines.append("  total      " + f"{len(plan.heads):>6}" + "".join(f"  {totals[n] / 2**20:>9.2f}" for n in lengths))
+    lines.append("  all-dense  " + f"{len(plan.heads):>6}" + "".join(f"  {dense_total[n] / 2**20:>9.2f}" for n in lengths))
+    return "\n".join(lines)

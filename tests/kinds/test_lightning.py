@@ -231,3 +231,17 @@ def test_weights_of_the_wrong_shape_are_refused(llama):
     del bad["l0.h0.k"]
     with pytest.raises(PlanError, match="needs tensor 'l0.h0.k'"):
         Plan(plan.model, plan.layers, weights=bad).validate()
+
+
+def test_plan_show_reports_memory_per_kind(llama, tmp_path, capsys):
+    from headwise.cli import main
+
+    lightning_plan(llama).save(tmp_path / "p.json")
+    assert main(["plan", "show", str(tmp_path / "p.json"), "--lengths", "1024,4096", "--kv-bytes", "4"]) == 0
+    out = capsys.readouterr().out
+    rows = {line.split()[0]: line.split() for line in out.splitlines() if line.startswith("  ") and len(line.split()) > 3}
+    D = llama.config.head_dim
+    state_mib = 2 * F * (D + 1) * 4 / 2**20
+    assert rows["lightning"][1] == "2" and float(rows["lightning"][2]) == float(rows["lightning"][3]) == round(state_mib, 2)
+    assert float(rows["dense"][3]) == round(2 * 4096 * D * 4 / 2**20, 2)
+    assert "constant state" in out and (tmp_path / "p.png").exists()

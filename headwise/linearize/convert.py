@@ -1,0 +1,44 @@
+"""Fitted heads -> a plan: choose the heads to convert and write them as ``lightning`` specs + tensors."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from ..kinds.lightning import Lightning
+from ..plan import Plan
+from .fit import FittedHead
+
+
+def head_name(layer: int, head: int) -> str:
+    """``"L.H"``: how heads are named on the command line and in the plan's error table."""
+    return f"{layer}.{head}"
+
+
+def choose_heads(errors: dict[tuple[int, int], float], fraction: float | None, max_error: float | None,
+                 total_heads: int) -> list[tuple[int, int]]:
+    """Heads to convert: lowest held-out error first, at most ``fraction * total_heads`` of them,
+    none with an error above ``max_error`` (either bound may be ``None``)."""
+    order = sorted(errors, key=lambda lh: (errors[lh], lh))
+    if max_error is not None:
+        order = [lh for lh in order if errors[lh] <= max_error]
+    if fraction is not None:
+        order = order[:int(round(fraction * total_heads))]
+    return sorted(order)
+
+
+def convert(base: Plan, fitted: dict[tuple[int, int], FittedHead], heads: list[tuple[int, int]],
+            calibration: dict[str, Any]) -> Plan:
+    """``base`` with ``heads`` replaced by ``lightning`` heads from ``fitted``; tensors in ``Plan.weights``."""
+    layers = [list(layer) for layer in base.layers]
+    weights = dict(base.weights)
+    for layer, head in heads:
+        fit = fitted[(layer, head)]
+        name = f"lightning.l{layer}.h{head}"
+        layers[layer][head] = Lightning(decay=float(fit.decay), feature_dim=2 * fit.k_weight.shape[-1], weights=name)
+        weights[f"{name}.q"] = fit.q_weight.contiguous()
+        weights[f"{name}.k"] = fit.k_weight.contiguous()
+    plan = dataclasses.replace(base, layers=tuple(tuple(layer) for layer in layers), calibration=calibration,
+                               weights=weights)
+    plan.validate()
+    return plan

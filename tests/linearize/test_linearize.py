@@ -1,0 +1,97 @@
+"""Fitting lightning heads: the fit's quadratic form equals the kernel, fitting lowers the error,
+head choice under a budget, and ``headwise linearize`` end to end (resume, plan files)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig
+
+from headwise.cli import main
+from headwise.kernels.lightning import lightning_attention
+from headwise.kinds.lightning import Lightning, hedgehog_features
+from headwise.linearize.convert import choose_heads
+from headwise.linearize.fit import fit_head, linear_outputs, relative_error, softmax_outputs
+from headwise.plan import load_plan
+
+
+def qkv(T=48, G=2, D=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(G, T, D, generator=g), torch.randn(T, D, generator=g), torch.randn(T, D, generator=g)
+
+
+def test_fit_form_equals_the_lightning_kernel():
+    q, k, v = qkv()
+    qw, kw = torch.randn(2, 8, 5), torch.randn(8, 5)
+    log_decay = torch.tensor(-0.05)
+    fitted_form = linear_outputs(q, k, v, qw, kw, log_decay)
+    fq, fk = hedgehog_features(q[None], qw), hedgehog_features(k[None, None], kw[None])
+    values = torch.cat([v, torch.ones(48, 1)], -1)[None, None]
+    num, _ = lightning_attention(fq, fk, values, torch.full((1, 1, 48), -0.05), backend="naive")
+    assert torch.allclose(fitted_form, (num[..., :-1] / (num[..., -1:] + 1e-6))[0], atol=1e-5)
+
+
+def test_fitting_lowers_the_error_on_held_out_text():
+    """A smooth (low-temperature) softmax head is easy to imitate: the fit beats its starting point."""
+    train, held = qkv(seed=1), qkv(seed=2)
+    scale = 0.1
+    start = fit_head([train], [held], scale, feature_dim=16, steps=0)
+    fitted = fit_head([train], [held], scale, feature_dim=16, steps=60, lr=0.05)
+    assert fitted.train_error < 0.5 * start.train_error
+    assert fitted.error < start.error
+    assert fitted.q_weight.shape == (2, 8, 8) and fitted.k_weight.shape == (8, 8) and 0 < fitted.decay < 1
+    assert torch.isclose(relative_error(softmax_outputs(*held, scale), softmax_outputs(*held, scale)), torch.tensor(0.0))
+
+
+def test_heads_are_chosen_by_error_under_the_budget():
+    errors = {(0, 0): 0.5, (0, 1): 0.1, (1, 0): 0.3, (1, 1): 0.05}
+    assert choose_heads(errors, 0.5, None, 4) == [(0, 1), (1, 1)]
+    assert choose_heads(errors, None, 0.3, 4) == [(0, 1), (1, 0), (1, 1)]
+    assert choose_heads(errors, 0.75, 0.2, 4) == [(0, 1), (1, 1)]
+    assert choose_heads(errors, 0.0, None, 4) == []
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    from transformers import AutoTokenizer
+
+    from headwise.models import embedded_model_dir
+
+    tok = AutoTokenizer.from_pretrained(embedded_model_dir(), local_files_only=True)
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=2048,
+                         initializer_range=0.2, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                         pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
+    path = tmp_path_factory.mktemp("tiny")
+    AutoModelForCausalLM.from_config(config).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def test_linearize_end_to_end_then_resume(tiny_dir, tmp_path, capsys):
+    common = ["linearize", "--model", str(tiny_dir), "--plan", "dense", "--length", "32", "--samples", "1",
+              "--steps", "3", "--feature-dim", "8", "--work-dir", str(tmp_path / "work")]
+    assert main(common + ["--heads", "auto", "--fraction", "0.5", "--out", str(tmp_path / "a.json")]) == 0
+    out = capsys.readouterr().out
+    assert "4 candidate heads, 0 already fitted" in out and "converted 2 of 4 KV heads" in out
+    plan = load_plan(tmp_path / "a.json")
+    assert sum(isinstance(h, Lightning) for h in plan.heads) == 2
+    lin = plan.calibration["linearize"]
+    assert len(lin["errors"]) == 4 and len(lin["heads"]) == 2
+    chosen = sorted(lin["errors"], key=lin["errors"].get)[:2]
+    assert sorted(lin["heads"]) == sorted(chosen)
+    assert (tmp_path / "a.safetensors").exists()
+    assert json.loads((tmp_path / "a.json").read_text())["weights"]["file"] == "a.safetensors"
+    # a second run at another budget refits nothing and converts the listed heads
+    assert main(common + ["--heads", "1.0", "--out", str(tmp_path / "b.json")]) == 0
+    assert "1 candidate heads, 1 already fitted" in capsys.readouterr().out
+    plan_b = load_plan(tmp_path / "b.json")
+    assert isinstance(plan_b.layers[1][0], Lightning) and sum(isinstance(h, Lightning) for h in plan_b.heads) == 1
+
+
+def test_bad_head_list_is_refused(tiny_dir, tmp_path):
+    with pytest.raises(SystemExit, match="outside the model's 2 layers x 2 KV heads"):
+        main(["linearize", "--model", str(tiny_dir), "--plan", "dense", "--heads", "5.0", "--out", str(tmp_path / "x.json")])
