@@ -39,13 +39,16 @@ def softmax_outputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: fl
 
 
 def linear_outputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_weight: torch.Tensor,
-                   k_weight: torch.Tensor, log_decay: torch.Tensor) -> torch.Tensor:
-    """Normalised decayed linear attention, quadratic form: ``q [G, T, D]``, ``k, v [T, D]`` -> ``[G, T, D]``."""
-    T = q.shape[1]
-    fq = hedgehog_features(q[None], q_weight)[0]                       # [G, T, F]
-    fk = hedgehog_features(k[None, None], k_weight[None])[0, 0]        # [T, F]
+                   k_weight: torch.Tensor, log_decay: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+    """Normalised decayed linear attention, quadratic form: ``q [G, T, D]``, ``k, v [T, D]`` -> ``[G, T, D]``
+    (only the query positions ``rows`` when given: ``[G, len(rows), D]``)."""
+    T = k.shape[0]
     t = torch.arange(T, dtype=torch.float32)
-    lag = t[:, None] - t[None, :]
+    if rows is not None:
+        q = q[:, rows]
+    fq = hedgehog_features(q[None], q_weight)[0]                       # [G, Tq, F]
+    fk = hedgehog_features(k[None, None], k_weight[None])[0, 0]        # [T, F]
+    lag = (t if rows is None else rows.float())[:, None] - t[None, :]
     causal = lag >= 0
     decay = torch.where(causal, lag.clamp(min=0) * log_decay, float("-inf")).exp()   # [T, T]
     weights = (fq @ fk.T) * decay
@@ -58,7 +61,7 @@ def relative_error(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 def fit_head(samples: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], held_out: list[tuple], scale: float,
              feature_dim: int = 128, steps: int = 150, lr: float = 0.01, init_decay: float = 0.995,
-             seed: int = 0) -> FittedHead:
+             seed: int = 0, queries_per_step: int | None = 128) -> FittedHead:
     """Fit one KV head.
 
     Args:
@@ -67,6 +70,8 @@ def fit_head(samples: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], hel
         scale: the model's softmax scale.
         feature_dim: features ``F`` per map; steps, lr: Adam steps (all samples each) and rate.
         init_decay: starting ``lambda``.
+        queries_per_step: query positions per sample in each training step (a random subset, which
+            cuts the ``T x T`` work; ``None``: all). The reported errors use every position.
 
     Returns:
         ``FittedHead``.
@@ -83,16 +88,21 @@ def fit_head(samples: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], hel
     targets = [softmax_outputs(q, k, v, scale) for q, k, v in samples]
     opt = torch.optim.Adam([q_weight, k_weight, decay_logit], lr=lr)
 
-    def loss_on(data, outs):
+    def loss_on(data, outs, subset: bool = False):
         log_decay = torch.nn.functional.logsigmoid(decay_logit)
         total = 0.0
         for (q, k, v), target in zip(data, outs):
-            total = total + relative_error(linear_outputs(q, k, v, q_weight, k_weight, log_decay), target)
+            T = k.shape[0]
+            rows = None
+            if subset and queries_per_step is not None and queries_per_step < T:
+                rows = torch.randperm(T, generator=g)[:queries_per_step].sort().values
+            pred = linear_outputs(q, k, v, q_weight, k_weight, log_decay, rows)
+            total = total + relative_error(pred, target if rows is None else target[:, rows])
         return total / len(data)
 
     for _ in range(steps):
         opt.zero_grad()
-        loss = loss_on(samples, targets)
+        loss = loss_on(samples, targets, subset=True)
         loss.backward()
         opt.step()
     with torch.no_grad():

@@ -245,3 +245,20 @@ def test_plan_show_reports_memory_per_kind(llama, tmp_path, capsys):
     assert rows["lightning"][1] == "2" and float(rows["lightning"][2]) == float(rows["lightning"][3]) == round(state_mib, 2)
     assert float(rows["dense"][3]) == round(2 * 4096 * D * 4 / 2**20, 2)
     assert "constant state" in out and (tmp_path / "p.png").exists()
+
+
+def test_dense_prefill_reads_softmax_and_still_builds_the_state(llama):
+    x = ids(1, 30, seed=4)
+    dense = llama(input_ids=x).logits
+    plan = lightning_plan(llama)
+    patch_model(llama, plan, prefill="dense")
+    out = llama(input_ids=x, use_cache=True)
+    assert torch.allclose(out.logits, dense, atol=1e-5)
+    unpatch_model(llama)
+    patch_model(llama, plan)
+    sparse = llama(input_ids=x, use_cache=True)
+    for layer in (0, 1):                                   # the same state either way (layer 0 sees the same q/k/v)
+        assert sparse.past_key_values.layers[layer].states["lightning"]["s"].shape == \
+            out.past_key_values.layers[layer].states["lightning"]["s"].shape
+    assert torch.allclose(sparse.past_key_values.layers[0].states["lightning"]["s"],
+                          out.past_key_values.layers[0].states["lightning"]["s"], atol=1e-6)
