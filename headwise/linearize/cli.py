@@ -31,6 +31,9 @@ def register(subparsers) -> None:
     p.add_argument("--model", default=None, help="local Hugging Face checkpoint folder (default: embedded SmolLM2)")
     p.add_argument("--fraction", type=float, default=None,
                    help="convert at most this fraction of all KV heads (auto default 0.25; a list converts all listed)")
+    p.add_argument("--replace", default=None,
+                   help="with --heads auto: only heads of these base-plan kinds may be converted, e.g. 'window' "
+                        "(default: every non-lightning head)")
     p.add_argument("--max-error", type=float, default=None, help="never convert a head whose held-out error is above this")
     p.add_argument("--length", type=int, default=512, help="tokens per calibration sample")
     p.add_argument("--samples", type=int, default=3, help="training samples (consecutive prose slices)")
@@ -81,8 +84,12 @@ def linearize_command(args) -> int:
     info = base.model
     G = info.num_heads // info.num_kv_heads
     listed = parse_heads(args.heads, info.num_layers, info.num_kv_heads)
+    replace = None if args.replace is None else {k.strip() for k in args.replace.split(",") if k.strip()}
     candidates = listed if listed is not None else [
-        (i, h) for i, layer in enumerate(base.layers) for h, spec in enumerate(layer) if not isinstance(spec, Lightning)]
+        (i, h) for i, layer in enumerate(base.layers) for h, spec in enumerate(layer)
+        if not isinstance(spec, Lightning) and (replace is None or spec.kind in replace)]
+    if not candidates:
+        raise SystemExit(f"no head of plan {args.plan!r} may be converted (--replace {args.replace!r}).")
     settings = {"fingerprint": info.fingerprint, "length": args.length, "samples": args.samples,
                 "held_out": args.held_out, "steps": args.steps, "lr": args.lr, "feature_dim": args.feature_dim,
                 "seed": args.seed, "data": "pydoc_data.topics, consecutive slices from its start"}
@@ -119,7 +126,8 @@ def linearize_command(args) -> int:
     chosen = choose_heads(errors, fraction, args.max_error, total)
     calibration = {
         "method": "linearize", "base": {"plan": str(args.plan), **base.calibration},
-        "linearize": {**settings, "fraction": fraction, "max_error": args.max_error, "converted": len(chosen),
+        "linearize": {**settings, "fraction": fraction, "max_error": args.max_error, "replace": args.replace,
+                      "converted": len(chosen),
                       "heads": [head_name(*lh) for lh in chosen],
                       "errors": {head_name(*lh): round(e, 5) for lh, e in sorted(errors.items())},
                       "fit_seconds": round(store.seconds(candidates), 1),

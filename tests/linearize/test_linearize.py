@@ -92,6 +92,21 @@ def test_linearize_end_to_end_then_resume(tiny_dir, tmp_path, capsys):
     assert isinstance(plan_b.layers[1][0], Lightning) and sum(isinstance(h, Lightning) for h in plan_b.heads) == 1
 
 
+def test_replace_limits_the_candidates_to_base_kinds(tiny_dir, tmp_path, capsys):
+    from headwise.plan import Dense, Plan, Window
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir)
+    base = Plan.dense(model)
+    Plan(base.model, ((Window(sink=2, alpha=8.0), Dense()), (Dense(), Window(sink=2, alpha=8.0)))).save(tmp_path / "w.json")
+    args = ["linearize", "--model", str(tiny_dir), "--plan", str(tmp_path / "w.json"), "--length", "32", "--samples", "1",
+            "--steps", "2", "--feature-dim", "8", "--work-dir", str(tmp_path / "work"), "--replace", "window",
+            "--fraction", "1.0", "--out", str(tmp_path / "m.json")]
+    assert main(args) == 0
+    assert "2 candidate heads" in capsys.readouterr().out
+    plan = load_plan(tmp_path / "m.json")
+    assert [[h.kind for h in layer] for layer in plan.layers] == [["lightning", "dense"], ["dense", "lightning"]]
+
+
 def test_bad_head_list_is_refused(tiny_dir, tmp_path):
     with pytest.raises(SystemExit, match="outside the model's 2 layers x 2 KV heads"):
         main(["linearize", "--model", str(tiny_dir), "--plan", "dense", "--heads", "5.0", "--out", str(tmp_path / "x.json")])
