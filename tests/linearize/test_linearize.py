@@ -110,3 +110,27 @@ def test_replace_limits_the_candidates_to_base_kinds(tiny_dir, tmp_path, capsys)
 def test_bad_head_list_is_refused(tiny_dir, tmp_path):
     with pytest.raises(SystemExit, match="outside the model's 2 layers x 2 KV heads"):
         main(["linearize", "--model", str(tiny_dir), "--plan", "dense", "--heads", "5.0", "--out", str(tmp_path / "x.json")])
+
+
+@pytest.mark.slow
+def test_real_model_linearized_plan_decodes_like_recomputation(real_model, tmp_path):
+    """Fit three heads of the embedded model briefly, then cached greedy decoding equals recomputation."""
+    from headwise.models import embedded_model_dir
+    from headwise.patches import patch_model, unpatch_model
+
+    model, tokenizer = real_model
+    assert main(["linearize", "--model", str(embedded_model_dir()), "--plan", "uniform:0.25", "--heads", "0.0,0.2,9.1",
+                 "--length", "256", "--samples", "1", "--steps", "10", "--work-dir", str(tmp_path / "w"),
+                 "--out", str(tmp_path / "p.json")]) == 0
+    import pydoc_data.topics as topics
+    x = tokenizer(" ".join(topics.topics.values())[5000:20000], return_tensors="pt").input_ids[:, :200]
+    patch_model(model, str(tmp_path / "p.json"))
+    try:
+        with torch.no_grad():
+            out = model.generate(input_ids=x, max_new_tokens=8, min_new_tokens=8, do_sample=False, output_logits=True,
+                                 return_dict_in_generate=True)
+            for t in range(8):
+                full = model(input_ids=out.sequences[:, : x.shape[1] + t], use_cache=False).logits[:, -1]
+                assert torch.allclose(full, out.logits[t], atol=1e-3), f"step {t}"
+    finally:
+        unpatch_model(model)
