@@ -77,6 +77,10 @@ class KindGroup(Protocol):
     #: key of this group's recurrent state in ``AttentionCall.states`` (``None``: KV only)
     state_key: str | None
 
+    # A group with ``state_key`` set also has ``state_spec() -> {name: (shape without batch, dtype)}``
+    # (the per-sequence tensors an engine allocates as state slots) and a tensor-only
+    # ``run(q, k, v, query_pos, state, backend) -> (out, state)`` for callers outside HF.
+
     def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: AttentionCall) -> torch.Tensor:
         """Attention of the group's heads.
 

@@ -119,6 +119,8 @@ def test_cached_generation_equals_full_recomputation(llama):
                          return_dict_in_generate=True, pad_token_id=0)
     state = out.past_key_values.layers[0].states["lightning"]["s"]
     assert state.shape == (1, 1, F, llama.config.head_dim + 1)
+    group = llama._headwise["runtime"].layers[0].groups[0]              # head 0 comes first
+    assert group.state_spec() == {"s": ((1, F, llama.config.head_dim + 1), torch.float32)}
     for t in range(steps):
         full = llama(input_ids=out.sequences[:, : x.shape[1] + t], use_cache=False).logits[:, -1]
         assert torch.allclose(full, out.logits[t], atol=1e-4), f"step {t}"

@@ -42,6 +42,11 @@ class LightningGroup:
         self.log_decay = torch.tensor([s.log_decay for s in specs], dtype=torch.float32)   # [Hg]
         self._on: dict = {}
 
+    def state_spec(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        """Per-sequence state tensors (name -> shape without the batch dimension, dtype), so an
+        engine can preallocate a pool of state slots: ``{"s": ((Hg, F, D + 1), float32)}``."""
+        return {"s": ((len(self.heads), self.feature_dim, self.k_weight.shape[1] + 1), torch.float32)}
+
     def _params(self, device: torch.device):
         if device not in self._on:
             self._on[device] = tuple(t.to(device) for t in (self.q_weight, self.k_weight, self.log_decay))
