@@ -1,34 +1,44 @@
-"""Calibrated plan vs dense vs uniform sink + window at equal density, on the embedded SmolLM2.
+"""Calibrated plans vs dense vs uniform sink + window at equal density, on the embedded SmolLM2.
 
 Retrieval: passkey and multi-key needle-in-a-haystack (headwise.eval.tasks generators), greedy,
 correct when the answer appears in the output. Perplexity: real-prose documents
 (headwise.eval.tasks.perplexity), scored on the second half of each document (where a window
-head has dropped the most). Prints a markdown table.
+head has dropped the most). Prints a markdown table and checks issue 13's targets.
 
-    flock /tmp/headwise-heavy.lock .venv/bin/python scripts/bench_calibrated.py \
-        --plan plans/smollm2-135m-d25.json --lengths 2048,4096,8192 --trials 50
+    flock /tmp/headwise-heavy.lock .venv/bin/python scripts/bench_calibrated.py \\
+        --plan plans/smollm2-135m-d25-v1.json,plans/smollm2-135m-d25.json \\
+        --lengths 2048,4096,8192 --trials 50,50,20 --cache bench25.jsonl
 
-``--trials`` takes one count or one per length (``50,50,10``). ``--plan`` takes several plans
-(comma-separated, e.g. calibrator v1 and v2) and ``--prefill sparse,dense`` runs each calibrated
-plan in each prefill mode (``dense``: the prompt runs dense, the cache keeps only the plan's KV).
-After the table it checks issue 3's targets for every calibrated row: retrieval >= 95% of dense
-and >= 1.5x uniform where uniform is below dense, perplexity <= +3% of dense.
+Every plan but dense runs in three modes (``--modes``):
 
-Perplexity is the second half of each document. In sparse prefill it is one forward; in dense
-prefill one forward would be dense by construction, so the first half is prefilled (dense) and
-the second half is fed through the cache in chunks of ``--ppl-chunk`` tokens (each chunk reads
-the plan's kept KV of everything before it and its own tokens), which is what a dense-prefill
-plan sees when it continues a document. The table also gives the mean prefill seconds of the
-retrieval prompts per plan and length.
+- ``sparse``: the plan's sparse prefill (every head reads only its sink + window while the prompt
+  is prefilled), then greedy decoding; one patched forward per plan and prompt.
+- ``dense``: the runtime's dense-prefill mode: the whole prompt runs dense, the cache then keeps
+  only each head's sink + window, decoding follows the plan. The dense prefill of the prompt is the
+  same computation for every plan, so it runs once per prompt (unpatched), and each plan's cache
+  is made from it by the runtime's own cache code (``HeadwiseLayer.update`` on the dense keys):
+  the same result as ``patch_model(model, plan, prefill="dense")`` on the whole prompt (checked
+  in ``--check``), at a fraction of the cost.
+- ``ctx``: the protocol of KV-compression benchmarks (kvpress): only the context (the prompt up to
+  its question) is prefilled dense; the plan's cache is made from it, and the question and the
+  answer run against that compressed cache. Stricter than ``dense``: the question cannot read
+  the dropped context.
 
-Note the calibration data and the perplexity documents both come from ``pydoc_data.topics`` (the
-only long real prose available offline), so passages may overlap.
+Perplexity in ``sparse`` is one patched forward per document; in ``dense`` and ``ctx`` the first
+half is prefilled dense once (shared), each plan's cache made from it, and the second half fed
+through the patched model ``--ppl-chunk`` tokens at a time (each chunk reads the plan's kept KV
+and its own tokens), which is what a dense-prefill plan sees when it continues a document (both
+modes are the same computation for perplexity; the table shows it once, under ``dense``).
+
+``--cache`` keeps per-prompt results in a JSONL file, so a run split into pieces (``timeout``
+under the heavy-job lock) resumes where it stopped. ``--trials`` takes one count or one per
+length. Note the calibration data (``pydoc_data.topics`` for v1 profiles; stdlib docstrings for
+v2's gate data) and the perplexity documents may share passages.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import hashlib
 import json
 import math
@@ -38,158 +48,67 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
+QUESTION_MARK = "\n\nWhat is"        # where the question of the passkey and niah prompts starts
+MODES = ("sparse", "dense", "ctx")
+
+
+# ---- building blocks --------------------------------------------------------------------------
+def split_at_question(tokenizer, prompt: str) -> tuple[torch.Tensor, int]:
+    """Token ids ``[1, P]`` of ``prompt`` and the number of context tokens before its question
+    (the token holding the question's first character starts the question)."""
+    cut = prompt.rfind(QUESTION_MARK)
+    if cut < 0:
+        raise ValueError(f"prompt has no question starting with {QUESTION_MARK!r}; the bench splits context "
+                         "from question there.")
+    enc = tokenizer(prompt, return_tensors="pt", add_special_tokens=False, return_offsets_mapping=True)
+    ends = enc.offset_mapping[0, :, 1]
+    context = int((ends <= cut).sum())
+    return enc.input_ids, context
+
+
+def kv_of(cache) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per layer ``(keys, values)`` ``[1, Hkv, T, D]`` of a plain (dense) HF cache."""
+    return [(layer.keys, layer.values) for layer in cache.layers]
+
+
+def plan_cache(model, kv: list[tuple[torch.Tensor, torch.Tensor]]):
+    """A headwise cache holding, per head, what the patched ``model``'s plan keeps of the dense
+    ``kv`` (positions ``0..T-1``): the runtime's own compaction after a dense prefill."""
+    from transformers.cache_utils import DynamicCache
+
+    from headwise.patches.cache import install_layers
+    from headwise.patches.runtime import forward_info
+
+    runtime = model._headwise["runtime"]
+    cache = DynamicCache()
+    install_layers(cache, runtime)
+    length = kv[0][0].shape[-2]
+    runtime.begin_forward(forward_info(None, 1, length, 0, kv[0][0].device))
+    for layer, (keys, values) in zip(cache.layers, kv):
+        layer.update(keys, values)
+    return cache
 
 
 @torch.no_grad()
-def second_half_nll(model, tokenizer, text: str) -> tuple[float, int]:
-    """Summed next-token NLL over the second half of ``text``'s tokens, and that token count."""
-    ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids
-    logits = model(input_ids=ids, use_cache=False).logits[0, :-1].float()
-    nll = torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="none")
-    half = nll[nll.shape[0] // 2:]
-    return float(half.sum()), half.numel()
-
-
-@torch.no_grad()
-def chunked_second_half_nll(model, tokenizer, text: str, chunk: int) -> tuple[float, int]:
-    """Like ``second_half_nll``, but the first half is one (prefill) forward with a cache and the
-    second half is fed through that cache ``chunk`` tokens at a time."""
-    ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids
-    half = (ids.shape[1] - 1) // 2 + 1          # first scored target: token `half`, as in second_half_nll
-    out = model(input_ids=ids[:, :half], use_cache=True)
-    cache, last = out.past_key_values, out.logits[:, -1:]
-    total, count = 0.0, 0
-    for start in range(half, ids.shape[1], chunk):
-        piece = ids[:, start:start + chunk]
-        out = model(input_ids=piece, past_key_values=cache, use_cache=True)
-        logits = torch.cat([last, out.logits[:, :-1]], 1).float()
-        total += float(torch.nn.functional.cross_entropy(logits[0], piece[0], reduction="sum"))
-        count += piece.shape[1]
-        last = out.logits[:, -1:]
-    return total, count
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--plan", default=str(ROOT / "plans" / "smollm2-135m-d25.json"),
-                        help="calibrated plan(s), comma-separated")
-    parser.add_argument("--prefill", default=None, help="prefill modes to run each calibrated plan in, "
-                        "comma-separated from sparse,dense (default: each plan's own)")
-    parser.add_argument("--ppl-chunk", type=int, default=64, help="chunk of the dense-prefill perplexity")
-    parser.add_argument("--density", type=float, default=None, help="uniform baseline density (default: the plan's)")
-    parser.add_argument("--lengths", default="2048,4096,8192")
-    parser.add_argument("--trials", default="50", help="prompts per task and length (needle depths): one count, "
-                        "or one per length")
-    parser.add_argument("--ppl-docs", type=int, default=None,
-                        help="perplexity documents per length (default: the retrieval trials)")
-    parser.add_argument("--json", default=None, help="also write the results here")
-    parser.add_argument("--cache", default=None, help="JSONL of per-prompt results: reused and extended, so an "
-                        "interrupted or repeated run only computes what is missing")
-    parser.add_argument("--tasks", default="passkey,niah,perplexity")
-    parser.add_argument("--max-new-tokens", type=int, default=None,
-                        help="generated tokens per retrieval prompt (default: the eval task's own budget)")
-    parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
-
-    from tqdm import tqdm
-
-    from headwise import load_model, load_plan, patch_model, unpatch_model
-    from headwise.demo import greedy_passkey
-    from headwise.eval import tasks as eval_tasks
-    from headwise.eval.scoring import contains_all
-    from headwise.eval.taskfiles import KINDS
-    from headwise.plan import Plan
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    model, tokenizer = load_model()
-    paths = [p.strip() for p in args.plan.split(",") if p.strip()]
-    loaded = [load_plan(p, model) for p in paths]
-    density = args.density if args.density is not None else float(loaded[0].calibration["density"])
-    plans = {"dense": "dense", f"uniform {density:g}": f"uniform:{density}"}
-    for path, plan in zip(paths, loaded):
-        name = Path(path).stem if len({Path(p).stem for p in paths}) == len(paths) else \
-            f"{Path(path).parent.name}/{Path(path).stem}"
-        modes = [m.strip() for m in args.prefill.split(",")] if args.prefill else [plan.prefill]
-        for mode in modes:
-            plans[f"{name} ({mode} prefill)"] = dataclasses.replace(plan, prefill=mode)
-    lengths = [int(x) for x in args.lengths.split(",")]
-    trials = dict(zip(lengths, per_length(args.trials, lengths)))
-    kinds = [k.strip() for k in args.tasks.split(",") if k.strip()]
-    count = lambda kind, n: args.ppl_docs if kind == "perplexity" and args.ppl_docs is not None else trials[n]  # noqa: E731
-    samples = {(k, n): eval_tasks.generate(k, tokenizer, n, count(k, n), args.seed) for n in lengths for k in kinds}
-    store = ResultStore(Path(args.cache) if args.cache else None)
-    keys = {name: plan_key(spec) for name, spec in plans.items()}
-    results: dict[tuple[str, str, int], object] = {}
-    prefill_times: dict[tuple[str, int], list[float]] = {}
-    bar = tqdm(total=len(plans) * sum(len(s) for s in samples.values()), desc="bench", unit="prompt")
-    started = time.perf_counter()
-    for (kind, n), group in samples.items():          # length by length: partial runs are already useful
-        for name, spec in plans.items():
-            bar.set_postfix_str(f"{name} {kind} {n}")
-            values = []
-            patch_model(model, spec)
-            try:
-                budget = args.max_new_tokens or KINDS[kind].max_gen_toks
-                for i, s in enumerate(group):
-                    key = f"{keys[name]}|{kind}|{n}|{args.seed}|{i}|{budget}"
-                    chunked = kind == "perplexity" and not isinstance(spec, str) and spec.prefill == "dense"
-                    if chunked:
-                        key += f"|chunk{args.ppl_chunk}"
-                    if key not in store:
-                        if chunked:
-                            store[key] = chunked_second_half_nll(model, tokenizer, s.prompt, args.ppl_chunk)
-                        elif kind == "perplexity":
-                            store[key] = second_half_nll(model, tokenizer, s.prompt)
-                        else:
-                            text, _, prefill_s, _ = greedy_passkey(model, tokenizer, s.prompt, budget)
-                            store[key] = {"ok": contains_all(list(s.answers), text) == 1.0,
-                                          "prefill_s": round(prefill_s, 3)}
-                    values.append(store[key])
-                    bar.update()
-            finally:
-                unpatch_model(model)
-            if kind == "perplexity":
-                results[(name, kind, n)] = math.exp(sum(v[0] for v in values) / sum(v[1] for v in values))
-            else:
-                ok = [v["ok"] if isinstance(v, dict) else bool(v) for v in values]
-                results[(name, kind, n)] = (sum(ok), len(ok))
-                times = [v["prefill_s"] for v in values if isinstance(v, dict)]
-                if times:
-                    prefill_times.setdefault((name, n), []).extend(times)
-    bar.close()
-    seconds = time.perf_counter() - started
-    print(f"\nSmolLM2-135M-Instruct, density {density:g}; plan {args.plan}; trials per length "
-          f"{', '.join(f'{n}: {c}' for n, c in trials.items())} (perplexity: second half of each document); "
-          f"{seconds:.0f} s\n")
-    show = lambda r: f"{r[0]}/{r[1]}" if isinstance(r, tuple) else f"{r:.3f}"  # noqa: E731
-    timed = [n for n in lengths if any((name, n) in prefill_times for name in plans)]
-    print("| plan | " + " | ".join(f"{k} {n}" for k in kinds for n in lengths)
-          + "".join(f" | prefill s {n}" for n in timed) + " |")
-    print("|---|" + "---:|" * (len(kinds) * len(lengths) + len(timed)))
-    mean = lambda xs: f"{sum(xs) / len(xs):.2f}" if xs else "-"  # noqa: E731
-    for name, spec in plans.items():
-        kept = ", ".join(f"{Plan.from_spec(spec, model).density(n):.3f}" for n in lengths)
-        print(f"| {name} (density {kept}) | " + " | ".join(show(results[(name, k, n)]) for k in kinds for n in lengths)
-              + "".join(f" | {mean(prefill_times.get((name, n), []))}" for n in timed) + " |")
-    names = list(plans)
-    checks = [line for calibrated in names[2:] for line in target_checks(results, *names[:2], calibrated, kinds, lengths)]
-    print("\nTargets (calibrated vs dense and uniform):")
-    for line in checks:
-        print(f"- {line}")
-    if args.json:
-        Path(args.json).write_text(json.dumps({
-            "plan": args.plan, "density": density, "trials": trials, "seconds": round(seconds, 1),
-            "results": [{"plan": p, "task": k, "length": n, "value": v if not isinstance(v, tuple) else list(v)}
-                        for (p, k, n), v in results.items()], "targets": checks}, indent=1))
+def greedy(model, cache, logits: torch.Tensor, budget: int, eos: int, done=None) -> list[int]:
+    """Greedy tokens from the last ``logits`` ``[1, q, V]`` on, through ``cache``: at most ``budget``,
+    stopping after EOS or once ``done(tokens)`` (the answer is complete: more tokens cannot change
+    a contains-the-answer score)."""
+    token = logits[:, -1:].argmax(-1)
+    out = [int(token)]
+    while len(out) < budget and out[-1] != eos and not (done and done(out)):
+        logits = model(input_ids=token, past_key_values=cache, use_cache=True).logits
+        token = logits[:, -1:].argmax(-1)
+        out.append(int(token))
+    return out
 
 
 def plan_key(spec) -> str:
-    """Identity of a plan in the result cache: the spec string, or a hash of the plan's JSON."""
+    """Identity of a plan in the result cache: the spec string, or a hash of the plan's head specs."""
     if isinstance(spec, str):
         return spec
-    return "plan-" + hashlib.sha256(json.dumps(spec.to_json(), sort_keys=True).encode()).hexdigest()[:16]
+    layers = [[h.to_json() for h in layer] for layer in spec.layers]
+    return "plan-" + hashlib.sha256(json.dumps(layers, sort_keys=True).encode()).hexdigest()[:16]
 
 
 class ResultStore(dict):
@@ -211,7 +130,7 @@ class ResultStore(dict):
 
 
 def per_length(text: str, lengths: list[int]) -> list[int]:
-    """``"50"`` -> 50 at every length; ``"50,50,10"`` -> one count per length."""
+    """``"50"`` -> 50 at every length; ``"50,50,20"`` -> one count per length."""
     counts = [int(x) for x in text.split(",")]
     if len(counts) == 1:
         return counts * len(lengths)
@@ -220,28 +139,278 @@ def per_length(text: str, lengths: list[int]) -> list[int]:
     return counts
 
 
+# ---- one prompt, every plan -----------------------------------------------------------------------
+@torch.no_grad()
+def retrieval_trial(model, tokenizer, prompt: str, answers, budget: int, plans: dict, modes: list[str]) -> dict:
+    """Every plan in every mode on one retrieval prompt. Returns ``{row name: {"ok", "prefill_s"}}``
+    (``row name``: ``dense`` or ``"<plan> | <mode>"``)."""
+    from headwise import expected_length, patch_model, unpatch_model
+    from headwise.eval.scoring import contains_all
+
+    eos = tokenizer.eos_token_id
+    ids, context = split_at_question(tokenizer, prompt)
+    target = ids.shape[1] + budget
+    ok = lambda tokens: contains_all(list(answers), tokenizer.decode(tokens, skip_special_tokens=True)) == 1.0  # noqa: E731
+    run = lambda cache, logits: ok(greedy(model, cache, logits, budget, eos, ok))  # noqa: E731
+    rows = {}
+    t0 = time.perf_counter()
+    out = model(input_ids=ids[:, :context], use_cache=True, logits_to_keep=1)
+    ctx_kv = kv_of(out.past_key_values)
+    out = model(input_ids=ids[:, context:], past_key_values=out.past_key_values, use_cache=True, logits_to_keep=1)
+    dense_s = time.perf_counter() - t0
+    full_kv, full_logits = kv_of(out.past_key_values), out.logits
+    rows["dense"] = {"ok": run(out.past_key_values, full_logits),
+                     "prefill_s": round(dense_s, 3)}
+    for name, spec in plans.items():
+        patch_model(model, spec, prefill="dense")
+        try:
+            with expected_length(model, target):
+                if "dense" in modes:
+                    rows[f"{name} | dense"] = {"ok": run(plan_cache(model, full_kv), full_logits),
+                                               "prefill_s": round(dense_s, 3)}
+                if "ctx" in modes:
+                    cache = plan_cache(model, ctx_kv)
+                    logits = model(input_ids=ids[:, context:], past_key_values=cache, use_cache=True,
+                                   logits_to_keep=1).logits
+                    rows[f"{name} | ctx"] = {"ok": run(cache, logits)}
+        finally:
+            unpatch_model(model)
+        if "sparse" in modes:
+            patch_model(model, spec, prefill="sparse")
+            try:
+                with expected_length(model, target):
+                    t0 = time.perf_counter()
+                    out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
+                    seconds = time.perf_counter() - t0
+                    rows[f"{name} | sparse"] = {"ok": run(out.past_key_values, out.logits),
+                                                "prefill_s": round(seconds, 3)}
+            finally:
+                unpatch_model(model)
+    return rows
+
+
+@torch.no_grad()
+def perplexity_trial(model, tokenizer, text: str, plans: dict, modes: list[str], chunk: int) -> dict:
+    """Summed NLL and count over the second half of ``text`` for dense and every plan:
+    ``{row name: [nll, tokens]}`` (the ``dense`` mode row stands for ``ctx`` too)."""
+    from headwise import patch_model, unpatch_model
+
+    ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids
+    half = (ids.shape[1] - 1) // 2 + 1          # first scored target: token `half`
+
+    def second_half(logits):                    # logits [1, P, V] of the whole document
+        nll = torch.nn.functional.cross_entropy(logits[0, :-1].float(), ids[0, 1:], reduction="none")
+        return [float(nll[half - 1:].sum()), int(nll[half - 1:].numel())]
+
+    rows = {"dense": second_half(model(input_ids=ids, use_cache=False).logits)}
+    first = model(input_ids=ids[:, :half], use_cache=True, logits_to_keep=1)
+    first_kv, last = kv_of(first.past_key_values), first.logits[:, -1:]
+    for name, spec in plans.items():
+        if "sparse" in modes:
+            patch_model(model, spec, prefill="sparse")
+            try:
+                rows[f"{name} | sparse"] = second_half(model(input_ids=ids, use_cache=False).logits)
+            finally:
+                unpatch_model(model)
+        if "dense" in modes or "ctx" in modes:
+            patch_model(model, spec, prefill="dense")
+            try:
+                cache, prev, total, count = plan_cache(model, first_kv), last, 0.0, 0
+                for start in range(half, ids.shape[1], chunk):
+                    piece = ids[:, start:start + chunk]
+                    logits = model(input_ids=piece, past_key_values=cache, use_cache=True).logits
+                    scored = torch.cat([prev, logits[:, :-1]], 1).float()
+                    total += float(torch.nn.functional.cross_entropy(scored[0], piece[0], reduction="sum"))
+                    count += piece.shape[1]
+                    prev = logits[:, -1:]
+                rows[f"{name} | dense"] = [total, count]
+            finally:
+                unpatch_model(model)
+    return rows
+
+
+def check_dense_mode(model, tokenizer, plan, prompt: str, budget: int) -> None:
+    """The shared-prefill ``dense`` mode must give what ``patch_model(prefill="dense")`` gives."""
+    from headwise import patch_model, unpatch_model
+    from headwise.demo import greedy_passkey
+
+    patch_model(model, plan, prefill="dense")
+    try:
+        text, *_ = greedy_passkey(model, tokenizer, prompt, budget)
+    finally:
+        unpatch_model(model)
+    ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False).input_ids
+    with torch.no_grad():
+        out = model(input_ids=ids, use_cache=True)
+    patch_model(model, plan, prefill="dense")
+    try:
+        from headwise import expected_length
+
+        with expected_length(model, ids.shape[1] + budget):
+            tokens = greedy(model, plan_cache(model, kv_of(out.past_key_values)), out.logits, budget, -1)
+    finally:
+        unpatch_model(model)
+    shared = tokenizer.decode(tokens, skip_special_tokens=True)
+    print(f"check: runtime dense prefill {text!r} vs shared prefill {shared!r}: "
+          f"{'same' if text == shared else 'DIFFERENT'}", flush=True)
+    if text != shared:
+        raise SystemExit("the shared dense prefill does not reproduce the runtime's dense-prefill mode.")
+
+
+# ---- report -----------------------------------------------------------------------------------------
 def target_checks(results: dict, dense: str, uniform: str, calibrated: str, kinds: list[str],
                   lengths: list[int]) -> list[str]:
-    """Issue 3's targets, one line per task and length, with the margin by which each is met or missed."""
+    """Issue 13's targets at one row, one line per task and length, with the margin met or missed."""
     lines = []
     for kind in kinds:
         for n in lengths:
+            if any((p, kind, n) not in results for p in (dense, uniform, calibrated)):
+                continue
             d, u, c = (results[(p, kind, n)] for p in (dense, uniform, calibrated))
             if kind == "perplexity":
                 change = c / d - 1.0
-                lines.append(f"{calibrated}: perplexity {n}: calibrated {c:.3f} vs dense {d:.3f} ({change:+.1%}; target <= +3%: "
+                lines.append(f"{calibrated}: perplexity {n}: {c:.3f} vs dense {d:.3f} ({change:+.1%}; target <= +3%: "
                              f"{'met' if change <= 0.03 else 'missed'}); uniform {u:.3f} ({u / d - 1.0:+.1%})")
                 continue
             acc = {p: r[0] / r[1] for p, r in ((dense, d), (uniform, u), (calibrated, c))}
             of_dense = acc[calibrated] / acc[dense] if acc[dense] else float("nan")
-            line = (f"{calibrated}: {kind} {n}: calibrated {acc[calibrated]:.0%}, dense {acc[dense]:.0%}, uniform {acc[uniform]:.0%}; "
-                    f"calibrated/dense {of_dense:.2f} (target >= 0.95: "
+            line = (f"{calibrated}: {kind} {n}: {acc[calibrated]:.0%}, dense {acc[dense]:.0%}, uniform {acc[uniform]:.0%}; "
+                    f"of dense {of_dense:.2f} (target >= 0.95: "
                     f"{'met' if acc[dense] and of_dense >= 0.95 else 'missed' if acc[dense] else 'n/a, dense 0'})")
             if acc[uniform] < acc[dense]:
                 ratio = acc[calibrated] / acc[uniform] if acc[uniform] else float("inf") if acc[calibrated] else 0.0
-                line += f"; calibrated/uniform {ratio:.2f} (target >= 1.5: {'met' if ratio >= 1.5 else 'missed'})"
+                line += f"; of uniform {ratio:.2f} (target >= 1.5: {'met' if ratio >= 1.5 else 'missed'})"
             lines.append(line)
     return lines
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--plan", default=str(ROOT / "plans" / "smollm2-135m-d25.json"),
+                        help="calibrated plan(s), comma-separated")
+    parser.add_argument("--modes", default="sparse,dense,ctx", help=f"comma-separated from {','.join(MODES)}")
+    parser.add_argument("--density", type=float, default=None, help="uniform baseline density (default: the plan's)")
+    parser.add_argument("--lengths", default="2048,4096,8192")
+    parser.add_argument("--trials", default="50", help="prompts per retrieval task and length (needle depths): "
+                        "one count, or one per length")
+    parser.add_argument("--ppl-docs", default="10", help="perplexity documents per length (one, or one per length)")
+    parser.add_argument("--ppl-chunk", type=int, default=64, help="chunk of the dense-prefill perplexity")
+    parser.add_argument("--tasks", default="passkey,niah,perplexity")
+    parser.add_argument("--json", default=None, help="also write the results here")
+    parser.add_argument("--cache", default=None, help="JSONL of per-prompt results: reused and extended, so an "
+                        "interrupted or repeated run only computes what is missing")
+    parser.add_argument("--report-only", action="store_true", help="print the table from --cache, compute nothing")
+    parser.add_argument("--check", action="store_true", help="first check the shared dense prefill against "
+                        "patch_model(prefill='dense') on one prompt")
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+
+    from tqdm import tqdm
+
+    from headwise import load_model, load_plan
+    from headwise.eval import tasks as eval_tasks
+    from headwise.eval.taskfiles import KINDS
+    from headwise.plan import Plan
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model, tokenizer = load_model()
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    if any(m not in MODES for m in modes):
+        raise SystemExit(f"--modes takes names from {', '.join(MODES)}, got {args.modes!r}.")
+    paths = [p.strip() for p in args.plan.split(",") if p.strip()]
+    loaded = [load_plan(p, model) for p in paths]
+    density = args.density if args.density is not None else float(loaded[0].calibration["density"])
+    plans = {f"uniform {density:g}": Plan.uniform(model, density)}
+    for path, plan in zip(paths, loaded):
+        plans[Path(path).stem] = plan
+    keys = {name: plan_key(spec) for name, spec in plans.items()}
+    lengths = [int(x) for x in args.lengths.split(",")]
+    trials = dict(zip(lengths, per_length(args.trials, lengths)))
+    docs = dict(zip(lengths, per_length(args.ppl_docs, lengths)))
+    kinds = [k.strip() for k in args.tasks.split(",") if k.strip()]
+    store = ResultStore(Path(args.cache) if args.cache else None)
+    if args.check:
+        check_dense_mode(model, tokenizer, loaded[-1],
+                         eval_tasks.generate("passkey", tokenizer, lengths[0], 1, args.seed)[0].prompt, 12)
+
+    rows = ["dense"] + [f"{name} | {mode}" for name in plans for mode in modes]
+    row_key = lambda row: "dense" if row == "dense" else f"{keys[row.split(' | ')[0]]}|{row.split(' | ')[1]}"  # noqa: E731
+    started = time.perf_counter()
+    for n in lengths:                                # length by length: partial runs are already useful
+        for kind in kinds:
+            count = docs[n] if kind == "perplexity" else trials[n]
+            if args.report_only:
+                continue
+            samples = eval_tasks.generate(kind, tokenizer, n, count, args.seed)
+            budget = KINDS[kind].max_gen_toks
+            for i, s in enumerate(tqdm(samples, desc=f"{kind} {n}", unit="prompt")):
+                base = f"{kind}|{n}|{args.seed}|{count}|{i}"     # depths depend on the count
+                wanted = [r for r in rows if not (kind == "perplexity" and r.endswith("| ctx"))]
+                if all(f"{row_key(r)}|{base}" in store for r in wanted):
+                    continue
+                if kind == "perplexity":
+                    got = perplexity_trial(model, tokenizer, s.prompt, plans, modes, args.ppl_chunk)
+                else:
+                    got = retrieval_trial(model, tokenizer, s.prompt, s.answers, budget, plans, modes)
+                for r, value in got.items():
+                    store[f"{row_key(r)}|{base}"] = value
+    seconds = time.perf_counter() - started
+
+    results, prefill = {}, {}
+    for n in lengths:
+        for kind in kinds:
+            count = docs[n] if kind == "perplexity" else trials[n]
+            for r in rows:
+                if kind == "perplexity" and r.endswith("| ctx"):
+                    continue
+                values = [store.get(f"{row_key(r)}|{kind}|{n}|{args.seed}|{count}|{i}") for i in range(count)]
+                values = [v for v in values if v is not None]
+                if not values:
+                    continue
+                if kind == "perplexity":
+                    results[(r, kind, n)] = math.exp(sum(v[0] for v in values) / sum(v[1] for v in values))
+                else:
+                    results[(r, kind, n)] = (sum(bool(v["ok"]) for v in values), len(values))
+                    times = [v["prefill_s"] for v in values if "prefill_s" in v]
+                    if times:
+                        prefill.setdefault((r, n), []).extend(times)
+    print(f"\nSmolLM2-135M-Instruct, density {density:g}; plans {args.plan}; retrieval trials per length "
+          f"{trials}, perplexity documents {docs}; {seconds:.0f} s this run\n")
+    show = lambda r: f"{r[0]}/{r[1]}" if isinstance(r, tuple) else f"{r:.3f}"  # noqa: E731
+    print("| plan | mode | KV kept at " + ", ".join(map(str, lengths)) + " | "
+          + " | ".join(f"{k} {n}" for k in kinds for n in lengths)
+          + "".join(f" | prefill s {n}" for n in lengths) + " |")
+    print("|---|---|---|" + "---:|" * (len(kinds) * len(lengths) + len(lengths)))
+    for r in rows:
+        name, mode = (r, "-") if r == "dense" else r.split(" | ")
+        spec = "dense" if r == "dense" else plans[name]
+        kept = ", ".join(f"{Plan.from_spec(spec, model).density(n):.3f}" for n in lengths)
+        cells = [show(results[(r, k, n)]) if (r, k, n) in results else
+                 ("(= dense)" if k == "perplexity" and mode == "ctx" else "-") for k in kinds for n in lengths]
+        times = [f"{sum(prefill[(r, n)]) / len(prefill[(r, n)]):.2f}" if (r, n) in prefill else "-" for n in lengths]
+        print(f"| {name} | {mode} | {kept} | " + " | ".join(cells) + " | " + " | ".join(times) + " |")
+    print("\nTargets at each calibrated row (retrieval >= 95% of dense and >= 1.5x uniform in the same mode, "
+          "perplexity <= +3% of dense):")
+    checks = []
+    for name in list(plans)[1:]:
+        for mode in modes:
+            uni = f"{list(plans)[0]} | {mode}"
+            ppl_mode = "dense" if mode == "ctx" else mode
+            checks += target_checks(results, "dense", uni, f"{name} | {mode}",
+                                    [k for k in kinds if k != "perplexity"], lengths)
+            if "perplexity" in kinds and mode != "ctx":
+                checks += target_checks(results, "dense", f"{list(plans)[0]} | {ppl_mode}", f"{name} | {ppl_mode}",
+                                        ["perplexity"], lengths)
+    for line in checks:
+        print(f"- {line}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({
+            "plans": args.plan, "density": density, "trials": trials, "ppl_docs": docs, "modes": modes,
+            "results": [{"row": r, "task": k, "length": n, "value": v if not isinstance(v, tuple) else list(v)}
+                        for (r, k, n), v in results.items()],
+            "prefill_s": {f"{r}|{n}": sum(t) / len(t) for (r, n), t in prefill.items()}, "targets": checks}, indent=1))
 
 
 if __name__ == "__main__":

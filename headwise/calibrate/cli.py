@@ -19,6 +19,7 @@ import numpy as np
 from ..cli import parse_lengths
 
 MIN_LENGTH = 256
+SHORT_INPUT = 256     # plans keep their span floor from here on (tests/calibrate/test_short_inputs.py)
 
 
 def peak_rss_gib() -> float:
@@ -42,10 +43,12 @@ def register(subparsers) -> None:
     p.add_argument("--max-configs", type=int, default=2, help="distinct head configs allowed per layer")
     p.add_argument("--score", choices=("abs", "tile"), default="tile",
                    help="tile mass a span drops: tile = |sum of E| per tile and sample (default), abs = sum of |E| (MoA)")
-    p.add_argument("--min-span", type=int, default=64,
-                   help="least window span a head may have at half the shortest length (guards short inputs)")
-    p.add_argument("--guard-length", type=int, default=None,
-                   help="input length --min-span is checked at (default: half the shortest of --lengths)")
+    p.add_argument("--min-span", type=int, default=96,
+                   help="least window span every window head keeps from --guard-length tokens on (a span floor: "
+                        "spans only grow with N, so short inputs never fall below a fixed sink + 96 window)")
+    p.add_argument("--guard-length", type=int, default=SHORT_INPUT,
+                   help=f"input length --min-span is checked at (default {SHORT_INPUT}, the shortest input a plan "
+                        "promises not to collapse on)")
     p.add_argument("--sink", type=int, default=64, help="sink tokens of every window head")
     p.add_argument("--alpha-step", type=int, default=None, help="alpha grid step (default: shortest length / 8)")
     p.add_argument("--refit", type=int, default=0,

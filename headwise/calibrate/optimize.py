@@ -14,6 +14,7 @@ length wins.
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -30,8 +31,17 @@ SCORES = {"abs": "blocks", "tile": "tiles"}     # --score name -> LengthProfile 
 
 def guard_length(lengths: list[int], guard: int | None = None) -> int:
     """The short input ``min_span`` is checked at: ``guard`` when given, else half the shortest
-    profiled length."""
+    profiled length. Spans never shrink as ``N`` grows (``beta >= 0``), so a window that meets
+    ``min_span`` at the guard meets it at every longer input."""
     return guard if guard is not None else max(1, min(lengths) // 2)
+
+
+def floor_alphas(min_span: int, guard: int, betas: tuple[float, ...]) -> dict[float, float]:
+    """Per ``beta``, the ``alpha`` whose span at ``guard`` is exactly ``min_span``: the most
+    elastic window that still keeps the floor on short inputs (``{}`` without a floor)."""
+    if min_span <= 0:
+        return {}
+    return {float(b): float(min_span - math.floor(b * guard)) for b in betas}
 
 
 def candidate_grid(lengths: list[int], sink: int = 64, alpha_step: int | None = None,
@@ -44,15 +54,18 @@ def candidate_grid(lengths: list[int], sink: int = 64, alpha_step: int | None = 
     grid order stays), and windows that keep everything at every length are left to ``Dense``.
     Windows whose span at half the shortest length (or at ``guard``) is below ``min_span`` are left
     out: a large negative ``alpha`` fitted at long lengths would otherwise shrink to one token on
-    short inputs.
+    short inputs. With a floor, every ``beta`` also gets the ``alpha`` that meets it exactly
+    (``floor_alphas``), so the grid keeps its most elastic guarded window.
     """
     shortest, longest = min(lengths), max(lengths)
     step = alpha_step or max(1, shortest // 8)
     alphas = sorted({float(-sink), *(float(a) for a in range(-shortest, longest + 1, step))})
+    at_floor = floor_alphas(min_span, guard_length(lengths, guard), betas)
     seen: set[tuple[int, ...]] = set()
     grid: list[HeadSpec] = []
     for beta in betas:
-        for alpha in alphas:
+        extra = at_floor.get(float(beta))
+        for alpha in sorted({*alphas, *([extra] if extra is not None else [])}):
             head = Window(sink=sink, alpha=alpha, beta=float(beta))
             if head.span(guard_length(lengths, guard)) < min_span:
                 continue
@@ -72,11 +85,11 @@ def long_head_cap(lengths: list[int], density: float, heads: int, sink: int = 64
     """Most heads that can be fixed ``Dense`` while the rest still fit the budget at every length:
     the largest ``k`` with ``k * N + (heads - k) * m_N <= density * N * heads`` for every ``N``,
     ``m_N`` the least a window candidate of ``optimize``'s grid (same guard) keeps at ``N``."""
-    uniform = Window(sink=sink, alpha=float(-sink), beta=float(density))
-    min_span = min(min_span, uniform.span(guard_length(lengths, guard)))
     windows = [c for c in candidate_grid(lengths, sink, alpha_step, min_span=min_span, guard=guard)
                if isinstance(c, Window)]
     cap = heads
+    if not windows:
+        return 0
     for n in lengths:
         least = min(c.kept(n) for c in windows)
         if least >= n:
@@ -193,8 +206,8 @@ def solve(losses: dict[int, np.ndarray], kept: dict[int, np.ndarray], weights: d
                                  bounds=scipy.optimize.Bounds(lower, 1),
                                  options={"time_limit": time_limit, "mip_rel_gap": mip_rel_gap, "presolve": True})
     if result.x is None:
-        raise RuntimeError(f"the MILP found no plan ({result.message}); raise the density, or use a smaller sink "
-                           "or longer lengths so that some candidates fit the budget.")
+        raise RuntimeError(f"the MILP found no plan ({result.message}); raise the density, or use a smaller sink, "
+                           "a smaller --min-span or longer lengths so that some candidates fit the budget.")
     x = np.round(result.x[:nx]).reshape(layers, heads, C)
     choice = x.argmax(-1)
     return Solution(weights, choice, result.message, result.status == 0, getattr(result, "mip_gap", None))
@@ -257,8 +270,6 @@ def optimize(profiles: dict, model_info: ModelInfo, density: float, *, holdout: 
     fit = [n for n in lengths if n != holdout] or lengths
     block = next(iter(profiles.values())).block
     uniform = Window(sink=sink, alpha=float(-sink), beta=float(density))
-    # the guard never excludes the uniform head, so a budget the uniform plan meets stays feasible
-    min_span = min(min_span, uniform.span(guard_length(lengths, guard)))
     candidates = candidate_grid(lengths, sink, alpha_step, min_span=min_span, guard=guard)
     losses, kept, totals = {}, {}, {}
     for n in lengths:

@@ -169,3 +169,24 @@ def test_score_picks_which_tile_mass_the_candidates_drop():
     assert tile_uniform > abs_uniform
     with pytest.raises(ValueError, match="score must be one of"):
         optimize(profiles, INFO, 0.5, score="mean")
+
+
+def test_span_floor_holds_from_the_guard_length_on_and_keeps_its_most_elastic_window():
+    grid = candidate_grid([1024, 2048, 4096], min_span=96, guard=256)
+    windows = [c for c in grid if isinstance(c, Window)]
+    assert all(c.span(n) >= 96 for c in windows for n in (256, 300, 512, 1024, 8192))
+    # per beta, the alpha that meets the floor exactly is a candidate (the most elastic guarded window)
+    assert Window(sink=64, alpha=64.0, beta=0.125) in windows
+    assert Window(sink=64, alpha=96.0, beta=0.0) in windows
+    # the uniform head shrinks to one token at 256 and is left out
+    assert Window(sink=64, alpha=-64.0, beta=0.25) not in windows
+
+
+def test_optimize_with_a_span_floor_keeps_every_head_above_it():
+    lengths = [256, 512, 1024]
+    result = optimize(_synthetic_profiles(lengths), INFO, 0.5, holdout=1024, alpha_step=64, sink=16, min_span=64,
+                      guard=128)
+    for head in result.plan.heads:
+        if isinstance(head, Window):
+            assert head.span(128) >= 64
+    _check_constraints(result.plan, 0.5, lengths, 2)

@@ -28,10 +28,10 @@ def _ppl(model, tokenizer, texts) -> float:
     return math.exp(nll / count)
 
 
-# Known failure, measured 2026-11-25: at 256 tokens every shipped plan collapses (perplexity 36.4 d25,
-# 56.1 d50, 19.6 d25-v2, 78.7 d50-v2 against dense 17.2): elastic spans alpha + beta*N with a
-# negative alpha shrink to a few tokens on short inputs. strict: the test fails loudly once fixed.
-@pytest.mark.xfail(strict=True, reason="shipped plans collapse at 256 tokens (issue 13 item 5, open); see README Known gaps")
+# Measured 2026-11-25 before the span floor: at 256 tokens every shipped plan collapsed (perplexity
+# 36.4 d25 v1, 56.1 d50 v1, 19.6 d25-v2, 78.7 d50-v2 against dense 17.2): spans alpha + beta*N with a
+# negative alpha shrank to one token. Plans are now made with a floor (--min-span 96 from
+# --guard-length 256 tokens on); the v1 plans kept in plans/baselines/ for the benchmark predate it.
 @pytest.mark.slow
 @pytest.mark.parametrize("path", PLANS, ids=[p.stem for p in PLANS])
 def test_shipped_plans_do_not_collapse_on_short_inputs(real_model, path):
@@ -48,4 +48,4 @@ def test_shipped_plans_do_not_collapse_on_short_inputs(real_model, path):
         assert sparse <= dense * (1 + MAX_INCREASE), f"{path.name} at {n} tokens: {sparse:.3f} vs dense {dense:.3f}"
         for layer in plan.layers:
             for head in layer:
-                assert head.kept(n) >= min(n, 64 + 1)            # never below sink + one token
+                assert head.kept(n) >= min(n, 64 + 96)           # the floor: never below sink + 96 tokens
