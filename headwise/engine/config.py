@@ -38,7 +38,9 @@ class EngineConfig:
     dtype: weights and KV dtype (fp32 default; bf16 halves the bytes a decode step reads).
     backend: attention kernel backend ("auto", "cpu", "naive", "native", "triton").
     native_linear: in steps of at most 8 tokens (decode), run the model's linear layers through the
-        native skinny-linear kernel (``kernels.skinny_linear``) instead of torch's GEMM.
+        native skinny-linear kernel (``kernels.skinny_linear``) instead of torch's GEMM, and on
+        Llama-family models (``engine.lean``) run such steps as a lean forward over the HF modules'
+        weights instead of the HF module stack. False: every step is the plain HF forward.
     """
 
     kv_cache_memory: int | str = "2GiB"

@@ -27,6 +27,7 @@ from ..kernels.skinny_linear import native as skinny_native
 from ..plan import Plan
 from .config import EngineConfig
 from .kinds import EngineKind, engine_kind
+from .lean import lean_decoder
 from .sequence import Sequence
 
 logger = logging.getLogger("headwise.engine")
@@ -128,6 +129,8 @@ class ModelRunner:
         self.sink = torch.tensor([[getattr(s, "sink", 0) for s in layer] for layer in plan.layers], dtype=torch.long)
         self.sink_on_device = self.sink.to(device)
         self.previous_attn: str | None = None
+        # decode steps of few tokens skip the HF module stack on recognised architectures (lean.py)
+        self.lean = lean_decoder(model) if config.native_linear else None
 
     # ---- owning the model's attention -----------------------------------------------------------
     def attach(self) -> None:
@@ -214,6 +217,13 @@ class ModelRunner:
         """Run one step. Returns the sequences that sample and their ``[S, V]`` fp32 logits."""
         plan, ids, positions, rows, samplers = self.build_plan(batch, fresh_blocks)
         device = self.k_pool.device
+        if self.lean is not None and len(ids) <= skinny_native.MAX_ROWS:
+            def attend(layer, q, k, v, scale):
+                return layer_attention(self.layer_step(plan, layer, scale), q, k, v)
+
+            logits = self.lean.forward(torch.tensor(ids), torch.tensor(positions), torch.tensor(rows, dtype=torch.long),
+                                        attend)
+            return samplers, logits.float()
         skinny = self.config.native_linear and len(ids) <= skinny_native.MAX_ROWS and device.type == "cpu"
         with SkinnyLinearMode() if skinny else contextlib.nullcontext():
             out = self.model(input_ids=torch.tensor([ids], device=device),

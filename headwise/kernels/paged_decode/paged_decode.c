@@ -30,7 +30,7 @@ int paged_decode(const float *q, const void *k_pool, const void *v_pool, const i
         for (int64_t h = 0; h < Hkv; h++) {
             float qv[MAX_G][MAX_D], acc[MAX_G][MAX_D], m[MAX_G], l[MAX_G], s[MAX_G][MAX_BS];
             float kf[MAX_D];
-            int64_t idx[MAX_BS];
+            unsigned char keep[MAX_BS];
             const int64_t qp = q_pos[b];
             const int64_t sk = sink[h];
             const int64_t lo = qp - span[b * Hkv + h];       /* window: p > lo */
@@ -46,34 +46,53 @@ int paged_decode(const float *q, const void *k_pool, const void *v_pool, const i
                 for (int64_t j = 0; j < M; j++) {
                     const int64_t blk = table[j];
                     if (blk < 0) continue;
+                    const int64_t *bp = pos_pool + blk * bs;
                     int64_t n = 0;
                     for (int64_t t = 0; t < bs; t++) {
-                        const int64_t p = pos_pool[blk * bs + t];
-                        if (p >= 0 && p <= qp && (p < sk || p > lo)) idx[n++] = t;
+                        const int64_t p = bp[t];
+                        keep[t] = p >= 0 && p <= qp && (p < sk || p > lo);
+                        n += keep[t];
                     }
                     if (n == 0) continue;
-                    for (int64_t i = 0; i < n; i++) {
-                        const float *kp = row_as_f32(k_pool, blk * s_block + idx[i] * s_slot + hb * s_head, D, kv_bf16, kf);
+                    /* scores [G, bs]: slots this query may not read score -inf (weight 0 below) */
+                    for (int64_t t = 0; t < bs; t++) {
+                        if (!keep[t]) {
+                            for (int64_t g = 0; g < G; g++) s[g][t] = -INFINITY;
+                            continue;
+                        }
+                        const float *kp = row_as_f32(k_pool, blk * s_block + t * s_slot + hb * s_head, D, kv_bf16, kf);
                         for (int64_t g = 0; g < G; g++) {
                             float dot = 0.f;
                             #pragma omp simd reduction(+:dot)
                             for (int64_t d = 0; d < D; d++) dot += qv[g][d] * kp[d];
-                            s[g][i] = dot;
+                            s[g][t] = dot;
                         }
                     }
+                    /* online softmax over the block, exponentials vectorised over its slots */
                     for (int64_t g = 0; g < G; g++) {
                         float mx = m[g];
-                        for (int64_t i = 0; i < n; i++) mx = s[g][i] > mx ? s[g][i] : mx;
-                        const float corr = expf(m[g] - mx);      /* m = -inf the first time: corr = 0 */
-                        l[g] *= corr;
-                        for (int64_t d = 0; d < D; d++) acc[g][d] *= corr;
-                        m[g] = mx;
-                        for (int64_t i = 0; i < n; i++) { s[g][i] = expf(s[g][i] - mx); l[g] += s[g][i]; }
+                        for (int64_t t = 0; t < bs; t++) mx = s[g][t] > mx ? s[g][t] : mx;
+                        float sum = 0.f;
+                        #pragma omp simd reduction(+:sum)
+                        for (int64_t t = 0; t < bs; t++) {
+                            const float e = s[g][t] == -INFINITY ? 0.f : exp_approx(s[g][t] - mx);
+                            s[g][t] = e;
+                            sum += e;
+                        }
+                        if (mx != m[g]) {
+                            const float corr = exp_approx(m[g] - mx);   /* m = -inf the first time: corr = 0 */
+                            l[g] *= corr;
+                            #pragma omp simd
+                            for (int64_t d = 0; d < D; d++) acc[g][d] *= corr;
+                            m[g] = mx;
+                        }
+                        l[g] += sum;
                     }
-                    for (int64_t i = 0; i < n; i++) {
-                        const float *vp = row_as_f32(v_pool, blk * s_block + idx[i] * s_slot + hb * s_head, D, kv_bf16, kf);
+                    for (int64_t t = 0; t < bs; t++) {
+                        if (!keep[t]) continue;
+                        const float *vp = row_as_f32(v_pool, blk * s_block + t * s_slot + hb * s_head, D, kv_bf16, kf);
                         for (int64_t g = 0; g < G; g++) {
-                            const float w = s[g][i];
+                            const float w = s[g][t];
                             #pragma omp simd
                             for (int64_t d = 0; d < D; d++) acc[g][d] += w * vp[d];
                         }

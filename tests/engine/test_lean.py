@@ -1,0 +1,53 @@
+"""The lean decode forward (engine/lean.py) computes what the HF forward computes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from headwise.engine import LLM
+from headwise.engine.lean import LeanDecoder, lean_decoder
+from tests.conftest import TINY_CONFIGS, make_tiny
+from tests.engine.conftest import greedy, random_prompts
+
+
+def causal_attend(layer, q, k, v, scale):
+    """Plain causal attention over the step's own tokens: ``q [H, T, D]``, ``k, v [Hkv, T, D]`` -> ``[T, H, D]``."""
+    group = q.shape[0] // k.shape[0]
+    out = F.scaled_dot_product_attention(q, k.repeat_interleave(group, 0), v.repeat_interleave(group, 0),
+                                         is_causal=True, scale=scale)
+    return out.transpose(0, 1)
+
+
+@pytest.mark.parametrize("arch", sorted(TINY_CONFIGS))
+@pytest.mark.parametrize("tokens", [1, 3, 8])
+def test_lean_logits_equal_hf_forward(arch, tokens):
+    model = make_tiny(arch)
+    lean = lean_decoder(model)
+    assert isinstance(lean, LeanDecoder), f"{arch} should take the lean path"
+    ids = torch.randint(3, 128, (tokens,))
+    positions = torch.arange(17, 17 + tokens)
+    rows = torch.tensor([tokens - 1, 0])
+    with torch.inference_mode():
+        ref = model(input_ids=ids[None], position_ids=positions[None], use_cache=False).logits[0, rows]
+        got = lean.forward(ids, positions, rows, causal_attend)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_lean_and_hf_forward_give_the_same_engine_tokens():
+    model = make_tiny("qwen3")
+    prompts = random_prompts((3, 40, 97), seed=4)
+    outs = {}
+    for lean in (True, False):
+        llm = LLM(model, plan="uniform:0.25:4", kv_cache_memory="16MiB", block_size=8, native_linear=lean)
+        assert (llm.runner.lean is not None) == lean
+        outs[lean] = [o.outputs[0].token_ids for o in llm.generate([{"prompt_token_ids": p} for p in prompts],
+                                                                     greedy(10), use_tqdm=False)]
+    assert outs[True] == outs[False]
+
+
+def test_other_models_keep_the_hf_forward():
+    model = make_tiny("llama")
+    model.config.hidden_act = "gelu"
+    assert lean_decoder(model) is None
