@@ -18,6 +18,13 @@
  * (s_block, s_slot, s_head, 1), the same for both pools (vLLM's cache is such a strided view); pos_pool
  * [P, bs] i64; tables [B, Ht, M] i32 (Hkv = Ht * Hb); q_pos [B] i64; sink [Hkv] i64; span [B, Hkv] i64;
  * out [B, H, D] f32. */
+/* Prefetch the row at element offset `off` (D elements, fp32 or bf16) into cache. */
+static inline void prefetch_row(const void *pool, int64_t off, int64_t D, int kv_bf16) {
+    const int64_t esize = kv_bf16 ? 2 : 4;
+    const char *p = (const char *)pool + off * esize;
+    for (int64_t b = 0; b < D * esize; b += 64) __builtin_prefetch(p + b);
+}
+
 int paged_decode(const float *q, const void *k_pool, const void *v_pool, const int64_t *pos_pool,
                  const int32_t *tables, const int64_t *q_pos, const int64_t *sink, const int64_t *span,
                  float *out, int64_t B, int64_t H, int64_t Hkv, int64_t Hb, int64_t M, int64_t bs, int64_t D,
@@ -46,6 +53,12 @@ int paged_decode(const float *q, const void *k_pool, const void *v_pool, const i
                 for (int64_t j = 0; j < M; j++) {
                     const int64_t blk = table[j];
                     if (blk < 0) continue;
+                    /* a head's blocks are scattered over the pool and the hardware prefetcher stops at
+                     * page ends: while this block runs, fetch the next block's rows, one row per slot */
+                    int64_t next = -1;
+                    for (int64_t jn = j + 1; jn < M && jn <= j + 4 && next < 0; jn++) next = table[jn];
+                    const int64_t next_off = next < 0 ? -1 : next * s_block + hb * s_head;
+                    if (next >= 0) __builtin_prefetch(pos_pool + next * bs);
                     const int64_t *bp = pos_pool + blk * bs;
                     int64_t n = 0;
                     for (int64_t t = 0; t < bs; t++) {
@@ -56,6 +69,7 @@ int paged_decode(const float *q, const void *k_pool, const void *v_pool, const i
                     if (n == 0) continue;
                     /* scores [G, bs]: slots this query may not read score -inf (weight 0 below) */
                     for (int64_t t = 0; t < bs; t++) {
+                        if (next_off >= 0) prefetch_row(k_pool, next_off + t * s_slot, D, kv_bf16);
                         if (!keep[t]) {
                             for (int64_t g = 0; g < G; g++) s[g][t] = -INFINITY;
                             continue;
@@ -89,6 +103,7 @@ int paged_decode(const float *q, const void *k_pool, const void *v_pool, const i
                         l[g] += sum;
                     }
                     for (int64_t t = 0; t < bs; t++) {
+                        if (next_off >= 0) prefetch_row(v_pool, next_off + t * s_slot, D, kv_bf16);
                         if (!keep[t]) continue;
                         const float *vp = row_as_f32(v_pool, blk * s_block + t * s_slot + hb * s_head, D, kv_bf16, kf);
                         for (int64_t g = 0; g < G; g++) {
