@@ -2,9 +2,10 @@
  *
  * Same contract as naive.py (see its docstring); compiled on first use by native.py with
  * -O3 -march=native -fopenmp (OpenMP resolves to the libgomp torch already loaded).
- * One task per (sequence, KV head): walk its block table, skip slots the query may not read,
- * online softmax per block of slots over the G query heads of the group. Reads each kept key and
- * value once, never copies pages.
+ * One task per (sequence, KV head): walk its block table, prefetching the next block (a head's
+ * blocks are scattered over the pool); per block, mask the slots the query may not read and run an
+ * online softmax over the G query heads of the group, exponentials vectorised over the block's slots.
+ * Reads each kept key and value once, never copies pages.
  */
 #include <math.h>
 
