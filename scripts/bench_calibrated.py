@@ -129,6 +129,13 @@ class ResultStore(dict):
                 f.write(json.dumps({"key": key, "value": value}) + "\n")
 
 
+def spread_rank(i: int, count: int) -> float:
+    """Run order of trial ``i`` of ``count``: the bit-reversed index (0, 1/2, 1/4, 3/4, ...), so any
+    prefix of the run has its needle depths spread over the whole context."""
+    bits = max(1, (count - 1).bit_length())
+    return int(f"{i:0{bits}b}"[::-1], 2) / 2 ** bits
+
+
 def per_length(text: str, lengths: list[int]) -> list[int]:
     """``"50"`` -> 50 at every length; ``"50,50,20"`` -> one count per length."""
     counts = [int(x) for x in text.split(",")]
@@ -337,25 +344,29 @@ def main() -> None:
 
     rows = ["dense"] + [f"{name} | {mode}" for name in plans for mode in modes]
     row_key = lambda row: "dense" if row == "dense" else f"{keys[row.split(' | ')[0]]}|{row.split(' | ')[1]}"  # noqa: E731
+    with torch.no_grad():                           # warm-up: the first forward pays one-time setup costs
+        model(input_ids=torch.ones(1, 64, dtype=torch.long), use_cache=False, logits_to_keep=1)
     started = time.perf_counter()
-    for n in lengths:                                # length by length: partial runs are already useful
-        for kind in kinds:
-            count = docs[n] if kind == "perplexity" else trials[n]
-            if args.report_only:
+    if not args.report_only:
+        samples = {(kind, n): eval_tasks.generate(kind, tokenizer, n, docs[n] if kind == "perplexity" else trials[n],
+                                                  args.seed) for n in lengths for kind in kinds}
+        # waves of evenly spread trial indices over every length and task, so a run cut short by its
+        # time limit still has needles at every depth (and resumes from --cache)
+        todo = [(wave, n, kind, i) for (kind, n), group in samples.items() for i in range(len(group))
+                for wave in [spread_rank(i, len(group))]]
+        for _, n, kind, i in tqdm(sorted(todo), desc="bench", unit="prompt"):
+            count = len(samples[(kind, n)])
+            s = samples[(kind, n)][i]
+            base = f"{kind}|{n}|{args.seed}|{count}|{i}"     # depths depend on the count
+            wanted = [r for r in rows if not (kind == "perplexity" and r.endswith("| ctx"))]
+            if all(f"{row_key(r)}|{base}" in store for r in wanted):
                 continue
-            samples = eval_tasks.generate(kind, tokenizer, n, count, args.seed)
-            budget = KINDS[kind].max_gen_toks
-            for i, s in enumerate(tqdm(samples, desc=f"{kind} {n}", unit="prompt")):
-                base = f"{kind}|{n}|{args.seed}|{count}|{i}"     # depths depend on the count
-                wanted = [r for r in rows if not (kind == "perplexity" and r.endswith("| ctx"))]
-                if all(f"{row_key(r)}|{base}" in store for r in wanted):
-                    continue
-                if kind == "perplexity":
-                    got = perplexity_trial(model, tokenizer, s.prompt, plans, modes, args.ppl_chunk)
-                else:
-                    got = retrieval_trial(model, tokenizer, s.prompt, s.answers, budget, plans, modes)
-                for r, value in got.items():
-                    store[f"{row_key(r)}|{base}"] = value
+            if kind == "perplexity":
+                got = perplexity_trial(model, tokenizer, s.prompt, plans, modes, args.ppl_chunk)
+            else:
+                got = retrieval_trial(model, tokenizer, s.prompt, s.answers, KINDS[kind].max_gen_toks, plans, modes)
+            for r, value in got.items():
+                store[f"{row_key(r)}|{base}"] = value
     seconds = time.perf_counter() - started
 
     results, prefill = {}, {}
