@@ -116,9 +116,12 @@ class SoftmaxKV:
 
     def decode(self, step: "LayerStep", heads: list[int], q: torch.Tensor) -> torch.Tensor:
         """Decode tokens of the step: ``q [Bd, Hg * G, D]`` -> ``[Bd, Hg * G, D]`` (new KV already written)."""
-        tables = step.decode_tables[:, heads]                                      # [Bd, Hg, M]
-        sink = step.decode_sink[heads]
-        span = step.decode_span[:, heads]
+        if len(heads) == step.decode_sink.shape[0]:          # the layer's heads are all this kind
+            tables, sink, span = step.decode_tables, step.decode_sink, step.decode_span
+        else:
+            tables = step.decode_tables[:, heads]                                  # [Bd, Hg, M]
+            sink = step.decode_sink[heads]
+            span = step.decode_span[:, heads]
         return paged_decode(q, step.k_pool, step.v_pool, step.pos_pool, tables, step.decode_pos, sink, span,
                             step.scale, backend=step.backend)
 
