@@ -5,12 +5,14 @@ answers two questions:
 
 * ``layout(spec, n, block_size)``: for a request that will reach ``n`` tokens, the head's sink,
   span, and the block layout of its KV (``HeadLayout``);
-* ``prefill`` / ``decode``: its attention over the heads of one layer that use it (a *group*),
-  reading and writing the paged pool through ``LayerStep``.
+* ``bind(layer, heads, specs, weights)``: the object that runs the heads of one layer that use it
+  (a *group*): ``prefill`` / ``decode``, reading and writing the paged pool (or the group's own
+  per-sequence state) through ``LayerStep``.
 
 A layer groups its heads by kind, runs each group and scatters the outputs back into head order
 (``runner.layer_attention``). ``window`` and ``dense`` are one softmax-over-kept-KV kind
-(``SoftmaxKV``); a kind with another state (a linear-attention recurrent state, a router) adds an
+(``SoftmaxKV``); ``lightning`` heads keep no KV, only a per-sequence recurrent state, and run the
+kind folder's own group (``headwise.kinds.lightning``) through ``LinearState``. A new kind adds an
 ``EngineKind`` here and nothing else in the engine changes.
 """
 
@@ -24,6 +26,7 @@ import torch
 
 from ..kernels.paged_decode import paged_decode
 from ..kernels.sink_window import sink_window_attention
+from ..kinds.base import group_factory
 from ..plan import Dense, HeadSpec, Window
 
 if TYPE_CHECKING:
@@ -42,6 +45,7 @@ class HeadLayout:
     sink_slots: slots reserved for the sink (``sink`` rounded up to whole blocks).
     ring: window slots (``span`` rounded up to whole blocks), 0 when the head keeps everything.
     max_blocks: blocks the head holds at most (at length ``n``).
+    keeps_kv: False for a head that keeps no KV in the pool (a recurrent-state kind).
     """
 
     sink: int
@@ -49,6 +53,11 @@ class HeadLayout:
     sink_slots: int
     ring: int
     max_blocks: int
+    keeps_kv: bool = True
+
+
+#: The layout of a head that keeps no KV blocks.
+NO_KV = HeadLayout(sink=0, span=0, sink_slots=0, ring=0, max_blocks=0, keeps_kv=False)
 
 
 def softmax_layout(sink: int, span: int, n: int, block_size: int) -> HeadLayout:
@@ -72,10 +81,17 @@ class EngineKind(Protocol):
 
     def layout(self, spec: HeadSpec, n: int, block_size: int) -> HeadLayout: ...
 
+    def bind(self, layer: int, heads: list[int], specs: list[HeadSpec], weights) -> "EngineGroup": ...
+
+
+class EngineGroup(Protocol):
+    """The heads of one layer that one ``EngineKind`` runs."""
+
     def prefill(self, step: "LayerStep", heads: list[int], q: torch.Tensor, k: torch.Tensor,
                 v: torch.Tensor) -> torch.Tensor: ...
 
-    def decode(self, step: "LayerStep", heads: list[int], q: torch.Tensor) -> torch.Tensor: ...
+    def decode(self, step: "LayerStep", heads: list[int], q: torch.Tensor, k: torch.Tensor,
+               v: torch.Tensor) -> torch.Tensor: ...
 
 
 class SoftmaxKV:
@@ -88,6 +104,9 @@ class SoftmaxKV:
             return softmax_layout(0, n, n, block_size)
         assert isinstance(spec, Window)
         return softmax_layout(spec.sink, spec.span(n), n, block_size)
+
+    def bind(self, layer: int, heads: list[int], specs: list[HeadSpec], weights) -> "SoftmaxKV":
+        return self                      # stateless: the pool and the step carry everything
 
     def prefill(self, step: "LayerStep", heads: list[int], q: torch.Tensor, k: torch.Tensor,
                 v: torch.Tensor) -> torch.Tensor:
@@ -114,8 +133,10 @@ class SoftmaxKV:
             k_pos = q_pos[:, None]
         return sink_window_attention(q, k, v, q_pos, k_pos, sink, span[None], step.scale, backend=step.backend)
 
-    def decode(self, step: "LayerStep", heads: list[int], q: torch.Tensor) -> torch.Tensor:
-        """Decode tokens of the step: ``q [Bd, Hg * G, D]`` -> ``[Bd, Hg * G, D]`` (new KV already written)."""
+    def decode(self, step: "LayerStep", heads: list[int], q: torch.Tensor, k: torch.Tensor,
+               v: torch.Tensor) -> torch.Tensor:
+        """Decode tokens of the step: ``q [Bd, Hg * G, D]`` -> ``[Bd, Hg * G, D]``; ``k, v [Bd, Hg, D]``
+        are already written to the pool, so only ``q`` is read."""
         if len(heads) == step.decode_sink.shape[0]:          # the layer's heads are all this kind
             tables, sink, span = step.decode_tables, step.decode_sink, step.decode_span
         else:
@@ -126,10 +147,66 @@ class SoftmaxKV:
                             step.scale, backend=step.backend)
 
 
+class LinearState:
+    """Heads that keep a recurrent state instead of KV (``lightning``).
+
+    ``bind`` builds the kind folder's own group (fitted feature maps from the plan's weights) and
+    wraps it: every request keeps its group state in ``Sequence.states[(layer, first head)]``
+    (``[Hg, F, D + 1]`` fp32, constant in length); a prefill chunk continues it (a fresh or
+    recomputed request starts empty) and a decode step stacks the batch's states, runs one
+    per-token update and puts them back.
+    """
+
+    name = "linear_state"
+
+    def layout(self, spec: HeadSpec, n: int, block_size: int) -> HeadLayout:
+        return NO_KV
+
+    def bind(self, layer: int, heads: list[int], specs: list[HeadSpec], weights) -> "LinearStateGroup":
+        group = group_factory(specs[0], f"layer {layer}")(layer, tuple(heads), tuple(specs), weights)
+        return LinearStateGroup(group, (layer, heads[0]))
+
+
+class LinearStateGroup:
+    """One layer's recurrent-state heads in the engine (see ``LinearState``)."""
+
+    def __init__(self, group, key: tuple[int, int]):
+        self.group = group
+        self.key = key
+
+    def prefill(self, step: "LayerStep", heads: list[int], q: torch.Tensor, k: torch.Tensor,
+                v: torch.Tensor) -> torch.Tensor:
+        """``q [1, Hg * G, n, D]``, ``k, v [1, Hg, n, D]`` (the chunk's own tokens) -> ``[1, Hg * G, n, D]``."""
+        seq = step.prefill_seq
+        state = seq.states.get(self.key) if seq.num_computed > 0 else None
+        out, new = self.group.run(q, k, v, step.prefill_pos[None], None if state is None else state[None],
+                                  step.backend)
+        seq.states[self.key] = new[0]
+        if step.dense_prefill:           # the prompt reads everything with softmax; the state is still built
+            n = q.shape[2]
+            zeros = torch.zeros(len(heads), dtype=torch.long, device=q.device)
+            out = sink_window_attention(q, k, v, step.prefill_pos[None], step.prefill_pos[None, None], zeros,
+                                        torch.full((1, len(heads)), n, dtype=torch.long, device=q.device),
+                                        step.scale, backend=step.backend)
+        return out
+
+    def decode(self, step: "LayerStep", heads: list[int], q: torch.Tensor, k: torch.Tensor,
+               v: torch.Tensor) -> torch.Tensor:
+        """``q [Bd, Hg * G, D]``, ``k, v [Bd, Hg, D]`` -> ``[Bd, Hg * G, D]``; each request's state advances one token."""
+        seqs = step.plan.decode_seqs
+        states = torch.stack([seq.states[self.key] for seq in seqs])                  # [Bd, Hg, F, D + 1]
+        out, new = self.group.run(q[:, :, None], k[:, :, None], v[:, :, None], step.decode_pos[:, None], states,
+                                  step.backend)
+        for seq, state in zip(seqs, new.unbind(0)):
+            seq.states[self.key] = state
+        return out[:, :, 0]
+
+
 SOFTMAX_KV = SoftmaxKV()
+LINEAR_STATE = LinearState()
 
 #: Plan head kind name -> the engine kind that runs it.
-ENGINE_KINDS: dict[str, EngineKind] = {"window": SOFTMAX_KV, "dense": SOFTMAX_KV}
+ENGINE_KINDS: dict[str, EngineKind] = {"window": SOFTMAX_KV, "dense": SOFTMAX_KV, "lightning": LINEAR_STATE}
 
 
 def engine_kind(spec: HeadSpec) -> EngineKind:

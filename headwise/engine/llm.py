@@ -28,7 +28,9 @@ class EngineStats:
     prefill_seconds: wall time of steps that ran any prefill token; decode_seconds: of steps that
     ran only decode tokens (``decode_steps`` of them, ``decode_tokens`` tokens).
     peak_kv_bytes: KV pool bytes held at the peak (whole blocks); dense_kv_bytes: the peak a dense
-    cache would hold for the tokens in flight; kv_bytes_by_kind: the held peak split by head kind. peak_blocks / num_blocks: pool blocks at the peak / in the pool.
+    cache would hold for the tokens in flight; kv_bytes_by_kind: the held peak split by head kind.
+    peak_blocks / num_blocks: pool blocks at the peak / in the pool. peak_state_bytes: the peak of the
+    recurrent states (lightning heads) held by running requests, outside the pool.
     """
 
     prefill_seconds: float = 0.0
@@ -42,6 +44,7 @@ class EngineStats:
     kv_bytes_by_kind: dict = field(default_factory=dict)
     peak_blocks: int = 0
     num_blocks: int = 0
+    peak_state_bytes: int = 0
     preemptions: int = 0
 
     @property
@@ -295,6 +298,7 @@ class LLM:
         scheduled = {id(seq): n for seq, n in batch}
         tokens = sum(seq.num_computed + scheduled.get(id(seq), 0) for seq in self.scheduler.running)
         stats.dense_kv_bytes = max(stats.dense_kv_bytes, tokens * heads * self.block_bytes // self.config.block_size)
+        stats.peak_state_bytes = max(stats.peak_state_bytes, sum(_state_bytes(s) for s in self.scheduler.running))
         used = self.blocks.num_used
         if used <= stats.peak_blocks:
             return
@@ -315,8 +319,13 @@ class LLM:
         per_token = self.block_bytes // self.config.block_size
         kv = {"peak_blocks": seq.peak_blocks, "peak_bytes": seq.peak_blocks * self.block_bytes,
               "peak_bytes_by_kind": {k: b * self.block_bytes for k, b in seq.peak_blocks_by_kind.items()},
-              "dense_bytes": seq.num_computed * heads * per_token}
+              "dense_bytes": seq.num_computed * heads * per_token, "state_bytes": _state_bytes(seq)}
         return RequestOutput(seq.request_id, seq.prompt, seq.prompt_token_ids,
                              [CompletionOutput(0, seq.text, list(seq.output_token_ids), seq.finish_reason,
                                                seq.stop_reason)],
                              seq.status is Status.FINISHED, kv=kv)
+
+
+def _state_bytes(seq: Sequence) -> int:
+    """Bytes of a request's recurrent states (heads that keep no KV)."""
+    return sum(t.numel() * t.element_size() for t in seq.states.values())

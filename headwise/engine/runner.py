@@ -26,7 +26,7 @@ from ..kernels.paged_decode.naive import gather_pages
 from ..kernels.skinny_linear import native as skinny_native
 from ..plan import Plan
 from .config import EngineConfig
-from .kinds import EngineKind, engine_kind
+from .kinds import EngineGroup, EngineKind, engine_kind
 from .lean import lean_decoder
 from .sequence import Sequence
 
@@ -119,13 +119,14 @@ class ModelRunner:
         self.v_pool = torch.zeros_like(self.k_pool)
         self.pos_pool = torch.full((num_blocks, bs), -1, dtype=torch.long, device=device)
         # heads of each layer grouped by the kind that runs them
-        self.groups: list[list[tuple[EngineKind, list[int]]]] = []
-        for layer in plan.layers:
-            groups: dict[int, tuple[EngineKind, list[int]]] = {}
+        self.groups: list[list[tuple[EngineGroup, list[int]]]] = []
+        for index, layer in enumerate(plan.layers):
+            by_kind: dict[tuple[int, str], tuple[EngineKind, list[int]]] = {}
             for h, spec in enumerate(layer):
                 kind = engine_kind(spec)
-                groups.setdefault(id(kind), (kind, []))[1].append(h)
-            self.groups.append(list(groups.values()))
+                by_kind.setdefault((id(kind), spec.family), (kind, []))[1].append(h)
+            self.groups.append([(kind.bind(index, heads, [layer[h] for h in heads], plan.weights), heads)
+                                for kind, heads in by_kind.values()])
         self.sink = torch.tensor([[getattr(s, "sink", 0) for s in layer] for layer in plan.layers], dtype=torch.long)
         self.sink_on_device = self.sink.to(device)
         self.previous_attn: str | None = None
@@ -171,12 +172,14 @@ class ModelRunner:
                 logit_rows.append(len(ids) - 1)
                 samplers.append(seq)
             logical = seq.logical_slots(pos)                                         # [L, H, n]
+            if not seq.all_keep_kv:      # heads without KV (recurrent state) write nothing
+                logical = logical.masked_fill(~seq.keeps_kv[..., None], 0)
             blocks = seq.table.long().gather(-1, logical // bs)
             slot_parts.append(blocks * bs + logical % bs)
             last = start + n - 1
             p = pos[None, None, :]
             survives = (p < seq.sink[..., None]) | (seq.ring[..., None] == 0) | (p > last - seq.ring[..., None])
-            keep_parts.append(survives)
+            keep_parts.append(survives & seq.keeps_kv[..., None])
         slots = torch.cat(slot_parts, dim=-1).transpose(1, 2)                          # [L, T, H]
         keep = torch.cat(keep_parts, dim=-1).transpose(1, 2)
         L, T, H = slots.shape
@@ -309,9 +312,13 @@ def layer_attention(step: LayerStep, q: torch.Tensor, k: torch.Tensor, v: torch.
     Bd = len(plan.decode_seqs)
     if Bd:
         qd = q[:, :Bd].transpose(0, 1)                                                   # [Bd, H, D]
+        kd, vd = k[:, :Bd].transpose(0, 1), v[:, :Bd].transpose(0, 1)                    # [Bd, Hkv, D]
         for kind, heads in groups:
             qh = _query_heads(heads, G)
-            res = kind.decode(step, heads, qd if len(heads) == Hkv else qd[:, qh])
+            if len(heads) == Hkv:
+                res = kind.decode(step, heads, qd, kd, vd)
+            else:
+                res = kind.decode(step, heads, qd[:, qh], kd[:, heads], vd[:, heads])
             if len(heads) == Hkv:
                 out[:Bd] = res
             else:

@@ -44,6 +44,7 @@ class Scheduler:
         self.running.remove(seq)
         seq.status = Status.WAITING
         seq.num_computed = 0
+        seq.states.clear()
         self.waiting.appendleft(seq)
         self.num_preemptions += 1
 

@@ -87,7 +87,11 @@ class Sequence:
 
         self.sink, self.span, self.sink_slots, self.ring, self.max_blocks = (
             grid(n) for n in ("sink", "span", "sink_slots", "ring", "max_blocks"))
-        self.table = torch.full((*self.max_blocks.shape, int(self.max_blocks.max())), -1, dtype=torch.int32)
+        self.keeps_kv = grid("keeps_kv").bool()             # [L, Hkv] False: a recurrent-state head
+        self.all_keep_kv = bool(self.keeps_kv.all())
+        # recurrent states of the head groups that keep no KV: (layer, first head) -> tensor
+        self.states: dict[tuple[int, int], torch.Tensor] = {}
+        self.table = torch.full((*self.max_blocks.shape, max(1, int(self.max_blocks.max()))), -1, dtype=torch.int32)
         self.nblocks = torch.zeros_like(self.max_blocks)
         self.peak_blocks = 0
         self.peak_blocks_by_kind: dict[str, int] = {}
