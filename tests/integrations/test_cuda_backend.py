@@ -90,7 +90,7 @@ layer = types.SimpleNamespace(layer_name="model.layers.7.self_attn.attn")
 output = torch.full((64, H, D), float("nan"))
 impl.forward(layer, query, new_k, new_v, kv_cache, meta, output)
 rule = LayerRule.from_heads(Plan.from_spec(plan_path, model_config.hf_config).layers[7])
-assert not rule.all_dense and len(set(rule.beta.tolist())) > 1       # layer 7 has heads of two spans
+assert not rule.all_dense and len(set(rule.span(torch.tensor([300])).tolist()[0])) > 1   # heads of two spans at 300
 for b, (c, q) in enumerate(seqs):
     s, e, n = int(qsl[b]), int(qsl[b + 1]), c + q
     ref = naive.sink_window_attention(query[s:e].transpose(0, 1)[None], keys[b].transpose(0, 1)[None],
