@@ -43,8 +43,9 @@ def tiny_dir(tmp_path_factory, tokenizer):
 
 @pytest.mark.slow
 def test_calibrate_then_resume_then_show(tiny_dir, tmp_path, capsys):
+    # toy lengths: the default span floor (96 tokens from 256 on) leaves no 25% plan at 256 tokens, so scale it down
     args = ["calibrate", "--model", str(tiny_dir), "--lengths", "256,512", "--samples", "2", "--answer-tokens", "8",
-            "--sink", "16", "--cache-dir", str(tmp_path / "cache"), "--threads", "1"]
+            "--sink", "16", "--min-span", "32", "--cache-dir", str(tmp_path / "cache"), "--threads", "1"]
     assert main(args + ["--density", "0.5", "--out", str(tmp_path / "a.json")]) == 0
     first = capsys.readouterr().out
     assert "4 of 4 samples to compute" in first
@@ -142,8 +143,8 @@ def test_plan_show_on_a_uniform_plan(tmp_path, capsys):
 def test_calibrate_with_gates_then_resolve_from_cached_gates(tiny_dir, tmp_path, capsys):
     args = ["calibrate", "--model", str(tiny_dir), "--method", "gates", "--lengths", "256,512", "--samples", "2",
             "--answer-tokens", "8", "--sink", "16", "--gate-lengths", "512", "--gate-samples", "1",
-            "--gate-steps", "2", "--gate-facts", "2", "--gate-window", "32", "--cache-dir", str(tmp_path / "cache"),
-            "--threads", "1"]
+            "--gate-steps", "2", "--gate-facts", "2", "--gate-window", "32", "--min-span", "32",
+            "--cache-dir", str(tmp_path / "cache"), "--threads", "1"]
     assert main(args + ["--density", "0.5", "--out", str(tmp_path / "a.json"), "--prefill", "dense"]) == 0
     assert "gates trained" in capsys.readouterr().out
     plan = load_plan(tmp_path / "a.json")
