@@ -66,7 +66,6 @@ class LeanDecoder:
     """The decode forward of a recognised decoder, layer by layer on the HF modules' weights."""
 
     def __init__(self, model):
-        self.model = model
         base = model.model
         self.embed = base.embed_tokens
         self.layers = list(base.layers)

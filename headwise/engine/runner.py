@@ -314,15 +314,11 @@ def layer_attention(step: LayerStep, q: torch.Tensor, k: torch.Tensor, v: torch.
         qd = q[:, :Bd].transpose(0, 1)                                                   # [Bd, H, D]
         kd, vd = k[:, :Bd].transpose(0, 1), v[:, :Bd].transpose(0, 1)                    # [Bd, Hkv, D]
         for kind, heads in groups:
-            qh = _query_heads(heads, G)
             if len(heads) == Hkv:
-                res = kind.decode(step, heads, qd, kd, vd)
+                out[:Bd] = kind.decode(step, heads, qd, kd, vd)
             else:
-                res = kind.decode(step, heads, qd[:, qh], kd[:, heads], vd[:, heads])
-            if len(heads) == Hkv:
-                out[:Bd] = res
-            else:
-                out[:Bd, qh] = res
+                qh = _query_heads(heads, G)
+                out[:Bd, qh] = kind.decode(step, heads, qd[:, qh], kd[:, heads], vd[:, heads])
     # 4. prefill chunks: cached KV + the chunk's own keys
     for chunk, cache in zip(plan.chunks, cached):
         step.prefill_seq, step.prefill_pos, step._cached = chunk.seq, chunk.positions, cache
