@@ -24,7 +24,7 @@ from vllm.v1.attention.backends.cpu_attn import (CPUAttentionBackend, CPUAttenti
 
 from ...kinds.kv_rule import LayerRule
 from . import paged
-from .impl_common import active_plan, check_layer, layer_rule
+from .impl_common import PlanAttention, active_plan, check_layer
 
 #: How the start-up log names this backend.
 BACKEND = "HeadwiseCPUBackend (overrides CPU_ATTN)"
@@ -51,7 +51,7 @@ class HeadwiseCPUMetadataBuilder(CPUAttentionMetadataBuilder):
         return HeadwiseCPUMetadata(**{name: getattr(base, name) for name in base.__dataclass_fields__})
 
 
-class HeadwiseCPUImpl(CPUAttentionBackendImpl):
+class HeadwiseCPUImpl(PlanAttention, CPUAttentionBackendImpl):
     """vLLM's CPU attention with one layer's KV heads following the plan.
 
     ``forward`` sees ``query [T, H, D]``, ``key/value [T, Hkv, D]``, ``kv_cache [P, Hkv, bs, 2*D]``
@@ -67,13 +67,6 @@ class HeadwiseCPUImpl(CPUAttentionBackendImpl):
         self.plan = active_plan(BACKEND)
         check_layer(self.plan, num_heads, num_kv_heads, alibi_slopes, sliding_window, logits_soft_cap, attn_type,
                     kv_sharing_target_layer_name, sinks)
-        self._rule: LayerRule | None = None
-
-    def rule(self, layer) -> LayerRule:
-        """The layer's sink/span rule, from its name (``model.layers.<i>.self_attn.attn``)."""
-        if self._rule is None:
-            self._rule = layer_rule(self.plan, layer.layer_name)
-        return self._rule
 
     def do_kv_cache_update(self, layer, key, value, kv_cache, slot_mapping) -> None:
         """Store this step's keys and values: vLLM's own path for all-dense layers, else ``paged.write``."""
@@ -81,19 +74,10 @@ class HeadwiseCPUImpl(CPUAttentionBackendImpl):
             return super().do_kv_cache_update(layer, key, value, kv_cache, slot_mapping)
         paged.write(kv_cache, key, value, slot_mapping)
 
-    def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, output_scale=None,
-                output_block_scale=None):
-        """``output [T, H, D]``: vLLM's kernel for all-dense layers, else the plan (``paged.attend``)."""
-        if attn_metadata is None or self.rule(layer).all_dense:
-            return super().forward(layer, query, key, value, kv_cache, attn_metadata, output, output_scale,
-                                   output_block_scale)
-        if output_scale is not None or output_block_scale is not None:
-            raise NotImplementedError("fused output quantization is not supported by headwise's vLLM backend; "
-                                      "serve without output quantization.")
-        n = attn_metadata.num_actual_tokens
+    def attend_plan(self, query, key, value, kv_cache, output, attn_metadata, rule: LayerRule) -> None:
+        """The plan's attention over vLLM's CPU cache (``paged.attend``)."""
         step = attn_metadata.step_layout(kv_cache.shape[2], kv_cache.shape[1])
-        paged.attend(query[:n], key[:n], value[:n], kv_cache, output[:n], step, self.rule(layer), self.scale)
-        return output
+        paged.attend(query, key, value, kv_cache, output, step, rule, self.scale)
 
 
 class HeadwiseCPUBackend(CPUAttentionBackend):

@@ -29,7 +29,7 @@ from vllm.v1.attention.backends.triton_attn import (TritonAttentionBackend, Trit
 
 from ...kinds.kv_rule import LayerRule
 from . import CUDA_NAME, paged, paged_flash
-from .impl_common import active_plan, check_layer, layer_rule
+from .impl_common import PlanAttention, active_plan, check_layer
 from .plan_source import plan_spec
 
 #: The name ``--attention-backend`` takes.
@@ -66,7 +66,7 @@ class HeadwiseTritonMetadataBuilder(TritonAttentionMetadataBuilder):
         return HeadwiseTritonMetadata(**{name: getattr(base, name) for name in base.__dataclass_fields__})
 
 
-class HeadwiseTritonImpl(TritonAttentionImpl):
+class HeadwiseTritonImpl(PlanAttention, TritonAttentionImpl):
     """vLLM's Triton attention with one layer's KV heads following the plan.
 
     ``forward`` sees ``query [T, H, D]``, ``key/value [T, Hkv, D]``, ``kv_cache [P, Hkv, bs, 2*D]``
@@ -82,31 +82,15 @@ class HeadwiseTritonImpl(TritonAttentionImpl):
         self.plan = active_plan(BACKEND)
         check_layer(self.plan, num_heads, num_kv_heads, alibi_slopes, sliding_window, logits_soft_cap, attn_type,
                     kv_sharing_target_layer_name, sinks)
-        self._rule: LayerRule | None = None
 
     def fused_output_quant_supported(self, quant_key) -> bool:
         """No fused output quantization: plan layers write plain outputs."""
         return False
 
-    def rule(self, layer) -> LayerRule:
-        """The layer's sink/span rule, from its name (``model.layers.<i>.self_attn.attn``)."""
-        if self._rule is None:
-            self._rule = layer_rule(self.plan, layer.layer_name)
-        return self._rule
-
-    def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, output_scale=None,
-                output_block_scale=None):
-        """``output [T, H, D]``: vLLM's kernel for all-dense layers, else the plan (``paged_flash.attend``)."""
-        if attn_metadata is None or self.rule(layer).all_dense:
-            return super().forward(layer, query, key, value, kv_cache, attn_metadata, output, output_scale,
-                                   output_block_scale)
-        if output_scale is not None or output_block_scale is not None:
-            raise NotImplementedError("fused output quantization is not supported by headwise's vLLM backend; "
-                                      "serve without output quantization.")
-        n = attn_metadata.num_actual_tokens
+    def attend_plan(self, query, key, value, kv_cache, output, attn_metadata, rule: LayerRule) -> None:
+        """The plan's attention over vLLM's CUDA cache (``paged_flash.attend``)."""
         step = attn_metadata.step_layout(kv_cache.shape[2])
-        paged_flash.attend(query[:n], key[:n], value[:n], kv_cache, output[:n], step, self.rule(layer), self.scale)
-        return output
+        paged_flash.attend(query, key, value, kv_cache, output, step, rule, self.scale)
 
 
 class HeadwiseTritonBackend(TritonAttentionBackend):

@@ -1,5 +1,5 @@
 """What headwise's CPU and CUDA attention implementations for vLLM share: the active plan, the
-start-up checks of a layer, and a layer's sink/span rule.
+start-up checks of a layer, a layer's sink/span rule, and ``forward`` (``PlanAttention``).
 
 Imports vLLM's config module (not a backend), so both ``cpu.py`` and ``cuda.py`` use it.
 """
@@ -78,3 +78,37 @@ def layer_rule(plan: Plan, layer_name: str) -> LayerRule:
         raise PlanError(f"vLLM layer {layer_name!r} has no row in a plan of {len(plan.layers)} "
                         "layers; calibrate a plan for this model.")
     return LayerRule.from_heads(plan.layers[index])
+
+
+class PlanAttention:
+    """Mixin placed before a vLLM attention implementation (``class X(PlanAttention, VllmImpl)``).
+
+    The subclass sets ``self.plan`` and implements ``attend_plan``; ``forward`` runs vLLM's own
+    kernel for all-dense layers (and metadata-less profiling runs), the plan for the others.
+    """
+
+    plan: Plan | None
+    _rule: LayerRule | None = None
+
+    def rule(self, layer) -> LayerRule:
+        """The layer's sink/span rule, from its name (``model.layers.<i>.self_attn.attn``)."""
+        if self._rule is None:
+            self._rule = layer_rule(self.plan, layer.layer_name)
+        return self._rule
+
+    def attend_plan(self, query, key, value, kv_cache, output, attn_metadata, rule: LayerRule) -> None:
+        """Write ``output [n, H, D]`` for the step's ``n`` real tokens following ``rule``."""
+        raise NotImplementedError
+
+    def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, output_scale=None,
+                output_block_scale=None):
+        """``output [T, H, D]``: vLLM's kernel for all-dense layers, else ``attend_plan``."""
+        if attn_metadata is None or self.rule(layer).all_dense:
+            return super().forward(layer, query, key, value, kv_cache, attn_metadata, output, output_scale,
+                                   output_block_scale)
+        if output_scale is not None or output_block_scale is not None:
+            raise NotImplementedError("fused output quantization is not supported by headwise's vLLM backend; "
+                                      "serve without output quantization.")
+        n = attn_metadata.num_actual_tokens
+        self.attend_plan(query[:n], key[:n], value[:n], kv_cache, output[:n], attn_metadata, self.rule(layer))
+        return output
