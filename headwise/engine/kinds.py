@@ -1,7 +1,9 @@
 """Head kinds as the engine sees them: how a head uses KV blocks, and how its attention runs.
 
-Every plan head kind the engine can run maps to one ``EngineKind`` in ``ENGINE_KINDS``. A kind
-answers two questions:
+Every plan head kind the engine can run maps to one ``EngineKind``. The kind folder says which:
+``headwise/kinds/<kind>/engine.py`` defines ``ENGINE_KIND`` (one of the building blocks below, or its
+own class), and ``engine_kind(spec)`` imports it on first use, so a new kind plugs into the engine
+with a file in its own folder. A kind answers two questions:
 
 * ``layout(spec, n, block_size)``: for a request that will reach ``n`` tokens, the head's sink,
   span, and the block layout of its KV (``HeadLayout``);
@@ -12,12 +14,13 @@ answers two questions:
 A layer groups its heads by kind, runs each group and scatters the outputs back into head order
 (``runner.layer_attention``). ``window`` and ``dense`` are one softmax-over-kept-KV kind
 (``SoftmaxKV``); ``lightning`` heads keep no KV, only a per-sequence recurrent state, and run the
-kind folder's own group (``headwise.kinds.lightning``) through ``LinearState``. A new kind adds an
-``EngineKind`` here and nothing else in the engine changes.
+kind folder's own group (``headwise.kinds.lightning``) through ``LinearState``. A new kind adds
+``engine.py`` to its folder and nothing in the engine changes.
 """
 
 from __future__ import annotations
 
+import importlib
 import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
@@ -205,14 +208,22 @@ class LinearStateGroup:
 SOFTMAX_KV = SoftmaxKV()
 LINEAR_STATE = LinearState()
 
-#: Plan head kind name -> the engine kind that runs it.
-ENGINE_KINDS: dict[str, EngineKind] = {"window": SOFTMAX_KV, "dense": SOFTMAX_KV, "lightning": LINEAR_STATE}
+#: Plan head kind name -> the engine kind that runs it (filled from the kind folders' ``engine.py``).
+ENGINE_KINDS: dict[str, EngineKind] = {}
 
 
 def engine_kind(spec: HeadSpec) -> EngineKind:
-    """The engine kind of a plan head; one clear sentence when the engine cannot run it."""
+    """The engine kind of a plan head, from its kind folder's ``engine.py`` (``ENGINE_KIND``); one clear
+    sentence when the folder has none."""
     kind = ENGINE_KINDS.get(spec.kind)
     if kind is None:
-        raise ValueError(f"the engine cannot run {spec.kind!r} heads yet (it runs {sorted(ENGINE_KINDS)}); "
-                         "use patch_model for this plan or remove those heads.")
+        package = type(spec).__module__.rpartition(".")[0]          # headwise.kinds.<kind>
+        try:
+            module = importlib.import_module(f"{package}.engine")
+        except ModuleNotFoundError as error:
+            if error.name != f"{package}.engine":
+                raise
+            raise ValueError(f"the engine cannot run {spec.kind!r} heads yet (its kind folder {package} has no "
+                             "engine.py); use patch_model for this plan or remove those heads.") from None
+        kind = ENGINE_KINDS[spec.kind] = module.ENGINE_KIND
     return kind

@@ -216,3 +216,19 @@ def test_per_request_kv_report_splits_kinds(llama):
     assert sum(kv["peak_bytes_by_kind"].values()) == kv["peak_bytes"] == kv["peak_blocks"] * llm.block_bytes
     assert kv["dense_bytes"] == 407 * 4 * 16 * 2 * 4        # stored tokens x 4 KV heads x head_dim x K+V x fp32
     assert kv["peak_bytes_by_kind"]["window"] < kv["peak_bytes_by_kind"]["dense"] / 2   # 2 window, 2 dense heads
+
+
+def test_kind_folder_without_engine_file_is_refused_in_one_sentence():
+    """The engine finds how to run a kind in its folder's ``engine.py``; a kind without one is refused."""
+    from headwise.engine.kinds import engine_kind
+    from headwise.kinds.lightning import Lightning
+
+    assert engine_kind(Dense()).name == "softmax_kv" and engine_kind(Window(sink=4, alpha=8.0)).name == "softmax_kv"
+    assert engine_kind(Lightning(weights="x")).name == "linear_state"
+
+    class Foreign(Dense):            # defined outside headwise/kinds: no kind folder, no engine.py
+        kind = "foreign_test"
+
+    Foreign.__module__ = "headwise.kinds.no_such_kind.spec"
+    with pytest.raises(ValueError, match="the engine cannot run 'foreign_test' heads yet"):
+        engine_kind(Foreign())
