@@ -221,8 +221,8 @@ def engine_kind(spec: HeadSpec) -> EngineKind:
         try:
             module = importlib.import_module(f"{package}.engine")
         except ModuleNotFoundError as error:
-            if error.name != f"{package}.engine":
-                raise
+            if error.name is None or not f"{package}.engine".startswith(error.name):
+                raise                                                # a missing import inside engine.py
             raise ValueError(f"the engine cannot run {spec.kind!r} heads yet (its kind folder {package} has no "
                              "engine.py); use patch_model for this plan or remove those heads.") from None
         kind = ENGINE_KINDS[spec.kind] = module.ENGINE_KIND
