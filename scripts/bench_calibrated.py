@@ -147,8 +147,38 @@ def per_length(text: str, lengths: list[int]) -> list[int]:
 
 
 # ---- one prompt, every plan -----------------------------------------------------------------------
+def dense_prefill(model, ids: torch.Tensor, context: int, kv_file: Path | None):
+    """The dense prefill every dense/ctx row shares: ``(cache, [(keys, values)] per layer, last logits
+    [1, 1, V], seconds)``, the context and the question prefilled in two forwards (so the context's
+    KV is exactly what a context-only prefill gives). With ``kv_file`` the KV and logits are kept
+    in a safetensors file and read back on a later run, so plans added later cost only their decode."""
+    from safetensors.torch import load_file, save_file
+    from transformers.cache_utils import DynamicCache
+
+    if kv_file is not None and kv_file.is_file():
+        saved = load_file(kv_file)
+        layers = len([k for k in saved if k.startswith("k.")])
+        kv = [(saved[f"k.{i}"], saved[f"v.{i}"]) for i in range(layers)]
+        cache = DynamicCache()
+        for i, (k, v) in enumerate(kv):
+            cache.update(k.clone(), v.clone(), i)
+        return cache, kv, saved["logits"], float(saved["seconds"])
+    t0 = time.perf_counter()
+    out = model(input_ids=ids[:, :context], use_cache=True, logits_to_keep=1)
+    out = model(input_ids=ids[:, context:], past_key_values=out.past_key_values, use_cache=True, logits_to_keep=1)
+    seconds = time.perf_counter() - t0
+    kv = [(k.clone(), v.clone()) for k, v in kv_of(out.past_key_values)]
+    if kv_file is not None:
+        kv_file.parent.mkdir(parents=True, exist_ok=True)
+        tensors = {f"k.{i}": k.contiguous() for i, (k, _) in enumerate(kv)}
+        tensors |= {f"v.{i}": v.contiguous() for i, (_, v) in enumerate(kv)}
+        save_file({**tensors, "logits": out.logits.contiguous(), "seconds": torch.tensor(seconds)}, str(kv_file))
+    return out.past_key_values, kv, out.logits, seconds
+
+
 @torch.no_grad()
-def retrieval_trial(model, tokenizer, prompt: str, answers, budget: int, plans: dict, modes: list[str]) -> dict:
+def retrieval_trial(model, tokenizer, prompt: str, answers, budget: int, plans: dict, modes: list[str],
+                    kv_file: Path | None = None) -> dict:
     """Every plan in every mode on one retrieval prompt. Returns ``{row name: {"ok", "prefill_s"}}``
     (``row name``: ``dense`` or ``"<plan> | <mode>"``)."""
     from headwise import expected_length, patch_model, unpatch_model
@@ -160,14 +190,9 @@ def retrieval_trial(model, tokenizer, prompt: str, answers, budget: int, plans: 
     ok = lambda tokens: contains_all(list(answers), tokenizer.decode(tokens, skip_special_tokens=True)) == 1.0  # noqa: E731
     run = lambda cache, logits: ok(greedy(model, cache, logits, budget, eos, ok))  # noqa: E731
     rows = {}
-    t0 = time.perf_counter()
-    out = model(input_ids=ids[:, :context], use_cache=True, logits_to_keep=1)
-    ctx_kv = kv_of(out.past_key_values)
-    out = model(input_ids=ids[:, context:], past_key_values=out.past_key_values, use_cache=True, logits_to_keep=1)
-    dense_s = time.perf_counter() - t0
-    full_kv, full_logits = kv_of(out.past_key_values), out.logits
-    rows["dense"] = {"ok": run(out.past_key_values, full_logits),
-                     "prefill_s": round(dense_s, 3)}
+    cache, full_kv, full_logits, dense_s = dense_prefill(model, ids, context, kv_file)
+    ctx_kv = [(k[:, :, :context], v[:, :, :context]) for k, v in full_kv]
+    rows["dense"] = {"ok": run(cache, full_logits), "prefill_s": round(dense_s, 3)}
     for name, spec in plans.items():
         patch_model(model, spec, prefill="dense")
         try:
@@ -296,7 +321,8 @@ def main() -> None:
     parser.add_argument("--plan", default=str(ROOT / "plans" / "smollm2-135m-d25.json"),
                         help="calibrated plan(s), comma-separated")
     parser.add_argument("--modes", default="sparse,dense,ctx", help=f"comma-separated from {','.join(MODES)}")
-    parser.add_argument("--density", type=float, default=None, help="uniform baseline density (default: the plan's)")
+    parser.add_argument("--density", default=None, help="uniform baseline density or densities, comma-separated "
+                        "(default: each plan's own); a plan is checked against the uniform row of its density")
     parser.add_argument("--lengths", default="2048,4096,8192")
     parser.add_argument("--trials", default="50", help="prompts per retrieval task and length (needle depths): "
                         "one count, or one per length")
@@ -306,6 +332,8 @@ def main() -> None:
     parser.add_argument("--json", default=None, help="also write the results here")
     parser.add_argument("--cache", default=None, help="JSONL of per-prompt results: reused and extended, so an "
                         "interrupted or repeated run only computes what is missing")
+    parser.add_argument("--kv-store", default=None, help="folder keeping each retrieval prompt's dense-prefill KV "
+                        "(fp32 safetensors, ~190 MB per 4k prompt), so plans added to a later run skip the prefill")
     parser.add_argument("--report-only", action="store_true", help="print the table from --cache, compute nothing")
     parser.add_argument("--check", action="store_true", help="first check the shared dense prefill against "
                         "patch_model(prefill='dense') on one prompt")
@@ -328,10 +356,15 @@ def main() -> None:
         raise SystemExit(f"--modes takes names from {', '.join(MODES)}, got {args.modes!r}.")
     paths = [p.strip() for p in args.plan.split(",") if p.strip()]
     loaded = [load_plan(p, model) for p in paths]
-    density = args.density if args.density is not None else float(loaded[0].calibration["density"])
-    plans = {f"uniform {density:g}": Plan.uniform(model, density)}
+    plan_density = {Path(p).stem: float(plan.calibration["density"]) for p, plan in zip(paths, loaded)}
+    densities = ([float(x) for x in args.density.split(",")] if args.density
+                 else sorted(set(plan_density.values())))
+    uniform_of = {d: f"uniform {d:g}" for d in densities}
+    plans = {uniform_of[d]: Plan.uniform(model, d) for d in densities}
     for path, plan in zip(paths, loaded):
         plans[Path(path).stem] = plan
+    # each calibrated plan is checked against the uniform row nearest its own density
+    baseline = {name: uniform_of[min(densities, key=lambda d: abs(d - dens))] for name, dens in plan_density.items()}
     keys = {name: plan_key(spec) for name, spec in plans.items()}
     lengths = [int(x) for x in args.lengths.split(",")]
     trials = dict(zip(lengths, per_length(args.trials, lengths)))
@@ -364,7 +397,9 @@ def main() -> None:
             if kind == "perplexity":
                 got = perplexity_trial(model, tokenizer, s.prompt, plans, modes, args.ppl_chunk)
             else:
-                got = retrieval_trial(model, tokenizer, s.prompt, s.answers, KINDS[kind].max_gen_toks, plans, modes)
+                kv_file = Path(args.kv_store) / f"{kind}-{n}-{args.seed}-{count}-{i}.safetensors" if args.kv_store else None
+                got = retrieval_trial(model, tokenizer, s.prompt, s.answers, KINDS[kind].max_gen_toks, plans, modes,
+                                      kv_file)
             for r, value in got.items():
                 store[f"{row_key(r)}|{base}"] = value
     seconds = time.perf_counter() - started
@@ -387,7 +422,8 @@ def main() -> None:
                     times = [v["prefill_s"] for v in values if "prefill_s" in v]
                     if times:
                         prefill.setdefault((r, n), []).extend(times)
-    print(f"\nSmolLM2-135M-Instruct, density {density:g}; plans {args.plan}; retrieval trials per length "
+    print(f"\nSmolLM2-135M-Instruct, uniform densities {', '.join(f'{d:g}' for d in densities)}; plans {args.plan}; "
+          f"retrieval trials per length "
           f"{trials}, perplexity documents {docs}; {seconds:.0f} s this run\n")
     show = lambda r: f"{r[0]}/{r[1]}" if isinstance(r, tuple) else f"{r:.3f}"  # noqa: E731
     print("| plan | mode | KV kept at " + ", ".join(map(str, lengths)) + " | "
@@ -405,20 +441,19 @@ def main() -> None:
     print("\nTargets at each calibrated row (retrieval >= 95% of dense and >= 1.5x uniform in the same mode, "
           "perplexity <= +3% of dense):")
     checks = []
-    for name in list(plans)[1:]:
+    for name, uniform in baseline.items():
         for mode in modes:
-            uni = f"{list(plans)[0]} | {mode}"
             ppl_mode = "dense" if mode == "ctx" else mode
-            checks += target_checks(results, "dense", uni, f"{name} | {mode}",
+            checks += target_checks(results, "dense", f"{uniform} | {mode}", f"{name} | {mode}",
                                     [k for k in kinds if k != "perplexity"], lengths)
             if "perplexity" in kinds and mode != "ctx":
-                checks += target_checks(results, "dense", f"{list(plans)[0]} | {ppl_mode}", f"{name} | {ppl_mode}",
+                checks += target_checks(results, "dense", f"{uniform} | {ppl_mode}", f"{name} | {ppl_mode}",
                                         ["perplexity"], lengths)
     for line in checks:
         print(f"- {line}")
     if args.json:
         Path(args.json).write_text(json.dumps({
-            "plans": args.plan, "density": density, "trials": trials, "ppl_docs": docs, "modes": modes,
+            "plans": args.plan, "densities": densities, "trials": trials, "ppl_docs": docs, "modes": modes,
             "results": [{"row": r, "task": k, "length": n, "value": v if not isinstance(v, tuple) else list(v)}
                         for (r, k, n), v in results.items()],
             "prefill_s": {f"{r}|{n}": sum(t) / len(t) for (r, n), t in prefill.items()}, "targets": checks}, indent=1))
