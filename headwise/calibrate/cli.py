@@ -69,6 +69,9 @@ def register(subparsers) -> None:
     p.add_argument("--long-heads", type=int, default=None,
                    help="v2: make exactly this many top-ranked heads long (default: gates above --gate-threshold, "
                         "at most what --min-short allows)")
+    p.add_argument("--gates-from", default=None, metavar="PLAN",
+                   help="v2: take the gates recorded in this plan (made by --method gates for the same model) "
+                        "instead of training them, e.g. to re-solve a shipped plan at other densities")
     p.add_argument("--prefill", choices=("sparse", "dense"), default=None,
                    help="the plan's prefill mode (default: none recorded, i.e. sparse)")
     p.add_argument("--time-limit", type=float, default=300.0, help="seconds per MILP solve")
@@ -169,11 +172,15 @@ def choose_long_heads(model, tokenizer, info, args):
     gate_lengths = parse_lengths(args.gate_lengths, MIN_LENGTH)
     settings = GateSettings(tuple(gate_lengths), args.gate_samples, args.gate_steps, args.gate_lr, args.gate_l1,
                             args.sink, args.gate_window, args.seed)
-    store = GateStore(model, args.cache_dir, facts=args.gate_facts, seed=args.seed)
     started = time.perf_counter()
-    result, computed = store.gates(model, tokenizer, settings)
-    print(f"headwise calibrate: gates {'trained' if computed else 'loaded'} from {store.gates_path(settings)} "
-          f"({time.perf_counter() - started:.0f} s this run)", flush=True)
+    if args.gates_from:
+        result, settings = gates_of_plan(args.gates_from, info)
+        print(f"headwise calibrate: gates taken from {args.gates_from}", flush=True)
+    else:
+        store = GateStore(model, args.cache_dir, facts=args.gate_facts, seed=args.seed)
+        result, computed = store.gates(model, tokenizer, settings)
+        print(f"headwise calibrate: gates {'trained' if computed else 'loaded'} from {store.gates_path(settings)} "
+              f"({time.perf_counter() - started:.0f} s this run)", flush=True)
     heads = info.num_layers * info.num_kv_heads
     lengths = parse_lengths(args.lengths, MIN_LENGTH)
     cap = long_head_cap(lengths, args.density, heads, args.sink, args.alpha_step, args.min_span, args.guard_length)
@@ -185,7 +192,8 @@ def choose_long_heads(model, tokenizer, info, args):
                             "heads": [[l, h] for l, h in ranking[:count]],
                             "gates": np.round(result.gates, 4).tolist(),
                             "importance": np.round(result.importance, 8).tolist(),
-                            "settings": dataclasses.asdict(settings), "facts": args.gate_facts,
+                            "settings": dataclasses.asdict(settings) if dataclasses.is_dataclass(settings) else settings,
+                            "facts": args.gate_facts, **({"gates_from": args.gates_from} if args.gates_from else {}),
                             "threshold": args.gate_threshold,
                             "final_distill": result.history[-1]["distill"] if result.history else None,
                             "seconds_when_trained": round(result.seconds, 1),
@@ -193,3 +201,23 @@ def choose_long_heads(model, tokenizer, info, args):
     print(f"headwise calibrate: {count} long heads (gates above {args.gate_threshold}: {wanted}, budget cap {cap})",
           flush=True)
     return long, notes
+
+
+def gates_of_plan(path: str, info):
+    """``(GateResult, gate settings as recorded)`` from a plan made by ``--method gates``; one sentence
+    when the plan has no gates or was made for another architecture."""
+    from ..plan import PlanError, load_plan
+    from .gates import GateResult
+
+    plan = load_plan(path)
+    if plan.model.fingerprint != info.fingerprint:
+        raise SystemExit(f"--gates-from {path} was made for another model ({plan.model.name}); use a plan of this model.")
+    notes = plan.calibration.get("long_heads") or {}
+    if "gates" not in notes or "importance" not in notes:
+        raise SystemExit(f"--gates-from {path} records no gates (it was not made with --method gates); "
+                         "give a gates plan or train the gates.")
+    gates, importance = np.asarray(notes["gates"], dtype=np.float64), np.asarray(notes["importance"], dtype=np.float64)
+    if gates.shape != (info.num_layers, info.num_kv_heads) or importance.shape != gates.shape:
+        raise PlanError(f"--gates-from {path}: gates of shape {gates.shape}, expected "
+                        f"{(info.num_layers, info.num_kv_heads)}.")
+    return GateResult(gates, importance, seconds=float(notes.get("seconds_when_trained", 0.0))), notes.get("settings")

@@ -158,3 +158,17 @@ def test_calibrate_with_gates_then_resolve_from_cached_gates(tiny_dir, tmp_path,
     assert main(args + ["--density", "0.25", "--out", str(tmp_path / "b.json")]) == 0
     out = capsys.readouterr().out
     assert "gates loaded" in out and "0 of 4 samples to compute" in out
+    # a density sweep re-solves with the gates a plan records, without training them again
+    assert main(args + ["--density", "0.75", "--gates-from", str(tmp_path / "a.json"),
+                        "--out", str(tmp_path / "c.json")]) == 0
+    out = capsys.readouterr().out
+    assert "gates taken from" in out and "gates trained" not in out and "gates loaded" not in out
+    swept = load_plan(tmp_path / "c.json").calibration["long_heads"]
+    assert swept["gates"] == notes["gates"] and swept["gates_from"] == str(tmp_path / "a.json")
+    ranked = swept["heads"]
+    assert ranked == notes["heads"][:len(ranked)] or notes["heads"] == ranked[:len(notes["heads"])]
+    data = json.loads((tmp_path / "a.json").read_text())
+    del data["calibration"]["long_heads"]
+    (tmp_path / "plain.json").write_text(json.dumps(data))
+    with pytest.raises(SystemExit, match="records no gates"):
+        main(args + ["--density", "0.5", "--gates-from", str(tmp_path / "plain.json"), "--out", str(tmp_path / "d.json")])
