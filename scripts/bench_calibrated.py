@@ -43,6 +43,7 @@ import hashlib
 import json
 import math
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -94,13 +95,63 @@ def greedy(model, cache, logits: torch.Tensor, budget: int, eos: int, done=None)
     """Greedy tokens from the last ``logits`` ``[1, q, V]`` on, through ``cache``: at most ``budget``,
     stopping after EOS or once ``done(tokens)`` (the answer is complete: more tokens cannot change
     a contains-the-answer score)."""
+    return greedy_from(model, cache, logits, [], budget, eos, done)
+
+
+def greedy_from(model, cache, logits: torch.Tensor, prefix: list[int], budget: int, eos: int, done=None) -> list[int]:
+    """``greedy`` after ``prefix`` tokens already fed (``logits`` are the last forward's): the
+    stopping rule counts the prefix."""
     token = logits[:, -1:].argmax(-1)
-    out = [int(token)]
+    out = [*prefix, int(token)]
     while len(out) < budget and out[-1] != eos and not (done and done(out)):
         logits = model(input_ids=token, past_key_values=cache, use_cache=True).logits
         token = logits[:, -1:].argmax(-1)
         out.append(int(token))
     return out
+
+
+@contextmanager
+def decode_rule(model):
+    """Inside, a multi-token forward of the patched ``model`` reads per query only what the plan lets a
+    decode step read (its sink + window), not everything kept as a dense-prefill forward does."""
+    runtime = model._headwise["runtime"]
+    before, runtime.prefill = runtime.prefill, "sparse"
+    try:
+        yield
+    finally:
+        runtime.prefill = before
+
+
+@torch.no_grad()
+def greedy_guided(model, make, guess: list[int], budget: int, eos: int, done=None) -> list[int]:
+    """The tokens ``greedy`` gives from ``make()`` (a fresh ``(cache, logits)``), computed by verifying
+    ``guess`` (the dense model's greedy tokens) in one forward under the plan's decode rule: where the
+    plan's argmax agrees with every guessed token its output is the guess; at the first disagreement
+    the agreed prefix is fed to a fresh cache and greedy decoding continues from there. The same
+    tokens as decoding step by step (a query reads the same keys either way; float rounding aside)
+    for one forward instead of one per agreed token."""
+    stop = lambda out: len(out) >= budget or out[-1] == eos or bool(done and done(out))  # noqa: E731
+    cache, logits = make()
+    if not guess or int(logits[0, -1].argmax()) != guess[0] or len(guess) == 1:
+        return greedy_from(model, cache, logits, [], budget, eos, done)
+    with decode_rule(model):
+        predicted = model(input_ids=torch.tensor([guess[:-1]]), past_key_values=cache, use_cache=True).logits[0]
+    wrong = (predicted.argmax(-1) != torch.tensor(guess[1:])).nonzero()
+    if not len(wrong):                                    # the plan's output so far is the guess
+        if stop(guess):
+            return list(guess)
+        with decode_rule(model):
+            logits = model(input_ids=torch.tensor([guess[-1:]]), past_key_values=cache, use_cache=True).logits
+        return greedy_from(model, cache, logits, list(guess), budget, eos, done)
+    agreed = int(wrong[0]) + 1                            # guess[:agreed] is the plan's own output
+    out = [*guess[:agreed], int(predicted[agreed - 1].argmax())]
+    if stop(out):
+        return out
+    cache, _ = make()
+    with decode_rule(model):
+        logits = model(input_ids=torch.tensor([guess[:agreed]]), past_key_values=cache, use_cache=True,
+                       logits_to_keep=1).logits
+    return greedy_from(model, cache, logits, guess[:agreed], budget, eos, done)
 
 
 def plan_key(spec) -> str:
@@ -192,19 +243,23 @@ def retrieval_trial(model, tokenizer, prompt: str, answers, budget: int, plans: 
     rows = {}
     cache, full_kv, full_logits, dense_s = dense_prefill(model, ids, context, kv_file)
     ctx_kv = [(k[:, :, :context], v[:, :, :context]) for k, v in full_kv]
-    rows["dense"] = {"ok": run(cache, full_logits), "prefill_s": round(dense_s, 3)}
+    dense_tokens = greedy(model, cache, full_logits, budget, eos, ok)
+    rows["dense"] = {"ok": ok(dense_tokens), "prefill_s": round(dense_s, 3)}
+    guided = lambda make: ok(greedy_guided(model, make, dense_tokens, budget, eos, ok))  # noqa: E731
+
+    def question_on(kv):                       # ctx mode: the question read against the plan's cache
+        cache = plan_cache(model, kv)
+        return cache, model(input_ids=ids[:, context:], past_key_values=cache, use_cache=True, logits_to_keep=1).logits
+
     for name, spec in plans.items():
         patch_model(model, spec, prefill="dense")
         try:
             with expected_length(model, target):
                 if "dense" in modes:
-                    rows[f"{name} | dense"] = {"ok": run(plan_cache(model, full_kv), full_logits),
+                    rows[f"{name} | dense"] = {"ok": guided(lambda: (plan_cache(model, full_kv), full_logits)),
                                                "prefill_s": round(dense_s, 3)}
                 if "ctx" in modes:
-                    cache = plan_cache(model, ctx_kv)
-                    logits = model(input_ids=ids[:, context:], past_key_values=cache, use_cache=True,
-                                   logits_to_keep=1).logits
-                    rows[f"{name} | ctx"] = {"ok": run(cache, logits)}
+                    rows[f"{name} | ctx"] = {"ok": guided(lambda: question_on(ctx_kv))}
         finally:
             unpatch_model(model)
         if "sparse" in modes:
