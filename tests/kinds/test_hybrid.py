@@ -283,3 +283,40 @@ def test_dense_prefill_reads_softmax_and_builds_the_same_state(llama):
     # layer 0 sees the same q/k/v either way, so its state is the same
     assert torch.allclose(sparse.past_key_values.layers[0].states["hybrid"]["s"],
                           out.past_key_values.layers[0].states["hybrid"]["s"], atol=1e-6)
+
+
+def test_plan_show_reports_memory_and_marks_heads(llama, tmp_path, capsys, monkeypatch):
+    """Memory per kind (hybrid: sink + window + 1 slots and a constant state), and the heatmap's letters."""
+    import matplotlib.axes
+
+    from headwise.cli import main
+
+    drawn = []
+    original = matplotlib.axes.Axes.text
+    monkeypatch.setattr(matplotlib.axes.Axes, "text",
+                        lambda self, x, y, s, *a, **k: drawn.append((int(x), int(y), s)) or original(self, x, y, s, *a, **k))
+    hybrid_plan(llama).save(tmp_path / "p.json")
+    assert main(["plan", "show", str(tmp_path / "p.json"), "--lengths", "1024", "--kv-bytes", "4"]) == 0
+    out = capsys.readouterr().out
+    rows = {line.split()[0]: line.split() for line in out.splitlines() if line.startswith("  ") and len(line.split()) > 3}
+    D = llama.config.head_dim
+    expected = ((2 + 5 + 1) + (0 + 3 + 1)) * 2 * D * 4 + 2 * F * (D + 1) * 4
+    assert rows["hybrid"][1] == "2" and float(rows["hybrid"][2]) == round(expected / 2**20, 2)
+    # (head, layer, letter): layer 0 = hybrid + dense, layer 1 = window + hybrid
+    assert sorted(drawn) == [(0, 0, "H"), (1, 0, "D"), (1, 1, "H")]
+    assert (tmp_path / "p.png").exists()
+
+
+def test_heatmap_marks_lightning_heads(llama, tmp_path, monkeypatch):
+    import matplotlib.axes
+
+    from headwise.calibrate.heatmap import plan_heatmap
+    from tests.kinds.test_lightning import lightning_plan
+
+    drawn = []
+    original = matplotlib.axes.Axes.text
+    monkeypatch.setattr(matplotlib.axes.Axes, "text",
+                        lambda self, x, y, s, *a, **k: drawn.append((int(x), int(y), s)) or original(self, x, y, s, *a, **k))
+    plan_heatmap(lightning_plan(llama), tmp_path / "l.png", [256, 1024])
+    # per panel: layer 0 = lightning + dense, layer 1 = window + lightning
+    assert sorted(drawn) == sorted([(0, 0, "L"), (1, 0, "D"), (1, 1, "L")] * 2)
