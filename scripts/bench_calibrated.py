@@ -31,7 +31,8 @@ and its own tokens), which is what a dense-prefill plan sees when it continues a
 modes are the same computation for perplexity; the table shows it once, under ``dense``).
 
 ``--cache`` keeps per-prompt results in a JSONL file, so a run split into pieces (``timeout``
-under the heavy-job lock) resumes where it stopped. ``--trials`` takes one count or one per
+under the heavy-job lock) resumes where it stopped, and a run with more plans computes only the
+rows its cache lacks (e.g. the dense rows are computed once). ``--trials`` takes one count or one per
 length. Note the calibration data (``pydoc_data.topics`` for v1 profiles; stdlib docstrings for
 v2's gate data) and the perplexity documents may share passages.
 """
@@ -146,43 +147,59 @@ def per_length(text: str, lengths: list[int]) -> list[int]:
     return counts
 
 
+def check_modes(path: str, plan, modes: list[str]) -> None:
+    """Refuse the dense and ctx modes for plans with recurrent-state heads (``lightning``, ``hybrid``):
+    ``plan_cache`` builds a plan's cache from dense KV alone, without running the heads that fold
+    keys into their state, so that state would be empty."""
+    recurrent = sorted({h.kind for h in plan.heads if h.state_bytes(plan.model.head_dim, 1) > 0})
+    if recurrent and set(modes) & {"dense", "ctx"}:
+        raise SystemExit(f"plan {path} has {'/'.join(recurrent)} heads (a recurrent state), which the dense and ctx "
+                         "modes cannot build from a shared dense prefill; run it with --modes sparse.")
+
+
 # ---- one prompt, every plan -----------------------------------------------------------------------
 @torch.no_grad()
-def retrieval_trial(model, tokenizer, prompt: str, answers, budget: int, plans: dict, modes: list[str]) -> dict:
+def retrieval_trial(model, tokenizer, prompt: str, answers, budget: int, plans: dict, modes: list[str],
+                    need: set[str] | None = None) -> dict:
     """Every plan in every mode on one retrieval prompt. Returns ``{row name: {"ok", "prefill_s"}}``
-    (``row name``: ``dense`` or ``"<plan> | <mode>"``)."""
+    (``row name``: ``dense`` or ``"<plan> | <mode>"``); with ``need``, only those rows (the rest are
+    in the result cache already)."""
     from headwise import expected_length, patch_model, unpatch_model
     from headwise.eval.scoring import contains_all
 
+    wanted = (lambda row: True) if need is None else need.__contains__  # noqa: E731
     eos = tokenizer.eos_token_id
     ids, context = split_at_question(tokenizer, prompt)
     target = ids.shape[1] + budget
     ok = lambda tokens: contains_all(list(answers), tokenizer.decode(tokens, skip_special_tokens=True)) == 1.0  # noqa: E731
     run = lambda cache, logits: ok(greedy(model, cache, logits, budget, eos, ok))  # noqa: E731
     rows = {}
-    t0 = time.perf_counter()
-    out = model(input_ids=ids[:, :context], use_cache=True, logits_to_keep=1)
-    ctx_kv = kv_of(out.past_key_values)
-    out = model(input_ids=ids[:, context:], past_key_values=out.past_key_values, use_cache=True, logits_to_keep=1)
-    dense_s = time.perf_counter() - t0
-    full_kv, full_logits = kv_of(out.past_key_values), out.logits
-    rows["dense"] = {"ok": run(out.past_key_values, full_logits),
-                     "prefill_s": round(dense_s, 3)}
+    shared = [m for m in ("dense", "ctx") if m in modes and any(wanted(f"{name} | {m}") for name in plans)]
+    if wanted("dense") or shared:                 # the dense prefill: its row and the shared caches
+        t0 = time.perf_counter()
+        out = model(input_ids=ids[:, :context], use_cache=True, logits_to_keep=1)
+        ctx_kv = kv_of(out.past_key_values)
+        out = model(input_ids=ids[:, context:], past_key_values=out.past_key_values, use_cache=True, logits_to_keep=1)
+        dense_s = time.perf_counter() - t0
+        full_kv, full_logits = kv_of(out.past_key_values), out.logits
+        if wanted("dense"):
+            rows["dense"] = {"ok": run(out.past_key_values, full_logits), "prefill_s": round(dense_s, 3)}
     for name, spec in plans.items():
-        patch_model(model, spec, prefill="dense")
-        try:
-            with expected_length(model, target):
-                if "dense" in modes:
-                    rows[f"{name} | dense"] = {"ok": run(plan_cache(model, full_kv), full_logits),
-                                               "prefill_s": round(dense_s, 3)}
-                if "ctx" in modes:
-                    cache = plan_cache(model, ctx_kv)
-                    logits = model(input_ids=ids[:, context:], past_key_values=cache, use_cache=True,
-                                   logits_to_keep=1).logits
-                    rows[f"{name} | ctx"] = {"ok": run(cache, logits)}
-        finally:
-            unpatch_model(model)
-        if "sparse" in modes:
+        if any(wanted(f"{name} | {m}") for m in shared):
+            patch_model(model, spec, prefill="dense")
+            try:
+                with expected_length(model, target):
+                    if "dense" in shared and wanted(f"{name} | dense"):
+                        rows[f"{name} | dense"] = {"ok": run(plan_cache(model, full_kv), full_logits),
+                                                   "prefill_s": round(dense_s, 3)}
+                    if "ctx" in shared and wanted(f"{name} | ctx"):
+                        cache = plan_cache(model, ctx_kv)
+                        logits = model(input_ids=ids[:, context:], past_key_values=cache, use_cache=True,
+                                       logits_to_keep=1).logits
+                        rows[f"{name} | ctx"] = {"ok": run(cache, logits)}
+            finally:
+                unpatch_model(model)
+        if "sparse" in modes and wanted(f"{name} | sparse"):
             patch_model(model, spec, prefill="sparse")
             try:
                 with expected_length(model, target):
@@ -197,10 +214,14 @@ def retrieval_trial(model, tokenizer, prompt: str, answers, budget: int, plans: 
 
 
 @torch.no_grad()
-def perplexity_trial(model, tokenizer, text: str, plans: dict, modes: list[str], chunk: int) -> dict:
+def perplexity_trial(model, tokenizer, text: str, plans: dict, modes: list[str], chunk: int,
+                     need: set[str] | None = None) -> dict:
     """Summed NLL and count over the second half of ``text`` for dense and every plan:
-    ``{row name: [nll, tokens]}`` (the ``dense`` mode row stands for ``ctx`` too)."""
+    ``{row name: [nll, tokens]}`` (the ``dense`` mode row stands for ``ctx`` too); with ``need``,
+    only those rows."""
     from headwise import patch_model, unpatch_model
+
+    wanted = (lambda row: True) if need is None else need.__contains__  # noqa: E731
 
     ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids
     half = (ids.shape[1] - 1) // 2 + 1          # first scored target: token `half`
@@ -209,18 +230,19 @@ def perplexity_trial(model, tokenizer, text: str, plans: dict, modes: list[str],
         nll = torch.nn.functional.cross_entropy(logits[0, :-1].float(), ids[0, 1:], reduction="none")
         return [float(nll[half - 1:].sum()), int(nll[half - 1:].numel())]
 
-    rows = {"dense": second_half(model(input_ids=ids, use_cache=False).logits)}
-    if "dense" in modes or "ctx" in modes:      # the shared dense prefill of the first half
+    rows = {"dense": second_half(model(input_ids=ids, use_cache=False).logits)} if wanted("dense") else {}
+    shared = ("dense" in modes or "ctx" in modes) and any(wanted(f"{name} | dense") for name in plans)
+    if shared:                                  # the shared dense prefill of the first half
         first = model(input_ids=ids[:, :half], use_cache=True, logits_to_keep=1)
         first_kv, last = kv_of(first.past_key_values), first.logits[:, -1:]
     for name, spec in plans.items():
-        if "sparse" in modes:
+        if "sparse" in modes and wanted(f"{name} | sparse"):
             patch_model(model, spec, prefill="sparse")
             try:
                 rows[f"{name} | sparse"] = second_half(model(input_ids=ids, use_cache=False).logits)
             finally:
                 unpatch_model(model)
-        if "dense" in modes or "ctx" in modes:
+        if shared and wanted(f"{name} | dense"):
             patch_model(model, spec, prefill="dense")
             try:
                 cache, prev, total, count = plan_cache(model, first_kv), last, 0.0, 0
@@ -336,12 +358,7 @@ def main() -> None:
     plans = {} if args.no_uniform else {f"uniform {density:g}": Plan.uniform(model, density)}
     for path, plan in zip(paths, loaded):
         plans[Path(path).stem] = plan
-        recurrent = sorted({h.kind for h in plan.heads if h.state_bytes(plan.model.head_dim, 1) > 0})
-        if recurrent and set(modes) & {"dense", "ctx"}:
-            # plan_cache builds a plan's cache from dense KV alone, without running the heads that
-            # fold keys into a recurrent state, so their state would be empty
-            raise SystemExit(f"plan {path} has {'/'.join(recurrent)} heads (a recurrent state), which the dense and ctx "
-                             "modes cannot build from a shared dense prefill; run it with --modes sparse.")
+        check_modes(path, plan, modes)
     keys = {name: plan_key(spec) for name, spec in plans.items()}
     lengths = [int(x) for x in args.lengths.split(",")]
     trials = dict(zip(lengths, per_length(args.trials, lengths)))
@@ -369,12 +386,14 @@ def main() -> None:
             s = samples[(kind, n)][i]
             base = f"{kind}|{n}|{args.seed}|{count}|{i}"     # depths depend on the count
             wanted = [r for r in rows if not (kind == "perplexity" and r.endswith("| ctx"))]
-            if all(f"{row_key(r)}|{base}" in store for r in wanted):
+            missing = {r for r in wanted if f"{row_key(r)}|{base}" not in store}
+            if not missing:
                 continue
             if kind == "perplexity":
-                got = perplexity_trial(model, tokenizer, s.prompt, plans, modes, args.ppl_chunk)
+                got = perplexity_trial(model, tokenizer, s.prompt, plans, modes, args.ppl_chunk, missing)
             else:
-                got = retrieval_trial(model, tokenizer, s.prompt, s.answers, KINDS[kind].max_gen_toks, plans, modes)
+                got = retrieval_trial(model, tokenizer, s.prompt, s.answers, KINDS[kind].max_gen_toks, plans, modes,
+                                      missing)
             for r, value in got.items():
                 store[f"{row_key(r)}|{base}"] = value
     seconds = time.perf_counter() - started
