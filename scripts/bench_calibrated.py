@@ -31,7 +31,8 @@ and its own tokens), which is what a dense-prefill plan sees when it continues a
 modes are the same computation for perplexity; the table shows it once, under ``dense``).
 
 ``--cache`` keeps per-prompt results in a JSONL file, so a run split into pieces (``timeout``
-under the heavy-job lock) resumes where it stopped. ``--trials`` takes one count or one per
+under the heavy-job lock) resumes where it stopped, and a run with more plans computes only the
+rows its cache lacks (e.g. the dense rows are computed once). ``--trials`` takes one count or one per
 length. Note the calibration data (``pydoc_data.topics`` for v1 profiles; stdlib docstrings for
 v2's gate data) and the perplexity documents may share passages.
 """
@@ -197,6 +198,16 @@ def per_length(text: str, lengths: list[int]) -> list[int]:
     return counts
 
 
+def check_modes(path: str, plan, modes: list[str]) -> None:
+    """Refuse the dense and ctx modes for plans with recurrent-state heads (``lightning``, ``hybrid``):
+    ``plan_cache`` builds a plan's cache from dense KV alone, without running the heads that fold
+    keys into their state, so that state would be empty."""
+    recurrent = sorted({h.kind for h in plan.heads if h.state_bytes(plan.model.head_dim, 1) > 0})
+    if recurrent and set(modes) & {"dense", "ctx"}:
+        raise SystemExit(f"plan {path} has {'/'.join(recurrent)} heads (a recurrent state), which the dense and ctx "
+                         "modes cannot build from a shared dense prefill; run it with --modes sparse.")
+
+
 # ---- one prompt, every plan -----------------------------------------------------------------------
 def dense_prefill(model, ids: torch.Tensor, context: int, kv_file: Path | None):
     """The dense prefill every dense/ctx row shares: ``(cache, [(keys, values)] per layer, last logits
@@ -229,40 +240,46 @@ def dense_prefill(model, ids: torch.Tensor, context: int, kv_file: Path | None):
 
 @torch.no_grad()
 def retrieval_trial(model, tokenizer, prompt: str, answers, budget: int, plans: dict, modes: list[str],
-                    kv_file: Path | None = None) -> dict:
+                    need: set[str] | None = None, kv_file: Path | None = None) -> dict:
     """Every plan in every mode on one retrieval prompt. Returns ``{row name: {"ok", "prefill_s"}}``
-    (``row name``: ``dense`` or ``"<plan> | <mode>"``)."""
+    (``row name``: ``dense`` or ``"<plan> | <mode>"``); with ``need``, only those rows (the rest are
+    in the result cache already)."""
     from headwise import expected_length, patch_model, unpatch_model
     from headwise.eval.scoring import contains_all
 
+    wanted = (lambda row: True) if need is None else need.__contains__  # noqa: E731
     eos = tokenizer.eos_token_id
     ids, context = split_at_question(tokenizer, prompt)
     target = ids.shape[1] + budget
     ok = lambda tokens: contains_all(list(answers), tokenizer.decode(tokens, skip_special_tokens=True)) == 1.0  # noqa: E731
     run = lambda cache, logits: ok(greedy(model, cache, logits, budget, eos, ok))  # noqa: E731
     rows = {}
-    cache, full_kv, full_logits, dense_s = dense_prefill(model, ids, context, kv_file)
-    ctx_kv = [(k[:, :, :context], v[:, :, :context]) for k, v in full_kv]
-    dense_tokens = greedy(model, cache, full_logits, budget, eos, ok)
-    rows["dense"] = {"ok": ok(dense_tokens), "prefill_s": round(dense_s, 3)}
+    shared = [m for m in ("dense", "ctx") if m in modes and any(wanted(f"{name} | {m}") for name in plans)]
+    if wanted("dense") or shared:                 # the dense prefill: its row and the shared caches
+        cache, full_kv, full_logits, dense_s = dense_prefill(model, ids, context, kv_file)
+        ctx_kv = [(k[:, :, :context], v[:, :, :context]) for k, v in full_kv]
+        dense_tokens = greedy(model, cache, full_logits, budget, eos, ok)     # they guide the plans' decoding
+        if wanted("dense"):
+            rows["dense"] = {"ok": ok(dense_tokens), "prefill_s": round(dense_s, 3)}
     guided = lambda make: ok(greedy_guided(model, make, dense_tokens, budget, eos, ok))  # noqa: E731
 
-    def question_on(kv):                       # ctx mode: the question read against the plan's cache
+    def question_on(kv):                          # ctx mode: the question read against the plan's cache
         cache = plan_cache(model, kv)
         return cache, model(input_ids=ids[:, context:], past_key_values=cache, use_cache=True, logits_to_keep=1).logits
 
     for name, spec in plans.items():
-        patch_model(model, spec, prefill="dense")
-        try:
-            with expected_length(model, target):
-                if "dense" in modes:
-                    rows[f"{name} | dense"] = {"ok": guided(lambda: (plan_cache(model, full_kv), full_logits)),
-                                               "prefill_s": round(dense_s, 3)}
-                if "ctx" in modes:
-                    rows[f"{name} | ctx"] = {"ok": guided(lambda: question_on(ctx_kv))}
-        finally:
-            unpatch_model(model)
-        if "sparse" in modes:
+        if any(wanted(f"{name} | {m}") for m in shared):
+            patch_model(model, spec, prefill="dense")
+            try:
+                with expected_length(model, target):
+                    if "dense" in shared and wanted(f"{name} | dense"):
+                        rows[f"{name} | dense"] = {"ok": guided(lambda: (plan_cache(model, full_kv), full_logits)),
+                                                   "prefill_s": round(dense_s, 3)}
+                    if "ctx" in shared and wanted(f"{name} | ctx"):
+                        rows[f"{name} | ctx"] = {"ok": guided(lambda: question_on(ctx_kv))}
+            finally:
+                unpatch_model(model)
+        if "sparse" in modes and wanted(f"{name} | sparse"):
             patch_model(model, spec, prefill="sparse")
             try:
                 with expected_length(model, target):
@@ -277,10 +294,14 @@ def retrieval_trial(model, tokenizer, prompt: str, answers, budget: int, plans: 
 
 
 @torch.no_grad()
-def perplexity_trial(model, tokenizer, text: str, plans: dict, modes: list[str], chunk: int) -> dict:
+def perplexity_trial(model, tokenizer, text: str, plans: dict, modes: list[str], chunk: int,
+                     need: set[str] | None = None) -> dict:
     """Summed NLL and count over the second half of ``text`` for dense and every plan:
-    ``{row name: [nll, tokens]}`` (the ``dense`` mode row stands for ``ctx`` too)."""
+    ``{row name: [nll, tokens]}`` (the ``dense`` mode row stands for ``ctx`` too); with ``need``,
+    only those rows."""
     from headwise import patch_model, unpatch_model
+
+    wanted = (lambda row: True) if need is None else need.__contains__  # noqa: E731
 
     ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids
     half = (ids.shape[1] - 1) // 2 + 1          # first scored target: token `half`
@@ -289,17 +310,19 @@ def perplexity_trial(model, tokenizer, text: str, plans: dict, modes: list[str],
         nll = torch.nn.functional.cross_entropy(logits[0, :-1].float(), ids[0, 1:], reduction="none")
         return [float(nll[half - 1:].sum()), int(nll[half - 1:].numel())]
 
-    rows = {"dense": second_half(model(input_ids=ids, use_cache=False).logits)}
-    first = model(input_ids=ids[:, :half], use_cache=True, logits_to_keep=1)
-    first_kv, last = kv_of(first.past_key_values), first.logits[:, -1:]
+    rows = {"dense": second_half(model(input_ids=ids, use_cache=False).logits)} if wanted("dense") else {}
+    shared = ("dense" in modes or "ctx" in modes) and any(wanted(f"{name} | dense") for name in plans)
+    if shared:                                  # the shared dense prefill of the first half
+        first = model(input_ids=ids[:, :half], use_cache=True, logits_to_keep=1)
+        first_kv, last = kv_of(first.past_key_values), first.logits[:, -1:]
     for name, spec in plans.items():
-        if "sparse" in modes:
+        if "sparse" in modes and wanted(f"{name} | sparse"):
             patch_model(model, spec, prefill="sparse")
             try:
                 rows[f"{name} | sparse"] = second_half(model(input_ids=ids, use_cache=False).logits)
             finally:
                 unpatch_model(model)
-        if "dense" in modes or "ctx" in modes:
+        if shared and wanted(f"{name} | dense"):
             patch_model(model, spec, prefill="dense")
             try:
                 cache, prev, total, count = plan_cache(model, first_kv), last, 0.0, 0
@@ -378,6 +401,9 @@ def main() -> None:
     parser.add_argument("--modes", default="sparse,dense,ctx", help=f"comma-separated from {','.join(MODES)}")
     parser.add_argument("--density", default=None, help="uniform baseline density or densities, comma-separated "
                         "(default: each plan's own); a plan is checked against the uniform row of its density")
+    parser.add_argument("--no-uniform", action="store_true",
+                        help="no uniform sink + window baseline (e.g. plans of lightning/hybrid heads, whose KV is not a "
+                             "density); the targets, which compare with it, are then not checked")
     parser.add_argument("--lengths", default="2048,4096,8192")
     parser.add_argument("--trials", default="50", help="prompts per retrieval task and length (needle depths): "
                         "one count, or one per length")
@@ -411,15 +437,17 @@ def main() -> None:
         raise SystemExit(f"--modes takes names from {', '.join(MODES)}, got {args.modes!r}.")
     paths = [p.strip() for p in args.plan.split(",") if p.strip()]
     loaded = [load_plan(p, model) for p in paths]
-    plan_density = {Path(p).stem: float(plan.calibration["density"]) for p, plan in zip(paths, loaded)}
-    densities = ([float(x) for x in args.density.split(",")] if args.density
-                 else sorted(set(plan_density.values())))
+    plan_density = {Path(p).stem: plan.calibration.get("density") for p, plan in zip(paths, loaded)}
+    densities = ([] if args.no_uniform else [float(x) for x in args.density.split(",")] if args.density
+                 else sorted({float(d) for d in plan_density.values() if d is not None}))
     uniform_of = {d: f"uniform {d:g}" for d in densities}
     plans = {uniform_of[d]: Plan.uniform(model, d) for d in densities}
     for path, plan in zip(paths, loaded):
         plans[Path(path).stem] = plan
+        check_modes(path, plan, modes)
     # each calibrated plan is checked against the uniform row nearest its own density
-    baseline = {name: uniform_of[min(densities, key=lambda d: abs(d - dens))] for name, dens in plan_density.items()}
+    baseline = {name: uniform_of[min(densities, key=lambda d: abs(d - float(dens)))]
+                for name, dens in plan_density.items() if densities and dens is not None}
     keys = {name: plan_key(spec) for name, spec in plans.items()}
     lengths = [int(x) for x in args.lengths.split(",")]
     trials = dict(zip(lengths, per_length(args.trials, lengths)))
@@ -447,14 +475,15 @@ def main() -> None:
             s = samples[(kind, n)][i]
             base = f"{kind}|{n}|{args.seed}|{count}|{i}"     # depths depend on the count
             wanted = [r for r in rows if not (kind == "perplexity" and r.endswith("| ctx"))]
-            if all(f"{row_key(r)}|{base}" in store for r in wanted):
+            missing = {r for r in wanted if f"{row_key(r)}|{base}" not in store}
+            if not missing:
                 continue
             if kind == "perplexity":
-                got = perplexity_trial(model, tokenizer, s.prompt, plans, modes, args.ppl_chunk)
+                got = perplexity_trial(model, tokenizer, s.prompt, plans, modes, args.ppl_chunk, missing)
             else:
                 kv_file = Path(args.kv_store) / f"{kind}-{n}-{args.seed}-{count}-{i}.safetensors" if args.kv_store else None
                 got = retrieval_trial(model, tokenizer, s.prompt, s.answers, KINDS[kind].max_gen_toks, plans, modes,
-                                      kv_file)
+                                      missing, kv_file)
             for r, value in got.items():
                 store[f"{row_key(r)}|{base}"] = value
     seconds = time.perf_counter() - started
@@ -477,8 +506,8 @@ def main() -> None:
                     times = [v["prefill_s"] for v in values if "prefill_s" in v]
                     if times:
                         prefill.setdefault((r, n), []).extend(times)
-    print(f"\nSmolLM2-135M-Instruct, uniform densities {', '.join(f'{d:g}' for d in densities)}; plans {args.plan}; "
-          f"retrieval trials per length "
+    print(f"\nSmolLM2-135M-Instruct, uniform densities {', '.join(f'{d:g}' for d in densities) or '-'}; "
+          f"plans {args.plan}; retrieval trials per length "
           f"{trials}, perplexity documents {docs}; {seconds:.0f} s this run\n")
     show = lambda r: f"{r[0]}/{r[1]}" if isinstance(r, tuple) else f"{r:.3f}"  # noqa: E731
     print("| plan | mode | KV kept at " + ", ".join(map(str, lengths)) + " | "

@@ -3,7 +3,7 @@ the headwise engine (dense, uniform 25%, shipped d25 plan); see ``headwise/bench
 method. Same as ``headwise bench decode``.
 
     python scripts/bench_decode.py [--settings 4096x4,8192x8] [--decode-tokens 32] [--rows ...]
-                                   [--threads 2] [--json out.json] [--skip-vllm]
+                                   [--threads 2] [--json out.json] [--skip-vllm] [--plan NAME=SPEC ...]
 """
 
 import sys

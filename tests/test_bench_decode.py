@@ -79,3 +79,24 @@ def test_machine_measure_and_cli_registration():
     args = build_parser().parse_args(["bench", "decode", "--settings", "64x2", "--skip-vllm"])
     assert args.func.__module__ == "headwise.bench_cli" and args.skip_vllm
     assert isinstance(args, argparse.Namespace) and torch.get_num_threads() >= 1
+
+
+def test_plan_rows_run_any_plan_in_the_engine(tmp_path):
+    """``--plan NAME=SPEC`` adds an engine row; here a plan with hybrid heads (KV ring + recurrent state)."""
+    from tests.kinds.test_hybrid import hybrid_plan
+
+    assert bench.parse_plan_rows(["mine=/x.json", "u=uniform:0.25"]) == {"engine-mine": "/x.json",
+                                                                        "engine-u": "uniform:0.25"}
+    for bad in (["nope"], ["=x.json"], ["d25=x.json"]):
+        with pytest.raises(SystemExit, match="NAME=SPEC|already a row"):
+            bench.parse_plan_rows(bad)
+    hybrid_plan(make_tiny()).save(tmp_path / "h.json")
+    results = bench.run_setting(SETTING, ["engine-dense", "engine-hybrid"], STEPS, lambda: (make_tiny(), None),
+                                model_dir=None, threads=1, plan_specs={"engine-hybrid": str(tmp_path / "h.json")})
+    row = {r.key: r for r in results}["engine-hybrid"]
+    if not engine_available():
+        assert "engine" in row.error
+        return
+    assert row.error is None, row.error
+    assert row.label == "headwise engine, hybrid" and row.decode_tok_s > 0
+    assert row.kv_held_bytes < {r.key: r for r in results}["engine-dense"].kv_held_bytes

@@ -116,6 +116,25 @@ def parse_rows(text: str | None, skip_vllm: bool = False) -> list[str]:
     return [r for r in rows if not (skip_vllm and r == "vllm")]
 
 
+def parse_plan_rows(items: list[str] | None) -> dict[str, str]:
+    """``["mixed=/p/mixed.json", ...]`` (``--plan NAME=SPEC``) -> extra engine rows ``{"engine-mixed": spec}``."""
+    out = {}
+    for item in items or []:
+        name, sep, spec = item.partition("=")
+        if not sep or not name.strip() or not spec.strip():
+            raise SystemExit(f"--plan must look like NAME=SPEC (a plan path, 'dense' or 'uniform:0.25'), got {item!r}.")
+        key = f"engine-{name.strip()}"
+        if key in ROWS or key in out:
+            raise SystemExit(f"--plan name {name.strip()!r} is already a row; pick another name.")
+        out[key] = spec.strip()
+    return out
+
+
+def row_label(key: str) -> str:
+    """A row's label: the built-in one, or ``headwise engine, NAME`` for a ``--plan NAME=SPEC`` row."""
+    return ROWS[key][0] if key in ROWS else f"headwise engine, {key.removeprefix('engine-')}"
+
+
 def prose_token_stream(tokenizer, min_tokens: int) -> list[int]:
     """Token ids of CPython's reference prose (``pydoc_data.topics``), at least ``min_tokens`` long
     (the text repeats if it is shorter)."""
@@ -603,7 +622,7 @@ def run_setting(setting: Setting, rows: list[str], decode_tokens: int, load: Cal
     for key in rows:
         if results:
             model, _ = load()
-        label = ROWS[key][0]
+        label = row_label(key)
         print(f"  [{setting}] {label} ...", flush=True)
         t0 = time.perf_counter()
         try:
@@ -618,7 +637,7 @@ def run_setting(setting: Setting, rows: list[str], decode_tokens: int, load: Cal
                     row = run_vllm(model_dir, prompts, decode_tokens, setting, model, threads)
             else:
                 spec = (plan_specs or {}).get(key)
-                row = run_engine(key, model, prompts, decode_tokens, setting, plan_spec=spec)
+                row = run_engine(key, model, prompts, decode_tokens, setting, plan_spec=spec, label=label)
         except Exception as exc:                                         # one failing row does not end the run
             logger.debug("row %s failed", key, exc_info=True)
             row = Row(key, label, str(setting), error=f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}")
@@ -640,6 +659,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=2, help="torch threads (and vLLM OpenMP threads)")
     parser.add_argument("--json", default=None, help="also write every number to this JSON file")
     parser.add_argument("--skip-vllm", action="store_true", help="leave the vLLM row out")
+    parser.add_argument("--plan", action="append", default=None, metavar="NAME=SPEC",
+                        help="add an engine row running this plan (JSON path, 'dense', 'uniform:0.25'); repeatable")
     parser.add_argument("--model", default=None, help="local checkpoint dir (default: the embedded SmolLM2)")
 
 
@@ -653,6 +674,8 @@ def run(args) -> int:
     torch.set_num_threads(args.threads)
     settings = parse_settings(args.settings)
     rows = parse_rows(args.rows, args.skip_vllm)
+    plan_rows = parse_plan_rows(args.plan)
+    rows += list(plan_rows)
     if args.decode_tokens < 1:
         raise SystemExit("--decode-tokens must be at least 1.")
     model_dir = str(embedded_model_dir() if args.model is None else Path(args.model))
@@ -667,7 +690,8 @@ def run(args) -> int:
     all_rows: list[Row] = []
     started = time.perf_counter()
     for i, setting in enumerate(settings):
-        all_rows += run_setting(setting, rows, args.decode_tokens, load, model_dir, args.threads)
+        all_rows += run_setting(setting, rows, args.decode_tokens, load, model_dir, args.threads,
+                                plan_specs=plan_rows)
         if i + 1 < len(settings):                                         # partial report: long runs may be cut
             report(args, all_rows, settings[: i + 1], machine, None, time.perf_counter() - started, model_dir)
     wall = time.perf_counter() - started

@@ -4,12 +4,22 @@ from __future__ import annotations
 
 import os
 
-from ..plan import Dense, Plan
+from ..plan import Plan
+
+#: Letter drawn on a head of each kind other than ``window`` (a kind not listed: its initial).
+MARKS = {"dense": "D", "lightning": "L", "hybrid": "H"}
+
+
+def head_mark(kind: str) -> str:
+    """The letter a head of ``kind`` gets on the heatmap ("" for ``window`` heads, the unmarked default)."""
+    return "" if kind == "window" else MARKS.get(kind, kind[:1].upper())
 
 
 def plan_heatmap(plan: Plan, path: str | os.PathLike, lengths: list[int]) -> None:
-    """Write a PNG: rows are layers, columns KV heads; colour is the kept fraction at each length,
-    dense heads are marked "D". Uses matplotlib's Agg backend (no display needed)."""
+    """Write a PNG: rows are layers, columns KV heads; colour is the kept fraction at each length
+    (KV entries only: a recurrent state is not counted), heads of kinds other than ``window`` are
+    marked with a letter (``MARKS``: "D" dense, "L" lightning, "H" hybrid). Uses matplotlib's Agg
+    backend (no display needed)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -25,14 +35,20 @@ def plan_heatmap(plan: Plan, path: str | os.PathLike, lengths: list[int]) -> Non
         image = ax.imshow(kept, vmin=0.0, vmax=1.0, cmap="viridis", aspect="auto", interpolation="nearest")
         for i, layer in enumerate(plan.layers):
             for h, head in enumerate(layer):
-                if isinstance(head, Dense):
-                    ax.text(h, i, "D", ha="center", va="center", fontsize=7, color="black")
+                mark = head_mark(head.kind)
+                if mark:
+                    # black on the bright (kept-a-lot) end of viridis, white on the dark end
+                    ax.text(h, i, mark, ha="center", va="center", fontsize=7,
+                            color="black" if kept[i, h] > 0.5 else "white")
         ax.set_title(f"N={n}: density {plan.density(n):.3f}", fontsize=9)
         ax.set_xticks(range(heads))
         ax.set_xlabel("KV head")
         ax.set_yticks(range(0, layers, max(1, layers // 10)))
     axes[0][0].set_ylabel("layer")
     fig.colorbar(image, ax=axes[0].tolist(), label="kept(N) / N")
-    fig.suptitle(f"{plan.model.name} ({plan.calibration.get('method', 'plan')})", fontsize=10)
+    kinds = sorted({head.kind for head in plan.heads} - {"window"})
+    legend = ", ".join(f"{head_mark(k)} {k}" for k in kinds)
+    fig.suptitle(f"{plan.model.name} ({plan.calibration.get('method', 'plan')})" + (f"; {legend}" if legend else ""),
+                 fontsize=10)
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -1,14 +1,16 @@
-"""``headwise linearize``: fit lightning heads to a model's softmax heads and convert the best ones.
+"""``headwise linearize``: fit lightning or hybrid heads to a model's softmax heads and convert the best ones.
 
 Example::
 
     headwise linearize --plan plans/d25.json --heads auto --fraction 0.25 --out d25-lightning.json
+    headwise linearize --plan dense --heads auto --fraction 0.25 --window 64 --sink 64 --out hybrid25.json
 
 Per KV head: its post-RoPE q/k/v are recorded on calibration prose (the unpatched model), a Hedgehog
 feature map and a decay are fitted to its softmax outputs (``headwise.linearize.fit``) and the
 relative output error on held-out prose is measured; the heads with the lowest error (at most
-``--fraction`` of all KV heads, none above ``--max-error``) become ``lightning`` heads in a copy of
-the base plan, saved with its tensors as ``<out>.safetensors``. Fitted heads are kept in
+``--fraction`` of all KV heads, none above ``--max-error``) become ``lightning`` heads (``hybrid``
+heads with ``--window``: sink + exact window + linear part, fitted with the window in place) in a
+copy of the base plan, saved with its tensors as ``<out>.safetensors``. Fitted heads are kept in
 ``--work-dir`` (one safetensors file each), so an interrupted run resumes where it stopped and a
 second run at another ``--fraction`` refits nothing.
 """
@@ -41,6 +43,10 @@ def register(subparsers) -> None:
     p.add_argument("--steps", type=int, default=40, help="Adam steps per head")
     p.add_argument("--lr", type=float, default=0.02, help="Adam learning rate")
     p.add_argument("--feature-dim", type=int, default=128, help="features per Hedgehog map (even)")
+    p.add_argument("--window", type=int, default=None,
+                   help="make hybrid heads: exact softmax over the last WINDOW keys (and the sink), linear attention "
+                        "over older ones, fitted with the window in place (default: pure lightning heads)")
+    p.add_argument("--sink", type=int, default=0, help="with --window: exact keys kept at the start")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--work-dir", default=None, help="fitted-head cache (default: <out>.linearize/)")
     p.set_defaults(func=linearize_command)
@@ -66,6 +72,7 @@ def linearize_command(args) -> int:
     import torch
     from tqdm.auto import tqdm
 
+    from ..kinds.hybrid import Hybrid
     from ..kinds.lightning import Lightning
     from ..models import load_model
     from ..plan import Plan
@@ -76,6 +83,10 @@ def linearize_command(args) -> int:
 
     if args.feature_dim < 2 or args.feature_dim % 2:
         raise SystemExit(f"--feature-dim must be an even number of at least 2, got {args.feature_dim}.")
+    if args.window is not None and args.window < 1:
+        raise SystemExit(f"--window must be at least 1, got {args.window}.")
+    if args.sink < 0 or (args.sink and args.window is None):
+        raise SystemExit(f"--sink must be 0 or more and goes with --window, got --sink {args.sink} --window {args.window}.")
     if args.fraction is not None and not 0.0 <= args.fraction <= 1.0:
         raise SystemExit(f"--fraction must be between 0 and 1, got {args.fraction}.")
     started = time.perf_counter()
@@ -87,12 +98,14 @@ def linearize_command(args) -> int:
     replace = None if args.replace is None else {k.strip() for k in args.replace.split(",") if k.strip()}
     candidates = listed if listed is not None else [
         (i, h) for i, layer in enumerate(base.layers) for h, spec in enumerate(layer)
-        if not isinstance(spec, Lightning) and (replace is None or spec.kind in replace)]
+        if not isinstance(spec, (Lightning, Hybrid)) and (replace is None or spec.kind in replace)]
     if not candidates:
         raise SystemExit(f"no head of plan {args.plan!r} may be converted (--replace {args.replace!r}).")
     settings = {"fingerprint": info.fingerprint, "length": args.length, "samples": args.samples,
                 "held_out": args.held_out, "steps": args.steps, "lr": args.lr, "feature_dim": args.feature_dim,
                 "seed": args.seed, "data": "pydoc_data.topics, consecutive slices from its start"}
+    if args.window is not None:                   # lightning settings stay as before, so their stores still match
+        settings.update(window=args.window, sink=args.sink)
     key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
     work = Path(args.work_dir) if args.work_dir else Path(args.out).with_suffix(".linearize")
     store = HeadStore(work / key, settings)
@@ -116,7 +129,8 @@ def linearize_command(args) -> int:
                 return q[head * G:(head + 1) * G], k[head], v[head]
             t0 = time.perf_counter()
             fitted = fit_head([of(c) for c in captures[:args.samples]], [of(c) for c in captures[args.samples:]],
-                              scale, feature_dim=args.feature_dim, steps=args.steps, lr=args.lr, seed=args.seed)
+                              scale, feature_dim=args.feature_dim, steps=args.steps, lr=args.lr, seed=args.seed,
+                              window=args.window, sink=args.sink)
             store.put(layer, head, fitted, time.perf_counter() - t0)
             bar.set_postfix(head=head_name(layer, head), error=f"{fitted.error:.3f}")
     fitted = {lh: store.get(*lh) for lh in candidates}
@@ -133,9 +147,10 @@ def linearize_command(args) -> int:
                       "fit_seconds": round(store.seconds(candidates), 1),
                       "command": getattr(args, "command_line", None)},
         "seconds": round(time.perf_counter() - started, 1)}
-    plan = convert(base, fitted, chosen, calibration)
+    plan = convert(base, fitted, chosen, calibration, args.window, args.sink)
     plan.save(args.out)
     worst = max((errors[lh] for lh in chosen), default=float("nan"))
-    print(f"linearize: converted {len(chosen)} of {total} KV heads (held-out error <= {worst:.3f}); wrote {args.out} "
+    kind = "lightning" if args.window is None else f"hybrid (sink {args.sink}, window {args.window})"
+    print(f"linearize: converted {len(chosen)} of {total} KV heads to {kind} (held-out error <= {worst:.3f}); wrote {args.out} "
           f"and {Path(args.out).with_suffix('.safetensors').name}")
     return 0

@@ -1,12 +1,18 @@
-"""Fit one KV head's lightning form (Hedgehog feature maps + decay) to its softmax attention outputs.
+"""Fit one KV head's lightning or hybrid form (Hedgehog feature maps, decay, mixing) to its softmax outputs.
 
 For a KV head with ``G`` query heads the target is each query head's causal softmax output
-``o = softmax(q k^T * scale) v`` on calibration text; the fitted head computes
-``o' = (A v) / (A 1)`` with ``A = (phi_q(q) phi_k(k)^T) * lambda^(t-s)`` (causal), the quadratic
-form of exactly what ``headwise.kernels.lightning`` computes by blocks. The loss is the output MSE
-relative to the target's mean square (LoLCATs-style output matching, Hedgehog feature maps);
-Adam on ``W_q [G, D, F/2]``, ``W_k [D, F/2]`` and ``logit(lambda)``. The reported ``error`` is the
-same relative MSE on held-out samples.
+``o = softmax(q k^T * scale) v`` on calibration text (over *all* keys, also for a hybrid head).
+
+* ``lightning``: ``o' = (A v) / (A 1)`` with ``A = (phi_q(q) phi_k(k)^T) * lambda^(t-s)`` (causal),
+  the quadratic form of exactly what ``headwise.kernels.lightning`` computes by blocks.
+* ``hybrid`` (``window`` set): the same linear weights, times ``mu = exp(log_mix)``, on the keys
+  older than the window (and past the sink), plus ``exp(a - m)`` on the sink and window keys, one
+  normaliser: the quadratic form of ``headwise.kinds.hybrid`` (``Hybrid``'s docstring). The window
+  is in place while fitting, so the feature maps learn only what the window does not cover.
+
+The loss is the output MSE relative to the target's mean square (LoLCATs-style output matching,
+Hedgehog feature maps); Adam on ``W_q [G, D, F/2]``, ``W_k [D, F/2]``, ``logit(lambda)`` and, for
+a hybrid head, ``log_mix [G]``. The reported ``error`` is the same relative MSE on held-out samples.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ class FittedHead:
     decay: float
     error: float               # relative output MSE on held-out samples
     train_error: float
+    log_mix: torch.Tensor | None = None    # [G] fp32, hybrid heads only
 
 
 def softmax_outputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
@@ -55,13 +62,35 @@ def linear_outputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_weight: 
     return (weights @ v) / (weights.sum(-1, keepdim=True) + 1e-6)
 
 
+def hybrid_outputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_weight: torch.Tensor,
+                   k_weight: torch.Tensor, log_decay: torch.Tensor, log_mix: torch.Tensor, sink: int, window: int,
+                   scale: float, rows: torch.Tensor | None = None) -> torch.Tensor:
+    """Hybrid head, quadratic form: ``q [G, T, D]``, ``k, v [T, D]``, ``log_mix [G]`` -> ``[G, T, D]``
+    (only the query positions ``rows`` when given: ``[G, len(rows), D]``)."""
+    T = k.shape[0]
+    s = torch.arange(T)[None, :]
+    t = (torch.arange(T) if rows is None else rows)[:, None]
+    if rows is not None:
+        q = q[:, rows]
+    exact = (s <= t) & ((s < sink) | (s > t - window))
+    linear = (s >= sink) & (s <= t - window)
+    scores = ((q @ k.T) * scale).masked_fill(~exact, float("-inf"))              # [G, Tq, T]
+    soft = torch.exp(scores - scores.amax(-1, keepdim=True))
+    fq = hedgehog_features(q[None], q_weight)[0]
+    fk = hedgehog_features(k[None, None], k_weight[None])[0, 0]
+    decay = torch.where(linear, (t - s).clamp(min=0).float() * log_decay, float("-inf")).exp()
+    weights = soft + (fq @ fk.T) * decay * log_mix.exp()[:, None, None]
+    return (weights @ v) / weights.sum(-1, keepdim=True)
+
+
 def relative_error(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return ((pred - target) ** 2).mean() / (target ** 2).mean().clamp(min=1e-12)
 
 
 def fit_head(samples: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], held_out: list[tuple], scale: float,
              feature_dim: int = 128, steps: int = 150, lr: float = 0.01, init_decay: float = 0.995,
-             seed: int = 0, queries_per_step: int | None = 128) -> FittedHead:
+             seed: int = 0, queries_per_step: int | None = 128, window: int | None = None,
+             sink: int = 0) -> FittedHead:
     """Fit one KV head.
 
     Args:
@@ -72,6 +101,7 @@ def fit_head(samples: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], hel
         init_decay: starting ``lambda``.
         queries_per_step: query positions per sample in each training step (a random subset, which
             cuts the ``T x T`` work; ``None``: all). The reported errors use every position.
+        window, sink: fit a ``hybrid`` head with this exact window and sink (``None``: ``lightning``).
 
     Returns:
         ``FittedHead``.
@@ -85,8 +115,14 @@ def fit_head(samples: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], hel
     q_weight = (base * math.sqrt(scale) * 4 + 0.02 * torch.randn(G, D, half, generator=g)).requires_grad_()
     k_weight = (base * math.sqrt(scale) * 4 + 0.02 * torch.randn(D, half, generator=g)).requires_grad_()
     decay_logit = torch.tensor(math.log(init_decay / (1 - init_decay))).requires_grad_()
+    log_mix = torch.zeros(G).requires_grad_()          # LoLCATs starts softmax and linear parts at equal weight
     targets = [softmax_outputs(q, k, v, scale) for q, k, v in samples]
-    opt = torch.optim.Adam([q_weight, k_weight, decay_logit], lr=lr)
+    opt = torch.optim.Adam([q_weight, k_weight, decay_logit] + ([log_mix] if window is not None else []), lr=lr)
+
+    def predict(q, k, v, log_decay, rows):
+        if window is None:
+            return linear_outputs(q, k, v, q_weight, k_weight, log_decay, rows)
+        return hybrid_outputs(q, k, v, q_weight, k_weight, log_decay, log_mix, sink, window, scale, rows)
 
     def loss_on(data, outs, subset: bool = False):
         log_decay = torch.nn.functional.logsigmoid(decay_logit)
@@ -96,7 +132,7 @@ def fit_head(samples: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], hel
             rows = None
             if subset and queries_per_step is not None and queries_per_step < T:
                 rows = torch.randperm(T, generator=g)[:queries_per_step].sort().values
-            pred = linear_outputs(q, k, v, q_weight, k_weight, log_decay, rows)
+            pred = predict(q, k, v, log_decay, rows)
             total = total + relative_error(pred, target if rows is None else target[:, rows])
         return total / len(data)
 
@@ -110,4 +146,4 @@ def fit_head(samples: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], hel
         held_targets = [softmax_outputs(q, k, v, scale) for q, k, v in held_out]
         error = float(loss_on(held_out, held_targets)) if held_out else train_error
     return FittedHead(q_weight.detach().clone(), k_weight.detach().clone(), float(torch.sigmoid(decay_logit.detach())),
-                      error, train_error)
+                      error, train_error, None if window is None else log_mix.detach().clone())

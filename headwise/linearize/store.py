@@ -31,7 +31,10 @@ class HeadStore:
         meta = {"decay": repr(fitted.decay), "error": repr(fitted.error), "train_error": repr(fitted.train_error),
                 "seconds": repr(seconds)}
         tmp = self.path(layer, head).with_suffix(".tmp")
-        save_file({"q": fitted.q_weight.contiguous(), "k": fitted.k_weight.contiguous()}, str(tmp), metadata=meta)
+        tensors = {"q": fitted.q_weight.contiguous(), "k": fitted.k_weight.contiguous()}
+        if fitted.log_mix is not None:
+            tensors["log_mix"] = fitted.log_mix.contiguous()
+        save_file(tensors, str(tmp), metadata=meta)
         tmp.replace(self.path(layer, head))          # whole files only: an interrupted write leaves no head
 
     def _read(self, layer: int, head: int):
@@ -43,7 +46,7 @@ class HeadStore:
     def get(self, layer: int, head: int) -> FittedHead:
         tensors, meta = self._read(layer, head)
         return FittedHead(tensors["q"], tensors["k"], float(meta["decay"]), float(meta["error"]),
-                          float(meta["train_error"]))
+                          float(meta["train_error"]), tensors.get("log_mix"))
 
     def seconds(self, heads) -> float:
         """Total fitting seconds recorded for ``heads``."""

@@ -13,7 +13,9 @@ from headwise.cli import main
 from headwise.kernels.lightning import lightning_attention
 from headwise.kinds.lightning import Lightning, hedgehog_features
 from headwise.linearize.convert import choose_heads
-from headwise.linearize.fit import fit_head, linear_outputs, relative_error, softmax_outputs
+from headwise.kinds.hybrid import Hybrid
+from headwise.kinds.layer import LayerKinds
+from headwise.linearize.fit import fit_head, hybrid_outputs, linear_outputs, relative_error, softmax_outputs
 from headwise.plan import load_plan
 
 
@@ -31,6 +33,36 @@ def test_fit_form_equals_the_lightning_kernel():
     values = torch.cat([v, torch.ones(48, 1)], -1)[None, None]
     num, _ = lightning_attention(fq, fk, values, torch.full((1, 1, 48), -0.05), backend="naive")
     assert torch.allclose(fitted_form, (num[..., :-1] / (num[..., -1:] + 1e-6))[0], atol=1e-5)
+
+
+@pytest.mark.parametrize("sink,window", [(0, 5), (3, 7)])
+def test_hybrid_fit_form_equals_the_hybrid_kind(sink, window):
+    """The quadratic form the fit trains is what a ``hybrid`` head computes (kernels, delayed keys)."""
+    q, k, v = qkv()
+    qw, kw, mix = torch.randn(2, 8, 5), torch.randn(8, 5), torch.randn(2)
+    decay, scale = 0.93, 8 ** -0.5
+    fitted_form = hybrid_outputs(q, k, v, qw, kw, torch.tensor(decay).log(), mix, sink, window, scale)
+    spec = Hybrid(sink=sink, window=window, decay=decay, feature_dim=10, weights="x")
+    group = LayerKinds(0, (spec,), {"x.q": qw, "x.k": kw, "x.log_mix": mix}).groups[0]
+    pos = torch.arange(48)[None]
+    out, _ = group.run(q[None], k[None, None], v[None, None], pos, pos[:, None], None, scale)
+    assert torch.allclose(fitted_form, out[0], atol=1e-5)
+    rows = torch.tensor([0, 6, 30, 47])
+    assert torch.allclose(hybrid_outputs(q, k, v, qw, kw, torch.tensor(decay).log(), mix, sink, window, scale, rows),
+                          fitted_form[:, rows], atol=1e-6)
+
+
+def test_hybrid_fit_beats_the_window_alone_and_learns_the_mix():
+    """With the window in place, the fitted linear part lowers the error below the window-only head
+    (the mix driven to 0 would leave exactly the window)."""
+    train, held = qkv(T=64, seed=1), qkv(T=64, seed=2)
+    scale = 0.1
+    fitted = fit_head([train], [held], scale, feature_dim=16, steps=60, lr=0.05, window=8, sink=2)
+    q, k, v = held
+    window_only = hybrid_outputs(q, k, v, fitted.q_weight, fitted.k_weight, torch.tensor(-1.0),
+                                 torch.full((2,), -50.0), 2, 8, scale)
+    assert fitted.error < float(relative_error(window_only, softmax_outputs(q, k, v, scale)))
+    assert fitted.log_mix.shape == (2,) and not torch.equal(fitted.log_mix, torch.zeros(2))
 
 
 def test_fitting_lowers_the_error_on_held_out_text():
@@ -107,21 +139,45 @@ def test_replace_limits_the_candidates_to_base_kinds(tiny_dir, tmp_path, capsys)
     assert [[h.kind for h in layer] for layer in plan.layers] == [["lightning", "dense"], ["dense", "lightning"]]
 
 
+def test_linearize_makes_hybrid_heads_with_window_and_sink(tiny_dir, tmp_path, capsys):
+    from headwise.patches import patch_model
+
+    args = ["linearize", "--model", str(tiny_dir), "--plan", "dense", "--length", "32", "--samples", "1", "--steps", "3",
+            "--feature-dim", "8", "--work-dir", str(tmp_path / "work"), "--heads", "auto", "--fraction", "0.5",
+            "--window", "6", "--sink", "2", "--out", str(tmp_path / "h.json")]
+    assert main(args) == 0
+    assert "converted 2 of 4 KV heads to hybrid (sink 2, window 6)" in capsys.readouterr().out
+    plan = load_plan(tmp_path / "h.json")
+    hybrids = [h for h in plan.heads if isinstance(h, Hybrid)]
+    assert len(hybrids) == 2 and all((h.sink, h.window) == (2, 6) for h in hybrids)
+    assert plan.calibration["linearize"]["window"] == 6 and plan.calibration["linearize"]["sink"] == 2
+    assert all(plan.weights[f"{h.weights}.log_mix"].shape == (2,) for h in hybrids)
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir)
+    patch_model(model, str(tmp_path / "h.json"))
+    with torch.no_grad():
+        assert torch.isfinite(model(input_ids=torch.arange(3, 43)[None]).logits).all()
+    # lightning fits of the same heads live in another store: nothing is reused across kinds
+    assert main(args[:-6] + ["--fraction", "0.5", "--out", str(tmp_path / "l.json")]) == 0
+    assert "4 candidate heads, 0 already fitted" in capsys.readouterr().out
+
+
 def test_bad_head_list_is_refused(tiny_dir, tmp_path):
     with pytest.raises(SystemExit, match="outside the model's 2 layers x 2 KV heads"):
         main(["linearize", "--model", str(tiny_dir), "--plan", "dense", "--heads", "5.0", "--out", str(tmp_path / "x.json")])
 
 
 @pytest.mark.slow
-def test_real_model_linearized_plan_decodes_like_recomputation(real_model, tmp_path):
-    """Fit three heads of the embedded model briefly, then cached greedy decoding equals recomputation."""
+@pytest.mark.parametrize("kind", [[], ["--window", "64", "--sink", "4"]], ids=["lightning", "hybrid"])
+def test_real_model_linearized_plan_decodes_like_recomputation(real_model, tmp_path, kind):
+    """Fit three heads of the embedded model briefly, then cached greedy decoding equals recomputation
+    (a hybrid head's linear part is in use: 200 tokens > sink + window)."""
     from headwise.models import embedded_model_dir
     from headwise.patches import patch_model, unpatch_model
 
     model, tokenizer = real_model
     assert main(["linearize", "--model", str(embedded_model_dir()), "--plan", "uniform:0.25", "--heads", "0.0,0.2,9.1",
                  "--length", "256", "--samples", "1", "--steps", "10", "--work-dir", str(tmp_path / "w"),
-                 "--out", str(tmp_path / "p.json")]) == 0
+                 "--out", str(tmp_path / "p.json"), *kind]) == 0
     import pydoc_data.topics as topics
     x = tokenizer(" ".join(topics.topics.values())[5000:20000], return_tensors="pt").input_ids[:, :200]
     patch_model(model, str(tmp_path / "p.json"))

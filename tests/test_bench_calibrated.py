@@ -1,0 +1,117 @@
+"""scripts/bench_calibrated.py's per-prompt functions on a tiny model: a run extending a cache computes
+only the rows it lacks, with the same results; recurrent-state plans are refused in dense/ctx modes."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
+
+from headwise.plan import Plan
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("bench_calibrated", ROOT / "scripts" / "bench_calibrated.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    from headwise.models import embedded_model_dir
+
+    tok = AutoTokenizer.from_pretrained(embedded_model_dir(), local_files_only=True)
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=48, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=6, num_key_value_heads=2, head_dim=16, max_position_embeddings=2048,
+                         initializer_range=0.2, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    return AutoModelForCausalLM.from_config(config).eval(), tok
+
+
+PROMPT = ("The grass is green. The sky is blue. " * 12 + "The pass key is 71432. Remember it. "
+          + "The sun is yellow. " * 10 + "\n\nWhat is the pass key? The pass key is")
+
+
+def test_only_missing_rows_are_computed(bench, tiny):
+    from tests.kinds.test_hybrid import hybrid_plan
+
+    model, tok = tiny
+    plans = {"u": Plan.uniform(model, 0.5, sink=4), "h": hybrid_plan(model)}
+    full = bench.retrieval_trial(model, tok, PROMPT, ["71432"], 6, plans, ["sparse"])
+    assert set(full) == {"dense", "u | sparse", "h | sparse"}
+    part = bench.retrieval_trial(model, tok, PROMPT, ["71432"], 6, plans, ["sparse"], need={"h | sparse"})
+    assert set(part) == {"h | sparse"} and part["h | sparse"]["ok"] == full["h | sparse"]["ok"]
+    modes = ["sparse", "dense", "ctx"]
+    uni = {"u": plans["u"]}
+    every = bench.retrieval_trial(model, tok, PROMPT, ["71432"], 6, uni, modes)
+    ctx = bench.retrieval_trial(model, tok, PROMPT, ["71432"], 6, uni, modes, need={"u | ctx"})
+    assert set(ctx) == {"u | ctx"} and ctx["u | ctx"] == every["u | ctx"]
+    ppl = bench.perplexity_trial(model, tok, PROMPT, plans, ["sparse"], 16)
+    only = bench.perplexity_trial(model, tok, PROMPT, plans, ["sparse"], 16, need={"u | sparse"})
+    assert set(only) == {"u | sparse"} and only["u | sparse"] == ppl["u | sparse"]
+
+
+def test_recurrent_plans_run_only_sparse(bench, tiny):
+    from tests.kinds.test_hybrid import hybrid_plan
+
+    plan = hybrid_plan(tiny[0])
+    bench.check_modes("h.json", plan, ["sparse"])
+    with pytest.raises(SystemExit, match="has hybrid heads .* run it with --modes sparse"):
+        bench.check_modes("h.json", plan, ["sparse", "ctx"])
+    bench.check_modes("u", Plan.uniform(tiny[0], 0.5), ["dense", "ctx"])
+
+
+@pytest.mark.parametrize("plan", ["uniform:0.25:4", "uniform:0.5:4", "dense"])
+def test_guided_greedy_equals_step_greedy_for_any_guess(bench, plan):
+    """Verifying a guess in one forward gives exactly the tokens of greedy decoding step by step."""
+    import random
+
+    from headwise import expected_length, patch_model, unpatch_model
+    from tests.conftest import make_tiny
+
+    model = make_tiny("llama")
+    ids = torch.randint(3, 120, (1, 300), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
+        kv, logits = bench.kv_of(out.past_key_values), out.logits
+        dense = bench.greedy(model, out.past_key_values, logits, 12, -1)
+        rng = random.Random(0)
+        patch_model(model, plan, prefill="dense")
+        try:
+            with expected_length(model, 312):
+                make = lambda: (bench.plan_cache(model, kv), logits)  # noqa: E731
+                for done in (None, lambda t: 77 in t):
+                    ref = bench.greedy(model, *make(), 12, -1, done)
+                    guesses = [dense, ref, ref[:5] + [rng.randrange(128) for _ in range(7)],
+                               [rng.randrange(128) for _ in range(12)], ref[:1], ref[:3], []]
+                    for guess in guesses:
+                        assert bench.greedy_guided(model, make, guess, 12, -1, done) == ref, (plan, guess)
+        finally:
+            unpatch_model(model)
+
+
+def test_kv_store_reproduces_the_dense_prefill(bench, tiny, tmp_path):
+    """A prompt's dense-prefill KV read back from --kv-store gives the same rows as computing it."""
+    model, tok = tiny
+    plans = {"u": Plan.uniform(model, 0.5, sink=4)}
+    modes = ["dense", "ctx"]
+    plain = bench.retrieval_trial(model, tok, PROMPT, ["71432"], 6, plans, modes)
+    kv_file = tmp_path / "kv" / "p.safetensors"
+    first = bench.retrieval_trial(model, tok, PROMPT, ["71432"], 6, plans, modes, kv_file=kv_file)
+    assert kv_file.is_file()
+    again = bench.retrieval_trial(model, tok, PROMPT, ["71432"], 6, plans, modes, kv_file=kv_file)
+    strip = lambda rows: {r: v["ok"] for r, v in rows.items()}  # noqa: E731
+    assert strip(first) == strip(plain) == strip(again)
+    ids, context = bench.split_at_question(tok, PROMPT)
+    with torch.no_grad():
+        _, kv, logits, _ = bench.dense_prefill(model, ids, context, None)
+        _, stored, stored_logits, _ = bench.dense_prefill(model, ids, context, kv_file)
+    assert torch.equal(stored_logits, logits)
+    assert all(torch.equal(a, c) and torch.equal(b, d) for (a, b), (c, d) in zip(kv, stored))
