@@ -43,6 +43,12 @@ class LayerRule:
                                          self.dense.to(device))
         return self._on[device]
 
+    def as_dense(self) -> "LayerRule":
+        """The same heads, every one reading everything (a dense prefill)."""
+        n = self.sink.shape[0]
+        return LayerRule(torch.zeros(n, dtype=torch.long), torch.zeros(n, dtype=torch.float64),
+                         torch.zeros(n, dtype=torch.float64), torch.ones(n, dtype=torch.bool))
+
     def select(self, heads: list[int]) -> "LayerRule":
         """The rule of KV heads ``heads`` only."""
         index = torch.tensor(heads, dtype=torch.long)

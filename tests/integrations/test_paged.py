@@ -53,8 +53,9 @@ RULES = {
 
 
 @pytest.mark.parametrize("gather_bytes", [0, 1])
+@pytest.mark.parametrize("prefill", ["plan", "dense"])
 @pytest.mark.parametrize("rule_name", sorted(RULES))
-def test_attend_matches_naive_over_decode_prefill_and_chunks(rule_name, gather_bytes, monkeypatch):
+def test_attend_matches_naive_over_decode_prefill_and_chunks(prefill, rule_name, gather_bytes, monkeypatch):
     """A mixed step: decodes at several lengths, a fresh prompt and a prompt chunk with context.
 
     ``gather_bytes`` 0 runs all decode rows in one kernel call, 1 one row per call.
@@ -62,6 +63,7 @@ def test_attend_matches_naive_over_decode_prefill_and_chunks(rule_name, gather_b
     monkeypatch.setattr(paged, "DECODE_GATHER_BYTES", gather_bytes)
     torch.manual_seed(1)
     rule = LayerRule.from_heads(tuple(RULES[rule_name]))
+    prefill_rule = rule.as_dense() if prefill == "dense" else None   # a plan that prefills dense
     # (context before the step, new tokens this step)
     seqs = [(300, 1), (1, 1), (0, 90), (31, 1), (200, 57), (63, 1), (0, 1)]
     lengths = [c + q for c, q in seqs]
@@ -86,14 +88,15 @@ def test_attend_matches_naive_over_decode_prefill_and_chunks(rule_name, gather_b
     step = paged.StepLayout.build(qsl, torch.tensor(lengths, dtype=torch.int32), tables, BS, HKV)
     output = torch.full((T, HKV * G, D), float("nan"))
     scale = D ** -0.5
-    paged.attend(query, new_k, new_v, cache, output, step, rule, scale)
+    paged.attend(query, new_k, new_v, cache, output, step, rule, scale, prefill_rule=prefill_rule)
     for b, (c, q) in enumerate(seqs):
         s, e = int(qsl[b]), int(qsl[b + 1])
         n = c + q
-        span = rule.span(torch.tensor([n]))
+        used = rule.as_dense() if prefill == "dense" and q > 1 else rule     # decode tokens follow the plan
+        span = used.span(torch.tensor([n]))
         ref = naive.sink_window_attention(query[s:e].transpose(0, 1)[None], keys[b].transpose(0, 1)[None],
                                           values[b].transpose(0, 1)[None], torch.arange(c, n)[None],
-                                          torch.arange(n)[None, None], rule.sink, span, scale)
+                                          torch.arange(n)[None, None], used.sink, span, scale)
         torch.testing.assert_close(output[s:e], ref[0].transpose(0, 1), atol=2e-5, rtol=1e-4)
 
 

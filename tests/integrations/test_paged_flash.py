@@ -71,11 +71,13 @@ def backends() -> list[str]:
 
 @pytest.mark.parametrize("backend", backends())
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))
+@pytest.mark.parametrize("prefill", ["plan", "dense"])
 @pytest.mark.parametrize("rule_name", sorted(RULES))
-def test_attend_matches_naive_over_decode_prefill_and_chunks(rule_name, layout, backend):
+def test_attend_matches_naive_over_decode_prefill_and_chunks(prefill, rule_name, layout, backend):
     """A mixed step: decodes at several lengths, a fresh prompt and a prompt chunk with context."""
     torch.manual_seed(1)
     rule = LayerRule.from_heads(tuple(RULES[rule_name]))
+    prefill_rule = rule.as_dense() if prefill == "dense" else None   # a plan that prefills dense
     seqs = [(100, 1), (1, 1), (0, 40), (15, 1), (50, 23), (47, 1), (0, 1)]      # (context, new tokens)
     lengths = [c + q for c, q in seqs]
     max_blocks = max(-(-n // BS) for n in lengths)
@@ -103,13 +105,15 @@ def test_attend_matches_naive_over_decode_prefill_and_chunks(rule_name, layout, 
     step = paged_flash.step_layout(qsl, torch.tensor(lengths, dtype=torch.int32), tables, BS)
     output = torch.full((T, HKV * G, D), float("nan"))
     scale = D ** -0.5
-    paged_flash.attend(query, new_k, new_v, cache, output, step, rule, scale, backend=backend)
+    paged_flash.attend(query, new_k, new_v, cache, output, step, rule, scale, backend=backend,
+                       prefill_rule=prefill_rule)
     for b, (c, q) in enumerate(seqs):
         s, e = int(qsl[b]), int(qsl[b + 1])
         n = c + q
-        span = rule.span(torch.tensor([n]))
+        used = rule.as_dense() if prefill == "dense" and q > 1 else rule     # decode tokens follow the plan
+        span = used.span(torch.tensor([n]))
         ref = naive.sink_window_attention(query[s:e].transpose(0, 1)[None], keys[b].transpose(0, 1)[None],
                                           values[b].transpose(0, 1)[None], torch.arange(c, n)[None],
-                                          torch.arange(n)[None, None], rule.sink, span, scale)
+                                          torch.arange(n)[None, None], used.sink, span, scale)
         torch.testing.assert_close(output[s:e], ref[0].transpose(0, 1), atol=2e-5, rtol=1e-4,
                                    msg=lambda m: f"sequence {b} (context {c}, new {q}): {m}")

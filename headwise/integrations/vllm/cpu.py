@@ -74,10 +74,11 @@ class HeadwiseCPUImpl(PlanAttention, CPUAttentionBackendImpl):
             return super().do_kv_cache_update(layer, key, value, kv_cache, slot_mapping)
         paged.write(kv_cache, key, value, slot_mapping)
 
-    def attend_plan(self, query, key, value, kv_cache, output, attn_metadata, rule: LayerRule) -> None:
+    def attend_plan(self, query, key, value, kv_cache, output, attn_metadata, rule: LayerRule,
+                    prefill_rule: LayerRule) -> None:
         """The plan's attention over vLLM's CPU cache (``paged.attend``)."""
         step = attn_metadata.step_layout(kv_cache.shape[2], kv_cache.shape[1])
-        paged.attend(query, key, value, kv_cache, output, step, rule, self.scale)
+        paged.attend(query, key, value, kv_cache, output, step, rule, self.scale, prefill_rule=prefill_rule)
 
 
 class HeadwiseCPUBackend(CPUAttentionBackend):

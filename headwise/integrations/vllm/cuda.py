@@ -87,10 +87,11 @@ class HeadwiseTritonImpl(PlanAttention, TritonAttentionImpl):
         """No fused output quantization: plan layers write plain outputs."""
         return False
 
-    def attend_plan(self, query, key, value, kv_cache, output, attn_metadata, rule: LayerRule) -> None:
+    def attend_plan(self, query, key, value, kv_cache, output, attn_metadata, rule: LayerRule,
+                    prefill_rule: LayerRule) -> None:
         """The plan's attention over vLLM's CUDA cache (``paged_flash.attend``)."""
         step = attn_metadata.step_layout(kv_cache.shape[2])
-        paged_flash.attend(query, key, value, kv_cache, output, step, rule, self.scale)
+        paged_flash.attend(query, key, value, kv_cache, output, step, rule, self.scale, prefill_rule=prefill_rule)
 
 
 class HeadwiseTritonBackend(TritonAttentionBackend):

@@ -96,8 +96,16 @@ class PlanAttention:
             self._rule = layer_rule(self.plan, layer.layer_name)
         return self._rule
 
-    def attend_plan(self, query, key, value, kv_cache, output, attn_metadata, rule: LayerRule) -> None:
-        """Write ``output [n, H, D]`` for the step's ``n`` real tokens following ``rule``."""
+    def prefill_rule(self, layer) -> LayerRule:
+        """The rule of prefill tokens: the layer's own, or every head dense for a plan that prefills dense
+        (vLLM's cache holds every key, so a dense prefill reads them all; decode tokens follow the plan)."""
+        rule = self.rule(layer)
+        return rule.as_dense() if self.plan.prefill == "dense" else rule
+
+    def attend_plan(self, query, key, value, kv_cache, output, attn_metadata, rule: LayerRule,
+                    prefill_rule: LayerRule) -> None:
+        """Write ``output [n, H, D]`` for the step's ``n`` real tokens: decode tokens by ``rule``,
+        prefill tokens by ``prefill_rule``."""
         raise NotImplementedError
 
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, output_scale=None,
@@ -110,5 +118,6 @@ class PlanAttention:
             raise NotImplementedError("fused output quantization is not supported by headwise's vLLM backend; "
                                       "serve without output quantization.")
         n = attn_metadata.num_actual_tokens
-        self.attend_plan(query[:n], key[:n], value[:n], kv_cache, output[:n], attn_metadata, self.rule(layer))
+        self.attend_plan(query[:n], key[:n], value[:n], kv_cache, output[:n], attn_metadata, self.rule(layer),
+                         self.prefill_rule(layer))
         return output

@@ -207,7 +207,8 @@ def query_heads(heads: list[int], group_size: int, device: torch.device | str = 
 
 
 def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
-           output: torch.Tensor, step: StepLayout, rule: LayerRule, scale: float, backend: str = "auto") -> None:
+           output: torch.Tensor, step: StepLayout, rule: LayerRule, scale: float, backend: str = "auto",
+           prefill_rule: LayerRule | None = None) -> None:
     """A plan layer's attention for one vLLM step, written into ``output``.
 
     Args:
@@ -216,6 +217,8 @@ def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, kv_cache
         kv_cache: ``[P, Hkv, bs, 2*D]`` the layer's cache (written by ``write``).
         output: ``[T, H, D]`` written for every real token.
         step: the step's ``StepLayout``; rule: the layer's sink/span rule; scale: softmax scale.
+        prefill_rule: the rule of prefill tokens (``rule.as_dense()`` for a plan that prefills dense:
+            the cache holds every key, so they read everything); default ``rule``.
         backend: kernel backend for ``paged_decode`` / ``sink_window_attention``.
 
     Decode tokens go through ``paged_decode`` over only their sink + window blocks, one call per
@@ -245,6 +248,7 @@ def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, kv_cache
                 out = paged_decode(q_all[c][:, qh], k_pool, v_pool, pos_pool, tables[c], lengths[c] - 1,
                                    rule.sink[hs], spans[c][:, hs], scale, backend=backend)
                 output[tokens[c][:, None], qh[None, :]] = out.to(output.dtype)
+    prefill_rule = rule if prefill_rule is None else prefill_rule
     for p in step.prefills:
         q = query[p.start:p.end].transpose(0, 1)[None]                                      # [1, H, Q, D]
         q_pos = torch.arange(p.context, p.length)[None]                                      # [1, Q]
@@ -258,6 +262,6 @@ def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, kv_cache
             tables = (phys[None, :] * Hkv + torch.arange(Hkv)[:, None])[None]               # [1, Hkv, n]
             k, v, k_pos = gather_pages(k_pool, v_pool, step.pos_pool(k_pool.shape[0]), tables)
             k, v, k_pos = k[:, :, :p.length], v[:, :, :p.length], k_pos[:, :1, :p.length]
-        span = rule.span(torch.tensor([p.length]))                                           # [1, Hkv]
-        out = sink_window_attention(q, k, v, q_pos, k_pos, rule.sink, span, scale, backend=backend)
+        span = prefill_rule.span(torch.tensor([p.length]))                                   # [1, Hkv]
+        out = sink_window_attention(q, k, v, q_pos, k_pos, prefill_rule.sink, span, scale, backend=backend)
         output[p.start:p.end] = out[0].transpose(0, 1).to(output.dtype)

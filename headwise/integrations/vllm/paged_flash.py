@@ -52,7 +52,8 @@ def step_layout(query_start_loc: torch.Tensor, seq_lens: torch.Tensor, block_tab
 
 
 def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
-           output: torch.Tensor, step: StepLayout, rule: LayerRule, scale: float, backend: str = "auto") -> None:
+           output: torch.Tensor, step: StepLayout, rule: LayerRule, scale: float, backend: str = "auto",
+           prefill_rule: LayerRule | None = None) -> None:
     """A plan layer's attention for one vLLM step, written into ``output``.
 
     Args:
@@ -61,6 +62,8 @@ def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, kv_cache
         kv_cache: ``[P, Hkv, bs, 2*D]`` the layer's cache in vLLM's CUDA layout.
         output: ``[T, H, D]`` written for every real token.
         step: from ``step_layout``; rule: the layer's sink/span rule; scale: softmax scale.
+        prefill_rule: the rule of prefill tokens (``rule.as_dense()`` for a plan that prefills dense:
+            the cache holds every key, so they read everything); default ``rule``.
         backend: kernel backend for ``paged_decode`` / ``sink_window_attention`` (``auto``: Triton
             on CUDA).
     """
@@ -83,6 +86,7 @@ def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, kv_cache
             out = paged_decode(q_all[:, qh], key_cache[:, :, h:h + 1], value_cache[:, :, h:h + 1], pos_pool, tables,
                                lengths - 1, rule.sink[h:h + 1], spans[:, h:h + 1], scale, backend=backend)
             output[tokens[:, None], qh[None, :]] = out.to(output.dtype)
+    prefill_rule = rule if prefill_rule is None else prefill_rule.to(device)
     for p in step.prefills:
         q = query[p.start:p.end].transpose(0, 1)[None]                                      # [1, H, Q, D]
         q_pos = torch.arange(p.context, p.length, device=device)[None]                       # [1, Q]
@@ -94,6 +98,6 @@ def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, kv_cache
             k = key_cache[blocks].reshape(-1, Hkv, key_cache.shape[-1])[:p.length].transpose(0, 1)[None]
             v = value_cache[blocks].reshape(-1, Hkv, value_cache.shape[-1])[:p.length].transpose(0, 1)[None]
         k_pos = torch.arange(k.shape[2], device=device)[None, None]                          # [1, 1, N]
-        span = rule.span(torch.tensor([p.length], device=device))                            # [1, Hkv]
-        out = sink_window_attention(q, k, v, q_pos, k_pos, rule.sink, span, scale, backend=backend)
+        span = prefill_rule.span(torch.tensor([p.length], device=device))                    # [1, Hkv]
+        out = sink_window_attention(q, k, v, q_pos, k_pos, prefill_rule.sink, span, scale, backend=backend)
         output[p.start:p.end] = out[0].transpose(0, 1).to(output.dtype)

@@ -75,4 +75,4 @@ def describe(plan: Plan, spec: str) -> str:
     all_window = sum(all(isinstance(h, Window) for h in layer) for layer in plan.layers)
     return (f"plan {spec!r} for {plan.model.name} ({plan.calibration.get('method', 'calibrated')}): density "
             f"{plan.density(4096):.3f} at 4k, {plan.density(8192):.3f} at 8k; {all_dense} of {len(plan.layers)} layers "
-            f"all dense (vLLM's own kernel), {all_window} all window")
+            f"all dense (vLLM's own kernel), {all_window} all window; prefill {plan.prefill}")
