@@ -26,9 +26,14 @@ Every plan but dense runs in three modes (``--modes``):
 
 Perplexity in ``sparse`` is one patched forward per document; in ``dense`` and ``ctx`` the first
 half is prefilled dense once (shared), each plan's cache made from it, and the second half fed
-through the patched model ``--ppl-chunk`` tokens at a time (each chunk reads the plan's kept KV
-and its own tokens), which is what a dense-prefill plan sees when it continues a document (both
-modes are the same computation for perplexity; the table shows it once, under ``dense``).
+through the patched model ``--ppl-chunk`` tokens at a time, every token reading exactly what a
+decode step reads (its head's sink + window of what is kept; ``decode_rule``), which is what a
+dense-prefill plan sees when it generates the rest of a document (both modes are the same
+computation for perplexity; the table shows it once, under ``dense``).
+
+Greedy decoding in the dense and ctx modes is guided (``greedy_guided``): the dense model's tokens
+are verified in one forward and the plan steps on only from its first disagreement: the same
+tokens as step-by-step decoding at a fraction of the forwards.
 
 ``--cache`` keeps per-prompt results in a JSONL file, so a run split into pieces (``timeout``
 under the heavy-job lock) resumes where it stopped, and a run with more plans computes only the
@@ -299,7 +304,7 @@ def perplexity_trial(model, tokenizer, text: str, plans: dict, modes: list[str],
     """Summed NLL and count over the second half of ``text`` for dense and every plan:
     ``{row name: [nll, tokens]}`` (the ``dense`` mode row stands for ``ctx`` too); with ``need``,
     only those rows."""
-    from headwise import patch_model, unpatch_model
+    from headwise import expected_length, patch_model, unpatch_model
 
     wanted = (lambda row: True) if need is None else need.__contains__  # noqa: E731
 
@@ -328,7 +333,10 @@ def perplexity_trial(model, tokenizer, text: str, plans: dict, modes: list[str],
                 cache, prev, total, count = plan_cache(model, first_kv), last, 0.0, 0
                 for start in range(half, ids.shape[1], chunk):
                     piece = ids[:, start:start + chunk]
-                    logits = model(input_ids=piece, past_key_values=cache, use_cache=True).logits
+                    # every token reads what a decode step would (N = the document's length, as a
+                    # generation whose target length is known): the result does not depend on the chunk
+                    with expected_length(model, ids.shape[1]), decode_rule(model):
+                        logits = model(input_ids=piece, past_key_values=cache, use_cache=True).logits
                     scored = torch.cat([prev, logits[:, :-1]], 1).float()
                     total += float(torch.nn.functional.cross_entropy(scored[0], piece[0], reduction="sum"))
                     count += piece.shape[1]
@@ -408,7 +416,8 @@ def main() -> None:
     parser.add_argument("--trials", default="50", help="prompts per retrieval task and length (needle depths): "
                         "one count, or one per length")
     parser.add_argument("--ppl-docs", default="10", help="perplexity documents per length (one, or one per length)")
-    parser.add_argument("--ppl-chunk", type=int, default=64, help="chunk of the dense-prefill perplexity")
+    parser.add_argument("--ppl-chunk", type=int, default=1024, help="tokens per forward of the dense-prefill "
+                        "perplexity's second half (each token reads what a decode step reads, whatever the chunk)")
     parser.add_argument("--tasks", default="passkey,niah,perplexity")
     parser.add_argument("--json", default=None, help="also write the results here")
     parser.add_argument("--cache", default=None, help="JSONL of per-prompt results: reused and extended, so an "

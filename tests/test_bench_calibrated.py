@@ -115,3 +115,14 @@ def test_kv_store_reproduces_the_dense_prefill(bench, tiny, tmp_path):
         _, stored, stored_logits, _ = bench.dense_prefill(model, ids, context, kv_file)
     assert torch.equal(stored_logits, logits)
     assert all(torch.equal(a, c) and torch.equal(b, d) for (a, b), (c, d) in zip(kv, stored))
+
+
+def test_dense_mode_perplexity_does_not_depend_on_the_chunk(bench, tiny):
+    """The second half of a document reads what decode steps read, whatever the forward's chunk."""
+    model, tok = tiny
+    plans = {"u": Plan.uniform(model, 0.3, sink=4)}
+    with torch.no_grad():
+        one = bench.perplexity_trial(model, tok, PROMPT, plans, ["dense"], 1)
+        whole = bench.perplexity_trial(model, tok, PROMPT, plans, ["dense"], 1024)
+    assert one["u | dense"][1] == whole["u | dense"][1]
+    assert abs(one["u | dense"][0] - whole["u | dense"][0]) < 1e-3 * abs(one["u | dense"][0])
