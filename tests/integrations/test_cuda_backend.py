@@ -89,13 +89,15 @@ meta = HeadwiseTritonMetadata(num_actual_tokens=61, max_query_len=40, query_star
 layer = types.SimpleNamespace(layer_name="model.layers.7.self_attn.attn")
 output = torch.full((64, H, D), float("nan"))
 impl.forward(layer, query, new_k, new_v, kv_cache, meta, output)
-rule = LayerRule.from_heads(Plan.from_spec(plan_path, model_config.hf_config).layers[7])
+plan = Plan.from_spec(plan_path, model_config.hf_config)
+rule = LayerRule.from_heads(plan.layers[7])
 assert not rule.all_dense and len(set(rule.span(torch.tensor([300])).tolist()[0])) > 1   # heads of two spans at 300
 for b, (c, q) in enumerate(seqs):
     s, e, n = int(qsl[b]), int(qsl[b + 1]), c + q
+    used = rule.as_dense() if plan.prefill == "dense" and q > 1 else rule     # prefill tokens of a dense-prefill plan
     ref = naive.sink_window_attention(query[s:e].transpose(0, 1)[None], keys[b].transpose(0, 1)[None],
                                       values[b].transpose(0, 1)[None], torch.arange(c, n)[None],
-                                      torch.arange(n)[None, None], rule.sink, rule.span(torch.tensor([n])), D ** -0.5)
+                                      torch.arange(n)[None, None], used.sink, used.span(torch.tensor([n])), D ** -0.5)
     torch.testing.assert_close(output[s:e], ref[0].transpose(0, 1), atol=2e-5, rtol=1e-4)
 assert torch.isnan(output[61:]).all()                      # padding rows untouched
 print("ok")
