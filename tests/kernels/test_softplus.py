@@ -106,9 +106,10 @@ def test_chunk_after_cached_keys_and_bf16():
     torch.testing.assert_close(got.float(), expected.float(), **TOLERANCE[torch.bfloat16])
 
 
-def test_cpu_query_blocks_do_not_change_the_result():
+@pytest.mark.parametrize("variant", ["mixed", "lssar-p3", "softmax"])
+def test_cpu_query_blocks_do_not_change_the_result(variant):
     case = prefill_case(130, 3, 4, "win_gt", "right", torch.float32)
-    p = VARIANTS["mixed"]
+    p = VARIANTS[variant]
     whole = op.cpu.softplus_attention(*case.args(), p, query_block=512)
     torch.testing.assert_close(op.cpu.softplus_attention(*case.args(), p, query_block=16), whole, rtol=1e-6, atol=1e-6)
 
