@@ -194,3 +194,24 @@ def test_auto_logs_the_backend_and_bad_params_are_refused(caplog):
         op.softplus_attention(*case.args(), params(("exp", "none", 1.0, 0.0)))
     with pytest.raises(ValueError, match="unknown backend 'fast'"):
         op.softplus_attention(*case.args(), VARIANTS["lssa"], backend="fast")
+
+
+@pytest.mark.parametrize("backend", backends())
+@pytest.mark.parametrize("power", [0.0, 3.0])
+def test_softplus_rows_that_underflow_match_the_reference(power, backend):
+    """Every readable score below -104: softplus underflows to 0 in fp32, the cpu path recomputes those
+    rows with logits (as the reference does) instead of dividing by zero."""
+    g = torch.Generator().manual_seed(5)
+    D, S = 16, 20
+    k = 1.0 + 0.1 * torch.randn(1, 1, S, D, generator=g)                      # keys near (1, ..., 1)
+    v = torch.randn(1, 1, S, D, generator=g)
+    q = torch.full((1, 1, S, D), -4.0) + 0.1 * torch.randn(1, 1, S, D, generator=g)   # scores about -4 * 16 / 4 * 8
+    pos = torch.arange(S)[None]
+    p = params(("softplus", "none", 8.0, power))
+    args = (q, k, v, pos, pos[:, None], torch.zeros(1, dtype=torch.long), torch.full((1, 1), S), D ** -0.5, p)
+    scores = (q[0, 0] @ k[0, 0].T) * D ** -0.5 * 8.0
+    assert float(scores.max()) < -104                                          # softplus(x) == 0 in fp32
+    expected = naive.softplus_attention(*args)
+    got = op.softplus_attention(*args, backend=backend)
+    assert torch.isfinite(expected).all()
+    torch.testing.assert_close(got, expected, **TOL[1])    # logits near -130: fp32 ulps of 1e-5

@@ -82,6 +82,7 @@ def _weighted_rows(qf, k, v, allowed, n, m, scale, params) -> torch.Tensor:
     total = e.sum(-1, keepdim=True)                                             # Z
     power = params.power.view(1, Hs, 1, 1, 1)
     rows = (n > 0)[:, :, None, :, None].expand(B, Hs, G, Qb, 1)
+    lost = rows & (total < UNDERFLOW) if softplus else None                     # every softplus(x) underflowed
     if bool((params.power > 0).any()):
         e.sub_(total / n.clamp(min=1)[:, :, None, :, None].float()).clamp_(min=0.0)   # ReLU(e - Z / n)
         top = e.amax(-1, keepdim=True)
@@ -95,7 +96,6 @@ def _weighted_rows(qf, k, v, allowed, n, m, scale, params) -> torch.Tensor:
     out = torch.matmul(e.view(B, Hs, G * Qb, S), v.float()).view(B, Hs, G, Qb, D)
     out = out / torch.where(total > 0, total, 1.0)
     if softplus:
-        lost = rows & (total < UNDERFLOW)
         if bool(lost.any()):
             out = _recompute_rows(out, lost[..., 0], qf, k, v, allowed, n, m, scale, params)
     return out.masked_fill_(~rows, 0.0)

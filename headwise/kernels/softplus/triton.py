@@ -50,7 +50,7 @@ def _logits(q, q_pos, row_mult, k_ptr, kpos_ptr, stride_ks, offs_n, in_range, si
     else:
         s = tl.dot(q, tl.trans(k))
     x = s * row_mult[:, None]
-    if softplus:
+    if softplus != 0:
         u = tl.exp(tl.minimum(x, 20.0))
         y = 1.0 + u
         log1p = tl.where(y == 1.0, u, tl.log(y) * u / (y - 1.0))        # accurate log(1 + u)
