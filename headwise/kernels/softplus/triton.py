@@ -53,9 +53,9 @@ def _logits(q, q_pos, row_mult, k_ptr, kpos_ptr, stride_ks, offs_n, in_range, si
     if softplus != 0:
         u = tl.exp(tl.minimum(x, 20.0))
         y = 1.0 + u
-        log1p = tl.where(y == 1.0, u, tl.log(y) * u / (y - 1.0))        # accurate log(1 + u)
+        log1p = tl.where(y == 1.0, u, tl.log(y) * u / tl.where(y == 1.0, 1.0, y - 1.0))   # accurate log(1 + u)
         sp = tl.where(x > 20.0, x, log1p)
-        x = tl.where(x < LINEAR_BELOW, x, tl.log(sp))
+        x = tl.where(x < LINEAR_BELOW, x, tl.log(tl.maximum(sp, 1e-38)))
     kq = kp[None, :]
     qp = q_pos[:, None]
     seen = in_range[None, :] & (kq >= 0) & (qp >= 0) & (kq <= qp) & ((kq < sink) | (kq > qp - span))
