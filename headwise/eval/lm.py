@@ -22,14 +22,14 @@ from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
 
 from ..patches import expected_length, is_patched, patch_model, unpatch_model
-from ..plan import Plan, PlanError, Window
+from ..plan import Plan, PlanError
 
 logger = logging.getLogger("headwise")
 
 
 def is_elastic(plan: Plan) -> bool:
-    """Whether any head's span depends on the sequence length (``beta > 0``)."""
-    return any(isinstance(h, Window) and h.beta > 0 for h in plan.heads)
+    """Whether any head's span depends on the sequence length (a non-dense KV rule with ``beta > 0``)."""
+    return any(not dense and beta > 0 for _, _, beta, dense in (h.kv_rule() for h in plan.heads))
 
 
 @register_model("headwise")

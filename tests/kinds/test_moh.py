@@ -427,3 +427,30 @@ def test_moh_fit_end_to_end_then_reuse(tiny_dir, tmp_path, capsys):
     assert all(isinstance(h, Dense) for h in load_plan(tmp_path / "all.json").heads)
     with pytest.raises(SystemExit, match="must hold"):
         main(common + ["--active", "0.5,0.75", "--out", str(tmp_path / "x.json")])
+
+
+def test_lm_eval_model_runs_a_moh_plan_file(tiny_dir, tmp_path):
+    """``plan=<moh plan.json>`` in lm-eval's model args: loglikelihoods equal the patched model's, batched or not."""
+    from lm_eval.api.instance import Instance
+
+    from headwise.eval.lm import HeadwiseLM, is_elastic
+    from headwise.models import load_model
+
+    model, tokenizer = load_model(tiny_dir)
+    plan = all_moh_plan(model, top_k=2)
+    assert not is_elastic(plan)
+    plan.save(tmp_path / "moh.json")
+    texts = [("The quick brown fox", " jumps over the lazy dog"), ("A", " b c d e f g h"), ("Hello there", " world")]
+    requests = [Instance(request_type="loglikelihood", doc={}, arguments=a, idx=i) for i, a in enumerate(texts)]
+    results = {}
+    for batch in (1, 3):
+        lm = HeadwiseLM(pretrained=str(tiny_dir), plan=str(tmp_path / "moh.json"), batch_size=batch, device="cpu")
+        assert isinstance(lm.model._headwise["runtime"].layers[0].groups[0], MoHGroup)
+        results[batch] = [ll for ll, _ in lm.loglikelihood(requests, disable_tqdm=True)]
+        unpatch_model(lm.model)
+    assert results[1] == pytest.approx(results[3], abs=1e-4)
+    patch_model(model, plan)
+    context, continuation = (tokenizer(t, add_special_tokens=False).input_ids for t in texts[0])
+    logits = model(input_ids=torch.tensor([context + continuation])).logits[0].log_softmax(-1)
+    expected = sum(float(logits[len(context) - 1 + i, t]) for i, t in enumerate(continuation))
+    assert results[1][0] == pytest.approx(expected, abs=1e-4)

@@ -24,8 +24,9 @@ def register(subparsers) -> None:
                               description=__doc__.split("\n")[0])
     p.add_argument("--active", required=True,
                    help="fraction(s) of all query heads that run per token, e.g. 0.75 or 0.9,0.75,0.5")
-    p.add_argument("--out", required=True, help="output plan JSON; with several --active, a name holding '{active}' "
-                   "(e.g. 'moh{active}.json'); tensors go beside it as .safetensors")
+    p.add_argument("--out", required=True,
+                   help="output plan JSON; with several --active, a name holding '{active}' (e.g. 'moh{active}.json'); "
+                        "tensors go beside it as .safetensors")
     p.add_argument("--model", default=None, help="local Hugging Face checkpoint folder (default: embedded SmolLM2)")
     p.add_argument("--length", type=int, default=1024, help="tokens per calibration sample")
     p.add_argument("--samples", type=int, default=4, help="training samples")
@@ -117,9 +118,10 @@ def moh_fit_command(args) -> int:
         out = args.out.replace("{active}", f"{active:g}")
         plan.save(out)
         routed = sum(k < info.num_heads for k in top_k)
-        print(f"moh-fit: --active {active:g}: {sum(top_k)} of {info.num_layers * info.num_heads} query heads per token, "
-              f"{routed} routed layers, mean held-out error {sum(e[k] for e, k in zip(errors, top_k)) / len(errors):.4f}; "
-              f"wrote {out} and {Path(out).with_suffix('.safetensors').name}")
+        mean_error = sum(e[k] for e, k in zip(errors, top_k)) / len(errors)
+        print(f"moh-fit: --active {active:g}: {sum(top_k)} of {info.num_layers * info.num_heads} query heads per "
+              f"token, {routed} routed layers, mean held-out error {mean_error:.4f}; wrote {out} and "
+              f"{Path(out).with_suffix('.safetensors').name}")
     print(f"moh-fit: samples {data_seconds:.1f} s, capture {capture_seconds:.1f} s, fit {fit_seconds:.2f} s "
           f"({fit_seconds / len(routers):.3f} s per layer)")
     return 0

@@ -66,7 +66,8 @@ class MoHEngineGroup:
 
     def decode(self, step: "LayerStep", heads: list[int], q: torch.Tensor, k: torch.Tensor,
                v: torch.Tensor) -> torch.Tensor:
-        """``q [Bd, Hg * G, D]`` -> ``[Bd, Hg * G, D]``; only (sequence, KV head) rows with a selected query head are read."""
+        """``q [Bd, Hg * G, D]`` -> ``[Bd, Hg * G, D]``; only the (sequence, KV head) rows with a selected
+        query head are read."""
         if not self.group.routes:
             return SOFTMAX_KV.decode(step, heads, q, k, v)
         G = self.group.group_size

@@ -60,7 +60,7 @@ class MoH(HeadSpec):
 
     @classmethod
     def plan_summary(cls, plan) -> str:
-        """``moh heads: 80 of 90; top_k per layer: [...]; query heads run per token: 202 of 270 (74.8%)``."""
+        """``moh heads: 80 of 90; top_k per layer: [...]; query heads run per token: 202 of 270 (74.8%)``"""
         info = plan.model
         G = info.num_heads // info.num_kv_heads
         top_k, run = [], 0
