@@ -31,8 +31,8 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "scripts"))
-from bench_calibrated import ResultStore, plan_key, spread_rank  # noqa: E402
+sys.path[:0] = [str(ROOT), str(ROOT / "scripts")]   # this checkout's headwise, then bench_calibrated
+from bench_calibrated import ResultStore, per_length, plan_key, spread_rank  # noqa: E402
 
 
 def decode_cost(model, plan, length: int, kv_bytes: int) -> dict:
@@ -112,8 +112,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--plan", required=True, help="moh plan JSON files, comma-separated (dense always runs)")
     parser.add_argument("--lengths", default="2048,4096")
-    parser.add_argument("--trials", type=int, default=20, help="passkey prompts per length (needle depths)")
-    parser.add_argument("--ppl-docs", type=int, default=3, help="perplexity documents per length")
+    parser.add_argument("--trials", default="20", help="passkey prompts per length (needle depths): one count or "
+                        "one per length")
+    parser.add_argument("--ppl-docs", default="3", help="perplexity documents per length: one count or one per length")
     parser.add_argument("--tasks", default="perplexity,passkey")
     parser.add_argument("--kv-bytes", type=int, default=2, help="bytes per cached K/V value in the counted bytes")
     parser.add_argument("--cache", default=None, help="JSONL of per-prompt results (resume)")
@@ -138,17 +139,18 @@ def main() -> None:
     lengths = [int(x) for x in args.lengths.split(",")]
     kinds = [k.strip() for k in args.tasks.split(",") if k.strip()]
     store = ResultStore(Path(args.cache) if args.cache else None)
-    count = {"perplexity": args.ppl_docs, "passkey": args.trials}
+    counts = {"perplexity": dict(zip(lengths, per_length(args.ppl_docs, lengths))),
+              "passkey": dict(zip(lengths, per_length(args.trials, lengths)))}
     started = time.perf_counter()
     if not args.report_only:
-        samples = {(kind, n): eval_tasks.generate(kind, tokenizer, n, count[kind], args.seed)
+        samples = {(kind, n): eval_tasks.generate(kind, tokenizer, n, counts[kind][n], args.seed)
                    for n in lengths for kind in kinds}
         todo = sorted((spread_rank(i, len(group)), n, kind, i) for (kind, n), group in samples.items()
                       for i in range(len(group)))
         for _, n, kind, i in tqdm(todo, desc="bench", unit="prompt"):
             s = samples[(kind, n)][i]
             for name, spec in plans.items():
-                key = f"{keys[name]}|{kind}|{n}|{args.seed}|{count[kind]}|{i}|kv{args.kv_bytes}"
+                key = f"{keys[name]}|{kind}|{n}|{args.seed}|{counts[kind][n]}|{i}|kv{args.kv_bytes}"
                 if key in store:
                     continue
                 if kind == "perplexity":
@@ -168,8 +170,8 @@ def main() -> None:
             row["fit_seconds"] = cal.get("seconds")
         for n in lengths:
             for kind in kinds:
-                values = [store.get(f"{keys[name]}|{kind}|{n}|{args.seed}|{count[kind]}|{i}|kv{args.kv_bytes}")
-                          for i in range(count[kind])]
+                values = [store.get(f"{keys[name]}|{kind}|{n}|{args.seed}|{counts[kind][n]}|{i}|kv{args.kv_bytes}")
+                          for i in range(counts[kind][n])]
                 values = [v for v in values if v is not None]
                 if not values:
                     continue

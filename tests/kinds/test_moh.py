@@ -454,3 +454,33 @@ def test_lm_eval_model_runs_a_moh_plan_file(tiny_dir, tmp_path):
     logits = model(input_ids=torch.tensor([context + continuation])).logits[0].log_softmax(-1)
     expected = sum(float(logits[len(context) - 1 + i, t]) for i, t in enumerate(continuation))
     assert results[1][0] == pytest.approx(expected, abs=1e-4)
+
+
+def test_captured_gradients_predict_the_loss_change_of_a_small_output_change():
+    """``capture``'s gradients at the head outputs: a small change ``eps * u`` of layer 1's head outputs
+    changes the summed loss by ``eps * (g . u)``; parameters keep their ``requires_grad``."""
+    from headwise.kinds.moh.fit import capture
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    model = make_tiny("llama", seed=2)
+    x = ids(1, 24, seed=8)
+    acts = capture(model, x)
+    assert all(p.requires_grad for p in model.parameters())
+    u = torch.randn_like(acts[1].outputs, generator=torch.Generator().manual_seed(0))
+
+    def loss_with(eps):
+        def attention(module, query, key, value, attention_mask, **kwargs):
+            out, w = sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+            return (out + eps * u[None] if module.layer_idx == 1 else out), w
+
+        AttentionInterface.register("headwise_moh_nudge", attention)
+        model.set_attn_implementation("headwise_moh_nudge")
+        try:
+            logits = model(input_ids=x).logits.double()
+        finally:
+            model.set_attn_implementation("sdpa")
+        return float(torch.nn.functional.cross_entropy(logits[0, :-1], x[0, 1:], reduction="sum"))
+
+    eps = 1e-3
+    measured = (loss_with(eps) - loss_with(-eps)) / (2 * eps)
+    assert measured == pytest.approx(float((acts[1].grads * u).sum()), rel=2e-2)
