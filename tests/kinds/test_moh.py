@@ -382,14 +382,16 @@ def test_relative_error_of_the_fitted_router_beats_a_fixed_head_choice():
     assert fitted < fixed
 
 
-def test_allocate_spends_the_budget_where_the_error_drops_most():
-    errors = [[1.0, 0.5, 0.4, 0.0], [1.0, 0.9, 0.1, 0.0]]
-    assert allocate(errors, 2) == [1, 1]
-    assert allocate(errors, 3) == [2, 1] or allocate(errors, 3) == [1, 2]
-    assert allocate(errors, 4) == [1, 3] or allocate(errors, 4) == [2, 2]
-    assert allocate(errors, 6) == [3, 3]
+def test_allocate_minimises_the_summed_cost_exactly():
+    costs = [[1.0, 0.5, 0.4, 0.0], [1.0, 0.9, 0.1, 0.0]]
+    assert allocate(costs, 2) == [1, 1]
+    assert allocate(costs, 3) == [1, 2]
+    assert allocate(costs, 6) == [3, 3]
+    assert allocate(costs, 2, minimum=0) == [0, 2] or allocate(costs, 2, minimum=0) == [1, 1]
+    # not convex: a greedy head-by-head choice would stop at [1, 3] (cost 1.25); [3, 1] costs 0.5
+    assert allocate([[1.0, 0.9, 0.9, 0.0], [1.0, 0.5, 0.4, 0.35]], 4) == [3, 1]
     with pytest.raises(ValueError, match="outside"):
-        allocate(errors, 7)
+        allocate(costs, 7)
 
 
 @pytest.fixture(scope="module")

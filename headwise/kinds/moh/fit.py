@@ -20,9 +20,9 @@ Per layer, on the unpatched model's activations over calibration text:
   The relative error alone misjudges layers (measured on SmolLM2: it gave layer 24 two heads at a
   90% budget, which alone cost +4.7% perplexity on a 1k document, while two of nine in layer 1 cost
   +0.7%); the loss cost weighs each layer by what its output does to the loss.
-* **Budget**: ``active`` x layers x query heads query heads run per token in all; starting from
-  ``minimum`` per layer, each further head goes to the layer whose cost drops most with it
-  (``allocate``). A layer given all its heads is written as dense heads (nothing routed).
+* **Budget**: ``active`` x layers x query heads query heads run per token in all, at least
+  ``minimum`` per layer, split over the layers to minimise the summed cost (``allocate``, exact).
+  A layer given all its heads is written as dense heads (nothing routed).
 """
 
 from __future__ import annotations
@@ -203,19 +203,26 @@ def fit_layer(train: list[Activations], held_out: list[Activations], o_proj_weig
     return LayerRouter(router, bias, fill, errors, time.perf_counter() - started, loss)
 
 
-def allocate(errors: list[list[float]], budget: int, minimum: int = 1) -> list[int]:
-    """Heads run per token in each layer: ``budget`` in all, at least ``minimum`` per layer, each
-    further head given where the cost drops most (``errors[l][k]``: the cost of layer ``l`` at ``k``)."""
-    top = [len(e) - 1 for e in errors]
-    k = [min(minimum, t) for t in top]
-    if not sum(k) <= budget <= sum(top):
-        raise ValueError(f"a budget of {budget} query heads per token is outside [{sum(k)}, {sum(top)}] for these "
+def allocate(costs: list[list[float]], budget: int, minimum: int = 1) -> list[int]:
+    """Heads run per token in each layer, ``k_l``: ``budget`` in all, at least ``minimum`` per layer,
+    minimising ``sum_l costs[l][k_l]`` (``costs[l][k]``: the cost of layer ``l`` at ``k`` heads).
+
+    Exact, by dynamic programming over layers and heads spent (costs need not be convex: a
+    layer whose cost only falls at its last head still gets it when that is worth it)."""
+    top = [len(c) - 1 for c in costs]
+    low = [min(minimum, t) for t in top]
+    if not sum(low) <= budget <= sum(top):
+        raise ValueError(f"a budget of {budget} query heads per token is outside [{sum(low)}, {sum(top)}] for these "
                          "layers; choose an active fraction between them.")
-    while sum(k) < budget:
-        gains = [(e[k[l]] - e[k[l] + 1]) if k[l] < top[l] else float("-inf") for l, e in enumerate(errors)]
-        best = max(range(len(errors)), key=lambda l: gains[l])
-        k[best] += 1
-    return k
+    best = {0: (0.0, [])}                          # heads spent -> (cost, k per layer so far)
+    for cost, lo, hi in zip(costs, low, top):
+        nxt: dict[int, tuple[float, list[int]]] = {}
+        for spent, (total, ks) in best.items():
+            for k in range(lo, hi + 1):
+                if spent + k <= budget and (spent + k not in nxt or total + cost[k] < nxt[spent + k][0]):
+                    nxt[spent + k] = (total + cost[k], ks + [k])
+        best = nxt
+    return best[budget][1]
 
 
 def make_plan(info, routers: list[LayerRouter], top_k: list[int], calibration: dict):
