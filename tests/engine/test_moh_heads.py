@@ -100,3 +100,23 @@ def test_moh_heads_survive_preemption():
     outs = tight.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
     assert tight.last_stats.preemptions > 0
     assert [o.outputs[0].token_ids for o in outs] == solo
+
+
+@pytest.mark.slow
+def test_shipped_moh_plan_on_the_real_model_equals_patched_hf(real_model):
+    """``plans/smollm2-135m-moh0.75.json`` (fitted routers, 22 routed layers): engine greedy tokens equal
+    the patched HF model's on a batch of two prose prompts."""
+    from pathlib import Path
+
+    from headwise import load_plan
+    from headwise.eval.prose import tokenized_prose
+
+    model, tokenizer = real_model
+    plan = load_plan(Path(__file__).resolve().parents[2] / "plans" / "smollm2-135m-moh0.75.json", model)
+    prose = tokenized_prose(tokenizer)
+    prompts = [tokenizer(prose.slice(start, n), add_special_tokens=False).input_ids
+               for start, n in ((2000, 200), (9000, 80))]
+    llm = LLM(model, plan=plan, kv_cache_memory="256MiB")
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], greedy(8), use_tqdm=False)
+    for p, out in zip(prompts, outs):
+        assert out.outputs[0].token_ids == hf_greedy(model, p, 8, plan=plan)
