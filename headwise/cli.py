@@ -18,6 +18,7 @@ COMMAND_MODULES = [
     "headwise.bench_cli",
     "headwise.engine.cli",
     "headwise.linearize.cli",
+    "headwise.kinds.moh.cli",
 ]
 
 

@@ -72,6 +72,8 @@ class HeadSpec:
 
     kind: ClassVar[str] = ""
     family: ClassVar[str] = ""
+    #: the command that fits this kind's tensors (named when they are missing or malformed)
+    fit_command: ClassVar[str] = ""
 
     def kept(self, n: int) -> int:
         """Number of KV entries this head keeps at sequence length ``n``."""
@@ -93,6 +95,11 @@ class HeadSpec:
     def required_weights(self, info: "ModelInfo", layer: int, head: int) -> dict[str, tuple[int, ...]]:
         """Tensors (name -> shape) this head needs from the plan's safetensors file (none by default)."""
         return {}
+
+    @classmethod
+    def plan_summary(cls, plan: "Plan") -> str | None:
+        """One line ``headwise plan show`` prints about this kind's heads in ``plan`` (``None``: nothing)."""
+        return None
 
     def to_json(self) -> dict[str, Any]:
         return {"kind": self.kind, **dataclasses.asdict(self)}
@@ -265,14 +272,15 @@ class Plan:
                 raise PlanError(f"plan layer {i} has {len(layer)} heads but the model has {m.num_kv_heads} KV heads.")
             for h, head in enumerate(layer):
                 head.validate(f"layer {i} head {h}", m.max_length or None)
+                refit = f"refit the plan ({head.fit_command})" if head.fit_command else "refit the plan"
                 for name, shape in head.required_weights(m, i, h).items():
                     tensor = self.weights.get(name)
                     if tensor is None:
                         raise PlanError(f"layer {i} head {h}: {head.kind!r} head needs tensor {name!r}, which the "
-                                        "plan's weights do not have; refit the plan (headwise linearize).")
+                                        f"plan's weights do not have; {refit}.")
                     if tuple(tensor.shape) != tuple(shape):
                         raise PlanError(f"layer {i} head {h}: tensor {name!r} has shape {tuple(tensor.shape)} but the "
-                                        f"head needs {tuple(shape)}; refit the plan (headwise linearize).")
+                                        f"head needs {tuple(shape)}; {refit}.")
 
     def check_model(self, model: Any) -> None:
         """Raise ``PlanError`` unless this plan was made for ``model``'s architecture."""

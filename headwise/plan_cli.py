@@ -36,6 +36,10 @@ def show_plan(args) -> int:
     heads = plan.heads
     print(f"  dense heads: {sum(isinstance(h, Dense) for h in heads)} of {len(heads)}; "
           f"distinct head configs: {len(set(heads))}")
+    for kind in sorted({type(h) for h in heads}, key=lambda k: k.kind):
+        summary = kind.plan_summary(plan)
+        if summary:
+            print(f"  {summary}")
     print("  length   density")
     for n in lengths:
         print(f"  {n:>6}   {plan.density(n):.4f}")

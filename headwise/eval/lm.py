@@ -28,7 +28,7 @@ logger = logging.getLogger("headwise")
 
 
 def is_elastic(plan: Plan) -> bool:
-    """Whether any head's span depends on the sequence length (``beta > 0`` in its ``kv_rule``, any kind)."""
+    """Whether any head's span depends on the sequence length (a non-dense ``kv_rule`` with ``beta > 0``, any kind)."""
     return any(not dense and beta > 0 for _, _, beta, dense in (h.kv_rule() for h in plan.heads))
 
 

@@ -32,6 +32,7 @@ class Lightning(HeadSpec):
 
     kind: ClassVar[str] = "lightning"
     family: ClassVar[str] = "lightning"
+    fit_command: ClassVar[str] = "headwise linearize"
     decay: float = 1.0
     feature_dim: int = 128
     weights: str = ""
