@@ -126,3 +126,18 @@ def test_dense_mode_perplexity_does_not_depend_on_the_chunk(bench, tiny):
         whole = bench.perplexity_trial(model, tok, PROMPT, plans, ["dense"], 1024)
     assert one["u | dense"][1] == whole["u | dense"][1]
     assert abs(one["u | dense"][0] - whole["u | dense"][0]) < 1e-3 * abs(one["u | dense"][0])
+
+
+def test_targets_compare_rows_on_the_prompts_they_share(bench):
+    """A row with more trials (dense) does not skew the comparison: only prompts every row has count."""
+    ok = lambda *flags: {i: {"ok": f} for i, f in enumerate(flags)}   # noqa: E731
+    per_prompt = {("dense", "passkey", 2048): ok(True, True, True, True),
+                  ("u | dense", "passkey", 2048): ok(False, False),
+                  ("p | dense", "passkey", 2048): ok(True, False)}
+    line, = bench.target_checks(per_prompt, "dense", "u | dense", "p | dense", ["passkey"], [2048])
+    assert "(2 trials): 50%, dense 100%, uniform 0%; of dense 0.50 (target >= 0.95: missed)" in line
+    per_prompt = {("dense", "perplexity", 2048): {0: [100.0, 50], 1: [400.0, 50]},
+                  ("u | dense", "perplexity", 2048): {0: [101.0, 50]},
+                  ("p | dense", "perplexity", 2048): {0: [100.5, 50], 1: [800.0, 50]}}
+    line, = bench.target_checks(per_prompt, "dense", "u | dense", "p | dense", ["perplexity"], [2048])
+    assert line.startswith("p | dense: perplexity 2048 (1 docs): 7.463 vs dense 7.389 (+1.0%; target <= +3%: met)")

@@ -57,3 +57,32 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+def assert_engine_equals_patched_hf(model, plan, prompts, max_tokens: int, **llm_kwargs):
+    """The engine's greedy tokens for ``prompts`` equal the patched HF model's, and every block is freed after.
+
+    Returns the engine's outputs (for a kind's own checks)."""
+    from headwise.engine import LLM
+
+    llm = LLM(model, plan=plan, **{"kv_cache_memory": "16MiB", "block_size": 8, **llm_kwargs})
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], greedy(max_tokens), use_tqdm=False)
+    for p, out in zip(prompts, outs):
+        assert out.outputs[0].token_ids == hf_greedy(model, p, max_tokens, plan=plan), f"prompt of {len(p)} tokens"
+    assert llm.blocks.num_free == llm.blocks.num_blocks
+    return llm, outs
+
+
+def assert_preemption_keeps_the_tokens(model, plan, max_tokens: int = 40, tight_memory: str = "96KiB"):
+    """Four long requests in a pool too small for them all: preempted and recomputed, each gets the
+    tokens it gets alone."""
+    from headwise.engine import LLM
+
+    prompts = random_prompts((150, 160, 170, 140), seed=5)
+    params = greedy(max_tokens)
+    solo = [LLM(model, plan=plan, kv_cache_memory="16MiB", block_size=8).generate(
+        [{"prompt_token_ids": p}], params, use_tqdm=False)[0].outputs[0].token_ids for p in prompts]
+    tight = LLM(model, plan=plan, kv_cache_memory=tight_memory, block_size=8)
+    outs = tight.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    assert tight.last_stats.preemptions > 0
+    assert [o.outputs[0].token_ids for o in outs] == solo

@@ -8,7 +8,8 @@ import pytest
 
 from headwise.engine import LLM
 from tests.conftest import make_tiny
-from tests.engine.conftest import greedy, hf_greedy, random_prompts
+from tests.engine.conftest import (assert_engine_equals_patched_hf, assert_preemption_keeps_the_tokens, greedy,
+                                   hf_greedy, random_prompts)
 from tests.kinds.test_moh import all_moh_plan, moh_plan
 
 LENGTHS = (1, 6, 45, 170)
@@ -19,14 +20,10 @@ LENGTHS = (1, 6, 45, 170)
 def test_mixed_moh_plan_equals_patched_hf(arch, step_tokens):
     """Layer 0 all moh (top 2 of 6 query heads), layer 1 window + moh with a window rule (top 1 of 3)."""
     model = make_tiny(arch)
-    plan = moh_plan(model)
-    prompts = random_prompts(LENGTHS, seed=3)
-    llm = LLM(model, plan=plan, kv_cache_memory="16MiB", block_size=8, max_num_batched_tokens=step_tokens)
-    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], greedy(10), use_tqdm=False)
-    for p, out in zip(prompts, outs):
-        assert out.outputs[0].token_ids == hf_greedy(model, p, 10, plan=plan), f"prompt of {len(p)} tokens"
+    _, outs = assert_engine_equals_patched_hf(model, moh_plan(model), random_prompts(LENGTHS, seed=3), 10,
+                                              max_num_batched_tokens=step_tokens)
+    for out in outs:
         assert out.kv["peak_bytes_by_kind"]["moh"] > 0          # moh heads keep KV blocks (every token is written)
-    assert llm.blocks.num_free == llm.blocks.num_blocks
 
 
 def test_router_selecting_every_head_equals_the_dense_plan():
@@ -82,24 +79,12 @@ def test_decode_reads_only_kv_heads_with_a_selected_query_head(monkeypatch):
 def test_dense_prefill_with_moh_heads_equals_patched_hf():
     model = make_tiny("llama")
     plan = dataclasses.replace(moh_plan(model), prefill="dense")
-    prompts = random_prompts((7, 90), seed=6)
-    llm = LLM(model, plan=plan, kv_cache_memory="16MiB", block_size=8)
-    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], greedy(8), use_tqdm=False)
-    for p, out in zip(prompts, outs):
-        assert out.outputs[0].token_ids == hf_greedy(model, p, 8, plan=plan)
+    assert_engine_equals_patched_hf(model, plan, random_prompts((7, 90), seed=6), 8)
 
 
 def test_moh_heads_survive_preemption():
     model = make_tiny("llama")
-    plan = moh_plan(model)
-    prompts = random_prompts((150, 160, 170, 140), seed=5)
-    params = greedy(40)
-    solo = [LLM(model, plan=plan, kv_cache_memory="16MiB", block_size=8).generate(
-        [{"prompt_token_ids": p}], params, use_tqdm=False)[0].outputs[0].token_ids for p in prompts]
-    tight = LLM(model, plan=plan, kv_cache_memory="96KiB", block_size=8)
-    outs = tight.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
-    assert tight.last_stats.preemptions > 0
-    assert [o.outputs[0].token_ids for o in outs] == solo
+    assert_preemption_keeps_the_tokens(model, moh_plan(model))
 
 
 @pytest.mark.slow

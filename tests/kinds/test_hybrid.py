@@ -7,7 +7,6 @@ import json
 
 import pytest
 import torch
-from transformers import AttentionInterface
 
 from headwise import Plan, PlanError, kv_bytes, load_plan, patch_model, unpatch_model
 from headwise.kinds.base import AttentionCall
@@ -15,6 +14,9 @@ from headwise.kinds.hybrid import Hybrid
 from headwise.kinds.layer import LayerKinds
 from headwise.kinds.lightning import hedgehog_features
 from headwise.plan import Dense, ModelInfo, Window
+from tests.kinds.contract import (assert_cached_generation_equals_recomputation, assert_chunked_prefill_equals_one_pass,
+                                  assert_padded_batches_equal_each_sample_alone, ids,
+                                  logits_with_attention)
 
 pytestmark = pytest.mark.usefixtures("no_grad")
 F = 8
@@ -92,16 +94,7 @@ def reference_logits(model, plan: Plan, input_ids: torch.Tensor) -> torch.Tensor
             out[:, h] = scores.masked_fill(~mask, float("-inf")).softmax(-1) @ vh
         return out.transpose(1, 2), None
 
-    AttentionInterface.register("headwise_hybrid_reference", attention)
-    model.set_attn_implementation("headwise_hybrid_reference")
-    try:
-        return model(input_ids=input_ids).logits
-    finally:
-        model.set_attn_implementation("sdpa")
-
-
-def ids(batch, length, seed=0):
-    return torch.randint(3, 128, (batch, length), generator=torch.Generator().manual_seed(seed))
+    return logits_with_attention(model, "headwise_hybrid_reference", attention, input_ids)
 
 
 @pytest.mark.parametrize("plan_of", [hybrid_plan, all_hybrid_plan], ids=["mixed", "all-hybrid"])
@@ -150,12 +143,7 @@ def test_short_sequences_are_exact_softmax():
 @pytest.mark.parametrize("plan_of", [hybrid_plan, all_hybrid_plan], ids=["mixed", "all-hybrid"])
 def test_cached_generation_equals_full_recomputation(llama, plan_of):
     patch_model(llama, plan_of(llama))
-    x, steps = ids(1, 19, seed=1), 15
-    out = llama.generate(input_ids=x, max_new_tokens=steps, min_new_tokens=steps, do_sample=False, output_logits=True,
-                         return_dict_in_generate=True, pad_token_id=0)
-    for t in range(steps):
-        full = llama(input_ids=out.sequences[:, : x.shape[1] + t], use_cache=False).logits[:, -1]
-        assert torch.allclose(full, out.logits[t], atol=1e-4), f"step {t}"
+    assert_cached_generation_equals_recomputation(llama)
 
 
 @pytest.mark.parametrize("cuts", [[17, 35], [1, 2, 3, 9, 30], [6, 7, 8, 30]],
@@ -164,37 +152,12 @@ def test_cached_generation_equals_full_recomputation(llama, plan_of):
 def test_chunked_prefill_then_step_decode_equals_one_pass(llama, plan_of, cuts):
     """The eviction/fold order: every chunk boundary and decode step folds exactly the keys that left."""
     patch_model(llama, plan_of(llama))
-    x = ids(2, 45, seed=2)
-    whole = llama(input_ids=x).logits
-    cache, pieces, start = None, [], 0
-    for stop in [*cuts, *range(cuts[-1] + 1, 46)]:
-        out = llama(input_ids=x[:, start:stop], past_key_values=cache, use_cache=True)
-        cache, start = out.past_key_values, stop
-        pieces.append(out.logits)
-    assert torch.allclose(torch.cat(pieces, dim=1), whole, atol=1e-4)
+    assert_chunked_prefill_equals_one_pass(llama, cuts, total=45)
 
 
 def test_padded_batches_equal_each_sample_alone(llama):
     patch_model(llama, all_hybrid_plan(llama))
-    lengths, steps = [23, 9, 16], 8
-    width = max(lengths)
-    left = torch.zeros(3, width, dtype=torch.long)
-    right = torch.zeros(3, width, dtype=torch.long)
-    left_mask, right_mask = torch.zeros_like(left), torch.zeros_like(right)
-    prompts = [ids(1, n, seed=n)[0] for n in lengths]
-    for b, p in enumerate(prompts):
-        left[b, width - len(p):], left_mask[b, width - len(p):] = p, 1
-        right[b, :len(p)], right_mask[b, :len(p)] = p, 1
-    batched = llama(input_ids=right, attention_mask=right_mask).logits
-    gen = llama.generate(input_ids=left, attention_mask=left_mask, max_new_tokens=steps, min_new_tokens=steps,
-                         do_sample=False, output_logits=True, return_dict_in_generate=True, pad_token_id=0)
-    for b, p in enumerate(prompts):
-        alone = llama(input_ids=p[None]).logits[0]
-        assert torch.allclose(batched[b, :len(p)], alone, atol=1e-4)
-        one = llama.generate(input_ids=p[None], max_new_tokens=steps, min_new_tokens=steps, do_sample=False,
-                             output_logits=True, return_dict_in_generate=True, pad_token_id=0)
-        assert torch.equal(gen.sequences[b, width:], one.sequences[0, len(p):])
-        assert torch.allclose(torch.stack(gen.logits, 1)[b], torch.stack(one.logits, 1)[0], atol=1e-4)
+    assert_padded_batches_equal_each_sample_alone(llama)
 
 
 def test_cache_holds_sink_window_plus_one_and_a_constant_state(llama):

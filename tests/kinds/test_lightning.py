@@ -7,13 +7,15 @@ import math
 
 import pytest
 import torch
-from transformers import AttentionInterface
 
 from headwise import Plan, PlanError, kv_bytes, load_plan, patch_model, unpatch_model
 from headwise.kinds.base import AttentionCall
 from headwise.kinds.layer import LayerKinds
 from headwise.kinds.lightning import Lightning, hedgehog_features
 from headwise.plan import Dense, ModelInfo, Window
+from tests.kinds.contract import (assert_cached_generation_equals_recomputation, assert_chunked_prefill_equals_one_pass,
+                                  assert_padded_batches_equal_each_sample_alone, ids,
+                                  logits_with_attention)
 
 pytestmark = pytest.mark.usefixtures("no_grad")
 F = 8
@@ -92,16 +94,7 @@ def reference_logits(model, plan: Plan, input_ids: torch.Tensor) -> torch.Tensor
             out[:, h] = scores.masked_fill(~mask, float("-inf")).softmax(-1) @ vh
         return out.transpose(1, 2), None
 
-    AttentionInterface.register("headwise_lightning_reference", attention)
-    model.set_attn_implementation("headwise_lightning_reference")
-    try:
-        return model(input_ids=input_ids).logits
-    finally:
-        model.set_attn_implementation("sdpa")
-
-
-def ids(batch, length, seed=0):
-    return torch.randint(3, 128, (batch, length), generator=torch.Generator().manual_seed(seed))
+    return logits_with_attention(model, "headwise_lightning_reference", attention, input_ids)
 
 
 def test_patched_model_equals_written_out_reference(tiny_model):
@@ -114,52 +107,21 @@ def test_patched_model_equals_written_out_reference(tiny_model):
 
 def test_cached_generation_equals_full_recomputation(llama):
     patch_model(llama, lightning_plan(llama))
-    x, steps = ids(1, 19, seed=1), 15
-    out = llama.generate(input_ids=x, max_new_tokens=steps, min_new_tokens=steps, do_sample=False, output_logits=True,
-                         return_dict_in_generate=True, pad_token_id=0)
+    out = assert_cached_generation_equals_recomputation(llama)
     state = out.past_key_values.layers[0].states["lightning"]["s"]
     assert state.shape == (1, 1, F, llama.config.head_dim + 1)
     group = llama._headwise["runtime"].layers[0].groups[0]              # head 0 comes first
     assert group.state_spec() == {"s": ((1, F, llama.config.head_dim + 1), torch.float32)}
-    for t in range(steps):
-        full = llama(input_ids=out.sequences[:, : x.shape[1] + t], use_cache=False).logits[:, -1]
-        assert torch.allclose(full, out.logits[t], atol=1e-4), f"step {t}"
 
 
 def test_chunked_prefill_then_decode_equals_one_pass(llama):
     patch_model(llama, lightning_plan(llama))
-    x = ids(2, 40, seed=2)
-    whole = llama(input_ids=x).logits
-    first = llama(input_ids=x[:, :17], use_cache=True)
-    second = llama(input_ids=x[:, 17:35], past_key_values=first.past_key_values, use_cache=True)
-    cache, steps = second.past_key_values, []
-    for t in range(35, 40):
-        steps.append(llama(input_ids=x[:, t:t + 1], past_key_values=cache, use_cache=True).logits)
-    got = torch.cat([first.logits, second.logits, *steps], dim=1)
-    assert torch.allclose(got, whole, atol=1e-4)
+    assert_chunked_prefill_equals_one_pass(llama)
 
 
 def test_padded_batches_equal_each_sample_alone(llama):
     patch_model(llama, lightning_plan(llama))
-    lengths, steps = [23, 9, 16], 8
-    width = max(lengths)
-    left = torch.zeros(3, width, dtype=torch.long)
-    right = torch.zeros(3, width, dtype=torch.long)
-    left_mask, right_mask = torch.zeros_like(left), torch.zeros_like(right)
-    prompts = [ids(1, n, seed=n)[0] for n in lengths]
-    for b, p in enumerate(prompts):
-        left[b, width - len(p):], left_mask[b, width - len(p):] = p, 1
-        right[b, :len(p)], right_mask[b, :len(p)] = p, 1
-    batched = llama(input_ids=right, attention_mask=right_mask).logits
-    gen = llama.generate(input_ids=left, attention_mask=left_mask, max_new_tokens=steps, min_new_tokens=steps,
-                         do_sample=False, output_logits=True, return_dict_in_generate=True, pad_token_id=0)
-    for b, p in enumerate(prompts):
-        alone = llama(input_ids=p[None]).logits[0]
-        assert torch.allclose(batched[b, :len(p)], alone, atol=1e-4)
-        one = llama.generate(input_ids=p[None], max_new_tokens=steps, min_new_tokens=steps, do_sample=False,
-                             output_logits=True, return_dict_in_generate=True, pad_token_id=0)
-        assert torch.equal(gen.sequences[b, width:], one.sequences[0, len(p):])
-        assert torch.allclose(torch.stack(gen.logits, 1)[b], torch.stack(one.logits, 1)[0], atol=1e-4)
+    assert_padded_batches_equal_each_sample_alone(llama)
 
 
 def test_cache_holds_a_constant_state_instead_of_kv(llama):

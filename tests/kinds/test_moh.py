@@ -17,6 +17,9 @@ from headwise.kinds.moh import MoH, MoHGroup
 from headwise.kinds.moh.fit import allocate, fit_routers, make_plan, relative_errors
 from headwise.plan import Dense, ModelInfo, Window
 from tests.conftest import make_tiny
+from tests.kinds.contract import (assert_cached_generation_equals_recomputation, assert_chunked_prefill_equals_one_pass,
+                                  assert_padded_batches_equal_each_sample_alone, ids,
+                                  logits_with_attention)
 
 pytestmark = pytest.mark.usefixtures("no_grad")
 
@@ -83,16 +86,7 @@ def reference_logits(model, plan: Plan, input_ids: torch.Tensor) -> torch.Tensor
             out[:, h] = o
         return out.transpose(1, 2), None
 
-    AttentionInterface.register("headwise_moh_reference", attention)
-    model.set_attn_implementation("headwise_moh_reference")
-    try:
-        return model(input_ids=input_ids).logits
-    finally:
-        model.set_attn_implementation("sdpa")
-
-
-def ids(batch, length, seed=0):
-    return torch.randint(3, 128, (batch, length), generator=torch.Generator().manual_seed(seed))
+    return logits_with_attention(model, "headwise_moh_reference", attention, input_ids)
 
 
 def one_sentence(message: str) -> bool:
@@ -142,45 +136,17 @@ def test_routing_changes_the_output_and_routed_out_heads_give_their_mean(llama):
 
 def test_cached_generation_equals_full_recomputation(llama):
     patch_model(llama, moh_plan(llama))
-    x, steps = ids(1, 19, seed=1), 15
-    out = llama.generate(input_ids=x, max_new_tokens=steps, min_new_tokens=steps, do_sample=False, output_logits=True,
-                         return_dict_in_generate=True, pad_token_id=0)
-    for t in range(steps):
-        full = llama(input_ids=out.sequences[:, : x.shape[1] + t], use_cache=False).logits[:, -1]
-        assert torch.allclose(full, out.logits[t], atol=1e-4), f"step {t}"
+    assert_cached_generation_equals_recomputation(llama)
 
 
 def test_chunked_prefill_then_decode_equals_one_pass(llama):
     patch_model(llama, moh_plan(llama))
-    x = ids(2, 40, seed=2)
-    whole = llama(input_ids=x).logits
-    first = llama(input_ids=x[:, :17], use_cache=True)
-    second = llama(input_ids=x[:, 17:35], past_key_values=first.past_key_values, use_cache=True)
-    cache, steps = second.past_key_values, []
-    for t in range(35, 40):
-        steps.append(llama(input_ids=x[:, t:t + 1], past_key_values=cache, use_cache=True).logits)
-    assert torch.allclose(torch.cat([first.logits, second.logits, *steps], dim=1), whole, atol=1e-4)
+    assert_chunked_prefill_equals_one_pass(llama)
 
 
 def test_padded_batches_equal_each_sample_alone(llama):
     patch_model(llama, moh_plan(llama))
-    lengths, steps = [23, 9, 16], 8
-    width = max(lengths)
-    left = torch.zeros(3, width, dtype=torch.long)
-    right = torch.zeros(3, width, dtype=torch.long)
-    left_mask, right_mask = torch.zeros_like(left), torch.zeros_like(right)
-    prompts = [ids(1, n, seed=n)[0] for n in lengths]
-    for b, p in enumerate(prompts):
-        left[b, width - len(p):], left_mask[b, width - len(p):] = p, 1
-        right[b, :len(p)], right_mask[b, :len(p)] = p, 1
-    batched = llama(input_ids=right, attention_mask=right_mask).logits
-    gen = llama.generate(input_ids=left, attention_mask=left_mask, max_new_tokens=steps, min_new_tokens=steps,
-                         do_sample=False, output_logits=True, return_dict_in_generate=True, pad_token_id=0)
-    for b, p in enumerate(prompts):
-        assert torch.allclose(batched[b, :len(p)], llama(input_ids=p[None]).logits[0], atol=1e-4)
-        one = llama.generate(input_ids=p[None], max_new_tokens=steps, min_new_tokens=steps, do_sample=False,
-                             output_logits=True, return_dict_in_generate=True, pad_token_id=0)
-        assert torch.equal(gen.sequences[b, width:], one.sequences[0, len(p):])
+    assert_padded_batches_equal_each_sample_alone(llama, compare_logits=False)
 
 
 def test_dense_prefill_runs_every_head_then_decoding_routes(llama):
@@ -191,7 +157,7 @@ def test_dense_prefill_runs_every_head_then_decoding_routes(llama):
     unpatch_model(llama)
     patch_model(llama, plan, prefill="dense")
     assert torch.allclose(llama(input_ids=x).logits, dense, atol=1e-5)
-    out = llama.generate(input_ids=x, max_new_tokens=3, do_sample=False, pad_token_id=0)   # decoding routes
+    llama.generate(input_ids=x, max_new_tokens=3, do_sample=False, pad_token_id=0)   # decoding routes
     assert int(llama._headwise["runtime"].layers[0].groups[0].last_active.sum()) == 2
 
 

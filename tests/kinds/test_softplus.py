@@ -7,15 +7,17 @@ import math
 
 import pytest
 import torch
-from transformers import AttentionInterface
 
-from headwise import Plan, PlanError, expected_length, kv_bytes, load_plan, patch_model, unpatch_model
+from headwise import Plan, PlanError, kv_bytes, load_plan, patch_model, unpatch_model
 from headwise.kinds.base import AttentionCall
 from headwise.kinds.layer import LayerKinds
 from headwise.kinds.lightning import Lightning
 from headwise.kinds.softplus import Softplus
 from headwise.plan import Dense, ModelInfo, Window
 from tests.kinds.test_lightning import F, head_weights, lightning_reference
+from tests.kinds.contract import (assert_cached_generation_equals_recomputation, assert_chunked_prefill_equals_one_pass,
+                                  assert_padded_batches_equal_each_sample_alone, ids,
+                                  logits_with_attention)
 
 pytestmark = pytest.mark.usefixtures("no_grad")
 
@@ -25,10 +27,6 @@ LSSAR = Softplus(nonlinearity="softplus", scale="log", scale_length=16, temperat
 EXP_WINDOW = Softplus(nonlinearity="exp", scale="log_floor", scale_length=16, power=8.0, sink=2, alpha=9.0, beta=0.0)
 LSSA = Softplus(nonlinearity="softplus", scale="none", temperature=0.7, power=0.0, sink=1, alpha=4.0, beta=0.5)
 SOFTMAX = Softplus(nonlinearity="exp", scale="none", power=0.0)
-
-
-def ids(batch, length, seed=0):
-    return torch.randint(3, 128, (batch, length), generator=torch.Generator().manual_seed(seed))
 
 
 def plan_of(model, layers, weights=None) -> Plan:
@@ -83,12 +81,7 @@ def reference_logits(model, plan: Plan, input_ids: torch.Tensor) -> torch.Tensor
                 out[:, h] = row_reference(query[:, h], kh, vh, spec, scaling, Q)
         return out.transpose(1, 2), None
 
-    AttentionInterface.register("headwise_softplus_reference", attention)
-    model.set_attn_implementation("headwise_softplus_reference")
-    try:
-        return model(input_ids=input_ids).logits
-    finally:
-        model.set_attn_implementation("sdpa")
+    return logits_with_attention(model, "headwise_softplus_reference", attention, input_ids)
 
 
 def test_exp_without_reweighting_equals_the_unpatched_model_exactly(tiny_model):
@@ -122,46 +115,18 @@ def test_patched_model_equals_written_out_reference(tiny_model):
 
 def test_cached_generation_equals_full_recomputation(llama):
     patch_model(llama, softplus_plan(llama))
-    x, steps = ids(1, 19, seed=1), 15
-    out = llama.generate(input_ids=x, max_new_tokens=steps, min_new_tokens=steps, do_sample=False, output_logits=True,
-                         return_dict_in_generate=True, pad_token_id=0)
-    for t in range(steps):
-        full = llama(input_ids=out.sequences[:, : x.shape[1] + t], use_cache=False).logits[:, -1]
-        assert torch.allclose(full, out.logits[t], atol=1e-4), f"step {t}"
+    assert_cached_generation_equals_recomputation(llama)
 
 
 def test_chunked_prefill_then_decode_equals_one_pass(llama):
     """With the target length known (the LSSA head's window is elastic), chunks + decode = one pass."""
     patch_model(llama, softplus_plan(llama))
-    x = ids(2, 40, seed=2)
-    with expected_length(llama, 40):
-        whole = llama(input_ids=x).logits
-        first = llama(input_ids=x[:, :17], use_cache=True)
-        second = llama(input_ids=x[:, 17:35], past_key_values=first.past_key_values, use_cache=True)
-        cache, steps = second.past_key_values, []
-        for t in range(35, 40):
-            steps.append(llama(input_ids=x[:, t:t + 1], past_key_values=cache, use_cache=True).logits)
-    assert torch.allclose(torch.cat([first.logits, second.logits, *steps], dim=1), whole, atol=1e-4)
+    assert_chunked_prefill_equals_one_pass(llama, length_known=True)
 
 
 def test_padded_batches_equal_each_sample_alone(llama):
     patch_model(llama, softplus_plan(llama))
-    lengths, steps = [23, 9, 16], 6
-    width = max(lengths)
-    left, right = torch.zeros(3, width, dtype=torch.long), torch.zeros(3, width, dtype=torch.long)
-    left_mask, right_mask = torch.zeros_like(left), torch.zeros_like(right)
-    prompts = [ids(1, n, seed=n)[0] for n in lengths]
-    for b, p in enumerate(prompts):
-        left[b, width - len(p):], left_mask[b, width - len(p):] = p, 1
-        right[b, :len(p)], right_mask[b, :len(p)] = p, 1
-    batched = llama(input_ids=right, attention_mask=right_mask).logits
-    gen = llama.generate(input_ids=left, attention_mask=left_mask, max_new_tokens=steps, min_new_tokens=steps,
-                         do_sample=False, pad_token_id=0)
-    for b, p in enumerate(prompts):
-        assert torch.allclose(batched[b, :len(p)], llama(input_ids=p[None]).logits[0], atol=1e-4)
-        one = llama.generate(input_ids=p[None], max_new_tokens=steps, min_new_tokens=steps, do_sample=False,
-                             pad_token_id=0)
-        assert torch.equal(gen[b, width:], one[0, len(p):])
+    assert_padded_batches_equal_each_sample_alone(llama, steps=6, compare_logits=False)
 
 
 def test_mixed_layer_equals_each_head_alone():
