@@ -2,19 +2,15 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import ClassVar
 
 from ...plan import HeadSpec, ModelInfo, PlanError, check_number, register_head_kind
-
-#: Bytes per value of the recurrent state (kept in fp32 whatever the model's dtype).
-STATE_VALUE_BYTES = 4
-
+from ..lightning.spec import FittedLinearPart
 
 @register_head_kind
 @dataclass(frozen=True)
-class Hybrid(HeadSpec):
+class Hybrid(FittedLinearPart, HeadSpec):
     """One KV head as LoLCATs-style hybrid attention: exact softmax over the first ``sink`` keys and
     the last ``window`` keys (the query itself included), and decayed linear attention with fitted
     Hedgehog feature maps over every key in between, in one normalisation::
@@ -52,31 +48,14 @@ class Hybrid(HeadSpec):
     def kv_rule(self) -> tuple[int, float, float, bool]:
         return self.sink, float(self.window + 1), 0.0, False      # one slot past the window: see the docstring
 
-    @property
-    def log_decay(self) -> float:
-        return math.log(self.decay)
-
-    def state_bytes(self, head_dim: int, group_size: int) -> int:
-        return self.feature_dim * (head_dim + 1) * STATE_VALUE_BYTES
-
     def required_weights(self, info: ModelInfo, layer: int, head: int) -> dict[str, tuple[int, ...]]:
         group = info.num_heads // info.num_kv_heads
-        half = self.feature_dim // 2
-        return {f"{self.weights}.q": (group, info.head_dim, half), f"{self.weights}.k": (info.head_dim, half),
-                f"{self.weights}.log_mix": (group,)}
+        return {**self.linear_weights(info), f"{self.weights}.log_mix": (group,)}
 
     def validate(self, where: str, max_length: int | None = None) -> None:
         check_number(where, "sink", self.sink, minimum=0, integer=True)
         check_number(where, "window", self.window, minimum=1, integer=True)
-        check_number(where, "decay", self.decay)
-        if not 0.0 < self.decay <= 1.0:
-            raise PlanError(f"{where}: field 'decay' must be in (0, 1], got {self.decay!r}.")
-        check_number(where, "feature_dim", self.feature_dim, minimum=2, integer=True)
-        if self.feature_dim % 2:
-            raise PlanError(f"{where}: field 'feature_dim' must be even (two halves of the map), got {self.feature_dim!r}.")
-        if not isinstance(self.weights, str) or not self.weights:
-            raise PlanError(f"{where}: field 'weights' must name the head's tensors in the plan's safetensors file, "
-                            f"got {self.weights!r}.")
+        self.validate_linear(where)
         if max_length is not None and self.sink + self.window >= max_length:
             raise PlanError(f"{where}: sink {self.sink} + window {self.window} must be shorter than the model's context "
                             f"of {max_length} tokens (the head would never use its linear part).")

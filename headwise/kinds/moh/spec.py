@@ -5,12 +5,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from ...plan import HeadSpec, ModelInfo, PlanError, check_number, register_head_kind, span_of
+from ...plan import HeadSpec, ModelInfo, PlanError, check_number, register_head_kind
+from ..window.spec import SinkSpanRule
 
 
 @register_head_kind
 @dataclass(frozen=True)
-class MoH(HeadSpec):
+class MoH(SinkSpanRule, HeadSpec):
     """One KV head in a layer's routed pool (Mixture-of-Head attention, Jin et al. 2024).
 
     The ``moh`` heads of a layer form its *routed pool*: their query heads are experts, and per
@@ -44,16 +45,10 @@ class MoH(HeadSpec):
     beta: float = 1.0
     weights: str = ""
 
-    def span(self, n: int) -> int:
-        return span_of(self.alpha, self.beta, n)
-
     @property
     def reads_everything(self) -> bool:
         """The KV rule is dense: ``span(N) = N`` at every ``N``."""
         return self.sink == 0 and self.alpha >= 0.0 and self.beta == 1.0
-
-    def kept(self, n: int) -> int:
-        return min(n, self.sink + self.span(n))
 
     def kv_rule(self) -> tuple[int, float, float, bool]:
         return self.sink, self.alpha, self.beta, self.reads_everything

@@ -17,7 +17,8 @@ import math
 from dataclasses import dataclass
 from typing import ClassVar
 
-from ...plan import HeadSpec, PlanError, check_number, register_head_kind, span_of
+from ...plan import HeadSpec, PlanError, check_number, register_head_kind
+from ..window.spec import SinkSpanRule
 
 NONLINEARITIES = ("softplus", "exp")
 #: ``none``: m = temperature; ``log``: m = temperature * log(n) / log(scale_length) (LSSA's log-length
@@ -30,7 +31,7 @@ MAX_POWER = 64.0
 
 @register_head_kind
 @dataclass(frozen=True)
-class Softplus(HeadSpec):
+class Softplus(SinkSpanRule, HeadSpec):
     """One KV head of softplus / exp attention with a length scale and optional re-weighting.
 
     Fields:
@@ -56,15 +57,6 @@ class Softplus(HeadSpec):
     alpha: float = 0.0
     beta: float = 1.0
 
-    def span(self, n: int) -> int:
-        return span_of(self.alpha, self.beta, n)
-
-    def kept(self, n: int) -> int:
-        return min(n, self.sink + self.span(n))
-
-    def kv_rule(self) -> tuple[int, float, float, bool]:
-        return self.sink, self.alpha, self.beta, False
-
     @property
     def log_ref(self) -> float:
         """``log(scale_length)``, 0 for the rule ``none`` (no log factor)."""
@@ -86,10 +78,4 @@ class Softplus(HeadSpec):
         if self.temperature <= 0:
             raise PlanError(f"{where}: field 'temperature' must be above 0, got {self.temperature!r}.")
         check_number(where, "power", self.power, minimum=0.0, maximum=MAX_POWER)
-        check_number(where, "sink", self.sink, minimum=0, integer=True)
-        check_number(where, "alpha", self.alpha)
-        check_number(where, "beta", self.beta, minimum=0.0, maximum=1.0)
-        if max_length is not None and self.sink >= max_length:
-            raise PlanError(f"{where}: sink {self.sink} must be smaller than the model's context of {max_length} tokens.")
-        if max_length is not None and abs(self.alpha) > 4 * max_length:
-            raise PlanError(f"{where}: alpha {self.alpha} is far outside the model's context of {max_length} tokens.")
+        self.validate_rule(where, max_length)
