@@ -79,19 +79,8 @@ def load(config: str):
     return model, tok, plan
 
 
-@torch.no_grad()
-def token_nll(model, ids: torch.Tensor) -> torch.Tensor:
-    """``[T - 1]`` negative log-likelihood of tokens 1..T-1 (logits made 1024 rows at a time)."""
-    hidden = model.model(input_ids=ids, use_cache=False).last_hidden_state[0]
-    out = []
-    for start in range(0, ids.shape[1] - 1, BAND):
-        logits = model.lm_head(hidden[start:min(start + BAND, ids.shape[1] - 1)]).float()
-        target = ids[0, start + 1:start + 1 + logits.shape[0]]
-        out.append(torch.nn.functional.cross_entropy(logits, target, reduction="none"))
-    return torch.cat(out)
-
-
 def run_ppl(args) -> None:
+    from headwise.calibrate.softplus_fit import token_losses
     from headwise.eval.tasks import perplexity
 
     path = Path(args.out)
@@ -103,7 +92,7 @@ def run_ppl(args) -> None:
     for i in todo:
         ids = tok(docs[i].prompt, add_special_tokens=False, return_tensors="pt").input_ids[:, :args.length]
         t0, c0 = time.time(), time.process_time()
-        nll = token_nll(model, ids)
+        nll = token_losses(model, ids)
         bands = [float(nll[s:s + BAND].sum()) for s in range(0, nll.shape[0], BAND)]
         counts = [int(nll[s:s + BAND].numel()) for s in range(0, nll.shape[0], BAND)]
         append(path, {"key": ["ppl", args.config, args.length, i], "task": "ppl", "config": args.config,
