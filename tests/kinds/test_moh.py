@@ -228,8 +228,8 @@ def test_plan_round_trips_through_json_and_safetensors(llama, tmp_path):
 @pytest.mark.parametrize("field,value,message", [
     ("top_k", 0, "'top_k' must be >= 1"), ("top_k", 1.5, "'top_k' must be a whole number"),
     ("top_k", "2", "'top_k' must be a number"), ("beta", 1.5, "'beta' must be <= 1.0"),
-    ("alpha", math.inf, "'alpha' must be finite"), ("sink", -1, "'sink' must be >= 0"),
-    ("weights", "", "must name the head's router tensors")])
+    ("alpha", math.inf, "'alpha' must be finite"), ("alpha", 1e9, "far outside the model's context"),
+    ("sink", -1, "'sink' must be >= 0"), ("weights", "", "must name the head's router tensors")])
 def test_malformed_moh_fields_are_refused(llama, tmp_path, field, value, message):
     moh_plan(llama).save(tmp_path / "p.json")
     data = json.loads((tmp_path / "p.json").read_text())

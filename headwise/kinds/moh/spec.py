@@ -76,11 +76,7 @@ class MoH(SinkSpanRule, HeadSpec):
 
     def validate(self, where: str, max_length: int | None = None) -> None:
         check_number(where, "top_k", self.top_k, minimum=1, integer=True)
-        check_number(where, "sink", self.sink, minimum=0, integer=True)
-        check_number(where, "alpha", self.alpha)
-        check_number(where, "beta", self.beta, minimum=0.0, maximum=1.0)
-        if max_length is not None and self.sink >= max_length:
-            raise PlanError(f"{where}: sink {self.sink} must be smaller than the model's context of {max_length} tokens.")
+        self.validate_rule(where, max_length)
         if not isinstance(self.weights, str) or not self.weights:
             raise PlanError(f"{where}: field 'weights' must name the head's router tensors in the plan's safetensors "
                             f"file, got {self.weights!r}.")
