@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Protocol
 import torch
 
 from ..kernels.paged_decode import paged_decode
+from ..kernels.paged_decode.naive import gather_pages
 from ..kernels.sink_window import sink_window_attention
 from ..kinds.base import group_factory
 from ..plan import Dense, HeadSpec, Window
@@ -210,6 +211,28 @@ LINEAR_STATE = LinearState()
 
 #: Plan head kind name -> the engine kind that runs it (filled from the kind folders' ``engine.py``).
 ENGINE_KINDS: dict[str, EngineKind] = {}
+
+
+def decode_pages(step: "LayerStep", heads: list[int]):
+    """The KV of ``heads`` for the step's decode tokens, gathered as a dense cache.
+
+    The step's block tables are as wide as the layer's widest head (a dense head at 8k: 128
+    blocks of 64); a sink + ring head uses only its first few columns, so the table is cut after
+    the last column any of ``heads`` uses before gathering (otherwise every decode step would copy
+    the widest head's context for each of these heads).
+
+    Returns:
+        ``(keys, values, key_pos, sink, span)``: ``[Bd, Hg, C, D]`` twice, ``[Bd, Hg, C]`` int64
+        (-1 for empty slots), ``sink [Hg]`` and ``span [Bd, Hg]``.
+    """
+    if len(heads) == step.decode_sink.shape[0]:
+        tables, sink, span = step.decode_tables, step.decode_sink, step.decode_span
+    else:
+        tables, sink, span = step.decode_tables[:, heads], step.decode_sink[heads], step.decode_span[:, heads]
+    used = (tables >= 0).reshape(-1, tables.shape[-1]).any(0)                   # [M]
+    width = int(used.to(torch.int32).cumsum(0).argmax()) + 1                    # last used column + 1
+    keys, values, key_pos = gather_pages(step.k_pool, step.v_pool, step.pos_pool, tables[..., :width])
+    return keys, values, key_pos, sink, span
 
 
 def engine_kind(spec: HeadSpec) -> EngineKind:

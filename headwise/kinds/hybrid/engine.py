@@ -11,8 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from ...engine.kinds import HeadLayout, softmax_layout
-from ...kernels.paged_decode.naive import gather_pages
+from ...engine.kinds import HeadLayout, decode_pages, softmax_layout
 from ...kernels.sink_window import sink_window_attention
 from ..base import group_factory
 
@@ -61,8 +60,7 @@ class HybridEngineGroup:
 
     def decode(self, step, heads: list[int], q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """``q [Bd, Hg * G, D]`` -> ``[Bd, Hg * G, D]``; the step's ``k, v`` are already in the pool."""
-        tables = step.decode_tables if len(heads) == step.decode_sink.shape[0] else step.decode_tables[:, heads]
-        keys, values, key_pos = gather_pages(step.k_pool, step.v_pool, step.pos_pool, tables)   # [Bd, Hg, C, D]
+        keys, values, key_pos, _, _ = decode_pages(step, heads)                              # [Bd, Hg, C, D]
         seqs = step.plan.decode_seqs
         states = torch.stack([seq.states[self.key] for seq in seqs])
         out, new = self.group.run(q[:, :, None], keys, values, step.decode_pos[:, None], key_pos, states, step.scale,

@@ -4,8 +4,8 @@ A softplus head keeps KV blocks exactly as a ``window`` head with the same sink 
 (``softmax_layout``), so the pool, block tables, ring writes and preemption are the engine's own.
 Prefill chunks read the pool's cached KV plus their own keys through ``kernels.softplus``.
 
-Decode cost: each step gathers the group's pages into a dense ``[Bd, Hg, M * block_size, D]`` copy
-(``paged_decode.naive.gather_pages``) and runs ``kernels.softplus`` on it, so a decode step copies
+Decode cost: each step gathers the group's pages into a dense ``[Bd, Hg, C, D]`` copy
+(``engine.kinds.decode_pages``: only the table columns these heads use) and runs ``kernels.softplus`` on it, so a decode step copies
 the heads' kept KV once more than the native ``paged_decode`` kernel of softmax heads, which reads
 it in place (README, Engine: the torch gather path measured 87 ms against 0.94 ms per layer in a
 contended microbenchmark). A group of plain-softmax heads (exp, temperature 1, no length scale, no
@@ -16,8 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from ...engine.kinds import SOFTMAX_KV, HeadLayout, softmax_layout
-from ...kernels.paged_decode.naive import gather_pages
+from ...engine.kinds import SOFTMAX_KV, HeadLayout, decode_pages, softmax_layout
 from ...kernels.sink_window import sink_window_attention
 from ...kernels.softplus import softplus_attention
 from .attention import head_params
@@ -72,11 +71,7 @@ class SoftplusEngineGroup:
 
     def decode(self, step, heads: list[int], q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """``q [Bd, Hg * G, D]`` -> ``[Bd, Hg * G, D]``; ``k, v [Bd, Hg, D]`` are already in the pool."""
-        if len(heads) == step.decode_sink.shape[0]:
-            tables, sink, span = step.decode_tables, step.decode_sink, step.decode_span
-        else:
-            tables, sink, span = step.decode_tables[:, heads], step.decode_sink[heads], step.decode_span[:, heads]
-        keys, values, k_pos = gather_pages(step.k_pool, step.v_pool, step.pos_pool, tables)
+        keys, values, k_pos, sink, span = decode_pages(step, heads)
         out = softplus_attention(q[:, :, None], keys, values, step.decode_pos[:, None], k_pos, sink, span,
                                  step.scale, self._params(q.device), backend=step.backend)
         return out[:, :, 0]
