@@ -141,12 +141,7 @@ class SoftmaxKV:
                v: torch.Tensor) -> torch.Tensor:
         """Decode tokens of the step: ``q [Bd, Hg * G, D]`` -> ``[Bd, Hg * G, D]``; ``k, v [Bd, Hg, D]``
         are already written to the pool, so only ``q`` is read."""
-        if len(heads) == step.decode_sink.shape[0]:          # the layer's heads are all this kind
-            tables, sink, span = step.decode_tables, step.decode_sink, step.decode_span
-        else:
-            tables = step.decode_tables[:, heads]                                  # [Bd, Hg, M]
-            sink = step.decode_sink[heads]
-            span = step.decode_span[:, heads]
+        tables, sink, span = decode_rule(step, heads)
         return paged_decode(q, step.k_pool, step.v_pool, step.pos_pool, tables, step.decode_pos, sink, span,
                             step.scale, backend=step.backend)
 
@@ -213,24 +208,28 @@ LINEAR_STATE = LinearState()
 ENGINE_KINDS: dict[str, EngineKind] = {}
 
 
+def decode_rule(step: "LayerStep", heads: list[int]):
+    """``(tables [Bd, Hg, M], sink [Hg], span [Bd, Hg])`` of ``heads`` for the step's decode tokens."""
+    if len(heads) == step.decode_sink.shape[0]:          # the layer's heads are all this kind
+        return step.decode_tables, step.decode_sink, step.decode_span
+    return step.decode_tables[:, heads], step.decode_sink[heads], step.decode_span[:, heads]
+
+
 def decode_pages(step: "LayerStep", heads: list[int]):
     """The KV of ``heads`` for the step's decode tokens, gathered as a dense cache.
 
     The step's block tables are as wide as the layer's widest head (a dense head at 8k: 128
-    blocks of 64); a sink + ring head uses only its first few columns, so the table is cut after
-    the last column any of ``heads`` uses before gathering (otherwise every decode step would copy
-    the widest head's context for each of these heads).
+    blocks of 64); a sink + ring head holds only its first few, so the table is cut to the most
+    blocks any of ``heads`` holds in any decode sequence (``Sequence.nblocks``, as the prefill
+    gather of cached KV does) before gathering; otherwise every decode step would copy the widest
+    head's context for each of these heads.
 
     Returns:
         ``(keys, values, key_pos, sink, span)``: ``[Bd, Hg, C, D]`` twice, ``[Bd, Hg, C]`` int64
         (-1 for empty slots), ``sink [Hg]`` and ``span [Bd, Hg]``.
     """
-    if len(heads) == step.decode_sink.shape[0]:
-        tables, sink, span = step.decode_tables, step.decode_sink, step.decode_span
-    else:
-        tables, sink, span = step.decode_tables[:, heads], step.decode_sink[heads], step.decode_span[:, heads]
-    used = (tables >= 0).reshape(-1, tables.shape[-1]).any(0)                   # [M]
-    width = int(used.to(torch.int32).cumsum(0).argmax()) + 1                    # last used column + 1
+    tables, sink, span = decode_rule(step, heads)
+    width = max(int(seq.nblocks[step.layer, heads].max()) for seq in step.plan.decode_seqs)
     keys, values, key_pos = gather_pages(step.k_pool, step.v_pool, step.pos_pool, tables[..., :width])
     return keys, values, key_pos, sink, span
 

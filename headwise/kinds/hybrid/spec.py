@@ -8,6 +8,7 @@ from typing import ClassVar
 from ...plan import HeadSpec, ModelInfo, PlanError, check_number, register_head_kind
 from ..lightning.spec import FittedLinearPart
 
+
 @register_head_kind
 @dataclass(frozen=True)
 class Hybrid(FittedLinearPart, HeadSpec):

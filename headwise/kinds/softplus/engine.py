@@ -5,11 +5,12 @@ A softplus head keeps KV blocks exactly as a ``window`` head with the same sink 
 Prefill chunks read the pool's cached KV plus their own keys through ``kernels.softplus``.
 
 Decode cost: each step gathers the group's pages into a dense ``[Bd, Hg, C, D]`` copy
-(``engine.kinds.decode_pages``: only the table columns these heads use) and runs ``kernels.softplus`` on it, so a decode step copies
-the heads' kept KV once more than the native ``paged_decode`` kernel of softmax heads, which reads
-it in place (README, Engine: the torch gather path measured 87 ms against 0.94 ms per layer in a
-contended microbenchmark). A group of plain-softmax heads (exp, temperature 1, no length scale, no
-re-weighting) runs as ``SoftmaxKV`` instead, with the native kernel.
+(``engine.kinds.decode_pages``: only the blocks these heads hold) and runs ``kernels.softplus`` on
+it, so a decode step copies the heads' kept KV once more than the native ``paged_decode`` kernel
+of softmax heads, which reads it in place (README, Engine: the torch gather path measured 87 ms
+against 0.94 ms per layer in a contended microbenchmark). A group of plain-softmax heads (exp,
+temperature 1, no length scale, no re-weighting) runs as ``SoftmaxKV`` instead, with the native
+kernel.
 """
 
 from __future__ import annotations
