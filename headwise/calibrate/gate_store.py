@@ -19,6 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..plan import ModelInfo
+from .checkpointing import GATES_AUTO, CheckpointPolicy
 from .gates import GateResult, GateSample, dense_targets, train_gates
 from .recall_data import RecallBuilder, recall_key
 
@@ -43,10 +44,12 @@ class GateSettings:
 class GateStore:
     """Gate samples and trained gates of one model on one recall data set."""
 
-    def __init__(self, model, root: str | os.PathLike | None = None, *, facts: int = 8, seed: int = 0):
+    def __init__(self, model, root: str | os.PathLike | None = None, *, facts: int = 8, seed: int = 0,
+                 checkpoint: CheckpointPolicy = GATES_AUTO):
         from .store import default_cache_root
 
         self.info = ModelInfo.of(model)
+        self.checkpoint = checkpoint     # which training steps run with gradient checkpointing
         self.facts, self.seed = facts, seed
         self.directory = Path(root or default_cache_root()) / f"{self.info.fingerprint[:16]}-gates-{recall_key(facts, seed)}"
 
@@ -98,7 +101,8 @@ class GateStore:
             bar.update()
 
         result = train_gates(model, samples, sink=settings.sink, window=settings.window, steps=settings.steps,
-                             lr=settings.lr, l1=settings.l1, seed=settings.seed, progress=progress)
+                             lr=settings.lr, l1=settings.l1, seed=settings.seed, progress=progress,
+                             checkpoint=self.checkpoint)
         bar.close()
         result.seconds += targets_seconds
         tmp = path.with_suffix(".tmp.npz")

@@ -15,8 +15,8 @@ dense model under-counts. Gates are clipped to ``[0, 1]`` after every step (proj
 DuoAttention), so a gate at 0 can come back.
 
 Memory: the local branch is computed block-wise (``O(T * (sink + 2 * window))`` per head), the
-full branch by torch's causal sdpa, and gradient checkpointing keeps one layer's intermediates
-alive at a time.
+full branch by torch's causal sdpa; long samples run with gradient checkpointing, which keeps
+one layer's intermediates alive at a time (``checkpointing.CheckpointPolicy``).
 """
 
 from __future__ import annotations
@@ -30,6 +30,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from .checkpointing import GATES_AUTO, CheckpointPolicy, checkpointing
 
 logger = logging.getLogger("headwise")
 
@@ -124,11 +126,11 @@ def _no_mask(*args, **kwargs):
 
 
 @contextlib.contextmanager
-def gating(model, state: GateState, checkpoint: bool = True):
+def gating(model, state: GateState):
     """Route ``model``'s attention through the gated mix while inside (model frozen).
 
-    Attention implementation, checkpointing, train/eval mode and ``requires_grad`` flags are
-    restored on exit, also after an error.
+    Attention implementation and ``requires_grad`` flags are restored on exit, also after an
+    error. Gradient checkpointing is the caller's choice (``checkpointing.checkpointing``).
     """
     global _ACTIVE
     from transformers import AttentionInterface, AttentionMaskInterface
@@ -138,23 +140,14 @@ def gating(model, state: GateState, checkpoint: bool = True):
     AttentionInterface.register(NAME, gated_attention)
     AttentionMaskInterface.register(NAME, _no_mask)
     previous = model.config._attn_implementation
-    was_training = model.training
-    was_checkpointing = getattr(model, "is_gradient_checkpointing", False)
     requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
     model.requires_grad_(False)
     model.set_attn_implementation(NAME)
-    use_ckpt = checkpoint and not was_checkpointing and getattr(model, "supports_gradient_checkpointing", False)
-    if use_ckpt:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.train()   # transformers checkpoints only in training mode; the gated attention rejects dropout
     _ACTIVE = state
     try:
         yield state
     finally:
         _ACTIVE = None
-        model.train(was_training)
-        if use_ckpt:
-            model.gradient_checkpointing_disable()
         model.set_attn_implementation(previous or "sdpa")
         for name, p in model.named_parameters():
             p.requires_grad_(requires_grad[name])
@@ -217,7 +210,8 @@ def distill_loss(hidden: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 
 def train_gates(model, samples: list[GateSample], *, sink: int = 64, window: int = 256, steps: int = 32,
-                lr: float = 0.05, l1: float = 0.05, seed: int = 0, progress=None) -> GateResult:
+                lr: float = 0.05, l1: float = 0.05, seed: int = 0, progress=None,
+                checkpoint: CheckpointPolicy = GATES_AUTO) -> GateResult:
     """Train one gate per KV head against the dense model's hidden states, model frozen.
 
     Each step takes one sample (cycling through ``samples`` in a seeded order) and minimises
@@ -229,6 +223,8 @@ def train_gates(model, samples: list[GateSample], *, sink: int = 64, window: int
         steps: optimiser steps; lr: Adam learning rate; l1: weight of the mean gate.
         seed: orders the samples.
         progress: optional ``callable(step, record)`` (e.g. a tqdm update).
+        checkpoint: which steps run with gradient checkpointing (by sample length and free
+            memory); it trades time for memory and changes no gate.
 
     Returns:
         ``GateResult``; deterministic for a given model, samples and arguments.
@@ -252,9 +248,10 @@ def train_gates(model, samples: list[GateSample], *, sink: int = 64, window: int
                 rng.shuffle(order)
             sample = samples[order[step % len(order)]]
             optimizer.zero_grad()
-            hidden = final_hidden(model, sample.input_ids, sample.positions)
-            distill = distill_loss(hidden, sample.target)
-            distill.backward(retain_graph=False)
+            with checkpointing(model, checkpoint.wants(model, sample.input_ids.shape[1])):
+                hidden = final_hidden(model, sample.input_ids, sample.positions)
+                distill = distill_loss(hidden, sample.target)
+                distill.backward(retain_graph=False)
             grad_sum -= gates.grad.double()          # d(distill)/d(a) < 0: the head is needed
             with torch.no_grad():
                 gates.grad += l1 / gates.numel()
@@ -276,7 +273,7 @@ def gated_loss(model, samples: list[GateSample], gates: np.ndarray, *, sink: int
     """Mean ``distill_loss`` over ``samples`` with the gates fixed to ``gates`` ``[layers, Hkv]``
     (e.g. 0/1: which heads are long), no training."""
     state = GateState(torch.nn.Parameter(torch.zeros(1)), sink, window, torch.as_tensor(gates, dtype=torch.float32))
-    with gating(model, state, checkpoint=False):
+    with gating(model, state):
         losses = [float(distill_loss(final_hidden(model, s.input_ids, s.positions), s.target)) for s in samples]
     return float(np.mean(losses))
 

@@ -24,6 +24,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .checkpointing import checkpointing
+
 logger = logging.getLogger("headwise")
 
 NAME = "headwise_profile"
@@ -220,10 +222,10 @@ def _no_mask(*args, **kwargs):
 
 @contextlib.contextmanager
 def profiling(model, recorder: BlockRecorder):
-    """Route ``model``'s attention through the profiler (and gradient checkpointing) while inside.
+    """Route ``model``'s attention through the profiler while inside.
 
-    The previous attention implementation, checkpointing state and train/eval mode are restored
-    on exit, also after an error.
+    The previous attention implementation is restored on exit, also after an error. Gradient
+    checkpointing is the caller's choice (``checkpointing.checkpointing``).
     """
     global _ACTIVE
     from transformers import AttentionInterface, AttentionMaskInterface
@@ -233,20 +235,12 @@ def profiling(model, recorder: BlockRecorder):
     AttentionInterface.register(NAME, profile_attention)
     AttentionMaskInterface.register(NAME, _no_mask)
     previous = model.config._attn_implementation
-    was_training = model.training
-    was_checkpointing = getattr(model, "is_gradient_checkpointing", False)
     model.set_attn_implementation(NAME)
-    if not was_checkpointing and getattr(model, "supports_gradient_checkpointing", False):
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.train()   # transformers checkpoints only in training mode; the profiler rejects dropout
     _ACTIVE = recorder
     try:
         yield recorder
     finally:
         _ACTIVE = None
-        model.train(was_training)
-        if not was_checkpointing and getattr(model, "supports_gradient_checkpointing", False):
-            model.gradient_checkpointing_disable()
         model.set_attn_implementation(previous or "sdpa")
 
 
@@ -261,8 +255,8 @@ def answer_loss(logits: torch.Tensor, input_ids: torch.Tensor, answer_start: int
     return F.cross_entropy(predicted.reshape(-1, predicted.shape[-1]), input_ids[:, answer_start:].reshape(-1))
 
 
-def profile_sample(model, input_ids: torch.Tensor, answer_start: int, block: int = 64, plan=None
-                   ) -> tuple[np.ndarray, np.ndarray, float]:
+def profile_sample(model, input_ids: torch.Tensor, answer_start: int, block: int = 64, plan=None,
+                   checkpoint: bool = True) -> tuple[np.ndarray, np.ndarray, float]:
     """One forward + backward of ``model`` on one sample, recording every layer's ``|E|`` tiles.
 
     Args:
@@ -272,6 +266,8 @@ def profile_sample(model, input_ids: torch.Tensor, answer_start: int, block: int
         block: tile size in tokens.
         plan: optional ``Plan`` of window/dense heads to profile at (its banded attention runs in
             place of dense attention; see ``BlockRecorder.attend_as``); ``None`` profiles dense.
+        checkpoint: run with gradient checkpointing (less memory, a second forward; the
+            recorded tiles are the same).
 
     Returns:
         ``(blocks, signed, loss)``: ``blocks`` ``[layers, Hkv, nb, nb]`` float64 tile sums of ``|E|``
@@ -291,7 +287,7 @@ def profile_sample(model, input_ids: torch.Tensor, answer_start: int, block: int
     requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
     model.requires_grad_(False)      # only activations need gradients: G flows, weight grads are skipped
     try:
-        with profiling(model, recorder), torch.enable_grad():
+        with profiling(model, recorder), checkpointing(model, checkpoint), torch.enable_grad():
             embeds = model.get_input_embeddings()(input_ids).detach().requires_grad_(True)
             logits = model(inputs_embeds=embeds, use_cache=False, 
                            logits_to_keep=input_ids.shape[1] - answer_start + 1).logits

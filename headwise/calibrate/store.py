@@ -18,6 +18,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..plan import ModelInfo
+from .checkpointing import PROFILE_AUTO, CheckpointPolicy
 from .data import SampleBuilder, data_key
 from .profile import profile_sample
 
@@ -48,8 +49,9 @@ class ProfileStore:
     """Profiles of one model on one calibration data set, under ``root/<model>-<data>/``."""
 
     def __init__(self, model, root: str | os.PathLike | None = None, *, answer_tokens: int = 32, seed: int = 0,
-                 block: int = 64):
+                 block: int = 64, checkpoint: CheckpointPolicy = PROFILE_AUTO):
         self.info = ModelInfo.of(model)
+        self.checkpoint = checkpoint     # which samples are profiled with gradient checkpointing
         self.answer_tokens, self.seed, self.block = answer_tokens, seed, block
         key = f"{self.info.fingerprint[:16]}-{data_key(answer_tokens, seed)}-b{block}"
         self.directory = Path(root or default_cache_root()) / key
@@ -91,7 +93,8 @@ class ProfileStore:
             bar.set_postfix_str(f"length {n} sample {i}")
             start = time.perf_counter()
             sample = sample_of(n, i)
-            blocks, signed, loss = profile_sample(model, sample.input_ids, sample.answer_start, self.block, plan=plan)
+            blocks, signed, loss = profile_sample(model, sample.input_ids, sample.answer_start, self.block, plan=plan,
+                                                  checkpoint=self.checkpoint.wants(model, sample.input_ids.shape[1]))
             self._save(n, i, blocks, signed, loss, time.perf_counter() - start, sample, plan)
             bar.update(weight[n])
         bar.close()

@@ -8,6 +8,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
+from headwise.calibrate.checkpointing import CheckpointPolicy
 from headwise.calibrate.gates import (GateSample, dense_targets, gated_loss, local_attention, long_head_mask,
                                       train_gates)
 from headwise.calibrate.optimize import long_head_cap, optimize
@@ -114,6 +115,46 @@ def test_gate_training_is_deterministic():
     np.testing.assert_array_equal(a.gates, b.gates)
     np.testing.assert_array_equal(a.importance, b.importance)
     assert [r["distill"] for r in a.history] == [r["distill"] for r in b.history]
+
+
+def test_gradient_checkpointing_changes_no_gate():
+    model = planted_model()
+    samples = planted_samples(model, count=2)
+    runs = [train_gates(model, samples, sink=SINK, window=WINDOW, steps=3, checkpoint=policy)
+            for policy in (CheckpointPolicy.named("never", 0), CheckpointPolicy.named("always", 0),
+                           CheckpointPolicy(T - 1, memory_guard=False))]
+    for other in runs[1:]:
+        np.testing.assert_array_equal(other.gates, runs[0].gates)
+        np.testing.assert_array_equal(other.importance, runs[0].importance)
+    assert not model.training and not model.is_gradient_checkpointing
+
+
+@pytest.mark.parametrize("tokens,policy,wanted", [
+    (4096, CheckpointPolicy(2048, memory_guard=False), True),
+    (2048, CheckpointPolicy(2048, memory_guard=False), False),
+    (10, CheckpointPolicy.named("always", 2048), True),
+    (10**9, CheckpointPolicy.named("never", 2048), False),
+    (10**9, CheckpointPolicy.named("auto", 10**10), True),     # the memory guard: ~TBs of activations
+    (64, CheckpointPolicy.named("auto", 2048), False),
+], ids=["above", "at-threshold", "always", "never", "auto-memory-guard", "auto-short"])
+def test_checkpointing_policy(tokens, policy, wanted):
+    assert policy.wants(planted_model(), tokens) is wanted
+
+
+def test_checkpointing_policy_refuses_bad_settings():
+    with pytest.raises(ValueError, match="checkpoint threshold must be >= 0"):
+        CheckpointPolicy(-1)
+    with pytest.raises(ValueError, match="unknown checkpointing policy 'sometimes'"):
+        CheckpointPolicy.named("sometimes", 2048)
+
+
+def test_activation_estimate_matches_the_measured_gate_step():
+    from headwise.calibrate.checkpointing import activation_bytes
+    from transformers import LlamaConfig
+
+    smollm2 = LlamaConfig(hidden_size=576, intermediate_size=1536, num_hidden_layers=30)   # SmolLM2-135M
+    model = type("M", (), {"config": smollm2})()
+    assert 1.8 * 2**20 < activation_bytes(model, 1) < 2.4 * 2**20                       # 2.1 MiB per token
 
 
 def test_gating_restores_the_model():

@@ -188,6 +188,16 @@ def test_dense_plan_profiles_like_no_plan(setup):
     np.testing.assert_array_equal(got[1], signed)
 
 
+def test_checkpointing_changes_no_tile(setup):
+    model, ids, blocks, signed, loss = setup
+    for checkpoint in (True, False):
+        got = profile_sample(model, ids, ANSWER_START, block=1, checkpoint=checkpoint)
+        np.testing.assert_array_equal(got[0], blocks)
+        np.testing.assert_array_equal(got[1], signed)
+        assert got[2] == loss
+        assert not model.training and not model.is_gradient_checkpointing
+
+
 def test_blocks_are_causal_and_tiles_sum_entries(setup):
     model, ids, blocks, signed, _ = setup
     for values in (blocks, signed):
