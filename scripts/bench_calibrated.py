@@ -16,7 +16,8 @@ Every plan but dense runs in three modes (``--modes``):
 - ``dense``: the runtime's dense-prefill mode: the whole prompt runs dense, the cache then keeps
   only each head's sink + window, decoding follows the plan. The dense prefill of the prompt is the
   same computation for every plan, so it runs once per prompt (unpatched), and each plan's cache
-  is made from it by the runtime's own cache code (``HeadwiseLayer.update`` on the dense keys):
+  is made from it by the runtime's own cache code (``HeadwiseLayer.update`` on the dense keys;
+  ``lightning`` / ``hybrid`` heads fold the same keys into their recurrent states, ``fold_states``):
   the same result as ``patch_model(model, plan, prefill="dense")`` on the whole prompt (checked
   in ``--check``), at a fraction of the cost.
 - ``ctx``: the protocol of KV-compression benchmarks (kvpress): only the context (the prompt up to
@@ -91,9 +92,31 @@ def plan_cache(model, kv: list[tuple[torch.Tensor, torch.Tensor]]):
     install_layers(cache, runtime)
     length = kv[0][0].shape[-2]
     runtime.begin_forward(forward_info(None, 1, length, 0, kv[0][0].device))
-    for layer, (keys, values) in zip(cache.layers, kv):
-        layer.update(keys, values)
+    for i, (layer, (keys, values)) in enumerate(zip(cache.layers, kv)):
+        passed_keys, passed_values = layer.update(keys, values)
+        fold_states(runtime, i, passed_keys, passed_values)
     return cache
+
+
+def fold_states(runtime, layer_idx: int, keys: torch.Tensor, values: torch.Tensor) -> None:
+    """Fold a dense prefill's ``keys``/``values`` ``[1, Hkv, T, D]`` (the whole prompt) into the
+    recurrent states of layer ``layer_idx``'s state-holding groups (``lightning``, ``hybrid``), as
+    their ``attention`` does in a ``prefill="dense"`` forward (``fold``: the state without outputs)."""
+    from headwise.kinds.base import AttentionCall
+
+    kinds = runtime.layers[layer_idx]
+    groups = [g for g in kinds.groups if getattr(g, "state_key", None)]
+    if not groups:
+        return
+    info = runtime.forward()
+    call = AttentionCall(module=None, query_pos=info.query_pos, key_pos=runtime.key_pos[layer_idx],
+                         lengths=runtime.effective_lengths(info.lengths), scale=keys.shape[-1] ** -0.5,
+                         backend=runtime.backend, dense_prefill=True,
+                         new_keys=keys, new_values=values, states=runtime.states[layer_idx])
+    for group in groups:
+        index = torch.tensor(group.heads)
+        group.fold(keys.index_select(1, index), values.index_select(1, index),
+                   call.for_heads(list(group.heads), kinds.num_kv_heads))
 
 
 @torch.no_grad()
@@ -201,16 +224,6 @@ def per_length(text: str, lengths: list[int]) -> list[int]:
     if len(counts) != len(lengths):
         raise SystemExit(f"--trials needs one count or one per length ({len(lengths)}), got {text!r}.")
     return counts
-
-
-def check_modes(path: str, plan, modes: list[str]) -> None:
-    """Refuse the dense and ctx modes for plans with recurrent-state heads (``lightning``, ``hybrid``):
-    ``plan_cache`` builds a plan's cache from dense KV alone, without running the heads that fold
-    keys into their state, so that state would be empty."""
-    recurrent = sorted({h.kind for h in plan.heads if h.state_bytes(plan.model.head_dim, 1) > 0})
-    if recurrent and set(modes) & {"dense", "ctx"}:
-        raise SystemExit(f"plan {path} has {'/'.join(recurrent)} heads (a recurrent state), which the dense and ctx "
-                         "modes cannot build from a shared dense prefill; run it with --modes sparse.")
 
 
 # ---- one prompt, every plan -----------------------------------------------------------------------
@@ -468,7 +481,6 @@ def main() -> None:
     plans = {uniform_of[d]: Plan.uniform(model, d) for d in densities}
     for path, plan in zip(paths, loaded):
         plans[Path(path).stem] = plan
-        check_modes(path, plan, modes)
     # each calibrated plan is checked against the uniform row nearest its own density
     baseline = {name: uniform_of[min(densities, key=lambda d: abs(d - float(dens)))]
                 for name, dens in plan_density.items() if densities and dens is not None}

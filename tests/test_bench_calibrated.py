@@ -1,5 +1,6 @@
 """scripts/bench_calibrated.py's per-prompt functions on a tiny model: a run extending a cache computes
-only the rows it lacks, with the same results; recurrent-state plans are refused in dense/ctx modes."""
+only the rows it lacks, with the same results; recurrent-state plans get their states from the shared
+dense prefill."""
 
 from __future__ import annotations
 
@@ -58,14 +59,37 @@ def test_only_missing_rows_are_computed(bench, tiny):
     assert set(only) == {"u | sparse"} and only["u | sparse"] == ppl["u | sparse"]
 
 
-def test_recurrent_plans_run_only_sparse(bench, tiny):
+@pytest.mark.parametrize("kind", ["hybrid", "lightning", "hybrid_sink0"])
+def test_shared_dense_prefill_builds_the_recurrent_states(bench, tiny, kind):
+    """plan_cache on the unpatched prefill's KV holds the states (and gives the greedy tokens) that
+    patch_model(prefill="dense") builds on the whole prompt, for lightning and hybrid heads."""
+    from headwise import expected_length, patch_model, unpatch_model
     from tests.kinds.test_hybrid import hybrid_plan
+    from tests.kinds.test_lightning import lightning_plan
 
-    plan = hybrid_plan(tiny[0])
-    bench.check_modes("h.json", plan, ["sparse"])
-    with pytest.raises(SystemExit, match="has hybrid heads .* run it with --modes sparse"):
-        bench.check_modes("h.json", plan, ["sparse", "ctx"])
-    bench.check_modes("u", Plan.uniform(tiny[0], 0.5), ["dense", "ctx"])
+    model, tok = tiny
+    make = {"hybrid": hybrid_plan, "lightning": lightning_plan, "hybrid_sink0": lambda m: hybrid_plan(m, ((0, 9), (3, 4)))}
+    plan = make[kind](model)
+    ids = tok(PROMPT, return_tensors="pt", add_special_tokens=False).input_ids
+    with torch.no_grad():
+        dense = model(input_ids=ids, use_cache=True)
+        patch_model(model, plan, prefill="dense")
+        try:
+            with expected_length(model, ids.shape[1] + 8):
+                runtime_prefill = model(input_ids=ids, use_cache=True)
+                shared = bench.plan_cache(model, bench.kv_of(dense.past_key_values))
+                states = [(a.states, b.states) for a, b in zip(runtime_prefill.past_key_values.layers, shared.layers)]
+                assert any(a for a, _ in states)
+                for a, b in states:
+                    assert a.keys() == b.keys()
+                    for key in a:
+                        assert torch.allclose(a[key]["s"], b[key]["s"], atol=1e-5), key
+                want = bench.greedy(model, runtime_prefill.past_key_values, runtime_prefill.logits, 8, -1)
+                assert bench.greedy(model, shared, dense.logits, 8, -1) == want
+        finally:
+            unpatch_model(model)
+    rows = bench.retrieval_trial(model, tok, PROMPT, ["71432"], 6, {"p": plan}, ["dense", "ctx"])
+    assert set(rows) == {"dense", "p | dense", "p | ctx"}
 
 
 @pytest.mark.parametrize("plan", ["uniform:0.25:4", "uniform:0.5:4", "dense"])

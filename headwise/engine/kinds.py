@@ -178,15 +178,16 @@ class LinearStateGroup:
         """``q [1, Hg * G, n, D]``, ``k, v [1, Hg, n, D]`` (the chunk's own tokens) -> ``[1, Hg * G, n, D]``."""
         seq = step.prefill_seq
         state = seq.states.get(self.key) if seq.num_computed > 0 else None
-        out, new = self.group.run(q, k, v, step.prefill_pos[None], None if state is None else state[None],
-                                  step.backend)
-        seq.states[self.key] = new[0]
+        state = None if state is None else state[None]
         if step.dense_prefill:           # the prompt reads everything with softmax; the state is still built
+            seq.states[self.key] = self.group.fold_state(k, v, step.prefill_pos[None], state)[0]
             n = q.shape[2]
             zeros = torch.zeros(len(heads), dtype=torch.long, device=q.device)
-            out = sink_window_attention(q, k, v, step.prefill_pos[None], step.prefill_pos[None, None], zeros,
-                                        torch.full((1, len(heads)), n, dtype=torch.long, device=q.device),
-                                        step.scale, backend=step.backend)
+            return sink_window_attention(q, k, v, step.prefill_pos[None], step.prefill_pos[None, None], zeros,
+                                         torch.full((1, len(heads)), n, dtype=torch.long, device=q.device),
+                                         step.scale, backend=step.backend)
+        out, new = self.group.run(q, k, v, step.prefill_pos[None], state, step.backend)
+        seq.states[self.key] = new[0]
         return out
 
     def decode(self, step: "LayerStep", heads: list[int], q: torch.Tensor, k: torch.Tensor,

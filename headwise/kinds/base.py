@@ -61,6 +61,12 @@ class AttentionCall:
         sub = lambda t: None if t is None else t.index_select(1, index.to(t.device))   # noqa: E731
         return replace(self, key_pos=key_pos, new_keys=sub(self.new_keys), new_values=sub(self.new_values))
 
+    def state_before(self, state_key: str) -> torch.Tensor | None:
+        """The recurrent state ``s`` a group (``state_key``) held before this forward; ``None`` when it
+        is empty or the forward runs without a cache."""
+        previous = self.states.get(state_key) if self.states is not None else None
+        return None if previous is None else previous["s"]
+
     def own_keys(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``[B, Hg, Q, D]`` keys/values of this forward's own tokens (from ``new_keys`` or ``k, v``)."""
         if self.new_keys is not None:
@@ -78,8 +84,10 @@ class KindGroup(Protocol):
     state_key: str | None
 
     # A group with ``state_key`` set also has ``state_spec() -> {name: (shape without batch, dtype)}``
-    # (the per-sequence tensors an engine allocates as state slots) and a tensor-only
-    # ``run(q, k, v, query_pos, state, backend) -> (out, state)`` for callers outside HF.
+    # (the per-sequence tensors an engine allocates as state slots), a tensor-only
+    # ``run(q, k, v, query_pos, ..., state, ...) -> (out, state)`` for callers outside HF,
+    # ``fold_state(k, v, query_pos, ..., state) -> state`` (the same state without outputs: what a
+    # dense prefill needs) and ``fold(k, v, call)``, which folds a forward's keys into ``call.states``.
 
     def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: AttentionCall) -> torch.Tensor:
         """Attention of the group's heads.

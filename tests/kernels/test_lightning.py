@@ -1,5 +1,6 @@
 """``lightning`` op: every backend equals the naive recurrence; chunked prefill + per-token decode
-equals one full pass. Triton runs on CPU under ``TRITON_INTERPRET=1`` (set by tests/conftest.py)."""
+equals one full pass; the state alone (``lightning_state``) equals the recurrence's. Triton runs on
+CPU under ``TRITON_INTERPRET=1`` (set by tests/conftest.py)."""
 
 from __future__ import annotations
 
@@ -54,6 +55,16 @@ def test_backend_equals_naive(backend, T, gqa, padding):
     assert out.shape == ref_out.shape and state.shape == ref_state.shape
     assert torch.allclose(out, ref_out, atol=1e-4, rtol=1e-4)
     assert torch.allclose(state, ref_state, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("with_state", [True, False], ids=["state", "no_state"])
+@pytest.mark.parametrize("padding", ["left", "right"])
+@pytest.mark.parametrize("T", LENGTHS, ids=lambda t: f"T{t}")
+def test_state_alone_equals_the_recurrence(T, padding, with_state):
+    """``lightning_state`` (no outputs) ends with the naive recurrence's state."""
+    q, k, v, g, state = case(T, 1, padding, with_state=with_state)
+    _, ref_state = op.lightning_attention(q, k, v, g, state, backend="naive")
+    assert torch.allclose(op.lightning_state(k, v, g, state), ref_state, atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("backend", ["cpu", "naive"])

@@ -3,6 +3,8 @@
 ``lightning_attention(q, k, v, log_decay, initial_state=None, backend="auto") -> (out, state)`` —
 shapes in ``naive.lightning_attention``. A decode step is the same call with ``T = 1`` (the state
 update per token). ``auto`` picks ``triton`` on CUDA when Triton is installed, else ``cpu``.
+``lightning_state(k, v, log_decay, initial_state=None) -> state`` gives the final state alone
+(``fold.py``: no outputs, one matmul per head), what a dense prefill needs.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import torch
 
 from .. import AUTO_ORDER, pick_backend, standard_backends
 from . import cpu, naive
+from .fold import lightning_state
 
 BACKENDS = standard_backends(__name__, "lightning_attention", naive, cpu)
 
@@ -23,4 +26,4 @@ def lightning_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_d
     return fn(q, k, v, log_decay, initial_state)
 
 
-__all__ = ["lightning_attention", "BACKENDS", "AUTO_ORDER"]
+__all__ = ["lightning_attention", "lightning_state", "BACKENDS", "AUTO_ORDER"]

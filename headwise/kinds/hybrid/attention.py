@@ -26,7 +26,7 @@ from typing import Mapping
 import torch
 
 from ...kernels.hybrid_window import hybrid_window_attention
-from ...kernels.lightning import lightning_attention
+from ...kernels.lightning import lightning_attention, lightning_state
 from ...plan import HeadSpec, PlanError
 from ..base import AttentionCall
 from ..lightning.feature_map import hedgehog_features
@@ -89,7 +89,25 @@ class HybridGroup:
         Raises:
             RuntimeError: a key that leaves the window in this forward is not among ``k``.
         """
-        q_weight, k_weight, log_decay, linear_weight, sink, window = self._params(q.device)
+        q_weight, _, _, linear_weight, sink, window = self._params(q.device)
+        k_feat, values, g = self._leaving_keys(k, v, query_pos, key_pos)
+        num, state = lightning_attention(hedgehog_features(q, q_weight), k_feat, values, g, state, backend=backend)
+        num = num * linear_weight[None, :, None, None]
+        span = window[None].expand(k.shape[0], -1)
+        out = hybrid_window_attention(q, k, v, query_pos, key_pos, sink, span, scale, num[..., :-1], num[..., -1],
+                                      backend=backend)
+        return out, state
+
+    def fold_state(self, k: torch.Tensor, v: torch.Tensor, query_pos: torch.Tensor, key_pos: torch.Tensor,
+                   state: torch.Tensor | None) -> torch.Tensor:
+        """The state ``run`` ends with, without its outputs (``lightning_state``: one matmul per head);
+        shapes and errors as ``run``. A dense prefill needs only this."""
+        return lightning_state(*self._leaving_keys(k, v, query_pos, key_pos), state)
+
+    def _leaving_keys(self, k: torch.Tensor, v: torch.Tensor, query_pos: torch.Tensor, key_pos: torch.Tensor):
+        """The key that leaves the window at each query, as the linear part's input: ``(features
+        [B, Hg, Q, F]`` zero where none leaves, ``[v, 1] [B, Hg, Q, D + 1]`` fp32, ``log decay [B, Hg, Q])``."""
+        _, k_weight, log_decay, _, sink, window = self._params(k.device)
         B, Hg, S, D = k.shape
         real = query_pos >= 0                                                        # [B, Q]
         leaving = query_pos[:, None, :] - window[None, :, None]                      # [B, Hg, Q]
@@ -99,29 +117,29 @@ class HybridGroup:
             raise RuntimeError(f"layer {self.layer_idx}: a hybrid head's key that leaves the window was not among the "
                                "keys given to attention; the cache must keep window + 1 recent keys (Hybrid.kv_rule).")
         index = slot[..., None].expand(B, Hg, slot.shape[-1], D)
-        k_old = k.gather(2, index)
         v_old = v.gather(2, index).float()
-        k_feat = hedgehog_features(k_old, k_weight) * fold[..., None]
+        k_feat = hedgehog_features(k.gather(2, index), k_weight) * fold[..., None]
         values = torch.cat([v_old, torch.ones_like(v_old[..., :1])], dim=-1)
-        g = torch.where(real[:, None, :], log_decay[None, :, None], 0.0)             # [B, Hg, Q]
-        num, state = lightning_attention(hedgehog_features(q, q_weight), k_feat, values, g, state, backend=backend)
-        num = num * linear_weight[None, :, None, None]
-        span = window[None].expand(B, Hg)
-        out = hybrid_window_attention(q, k, v, query_pos, key_pos, sink, span, scale, num[..., :-1], num[..., -1],
-                                      backend=backend)
-        return out, state
+        return k_feat, values, torch.where(real[:, None, :], log_decay[None, :, None], 0.0)
 
     def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: AttentionCall) -> torch.Tensor:
         """``[B, Q, Hg * G, D]``; shapes in ``headwise.kinds.base.KindGroup``."""
-        previous = call.states.get(self.state_key) if call.states is not None else None
-        out, state = self.run(q, k, v, call.query_pos, call.key_pos, None if previous is None else previous["s"],
-                              call.scale, call.backend)
-        if call.states is not None:
-            call.states[self.state_key] = {"s": state}
         if call.dense_prefill:
             # dense prefill: the prompt reads everything with softmax; the state is still built
+            self.fold(k, v, call)
             return dense_attention(call.module, q, k, v, call.query_pos, call.key_pos, call.scale)
+        out, state = self.run(q, k, v, call.query_pos, call.key_pos, call.state_before(self.state_key), call.scale,
+                              call.backend)
+        if call.states is not None:
+            call.states[self.state_key] = {"s": state}
         return out.transpose(1, 2).contiguous()
+
+    def fold(self, k: torch.Tensor, v: torch.Tensor, call: AttentionCall) -> None:
+        """Fold the keys that leave the window in this forward into ``call.states`` without computing
+        outputs (shapes as ``attention``); nothing to do without a cache."""
+        if call.states is not None:
+            call.states[self.state_key] = {"s": self.fold_state(k, v, call.query_pos, call.key_pos,
+                                                                call.state_before(self.state_key))}
 
 
 def _slots_of(key_pos: torch.Tensor, wanted: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -49,13 +49,14 @@ class HybridEngineGroup:
         else:
             k_pos = q_pos[:, None]
         state = seq.states.get(self.key) if seq.num_computed > 0 else None
-        out, new = self.group.run(q, k, v, q_pos, k_pos, None if state is None else state[None], step.scale,
-                                  step.backend)
-        seq.states[self.key] = new[0]
+        state = None if state is None else state[None]
         if step.dense_prefill:           # every head reads all it has; the state is still built
+            seq.states[self.key] = self.group.fold_state(k, v, q_pos, k_pos, state)[0]
             zeros = torch.zeros(len(heads), dtype=torch.long, device=q.device)
             full = torch.full((1, len(heads)), int(step.prefill_pos[-1]) + 1, dtype=torch.long, device=q.device)
-            out = sink_window_attention(q, k, v, q_pos, k_pos, zeros, full, step.scale, backend=step.backend)
+            return sink_window_attention(q, k, v, q_pos, k_pos, zeros, full, step.scale, backend=step.backend)
+        out, new = self.group.run(q, k, v, q_pos, k_pos, state, step.scale, step.backend)
+        seq.states[self.key] = new[0]
         return out
 
     def decode(self, step, heads: list[int], q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

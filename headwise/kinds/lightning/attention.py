@@ -13,7 +13,7 @@ from typing import Mapping
 
 import torch
 
-from ...kernels.lightning import lightning_attention
+from ...kernels.lightning import lightning_attention, lightning_state
 from ...plan import HeadSpec, PlanError
 from ..base import AttentionCall
 from ..window import dense_attention
@@ -64,26 +64,45 @@ class LightningGroup:
         Returns:
             ``(out [B, Hg * G, T, D]`` in ``q.dtype`` (zeros at padding), ``state [B, Hg, F, D + 1])``.
         """
-        q_weight, k_weight, log_decay = self._params(q.device)
+        q_weight = self._params(q.device)[0]
+        k_feat, values, g = self._key_side(k, v, query_pos)
+        num, state = lightning_attention(hedgehog_features(q, q_weight), k_feat, values, g, state, backend=backend)
+        out = num[..., :-1] / (num[..., -1:] + NORM_EPS)
+        out = out.masked_fill((query_pos < 0)[:, None, :, None], 0.0)
+        return out.to(q.dtype), state
+
+    def fold_state(self, k: torch.Tensor, v: torch.Tensor, query_pos: torch.Tensor,
+                   state: torch.Tensor | None) -> torch.Tensor:
+        """The state ``run`` ends with, without its outputs (``lightning_state``: one matmul per head);
+        shapes as ``run``. A dense prefill needs only this."""
+        return lightning_state(*self._key_side(k, v, query_pos), state)
+
+    def _key_side(self, k: torch.Tensor, v: torch.Tensor, query_pos: torch.Tensor):
+        """``(k features [B, Hg, T, F]`` zero at padding, ``[v, 1] [B, Hg, T, D + 1]`` fp32,
+        ``log decay [B, Hg, T])``."""
+        _, k_weight, log_decay = self._params(k.device)
         valid = (query_pos >= 0)[:, None, :]                                        # [B, 1, T]
-        q_feat = hedgehog_features(q, q_weight)
         k_feat = hedgehog_features(k, k_weight) * valid[..., None]
         values = torch.cat([v.float(), torch.ones_like(v[..., :1], dtype=torch.float32)], dim=-1)
-        g = torch.where(valid, log_decay[None, :, None], 0.0)                       # [B, Hg, T]
-        num, state = lightning_attention(q_feat, k_feat, values, g, state, backend=backend)
-        out = num[..., :-1] / (num[..., -1:] + NORM_EPS)
-        out = out.masked_fill(~valid[..., None], 0.0)
-        return out.to(q.dtype), state
+        return k_feat, values, torch.where(valid, log_decay[None, :, None], 0.0)
 
     def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: AttentionCall) -> torch.Tensor:
         """``[B, Q, Hg * G, D]``; shapes in ``headwise.kinds.base.KindGroup``."""
-        own_k, own_v = call.own_keys(k, v)
-        previous = call.states.get(self.state_key) if call.states is not None else None
-        out, state = self.run(q, own_k, own_v, call.query_pos, None if previous is None else previous["s"],
-                              call.backend)
-        if call.states is not None:
-            call.states[self.state_key] = {"s": state}
         if call.dense_prefill:
             # dense prefill: the prompt reads everything with softmax; the state is still built
+            self.fold(k, v, call)
             return dense_attention(call.module, q, k, v, call.query_pos, call.key_pos, call.scale)
+        own_k, own_v = call.own_keys(k, v)
+        out, state = self.run(q, own_k, own_v, call.query_pos, call.state_before(self.state_key), call.backend)
+        if call.states is not None:
+            call.states[self.state_key] = {"s": state}
         return out.transpose(1, 2).contiguous()
+
+    def fold(self, k: torch.Tensor, v: torch.Tensor, call: AttentionCall) -> None:
+        """Fold this forward's own keys into ``call.states`` without computing outputs (shapes as
+        ``attention``); nothing to do without a cache."""
+        if call.states is not None:
+            own_k, own_v = call.own_keys(k, v)
+            state = self.fold_state(own_k, own_v, call.query_pos, call.state_before(self.state_key))
+            call.states[self.state_key] = {"s": state}
+
