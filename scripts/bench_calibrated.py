@@ -105,7 +105,7 @@ def fold_states(runtime, layer_idx: int, keys: torch.Tensor, values: torch.Tenso
     from headwise.kinds.base import AttentionCall
 
     kinds = runtime.layers[layer_idx]
-    groups = [g for g in kinds.groups if getattr(g, "state_key", None)]
+    groups = [g for g in kinds.groups if g.state_key is not None]
     if not groups:
         return
     info = runtime.forward()

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import torch
 
+from .fold import lightning_state
+
 #: Tokens per block: the intra part costs ``C`` per token, the inter part one state read per block.
 BLOCK = 64
 
@@ -43,8 +45,7 @@ def lightning_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_d
         o = torch.matmul(scores, vb[:, :, None])                                  # [B, Hkv, G, n, E]
         o += torch.matmul(qb * cum.exp()[:, :, None, :, None], state[:, :, None])
         out[:, :, :, start:stop] = o
-        last = cum[..., -1:]                                                      # [B, Hkv, 1]
-        state = state * last.exp()[..., None] + torch.matmul((kb * (last - cum).exp()[..., None]).transpose(-1, -2), vb)
+        state = lightning_state(kb, vb, gf[:, :, start:stop], state)              # S_C, the block's inter update
     return out.view(B, H, T, E), state
 
 
