@@ -7,6 +7,9 @@ resumes where it stopped and several configurations share one file::
     python scripts/softplus_extrapolation.py passkey --config reweight-all-p3 --length 12288 --trials 10 --out R.jsonl
     python scripts/softplus_extrapolation.py table --out R.jsonl
 
+``--trials`` sets the depths (``sweep_depths(trials)``); ``--limit`` runs only the first few of
+the missing ones, so a long-context cell can be measured in parts at the same depths.
+
 ``--config`` is a name below or a plan JSON path. Documents and prompts come from the eval suite's
 generators (``headwise.eval.tasks``: ``perplexity`` real-prose documents, ``passkey``). Perplexity is
 per token, from one forward over each ``--length`` document: its first 4k / 8k / 12k tokens are the
@@ -108,6 +111,7 @@ def run_passkey(args) -> None:
 
     path = Path(args.out)
     todo = [i for i in range(args.trials) if ("passkey", args.config, args.length, i) not in done_keys(path)]
+    todo = todo[:args.limit] if args.limit is not None else todo
     if not todo:
         return
     model, tok, plan = load(args.config)
@@ -123,7 +127,8 @@ def run_passkey(args) -> None:
         text = tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
         append(path, {"key": ["passkey", args.config, args.length, i], "task": "passkey", "config": args.config,
                       "length": args.length, "trial": i, "depth": s.depth, "tokens": int(ids.shape[1]),
-                      "answer": s.answers[0], "response": text, "correct": s.answers[0] in text,
+                      "answer": s.answers[0], "response": text, "new_tokens": args.new_tokens,
+                      "correct": s.answers[0] in text,
                       "wall_s": round(time.time() - t0, 1), "cpu_s": round(time.process_time() - c0, 1)})
         print(f"passkey {args.config} {args.length} trial {i} depth {s.depth:.2f}: {s.answers[0] in text} {text!r}",
               flush=True)
@@ -174,7 +179,10 @@ def main(argv=None) -> int:
     p.add_argument("--length", type=int, default=16384)
     p.add_argument("--docs", type=int, default=1)
     p.add_argument("--trials", type=int, default=10)
-    p.add_argument("--new-tokens", type=int, default=8)
+    p.add_argument("--limit", type=int, default=None,
+                   help="run at most this many of the missing trials (the depths still follow --trials)")
+    p.add_argument("--new-tokens", type=int, default=16,
+                   help="greedy tokens after the prompt (SmolLM2 writes a 5-digit key as 5 tokens after a 5-token preamble)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", required=True)

@@ -4,28 +4,21 @@ dense prefill."""
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
 from headwise.plan import Plan
-
-ROOT = Path(__file__).resolve().parent.parent
+from tests.conftest import load_script
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_calibrated", ROOT / "scripts" / "bench_calibrated.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("bench_calibrated")
 
 
-@pytest.fixture(scope="module")
-def tiny():
+def tiny_llama_with_real_tokenizer():
+    """A 2-layer random Llama (GQA 3) with the embedded model's tokenizer, so the eval generators run."""
     from headwise.models import embedded_model_dir
 
     tok = AutoTokenizer.from_pretrained(embedded_model_dir(), local_files_only=True)
@@ -34,6 +27,11 @@ def tiny():
                          num_attention_heads=6, num_key_value_heads=2, head_dim=16, max_position_embeddings=2048,
                          initializer_range=0.2, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
     return AutoModelForCausalLM.from_config(config).eval(), tok
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return tiny_llama_with_real_tokenizer()
 
 
 PROMPT = ("The grass is green. The sky is blue. " * 12 + "The pass key is 71432. Remember it. "
