@@ -87,7 +87,8 @@ def run_ppl(args) -> None:
     from headwise.eval.tasks import perplexity
 
     path = Path(args.out)
-    todo = [i for i in range(args.docs) if ("ppl", args.config, args.length, i) not in done_keys(path)]
+    done = done_keys(path)
+    todo = [i for i in range(args.docs) if ("ppl", args.config, args.length, i) not in done]
     if not todo:
         return
     model, tok, _ = load(args.config)
@@ -110,7 +111,8 @@ def run_passkey(args) -> None:
     from headwise.eval.tasks import passkey
 
     path = Path(args.out)
-    todo = [i for i in range(args.trials) if ("passkey", args.config, args.length, i) not in done_keys(path)]
+    done = done_keys(path)
+    todo = [i for i in range(args.trials) if ("passkey", args.config, args.length, i) not in done]
     todo = todo[:args.limit] if args.limit is not None else todo
     if not todo:
         return

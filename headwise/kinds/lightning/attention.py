@@ -105,4 +105,3 @@ class LightningGroup:
             own_k, own_v = call.own_keys(k, v)
             state = self.fold_state(own_k, own_v, call.query_pos, call.state_before(self.state_key))
             call.states[self.state_key] = {"s": state}
-
