@@ -37,6 +37,7 @@ class Hybrid(FittedLinearPart, HeadSpec):
 
     kind: ClassVar[str] = "hybrid"
     family: ClassVar[str] = "hybrid"
+    fit_command: ClassVar[str] = "headwise fit hybrid"
     sink: int = 0
     window: int = 64
     decay: float = 1.0

@@ -49,7 +49,7 @@ class Lightning(FittedLinearPart, HeadSpec):
     ``o_t = sum_{s<=t} lambda^(t-s) phi_q(q_t) . phi_k(k_s) v_s / sum_{s<=t} lambda^(t-s) phi_q(q_t) . phi_k(k_s)``
     with Hedgehog feature maps ``phi(x) = [softmax(x W), softmax(-x W)]`` (``feature_dim`` features),
     one ``W`` per query head and one per KV head, fitted to imitate the head's softmax attention
-    (``headwise linearize``). Decode state per KV head: ``feature_dim x (head_dim + 1)`` fp32 values
+    (``headwise fit lightning``). Decode state per KV head: ``feature_dim x (head_dim + 1)`` fp32 values
     (the ``+1`` column is the normaliser), the same at every length.
 
     Fields:
@@ -61,7 +61,7 @@ class Lightning(FittedLinearPart, HeadSpec):
 
     kind: ClassVar[str] = "lightning"
     family: ClassVar[str] = "lightning"
-    fit_command: ClassVar[str] = "headwise linearize"
+    fit_command: ClassVar[str] = "headwise fit lightning"
     decay: float = 1.0
     feature_dim: int = 128
     weights: str = ""

@@ -20,7 +20,7 @@ class MoH(SinkSpanRule, HeadSpec):
     attention with weight 1; a routed-out head does no attention work and outputs its fitted mean
     output instead (the calibration mean of that query head's attention output, so the layer output
     stays close to dense without retraining). The router is linear in the RoPE-invariant pair
-    magnitudes ``sqrt(q_i^2 + q_{i+D/2}^2)`` of the pool's queries, fitted by ``headwise moh-fit``.
+    magnitudes ``sqrt(q_i^2 + q_{i+D/2}^2)`` of the pool's queries, fitted by ``headwise fit moh``.
 
     The KV a head keeps and reads is a softmax rule like ``window``'s: the first ``sink`` tokens and
     the last ``span(N) = clamp(floor(alpha + beta*N), 1, N)``; the defaults (0, 0, 1) read
@@ -38,7 +38,7 @@ class MoH(SinkSpanRule, HeadSpec):
 
     kind: ClassVar[str] = "moh"
     family: ClassVar[str] = "moh"
-    fit_command: ClassVar[str] = "headwise moh-fit"
+    fit_command: ClassVar[str] = "headwise fit moh"
     top_k: int = 1
     sink: int = 0
     alpha: float = 0.0
