@@ -37,8 +37,8 @@ def _no_mask(*args, **kwargs):
 
 
 @contextlib.contextmanager
-def attention_override(model, attention: Callable, *, name: str = "headwise_override",
-                       freeze: bool = False) -> Iterator[None]:
+def attention_override(model, attention: Callable, *, name: str = "headwise_override", freeze: bool = False,
+                       prefill_only: bool = False) -> Iterator[None]:
     """Route every layer's attention of ``model`` through ``attention`` while inside.
 
     Args:
@@ -50,6 +50,8 @@ def attention_override(model, attention: Callable, *, name: str = "headwise_over
         name: the name registered with transformers for it (one per use).
         freeze: turn off ``requires_grad`` of every parameter while inside (activation gradients
             only: the profile, the gates, MoH's output gradients).
+        prefill_only: ``attention`` implements one full causal pass without dropout: a call with a
+            cache (fewer queries than keys) or with dropout raises.
     """
     from transformers import AttentionInterface, AttentionMaskInterface
 
@@ -57,11 +59,16 @@ def attention_override(model, attention: Callable, *, name: str = "headwise_over
         raise RuntimeError("calibration reads the model's own attention; call unpatch_model(model) first.")
     armed = True
 
-    def routed(module, *args, **kwargs):
+    def routed(module, query, key, *args, **kwargs):
         if not armed:
             raise RuntimeError(f"attention {name!r} ran outside its headwise.calibrate.capture block; "
                                "use the calibrator's functions instead of selecting it by hand.")
-        return attention(module, *args, **kwargs)
+        if prefill_only and query.shape[-2] != key.shape[-2]:
+            raise ValueError(f"attention {name!r} needs a full causal forward without a cache; call the model "
+                             "with use_cache=False.")
+        if prefill_only and kwargs.get("dropout"):
+            raise ValueError(f"attention {name!r} does not implement dropout; set the model's attention_dropout to 0.")
+        return attention(module, query, key, *args, **kwargs)
 
     AttentionInterface.register(name, routed)
     AttentionMaskInterface.register(name, _no_mask)

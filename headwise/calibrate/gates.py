@@ -99,14 +99,9 @@ def gated_attention(state: GateState):
     ``a * full + (1 - a) * local``, ``a`` from ``state`` (its fixed gates when set).
 
     The function takes ``query [B, H, T, D]``, ``key``/``value [B, Hkv, T, D]`` (no cache, no
-    padding) and returns ``(out [B, T, H, D], None)``.
+    padding: ``prefill_only``) and returns ``(out [B, T, H, D], None)``.
     """
-    def attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-        if query.shape[-2] != key.shape[-2]:
-            raise ValueError("the gated attention needs a full causal forward without a cache; call with "
-                             "use_cache=False.")
-        if dropout:
-            raise ValueError("the gated attention does not implement dropout; set the model's attention_dropout to 0.")
+    def attention(module, query, key, value, attention_mask, scaling=None, **kwargs):
         scale = scaling if scaling is not None else query.shape[-1] ** -0.5
         group = query.shape[1] // key.shape[1]
         k = key.repeat_interleave(group, dim=1)
@@ -127,7 +122,7 @@ def gating(model, state: GateState):
     (``capture.attention_override``: attention implementation and ``requires_grad`` flags are
     restored on exit, also after an error). Gradient checkpointing is the caller's choice
     (``checkpointing.checkpointing``)."""
-    with attention_override(model, gated_attention(state), name="headwise_gates", freeze=True):
+    with attention_override(model, gated_attention(state), name="headwise_gates", freeze=True, prefill_only=True):
         yield state
 
 

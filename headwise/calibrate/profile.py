@@ -199,15 +199,9 @@ def profiled_attention(recorder: BlockRecorder):
     plan's bands when ``recorder.attend_as`` ran) whose backward records ``E`` into ``recorder``.
 
     The function takes ``query [B, H, T, D]``, ``key``/``value [B, Hkv, T, D]`` (no cache: a full
-    causal prefill) and returns ``(out [B, T, H, D], None)``.
+    causal prefill, ``prefill_only``) and returns ``(out [B, T, H, D], None)``.
     """
-    def attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-        if query.shape[-2] != key.shape[-2]:
-            raise ValueError("the profiling attention needs a full causal forward without a cache; call the model "
-                             "with use_cache=False.")
-        if dropout:
-            raise ValueError("the profiling attention does not implement dropout; set the model's attention_dropout "
-                             "to 0.")
+    def attention(module, query, key, value, attention_mask, scaling=None, **kwargs):
         scale = scaling if scaling is not None else query.shape[-1] ** -0.5
         bands = recorder.bands[module.layer_idx]
         out = _ProfiledCausalAttention.apply(query, key, value, scale, module.layer_idx, recorder,
@@ -258,7 +252,8 @@ def profile_sample(model, input_ids: torch.Tensor, answer_start: int, block: int
         plan.check_model(model)
         recorder.attend_as(plan, input_ids.shape[1])
     # only activations need gradients (frozen parameters): G flows, weight gradients are skipped
-    with attention_override(model, profiled_attention(recorder), name="headwise_profile", freeze=True), \
+    with attention_override(model, profiled_attention(recorder), name="headwise_profile", freeze=True,
+                            prefill_only=True), \
             checkpointing(model, checkpoint), torch.enable_grad():
         embeds = model.get_input_embeddings()(input_ids).detach().requires_grad_(True)
         logits = model(inputs_embeds=embeds, use_cache=False,

@@ -89,6 +89,21 @@ def encode(tokenizer, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False).input_ids
 
 
+class LineStarts:
+    """Where lines start in a token sequence, to insert text at a line start near a depth."""
+
+    def __init__(self, tokenizer, ids: list[int]):
+        ends_line = {t: "\n" in tokenizer.decode([t]) for t in set(ids)}
+        self._newline = [ends_line[t] for t in ids]
+
+    def at_or_after(self, i: int, end: int) -> int:
+        """The first line start in ``[i, min(i + 128, end))`` (``i`` itself when there is none)."""
+        for j in range(max(i, 1), min(i + 128, end)):
+            if self._newline[j - 1] and not self._newline[j]:
+                return j
+        return i
+
+
 class SampleBuilder:
     """Builds calibration samples for one model and tokenizer (corpus tokenized once)."""
 
@@ -97,8 +112,7 @@ class SampleBuilder:
         self.answer_tokens, self.seed = answer_tokens, seed
         self.corpus = list(corpus_ids(tokenizer))
         self.before, self.after = chat_parts(tokenizer)
-        ends_line = {t: "\n" in tokenizer.decode([t]) for t in set(self.corpus)}
-        self._newline = [ends_line[t] for t in self.corpus]
+        self._lines = LineStarts(tokenizer, self.corpus)
 
     def offsets(self, length: int, count: int) -> list[int]:
         """Deterministic passage end offsets into the tokenized corpus for ``count`` samples."""
@@ -124,7 +138,7 @@ class SampleBuilder:
         """Chat prompt: passage of ``passage_tokens`` corpus tokens ending at ``end``, each fact inserted
         at the first line start at or after its depth, the instruction, then ``answer_prefix``."""
         start = end - passage_tokens
-        cuts = sorted((self._line_start_from(start + int(depth * passage_tokens), end), text) for depth, text in facts)
+        cuts = sorted((self._lines.at_or_after(start + int(depth * passage_tokens), end), text) for depth, text in facts)
         passage, at = [], start
         for cut, text in cuts:
             passage += self.corpus[at:cut] + encode(self.tokenizer, text + "\n")
@@ -141,12 +155,6 @@ class SampleBuilder:
         answer = out[0, ids.shape[1]:].tolist()
         eos = self.tokenizer.eos_token_id
         return answer[:answer.index(eos) + 1] if eos in answer else answer
-
-    def _line_start_from(self, i: int, end: int) -> int:
-        for j in range(max(i, 1), min(i + 128, end)):
-            if self._newline[j - 1] and not self._newline[j]:
-                return j
-        return i
 
     @torch.no_grad()
     def build(self, length: int, index: int, end: int) -> CalibrationSample:

@@ -26,7 +26,7 @@ from functools import lru_cache
 
 import torch
 
-from .calibration import chat_parts, encode
+from .calibration import LineStarts, chat_parts, encode
 
 FACT = "Ledger entry: the {key} crate weighs {value} grams."
 QUESTION = "Using the ledger entries above, state the weight of every crate, one per line."
@@ -88,8 +88,7 @@ class RecallBuilder:
         self.tokenizer, self.facts, self.seed = tokenizer, facts, seed
         self.corpus = encode(tokenizer, haystack_text())
         self.before, self.after = chat_parts(tokenizer)
-        ends_line = {t: "\n" in tokenizer.decode([t]) for t in set(self.corpus)}
-        self._newline = [ends_line[t] for t in self.corpus]
+        self._lines = LineStarts(tokenizer, self.corpus)
 
     def build(self, length: int, index: int) -> RecallSample:
         """Sample ``index`` at exactly ``length`` tokens (deterministic in seed, length, index)."""
@@ -119,7 +118,7 @@ class RecallBuilder:
         end = start + passage
         ids, at = list(self.before), start
         for depth, fact in zip(depths, facts):
-            cut = max(at, self._line_start_from(start + int(depth * passage), end))
+            cut = max(at, self._lines.at_or_after(start + int(depth * passage), end))
             ids += self.corpus[at:cut] + fact
             at = cut
         ids += self.corpus[at:end] + question + self.after
@@ -127,9 +126,3 @@ class RecallBuilder:
         ids += answer
         positions = [offset + p - 1 for a, b in spans for p in range(a, b)]
         return RecallSample(torch.tensor([ids]), torch.tensor(positions), depths)
-
-    def _line_start_from(self, i: int, end: int) -> int:
-        for j in range(max(i, 1), min(i + 128, end)):
-            if self._newline[j - 1] and not self._newline[j]:
-                return j
-        return i

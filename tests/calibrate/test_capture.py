@@ -36,6 +36,17 @@ def test_override_restores_the_model_after_an_error_and_is_disarmed_afterwards()
         model.set_attn_implementation("sdpa")
 
 
+@torch.no_grad()
+def test_prefill_only_attention_refuses_a_cached_step():
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    model = make_tiny("llama")
+    with attention_override(model, sdpa_attention_forward, name="headwise_test_prefill", prefill_only=True):
+        out = model(input_ids=_ids(), use_cache=True)
+        with pytest.raises(ValueError, match="needs a full causal forward without a cache"):
+            model(input_ids=_ids(1), past_key_values=out.past_key_values, use_cache=True)
+
+
 def test_override_refuses_a_patched_model():
     from headwise import Plan, patch_model, unpatch_model
 
