@@ -94,7 +94,8 @@ def register(subparsers) -> None:
                         "either way")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--seed", type=int, default=0, help="data sampling seed")
-    p.add_argument("--cache-dir", default=None, help="profile cache folder (default: ~/.cache/headwise/profiles)")
+    p.add_argument("--cache-dir", default=None,
+                   help="where profiles, gate samples and gates are kept (default: ~/.cache/headwise/calibration)")
     p.add_argument("--out", required=True, help="plan JSON to write; the heatmap goes beside it (.png)")
     p.set_defaults(func=run)
 
