@@ -14,11 +14,10 @@ COMMAND_MODULES = [
     "headwise.demo",
     "headwise.eval.cli",
     "headwise.calibrate.cli",
+    "headwise.calibrate.fit_cli",
     "headwise.plan_cli",
     "headwise.bench_cli",
     "headwise.engine.cli",
-    "headwise.linearize.cli",
-    "headwise.kinds.moh.cli",
 ]
 
 

@@ -83,7 +83,7 @@ def load(config: str):
 
 
 def run_ppl(args) -> None:
-    from headwise.calibrate.softplus_fit import token_losses
+    from headwise.kinds.softplus.fit import token_losses
     from headwise.eval.tasks import perplexity
 
     path = Path(args.out)

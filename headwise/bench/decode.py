@@ -135,26 +135,14 @@ def row_label(key: str) -> str:
     return ROWS[key][0] if key in ROWS else f"headwise engine, {key.removeprefix('engine-')}"
 
 
-def prose_token_stream(tokenizer, min_tokens: int) -> list[int]:
-    """Token ids of CPython's reference prose (``pydoc_data.topics``), at least ``min_tokens`` long
-    (the text repeats if it is shorter)."""
-    import pydoc_data.topics as topics
-
-    text = "\n\n".join(topics.topics[k] for k in sorted(topics.topics))
-    ids = tokenizer(text, add_special_tokens=False).input_ids
-    if not ids:
-        raise ValueError("the tokenizer returned no tokens for the prose")
-    while len(ids) < min_tokens:
-        ids = ids + ids
-    return ids
-
-
 def make_prompts(setting: Setting, tokenizer=None, vocab_size: int | None = None, seed: int = 0) -> list[list[int]]:
     """B prompts of exactly ``context`` tokens: distinct slices of real prose when a tokenizer is
     given, else random ids in ``[3, vocab_size)`` with a fixed seed (tiny test models)."""
     length, batch = setting.context, setting.batch
     if tokenizer is not None:
-        stream = prose_token_stream(tokenizer, length * batch)
+        from ..data.prose import token_stream
+
+        stream = token_stream(tokenizer, length * batch)
         return [stream[i * length:(i + 1) * length] for i in range(batch)]
     if vocab_size is None:
         raise ValueError("make_prompts needs a tokenizer or a vocab_size")

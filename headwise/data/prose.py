@@ -1,24 +1,69 @@
 """Real English prose available offline: CPython's own ``pydoc_data.topics``.
 
 Every Python install ships this module: ~465k characters (~110k tokens with SmolLM2's tokenizer)
-of reference prose. Haystacks and perplexity documents are slices of it, never repeated filler.
+of reference prose. Calibration samples, fitting slices, haystacks, perplexity documents and
+benchmark prompts are all slices of it, never repeated filler, and all read it through this module.
 """
 
 from __future__ import annotations
 
 import bisect
 import functools
+import hashlib
 import random
+import sys
 import weakref
 from dataclasses import dataclass
+
+SOURCE = "pydoc_data.topics (CPython reference prose)"
 
 
 @functools.lru_cache(maxsize=1)
 def corpus_text() -> str:
-    """All pydoc topics in sorted-name order, separated by blank lines (deterministic)."""
+    """All pydoc topics in sorted-name order, each stripped, separated by blank lines (deterministic)."""
     from pydoc_data.topics import topics
 
     return "\n\n".join(topics[name].strip() for name in sorted(topics))
+
+
+def corpus_description() -> dict:
+    """Which text it is (source, Python version, length, sha256 prefix): for plans and cache keys."""
+    text = corpus_text()
+    return {"source": SOURCE, "python": f"{sys.version_info.major}.{sys.version_info.minor}",
+            "characters": len(text), "sha256": hashlib.sha256(text.encode()).hexdigest()[:16]}
+
+
+_IDS: "weakref.WeakKeyDictionary[object, tuple[int, ...]]" = weakref.WeakKeyDictionary()
+
+
+def corpus_ids(tokenizer) -> tuple[int, ...]:
+    """The whole corpus as token ids (no special tokens), cached per tokenizer object."""
+    if tokenizer not in _IDS:
+        _IDS[tokenizer] = tuple(tokenizer(corpus_text(), add_special_tokens=False).input_ids)
+    return _IDS[tokenizer]
+
+
+def corpus_slice(tokenizer, offset: int, length: int):
+    """Corpus tokens ``[offset, offset + length)`` as a ``[1, length]`` int64 tensor; one sentence
+    when the slice falls outside the corpus."""
+    import torch
+
+    ids = corpus_ids(tokenizer)
+    if offset < 0 or length < 1 or offset + length > len(ids):
+        raise ValueError(f"prose slice {offset}..{offset + length} is outside the corpus of {len(ids)} tokens; "
+                         "ask for a shorter or earlier slice.")
+    return torch.tensor([ids[offset:offset + length]])
+
+
+def token_stream(tokenizer, min_tokens: int) -> list[int]:
+    """The corpus tokens, repeated end to end until at least ``min_tokens`` long (benchmark prompts
+    longer than the corpus)."""
+    ids = list(corpus_ids(tokenizer))
+    if not ids:
+        raise ValueError("the tokenizer returned no tokens for the prose corpus.")
+    while len(ids) < min_tokens:
+        ids = ids + ids
+    return ids
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,6 @@ from __future__ import annotations
 import ast
 import glob
 import hashlib
-import json
 import os
 import random
 import sys
@@ -27,7 +26,7 @@ from functools import lru_cache
 
 import torch
 
-from .data import _encode, _template_parts
+from .calibration import LineStarts, chat_parts, encode
 
 FACT = "Ledger entry: the {key} crate weighs {value} grams."
 QUESTION = "Using the ledger entries above, state the weight of every crate, one per line."
@@ -71,11 +70,6 @@ def recall_description(facts: int) -> dict:
             "targets": "dense model's final hidden states at the positions predicting each value (teacher-forced)"}
 
 
-def recall_key(facts: int, seed: int) -> str:
-    payload = json.dumps({**recall_description(facts), "seed": seed}, sort_keys=True)
-    return hashlib.sha256(payload.encode()).hexdigest()[:12]
-
-
 @dataclass(frozen=True)
 class RecallSample:
     """``input_ids`` ``[1, length]``; ``positions`` ``[P]`` predicting value tokens; fact depths."""
@@ -92,10 +86,9 @@ class RecallBuilder:
         if not 1 <= facts <= len(KEYS):
             raise ValueError(f"facts per sample must be in [1, {len(KEYS)}], got {facts}.")
         self.tokenizer, self.facts, self.seed = tokenizer, facts, seed
-        self.corpus = _encode(tokenizer, haystack_text())
-        self.before, self.after = _template_parts(tokenizer)
-        ends_line = {t: "\n" in tokenizer.decode([t]) for t in set(self.corpus)}
-        self._newline = [ends_line[t] for t in self.corpus]
+        self.corpus = encode(tokenizer, haystack_text())
+        self.before, self.after = chat_parts(tokenizer)
+        self._lines = LineStarts(tokenizer, self.corpus)
 
     def build(self, length: int, index: int) -> RecallSample:
         """Sample ``index`` at exactly ``length`` tokens (deterministic in seed, length, index)."""
@@ -107,12 +100,12 @@ class RecallBuilder:
         rng.shuffle(asked)
         answer, spans = [], []
         for i in asked:
-            answer += _encode(self.tokenizer, ANSWER_HEAD.format(key=keys[i]))
-            value = _encode(self.tokenizer, " " + values[i])
+            answer += encode(self.tokenizer, ANSWER_HEAD.format(key=keys[i]))
+            value = encode(self.tokenizer, " " + values[i])
             spans.append((len(answer), len(answer) + len(value)))
-            answer += value + _encode(self.tokenizer, ANSWER_TAIL)
-        question = _encode(self.tokenizer, "\n\n" + QUESTION)
-        facts = [_encode(self.tokenizer, FACT.format(key=k, value=v) + "\n") for k, v in zip(keys, values)]
+            answer += value + encode(self.tokenizer, ANSWER_TAIL)
+        question = encode(self.tokenizer, "\n\n" + QUESTION)
+        facts = [encode(self.tokenizer, FACT.format(key=k, value=v) + "\n") for k, v in zip(keys, values)]
         fixed = len(self.before) + sum(map(len, facts)) + len(question) + len(self.after) + len(answer)
         passage = length - fixed
         if passage < 16 * self.facts:
@@ -125,7 +118,7 @@ class RecallBuilder:
         end = start + passage
         ids, at = list(self.before), start
         for depth, fact in zip(depths, facts):
-            cut = max(at, self._line_start_from(start + int(depth * passage), end))
+            cut = max(at, self._lines.at_or_after(start + int(depth * passage), end))
             ids += self.corpus[at:cut] + fact
             at = cut
         ids += self.corpus[at:end] + question + self.after
@@ -133,9 +126,3 @@ class RecallBuilder:
         ids += answer
         positions = [offset + p - 1 for a, b in spans for p in range(a, b)]
         return RecallSample(torch.tensor([ids]), torch.tensor(positions), depths)
-
-    def _line_start_from(self, i: int, end: int) -> int:
-        for j in range(max(i, 1), min(i + 128, end)):
-            if self._newline[j - 1] and not self._newline[j]:
-                return j
-        return i

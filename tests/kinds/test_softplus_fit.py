@@ -1,5 +1,5 @@
-"""``headwise.calibrate.softplus_fit``: per-head entropy statistics, power choice, and the plan picked
-by the calibration loss beyond the trained length (tiny model)."""
+"""``headwise fit softplus`` (``headwise.kinds.softplus.fit``): per-head entropy statistics, power
+choice, and the plan picked by the calibration loss beyond the trained length (tiny model)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from headwise import patch_model, unpatch_model
-from headwise.calibrate import softplus_fit
+from headwise.kinds.softplus import fit as softplus_fit
 from headwise.kinds.softplus import Softplus
 from headwise.kinds.dense import Dense
 from tests.engine.conftest import make_long_tiny
@@ -72,3 +72,21 @@ def test_calibration_text_must_pass_the_trained_length():
     model = make_long_tiny()
     with pytest.raises(ValueError, match="must be longer than the trained context of 96"):
         softplus_fit.fit(model, torch.ones(1, 90, dtype=torch.long), trained=96)
+
+
+def test_fit_softplus_command_writes_a_plan_with_its_command(tiny_dir, tmp_path, capsys):
+    from headwise.cli import main
+    from headwise.plan import load_plan
+
+    out = tmp_path / "s.json"
+    args = ["fit", "softplus", "--model", str(tiny_dir), "--trained", "96", "--length", "160", "--offset", "100",
+            "--powers", "1,3", "--fractions", "0.5", "--rows", "8", "--out", str(out)]
+    assert main(args) == 0
+    assert "softplus heads" in capsys.readouterr().out
+    cal = load_plan(out).calibration
+    assert cal["command"] == "headwise fit softplus " + " ".join(args[2:])
+    assert cal["data"] == {"source": "pydoc_data.topics (CPython reference prose)", "offset": 100, "length": 160}
+    assert cal["length"] == 160 and cal["trained_length"] == 96
+    with pytest.raises(SystemExit, match="outside the corpus"):
+        main(["fit", "softplus", "--model", str(tiny_dir), "--trained", "96", "--offset", "10000000",
+              "--out", str(out)])

@@ -1,6 +1,7 @@
-"""Choose the heads (and each head's power ``p``) that get softplus-kind re-weighting, on calibration prose.
+"""``headwise fit softplus``: choose the heads (and each head's power ``p``) that get softplus-kind
+re-weighting, on calibration prose.
 
-``python -m headwise.calibrate.softplus_fit --out plan.json`` (embedded model by default). A
+``headwise fit softplus --out plan.json`` (embedded model by default). A
 softmax-trained model read past its trained context ``L`` spreads its attention over more keys
 (entropy grows with ``log n``); the re-weighting ``ReLU(n A - 1)^p`` removes every weight below the
 uniform ``1/n`` and sharpens the rest. Which heads gain from it is measured, not assumed:
@@ -18,30 +19,24 @@ uniform ``1/n`` and sharpens the rest. Which heads gain from it is measured, not
    scale); the rest stay dense. Each candidate plan is scored by the per-token loss of the same
    calibration text beyond ``L``; the plan keeps the best candidate, and all losses are recorded.
 
-The calibration text is the prose corpus of ``headwise.calibrate.data`` from token ``offset``: keep
+The calibration text is the prose corpus (``headwise.data.prose``) from token ``offset``: keep
 it apart from evaluation documents (the default 60000..72288 is disjoint from the eval suite's
 three 16k perplexity documents of seed 0, which start at tokens 5159, 35658 and 82009).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
-import math
-import shlex
-import sys
 import time
 from dataclasses import dataclass
 
 import torch
-from transformers import AttentionInterface
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from ..kinds.softplus import Softplus
-from ..kinds.dense import Dense
-from ..plan import ModelInfo, Plan
+from ...plan import ModelInfo, Plan
+from ..dense.spec import Dense
+from .spec import Softplus
 
-STATS_NAME = "headwise_softplus_stats"
+HELP = "choose the heads (and powers) that get softplus re-weighting beyond the trained context"
 LOSS_CHUNK = 1024
 
 
@@ -69,7 +64,7 @@ def rows_of(lo: int, hi: int, count: int) -> torch.Tensor:
 
 
 class StatsCollector:
-    """Attention function: transformers' sdpa (the model runs unchanged) plus entropy statistics of
+    """Observer for ``calibrate.capture.observing`` (the model runs unchanged): entropy statistics of
     sampled rows (``query [1, H, T, D]`` post-RoPE; keys at positions ``0..T-1``)."""
 
     def __init__(self, num_layers: int, num_kv_heads: int, inside: torch.Tensor, beyond: torch.Tensor,
@@ -77,8 +72,7 @@ class StatsCollector:
         self.inside, self.beyond, self.powers = inside, beyond, (0.0, *powers)
         self.sums = torch.zeros(num_layers, num_kv_heads, 2, len(self.powers), dtype=torch.float64)
 
-    def __call__(self, module, query, key, value, attention_mask, scaling=None, **kwargs):
-        out = sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
+    def __call__(self, layer: int, query, key, value, output, scaling) -> None:
         H, Hkv = query.shape[1], key.shape[1]
         G = H // Hkv
         scale = scaling if scaling is not None else query.shape[-1] ** -0.5
@@ -90,8 +84,7 @@ class StatsCollector:
             n = (rows + 1).float().expand(Hkv, G, -1)
             for j, p in enumerate(self.powers):
                 entropy = reweighted_entropy(probs, n, p)                                 # [Hkv, G, R]
-                self.sums[module.layer_idx, :, region, j] += entropy.double().mean((1, 2))
-        return out
+                self.sums[layer, :, region, j] += entropy.double().mean((1, 2))
 
     def stats(self) -> list[list[HeadStats]]:
         return [[HeadStats(dict(zip(self.powers, head[0].tolist())), dict(zip(self.powers, head[1].tolist())))
@@ -115,11 +108,14 @@ def choose_powers(stats: list[list[HeadStats]]) -> list[list[tuple[float, float]
 
 
 def plan_for(model, chosen, fraction: float, trained: int) -> tuple[Plan, int]:
-    """The plan re-weighting the heads with the largest positive gain, at most ``fraction`` of all."""
+    """The plan re-weighting the heads with the largest positive gain, at most ``fraction`` of all
+    (``calibrate.select``)."""
+    from ...calibrate.select import budget_count, select
+
     info = ModelInfo.of(model)
-    ranked = sorted(((g, i, h) for i, layer in enumerate(chosen) for h, (p, g) in enumerate(layer) if g > 0),
-                    reverse=True)
-    keep = {(i, h) for _, i, h in ranked[:int(fraction * info.num_layers * info.num_kv_heads)]}
+    gains = {(i, h): g for i, layer in enumerate(chosen) for h, (_, g) in enumerate(layer)}
+    keep = set(select(gains, count=budget_count(fraction, info.num_layers * info.num_kv_heads), highest=True,
+                      bound=0.0))
     layers = tuple(tuple(Softplus(nonlinearity="exp", scale="none", scale_length=trained, power=float(p))
                          if (i, h) in keep else Dense() for h, (p, _) in enumerate(layer))
                    for i, layer in enumerate(chosen))
@@ -142,7 +138,8 @@ def token_losses(model, input_ids: torch.Tensor) -> torch.Tensor:
 def fit(model, input_ids: torch.Tensor, trained: int, powers=(1.0, 3.0, 15.0), fractions=(0.1, 0.25),
         rows: int = 64, log=print) -> Plan:
     """The calibrated plan (see the module docstring) for ``input_ids [1, T]`` with ``T > trained``."""
-    from ..patches import patch_model, unpatch_model
+    from ...calibrate.capture import observing
+    from ...patches import patch_model, unpatch_model
 
     T = input_ids.shape[1]
     if T <= trained:
@@ -151,14 +148,9 @@ def fit(model, input_ids: torch.Tensor, trained: int, powers=(1.0, 3.0, 15.0), f
     info = ModelInfo.of(model)
     inside, beyond = rows_of(trained // 2, trained, rows), rows_of(trained, T, rows)
     collector = StatsCollector(info.num_layers, info.num_kv_heads, inside, beyond, tuple(powers))
-    AttentionInterface.register(STATS_NAME, collector)
-    previous = model.config._attn_implementation
-    model.set_attn_implementation(STATS_NAME)
     t0 = time.perf_counter()
-    try:
+    with observing(model, collector, name="headwise_softplus_stats"):
         dense_loss = token_losses(model, input_ids)
-    finally:
-        model.set_attn_implementation(previous or "sdpa")
     log(f"statistics pass over {T} tokens: {time.perf_counter() - t0:.0f} s")
     stats = collector.stats()
     chosen = choose_powers(stats)
@@ -195,19 +187,8 @@ def fit(model, input_ids: torch.Tensor, trained: int, powers=(1.0, 3.0, 15.0), f
     return plan
 
 
-def calibration_ids(tokenizer, offset: int, length: int) -> torch.Tensor:
-    """Tokens ``[offset, offset + length)`` of the calibration prose (``calibrate.data.corpus_text``)."""
-    from .data import corpus_text
-
-    tokens = tokenizer(corpus_text(), add_special_tokens=False).input_ids
-    if offset < 0 or offset + length > len(tokens):
-        raise ValueError(f"calibration slice {offset}..{offset + length} is outside the corpus of {len(tokens)} "
-                         "tokens; lower --offset or --length.")
-    return torch.tensor([tokens[offset:offset + length]])
-
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m headwise.calibrate.softplus_fit", description=__doc__.split("\n")[0])
+def add_arguments(p) -> None:
+    """``headwise fit softplus``'s options."""
     p.add_argument("--model", default=None, help="local checkpoint folder (default: the embedded SmolLM2)")
     p.add_argument("--out", required=True, help="plan JSON to write")
     p.add_argument("--length", type=int, default=12288, help="calibration tokens (longer than --trained)")
@@ -217,25 +198,27 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--fractions", default="0.1,0.25", help="candidate fractions of KV heads to re-weight")
     p.add_argument("--rows", type=int, default=64, help="query rows sampled inside and beyond the context")
     p.add_argument("--threads", type=int, default=None)
-    args = p.parse_args(argv)
+
+
+def run(args) -> int:
+    """``headwise fit softplus``: the module docstring's fit on ``--length`` corpus tokens from ``--offset``."""
+    from ...data.prose import SOURCE, corpus_slice
+    from ...models import load_model
+
     if args.threads:
         torch.set_num_threads(args.threads)
-    from ..models import load_model
-
     model, tokenizer = load_model(args.model)
     trained = args.trained or model.config.max_position_embeddings
-    ids = calibration_ids(tokenizer, args.offset, args.length)
+    try:
+        ids = corpus_slice(tokenizer, args.offset, args.length)
+    except ValueError as error:
+        raise SystemExit(f"{error} Lower --offset or --length.") from None
     plan = fit(model, ids, trained, tuple(float(x) for x in args.powers.split(",")),
                tuple(float(x) for x in args.fractions.split(",")), args.rows)
-    plan.calibration["data"] = {"source": "pydoc_data.topics (headwise.calibrate.data)", "offset": args.offset,
-                                "length": args.length}
-    plan.calibration["command"] = "python -m headwise.calibrate.softplus_fit " + shlex.join(argv or sys.argv[1:])
+    plan.calibration["data"] = {"source": SOURCE, "offset": args.offset, "length": args.length}
+    plan.calibration["command"] = getattr(args, "command_line", None)
     plan.save(args.out)
     heads = sum(h.kind == "softplus" for h in plan.heads)
     print(f"wrote {args.out}: {heads} softplus heads ({plan.calibration['picked']}); losses beyond "
           f"{trained}: {json.dumps({k: round(v, 4) for k, v in plan.calibration['loss_beyond'].items()})}")
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

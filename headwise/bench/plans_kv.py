@@ -1,6 +1,6 @@
 """KV held and decode step time of plans through ``patch_model`` at one long context (batch 1).
 
-    python -m headwise.linearize.bench --plans dense,plans/smollm2-135m-d25.json,mixed.json --length 8192
+    python -m headwise.bench.plans_kv --plans dense,plans/smollm2-135m-d25.json,mixed.json --length 8192
 
 Per plan: one prefill of ``--length`` prose tokens (not timed for the table), then ``--steps``
 greedy decode steps timed one by one (median reported), and ``kv_bytes`` of the cache afterwards:
@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     import torch
 
-    from ..eval.prose import corpus_text
+    from ..data.prose import corpus_text
     from ..models import load_model
 
     torch.set_num_threads(args.threads)

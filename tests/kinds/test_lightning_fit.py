@@ -1,5 +1,6 @@
-"""Fitting lightning heads: the fit's quadratic form equals the kernel, fitting lowers the error,
-head choice under a budget, and ``headwise linearize`` end to end (resume, plan files)."""
+"""Fitting lightning and hybrid heads: the fit's quadratic form equals the kernel, fitting lowers the
+error, head choice under a budget, and ``headwise fit lightning`` / ``headwise fit hybrid`` end to end
+(resume, plan files)."""
 
 from __future__ import annotations
 
@@ -7,16 +8,16 @@ import json
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig
+from transformers import AutoModelForCausalLM
 
 from headwise.cli import main
 from headwise.kernels.lightning import lightning_attention
 from headwise.kinds.hedgehog import hedgehog_features
 from headwise.kinds.lightning import Lightning
-from headwise.linearize.convert import choose_heads
 from headwise.kinds.hybrid import Hybrid
 from headwise.kinds.layer import LayerKinds
-from headwise.linearize.fit import fit_head, hybrid_outputs, linear_outputs, relative_error, softmax_outputs
+from headwise.kinds.lightning.fit import (choose_heads, fit_head, hybrid_outputs, linear_outputs, relative_error,
+                                          softmax_outputs)
 from headwise.plan import load_plan
 
 
@@ -84,35 +85,21 @@ def test_heads_are_chosen_by_error_under_the_budget():
     assert choose_heads(errors, None, 0.3, 4) == [(0, 1), (1, 0), (1, 1)]
     assert choose_heads(errors, 0.75, 0.2, 4) == [(0, 1), (1, 1)]
     assert choose_heads(errors, 0.0, None, 4) == []
+    # a fraction is an upper bound: 0.6 of 4 heads allows 2, not round(2.4) or 3
+    assert choose_heads(errors, 0.6, None, 4) == [(0, 1), (1, 1)]
+    assert choose_heads({(0, 0): 0.2, (0, 1): 0.2, (1, 0): 0.1}, 0.67, None, 3) == [(0, 0), (1, 0)]   # ties by head
 
 
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    from transformers import AutoTokenizer
-
-    from headwise.models import embedded_model_dir
-
-    tok = AutoTokenizer.from_pretrained(embedded_model_dir(), local_files_only=True)
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=2048,
-                         initializer_range=0.2, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                         pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
-    path = tmp_path_factory.mktemp("tiny")
-    AutoModelForCausalLM.from_config(config).save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
-
-
-def test_linearize_end_to_end_then_resume(tiny_dir, tmp_path, capsys):
-    common = ["linearize", "--model", str(tiny_dir), "--plan", "dense", "--length", "32", "--samples", "1",
-              "--steps", "3", "--feature-dim", "8", "--work-dir", str(tmp_path / "work")]
+def test_fit_lightning_end_to_end_then_resume(tiny_dir, tmp_path, capsys):
+    common = ["fit", "lightning", "--model", str(tiny_dir), "--plan", "dense", "--length", "32", "--samples", "1",
+              "--steps", "3", "--feature-dim", "8", "--cache-dir", str(tmp_path / "work")]
     assert main(common + ["--heads", "auto", "--fraction", "0.5", "--out", str(tmp_path / "a.json")]) == 0
     out = capsys.readouterr().out
     assert "4 candidate heads, 0 already fitted" in out and "converted 2 of 4 KV heads" in out
     plan = load_plan(tmp_path / "a.json")
     assert sum(isinstance(h, Lightning) for h in plan.heads) == 2
-    lin = plan.calibration["linearize"]
+    assert plan.calibration["method"] == "lightning" and plan.calibration["command"].startswith("headwise fit lightning")
+    lin = plan.calibration["fit"]
     assert len(lin["errors"]) == 4 and len(lin["heads"]) == 2
     chosen = sorted(lin["errors"], key=lin["errors"].get)[:2]
     assert sorted(lin["heads"]) == sorted(chosen)
@@ -133,8 +120,9 @@ def test_replace_limits_the_candidates_to_base_kinds(tiny_dir, tmp_path, capsys)
     model = AutoModelForCausalLM.from_pretrained(tiny_dir)
     base = Plan.dense(model)
     Plan(base.model, ((Window(sink=2, alpha=8.0), Dense()), (Dense(), Window(sink=2, alpha=8.0)))).save(tmp_path / "w.json")
-    args = ["linearize", "--model", str(tiny_dir), "--plan", str(tmp_path / "w.json"), "--length", "32", "--samples", "1",
-            "--steps", "2", "--feature-dim", "8", "--work-dir", str(tmp_path / "work"), "--replace", "window",
+    args = ["fit", "lightning", "--model", str(tiny_dir), "--plan", str(tmp_path / "w.json"), "--length", "32",
+            "--samples", "1", "--steps", "2", "--feature-dim", "8", "--cache-dir", str(tmp_path / "work"),
+            "--replace", "window",
             "--fraction", "1.0", "--out", str(tmp_path / "m.json")]
     assert main(args) == 0
     assert "2 candidate heads" in capsys.readouterr().out
@@ -142,35 +130,41 @@ def test_replace_limits_the_candidates_to_base_kinds(tiny_dir, tmp_path, capsys)
     assert [[h.kind for h in layer] for layer in plan.layers] == [["lightning", "dense"], ["dense", "lightning"]]
 
 
-def test_linearize_makes_hybrid_heads_with_window_and_sink(tiny_dir, tmp_path, capsys):
+def test_fit_hybrid_makes_hybrid_heads_with_window_and_sink(tiny_dir, tmp_path, capsys):
     from headwise.patches import patch_model
 
-    args = ["linearize", "--model", str(tiny_dir), "--plan", "dense", "--length", "32", "--samples", "1", "--steps", "3",
-            "--feature-dim", "8", "--work-dir", str(tmp_path / "work"), "--heads", "auto", "--fraction", "0.5",
-            "--window", "6", "--sink", "2", "--out", str(tmp_path / "h.json")]
+    common = ["--model", str(tiny_dir), "--plan", "dense", "--length", "32", "--samples", "1", "--steps", "3",
+              "--feature-dim", "8", "--cache-dir", str(tmp_path / "work"), "--heads", "auto", "--fraction", "0.5"]
+    args = ["fit", "hybrid", *common, "--window", "6", "--sink", "2", "--out", str(tmp_path / "h.json")]
     assert main(args) == 0
     assert "converted 2 of 4 KV heads to hybrid (sink 2, window 6)" in capsys.readouterr().out
     plan = load_plan(tmp_path / "h.json")
     hybrids = [h for h in plan.heads if isinstance(h, Hybrid)]
     assert len(hybrids) == 2 and all((h.sink, h.window) == (2, 6) for h in hybrids)
-    assert plan.calibration["linearize"]["window"] == 6 and plan.calibration["linearize"]["sink"] == 2
+    assert plan.calibration["fit"]["window"] == 6 and plan.calibration["fit"]["sink"] == 2
+    assert plan.calibration["method"] == "hybrid"
     assert all(plan.weights[f"{h.weights}.log_mix"].shape == (2,) for h in hybrids)
     model = AutoModelForCausalLM.from_pretrained(tiny_dir)
     patch_model(model, str(tmp_path / "h.json"))
     with torch.no_grad():
         assert torch.isfinite(model(input_ids=torch.arange(3, 43)[None]).logits).all()
     # lightning fits of the same heads live in another store: nothing is reused across kinds
-    assert main(args[:-6] + ["--fraction", "0.5", "--out", str(tmp_path / "l.json")]) == 0
+    assert main(["fit", "lightning", *common, "--out", str(tmp_path / "l.json")]) == 0
     assert "4 candidate heads, 0 already fitted" in capsys.readouterr().out
 
 
 def test_bad_head_list_is_refused(tiny_dir, tmp_path):
     with pytest.raises(SystemExit, match="outside the model's 2 layers x 2 KV heads"):
-        main(["linearize", "--model", str(tiny_dir), "--plan", "dense", "--heads", "5.0", "--out", str(tmp_path / "x.json")])
+        main(["fit", "lightning", "--model", str(tiny_dir), "--plan", "dense", "--heads", "5.0",
+              "--out", str(tmp_path / "x.json")])
+    with pytest.raises(SystemExit, match="--window must be at least 1"):
+        main(["fit", "hybrid", "--model", str(tiny_dir), "--plan", "dense", "--window", "0",
+              "--out", str(tmp_path / "x.json")])
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", [[], ["--window", "64", "--sink", "4"]], ids=["lightning", "hybrid"])
+@pytest.mark.real_model
+@pytest.mark.parametrize("kind", [["lightning"], ["hybrid", "--window", "64", "--sink", "4"]], ids=["lightning", "hybrid"])
 def test_real_model_linearized_plan_decodes_like_recomputation(real_model, tmp_path, kind):
     """Fit three heads of the embedded model briefly, then cached greedy decoding equals recomputation
     (a hybrid head's linear part is in use: 200 tokens > sink + window)."""
@@ -178,9 +172,9 @@ def test_real_model_linearized_plan_decodes_like_recomputation(real_model, tmp_p
     from headwise.patches import patch_model, unpatch_model
 
     model, tokenizer = real_model
-    assert main(["linearize", "--model", str(embedded_model_dir()), "--plan", "uniform:0.25", "--heads", "0.0,0.2,9.1",
-                 "--length", "256", "--samples", "1", "--steps", "10", "--work-dir", str(tmp_path / "w"),
-                 "--out", str(tmp_path / "p.json"), *kind]) == 0
+    assert main(["fit", *kind, "--model", str(embedded_model_dir()), "--plan", "uniform:0.25", "--heads", "0.0,0.2,9.1",
+                 "--length", "256", "--samples", "1", "--steps", "10", "--cache-dir", str(tmp_path / "w"),
+                 "--out", str(tmp_path / "p.json")]) == 0
     import pydoc_data.topics as topics
     x = tokenizer(" ".join(topics.topics.values())[5000:20000], return_tensors="pt").input_ids[:, :200]
     patch_model(model, str(tmp_path / "p.json"))

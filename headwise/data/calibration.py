@@ -22,13 +22,12 @@ Two kinds of sample alternate (even index: recall, odd index: summary):
 
 from __future__ import annotations
 
-import hashlib
-import json
 import random
-import sys
 from dataclasses import dataclass
 
 import torch
+
+from .prose import corpus_description, corpus_ids
 
 INSTRUCTIONS = (
     "Summarize the text above in two sentences.",
@@ -59,19 +58,9 @@ class CalibrationSample:
     answer_prefix: str = ""
 
 
-def corpus_text() -> str:
-    """The prose: every ``pydoc_data.topics`` entry, in sorted topic order, blank-line separated."""
-    from pydoc_data.topics import topics
-
-    return "\n\n".join(topics[name].strip() for name in sorted(topics))
-
-
 def data_description() -> dict:
     """What the data is, for the plan's ``calibration`` block and the profile cache key."""
-    text = corpus_text()
-    return {"source": "pydoc_data.topics (CPython reference prose)",
-            "python": f"{sys.version_info.major}.{sys.version_info.minor}",
-            "characters": len(text), "sha256": hashlib.sha256(text.encode()).hexdigest()[:16],
+    return {**corpus_description(),
             "instructions": list(INSTRUCTIONS), "recall_fact": RECALL_FACT,
             "recall_question": RECALL_QUESTION,
             "recall_answer_prefix": RECALL_ANSWER_PREFIX, "recall_facts": RECALL_FACTS,
@@ -80,13 +69,7 @@ def data_description() -> dict:
             "targets": "dense model's own greedy answers"}
 
 
-def data_key(answer_tokens: int, seed: int) -> str:
-    """Short stable hash of everything that decides the samples' prompts (not the model)."""
-    payload = json.dumps({**data_description(), "answer_tokens": answer_tokens, "seed": seed}, sort_keys=True)
-    return hashlib.sha256(payload.encode()).hexdigest()[:12]
-
-
-def _template_parts(tokenizer) -> tuple[list[int], list[int]]:
+def chat_parts(tokenizer) -> tuple[list[int], list[int]]:
     """Token ids before and after the user content in the model's chat template."""
     messages = [{"role": "user", "content": _PLACEHOLDER}]
     if getattr(tokenizer, "chat_template", None):
@@ -98,11 +81,27 @@ def _template_parts(tokenizer) -> tuple[list[int], list[int]]:
     wants_bos = getattr(tokenizer, "add_bos_token", False) and tokenizer.bos_token_id is not None
     if wants_bos and not (tokenizer.bos_token and before.startswith(tokenizer.bos_token)):
         bos = [tokenizer.bos_token_id]          # GGUF-derived tokenizers may not put it in the template
-    return bos + _encode(tokenizer, before), _encode(tokenizer, after)
+    return bos + encode(tokenizer, before), encode(tokenizer, after)
 
 
-def _encode(tokenizer, text: str) -> list[int]:
+def encode(tokenizer, text: str) -> list[int]:
+    """``text`` as token ids, no special tokens added."""
     return tokenizer(text, add_special_tokens=False).input_ids
+
+
+class LineStarts:
+    """Where lines start in a token sequence, to insert text at a line start near a depth."""
+
+    def __init__(self, tokenizer, ids: list[int]):
+        ends_line = {t: "\n" in tokenizer.decode([t]) for t in set(ids)}
+        self._newline = [ends_line[t] for t in ids]
+
+    def at_or_after(self, i: int, end: int) -> int:
+        """The first line start in ``[i, min(i + 128, end))`` (``i`` itself when there is none)."""
+        for j in range(max(i, 1), min(i + 128, end)):
+            if self._newline[j - 1] and not self._newline[j]:
+                return j
+        return i
 
 
 class SampleBuilder:
@@ -111,10 +110,9 @@ class SampleBuilder:
     def __init__(self, model, tokenizer, answer_tokens: int = 32, seed: int = 0):
         self.model, self.tokenizer = model, tokenizer
         self.answer_tokens, self.seed = answer_tokens, seed
-        self.corpus = _encode(tokenizer, corpus_text())
-        self.before, self.after = _template_parts(tokenizer)
-        ends_line = {t: "\n" in tokenizer.decode([t]) for t in set(self.corpus)}
-        self._newline = [ends_line[t] for t in self.corpus]
+        self.corpus = list(corpus_ids(tokenizer))
+        self.before, self.after = chat_parts(tokenizer)
+        self._lines = LineStarts(tokenizer, self.corpus)
 
     def offsets(self, length: int, count: int) -> list[int]:
         """Deterministic passage end offsets into the tokenized corpus for ``count`` samples."""
@@ -140,14 +138,14 @@ class SampleBuilder:
         """Chat prompt: passage of ``passage_tokens`` corpus tokens ending at ``end``, each fact inserted
         at the first line start at or after its depth, the instruction, then ``answer_prefix``."""
         start = end - passage_tokens
-        cuts = sorted((self._line_start_from(start + int(depth * passage_tokens), end), text) for depth, text in facts)
+        cuts = sorted((self._lines.at_or_after(start + int(depth * passage_tokens), end), text) for depth, text in facts)
         passage, at = [], start
         for cut, text in cuts:
-            passage += self.corpus[at:cut] + _encode(self.tokenizer, text + "\n")
+            passage += self.corpus[at:cut] + encode(self.tokenizer, text + "\n")
             at = cut
         passage += self.corpus[at:end]
-        prefix = _encode(self.tokenizer, answer_prefix) if answer_prefix else []
-        return self.before + passage + _encode(self.tokenizer, "\n\n" + instruction) + self.after + prefix
+        prefix = encode(self.tokenizer, answer_prefix) if answer_prefix else []
+        return self.before + passage + encode(self.tokenizer, "\n\n" + instruction) + self.after + prefix
 
     def _greedy(self, prompt: list[int]) -> list[int]:
         """The dense model's greedy answer (at most ``answer_tokens``, cut after end-of-sequence)."""
@@ -157,12 +155,6 @@ class SampleBuilder:
         answer = out[0, ids.shape[1]:].tolist()
         eos = self.tokenizer.eos_token_id
         return answer[:answer.index(eos) + 1] if eos in answer else answer
-
-    def _line_start_from(self, i: int, end: int) -> int:
-        for j in range(max(i, 1), min(i + 128, end)):
-            if self._newline[j - 1] and not self._newline[j]:
-                return j
-        return i
 
     @torch.no_grad()
     def build(self, length: int, index: int, end: int) -> CalibrationSample:
