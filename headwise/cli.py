@@ -15,7 +15,6 @@ COMMAND_MODULES = [
     "headwise.eval.cli",
     "headwise.calibrate.cli",
     "headwise.plan_cli",
-    "headwise.bench_cli",
     "headwise.engine.cli",
     "headwise.linearize.cli",
     "headwise.kinds.moh.cli",

@@ -13,8 +13,8 @@ of the head's own KV group only, and the attention input hidden states. Prints t
 seed 0) with plans made from a ``headwise moh-fit`` work dir's routers, the layer budget split by
 estimated loss change or by held-out relative error, and single-layer probes (``--single L:K``).
 
-    OMP_NUM_THREADS=1 .venv/bin/python scripts/probe_moh.py --router-inputs
-    OMP_NUM_THREADS=1 .venv/bin/python scripts/probe_moh.py --budgets /tmp/moh/work --active 0.9,0.75,0.5 --single 24:2,1:2
+    OMP_NUM_THREADS=1 python scripts/probe_moh.py --router-inputs
+    OMP_NUM_THREADS=1 python scripts/probe_moh.py --budgets /tmp/moh/work --active 0.9,0.75,0.5 --single 24:2,1:2
 """
 
 from __future__ import annotations
@@ -29,10 +29,10 @@ import statistics
 import sys
 from pathlib import Path
 
-import torch
+if __name__ == "__main__" and not __package__:   # python scripts/probe_moh.py: this checkout first
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT), str(ROOT / "scripts")]
+import torch  # noqa: E402
 
 
 def router_inputs(model, tokenizer, length: int = 1024, slices: int = 4) -> None:
@@ -123,7 +123,7 @@ def router_inputs(model, tokenizer, length: int = 1024, slices: int = 4) -> None
 def budgets(model, tokenizer, work: str, actives: list[float], singles: list[str]) -> None:
     from safetensors.torch import load_file
 
-    from bench_moh import perplexity_trial
+    from benchmarks.moh import perplexity_trial
     from headwise.eval import tasks
     from headwise.kinds.moh.fit import LayerRouter, allocate, make_plan
     from headwise.plan import ModelInfo
