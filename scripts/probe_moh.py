@@ -1,4 +1,5 @@
-"""Measurements behind the ``moh`` design choices (README "Mixture-of-Head routing"), on the embedded SmolLM2.
+"""Measurements behind the ``moh`` design choices, on the embedded SmolLM2 (results:
+``benchmarks/results/2026-11-27-moh-router-inputs.md`` and ``2026-11-27-moh-budget.md``).
 
 ``--router-inputs``: which token features predict, per layer, which query heads matter. On consecutive
 1k-token slices of the calibration prose (``headwise.calibrate.data.corpus_text``, seeded offsets;
