@@ -1,14 +1,19 @@
-"""Fixtures of the benchmark tests: a tiny random model with the embedded model's real tokenizer."""
+"""Fixtures of the benchmark tests: a tiny random model with the embedded model's real tokenizer.
+
+transformers is imported inside the helper, not here: a run that collects these tests before
+``tests/`` must not import Triton before ``tests/conftest.py`` chooses its interpreter mode.
+"""
 
 from __future__ import annotations
 
 import pytest
-import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
 
 def tiny_llama_with_real_tokenizer():
     """A 2-layer random Llama (GQA 3) with the embedded model's tokenizer, so the eval generators run."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
+
     from headwise.models import embedded_model_dir
 
     tok = AutoTokenizer.from_pretrained(embedded_model_dir(), local_files_only=True)
