@@ -16,7 +16,6 @@ COMMAND_MODULES = [
     "headwise.calibrate.cli",
     "headwise.calibrate.fit_cli",
     "headwise.plan_cli",
-    "headwise.bench_cli",
     "headwise.engine.cli",
 ]
 

@@ -1,4 +1,5 @@
-"""Measurements behind the ``moh`` design choices (README "Mixture-of-Head routing"), on the embedded SmolLM2.
+"""Measurements behind the ``moh`` design choices, on the embedded SmolLM2 (results:
+``benchmarks/results/2026-11-27-moh-router-inputs.md`` and ``2026-11-27-moh-budget.md``).
 
 ``--router-inputs``: which token features predict, per layer, which query heads matter. On consecutive
 1k-token slices of the calibration prose (``headwise.data.prose.corpus_text``, seeded offsets;
@@ -14,8 +15,8 @@ seed 0) with plans made from the routers ``headwise fit moh`` keeps (its store f
 ``<cache-dir>/<model>-moh-<key>/``), the layer budget split by
 estimated loss change or by held-out relative error, and single-layer probes (``--single L:K``).
 
-    OMP_NUM_THREADS=1 .venv/bin/python scripts/probe_moh.py --router-inputs
-    OMP_NUM_THREADS=1 .venv/bin/python scripts/probe_moh.py --budgets /tmp/moh/cache/*-moh-* --active 0.9,0.75,0.5 --single 24:2,1:2
+    OMP_NUM_THREADS=1 python scripts/probe_moh.py --router-inputs
+    OMP_NUM_THREADS=1 python scripts/probe_moh.py --budgets /tmp/moh/cache/*-moh-* --active 0.9,0.75,0.5 --single 24:2,1:2
 """
 
 from __future__ import annotations
@@ -27,10 +28,10 @@ import statistics
 import sys
 from pathlib import Path
 
-import torch
+if __name__ == "__main__" and not __package__:   # python scripts/probe_moh.py: this checkout first
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT), str(ROOT / "scripts")]
+import torch  # noqa: E402
 
 
 def router_inputs(model, tokenizer, length: int = 1024, slices: int = 4) -> None:
@@ -119,7 +120,7 @@ def router_inputs(model, tokenizer, length: int = 1024, slices: int = 4) -> None
 
 
 def budgets(model, tokenizer, work: str, actives: list[float], singles: list[str]) -> None:
-    from bench_moh import perplexity_trial
+    from benchmarks.moh import perplexity_trial
     from headwise.calibrate.select import allocate
     from headwise.calibrate.store import Store
     from headwise.eval import tasks

@@ -1,4 +1,4 @@
-"""scripts/bench_calibrated.py's per-prompt functions on a tiny model: a run extending a cache computes
+"""benchmarks/quality.py's per-prompt functions on a tiny model: a run extending a cache computes
 only the rows it lacks, with the same results; recurrent-state plans get their states from the shared
 dense prefill."""
 
@@ -6,39 +6,16 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
+from benchmarks import quality as bench
 from headwise.plan import Plan
-from tests.conftest import load_script
-
-
-@pytest.fixture(scope="module")
-def bench():
-    return load_script("bench_calibrated")
-
-
-def tiny_llama_with_real_tokenizer():
-    """A 2-layer random Llama (GQA 3) with the embedded model's tokenizer, so the eval generators run."""
-    from headwise.models import embedded_model_dir
-
-    tok = AutoTokenizer.from_pretrained(embedded_model_dir(), local_files_only=True)
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tok), hidden_size=48, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=6, num_key_value_heads=2, head_dim=16, max_position_embeddings=2048,
-                         initializer_range=0.2, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
-    return AutoModelForCausalLM.from_config(config).eval(), tok
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    return tiny_llama_with_real_tokenizer()
 
 
 PROMPT = ("The grass is green. The sky is blue. " * 12 + "The pass key is 71432. Remember it. "
           + "The sun is yellow. " * 10 + "\n\nWhat is the pass key? The pass key is")
 
 
-def test_only_missing_rows_are_computed(bench, tiny):
+def test_only_missing_rows_are_computed(tiny):
     from tests.kinds.test_hybrid import hybrid_plan
 
     model, tok = tiny
@@ -58,7 +35,7 @@ def test_only_missing_rows_are_computed(bench, tiny):
 
 
 @pytest.mark.parametrize("kind", ["hybrid", "lightning", "hybrid_sink0"])
-def test_shared_dense_prefill_builds_the_recurrent_states(bench, tiny, kind):
+def test_shared_dense_prefill_builds_the_recurrent_states(tiny, kind):
     """plan_cache on the unpatched prefill's KV holds the states (and gives the greedy tokens) that
     patch_model(prefill="dense") builds on the whole prompt, for lightning and hybrid heads."""
     from headwise import expected_length, patch_model, unpatch_model
@@ -91,7 +68,7 @@ def test_shared_dense_prefill_builds_the_recurrent_states(bench, tiny, kind):
 
 
 @pytest.mark.parametrize("plan", ["uniform:0.25:4", "uniform:0.5:4", "dense"])
-def test_guided_greedy_equals_step_greedy_for_any_guess(bench, plan):
+def test_guided_greedy_equals_step_greedy_for_any_guess(plan):
     """Verifying a guess in one forward gives exactly the tokens of greedy decoding step by step."""
     import random
 
@@ -119,7 +96,7 @@ def test_guided_greedy_equals_step_greedy_for_any_guess(bench, plan):
             unpatch_model(model)
 
 
-def test_kv_store_reproduces_the_dense_prefill(bench, tiny, tmp_path):
+def test_kv_store_reproduces_the_dense_prefill(tiny, tmp_path):
     """A prompt's dense-prefill KV read back from --kv-store gives the same rows as computing it."""
     model, tok = tiny
     plans = {"u": Plan.uniform(model, 0.5, sink=4)}
@@ -139,7 +116,7 @@ def test_kv_store_reproduces_the_dense_prefill(bench, tiny, tmp_path):
     assert all(torch.equal(a, c) and torch.equal(b, d) for (a, b), (c, d) in zip(kv, stored))
 
 
-def test_dense_mode_perplexity_does_not_depend_on_the_chunk(bench, tiny):
+def test_dense_mode_perplexity_does_not_depend_on_the_chunk(tiny):
     """The second half of a document reads what decode steps read, whatever the forward's chunk."""
     model, tok = tiny
     plans = {"u": Plan.uniform(model, 0.3, sink=4)}
@@ -150,7 +127,7 @@ def test_dense_mode_perplexity_does_not_depend_on_the_chunk(bench, tiny):
     assert abs(one["u | dense"][0] - whole["u | dense"][0]) < 1e-3 * abs(one["u | dense"][0])
 
 
-def test_targets_compare_rows_on_the_prompts_they_share(bench):
+def test_targets_compare_rows_on_the_prompts_they_share():
     """A row with more trials (dense) does not skew the comparison: only prompts every row has count."""
     ok = lambda *flags: {i: {"ok": f} for i, f in enumerate(flags)}   # noqa: E731
     per_prompt = {("dense", "passkey", 2048): ok(True, True, True, True),

@@ -1,11 +1,14 @@
-"""Attention kernels side by side on this machine: sink + window prefill and decode vs dense sdpa.
+"""Attention kernels side by side on this machine: sink + window prefill and paged decode vs dense sdpa.
 
 SmolLM2-135M shapes (9 query heads, 3 KV heads, head_dim 64), one sequence, fp32. Prefill runs a
 25% uniform plan (``Plan.uniform``'s rule: sink 64, span = 0.25 * N - 64) with the ``cpu`` and
 ``naive`` backends against ``torch.nn.functional.scaled_dot_product_attention(is_causal=True)``;
-decode times one step against the number of kept tokens, dense sdpa over the same keys beside it.
+decode times one ``paged_decode`` step (the engine's decode kernel: ``naive``, ``cpu`` and ``native``
+backends, one block table per KV head, keys in ring order) against the number of kept tokens, dense
+sdpa over the same keys beside it.
 
-    python scripts/bench_attention.py [--lengths 2048,4096,8192] [--repeats 3] [--threads N] [--no-naive]
+    python benchmarks/attention.py [--lengths 2048,4096,8192] [--kept 512,2048,8192,32768] [--repeats 3]
+                                   [--threads N] [--no-naive]
 
 Times are medians of ``--repeats`` runs after one warm-up; machines here are shared, so compare
 columns of one run, not runs.
@@ -15,14 +18,19 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
+from pathlib import Path
 
-import torch
-import torch.nn.functional as F
+if __name__ == "__main__" and not __package__:   # python benchmarks/attention.py: this checkout first
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-from headwise.kernels.paged_decode import paged_decode
-from headwise.kernels.sink_window import sink_window_attention
-from headwise.kernels.sink_window_decode import sink_window_decode
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from benchmarks.common import provenance, provenance_line  # noqa: E402
+from headwise.kernels.paged_decode import paged_decode  # noqa: E402
+from headwise.kernels.sink_window import sink_window_attention  # noqa: E402
 
 H, HKV, D = 9, 3, 64
 SINK, DENSITY = 64, 0.25
@@ -77,9 +85,10 @@ def bench_prefill(lengths: list[int], repeats: int, naive: bool) -> None:
 
 
 def bench_decode(kept_list: list[int], repeats: int, block_size: int = 16) -> None:
-    print_table_header(f"decode step, 1 sequence, {H} q / {HKV} kv heads, d={D}, fp32, kept keys per head in ring order",
-                       f"{'kept':>7} {'sdpa dense ms':>14} {'cpu ms':>8} {'naive ms':>9} {'paged cpu ms':>13} "
-                       f"{'cpu GB/s':>9}")
+    print_table_header(f"paged decode step, 1 sequence, {H} q / {HKV} kv heads, d={D}, fp32, kept keys per head in "
+                       f"ring order, {block_size}-token blocks",
+                       f"{'kept':>7} {'sdpa dense ms':>14} {'naive ms':>9} {'cpu ms':>8} {'native ms':>10} "
+                       f"{'native GB/s':>12} {'max |native-naive|':>19}")
     for kept in kept_list:
         g = torch.Generator().manual_seed(kept)
         q = torch.randn(1, H, D, generator=g)
@@ -90,20 +99,21 @@ def bench_decode(kept_list: list[int], repeats: int, block_size: int = 16) -> No
         q_pos = torch.tensor([kept - 1])
         sink = torch.zeros(HKV, dtype=torch.long)
         span = torch.full((1, HKV), kept, dtype=torch.long)
-        args = (q, k, v, q_pos, k_pos, sink, span, D ** -0.5)
-        blocks = kept // block_size
-        k_pool = k[0].view(HKV, blocks, block_size, D).reshape(HKV * blocks, block_size, 1, D)
-        v_pool = v[0].view(HKV, blocks, block_size, D).reshape(HKV * blocks, block_size, 1, D)
-        pos_pool = k_pos[0].reshape(HKV * blocks, block_size)
+        blocks = -(-kept // block_size)
+        pad = blocks * block_size - kept                                          # empty slots: position -1
+        k_pool = F.pad(k[0], (0, 0, 0, pad)).view(HKV * blocks, block_size, 1, D)
+        v_pool = F.pad(v[0], (0, 0, 0, pad)).view(HKV * blocks, block_size, 1, D)
+        pos_pool = F.pad(k_pos[0], (0, pad), value=-1).reshape(HKV * blocks, block_size)
         tables = torch.arange(HKV * blocks, dtype=torch.int32).view(1, HKV, blocks)
-        paged_args = (q, k_pool, v_pool, pos_pool, tables, q_pos, sink, span, D ** -0.5)
+        args = (q, k_pool, v_pool, pos_pool, tables, q_pos, sink, span, D ** -0.5)
         dense = median_seconds(lambda: F.scaled_dot_product_attention(q[:, :, None], k, v, enable_gqa=True), repeats)
-        fast = median_seconds(lambda: sink_window_decode(*args, backend="cpu"), repeats)
-        reference = median_seconds(lambda: sink_window_decode(*args, backend="naive"), repeats)
-        paged = median_seconds(lambda: paged_decode(*paged_args, backend="cpu"), repeats)
+        naive = median_seconds(lambda: paged_decode(*args, backend="naive"), repeats)
+        cpu = median_seconds(lambda: paged_decode(*args, backend="cpu"), repeats)
+        native = median_seconds(lambda: paged_decode(*args, backend="native"), repeats)
+        error = (paged_decode(*args, backend="native") - paged_decode(*args, backend="naive")).abs().max()
         kv_bytes = 2 * HKV * kept * D * 4
-        print(f"{kept:>7} {dense * 1e3:>14.3f} {fast * 1e3:>8.3f} {reference * 1e3:>9.3f} {paged * 1e3:>13.3f} "
-              f"{kv_bytes / fast / 1e9:>9.2f}")
+        print(f"{kept:>7} {dense * 1e3:>14.3f} {naive * 1e3:>9.3f} {cpu * 1e3:>8.3f} {native * 1e3:>10.3f} "
+              f"{kv_bytes / native / 1e9:>12.2f} {float(error):>19.2e}")
 
 
 def main() -> None:
@@ -116,6 +126,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    print(provenance_line(provenance()))
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     bench_prefill([int(x) for x in args.lengths.split(",")], args.repeats, not args.no_naive)
     bench_decode([int(x) for x in args.kept.split(",")], max(5, args.repeats))

@@ -7,21 +7,20 @@ import json
 
 import pytest
 
+from benchmarks.tests.conftest import tiny_llama_with_real_tokenizer
 from headwise import patch_model
 from headwise.eval.tasks import sweep_depths
 from headwise.kinds.softplus import Softplus
-from tests.conftest import load_script
+from scripts import softplus_extrapolation
 
 
 @pytest.fixture(scope="module")
 def script():
-    return load_script("softplus_extrapolation")
+    return softplus_extrapolation
 
 
 @pytest.fixture
 def tiny_run(script, monkeypatch):
-    from tests.test_bench_calibrated import tiny_llama_with_real_tokenizer
-
     model, tok = tiny_llama_with_real_tokenizer()
 
     def load(config):

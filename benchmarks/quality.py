@@ -5,8 +5,8 @@ correct when the answer appears in the output. Perplexity: real-prose documents
 (headwise.eval.tasks.perplexity), scored on the second half of each document (where a window
 head has dropped the most). Prints a markdown table and checks issue 13's targets.
 
-    flock /tmp/headwise-heavy.lock .venv/bin/python scripts/bench_calibrated.py \\
-        --plan plans/smollm2-135m-d25-v1.json,plans/smollm2-135m-d25.json \\
+    flock /tmp/headwise-heavy.lock python benchmarks/quality.py \\
+        --plan plans/baselines/smollm2-135m-d25-v1.json,plans/smollm2-135m-d25.json \\
         --lengths 2048,4096,8192 --trials 50,50,20 --cache bench25.jsonl
 
 Every plan but dense runs in three modes (``--modes``):
@@ -46,16 +46,21 @@ v2's gate data) and the perplexity documents may share passages.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import math
+import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
 
-import torch
+if __name__ == "__main__" and not __package__:   # python benchmarks/quality.py: this checkout first
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-ROOT = Path(__file__).resolve().parent.parent
+import torch  # noqa: E402
+
+from benchmarks.common import (SHIPPED_D25, ResultStore, per_length, plan_key, provenance,  # noqa: E402
+                               provenance_line, spread_rank)
+
 QUESTION_MARK = "\n\nWhat is"        # where the question of the passkey and niah prompts starts
 MODES = ("sparse", "dense", "ctx")
 
@@ -181,49 +186,6 @@ def greedy_guided(model, make, guess: list[int], budget: int, eos: int, done=Non
         logits = model(input_ids=torch.tensor([guess[:agreed]]), past_key_values=cache, use_cache=True,
                        logits_to_keep=1).logits
     return greedy_from(model, cache, logits, guess[:agreed], budget, eos, done)
-
-
-def plan_key(spec) -> str:
-    """Identity of a plan in the result cache: the spec string, or a hash of the plan's head specs."""
-    if isinstance(spec, str):
-        return spec
-    layers = [[h.to_json() for h in layer] for layer in spec.layers]
-    return "plan-" + hashlib.sha256(json.dumps(layers, sort_keys=True).encode()).hexdigest()[:16]
-
-
-class ResultStore(dict):
-    """Per-prompt results, appended to a JSONL file as they come (``None``: in memory only)."""
-
-    def __init__(self, path: Path | None):
-        super().__init__()
-        self.path = path
-        if path is not None and path.is_file():
-            for line in path.read_text().splitlines():
-                row = json.loads(line)
-                super().__setitem__(row["key"], row["value"])
-
-    def __setitem__(self, key, value):
-        super().__setitem__(key, value)
-        if self.path is not None:
-            with self.path.open("a") as f:
-                f.write(json.dumps({"key": key, "value": value}) + "\n")
-
-
-def spread_rank(i: int, count: int) -> float:
-    """Run order of trial ``i`` of ``count``: the bit-reversed index (0, 1/2, 1/4, 3/4, ...), so any
-    prefix of the run has its needle depths spread over the whole context."""
-    bits = max(1, (count - 1).bit_length())
-    return int(f"{i:0{bits}b}"[::-1], 2) / 2 ** bits
-
-
-def per_length(text: str, lengths: list[int]) -> list[int]:
-    """``"50"`` -> 50 at every length; ``"50,50,20"`` -> one count per length."""
-    counts = [int(x) for x in text.split(",")]
-    if len(counts) == 1:
-        return counts * len(lengths)
-    if len(counts) != len(lengths):
-        raise SystemExit(f"--trials needs one count or one per length ({len(lengths)}), got {text!r}.")
-    return counts
 
 
 # ---- one prompt, every plan -----------------------------------------------------------------------
@@ -432,7 +394,7 @@ def target_checks(per_prompt: dict, dense: str, uniform: str, calibrated: str, k
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--plan", default=str(ROOT / "plans" / "smollm2-135m-d25.json"),
+    parser.add_argument("--plan", default=SHIPPED_D25,
                         help="calibrated plan(s), comma-separated")
     parser.add_argument("--modes", default="sparse,dense,ctx", help=f"comma-separated from {','.join(MODES)}")
     parser.add_argument("--density", default=None, help="uniform baseline density or densities, comma-separated "
@@ -458,6 +420,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
+    info = provenance()
+    print(provenance_line(info))
 
     from tqdm import tqdm
 
@@ -487,7 +451,7 @@ def main() -> None:
     keys = {name: plan_key(spec) for name, spec in plans.items()}
     lengths = [int(x) for x in args.lengths.split(",")]
     trials = dict(zip(lengths, per_length(args.trials, lengths)))
-    docs = dict(zip(lengths, per_length(args.ppl_docs, lengths)))
+    docs = dict(zip(lengths, per_length(args.ppl_docs, lengths, "--ppl-docs")))
     kinds = [k.strip() for k in args.tasks.split(",") if k.strip()]
     store = ResultStore(Path(args.cache) if args.cache else None)
     if args.check:
@@ -577,7 +541,7 @@ def main() -> None:
         print(f"- {line}")
     if args.json:
         Path(args.json).write_text(json.dumps({
-            "plans": args.plan, "densities": densities, "trials": trials, "ppl_docs": docs, "modes": modes,
+            **info, "plans": args.plan, "densities": densities, "trials": trials, "ppl_docs": docs, "modes": modes,
             "results": [{"row": r, "task": k, "length": n, "value": v if not isinstance(v, tuple) else list(v)}
                         for (r, k, n), v in results.items()],
             "prefill_s": {f"{r}|{n}": sum(t) / len(t) for (r, n), t in prefill.items()}, "targets": checks}, indent=1))

@@ -1,10 +1,10 @@
 """End-to-end prefill of the embedded model: patched at 25% density vs the unpatched sdpa model.
 
-One run, same prompt (real prose from CPython's ``pydoc_data.topics``), repetitions interleaved
+One run, same prompt (real prose: ``benchmarks.common.make_prompts``), repetitions interleaved
 (sdpa, patched, patched + cache, sdpa, ...) so machine drift hits every column alike; prints the
 median of each. Forwards use ``logits_to_keep=1`` like a generation prefill.
 
-    python scripts/bench_prefill_e2e.py [--length 8192] [--plan uniform:0.25] [--repeats 3] [--backend auto] [--threads N]
+    python benchmarks/prefill.py [--length 8192] [--plan uniform:0.25] [--repeats 3] [--backend auto] [--threads N]
 
 Columns: ``sdpa`` (the unpatched model), ``headwise`` (patched, ``use_cache=False``: attention only),
 ``headwise+cache`` (patched, ``use_cache=True``: also fills the per-head headwise cache, what
@@ -16,20 +16,17 @@ from __future__ import annotations
 import argparse
 import logging
 import statistics
+import sys
 import time
+from pathlib import Path
 
-import torch
+if __name__ == "__main__" and not __package__:   # python benchmarks/prefill.py: this checkout first
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-from headwise import load_model, patch_model, unpatch_model
+import torch  # noqa: E402
 
-
-def prose_ids(tokenizer, length: int) -> torch.Tensor:
-    import pydoc_data.topics as topics
-
-    ids = tokenizer(" ".join(topics.topics.values()), return_tensors="pt").input_ids[:, :length]
-    if ids.shape[1] < length:
-        raise ValueError(f"only {ids.shape[1]} tokens of prose available; ask for --length {ids.shape[1]} or less.")
-    return ids
+from benchmarks.common import Setting, make_prompts, provenance, provenance_line  # noqa: E402
+from headwise import load_model, patch_model, unpatch_model  # noqa: E402
 
 
 def main() -> None:
@@ -43,8 +40,9 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+    print(provenance_line(provenance()))
     model, tokenizer = load_model()
-    ids = prose_ids(tokenizer, args.length)
+    ids = torch.tensor(make_prompts(Setting(args.length, 1), tokenizer))
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; prompt {ids.shape[1]} tokens; "
           f"plan {args.plan}; backend {args.backend}")
 

