@@ -9,7 +9,13 @@ from pathlib import Path
 # Triton decides at import whether it interprets; set this before transformers imports Triton so
 # the Triton kernel tests run in this process on CPU (a GPU run can set TRITON_INTERPRET=0).
 os.environ.setdefault("TRITON_INTERPRET", "1")
+# No test reaches the hub, whichever test files are collected (the models and data are local).
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
+import random
+
+import numpy as np
 import pytest
 import torch
 from transformers import (AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config)
@@ -40,6 +46,37 @@ def make_tiny(arch: str = "llama", seed: int = 0):
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(TINY_CONFIGS[arch](), attn_implementation="sdpa")
     return model.eval()
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items):
+    """Every test that uses the ``real_model`` fixture carries the ``real_model`` marker (before ``-m`` selects)."""
+    for item in items:
+        if "real_model" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.real_model)
+
+
+@pytest.fixture(autouse=True)
+def same_process_state():
+    """Each test starts from the same process state and leaves it as it found it, so that a test gives the
+    same result alone, in its file or in any order: the global random generators seeded, and torch's thread
+    count, default dtype and grad mode and the environment variables put back (a CLI run with ``--threads``
+    or a library that sets a variable would otherwise change every later test)."""
+    torch.manual_seed(0)
+    random.seed(0)
+    np.random.seed(0)
+    threads, dtype, grad = torch.get_num_threads(), torch.get_default_dtype(), torch.is_grad_enabled()
+    env = dict(os.environ)
+    yield
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+    torch.set_default_dtype(dtype)
+    torch.set_grad_enabled(grad)
+    for key in set(os.environ) - set(env):
+        del os.environ[key]
+    for key, value in env.items():
+        if os.environ.get(key) != value:
+            os.environ[key] = value
 
 
 @pytest.fixture(params=sorted(TINY_CONFIGS))

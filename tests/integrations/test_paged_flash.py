@@ -16,6 +16,8 @@ from headwise.integrations.vllm import paged_flash
 from headwise.kernels.sink_window import naive
 from headwise.kinds.kv_rule import LayerRule
 from headwise.plan import Dense, Window
+from tests.grids import grid
+from tests.kernels.cases import triton_marks
 
 D, HKV, G, BS = 32, 3, 2, 16
 
@@ -69,10 +71,8 @@ def backends() -> list[str]:
     return names
 
 
-@pytest.mark.parametrize("backend", backends())
-@pytest.mark.parametrize("layout", sorted(LAYOUTS))
-@pytest.mark.parametrize("prefill", ["plan", "dense"])
-@pytest.mark.parametrize("rule_name", sorted(RULES))
+@pytest.mark.parametrize(*grid({"prefill": ["plan", "dense"], "rule_name": sorted(RULES), "layout": sorted(LAYOUTS),
+                               "backend": backends()}, marks=triton_marks))
 def test_attend_matches_naive_over_decode_prefill_and_chunks(prefill, rule_name, layout, backend):
     """A mixed step: decodes at several lengths, a fresh prompt and a prompt chunk with context."""
     torch.manual_seed(1)
