@@ -7,7 +7,7 @@ import itertools
 import pytest
 import torch
 
-from tests.grids import covering, grid, label
+from tests.grids import covering, grid, label, listed
 
 
 def fast_and_slow(params):
@@ -60,3 +60,15 @@ def test_covering_is_small_and_complete_on_a_filtered_product():
     for i in range(3):
         assert {combos[j][i] for j in chosen} == {c[i] for c in combos}
     assert len(chosen) <= 5
+
+
+def test_listed_rows_times_more_dimensions():
+    rows = [(1, "win_lt"), (65, "win_lt"), (200, "win_gt")]
+    names, params = listed(["length", "window"], rows, {"dtype": [torch.float32, torch.bfloat16]},
+                           labels={"length": "len"})
+    assert names == "length,window,dtype"
+    assert {tuple(p.values[:2]) for p in params} == set(rows) and len(params) == 6
+    assert params[0].id == "len1-win_lt-fp32"
+    fast, _ = fast_and_slow(params)
+    assert {p.values[0] for p in fast} == {1, 65, 200} and {p.values[2] for p in fast} == {torch.float32, torch.bfloat16}
+    assert len(fast) == 3

@@ -104,6 +104,7 @@ print("ok")
 '''
 
 
+@pytest.mark.slow
 @pytest.mark.vllm
 def test_cuda_backend_registers_and_runs_the_plan_in_vllm_cuda_layout():
     result = subprocess.run([sys.executable, "-c", SCRIPT], cwd=ROOT, capture_output=True, text=True, timeout=600)

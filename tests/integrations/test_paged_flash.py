@@ -19,6 +19,8 @@ from headwise.plan import Dense, Window
 from tests.grids import grid
 from tests.kernels.cases import triton_marks
 
+pytestmark = pytest.mark.usefixtures("all_threads")      # "auto" runs the native paged_decode kernel's OpenMP loop
+
 D, HKV, G, BS = 32, 3, 2, 16
 
 # physical order of the logical [P, Hkv, bs, 2D] dims, outermost first

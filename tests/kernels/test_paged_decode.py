@@ -12,6 +12,8 @@ from headwise.kernels.sink_window_decode import naive as dense_naive
 from tests.grids import listed
 from tests.kernels.cases import TOLERANCE, WINDOWS, decode_case, paged
 
+pytestmark = pytest.mark.usefixtures("all_threads")      # the native kernels' OpenMP loops
+
 LAYOUTS = {"per-head-bs16": (16, 1), "per-head-bs5": (5, 1), "shared-bs16": (16, 2)}
 
 

@@ -8,6 +8,8 @@ import torch
 from headwise.kernels.skinny_linear import native, skinny_linear
 from tests.grids import label, listed
 
+pytestmark = pytest.mark.usefixtures("all_threads")      # the native kernels' OpenMP loops
+
 SHAPES = [(1, 576, 576), (3, 576, 192), (4, 1536, 576), (8, 100, 37), (16, 65, 1000), (5, 7, 3)]
 
 
