@@ -9,7 +9,7 @@ code path a single dimension selects still runs, in a handful of cases instead o
                                    labels={"length": "len"}))
     def test_x(length, gqa, padding): ...
 
-gives the ids ``len1-gqa1-left``, ``len63-gqa3-right``, ``len130-gqa1-left`` (fast tier) and the nine
+gives the ids ``len1-gqa1-left``, ``len63-gqa3-right``, ``len130-gqa1-right`` (fast tier) and the nine
 other combinations marked ``slow``.
 """
 

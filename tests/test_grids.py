@@ -72,3 +72,9 @@ def test_listed_rows_times_more_dimensions():
     fast, _ = fast_and_slow(params)
     assert {p.values[0] for p in fast} == {1, 65, 200} and {p.values[2] for p in fast} == {torch.float32, torch.bfloat16}
     assert len(fast) == 3
+
+
+def test_the_module_docstring_example():
+    _, params = grid({"length": [1, 63, 130], "gqa": [1, 3], "padding": ["left", "right"]}, labels={"length": "len"})
+    fast, slow = fast_and_slow(params)
+    assert [p.id for p in fast] == ["len1-gqa1-left", "len63-gqa3-right", "len130-gqa1-right"] and len(slow) == 9
