@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.headwise-installed
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test test-all bench clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -29,7 +29,12 @@ setup: $(STAMP)
 demo: setup
 	$(VENV)/bin/headwise demo
 
+# The fast tier (a few minutes on 2 cores): every module, kernel grids by covering cases, tiny models,
+# one real-model check per runtime. `test-all` adds the `slow` tests (CI runs it: .ci/run).
 test: setup
+	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+test-all: setup
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 clean:

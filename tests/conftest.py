@@ -7,7 +7,13 @@ import os
 # Triton decides at import whether it interprets; set this before transformers imports Triton so
 # the Triton kernel tests run in this process on CPU (a GPU run can set TRITON_INTERPRET=0).
 os.environ.setdefault("TRITON_INTERPRET", "1")
+# No test reaches the hub, whichever test files are collected (the models and data are local).
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
+import random
+
+import numpy as np
 import pytest
 import torch
 from transformers import (AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config)
@@ -31,6 +37,44 @@ def make_tiny(arch: str = "llama", seed: int = 0):
     return model.eval()
 
 
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items):
+    """Every test that uses the ``real_model`` fixture carries the ``real_model`` marker (before ``-m`` selects)."""
+    for item in items:
+        if "real_model" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.real_model)
+
+
+@pytest.fixture(autouse=True)
+def same_process_state(request):
+    """Each test starts from the same process state and leaves it as it found it, so that a test gives the
+    same result alone, in its file or in any order: the global random generators seeded, and torch's thread
+    count, default dtype and grad mode and the environment variables put back (a CLI run with ``--threads``
+    or a library that sets a variable would otherwise change every later test).
+
+    Tests run on one thread: on a 2-core machine that other processes share, a second OpenMP thread waits
+    for a busy core at every parallel op (measured: tiny-model tests 5-15x and real-model ones 5x slower on
+    two threads than on one when the other core was busy; on a quiet machine a second thread can at most
+    halve a test's time). Tests that use ``all_threads`` keep the machine's threads."""
+    torch.manual_seed(0)
+    random.seed(0)
+    np.random.seed(0)
+    threads, dtype, grad = torch.get_num_threads(), torch.get_default_dtype(), torch.is_grad_enabled()
+    env = dict(os.environ)
+    if "all_threads" not in request.fixturenames:
+        torch.set_num_threads(1)
+    yield
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+    torch.set_default_dtype(dtype)
+    torch.set_grad_enabled(grad)
+    for key in set(os.environ) - set(env):
+        del os.environ[key]
+    for key, value in env.items():
+        if os.environ.get(key) != value:
+            os.environ[key] = value
+
+
 @pytest.fixture(params=sorted(TINY_CONFIGS))
 def tiny_model(request):
     return make_tiny(request.param)
@@ -47,6 +91,12 @@ def real_model():
     from headwise import load_model
 
     return load_model()
+
+
+@pytest.fixture
+def all_threads():
+    """The machine's threads instead of the tests' one (``same_process_state``): for the native kernels, whose
+    OpenMP loops split the work over threads (modules opt in with ``pytest.mark.usefixtures("all_threads")``)."""
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-"""patch_model on tiny random models of four architectures (fast) and the real model (slow)."""
+"""patch_model on tiny random models of four architectures (fast) and the real model (one check fast, the rest slow)."""
 
 from __future__ import annotations
 
@@ -9,10 +9,12 @@ from transformers import AttentionInterface
 from headwise import Plan, PlanError, expected_length, kv_bytes, patch_model, unpatch_model
 from headwise.kinds.dense import Dense
 from headwise.kinds.window import Window
-from tests.conftest import make_tiny
+from tests.conftest import TINY_CONFIGS, make_tiny
+from tests.grids import grid
 
 
 pytestmark = pytest.mark.usefixtures("no_grad")
+ARCHS = sorted(TINY_CONFIGS)          # the tiny_model fixture's architectures, parametrized indirectly below
 
 
 def mixed_plan(model, sink=3, alpha=5.0, beta=0.0) -> Plan:
@@ -74,7 +76,7 @@ def test_dense_plan_equals_unpatched_sdpa(tiny_model):
     assert (got - expected).abs().max() <= 1e-5
 
 
-@pytest.mark.parametrize("beta", [0.0, 0.125])
+@pytest.mark.parametrize(*grid({"tiny_model": ARCHS, "beta": [0.0, 0.125]}), indirect=["tiny_model"])
 def test_window_plan_equals_masked_eager_reference(tiny_model, beta):
     plan = mixed_plan(tiny_model, beta=beta)
     x = ids(1, 40)
@@ -124,7 +126,7 @@ def _cached_greedy(model, x, steps, attention_mask=None):
     return out.sequences, torch.stack(out.logits, 1)
 
 
-@pytest.mark.parametrize("beta", [0.0, 0.25])
+@pytest.mark.parametrize(*grid({"tiny_model": ARCHS, "beta": [0.0, 0.25]}), indirect=["tiny_model"])
 def test_cached_generation_equals_full_recomputation(tiny_model, beta):
     """Greedy decoding with the headwise cache == recomputing the whole sequence each step,
     well past the point where window heads evict."""
@@ -231,8 +233,8 @@ def test_real_model_dense_plan_equals_sdpa(real):
     assert (model(input_ids=x).logits - expected).abs().max() <= 1e-5
 
 
-@pytest.mark.slow
 def test_real_model_window_plan_equals_reference(real):
+    """The fast tier's real-model check of patch_model: a 25% window plan on 48 tokens."""
     model, tokenizer = real
     plan = Plan.uniform(model, density=0.25, sink=4)
     x = _prose_ids(tokenizer, 48)
@@ -270,7 +272,7 @@ def test_real_model_cached_generation_equals_recomputation(real):
 
 
 # ---- prefill mode ---------------------------------------------------------------------------------
-@pytest.mark.parametrize("beta", [0.0, 0.25])
+@pytest.mark.parametrize(*grid({"tiny_model": ARCHS, "beta": [0.0, 0.25]}), indirect=["tiny_model"])
 def test_dense_prefill_then_cached_decode_equals_hand_reference(tiny_model, beta):
     """With prefill "dense" the prompt runs dense, the cache keeps only each head's sink + window,
     and every decode step equals eager attention where prompt queries read everything and later

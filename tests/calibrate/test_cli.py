@@ -41,7 +41,6 @@ def tiny_dir(tmp_path_factory, tokenizer):
     return path
 
 
-@pytest.mark.slow
 def test_calibrate_then_resume_then_show(tiny_dir, tmp_path, capsys):
     # toy lengths: the default span floor (96 tokens from 256 on) leaves no 25% plan at 256 tokens, so scale it down
     args = ["calibrate", "--model", str(tiny_dir), "--lengths", "256,512", "--samples", "2", "--answer-tokens", "8",
@@ -90,7 +89,6 @@ def test_calibrate_then_resume_then_show(tiny_dir, tmp_path, capsys):
     assert f"{plan.density(512):.4f}" in shown and (tmp_path / "show.png").stat().st_size > 0
 
 
-@pytest.mark.slow
 def test_samples_are_exact_length_with_the_models_own_answer(tiny_dir, tokenizer):
     from headwise.data.calibration import INSTRUCTIONS, RECALL_FACTS, SampleBuilder
 
@@ -139,7 +137,6 @@ def test_plan_show_on_a_uniform_plan(tmp_path, capsys):
     assert np.isclose(plan.density(4096), 0.25)
 
 
-@pytest.mark.slow
 def test_calibrate_with_gates_then_resolve_from_cached_gates(tiny_dir, tmp_path, capsys):
     args = ["calibrate", "--model", str(tiny_dir), "--method", "gates", "--lengths", "256,512", "--samples", "2",
             "--answer-tokens", "8", "--sink", "16", "--gate-lengths", "512", "--gate-samples", "1",

@@ -9,7 +9,7 @@ import pytest
 from headwise.cli import main
 
 
-@pytest.mark.slow
+@pytest.mark.real_model                      # the CLI loads the embedded model itself
 def test_generate_cli_writes_jsonl(tmp_path, capsys):
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text(json.dumps({"prompt": "The capital of France is"}) + "\n" +

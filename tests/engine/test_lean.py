@@ -32,8 +32,9 @@ def test_lean_logits_equal_hf_forward(arch, tokens):
     with torch.inference_mode():
         ref = model(input_ids=ids[None], position_ids=positions[None], use_cache=False).logits[0, rows]
         got = lean.forward(ids, positions, rows, causal_attend)
-    # fp32 with another summation order (skinny_linear vs MKL): differences of a few 1e-5 on logits of order 1
-    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+    # fp32 in another summation order (the native skinny kernel, whose order differs between AVX2 and
+    # AVX-512 machines): the error scales with the largest logit (about 5 here), not with each one.
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max()))
 
 
 def test_lean_and_hf_forward_give_the_same_engine_tokens():

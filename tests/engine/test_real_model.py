@@ -20,9 +20,9 @@ def prose_prompts(tokenizer, lengths):
     return [ids[1000 * i: 1000 * i + n] for i, n in enumerate(lengths)]
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("plan", ["dense", "uniform:0.25", str(PLANS_DIR / "smollm2-135m-d25.json")],
-                         ids=["dense", "uniform25", "d25"])
+@pytest.mark.parametrize("plan", [pytest.param("dense", id="dense", marks=pytest.mark.slow),
+                                  pytest.param("uniform:0.25", id="uniform25", marks=pytest.mark.slow),
+                                  pytest.param(str(PLANS_DIR / "smollm2-135m-d25.json"), id="d25")])   # the smoke test
 def test_engine_equals_patched_hf_on_the_embedded_model(real_model, plan):
     model, tokenizer = real_model
     prompts = prose_prompts(tokenizer, (37, 700, 1900))

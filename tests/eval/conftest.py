@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import os
-
 import pytest
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+# HF_HUB_OFFLINE / HF_DATASETS_OFFLINE: set for every test by tests/conftest.py.
 
 
 @pytest.fixture(scope="session")

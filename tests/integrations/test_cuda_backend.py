@@ -104,6 +104,7 @@ print("ok")
 '''
 
 
+@pytest.mark.vllm                  # vLLM's classes, no vLLM engine: the fast tier's check of the plugin
 def test_cuda_backend_registers_and_runs_the_plan_in_vllm_cuda_layout():
     result = subprocess.run([sys.executable, "-c", SCRIPT], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stdout[-3000:] + result.stderr[-5000:]

@@ -17,6 +17,10 @@ from headwise.kernels.sink_window import naive
 from headwise.kinds.kv_rule import LayerRule
 from headwise.kinds.dense import Dense
 from headwise.kinds.window import Window
+from tests.grids import grid
+from tests.kernels.cases import triton_marks
+
+pytestmark = pytest.mark.usefixtures("all_threads")      # "auto" runs the native paged_decode kernel's OpenMP loop
 
 D, HKV, G, BS = 32, 3, 2, 16
 
@@ -70,10 +74,8 @@ def backends() -> list[str]:
     return names
 
 
-@pytest.mark.parametrize("backend", backends())
-@pytest.mark.parametrize("layout", sorted(LAYOUTS))
-@pytest.mark.parametrize("prefill", ["plan", "dense"])
-@pytest.mark.parametrize("rule_name", sorted(RULES))
+@pytest.mark.parametrize(*grid({"prefill": ["plan", "dense"], "rule_name": sorted(RULES), "layout": sorted(LAYOUTS),
+                               "backend": backends()}, marks=triton_marks))
 def test_attend_matches_naive_over_decode_prefill_and_chunks(prefill, rule_name, layout, backend):
     """A mixed step: decodes at several lengths, a fresh prompt and a prompt chunk with context."""
     torch.manual_seed(1)

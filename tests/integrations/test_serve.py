@@ -26,7 +26,7 @@ from headwise.models import embedded_model_dir  # noqa: E402
 
 from .helpers import VLLM_ENV  # noqa: E402
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.vllm, pytest.mark.real_model]
 
 PLAN = str(Path(__file__).resolve().parents[2] / "plans" / "smollm2-135m-d25.json")
 START_TIMEOUT = 300

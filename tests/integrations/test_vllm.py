@@ -19,7 +19,7 @@ from headwise.kinds.window import Window  # noqa: E402
 
 from .helpers import hf_greedy, prose_ids, run_vllm, short_prompts  # noqa: E402
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.vllm, pytest.mark.real_model]
 
 D25 = "plans/smollm2-135m-d25.json"
 NEW = 12

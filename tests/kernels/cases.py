@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import pytest
 import torch
 
 #: Window spans relative to a sequence's length ``n``: smaller than, equal to and larger than it.
@@ -163,3 +164,13 @@ def paged(k: torch.Tensor, v: torch.Tensor, k_pos: torch.Tensor, block_size: int
                 pos_pool[block] = k_pos[b, t * Hb, slots]
     tables = torch.cat([torch.full((B, Ht, 1), -1, dtype=torch.long), ids], dim=-1).to(torch.int32)
     return k_pool, v_pool, pos_pool, tables
+
+
+def triton_marks(backend: str = "", **_) -> list:
+    """Marks of a grid case (``tests.grids.grid(marks=...)``): ``triton`` when it runs the Triton backend."""
+    return [pytest.mark.triton] if backend == "triton" else []
+
+
+def backend_params(names) -> list:
+    """Backend names as ``pytest.param``, the ``triton`` one marked ``triton``."""
+    return [pytest.param(name, marks=triton_marks(name)) for name in names]

@@ -4,15 +4,14 @@ GQA, padding, sinks; the naive reference against the formula written out. Triton
 
 from __future__ import annotations
 
-import itertools
-
 import pytest
 import torch
 
 from headwise.kernels import hybrid_window as op
 from headwise.kernels.hybrid_window import naive
 from headwise.kernels.sink_window import sink_window_attention
-from tests.kernels.cases import TOLERANCE, Case, decode_case, prefill_case
+from tests.grids import grid
+from tests.kernels.cases import TOLERANCE, Case, backend_params, decode_case, prefill_case, triton_marks
 from tests.kernels.test_lightning import backends
 from tests.kernels.test_sink_window import scrambled
 
@@ -45,28 +44,22 @@ def check(backend: str, case: Case, dtype=torch.float32, seed: int = 0) -> torch
     return got
 
 
-def grid():
-    for length, gqa, sink, window, padding in itertools.product(LENGTHS, GQA, SINKS, ["win_lt", "win_gt"],
-                                                                ["left", "right"]):
-        yield pytest.param(length, gqa, sink, window, padding, id=f"len{length}-gqa{gqa}-sink{sink}-{window}-{padding}")
-
-
-@pytest.mark.parametrize("backend", backends())
-@pytest.mark.parametrize("length,gqa,sink,window,padding", list(grid()))
+@pytest.mark.parametrize(*grid({"backend": backends(), "length": LENGTHS, "gqa": GQA, "sink": SINKS,
+                               "window": ["win_lt", "win_gt"], "padding": ["left", "right"]},
+                              labels={"length": "len"}, marks=triton_marks))
 def test_prefill_backend_equals_naive(backend, length, gqa, sink, window, padding):
     check(backend, prefill_case(length, gqa, sink, window, padding, torch.float32))
 
 
-@pytest.mark.parametrize("backend", backends())
-@pytest.mark.parametrize("queries", [1, 16, 17, 70], ids=lambda q: f"last{q}q")
+@pytest.mark.parametrize(*grid({"backend": backends(), "queries": [1, 16, 17, 70]},
+                               labels={"queries": lambda q: f"last{q}q"}, marks=triton_marks))
 def test_any_slot_order_and_prompt_chunks(backend, queries):
     """Scrambled per-head slots (a ring-written cache) with the last ``queries`` queries of 200 tokens."""
     check(backend, scrambled(prefill_case(200, 3, 4, "win_lt", "right", torch.float32, queries=queries)))
 
 
-@pytest.mark.parametrize("backend", backends())
-@pytest.mark.parametrize("gqa", GQA, ids=lambda g: f"gqa{g}")
-@pytest.mark.parametrize("length", [15, 130], ids=lambda n: f"len{n}")
+@pytest.mark.parametrize(*grid({"backend": backends(), "length": [15, 130], "gqa": GQA}, labels={"length": "len"},
+                              marks=triton_marks))
 def test_decode_over_a_ring_cache(backend, length, gqa):
     """One query per sequence over a scrambled ring cache, an idle batch row (q_pos -1)."""
     q, k, v, q_pos, k_pos, sink, span, scale = decode_case(length, gqa, 4, "win_lt", torch.float32)
@@ -79,7 +72,7 @@ def test_bf16_inputs(backend):
     check(backend, case, torch.bfloat16)
 
 
-@pytest.mark.parametrize("backend", ["naive", *backends()])
+@pytest.mark.parametrize("backend", backend_params(["naive", *backends()]))
 def test_without_linear_mass_it_is_sink_window_attention(backend):
     case = prefill_case(130, 3, 4, "win_lt", "left", torch.float32)
     zeros = torch.zeros_like(case.q), torch.zeros(case.q.shape[:-1])
@@ -102,7 +95,7 @@ def test_naive_equals_the_formula_written_out():
         torch.testing.assert_close(got[0, 0, t], expected, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("backend", ["naive", *backends()])
+@pytest.mark.parametrize("backend", backend_params(["naive", *backends()]))
 def test_no_exact_key_in_reach_gives_the_linear_part_alone(backend):
     """Queries far past every key with no sink and a window of 2: the output is ``lin_num / lin_den``."""
     case = prefill_case(64, 1, 0, "win_lt", "left", torch.float32, batch=1)

@@ -8,6 +8,8 @@ import pytest
 import torch
 
 from headwise.kernels import lightning as op
+from tests.grids import grid
+from tests.kernels.cases import triton_marks
 
 LENGTHS = [1, 15, 63, 130]
 GQA = [1, 3]
@@ -42,10 +44,8 @@ def backends():
     return names
 
 
-@pytest.mark.parametrize("backend", backends())
-@pytest.mark.parametrize("padding", ["left", "right"])
-@pytest.mark.parametrize("gqa", GQA, ids=lambda g: f"gqa{g}")
-@pytest.mark.parametrize("T", LENGTHS, ids=lambda t: f"T{t}")
+@pytest.mark.parametrize(*grid({"backend": backends(), "T": LENGTHS, "gqa": GQA, "padding": ["left", "right"]},
+                               marks=triton_marks))
 def test_backend_equals_naive(backend, T, gqa, padding):
     if backend == "triton" and T > 63:
         T = 63                                     # the interpreter is slow; 63 still spans several blocks
@@ -57,9 +57,8 @@ def test_backend_equals_naive(backend, T, gqa, padding):
     assert torch.allclose(state, ref_state, atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("with_state", [True, False], ids=["state", "no_state"])
-@pytest.mark.parametrize("padding", ["left", "right"])
-@pytest.mark.parametrize("T", LENGTHS, ids=lambda t: f"T{t}")
+@pytest.mark.parametrize(*grid({"T": LENGTHS, "padding": ["left", "right"], "with_state": [True, False]},
+                               labels={"with_state": "state"}))
 def test_state_alone_equals_the_recurrence(T, padding, with_state):
     """``lightning_state`` (no outputs) ends with the naive recurrence's state."""
     q, k, v, g, state = case(T, 1, padding, with_state=with_state)
@@ -76,8 +75,8 @@ def test_without_initial_state_and_bf16_inputs(backend):
     assert torch.allclose(out, ref_out, atol=5e-2, rtol=2e-2)
 
 
-@pytest.mark.parametrize("backend", backends())
-@pytest.mark.parametrize("cuts", [[7, 20], [1, 2, 30]], ids=["two_chunks", "tokens_then_chunk"])
+@pytest.mark.parametrize(*grid({"backend": backends(), "cuts": [[7, 20], [1, 2, 30]]}, marks=triton_marks,
+                               labels={"cuts": lambda c: "two_chunks" if len(c) == 2 else "tokens_then_chunk"}))
 def test_chunked_prefill_then_step_decode_equals_one_pass(backend, cuts):
     """Prefill in chunks, then 5 one-token steps, carrying the state: equals one full pass."""
     T = 45

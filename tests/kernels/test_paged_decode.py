@@ -10,7 +10,10 @@ import torch
 
 from headwise.kernels import paged_decode as op
 from headwise.kernels.sink_window import naive as dense_naive
+from tests.grids import listed
 from tests.kernels.cases import TOLERANCE, WINDOWS, decode_case, paged
+
+pytestmark = pytest.mark.usefixtures("all_threads")      # the native kernels' OpenMP loops
 
 LAYOUTS = {"per-head-bs16": (16, 1), "per-head-bs5": (5, 1), "shared-bs16": (16, 2)}
 
@@ -25,12 +28,16 @@ def paged_case(length, gqa, sink, window, dtype, layout):
 
 
 # Every fourth combination: each length, GQA ratio, sink, window and layout appears, in varied pairs.
-GRID = [pytest.param(length, gqa, sink, window, layout, id=f"len{length}-gqa{gqa}-sink{sink}-{window}-{layout}")
-        for i, (length, gqa, sink, window, layout) in enumerate(
-            itertools.product([1, 65, 1000], [1, 3, 4], [0, 4, 64], WINDOWS, LAYOUTS)) if i % 4 == 0]
+DIMS = {"length": [1, 65, 1000], "gqa": [1, 3, 4], "sink": [0, 4, 64], "window": WINDOWS, "layout": LAYOUTS}
+SAMPLED = [c for i, c in enumerate(itertools.product(*DIMS.values())) if i % 4 == 0]
 
 
-@pytest.mark.parametrize("length,gqa,sink,window,layout", GRID)
+def sampled(cases, **more):
+    """``grid`` arguments over ``cases`` (some of the sampled combinations) times the ``more`` dimensions."""
+    return listed(list(DIMS), cases, more, labels={"length": "len"})
+
+
+@pytest.mark.parametrize(*sampled(SAMPLED))
 def test_naive_paged_matches_dense_reference(length, gqa, sink, window, layout):
     (q, k, v, q_pos, k_pos, sink_t, span, scale), paged_args = paged_case(length, gqa, sink, window, torch.float32,
                                                                           layout)
@@ -38,9 +45,7 @@ def test_naive_paged_matches_dense_reference(length, gqa, sink, window, layout):
     torch.testing.assert_close(op.paged_decode(*paged_args, backend="naive"), dense, **TOLERANCE[torch.float32])
 
 
-@pytest.mark.parametrize("backend", ["cpu", "native"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("length,gqa,sink,window,layout", GRID[::2])
+@pytest.mark.parametrize(*sampled(SAMPLED[::2], dtype=[torch.float32, torch.bfloat16], backend=["cpu", "native"]))
 def test_cpu_paged(length, gqa, sink, window, layout, dtype, backend):
     _, paged_args = paged_case(length, gqa, sink, window, dtype, layout)
     expected = op.paged_decode(*paged_args, backend="naive")
@@ -63,7 +68,7 @@ def test_native_kernel_builds_here():
     assert native.available()
 
 
-@pytest.mark.parametrize("length,gqa,sink,window,layout", GRID[1::3])
+@pytest.mark.parametrize(*sampled(SAMPLED[1::3]))
 def test_native_paged_over_ragged_tables(length, gqa, sink, window, layout):
     """Tables with unused (-1) entries in the middle and rows of different widths, as the engine passes them."""
     _, (q, k_pool, v_pool, pos_pool, tables, q_pos, sink_t, span, scale) = paged_case(

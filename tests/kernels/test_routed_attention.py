@@ -2,19 +2,19 @@
 
 from __future__ import annotations
 
-import itertools
-
 import pytest
 import torch
 
 from headwise.kernels import routed_attention as op
 from headwise.kernels.routed_attention import naive
 from headwise.kernels.routed_attention.pack import GROUP_ROWS_MAX_QUERIES
+from tests.grids import grid, listed
 from tests.kernels.cases import TOLERANCE, decode_case, prefill_case
 from tests.kernels.test_sink_window import scrambled
 from tests.kernels.test_triton_kernels import runs_here
 
 ROUTINGS = ("all", "none", "half", "group_off")
+LEN = {"length": "len"}
 
 
 def routing(name: str, B: int, H: int, Q: int, gqa: int, seed: int = 0) -> torch.Tensor:
@@ -38,22 +38,15 @@ def check(backend: str, args: tuple, active: torch.Tensor, dtype: torch.dtype) -
     assert (got[~active] == 0).all(), "inactive pairs must give zeros"
 
 
-def prefill_grid():
-    for length, gqa, sink, window, padding, name in itertools.product(
-            [1, 15, 63, 130], [1, 3], [0, 4], ["win_lt", "win_gt"], ["left", "right"], ROUTINGS):
-        yield pytest.param(length, gqa, sink, window, padding, name,
-                           id=f"len{length}-gqa{gqa}-sink{sink}-{window}-{padding}-{name}")
-
-
-@pytest.mark.parametrize("length,gqa,sink,window,padding,name", list(prefill_grid()))
+@pytest.mark.parametrize(*grid({"length": [1, 15, 63, 130], "gqa": [1, 3], "sink": [0, 4], "window": ["win_lt", "win_gt"],
+                               "padding": ["left", "right"], "name": ROUTINGS}, labels=LEN))
 def test_cpu_prefill(length, gqa, sink, window, padding, name):
     case = prefill_case(length, gqa, sink, window, padding, torch.float32)
     active = routing(name, case.q.shape[0], case.q.shape[1], case.q.shape[2], gqa)
     check("cpu", case.args(), active, torch.float32)
 
 
-@pytest.mark.parametrize("queries", [17, 90], ids=lambda q: f"last{q}q")
-@pytest.mark.parametrize("name", ROUTINGS)
+@pytest.mark.parametrize(*grid({"queries": [17, 90], "name": ROUTINGS}, labels={"queries": lambda q: f"last{q}q"}))
 def test_cpu_prompt_chunk_over_scrambled_cache(queries, name):
     """A later chunk over a cache in any slot order, with per-head key positions."""
     case = scrambled(prefill_case(200, 3, 4, "win_lt", "right", torch.float32, queries=queries))
@@ -61,9 +54,8 @@ def test_cpu_prompt_chunk_over_scrambled_cache(queries, name):
     check("cpu", case.args(), active, torch.float32)
 
 
-@pytest.mark.parametrize("length,gqa,sink,window,name", [
-    pytest.param(n, g, s, w, r, id=f"len{n}-gqa{g}-sink{s}-{w}-{r}")
-    for n, g, s, w, r in itertools.product([1, 15, 130], [1, 3], [0, 4], ["win_lt", "win_eq"], ROUTINGS)])
+@pytest.mark.parametrize(*grid({"length": [1, 15, 130], "gqa": [1, 3], "sink": [0, 4], "window": ["win_lt", "win_eq"],
+                               "name": ROUTINGS}, labels=LEN))
 def test_cpu_decode_over_ring_cache(length, gqa, sink, window, name):
     """One query per sequence over a ring-ordered cache (an idle batch row at the end)."""
     q, k, v, q_pos, k_pos, sink_t, span, scale = decode_case(length, gqa, sink, window, torch.float32)
@@ -115,15 +107,16 @@ TRITON_CASES = [(15, 3, 4, "win_lt", "left", "half"), (63, 1, 0, "win_gt", "righ
 
 
 @runs_here
-@pytest.mark.parametrize("length,gqa,sink,window,padding,name",
-                         [pytest.param(*c, id="len{}-gqa{}-sink{}-{}-{}-{}".format(*c)) for c in TRITON_CASES])
+@pytest.mark.triton
+@pytest.mark.parametrize(*listed(["length", "gqa", "sink", "window", "padding", "name"], TRITON_CASES, labels=LEN))
 def test_triton_prefill(length, gqa, sink, window, padding, name):
     case = prefill_case(length, gqa, sink, window, padding, torch.float32, batch=2)
     check("triton", case.args(), routing(name, *case.q.shape[:3], gqa), torch.float32)
 
 
 @runs_here
-@pytest.mark.parametrize("name", ["half", "group_off"])
+@pytest.mark.triton
+@pytest.mark.parametrize(*grid({"name": ["half", "group_off"]}))
 def test_triton_decode(name):
     q, k, v, q_pos, k_pos, sink_t, span, scale = decode_case(63, 3, 4, "win_lt", torch.float32)
     active = routing(name, q.shape[0], q.shape[1], 1, 3)

@@ -10,21 +10,13 @@ import torch
 from headwise.kernels import pick_backend
 from headwise.kernels import sink_window as op
 from headwise.kernels.sink_window import naive
+from tests.grids import grid
 from tests.kernels.cases import TOLERANCE, WINDOWS, Case, prefill_case
 
 SHORT_LENGTHS = [1, 63, 64, 65]
 GQA = [1, 3, 4]
 SINKS = [0, 4, 64]
-
-
-def grid(lengths, gqas, sinks, windows, paddings):
-    return list(_grid(lengths, gqas, sinks, windows, paddings))
-
-
-def _grid(lengths, gqas, sinks, windows, paddings):
-    for length, gqa, sink, window, padding in itertools.product(lengths, gqas, sinks, windows, paddings):
-        yield pytest.param(length, gqa, sink, window, padding,
-                           id=f"len{length}-gqa{gqa}-sink{sink}-{window}-{padding}")
+LEN = {"length": "len"}
 
 
 def check(backend: str, case: Case, dtype: torch.dtype) -> None:
@@ -37,19 +29,22 @@ def check(backend: str, case: Case, dtype: torch.dtype) -> None:
     assert (got[padding_rows] == 0).all(), "padding queries must give zeros"
 
 
-def mid_length_grid():
-    """Length 1000: every GQA ratio x sink with the small window, plus one other window each (the full product is slow)."""
-    params = []
+def mid_length_cases() -> set[tuple]:
+    """Length 1000: every GQA ratio x sink with the small window, plus one other window each (the full
+    product is slow), as ``(gqa, sink, window, padding)``."""
+    cases = []
     for j, (gqa, sink) in enumerate(itertools.product(GQA, SINKS)):
         for window in dict.fromkeys(["win_lt", list(WINDOWS)[j % 3]]):
-            padding = ("left", "right")[len(params) % 2]
-            params.append(pytest.param(1000, gqa, sink, window, padding,
-                                       id=f"len1000-gqa{gqa}-sink{sink}-{window}-{padding}"))
-    return params
+            cases.append((gqa, sink, window, ("left", "right")[len(cases) % 2]))
+    return set(cases)
 
 
-@pytest.mark.parametrize("length,gqa,sink,window,padding",
-                         grid(SHORT_LENGTHS, GQA, SINKS, WINDOWS, ["left", "right"]) + mid_length_grid())
+MID = mid_length_cases()
+
+
+@pytest.mark.parametrize(*grid(
+    {"length": [*SHORT_LENGTHS, 1000], "gqa": GQA, "sink": SINKS, "window": WINDOWS, "padding": ["left", "right"]},
+    where=lambda length, **rest: length != 1000 or tuple(rest.values()) in MID, labels=LEN))
 def test_cpu_prefill_fp32(length, gqa, sink, window, padding):
     check("cpu", prefill_case(length, gqa, sink, window, padding, torch.float32), torch.float32)
 
@@ -65,13 +60,14 @@ def test_cpu_prefill_long(length, gqa, sink, window, padding):
     check("cpu", prefill_case(length, gqa, sink, window, padding, torch.float32, batch=2, Hkv=2, D=16), torch.float32)
 
 
-@pytest.mark.parametrize("length,gqa,sink,window,padding", grid([63, 1000], [3], [4], WINDOWS, ["left", "right"]))
+@pytest.mark.parametrize(*grid({"length": [63, 1000], "gqa": [3], "sink": [4], "window": WINDOWS,
+                               "padding": ["left", "right"]}, labels=LEN))
 def test_cpu_prefill_bf16(length, gqa, sink, window, padding):
     check("cpu", prefill_case(length, gqa, sink, window, padding, torch.bfloat16), torch.bfloat16)
 
 
-@pytest.mark.parametrize("queries", [17, 300], ids=lambda q: f"last{q}q")
-@pytest.mark.parametrize("padding", ["left", "right"])
+@pytest.mark.parametrize(*grid({"queries": [17, 300], "padding": ["left", "right"]},
+                               labels={"queries": lambda q: f"last{q}q"}))
 def test_cpu_prompt_chunk_after_cached_keys(queries, padding):
     """A later prompt chunk: queries are the last ``queries`` positions, earlier keys already there."""
     check("cpu", prefill_case(1000, 3, 4, "win_lt", padding, torch.float32, queries=queries), torch.float32)
@@ -88,8 +84,7 @@ def scrambled(case: Case, seed: int = 0) -> Case:
                 case.span, case.scale)
 
 
-@pytest.mark.parametrize("queries", [1, 16, 17, 200], ids=lambda q: f"{q}q")
-@pytest.mark.parametrize("window", list(WINDOWS))
+@pytest.mark.parametrize(*grid({"queries": [1, 16, 17, 200], "window": WINDOWS}, labels={"queries": lambda q: f"{q}q"}))
 def test_cpu_any_slot_order(queries, window):
     """Slots in per-head random order (a ring-written cache): the direct path and the sorting path."""
     check("cpu", scrambled(prefill_case(300, 3, 4, window, "right", torch.float32, queries=queries)), torch.float32)

@@ -6,6 +6,9 @@ import pytest
 import torch
 
 from headwise.kernels.skinny_linear import native, skinny_linear
+from tests.grids import label, listed
+
+pytestmark = pytest.mark.usefixtures("all_threads")      # the native kernels' OpenMP loops
 
 SHAPES = [(1, 576, 576), (3, 576, 192), (4, 1536, 576), (8, 100, 37), (16, 65, 1000), (5, 7, 3)]
 
@@ -14,9 +17,10 @@ def test_native_kernel_builds_here():
     assert native.available()
 
 
-@pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
-@pytest.mark.parametrize("wdtype", [torch.float32, torch.bfloat16], ids=["w-fp32", "w-bf16"])
-@pytest.mark.parametrize("rows,inputs,outputs", SHAPES, ids=[f"m{m}-i{i}-o{o}" for m, i, o in SHAPES])
+@pytest.mark.parametrize(*listed(["rows", "inputs", "outputs"], SHAPES,
+                                 {"wdtype": [torch.float32, torch.bfloat16], "bias": [False, True]},
+                                 labels={"rows": "m", "inputs": "i", "outputs": "o", "wdtype": lambda d: "w-" + label("", d),
+                                         "bias": lambda b: "bias" if b else "nobias"}))
 def test_native_matches_reference(rows, inputs, outputs, wdtype, bias):
     g = torch.Generator().manual_seed(rows * 1000 + inputs)
     x = torch.randn(1, rows, inputs, generator=g)

@@ -4,7 +4,6 @@ written out, and ``exp`` without re-weighting is softmax. Triton runs under ``TR
 
 from __future__ import annotations
 
-import itertools
 import logging
 import math
 
@@ -15,7 +14,8 @@ from headwise import kernels
 from headwise.kernels import softplus as op
 from headwise.kernels.sink_window import naive as softmax_naive
 from headwise.kernels.softplus import HeadParams, naive
-from tests.kernels.cases import TOLERANCE, decode_case, prefill_case
+from tests.grids import grid
+from tests.kernels.cases import TOLERANCE, backend_params, decode_case, prefill_case, triton_marks
 
 LENGTHS = [1, 15, 63, 130]
 GQA = [1, 3]
@@ -61,17 +61,17 @@ def backends():
     return names
 
 
-def prefill_grid():
-    for backend, length, gqa, padding, (sink, window), variant in itertools.product(
-            backends(), LENGTHS, GQA, ["left", "right"], [(0, "win_eq"), (4, "win_lt")], VARIANTS):
-        if backend == "triton" and (length > 63 or variant not in ("mixed", "lssar-p3") or
-                                    (variant == "lssar-p3" and length != 15)):
-            continue                    # the interpreter is slow: "mixed" has both nonlinearities, p = 0 and p > 0
-        yield pytest.param(backend, length, gqa, padding, sink, window, variant,
-                           id=f"{backend}-len{length}-gqa{gqa}-{padding}-sink{sink}-{window}-{variant}")
+def interpreter_keeps(backend, length, variant, **_) -> bool:
+    """The Triton interpreter is slow: short lengths, and "mixed" (both nonlinearities, p = 0 and p > 0)
+    plus "lssar-p3" at one length."""
+    return backend != "triton" or (length <= 63 and (variant == "mixed" or (variant == "lssar-p3" and length == 15)))
 
 
-@pytest.mark.parametrize("backend,length,gqa,padding,sink,window,variant", list(prefill_grid()))
+@pytest.mark.parametrize(*grid(
+    {"backend": backends(), "length": LENGTHS, "gqa": GQA, "padding": ["left", "right"], "sink": [0, 4],
+     "window": ["win_eq", "win_lt"], "variant": VARIANTS},
+    where=lambda sink, window, **rest: (sink == 0) == (window == "win_eq") and interpreter_keeps(**rest),
+    labels={"length": "len"}, marks=triton_marks))
 def test_prefill_backend_equals_naive(backend, length, gqa, padding, sink, window, variant):
     case = prefill_case(length, gqa, sink, window, padding, torch.float32)
     p = VARIANTS[variant]
@@ -83,9 +83,8 @@ def test_prefill_backend_equals_naive(backend, length, gqa, padding, sink, windo
     assert (got[(case.q_pos < 0)[:, None, :, None].expand_as(got)] == 0).all(), "padding queries must give zeros"
 
 
-@pytest.mark.parametrize("backend", backends())
-@pytest.mark.parametrize("length", [1, 63, 130], ids=lambda n: f"len{n}")
-@pytest.mark.parametrize("variant", ["softmax", "lssar-p3", "mixed"])
+@pytest.mark.parametrize(*grid({"backend": backends(), "length": [1, 63, 130], "variant": ["softmax", "lssar-p3", "mixed"]},
+                               labels={"length": "len"}, marks=triton_marks))
 def test_decode_over_ring_cache_equals_naive(backend, length, variant):
     """One query per sequence over kept keys in scrambled slot order, stale keys included, an idle row."""
     q, k, v, q_pos, k_pos, sink, span, scale = decode_case(length, 3, 4, "win_lt", torch.float32)
@@ -114,7 +113,7 @@ def test_cpu_query_blocks_do_not_change_the_result(variant):
     torch.testing.assert_close(op.cpu.softplus_attention(*case.args(), p, query_block=16), whole, rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize("backend", ["naive", *backends()])
+@pytest.mark.parametrize("backend", backend_params(["naive", *backends()]))
 def test_exp_without_reweighting_is_softmax(backend):
     """``exp``, temperature 1, no length scale, p = 0 is the sink_window (softmax) reference."""
     case = prefill_case(63, 3, 4, "win_lt", "left", torch.float32)
@@ -158,7 +157,7 @@ def test_reference_equals_the_formulas_written_out(nonlinearity, rule, power):
                                atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("backend", ["naive", *backends()])
+@pytest.mark.parametrize("backend", backend_params(["naive", *backends()]))
 def test_reweighting_edge_rows(backend):
     """A row of one key keeps it; a row of equal weights (nothing above 1/n) keeps A; p = 64 over
     1000 keys stays finite and picks the top key."""
@@ -196,8 +195,7 @@ def test_auto_logs_the_backend_and_bad_params_are_refused(caplog):
         op.softplus_attention(*case.args(), VARIANTS["lssa"], backend="fast")
 
 
-@pytest.mark.parametrize("backend", backends())
-@pytest.mark.parametrize("power", [0.0, 3.0])
+@pytest.mark.parametrize(*grid({"backend": backends(), "power": [0.0, 3.0]}, labels={"power": "p"}, marks=triton_marks))
 def test_softplus_rows_that_underflow_match_the_reference(power, backend):
     """Every readable score below -104: softplus underflows to 0 in fp32, the cpu path recomputes those
     rows with logits (as the reference does) instead of dividing by zero."""

@@ -24,6 +24,7 @@ import triton.language as tl  # noqa: E402
 
 from headwise.kernels import paged_decode as paged_op  # noqa: E402
 from headwise.kernels import sink_window as prefill_op  # noqa: E402
+from tests.grids import grid, listed  # noqa: E402
 from tests.kernels.cases import TOLERANCE, decode_case, paged, prefill_case  # noqa: E402
 from tests.kernels.test_sink_window import check, scrambled  # noqa: E402
 
@@ -31,6 +32,7 @@ INTERPRETED = type(tl.zeros).__name__ == "InterpretedFunction"
 ON_GPU = torch.cuda.is_available()
 runs_here = pytest.mark.skipif(not (INTERPRETED or ON_GPU),
                                reason="Triton was imported without TRITON_INTERPRET=1; run by the subprocess test")
+pytestmark = pytest.mark.triton
 
 
 @pytest.mark.skipif(INTERPRETED or ON_GPU, reason="the Triton tests run in this process")
@@ -50,6 +52,7 @@ def on_device(args):
     return tuple(a.to(device) if isinstance(a, torch.Tensor) else a for a in args)
 
 
+LEN = {"length": "len"}
 PREFILL = [  # length, gqa, sink, window, padding
     (1, 1, 0, "win_lt", "left"), (63, 3, 4, "win_lt", "right"), (65, 4, 0, "win_eq", "left"),
     (65, 3, 64, "win_gt", "right"), (130, 1, 4, "win_lt", "left"), (130, 3, 0, "win_gt", "left"),
@@ -57,27 +60,27 @@ PREFILL = [  # length, gqa, sink, window, padding
 
 
 @runs_here
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("length,gqa,sink,window,padding",
-                         [pytest.param(*p, id="len{}-gqa{}-sink{}-{}-{}".format(*p)) for p in PREFILL])
+@pytest.mark.parametrize(*listed(["length", "gqa", "sink", "window", "padding"], PREFILL,
+                                 {"dtype": [torch.float32, torch.bfloat16]}, labels=LEN))
 def test_triton_prefill(length, gqa, sink, window, padding, dtype):
     case = prefill_case(length, gqa, sink, window, padding, dtype, batch=2, Hkv=2)
     check("triton", case, dtype)
 
 
 @runs_here
-@pytest.mark.parametrize("queries", [1, 70], ids=lambda q: f"{q}q")
+@pytest.mark.parametrize(*grid({"queries": [1, 70]}, labels={"queries": lambda q: f"{q}q"}))
 def test_triton_prefill_any_slot_order(queries):
     check("triton", scrambled(prefill_case(150, 3, 4, "win_lt", "right", torch.float32, batch=2, queries=queries)),
           torch.float32)
 
 
 DECODE = [(1, 1, 0, "win_lt"), (65, 3, 4, "win_lt"), (200, 4, 64, "win_eq"), (200, 3, 0, "win_gt")]
+PAGED_LAYOUTS = {"per-head-bs16": (16, 1), "per-head-bs5": (5, 1), "shared-bs16": (16, 2)}
 
 
 @runs_here
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("length,gqa,sink,window", [pytest.param(*p, id="len{}-gqa{}-sink{}-{}".format(*p)) for p in DECODE])
+@pytest.mark.parametrize(*listed(["length", "gqa", "sink", "window"], DECODE, {"dtype": [torch.float32, torch.bfloat16]},
+                                 labels=LEN))
 def test_triton_decode(length, gqa, sink, window, dtype):
     """A dense ring cache seen as a pool of one block per (sequence, KV head), in fp32 and bf16."""
     q, k, v, q_pos, k_pos, sink_t, span, scale = decode_case(length, gqa, sink, window, dtype)
@@ -90,9 +93,9 @@ def test_triton_decode(length, gqa, sink, window, dtype):
 
 
 @runs_here
-@pytest.mark.parametrize("block_size,heads_per_block", [(16, 1), (5, 1), (16, 2)], ids=["per-head-bs16", "per-head-bs5", "shared-bs16"])
-@pytest.mark.parametrize("length,gqa,sink,window", [pytest.param(*p, id="len{}-gqa{}-sink{}-{}".format(*p)) for p in DECODE])
-def test_triton_paged_decode(length, gqa, sink, window, block_size, heads_per_block):
+@pytest.mark.parametrize(*listed(["length", "gqa", "sink", "window"], DECODE, {"layout": PAGED_LAYOUTS}, labels=LEN))
+def test_triton_paged_decode(length, gqa, sink, window, layout):
+    block_size, heads_per_block = PAGED_LAYOUTS[layout]
     q, k, v, q_pos, k_pos, sink_t, span, scale = decode_case(length, gqa, sink, window, torch.float32)
     if heads_per_block > 1:
         k_pos = k_pos[:, :1].expand_as(k_pos).contiguous()

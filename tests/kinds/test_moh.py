@@ -392,7 +392,11 @@ def test_moh_fit_end_to_end_then_reuse(tiny_dir, tmp_path, capsys):
     assert "--active 0.75: 6 of 8 query heads per token" in out and "--active 0.5: 4 of 8" in out
     plan = load_plan(tmp_path / "m0.5.json")
     cal = plan.calibration
-    assert cal["method"] == "moh" and sum(cal["top_k"]) == 4 and cal["seconds"]["fit"] >= 0
+    assert cal["method"] == "moh" and sum(cal["top_k"]) == 4
+    # the plan records how long each stage took (not asserted on: a quiet machine fits this model in ~0 s)
+    assert set(cal["seconds"]) == {"samples", "capture", "fit", "per_layer_fit", "total"}
+    assert all(s >= 0 for s in cal["seconds"].values())
+    assert len(cal["held_out_error"]) == len(cal["loss_change"]) == len(plan.layers)
     assert cal["command"] == "headwise " + shlex.join(common + ["--active", "0.75,0.5", "--out",
                                                                 str(tmp_path / "m{active}.json")])
     assert all(isinstance(h, MoH) and h.top_k == k for layer, k in zip(plan.layers, cal["top_k"]) for h in layer)
