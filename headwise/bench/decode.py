@@ -661,12 +661,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--skip-vllm", action="store_true", help="leave the vLLM row out")
     parser.add_argument("--plan", action="append", default=None, metavar="NAME=SPEC",
                         help="add an engine row running this plan (JSON path, 'dense', 'uniform:0.25'); repeatable")
-    parser.add_argument("--model", default=None, help="local checkpoint dir (default: the embedded SmolLM2)")
+    parser.add_argument("--model", default=None,
+                        help="model name (headwise model list) or local checkpoint dir (default: the embedded SmolLM2)")
 
 
 def run(args) -> int:
     from .. import load_model
-    from ..models import embedded_model_dir
+    from ..models import resolve
 
     from transformers.utils import logging as hf_logging
 
@@ -678,7 +679,7 @@ def run(args) -> int:
     rows += list(plan_rows)
     if args.decode_tokens < 1:
         raise SystemExit("--decode-tokens must be at least 1.")
-    model_dir = str(embedded_model_dir() if args.model is None else Path(args.model))
+    model_dir = str(resolve(args.model))
     print(f"headwise decode benchmark: settings {', '.join(map(str, settings))}; {args.decode_tokens} decode "
           f"steps; rows {', '.join(rows)}; fp32; {torch.get_num_threads()} threads; torch {torch.__version__}")
     machine = measure_machine()
