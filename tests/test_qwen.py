@@ -54,7 +54,8 @@ def test_loaded_model_is_the_registry_entry(qwen):
     assert all(p.bias is not None for p in (attn.q_proj, attn.k_proj, attn.v_proj)) and attn.o_proj.bias is None
     ids = tokenizer("The capital of France is").input_ids
     assert tokenizer.bos_token_id not in ids and not tokenizer.add_bos_token
-    chat = tokenizer.apply_chat_template([{"role": "user", "content": "Hi"}], tokenize=False, add_generation_prompt=True)
+    chat = tokenizer.apply_chat_template([{"role": "user", "content": "Hi"}], tokenize=False,
+                                         add_generation_prompt=True)
     assert chat.startswith("<|im_start|>system\n") and chat.endswith("<|im_start|>assistant\n")
     eos = model.generation_config.eos_token_id                 # as upstream: <|im_end|> and <|endoftext|>
     assert set(tokenizer.convert_tokens_to_ids(["<|im_end|>", "<|endoftext|>"])) <= set(eos)

@@ -207,7 +207,8 @@ def calibration_ids(tokenizer, offset: int, length: int) -> torch.Tensor:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m headwise.calibrate.softplus_fit", description=__doc__.split("\n")[0])
-    p.add_argument("--model", default=None, help="local checkpoint folder (default: the embedded SmolLM2)")
+    p.add_argument("--model", default=None,
+                   help="model name (headwise model list) or local checkpoint folder (default: the embedded SmolLM2)")
     p.add_argument("--out", required=True, help="plan JSON to write")
     p.add_argument("--length", type=int, default=12288, help="calibration tokens (longer than --trained)")
     p.add_argument("--trained", type=int, default=None, help="trained context (default: max_position_embeddings)")

@@ -30,7 +30,8 @@ def register(subparsers) -> None:
     p.add_argument("--heads", default="auto",
                    help="'auto' (fit every non-lightning head, convert the best) or a list such as 0.1,5.2 (layer.kv_head)")
     p.add_argument("--out", required=True, help="output plan JSON (tensors go to the same name with .safetensors)")
-    p.add_argument("--model", default=None, help="local Hugging Face checkpoint folder (default: embedded SmolLM2)")
+    p.add_argument("--model", default=None,
+                   help="model name (headwise model list) or local checkpoint folder (default: the embedded SmolLM2)")
     p.add_argument("--fraction", type=float, default=None,
                    help="convert at most this fraction of all KV heads (auto default 0.25; a list converts all listed)")
     p.add_argument("--replace", default=None,
