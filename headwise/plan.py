@@ -1,138 +1,42 @@
 """Plans: which attention every KV head of a model runs, as versioned JSON.
 
 A plan is tied to one model architecture (by a fingerprint of its config) and holds, per layer,
-one head spec per KV head. Head kinds live in a registry: a new kind is a new folder under
-``headwise/kinds/`` whose ``spec.py`` defines a ``HeadSpec`` subclass decorated with
-``@register_head_kind`` (DESIGN §10); ``window`` and ``dense`` are defined there and re-exported here.
+one head spec per KV head. Head kinds are folders under ``headwise/kinds/`` found by
+``headwise.kinds.registry``; this module reads their specs and descriptors only (no attention
+code, no kernels, no transformers), so ``import headwise.plan`` stays light.
 
-Kinds with fitted parameters (``lightning`` feature maps) keep them in ``Plan.weights``, saved
-beside the JSON as ``<plan>.safetensors``; the JSON records that file's sha256 and loading refuses
-a missing or changed file (never pickle).
+Kinds with fitted parameters (``lightning`` feature maps, ``moh`` routers) keep them in
+``Plan.weights``, saved beside the JSON as ``<plan>.safetensors``; the JSON records that file's
+sha256 and loading refuses a missing or changed file (never pickle).
 
-Span rule of a ``window`` head at sequence length ``N`` (DESIGN §2)::
-
-    span(N) = clamp(floor(alpha + beta * N), 1, N)      kept(N) = min(N, sink + span(N))
-
-``N`` is the length the sequence will reach when known, else the current key length.
+A plan spec is a ``Plan``, a JSON path, or a preset a kind provides: ``"dense"``,
+``"uniform:<density>[:<sink>]"`` (``Plan.preset``).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
+import inspect
 import json
-import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Mapping
+from typing import Any, Mapping
+
+from .errors import PlanError
+from .kinds import registry
+from .kinds.base import HeadSpec
+from .kinds.rules import check_number
 
 FORMAT = "headwise.plan/1"
 PREFILL_MODES = ("sparse", "dense")
 
-HEAD_KINDS: dict[str, type["HeadSpec"]] = {}
-
-
-class PlanError(ValueError):
-    """A plan that cannot be used: malformed, or made for another model."""
-
-
-def register_head_kind(cls: type["HeadSpec"]) -> type["HeadSpec"]:
-    """Class decorator adding a head kind to the registry under ``cls.kind``."""
-    if not cls.kind or cls.kind in HEAD_KINDS:
-        raise ValueError(f"head kind {cls.kind!r} is empty or registered twice; give each kind a unique name.")
-    HEAD_KINDS[cls.kind] = cls
-    return cls
-
-
-def check_number(where: str, name: str, value: Any, *, minimum: float | None = None,
-                  maximum: float | None = None, integer: bool = False) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise PlanError(f"{where}: field {name!r} must be a number, got {value!r}.")
-    if not math.isfinite(value):
-        raise PlanError(f"{where}: field {name!r} must be finite, got {value!r}.")
-    if integer and int(value) != value:
-        raise PlanError(f"{where}: field {name!r} must be a whole number, got {value!r}.")
-    if minimum is not None and value < minimum:
-        raise PlanError(f"{where}: field {name!r} must be >= {minimum}, got {value!r}.")
-    if maximum is not None and value > maximum:
-        raise PlanError(f"{where}: field {name!r} must be <= {maximum}, got {value!r}.")
-
-
-_check_number = check_number
-
-
-@dataclass(frozen=True)
-class HeadSpec:
-    """One KV head's attention. Subclasses set ``kind`` and implement ``kept``.
-
-    ``family`` names the attention implementation the patch dispatches to; heads of one family
-    in a layer run in one kernel call.
-    """
-
-    kind: ClassVar[str] = ""
-    family: ClassVar[str] = ""
-    #: the command that fits this kind's tensors (named when they are missing or malformed)
-    fit_command: ClassVar[str] = ""
-
-    def kept(self, n: int) -> int:
-        """Number of KV entries this head keeps at sequence length ``n``."""
-        raise NotImplementedError
-
-    def kv_rule(self) -> tuple[int, float, float, bool]:
-        """``(sink, alpha, beta, dense)``: which KV the cache keeps for this head (``kinds.kv_rule``)."""
-        raise NotImplementedError(f"head kind {self.kind!r} does not say which KV it keeps (kv_rule).")
-
-    def state_bytes(self, head_dim: int, group_size: int) -> int:
-        """Bytes of constant-size decode state this head holds besides its KV (0 for softmax kinds)."""
-        return 0
-
-    def memory_bytes(self, n: int, head_dim: int, kv_bytes: int = 2) -> int:
-        """Decode memory of this KV head at length ``n``: kept K and V at ``kv_bytes`` per value,
-        plus its constant state (``state_bytes`` with one query head per KV head)."""
-        return 2 * self.kept(n) * head_dim * kv_bytes + self.state_bytes(head_dim, 1)
-
-    def required_weights(self, info: "ModelInfo", layer: int, head: int) -> dict[str, tuple[int, ...]]:
-        """Tensors (name -> shape) this head needs from the plan's safetensors file (none by default)."""
-        return {}
-
-    @classmethod
-    def plan_summary(cls, plan: "Plan") -> str | None:
-        """One line ``headwise plan show`` prints about this kind's heads in ``plan`` (``None``: nothing)."""
-        return None
-
-    def to_json(self) -> dict[str, Any]:
-        return {"kind": self.kind, **dataclasses.asdict(self)}
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any], where: str) -> "HeadSpec":
-        names = {f.name for f in dataclasses.fields(cls)}
-        missing = sorted(names - data.keys())
-        if missing:
-            raise PlanError(f"{where}: {cls.kind!r} head is missing field(s) {missing}.")
-        extra = sorted(data.keys() - names - {"kind"})
-        if extra:
-            raise PlanError(f"{where}: {cls.kind!r} head has unknown field(s) {extra}.")
-        spec = cls(**{n: data[n] for n in names})
-        spec.validate(where)
-        return spec
-
-    def validate(self, where: str, max_length: int | None = None) -> None:
-        """Raise ``PlanError`` with one sentence if a field is out of range."""
-
-
-def span_of(alpha: float, beta: float, n: int) -> int:
-    """``clamp(floor(alpha + beta * n), 1, n)``: the window span at length ``n`` (float64 math)."""
-    return max(1, min(n, math.floor(alpha + beta * n)))
-
-
 def head_from_json(data: Any, where: str) -> HeadSpec:
+    """One head spec from its JSON object (its ``kind`` names the kind folder)."""
     if not isinstance(data, dict):
         raise PlanError(f"{where}: a head must be a JSON object, got {type(data).__name__}.")
-    kind = data.get("kind")
-    if kind not in HEAD_KINDS:
-        raise PlanError(f"{where}: unknown head kind {kind!r}; known kinds are {sorted(HEAD_KINDS)}.")
-    return HEAD_KINDS[kind].from_json(data, where)
+    return registry.get(data.get("kind"), where).spec.from_json(data, where)
 
 
 @dataclass(frozen=True)
@@ -190,11 +94,31 @@ class Plan:
 
     # ---- construction -------------------------------------------------------------------
     @classmethod
-    def dense(cls, model: Any) -> "Plan":
-        """Every head dense: patched model computes exactly what the unpatched one does."""
+    def preset(cls, name: str, model: Any, *args: Any) -> "Plan":
+        """A plan whose every head is the head a kind's preset ``name`` makes for ``model``
+        (``Kind.presets``): ``"dense"`` (no arguments), ``"uniform"`` (``density, sink=64, length=None``)."""
+        found = registry.preset(name)
+        if found is None:
+            names = sorted(n for kind in registry.all_kinds() for n in kind.plan_presets())
+            raise PlanError(f"unknown plan preset {name!r}; presets are {names}, or give a plan JSON path.")
+        kind, make = found
         info = ModelInfo.of(model)
-        return cls(info, tuple(tuple(Dense() for _ in range(info.num_kv_heads)) for _ in range(info.num_layers)),
-                   {"method": "dense"})
+        try:
+            head = make(info, *args)
+        except TypeError as error:
+            raise PlanError(f"plan preset {name!r} of kind {kind.name!r} takes other arguments ({error}).") from None
+        bound = inspect.signature(make).bind(info, *args)
+        bound.apply_defaults()
+        params = dict(list(bound.arguments.items())[1:])          # the preset's own parameters, by name
+        plan = cls(info, tuple(tuple(head for _ in range(info.num_kv_heads)) for _ in range(info.num_layers)),
+                   {"method": name, **params})
+        plan.validate()
+        return plan
+
+    @classmethod
+    def dense(cls, model: Any) -> "Plan":
+        """Every head dense: the patched model computes exactly what the unpatched one does."""
+        return cls.preset("dense", model)
 
     @classmethod
     def uniform(cls, model: Any, density: float, sink: int = 64, length: int | None = None) -> "Plan":
@@ -204,38 +128,29 @@ class Plan:
         every length ``N`` (``alpha = -sink, beta = density``); with ``length`` set the window is a
         fixed ``density * length - sink`` tokens (``beta = 0``), the classic StreamingLLM cache.
         """
-        _check_number("Plan.uniform", "density", density, minimum=0.0, maximum=1.0)
-        _check_number("Plan.uniform", "sink", sink, minimum=0, integer=True)
-        if density == 0.0:
-            raise PlanError("Plan.uniform: density must be above 0; use a positive fraction such as 0.25.")
-        info = ModelInfo.of(model)
-        if length is None:
-            head = Window(sink=int(sink), alpha=float(-sink), beta=float(density))
-        else:
-            head = Window(sink=int(sink), alpha=float(max(1.0, density * length - sink)), beta=0.0)
-        plan = cls(info, tuple(tuple(head for _ in range(info.num_kv_heads)) for _ in range(info.num_layers)),
-                   {"method": "uniform", "density": density, "sink": sink, "length": length})
-        plan.validate()
-        return plan
+        return cls.preset("uniform", model, density, sink, length)
 
     @classmethod
     def from_spec(cls, spec: "Plan | str | os.PathLike", model: Any) -> "Plan":
-        """A plan from a ``Plan``, a JSON path, ``"dense"`` or ``"uniform:<density>[:<sink>]"``,
-        checked against ``model``."""
+        """A plan from a ``Plan``, a JSON path or a preset ``"<name>[:<arg>...]"`` (``"dense"``,
+        ``"uniform:0.25"``, ``"uniform:0.25:64"``), checked against ``model``."""
         if isinstance(spec, Plan):
             plan = spec
-        elif str(spec) == "dense":
-            plan = cls.dense(model)
-        elif str(spec).startswith("uniform:"):
-            parts = str(spec).split(":")
-            try:
-                density = float(parts[1])
-                sink = int(parts[2]) if len(parts) > 2 else 64
-            except (ValueError, IndexError):
-                raise PlanError(f"plan spec {spec!r} must look like 'uniform:0.25' or 'uniform:0.25:64'.") from None
-            plan = cls.uniform(model, density=density, sink=sink)
+        elif spec is None or not isinstance(spec, (str, os.PathLike)):
+            raise PlanError(f"a plan must be a Plan, a plan JSON path or a preset such as 'dense' or 'uniform:0.25', "
+                            f"got {type(spec).__name__}.")
         else:
-            plan = load_plan(spec)
+            name, *raw = str(spec).split(":")
+            found = None if os.path.exists(str(spec)) else registry.preset(name)
+            if found is None:
+                plan = load_plan(spec)
+            else:
+                try:
+                    args = [int(a) if a.lstrip("-").isdigit() else float(a) for a in raw]
+                except ValueError:
+                    raise PlanError(f"plan spec {str(spec)!r} must look like '{name}' followed by numbers, e.g. "
+                                    "'uniform:0.25' or 'uniform:0.25:64'.") from None
+                plan = cls.preset(name, model, *args)
         plan.check_model(model)
         return plan
 
@@ -262,7 +177,7 @@ class Plan:
             raise PlanError(f"plan 'prefill' must be one of {list(PREFILL_MODES)}, got {self.prefill!r}.")
         m = self.model
         for name in ("num_layers", "num_heads", "num_kv_heads", "head_dim"):
-            _check_number("plan model", name, getattr(m, name), minimum=1, integer=True)
+            check_number("plan model", name, getattr(m, name), minimum=1, integer=True)
         if m.num_heads % m.num_kv_heads:
             raise PlanError(f"plan model: num_heads {m.num_heads} is not a multiple of num_kv_heads {m.num_kv_heads}.")
         if len(self.layers) != m.num_layers:
@@ -272,7 +187,8 @@ class Plan:
                 raise PlanError(f"plan layer {i} has {len(layer)} heads but the model has {m.num_kv_heads} KV heads.")
             for h, head in enumerate(layer):
                 head.validate(f"layer {i} head {h}", m.max_length or None)
-                refit = f"refit the plan ({head.fit_command})" if head.fit_command else "refit the plan"
+                command = registry.kind_of(head).fit_command
+                refit = f"refit the plan ({command})" if command else "refit the plan"
                 for name, shape in head.required_weights(m, i, h).items():
                     tensor = self.weights.get(name)
                     if tensor is None:
@@ -392,13 +308,4 @@ def _read_weights(plan_path: Path, block: Any) -> dict[str, Any] | None:
     return load(blob)
 
 
-# The built-in kinds (each a folder under headwise/kinds/) register themselves; ``Window`` and
-# ``Dense`` stay importable from here.
-from .kinds import load_builtin_kinds  # noqa: E402
-
-load_builtin_kinds()
-from .kinds.dense.spec import Dense  # noqa: E402
-from .kinds.window.spec import Window  # noqa: E402
-
-__all__ = ["FORMAT", "PREFILL_MODES", "HEAD_KINDS", "PlanError", "HeadSpec", "Window", "Dense", "ModelInfo", "Plan",
-           "load_plan", "register_head_kind", "span_of", "check_number", "head_from_json"]
+__all__ = ["FORMAT", "PREFILL_MODES", "PlanError", "HeadSpec", "ModelInfo", "Plan", "load_plan", "head_from_json"]

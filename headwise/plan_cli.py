@@ -33,7 +33,7 @@ def default_lengths(plan) -> list[int]:
 def show_plan(args) -> int:
     from .calibrate.heatmap import plan_heatmap
     from .cli import parse_lengths
-    from .plan import Dense, load_plan
+    from .plan import load_plan
 
     plan = load_plan(args.plan)
     if args.lengths:
@@ -44,7 +44,7 @@ def show_plan(args) -> int:
     print(f"plan {args.plan}: model {plan.model.name}, {plan.model.num_layers} layers x {plan.model.num_kv_heads} "
           f"KV heads; method {cal.get('method', '?')}, made for density {cal.get('density', '?')}")
     heads = plan.heads
-    print(f"  dense heads: {sum(isinstance(h, Dense) for h in heads)} of {len(heads)}; "
+    print(f"  heads that keep every token: {sum(h.keeps_everything for h in heads)} of {len(heads)}; "
           f"distinct head configs: {len(set(heads))}")
     for kind in sorted({type(h) for h in heads}, key=lambda k: k.kind):
         summary = kind.plan_summary(plan)

@@ -102,7 +102,7 @@ def fold_states(runtime, layer_idx: int, keys: torch.Tensor, values: torch.Tenso
     """Fold a dense prefill's ``keys``/``values`` ``[1, Hkv, T, D]`` (the whole prompt) into the
     recurrent states of layer ``layer_idx``'s state-holding groups (``lightning``, ``hybrid``), as
     their ``attention`` does in a ``prefill="dense"`` forward (``fold``: the state without outputs)."""
-    from headwise.kinds.base import AttentionCall
+    from headwise.kinds.call import AttentionCall
 
     kinds = runtime.layers[layer_idx]
     groups = [g for g in kinds.groups if g.state_key is not None]

@@ -7,7 +7,8 @@ import torch
 from transformers import AttentionInterface
 
 from headwise import Plan, PlanError, expected_length, kv_bytes, patch_model, unpatch_model
-from headwise.plan import Dense, Window
+from headwise.kinds.dense import Dense
+from headwise.kinds.window import Window
 from tests.conftest import make_tiny
 
 

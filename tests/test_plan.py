@@ -3,7 +3,10 @@ import math
 
 import pytest
 
-from headwise.plan import FORMAT, Dense, Plan, PlanError, Window, load_plan, span_of
+from headwise.plan import FORMAT, Plan, PlanError, load_plan
+from headwise.kinds.dense import Dense
+from headwise.kinds.window import Window
+from headwise.kinds.rules import span_of
 from tests.conftest import make_tiny
 
 
@@ -65,7 +68,7 @@ def test_from_spec_forms(tmp_path, model):
     path = tmp_path / "p.json"
     Plan.uniform(model, 0.25).save(path)
     assert Plan.from_spec(str(path), model).density(4096) == pytest.approx(0.25, abs=1e-3)
-    with pytest.raises(PlanError, match="must look like 'uniform:0.25'"):
+    with pytest.raises(PlanError, match="must look like 'uniform' followed by numbers"):
         Plan.from_spec("uniform:abc", model)
 
 

@@ -4,22 +4,19 @@ from __future__ import annotations
 
 import os
 
+from ..kinds import registry
 from ..plan import Plan
-
-#: Letter drawn on a head of each kind other than ``window`` (a kind not listed: its initial).
-MARKS = {"dense": "D", "lightning": "L", "hybrid": "H"}
 
 
 def head_mark(kind: str) -> str:
-    """The letter a head of ``kind`` gets on the heatmap ("" for ``window`` heads, the unmarked default)."""
-    return "" if kind == "window" else MARKS.get(kind, kind[:1].upper())
+    """The letter a head of ``kind`` gets on the heatmap (``Kind.mark``; "" for unmarked kinds)."""
+    return registry.get(kind).mark
 
 
 def plan_heatmap(plan: Plan, path: str | os.PathLike, lengths: list[int]) -> None:
     """Write a PNG: rows are layers, columns KV heads; colour is the kept fraction at each length
-    (KV entries only: a recurrent state is not counted), heads of kinds other than ``window`` are
-    marked with a letter (``MARKS``: "D" dense, "L" lightning, "H" hybrid). Uses matplotlib's Agg
-    backend (no display needed)."""
+    (KV entries only: a recurrent state is not counted), heads of marked kinds carry their kind's
+    letter (``Kind.mark``, e.g. "D" dense). Uses matplotlib's Agg backend (no display needed)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -46,7 +43,7 @@ def plan_heatmap(plan: Plan, path: str | os.PathLike, lengths: list[int]) -> Non
         ax.set_yticks(range(0, layers, max(1, layers // 10)))
     axes[0][0].set_ylabel("layer")
     fig.colorbar(image, ax=axes[0].tolist(), label="kept(N) / N")
-    kinds = sorted({head.kind for head in plan.heads} - {"window"})
+    kinds = sorted(k for k in {head.kind for head in plan.heads} if head_mark(k))
     legend = ", ".join(f"{head_mark(k)} {k}" for k in kinds)
     fig.suptitle(f"{plan.model.name} ({plan.calibration.get('method', 'plan')})" + (f"; {legend}" if legend else ""),
                  fontsize=10)

@@ -21,7 +21,10 @@ import numpy as np
 import scipy.optimize
 import scipy.sparse
 
-from ..plan import Dense, HeadSpec, ModelInfo, Plan, Window
+from ..kinds.base import HeadSpec
+from ..kinds.dense import Dense
+from ..kinds.window import Window
+from ..plan import ModelInfo, Plan
 
 logger = logging.getLogger("headwise")
 

@@ -59,7 +59,8 @@ class BlockRecorder:
         loss change of dropping it, a dropped entry the loss change of leaving it out (minus the
         first-order change of adding it back).
         """
-        from ..plan import Dense, Window
+        from ..kinds.dense import Dense
+        from ..kinds.window import Window
 
         for layer, heads in enumerate(plan.layers):
             bands = []

@@ -38,7 +38,8 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from ..kinds.softplus import Softplus
-from ..plan import Dense, ModelInfo, Plan
+from ..kinds.dense import Dense
+from ..plan import ModelInfo, Plan
 
 STATS_NAME = "headwise_softplus_stats"
 LOSS_CHUNK = 1024

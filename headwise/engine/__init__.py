@@ -1,4 +1,4 @@
-"""Paged-KV decode engine with continuous batching: every KV head keeps only its own span (DESIGN §6).
+"""Paged-KV decode engine with continuous batching: every KV head keeps only its own span (docs/design.md, "The engine").
 
 ``from headwise.engine import LLM, SamplingParams``; ``LLM(model, plan=...).generate(prompts, params)``.
 Modules: ``block_manager`` (free list, per-head tables), ``scheduler`` (continuous batching,

@@ -1,6 +1,6 @@
 """Block manager: one free list over the preallocated pool, whole blocks per (sequence, layer, KV head).
 
-A window head's table never grows past ``HeadLayout.max_blocks`` (sink blocks + a ring of window
+A window head's table never grows past ``engine.layout.HeadLayout.max_blocks`` (sink blocks + a ring of window
 blocks it overwrites as it decodes); a dense head's grows with the sequence. Blocks are taken
 only when a step needs them and all of a sequence's blocks come back when it finishes or is
 preempted.

@@ -6,16 +6,16 @@ registered with transformers' ``AttentionInterface`` as ``"headwise_engine"`` an
 first, then prefill chunks) go in as one ``[1, T]`` sequence with their real positions, so RoPE
 is right and no mask is built.
 
-flashinfer's split: ``StepPlan`` (positions, write slots, decode block tables, spans) is built
-once per step on the CPU; every layer's attention (``layer_attention``) reuses it.
+flashinfer's split: ``StepPlan`` (positions, write slots, decode block tables, spans;
+``engine/step.py``) is built once per step on the CPU; every layer's attention
+(``layer_attention``) reuses it. A layer's heads are grouped by their kind's engine group
+(``Kind.engine``), each group runs its heads, and outputs are scattered back into head order.
 """
 
 from __future__ import annotations
 
-import logging
-from dataclasses import dataclass, field
-
 import contextlib
+import logging
 
 import torch
 import torch.nn.functional as F
@@ -23,80 +23,20 @@ from torch.overrides import TorchFunctionMode
 from transformers import AttentionInterface, AttentionMaskInterface
 
 from ..kernels.paged_decode.naive import gather_pages
+from ..kernels.sink_window import sink_window_attention
 from ..kernels.skinny_linear import native as skinny_native
+from ..kinds.call import EngineGroup, query_heads
+from ..kinds.registry import kind_of
 from ..plan import Plan
 from .config import EngineConfig
-from .kinds import EngineGroup, EngineKind, engine_kind
 from .lean import lean_decoder
 from .sequence import Sequence
+from .step import Chunk, LayerStep, StepPlan
 
 logger = logging.getLogger("headwise.engine")
 
 NAME = "headwise_engine"
 STEP_KWARG = "headwise_step"
-
-
-@dataclass
-class Chunk:
-    """One sequence's prefill chunk in the step: tokens ``[start, stop)`` of the packed batch."""
-
-    seq: Sequence
-    start: int
-    stop: int
-    positions: torch.Tensor          # [n] int64
-
-
-@dataclass
-class StepPlan:
-    """Everything the layers of one step share, built on the CPU before the forward.
-
-    decode_pos: ``[Bd]`` positions of the decode tokens (they are tokens ``0..Bd-1``).
-    decode_tables: ``[L, Bd, Hkv, M]`` int32 block tables of the decode sequences.
-    decode_span: ``[L, Bd, Hkv]`` int64 spans.
-    write_dst, write_src: per layer, flat pool slots and the ``t * Hkv + h`` rows written there.
-    write_pos: per layer, the position of each row in ``write_src`` (what goes into ``pos_pool``).
-    """
-
-    runner: "ModelRunner"
-    decode_seqs: list[Sequence]
-    decode_pos: torch.Tensor
-    decode_tables: torch.Tensor | None
-    decode_span: torch.Tensor | None
-    chunks: list[Chunk]
-    write_dst: list[torch.Tensor]
-    write_src: list[torch.Tensor]
-    write_pos: list[torch.Tensor]
-
-
-@dataclass
-class LayerStep:
-    """A ``StepPlan`` seen from one layer: what a kind's ``prefill``/``decode`` reads."""
-
-    plan: StepPlan
-    layer: int
-    scale: float
-    k_pool: torch.Tensor
-    v_pool: torch.Tensor
-    pos_pool: torch.Tensor
-    backend: str
-    decode_pos: torch.Tensor
-    decode_tables: torch.Tensor | None
-    decode_sink: torch.Tensor
-    decode_span: torch.Tensor | None
-    dense_prefill: bool = False
-    prefill_seq: Sequence | None = None
-    prefill_pos: torch.Tensor | None = None
-    _cached: tuple | None = field(default=None, repr=False)
-
-    def cached_kv(self, heads: list[int]):
-        """The current prefill sequence's KV already in the pool for ``heads``, or None.
-
-        Returns ``(k [1, Hg, C, D], v [1, Hg, C, D], pos [1, Hg, C])`` (-1 positions are empty slots).
-        """
-        if self._cached is None:
-            return None
-        k, v, pos = self._cached
-        return k[:, heads], v[:, heads], pos[:, heads]
 
 
 class ModelRunner:
@@ -118,16 +58,21 @@ class ModelRunner:
         self.k_pool = torch.zeros(num_blocks, bs, 1, self.head_dim, dtype=dtype, device=device)
         self.v_pool = torch.zeros_like(self.k_pool)
         self.pos_pool = torch.full((num_blocks, bs), -1, dtype=torch.long, device=device)
-        # heads of each layer grouped by the kind that runs them
+        # heads of each layer grouped by the engine group that runs them (``Kind.engine`` + ``Kind.attention``)
         self.groups: list[list[tuple[EngineGroup, list[int]]]] = []
         for index, layer in enumerate(plan.layers):
-            by_kind: dict[tuple[int, str], tuple[EngineKind, list[int]]] = {}
+            by_target: dict[tuple[str, str], list[int]] = {}
             for h, spec in enumerate(layer):
-                kind = engine_kind(spec)
-                by_kind.setdefault((id(kind), spec.family), (kind, []))[1].append(h)
-            self.groups.append([(kind.bind(index, heads, [layer[h] for h in heads], plan.weights), heads)
-                                for kind, heads in by_kind.values()])
-        self.sink = torch.tensor([[getattr(s, "sink", 0) for s in layer] for layer in plan.layers], dtype=torch.long)
+                kind = kind_of(spec)
+                kind.engine_factory()            # one sentence now when the engine cannot run this kind
+                by_target.setdefault((kind.engine, kind.attention), []).append(h)
+            self.groups.append([
+                (kind_of(layer[heads[0]]).engine_factory()(index, tuple(heads), tuple(layer[h] for h in heads),
+                                                           plan.weights), heads)
+                for heads in by_target.values()])
+        # the sink of every head's KV rule (a dense head reads everything: sink 0)
+        self.sink = torch.tensor([[0 if s.keeps_everything else s.kv_rule()[0] for s in layer] for layer in plan.layers],
+                                 dtype=torch.long)
         self.sink_on_device = self.sink.to(device)
         self.previous_attn: str | None = None
         # decode steps of few tokens skip the HF module stack on recognised architectures (lean.py)
@@ -313,26 +258,43 @@ def layer_attention(step: LayerStep, q: torch.Tensor, k: torch.Tensor, v: torch.
     if Bd:
         qd = q[:, :Bd].transpose(0, 1)                                                   # [Bd, H, D]
         kd, vd = k[:, :Bd].transpose(0, 1), v[:, :Bd].transpose(0, 1)                    # [Bd, Hkv, D]
-        for kind, heads in groups:
+        for group, heads in groups:
             if len(heads) == Hkv:
-                out[:Bd] = kind.decode(step, heads, qd, kd, vd)
+                out[:Bd] = group.decode(step, heads, qd, kd, vd)
             else:
-                qh = _query_heads(heads, G)
-                out[:Bd, qh] = kind.decode(step, heads, qd[:, qh], kd[:, heads], vd[:, heads])
+                qh = query_heads(heads, G)
+                out[:Bd, qh] = group.decode(step, heads, qd[:, qh], kd[:, heads], vd[:, heads])
     # 4. prefill chunks: cached KV + the chunk's own keys
     for chunk, cache in zip(plan.chunks, cached):
         step.prefill_seq, step.prefill_pos, step._cached = chunk.seq, chunk.positions, cache
         qc = q[None, :, chunk.start:chunk.stop]                                        # [1, H, n, D]
         kc, vc = k[None, :, chunk.start:chunk.stop], v[None, :, chunk.start:chunk.stop]
-        for kind, heads in groups:
+        if step.dense_prefill:
+            out[chunk.start:chunk.stop] = dense_prefill(step, groups, qc, kc, vc)[0].transpose(0, 1)
+            continue
+        for group, heads in groups:
             if len(heads) == Hkv:
-                out[chunk.start:chunk.stop] = kind.prefill(step, heads, qc, kc, vc)[0].transpose(0, 1)
+                out[chunk.start:chunk.stop] = group.prefill(step, heads, qc, kc, vc)[0].transpose(0, 1)
             else:
-                qh = _query_heads(heads, G)
-                res = kind.prefill(step, heads, qc[:, qh], kc[:, heads], vc[:, heads])
+                qh = query_heads(heads, G)
+                res = group.prefill(step, heads, qc[:, qh], kc[:, heads], vc[:, heads])
                 out[chunk.start:chunk.stop, qh] = res[0].transpose(0, 1)
     return out
 
 
-def _query_heads(kv_heads: list[int], group: int) -> list[int]:
-    return [h * group + g for h in kv_heads for g in range(group)]
+def dense_prefill(step: LayerStep, groups: list[tuple[EngineGroup, list[int]]], q: torch.Tensor, k: torch.Tensor,
+                  v: torch.Tensor) -> torch.Tensor:
+    """A dense-prefill chunk: every head reads all it has (the pool still keeps only the plan's KV),
+    and groups that keep a state fold the chunk's keys into it.
+
+    ``q [1, H, n, D]``, ``k, v [1, Hkv, n, D]`` (the chunk's own) -> ``[1, H, n, D]``.
+    """
+    for group, heads in groups:
+        if hasattr(group, "fold"):
+            group.fold(step, heads, k[:, heads], v[:, heads])
+    Hkv = k.shape[1]
+    k, v, k_pos = step.prefill_keys(list(range(Hkv)), k, v)
+    sink = torch.zeros(Hkv, dtype=torch.long, device=q.device)
+    everything = torch.full((1, Hkv), int(step.prefill_pos[-1]) + 1, dtype=torch.long, device=q.device)
+    return sink_window_attention(q, k, v, step.prefill_pos[None], k_pos, sink, everything, step.scale,
+                                 backend=step.backend)

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..plan import Plan
-from .kinds import engine_kind
+from .layout import head_layout
 from .sampling import SamplingParams
 
 
@@ -56,7 +56,7 @@ class Sequence:
     ``table[l, h, j]`` is the pool block holding logical block ``j`` of KV head ``h`` in layer ``l``
     (-1 while unallocated); ``nblocks[l, h]`` how many it holds. Layout tensors (``sink``, ``span``,
     ``sink_slots``, ``ring``, ``max_blocks``: ``[L, Hkv]`` int64) come from the head kinds, see
-    ``kinds.HeadLayout``.
+    ``engine.layout.HeadLayout``.
     """
 
     def __init__(self, prompt_token_ids: list[int], params: SamplingParams, plan: Plan, block_size: int,
@@ -76,9 +76,9 @@ class Sequence:
         self.generator = None
         if params.seed is not None:
             self.generator = torch.Generator().manual_seed(params.seed)
-        # N: the length this request will reach, which sizes elastic spans (DESIGN §2).
+        # N: the length this request will reach, which sizes elastic spans (docs/design.md, "The plan").
         self.target_length = min(len(self.prompt_token_ids) + params.max_tokens, max_length)
-        layouts = [[engine_kind(spec).layout(spec, self.target_length, block_size) for spec in layer]
+        layouts = [[head_layout(spec, self.target_length, block_size) for spec in layer]
                    for layer in plan.layers]
         self.kinds = [[spec.kind for spec in layer] for layer in plan.layers]
 
@@ -126,7 +126,7 @@ class Sequence:
 
     # ---- layout ---------------------------------------------------------------------------------
     def logical_slots(self, positions: torch.Tensor) -> torch.Tensor:
-        """``[n]`` positions -> ``[L, Hkv, n]`` logical slots (see ``kinds.HeadLayout``)."""
+        """``[n]`` positions -> ``[L, Hkv, n]`` logical slots (see ``engine.layout.HeadLayout``)."""
         p = positions[None, None, :]
         sink = self.sink[..., None]
         ring = self.ring[..., None]

@@ -1,36 +1,16 @@
-"""Head kinds: each kind is one folder that owns its spec, its attention and its decode state (DESIGN §10).
+"""Head kinds: each kind is one folder that owns its spec, its attention, its engine group and its fitting.
 
-A kind folder ``headwise/kinds/<kind>/`` holds
-
-* ``spec.py``: a ``HeadSpec`` subclass registered with ``@register_head_kind`` (plan JSON fields,
-  validation, kept KV / memory at length ``N``, the fitted tensors it needs from the plan's
-  safetensors file);
-* its attention over the heads of one layer that use it, as a ``KindGroup`` made by the factory
-  registered under the spec's ``family`` with ``register_family`` (see ``headwise.kinds.base``).
-  Heads of one family in a layer run as one group; the group's kernels live in
-  ``headwise/kernels/<op>/`` (naive reference + fast backends);
-* its decode state: the KV a softmax kind keeps (``kv_rule``) and, for kinds with other state (a
-  linear-attention recurrent state), a ``DecodeState`` the group creates and updates.
-
-``load_builtin_kinds`` imports every sub-package of this folder, so adding a kind is adding a
-folder. ``headwise.plan`` calls it once at import; ``LayerKinds`` (``headwise.kinds.layer``) groups a
-layer's heads by family, runs each group and scatters outputs back into head order.
+A kind folder ``headwise/kinds/<kind>/`` holds ``__init__.py`` with ``KIND = Kind(...)`` (the
+descriptor, ``headwise.kinds.base``), ``spec.py`` (the plan JSON fields), and the code the
+descriptor names: attention under ``patch_model``, the engine group, ``fit.py`` for
+``headwise fit <kind>``, calibrator candidates. ``headwise.kinds.registry`` finds the folders, so a
+new kind is a new folder and nothing else. Shared pieces live beside the folders: ``rules.py``
+(sink + span rule, fitted linear part), ``softmax.py`` (softmax over kept KV, dense attention),
+``hedgehog.py`` (feature maps), ``call.py`` (the runtime contract), ``kv_rule.py``, ``layer.py``.
+See docs/design.md, "Head kinds".
 """
 
-from __future__ import annotations
+from .base import HeadSpec, Kind
+from .registry import all_kinds, get, kind_of, register_kind
 
-import importlib
-import pkgutil
-
-_loaded = False
-
-
-def load_builtin_kinds() -> None:
-    """Import every kind folder under ``headwise/kinds/`` (each registers its spec and family)."""
-    global _loaded
-    if _loaded:
-        return
-    _loaded = True
-    for module in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
-        if module.ispkg:
-            importlib.import_module(f"{__name__}.{module.name}")
+__all__ = ["HeadSpec", "Kind", "all_kinds", "get", "kind_of", "register_kind"]

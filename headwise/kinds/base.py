@@ -1,126 +1,178 @@
-"""The interface between a layer and the head kinds it runs.
+"""What a head kind is: its plan spec (``HeadSpec``) and its descriptor (``Kind``).
 
-A **group** is the heads of one layer whose specs share a ``family``; the family's factory
-(``register_family``) builds it once per layer from those specs and the plan's fitted tensors::
+A kind is one folder ``headwise/kinds/<kind>/`` whose ``__init__.py`` defines ``KIND = Kind(...)``:
+the spec class (plan JSON fields, validation, kept KV at length ``N``), and, named as
+``"module:attribute"`` strings so nothing heavy loads until it runs, the attention group it runs
+under ``patch_model``, the group the engine runs, its optional fitting command, its calibrator
+candidates and plan presets, and its capabilities (which runtimes run it, its heatmap mark).
+``headwise.kinds.registry`` finds the folders; nothing outside a kind's folder names that kind.
 
-    group = FAMILIES[spec.family](layer_idx, heads, specs, weights)
-
-and every forward calls ``group.attention(q, k, v, call)`` with the group's slice of the layer's
-query heads and KV heads. ``AttentionCall`` carries what is the same for every group of the
-forward (positions, span lengths, scale, backend, the cache's decode states).
-
-Decode state: a softmax kind's state is the KV the cache keeps for its heads, described per head
-by ``HeadSpec.kv_rule()``; any other state (a recurrent state) is a dict of tensors whose first
-dimension is the batch, stored by the runtime in ``call.states[group.state_key]`` — the HF cache
-layer, and later the engine, reorder / select / count it without knowing the kind.
+Pure Python (no torch): ``import headwise.plan`` reads specs and descriptors only. The runtime
+contracts (``AttentionCall``, ``KindGroup``, ``StatefulGroup``, ``EngineGroup``) are in
+``headwise.kinds.call``. See docs/design.md, "Head kinds".
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
-from typing import Callable, Mapping, Protocol
+import dataclasses
+import importlib
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable, ClassVar
 
-import torch
+from ..errors import PlanError
 
-from ..plan import HeadSpec
+if TYPE_CHECKING:
+    from ..plan import ModelInfo, Plan
+
+#: Runtimes a kind can run in: ``hf`` (``patch_model``), ``engine`` (``headwise.engine.LLM``), ``vllm`` (plugin).
+RUNTIMES = ("hf", "engine", "vllm")
 
 
-@dataclass
-class AttentionCall:
-    """One layer forward, as every group of the layer sees it.
+@dataclass(frozen=True)
+class HeadSpec:
+    """One KV head's attention in a plan. Subclasses set ``kind`` and implement ``kept`` and ``kv_rule``."""
 
-    module: the HF attention module (``layer_idx``, ``config``) or ``None`` outside HF.
-    query_pos: ``[B, Q]`` int64 real position of each query, -1 for padding.
-    key_pos: ``[B, Hk, S]`` int64 position of every key slot passed to the layer (-1 empty);
-        ``Hk`` is 1 (shared) or the layer's KV heads.
-    lengths: ``[B]`` int64 the ``N`` span rules use (target length when set, else real length).
-    scale: softmax scale.
-    backend: kernel backend name ("auto", "naive", "cpu", "triton").
-    dense_prefill: this forward has more than one query and the plan prefills dense.
-    new_keys, new_values: ``[B, Hkv, Q, D]`` this forward's own keys/values (what a recurrent
-        kind folds into its state), ``None`` when the passed keys are exactly those.
-    states: the cache's per-group decode states (dict of batch-first tensors), ``None`` when the
-        forward runs without a cache (the state starts empty and is dropped).
+    #: the plan JSON tag (equal to the folder's ``Kind.name``)
+    kind: ClassVar[str] = ""
+    #: False for a head that keeps no KV in the engine's pool (only a recurrent state)
+    keeps_kv: ClassVar[bool] = True
+
+    def kept(self, n: int) -> int:
+        """Number of KV entries this head keeps at sequence length ``n``."""
+        raise NotImplementedError
+
+    def kv_rule(self) -> tuple[int, float, float, bool]:
+        """``(sink, alpha, beta, dense)``: which KV the cache keeps for this head: the first ``sink``
+        tokens and the last ``clamp(floor(alpha + beta*N), 1, N)``, or everything when ``dense``."""
+        raise NotImplementedError(f"head kind {self.kind!r} does not say which KV it keeps (kv_rule).")
+
+    @property
+    def keeps_everything(self) -> bool:
+        """The head reads and keeps every token at every length (its ``kv_rule`` is dense)."""
+        return bool(self.kv_rule()[3])
+
+    def state_bytes(self, head_dim: int, group_size: int) -> int:
+        """Bytes of constant-size decode state this head holds besides its KV (0 for softmax kinds)."""
+        return 0
+
+    def memory_bytes(self, n: int, head_dim: int, kv_bytes: int = 2) -> int:
+        """Decode memory of this KV head at length ``n``: kept K and V at ``kv_bytes`` per value,
+        plus its constant state (``state_bytes`` with one query head per KV head)."""
+        return 2 * self.kept(n) * head_dim * kv_bytes + self.state_bytes(head_dim, 1)
+
+    def required_weights(self, info: "ModelInfo", layer: int, head: int) -> dict[str, tuple[int, ...]]:
+        """Tensors (name -> shape) this head needs from the plan's safetensors file (none by default)."""
+        return {}
+
+    @classmethod
+    def plan_summary(cls, plan: "Plan") -> str | None:
+        """One line ``headwise plan show`` prints about this kind's heads in ``plan`` (``None``: nothing)."""
+        return None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"kind": self.kind, **dataclasses.asdict(self)}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any], where: str) -> "HeadSpec":
+        names = {f.name for f in dataclasses.fields(cls)}
+        missing = sorted(names - data.keys())
+        if missing:
+            raise PlanError(f"{where}: {cls.kind!r} head is missing field(s) {missing}.")
+        extra = sorted(data.keys() - names - {"kind"})
+        if extra:
+            raise PlanError(f"{where}: {cls.kind!r} head has unknown field(s) {extra}.")
+        spec = cls(**{n: data[n] for n in names})
+        spec.validate(where)
+        return spec
+
+    def validate(self, where: str, max_length: int | None = None) -> None:
+        """Raise ``PlanError`` with one sentence if a field is out of range."""
+
+
+def resolve(target: str) -> Any:
+    """The object a ``"package.module:attribute"`` string names (imported on first use)."""
+    module, _, attribute = target.partition(":")
+    obj = importlib.import_module(module)
+    for part in attribute.split(".") if attribute else ():
+        obj = getattr(obj, part)
+    return obj
+
+
+@dataclass(frozen=True)
+class Kind:
+    """Everything headwise knows about one head kind (``KIND`` in its folder's ``__init__.py``).
+
+    Fields naming code are ``"module:attribute"`` strings, imported only when that code runs.
+
+    Attributes:
+        name: the plan JSON tag (``spec.kind``).
+        spec: the ``HeadSpec`` subclass.
+        attention: the group class ``patch_model`` runs for this kind's heads of one layer:
+            ``factory(layer_idx, heads, specs, weights) -> KindGroup`` (``headwise.kinds.call``).
+            Heads of kinds naming the same target run as one group.
+        engine: the engine's group factory, same signature, ``-> EngineGroup``; ``None``: the
+            engine refuses plans with this kind.
+        fit: module with ``HELP``, ``add_arguments(parser)`` and ``run(args) -> int``: the
+            ``headwise fit <name>`` command that fits this kind's parameters (``None``: nothing to fit).
+        candidates: ``callable(lengths, **options) -> list[HeadSpec]``: the heads of this kind the
+            calibrator may choose from (``None``: the calibrator never picks this kind).
+        presets: ``dict`` of plan presets this kind provides, ``name -> callable(info, *args) -> HeadSpec``
+            (every head of the plan), e.g. ``"dense"`` or ``"uniform"`` (``Plan.preset``).
+        example: ``callable(info, weights) -> HeadSpec``: a valid head of this kind for any model
+            (``info``: ``ModelInfo``; ``weights``: the name prefix for its fitted tensors, whose shapes
+            ``required_weights`` gives), so contract tests cover every kind without a list.
+        vllm: the vLLM plugin runs this kind's heads.
+        mark: letter drawn on this kind's heads in plan heatmaps ("" none).
+        description: one line: what the head keeps and computes.
     """
 
-    module: torch.nn.Module | None
-    query_pos: torch.Tensor
-    key_pos: torch.Tensor
-    lengths: torch.Tensor
-    scale: float
-    backend: str = "auto"
-    dense_prefill: bool = False
-    new_keys: torch.Tensor | None = None
-    new_values: torch.Tensor | None = None
-    states: dict | None = None
+    name: str
+    spec: type[HeadSpec]
+    attention: str
+    engine: str | None = None
+    fit: str | None = None
+    candidates: str | None = None
+    presets: str | None = None
+    example: str | None = None
+    vllm: bool = False
+    mark: str = ""
+    description: str = ""
 
-    def for_heads(self, heads: list[int], num_kv_heads: int) -> "AttentionCall":
-        """The call restricted to KV heads ``heads`` of a layer with ``num_kv_heads`` heads."""
-        index = torch.tensor(heads, device=self.key_pos.device)
-        key_pos = self.key_pos if self.key_pos.shape[1] == 1 else self.key_pos.index_select(1, index)
-        sub = lambda t: None if t is None else t.index_select(1, index.to(t.device))   # noqa: E731
-        return replace(self, key_pos=key_pos, new_keys=sub(self.new_keys), new_values=sub(self.new_values))
+    def __post_init__(self):
+        if not self.name or self.name != self.spec.kind:
+            raise ValueError(f"kind {self.name!r} must be named like its spec's kind tag {self.spec.kind!r}.")
 
-    def state_before(self, state_key: str) -> torch.Tensor | None:
-        """The recurrent state ``s`` a group (``state_key``) held before this forward; ``None`` when it
-        is empty or the forward runs without a cache."""
-        previous = self.states.get(state_key) if self.states is not None else None
-        return None if previous is None else previous["s"]
+    @property
+    def runtimes(self) -> tuple[str, ...]:
+        """Runtimes that run this kind, in ``RUNTIMES`` order."""
+        return tuple(r for r, ok in zip(RUNTIMES, (True, self.engine is not None, self.vllm)) if ok)
 
-    def own_keys(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``[B, Hg, Q, D]`` keys/values of this forward's own tokens (from ``new_keys`` or ``k, v``)."""
-        if self.new_keys is not None:
-            return self.new_keys, self.new_values
-        Q = self.query_pos.shape[1]
-        return k[:, :, -Q:], v[:, :, -Q:]
+    @property
+    def fit_command(self) -> str | None:
+        """The shell command that fits this kind's tensors (``None`` when it has none)."""
+        return f"headwise fit {self.name}" if self.fit else None
 
+    def group_factory(self) -> Callable:
+        return resolve(self.attention)
 
-class KindGroup(Protocol):
-    """The heads of one layer that share a family. See the module docstring."""
+    def engine_factory(self) -> Callable:
+        if self.engine is None:
+            raise ValueError(f"the engine cannot run {self.name!r} heads; use patch_model for this plan or remove "
+                             "those heads.")
+        return resolve(self.engine)
 
-    family: str
-    heads: tuple[int, ...]
-    #: key of this group's recurrent state in ``AttentionCall.states`` (``None``: KV only)
-    state_key: str | None
+    def fit_module(self):
+        if self.fit is None:
+            raise ValueError(f"{self.name!r} heads have no parameters to fit.")
+        return importlib.import_module(self.fit)
 
-    # A group with ``state_key`` set also has ``state_spec() -> {name: (shape without batch, dtype)}``
-    # (the per-sequence tensors an engine allocates as state slots), a tensor-only
-    # ``run(q, k, v, query_pos, ..., state, ...) -> (out, state)`` for callers outside HF,
-    # ``fold_state(k, v, query_pos, ..., state) -> state`` (the same state without outputs: what a
-    # dense prefill needs) and ``fold(k, v, call)``, which folds a forward's keys into ``call.states``.
+    def candidate_heads(self, lengths: list[int], **options) -> list[HeadSpec]:
+        return [] if self.candidates is None else list(resolve(self.candidates)(lengths, **options))
 
-    def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: AttentionCall) -> torch.Tensor:
-        """Attention of the group's heads.
+    def example_head(self, info: "ModelInfo", weights: str) -> HeadSpec:
+        if self.example is None:
+            raise ValueError(f"kind {self.name!r} has no example head; give its descriptor an `example`.")
+        return resolve(self.example)(info, weights)
 
-        Args:
-            q: ``[B, Hg * G, Q, D]`` queries of the group's query heads (post-RoPE).
-            k, v: ``[B, Hg, S, D]`` every key/value slot the cache returned for the group's KV heads.
-            call: the forward, restricted to the group's heads.
-
-        Returns:
-            ``[B, Q, Hg * G, D]`` in ``q.dtype`` (the HF attention-interface layout); padding queries 0.
-        """
-        ...
-
-
-#: family -> factory(layer_idx, heads, specs, weights) -> KindGroup
-GroupFactory = Callable[[int, tuple[int, ...], tuple[HeadSpec, ...], Mapping[str, torch.Tensor]], KindGroup]
-FAMILIES: dict[str, GroupFactory] = {}
-
-
-def register_family(family: str, factory: GroupFactory) -> None:
-    """Register the group factory of a family (called by a kind folder's ``__init__``)."""
-    if family in FAMILIES and FAMILIES[family] is not factory:
-        raise ValueError(f"head family {family!r} is registered twice; give each family one group factory.")
-    FAMILIES[family] = factory
-
-
-def group_factory(spec: HeadSpec, where: str) -> GroupFactory:
-    """The group factory of ``spec``'s family; one sentence when no kind implements it."""
-    from ..plan import PlanError
-
-    factory = FAMILIES.get(spec.family)
-    if factory is None:
-        raise PlanError(f"{where}: head kind {spec.kind!r} has no attention implementation in this version of "
-                        f"headwise (families with one: {sorted(FAMILIES)}).")
-    return factory
+    def plan_presets(self) -> dict[str, Callable]:
+        return {} if self.presets is None else dict(resolve(self.presets))

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..plan import HeadSpec
+from .base import HeadSpec
 
 
 @dataclass

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..kinds.lightning.feature_map import hedgehog_features
+from ..kinds.hedgehog import hedgehog_features
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""Apply a plan to a ``transformers`` model, explicitly and reversibly (DESIGN §3).
+"""Apply a plan to a ``transformers`` model, explicitly and reversibly (docs/design.md, "Patching transformers").
 
 ``patch_model`` registers the "headwise" attention and mask functions with transformers'
 interfaces, selects them with ``set_attn_implementation``, and adds one forward pre-hook on the

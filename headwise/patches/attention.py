@@ -6,8 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..kinds.base import AttentionCall
-from ..kinds.window import dense_attention  # noqa: F401  (re-exported: the all-dense path)
+from ..kinds.call import AttentionCall
 from .runtime import ForwardInfo, forward_info, runtime_for
 
 NAME = "headwise"

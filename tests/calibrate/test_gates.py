@@ -13,7 +13,7 @@ from headwise.calibrate.gates import (GateSample, dense_targets, gated_loss, loc
                                       train_gates)
 from headwise.calibrate.optimize import long_head_cap, optimize
 from headwise.kernels.sink_window.naive import sink_window_attention
-from headwise.plan import Dense
+from headwise.kinds.dense import Dense
 from tests.calibrate.test_optimize import INFO, _check_constraints, _synthetic_profiles
 
 VALUE_TOKENS = range(32, 40)     # carry the retrieval marker (hidden dim 50) and their identity

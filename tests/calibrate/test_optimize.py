@@ -12,7 +12,9 @@ from headwise.calibrate.optimize import (candidate_grid, candidate_losses, dropp
                                          optimize, solve)
 from headwise.calibrate.store import LengthProfile
 from headwise.kernels.sink_window.naive import visible
-from headwise.plan import Dense, ModelInfo, Window
+from headwise.plan import ModelInfo
+from headwise.kinds.dense import Dense
+from headwise.kinds.window import Window
 
 INFO = ModelInfo(name="synthetic", num_layers=4, num_heads=6, num_kv_heads=2, head_dim=16, max_length=4096,
                  fingerprint="0" * 64)

@@ -10,7 +10,9 @@ from transformers import AttentionInterface, AttentionMaskInterface
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
 from headwise.calibrate.profile import answer_loss, profile_sample
-from headwise.plan import Dense, ModelInfo, Plan, Window
+from headwise.plan import ModelInfo, Plan
+from headwise.kinds.dense import Dense
+from headwise.kinds.window import Window
 from tests.conftest import make_tiny
 
 T, ANSWER_START = 12, 8

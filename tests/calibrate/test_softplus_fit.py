@@ -11,7 +11,7 @@ import torch
 from headwise import patch_model, unpatch_model
 from headwise.calibrate import softplus_fit
 from headwise.kinds.softplus import Softplus
-from headwise.plan import Dense
+from headwise.kinds.dense import Dense
 from tests.engine.conftest import make_long_tiny
 
 pytestmark = pytest.mark.usefixtures("no_grad")

@@ -1,10 +1,10 @@
-"""``engine.kinds.decode_pages``: a kind's decode KV is gathered only over the blocks its heads hold."""
+"""``engine.step.decode_pages``: a kind's decode KV is gathered only over the blocks its heads hold."""
 
 from types import SimpleNamespace
 
 import torch
 
-from headwise.engine.kinds import decode_pages
+from headwise.engine.step import decode_pages
 from headwise.kernels.paged_decode.naive import gather_pages
 
 

@@ -7,7 +7,9 @@ import torch
 
 from headwise import Plan
 from headwise.engine import LLM, SamplingParams
-from headwise.plan import Dense, ModelInfo, Window
+from headwise.plan import ModelInfo
+from headwise.kinds.dense import Dense
+from headwise.kinds.window import Window
 from tests.conftest import make_tiny
 from tests.engine.conftest import greedy, hf_greedy, random_prompts
 
@@ -218,17 +220,15 @@ def test_per_request_kv_report_splits_kinds(llama):
     assert kv["peak_bytes_by_kind"]["window"] < kv["peak_bytes_by_kind"]["dense"] / 2   # 2 window, 2 dense heads
 
 
-def test_kind_folder_without_engine_file_is_refused_in_one_sentence():
-    """The engine finds how to run a kind in its folder's ``engine.py``; a kind without one is refused."""
-    from headwise.engine.kinds import engine_kind
-    from headwise.kinds.lightning import Lightning
+def test_engine_groups_come_from_the_kind_descriptors(llama):
+    """A layer's heads run in the engine group their kind names (``Kind.engine``): window and dense heads
+    share the softmax group, other kinds run their own."""
+    from headwise.engine import LLM
+    from headwise.engine.groups import SoftmaxEngineGroup
+    from headwise.kinds import registry
 
-    assert engine_kind(Dense()).name == "softmax_kv" and engine_kind(Window(sink=4, alpha=8.0)).name == "softmax_kv"
-    assert engine_kind(Lightning(weights="x")).name == "linear_state"
-
-    class Foreign(Dense):            # defined outside headwise/kinds: no kind folder, no engine.py
-        kind = "foreign_test"
-
-    Foreign.__module__ = "headwise.kinds.no_such_kind.spec"
-    with pytest.raises(ValueError, match="the engine cannot run 'foreign_test' heads yet"):
-        engine_kind(Foreign())
+    base = Plan.dense(llama)
+    plan = Plan(base.model, ((Window(sink=4, alpha=8.0), Dense()), (Dense(), Dense())))
+    groups = LLM(llama, plan=plan, kv_cache_memory="4MiB", block_size=8).runner.groups
+    assert [[(type(g), heads) for g, heads in layer] for layer in groups] == [[(SoftmaxEngineGroup, [0, 1])]] * 2
+    assert registry.get("window").engine == registry.get("dense").engine

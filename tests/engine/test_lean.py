@@ -26,13 +26,14 @@ def test_lean_logits_equal_hf_forward(arch, tokens):
     model = make_tiny(arch)
     lean = lean_decoder(model)
     assert isinstance(lean, LeanDecoder), f"{arch} should take the lean path"
-    ids = torch.randint(3, 128, (tokens,))
+    ids = torch.randint(3, 128, (tokens,), generator=torch.Generator().manual_seed(tokens))
     positions = torch.arange(17, 17 + tokens)
     rows = torch.tensor([tokens - 1, 0])
     with torch.inference_mode():
         ref = model(input_ids=ids[None], position_ids=positions[None], use_cache=False).logits[0, rows]
         got = lean.forward(ids, positions, rows, causal_attend)
-    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    # fp32 with another summation order (skinny_linear vs MKL): differences of a few 1e-5 on logits of order 1
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
 
 
 def test_lean_and_hf_forward_give_the_same_engine_tokens():

@@ -60,7 +60,7 @@ def test_decode_reads_only_kv_heads_with_a_selected_query_head(monkeypatch):
     def decode(self, step, heads, q, k, v):
         calls.clear()
         out = original(self, step, heads, q, k, v)
-        active = self.last_decode_active                                           # [Bd, 6]
+        active = self.group.route(q[:, :, None], step.decode_pos[:, None])[..., 0]    # [Bd, 6], as decode routes
         expected = [int(active[:, j * 3:(j + 1) * 3].any(1).sum()) for j in range(2)]
         seen.append(([r for r, _ in calls], [n for n in expected if n]))
         assert bool((active.sum(1) == 2).all())

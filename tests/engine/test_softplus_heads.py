@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from headwise.engine.kinds import SOFTMAX_KV, engine_kind
+from headwise.engine.groups import SoftmaxEngineGroup
+from headwise.kinds.softplus.engine import softplus_engine_group
 from headwise.kinds.softplus import Softplus
-from headwise.plan import Dense, Window
+from headwise.kinds.dense import Dense
+from headwise.kinds.window import Window
 from tests.conftest import make_tiny
 from tests.engine.conftest import (assert_engine_equals_patched_hf, assert_preemption_keeps_the_tokens,
                                    random_prompts)
@@ -46,6 +48,6 @@ def test_softplus_heads_survive_preemption():
 
 def test_plain_softmax_softplus_heads_run_as_softmax_kv():
     model = make_tiny("llama")
-    assert engine_kind(SOFTMAX).bind(0, [0, 1], [SOFTMAX, SOFTMAX], {}) is SOFTMAX_KV
+    assert isinstance(softplus_engine_group(0, (0, 1), (SOFTMAX, SOFTMAX), {}), SoftmaxEngineGroup)
     plan = plan_of(model, [(SOFTMAX, Softplus(nonlinearity="exp", scale="none", sink=2, alpha=9.0, beta=0.0))] * 2)
     assert_engine_equals_patched_hf(model, plan, random_prompts((30, 120), seed=6), 8)

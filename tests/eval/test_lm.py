@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from headwise import Plan, PlanError, unpatch_model
-from headwise.plan import Dense, Window
+from headwise.kinds.dense import Dense
+from headwise.kinds.window import Window
 from tests.conftest import make_tiny
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("no_grad")]

@@ -8,7 +8,9 @@ import torch
 
 from headwise import patch_model, unpatch_model
 from headwise.kinds.softplus import Softplus
-from headwise.plan import Dense, Plan, Window
+from headwise.plan import Plan
+from headwise.kinds.dense import Dense
+from headwise.kinds.window import Window
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("no_grad")]
 

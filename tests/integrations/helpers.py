@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 HERE = Path(__file__).resolve().parent
-#: vLLM's CPU settings for this 2-core machine (DESIGN §8): both cores, no reserved core, small cache.
+#: vLLM's CPU settings for this 2-core machine (docs/design.md): both cores, no reserved core, small cache.
 VLLM_ENV = {"VLLM_CPU_OMP_THREADS_BIND": "0-1", "VLLM_CPU_NUM_OF_RESERVED_CPU": "0", "VLLM_CPU_KVCACHE_SPACE": "1"}
 
 

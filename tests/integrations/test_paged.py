@@ -12,7 +12,8 @@ import torch
 from headwise.integrations.vllm import paged
 from headwise.kernels.sink_window import naive
 from headwise.patches.runtime import LayerRule
-from headwise.plan import Dense, Window
+from headwise.kinds.dense import Dense
+from headwise.kinds.window import Window
 
 D, HKV, G, BS = 32, 3, 2, 32
 

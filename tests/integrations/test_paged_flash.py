@@ -15,7 +15,8 @@ import torch
 from headwise.integrations.vllm import paged_flash
 from headwise.kernels.sink_window import naive
 from headwise.kinds.kv_rule import LayerRule
-from headwise.plan import Dense, Window
+from headwise.kinds.dense import Dense
+from headwise.kinds.window import Window
 
 D, HKV, G, BS = 32, 3, 2, 16
 

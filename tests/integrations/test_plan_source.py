@@ -12,7 +12,9 @@ from transformers import LlamaConfig
 
 from headwise.integrations.vllm import plan_spec
 from headwise.integrations.vllm.plan_source import load_plan_for_vllm
-from headwise.plan import HEAD_KINDS, HeadSpec, Plan, PlanError, register_head_kind
+from headwise.kinds import Kind, registry
+from headwise.kinds.dense import Dense
+from headwise.plan import Plan, PlanError
 
 CONFIG = dict(vocab_size=128, hidden_size=96, intermediate_size=128, num_hidden_layers=2, num_attention_heads=6,
               num_key_value_heads=2, head_dim=16, max_position_embeddings=1024)
@@ -53,14 +55,10 @@ def test_malformed_plan_is_refused(tmp_path):
 
 def test_head_kind_the_plugin_cannot_run_is_refused():
     @dataclass(frozen=True)
-    class Probe(HeadSpec):
+    class Probe(Dense):
         kind: ClassVar[str] = "probe_vllm_test"
-        family: ClassVar[str] = "probe"
 
-        def kept(self, n: int) -> int:
-            return n
-
-    register_head_kind(Probe)
+    registry.register_kind(Kind(name=Probe.kind, spec=Probe, attention="headwise.kinds.softmax:SoftmaxKVGroup"))
     try:
         config = LlamaConfig(**CONFIG)
         plan = Plan.dense(config)
@@ -68,7 +66,7 @@ def test_head_kind_the_plugin_cannot_run_is_refused():
         with pytest.raises(PlanError, match="layer 1 head 0 is a 'probe_vllm_test' head, which the vLLM plugin cannot run"):
             load_plan_for_vllm(plan, config)
     finally:
-        HEAD_KINDS.pop("probe_vllm_test")
+        registry.unregister_kind("probe_vllm_test")
 
 
 def test_model_with_its_own_sliding_window_is_refused():

@@ -14,7 +14,8 @@ pytest.importorskip("vllm", reason="vLLM is not installed (make setup installs v
 
 from headwise import Plan, patch_model, unpatch_model  # noqa: E402
 from headwise.models import embedded_model_dir  # noqa: E402
-from headwise.plan import Dense, Window  # noqa: E402
+from headwise.kinds.dense import Dense  # noqa: E402
+from headwise.kinds.window import Window  # noqa: E402
 
 from .helpers import hf_greedy, prose_ids, run_vllm, short_prompts  # noqa: E402
 

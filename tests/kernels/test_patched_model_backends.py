@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from headwise import Plan, patch_model, unpatch_model
-from headwise.plan import Dense
+from headwise.kinds.dense import Dense
 
 
 def prose_batch(tokenizer, lengths):

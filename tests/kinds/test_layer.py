@@ -1,35 +1,42 @@
-"""The head-kind framework: grouping by family, scatter back into head order, kind folders register."""
+"""The head-kind framework: kinds found in their folders, grouping by attention target, scatter back into head order."""
 
 from __future__ import annotations
 
+import pkgutil
 from dataclasses import dataclass
 from typing import ClassVar
 
 import pytest
 import torch
 
-from headwise import Plan, patch_model
-from headwise.kinds.base import FAMILIES, AttentionCall, register_family
+import headwise.kinds
+from headwise import Plan, PlanError, patch_model, unpatch_model
+from headwise.engine import LLM
+from headwise.kinds import Kind, registry
+from headwise.kinds.call import AttentionCall
+from headwise.kinds.dense import Dense
 from headwise.kinds.layer import LayerKinds
-from headwise.kinds.window import SoftmaxKVGroup
-from headwise.plan import HEAD_KINDS, Dense, PlanError, Window, register_head_kind
+from headwise.kinds.softmax import SoftmaxKVGroup
+from headwise.kinds.window import Window
+
+
+class OtherSoftmaxGroup(SoftmaxKVGroup):
+    """The same math as the shared softmax group, under another attention target: a second group."""
 
 
 @dataclass(frozen=True)
 class OtherWindow(Window):
-    """A window head in another family: makes a layer run two groups with the same math."""
+    kind: ClassVar[str] = "window_other_target_test"
 
-    kind: ClassVar[str] = "window_other_family_test"
-    family: ClassVar[str] = "sink_window_other_test"
+
+OTHER = Kind(name=OtherWindow.kind, spec=OtherWindow, attention=f"{__name__}:OtherSoftmaxGroup")
 
 
 @pytest.fixture
-def other_family():
-    register_head_kind(OtherWindow)
-    register_family(OtherWindow.family, SoftmaxKVGroup)
+def other_kind():
+    registry.register_kind(OTHER)
     yield
-    HEAD_KINDS.pop(OtherWindow.kind)
-    FAMILIES.pop(OtherWindow.family)
+    registry.unregister_kind(OTHER.name)
 
 
 def _call(B, Q):
@@ -37,13 +44,23 @@ def _call(B, Q):
     return AttentionCall(module=None, query_pos=pos, key_pos=pos[:, None], lengths=torch.full((B,), Q), scale=0.25)
 
 
-def test_builtin_kinds_are_registered_from_their_folders():
-    assert {"window", "dense"} <= set(HEAD_KINDS)
-    assert FAMILIES["sink_window"] is SoftmaxKVGroup
+def test_every_kind_folder_is_a_registered_kind():
+    folders = {m.name for m in pkgutil.iter_modules(headwise.kinds.__path__) if m.ispkg}
+    kinds = {k.name for k in registry.all_kinds()}
+    assert folders <= kinds and {"window", "dense"} <= kinds
+    for kind in registry.all_kinds():
+        assert kind.spec.kind == kind.name and "hf" in kind.runtimes
+    # window and dense share the softmax group: one group in a layer that mixes them
+    assert registry.get("window").attention == registry.get("dense").attention
+
+
+def test_unknown_kind_is_refused_in_one_sentence():
+    with pytest.raises(PlanError, match=r"layer 0 head 1: unknown head kind 'nope'; known kinds are \["):
+        registry.get("nope", "layer 0 head 1")
 
 
 @pytest.mark.parametrize("order", ["other_first", "other_last", "interleaved"])
-def test_two_family_layer_scatters_outputs_into_head_order(other_family, order):
+def test_two_group_layer_scatters_outputs_into_head_order(other_kind, order):
     """Heads split over two groups (same math) equal the one-group layer, head by head."""
     torch.manual_seed(0)
     B, Hkv, G, Q, D = 2, 4, 3, 37, 16
@@ -60,17 +77,16 @@ def test_two_family_layer_scatters_outputs_into_head_order(other_family, order):
     assert torch.allclose(got, expected, atol=1e-6)
 
 
-def test_kind_without_an_implementation_is_refused_in_one_sentence(llama):
-    @dataclass(frozen=True)
-    class Orphan(Dense):
-        kind: ClassVar[str] = "orphan_test"
-        family: ClassVar[str] = "no_such_family"
-
-    register_head_kind(Orphan)
+def test_kind_the_engine_cannot_run_is_refused_in_one_sentence(other_kind, llama):
+    """A kind with no ``Kind.engine`` runs under patch_model, and the engine refuses it in one sentence."""
+    base = Plan.dense(llama)
+    plan = Plan(base.model, (base.layers[0], (OtherWindow(sink=1, alpha=4.0), Dense())))
+    ids = torch.randint(3, 128, (1, 12), generator=torch.Generator().manual_seed(0))
+    patch_model(llama, plan)
     try:
-        base = Plan.dense(llama)
-        plan = Plan(base.model, (base.layers[0], (Orphan(), Dense())))
-        with pytest.raises(PlanError, match="layer 1 head 0: head kind 'orphan_test' has no attention implementation"):
-            patch_model(llama, plan)
+        with torch.no_grad():
+            assert llama(ids).logits.isfinite().all()
     finally:
-        HEAD_KINDS.pop("orphan_test")
+        unpatch_model(llama)
+    with pytest.raises(ValueError, match="the engine cannot run 'window_other_target_test' heads"):
+        LLM(llama, plan)

@@ -11,11 +11,14 @@ import torch
 from transformers import AttentionInterface
 
 from headwise import Plan, PlanError, load_plan, patch_model, unpatch_model
-from headwise.kinds.base import AttentionCall
+from headwise.kinds.call import AttentionCall
 from headwise.kinds.layer import LayerKinds
-from headwise.kinds.moh import MoH, MoHGroup
+from headwise.kinds.moh import MoH
+from headwise.kinds.moh.attention import MoHGroup
 from headwise.kinds.moh.fit import allocate, fit_routers, make_plan, relative_errors
-from headwise.plan import Dense, ModelInfo, Window
+from headwise.plan import ModelInfo
+from headwise.kinds.dense import Dense
+from headwise.kinds.window import Window
 from tests.conftest import make_tiny
 from tests.kinds.contract import (assert_cached_generation_equals_recomputation, assert_chunked_prefill_equals_one_pass,
                                   assert_padded_batches_equal_each_sample_alone, ids,
@@ -93,13 +96,28 @@ def one_sentence(message: str) -> bool:
     return message.endswith(".") and ". " not in message and "\n" not in message
 
 
+@pytest.fixture
+def routing(monkeypatch):
+    """Every ``MoHGroup.route`` result as ``(layer, active [B, Hq, Q])``, in call order."""
+    seen = []
+    original = MoHGroup.route
+
+    def route(self, q, query_pos):
+        active = original(self, q, query_pos)
+        seen.append((self.layer_idx, active))
+        return active
+
+    monkeypatch.setattr(MoHGroup, "route", route)
+    return seen
+
+
 def _call(B, Q):
     pos = torch.arange(Q).expand(B, Q)
     return AttentionCall(module=None, query_pos=pos, key_pos=pos[:, None], lengths=torch.full((B,), Q), scale=0.25)
 
 
 # ---- exactness ----------------------------------------------------------------------------------
-def test_patched_model_equals_written_out_reference(tiny_model):
+def test_patched_model_equals_written_out_reference(tiny_model, routing):
     plan = moh_plan(tiny_model)
     x = ids(1, 37)
     expected = reference_logits(tiny_model, plan, x)
@@ -107,7 +125,7 @@ def test_patched_model_equals_written_out_reference(tiny_model):
     assert (tiny_model(input_ids=x).logits - expected).abs().max() <= 1e-4
     group = tiny_model._headwise["runtime"].layers[0].groups[0]
     assert isinstance(group, MoHGroup)
-    assert group.last_active is not None and int(group.last_active.sum()) == 37 * 2   # top_k heads per token
+    assert int(routing[0][1].sum()) == 37 * 2 and routing[0][0] == 0                  # top_k heads per token
 
 
 def test_router_selecting_every_head_equals_dense_exactly(tiny_model):
@@ -149,7 +167,7 @@ def test_padded_batches_equal_each_sample_alone(llama):
     assert_padded_batches_equal_each_sample_alone(llama, compare_logits=False)
 
 
-def test_dense_prefill_runs_every_head_then_decoding_routes(llama):
+def test_dense_prefill_runs_every_head_then_decoding_routes(llama, routing):
     plan = moh_plan(llama)
     x = ids(1, 25, seed=3)
     patch_model(llama, "dense")
@@ -157,8 +175,10 @@ def test_dense_prefill_runs_every_head_then_decoding_routes(llama):
     unpatch_model(llama)
     patch_model(llama, plan, prefill="dense")
     assert torch.allclose(llama(input_ids=x).logits, dense, atol=1e-5)
+    assert routing == []                                                              # the prompt ran dense
     llama.generate(input_ids=x, max_new_tokens=3, do_sample=False, pad_token_id=0)   # decoding routes
-    assert int(llama._headwise["runtime"].layers[0].groups[0].last_active.sum()) == 2
+    layer0 = [active for layer, active in routing if layer == 0]
+    assert [a.shape[-1] for a in layer0] == [1, 1] and int(layer0[-1].sum()) == 2     # 2 decode steps route, the prompt not
 
 
 # ---- mixed layers ---------------------------------------------------------------------------------
@@ -173,7 +193,7 @@ def test_mixed_layer_equals_each_part_alone(top_k):
     q, k, v = torch.randn(B, 3 * G, T, D), torch.randn(B, 3, T, D), torch.randn(B, 3, T, D)
     call = _call(B, T)
     mixed = LayerKinds(0, specs, weights)
-    assert [g.family for g in mixed.groups] == ["moh", "sink_window"]
+    assert [type(g).__name__ for g in mixed.groups] == ["MoHGroup", "SoftmaxKVGroup"]
     out = mixed.attention(q, k, v, call)
     for h, spec in enumerate(specs):
         alone = LayerKinds(0, (spec,), weights).attention(q[:, h * G:(h + 1) * G], k[:, h:h + 1], v[:, h:h + 1], call)
@@ -251,11 +271,11 @@ def test_missing_fields_unknown_fields_and_tensors_are_refused(llama, tmp_path):
         load_plan(tmp_path / "q.json")
     bad = dict(plan.weights)
     bad["l0.h0.router"] = bad["l0.h0.router"][:, :3]
-    with pytest.raises(PlanError, match=r"tensor 'l0.h0.router' has shape .*; refit the plan \(headwise moh-fit\)\.$"):
+    with pytest.raises(PlanError, match=r"tensor 'l0.h0.router' has shape .*; refit the plan \(headwise fit moh\)\.$"):
         Plan(plan.model, plan.layers, weights=bad).validate()
     bad["l0.h0.router"] = plan.weights["l0.h0.router"]
     del bad["l0.h0.fill"]
-    with pytest.raises(PlanError, match=r"needs tensor 'l0.h0.fill'.*\(headwise moh-fit\)\.$"):
+    with pytest.raises(PlanError, match=r"needs tensor 'l0.h0.fill'.*\(headwise fit moh\)\.$"):
         Plan(plan.model, plan.layers, weights=bad).validate()
 
 
@@ -318,14 +338,14 @@ def planted_ids(length: int, seed: int) -> torch.Tensor:
     return x
 
 
-def test_fitted_router_selects_the_planted_head_where_it_matters():
+def test_fitted_router_selects_the_planted_head_where_it_matters(routing):
     model = planted_model()
     routers, _ = fit_routers(model, [planted_ids(256, s) for s in range(3)], [planted_ids(256, 9)])
     plan = make_plan(ModelInfo.of(model), routers, [1, 1], {"method": "moh"})
     x = planted_ids(300, 11)
     patch_model(model, plan)
     model(input_ids=x)
-    active = model._headwise["runtime"].layers[0].groups[0].last_active[0]           # [6, T]
+    active = [a for layer, a in routing if layer == 0][-1][0]                          # [6, T]
     special = torch.isin(x[0], torch.tensor(SPECIAL))
     special[:8] = False                                                                # skip the first few tokens
     assert float(active[4, special].float().mean()) >= 0.95

@@ -9,11 +9,13 @@ import pytest
 import torch
 
 from headwise import Plan, PlanError, kv_bytes, load_plan, patch_model, unpatch_model
-from headwise.kinds.base import AttentionCall
+from headwise.kinds.call import AttentionCall
 from headwise.kinds.layer import LayerKinds
 from headwise.kinds.lightning import Lightning
 from headwise.kinds.softplus import Softplus
-from headwise.plan import Dense, ModelInfo, Window
+from headwise.plan import ModelInfo
+from headwise.kinds.dense import Dense
+from headwise.kinds.window import Window
 from tests.kinds.test_lightning import F, head_weights, lightning_reference
 from tests.kinds.contract import (assert_cached_generation_equals_recomputation, assert_chunked_prefill_equals_one_pass,
                                   assert_padded_batches_equal_each_sample_alone, ids,
@@ -141,7 +143,7 @@ def test_mixed_layer_equals_each_head_alone():
     pos = torch.arange(T).expand(B, T)
     call = AttentionCall(module=None, query_pos=pos, key_pos=pos[:, None], lengths=torch.full((B,), T), scale=D ** -0.5)
     mixed = LayerKinds(0, specs, weights)
-    assert [g.family for g in mixed.groups] == ["softplus", "sink_window", "lightning"]
+    assert [type(g).__name__ for g in mixed.groups] == ["SoftplusGroup", "SoftmaxKVGroup", "LightningGroup"]
     out = mixed.attention(q, k, v, call)
     for h, spec in enumerate(specs):
         alone = LayerKinds(0, (spec,), weights)

@@ -11,7 +11,8 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 
 from headwise.cli import main
 from headwise.kernels.lightning import lightning_attention
-from headwise.kinds.lightning import Lightning, hedgehog_features
+from headwise.kinds.hedgehog import hedgehog_features
+from headwise.kinds.lightning import Lightning
 from headwise.linearize.convert import choose_heads
 from headwise.kinds.hybrid import Hybrid
 from headwise.kinds.layer import LayerKinds
@@ -125,7 +126,9 @@ def test_linearize_end_to_end_then_resume(tiny_dir, tmp_path, capsys):
 
 
 def test_replace_limits_the_candidates_to_base_kinds(tiny_dir, tmp_path, capsys):
-    from headwise.plan import Dense, Plan, Window
+    from headwise.plan import Plan
+    from headwise.kinds.dense import Dense
+    from headwise.kinds.window import Window
 
     model = AutoModelForCausalLM.from_pretrained(tiny_dir)
     base = Plan.dense(model)

@@ -9,14 +9,23 @@ from __future__ import annotations
 import os
 from typing import Any, Mapping
 
-from ...plan import Dense, Plan, PlanError, Window
+from ...kinds import registry
+from ...plan import Plan, PlanError
 
 #: Key of ``--additional-config`` (``LLM(additional_config=...)``) naming the plan.
 PLAN_KEY = "headwise_plan"
 #: Environment variable naming the plan when ``--additional-config`` does not.
 ENV_VAR = "HEADWISE_PLAN"
-#: Head kinds the plugin runs inside vLLM's paged cache.
-RUNNABLE_KINDS = (Window, Dense)
+
+
+def check_runnable(plan: Plan) -> None:
+    """Raise ``PlanError`` (one sentence) unless every head's kind runs in the vLLM plugin (``Kind.vllm``)."""
+    runnable = sorted(k.name for k in registry.all_kinds() if k.vllm)
+    for i, layer in enumerate(plan.layers):
+        for h, head in enumerate(layer):
+            if not registry.kind_of(head).vllm:
+                raise PlanError(f"layer {i} head {h} is a {head.kind!r} head, which the vLLM plugin cannot run (it runs "
+                                f"{runnable}); serve this plan with headwise.patch_model or the headwise engine instead.")
 
 
 def plan_spec(additional_config: Any, environ: Mapping[str, str] | None = None) -> str | None:
@@ -55,12 +64,7 @@ def load_plan_for_vllm(spec: str, hf_config: Any) -> Plan:
             plugin cannot run, or a model whose own layers use sliding-window attention.
     """
     plan = Plan.from_spec(spec, hf_config)
-    for i, layer in enumerate(plan.layers):
-        for h, head in enumerate(layer):
-            if not isinstance(head, RUNNABLE_KINDS):
-                raise PlanError(f"layer {i} head {h} is a {head.kind!r} head, which the vLLM plugin cannot run (it runs "
-                                f"{sorted(k.kind for k in RUNNABLE_KINDS)}); serve this plan with headwise.patch_model "
-                                "or the headwise engine instead.")
+    check_runnable(plan)
     text = hf_config.get_text_config(decoder=True) if hasattr(hf_config, "get_text_config") else hf_config
     native = [i for i, t in enumerate(getattr(text, "layer_types", None) or []) if t != "full_attention"]
     if native or getattr(text, "sliding_window", None) not in (None, 0) and getattr(text, "use_sliding_window", True):
@@ -71,8 +75,8 @@ def load_plan_for_vllm(spec: str, hf_config: Any) -> Plan:
 
 def describe(plan: Plan, spec: str) -> str:
     """One line naming the plan for the start-up log."""
-    all_dense = sum(all(isinstance(h, Dense) for h in layer) for layer in plan.layers)
-    all_window = sum(all(isinstance(h, Window) for h in layer) for layer in plan.layers)
+    all_dense = sum(all(h.keeps_everything for h in layer) for layer in plan.layers)
+    windowed = sum(not any(h.keeps_everything for h in layer) for layer in plan.layers)
     return (f"plan {spec!r} for {plan.model.name} ({plan.calibration.get('method', 'calibrated')}): density "
             f"{plan.density(4096):.3f} at 4k, {plan.density(8192):.3f} at 8k; {all_dense} of {len(plan.layers)} layers "
-            f"all dense (vLLM's own kernel), {all_window} all window; prefill {plan.prefill}")
+            f"all dense (vLLM's own kernel), {windowed} with no dense head; prefill {plan.prefill}")

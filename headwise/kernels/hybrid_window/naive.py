@@ -1,6 +1,6 @@
 """Reference hybrid window attention: readable torch, fp32 math, explicit positions.
 
-The contract of every ``hybrid_window`` backend (DESIGN §4). Per query ``t`` with visible keys
+The contract of every ``hybrid_window`` backend (docs/design.md, "Kernels"). Per query ``t`` with visible keys
 ``V_t`` (``sink_window``'s rule: ``k < sink`` or ``k > t - span``, causal) and scores
 ``a_s = scale * q_t . k_s``::
 

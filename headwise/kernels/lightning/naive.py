@@ -1,6 +1,6 @@
 """Reference lightning (decayed linear) attention: the token-by-token recurrence, fp32.
 
-This is the contract of every backend of the ``lightning`` op (DESIGN §4). With per-token log
+This is the contract of every backend of the ``lightning`` op (docs/design.md, "Kernels"). With per-token log
 decay ``g_t <= 0`` (the head's ``log(lambda)`` at real tokens, ``0`` at padding)::
 
     S_t = exp(g_t) * S_{t-1} + k_t^T v_t          o_t = q_t S_t

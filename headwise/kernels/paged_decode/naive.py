@@ -1,6 +1,6 @@
 """Reference paged decode: gather each sequence's pages into a dense cache, run the sink_window reference.
 
-The contract every ``paged_decode`` backend implements (DESIGN §4, §6): one query per sequence
+The contract every ``paged_decode`` backend implements (docs/design.md, "Kernels"): one query per sequence
 over a paged KV pool, each KV head reading its sink + its own window.
 
 Layout (one pool per layer; a block holds ``block_size`` consecutive slots of ``Hb`` KV heads):

@@ -1,6 +1,6 @@
 """Reference routed attention: the ``sink_window`` reference on every pair, inactive pairs zeroed.
 
-This is the contract every backend of the ``routed_attention`` op implements (DESIGN §4): the
+This is the contract every backend of the ``routed_attention`` op implements (docs/design.md, "Kernels"): the
 output of an active (query head, token) pair is exactly the sink + window attention of that query;
 an inactive pair, or a padding query, gives zeros.
 """

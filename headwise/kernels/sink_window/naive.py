@@ -1,6 +1,6 @@
 """Reference sink + window attention: readable pure torch, fp32 math, explicit positions.
 
-This is the contract every backend of the ``sink_window`` op implements (DESIGN §4).
+This is the contract every backend of the ``sink_window`` op implements (docs/design.md, "Kernels").
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Reference softplus attention with re-weighting (LSSA / LSSAR): readable pure torch, fp32, explicit positions.
 
-The contract every backend of the ``softplus`` op implements (DESIGN §4). Softmax is split into a
+The contract every backend of the ``softplus`` op implements (docs/design.md, "Kernels"). Softmax is split into a
 non-linearity and an l1 normalisation (Gao & Spratling, "Softplus Attention with Re-weighting
 Boosts Length Extrapolation"); for one query row that reads the ``n`` keys ``j`` it may see::
 

@@ -1,6 +1,17 @@
-"""``dense`` kind: full causal softmax; runs in the ``sink_window`` family of ``headwise.kinds.window``."""
+"""``dense`` kind: full causal softmax (the model's own attention)."""
 
-from ..window import SoftmaxKVGroup  # noqa: F401  (registers the family this kind runs in)
+from ..base import Kind
 from .spec import Dense
 
-__all__ = ["Dense"]
+KIND = Kind(
+    name="dense", spec=Dense,
+    attention="headwise.kinds.softmax:SoftmaxKVGroup",
+    engine="headwise.engine.groups:SoftmaxEngineGroup",
+    candidates="headwise.kinds.dense.candidates:candidates",
+    presets="headwise.kinds.dense.spec:PRESETS",
+    example="headwise.kinds.dense.spec:example",
+    vllm=True, mark="D",
+    description="full causal softmax over every token",
+)
+
+__all__ = ["KIND", "Dense"]

@@ -1,9 +1,16 @@
 """``hybrid`` kind: sink + short exact softmax window + decayed linear attention over older keys (LoLCATs-style)."""
 
-from ..base import register_family
-from .attention import HybridGroup
+from ..base import Kind
 from .spec import Hybrid
 
-register_family(Hybrid.family, HybridGroup)
+KIND = Kind(
+    name="hybrid", spec=Hybrid,
+    attention="headwise.kinds.hybrid.attention:HybridGroup",
+    engine="headwise.engine.groups:RecurrentEngineGroup",
+    fit="headwise.kinds.hybrid.fit",
+    example="headwise.kinds.hybrid.spec:example",
+    mark="H",
+    description="exact softmax over sink + last `window` keys, fitted linear attention over older keys",
+)
 
-__all__ = ["Hybrid", "HybridGroup"]
+__all__ = ["KIND", "Hybrid"]

@@ -25,19 +25,19 @@ from typing import Mapping
 
 import torch
 
+from ...errors import PlanError
 from ...kernels.hybrid_window import hybrid_window_attention
 from ...kernels.lightning import lightning_attention, lightning_state
-from ...plan import HeadSpec, PlanError
-from ..base import AttentionCall
-from ..lightning.feature_map import hedgehog_features
-from ..window import dense_attention
+from ..base import HeadSpec
+from ..call import AttentionCall
+from ..hedgehog import hedgehog_features
 
 
 class HybridGroup:
     """``hybrid`` heads of one layer (all with one ``feature_dim``; sinks and windows may differ)."""
 
-    family = "hybrid"
     state_key = "hybrid"
+    reads_cache = True
 
     def __init__(self, layer_idx: int, heads: tuple[int, ...], specs: tuple[HeadSpec, ...],
                  weights: Mapping[str, torch.Tensor]):
@@ -123,11 +123,7 @@ class HybridGroup:
         return k_feat, values, torch.where(real[:, None, :], log_decay[None, :, None], 0.0)
 
     def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: AttentionCall) -> torch.Tensor:
-        """``[B, Q, Hg * G, D]``; shapes in ``headwise.kinds.base.KindGroup``."""
-        if call.dense_prefill:
-            # dense prefill: the prompt reads everything with softmax; the state is still built
-            self.fold(k, v, call)
-            return dense_attention(call.module, q, k, v, call.query_pos, call.key_pos, call.scale)
+        """``[B, Q, Hg * G, D]``; shapes in ``headwise.kinds.call.KindGroup``."""
         out, state = self.run(q, k, v, call.query_pos, call.key_pos, call.state_before(self.state_key), call.scale,
                               call.backend)
         if call.states is not None:

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
-from ...plan import HeadSpec, ModelInfo, PlanError, check_number, register_head_kind
-from ..lightning.spec import FittedLinearPart
+from ...errors import PlanError
+from ..base import HeadSpec
+from ..rules import FittedLinearPart, check_number
+
+if TYPE_CHECKING:
+    from ...plan import ModelInfo
 
 
-@register_head_kind
 @dataclass(frozen=True)
 class Hybrid(FittedLinearPart, HeadSpec):
     """One KV head as LoLCATs-style hybrid attention: exact softmax over the first ``sink`` keys and
@@ -36,7 +39,6 @@ class Hybrid(FittedLinearPart, HeadSpec):
     """
 
     kind: ClassVar[str] = "hybrid"
-    family: ClassVar[str] = "hybrid"
     sink: int = 0
     window: int = 64
     decay: float = 1.0
@@ -49,7 +51,7 @@ class Hybrid(FittedLinearPart, HeadSpec):
     def kv_rule(self) -> tuple[int, float, float, bool]:
         return self.sink, float(self.window + 1), 0.0, False      # one slot past the window: see the docstring
 
-    def required_weights(self, info: ModelInfo, layer: int, head: int) -> dict[str, tuple[int, ...]]:
+    def required_weights(self, info: "ModelInfo", layer: int, head: int) -> dict[str, tuple[int, ...]]:
         group = info.num_heads // info.num_kv_heads
         return {**self.linear_weights(info), f"{self.weights}.log_mix": (group,)}
 
@@ -60,3 +62,8 @@ class Hybrid(FittedLinearPart, HeadSpec):
         if max_length is not None and self.sink + self.window >= max_length:
             raise PlanError(f"{where}: sink {self.sink} + window {self.window} must be shorter than the model's context "
                             f"of {max_length} tokens (the head would never use its linear part).")
+
+
+def example(info, weights: str) -> Hybrid:
+    """A hybrid head with a short window (contract tests; its tensors are ``required_weights``)."""
+    return Hybrid(sink=2, window=4, decay=0.9, feature_dim=8, weights=weights)

@@ -13,11 +13,11 @@ from typing import Mapping
 
 import torch
 
+from ...errors import PlanError
 from ...kernels.lightning import lightning_attention, lightning_state
-from ...plan import HeadSpec, PlanError
-from ..base import AttentionCall
-from ..window import dense_attention
-from .feature_map import hedgehog_features
+from ..base import HeadSpec
+from ..call import AttentionCall
+from ..hedgehog import hedgehog_features
 
 #: Added to the normaliser so an all-padding row divides by a positive number.
 NORM_EPS = 1e-6
@@ -26,8 +26,8 @@ NORM_EPS = 1e-6
 class LightningGroup:
     """``lightning`` heads of one layer (all with one ``feature_dim``)."""
 
-    family = "lightning"
     state_key = "lightning"
+    reads_cache = False
 
     def __init__(self, layer_idx: int, heads: tuple[int, ...], specs: tuple[HeadSpec, ...],
                  weights: Mapping[str, torch.Tensor]):
@@ -53,12 +53,14 @@ class LightningGroup:
         return self._on[device]
 
     def run(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, query_pos: torch.Tensor,
-            state: torch.Tensor | None, backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
-        """Lightning attention of this forward's tokens, tensors only (HF path and engine).
+            key_pos: torch.Tensor | None, state: torch.Tensor | None, scale: float = 1.0,
+            backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+        """Lightning attention of this forward's tokens, tensors only (``StatefulGroup.run``).
 
         Args:
             q: ``[B, Hg * G, T, D]`` queries; k, v: ``[B, Hg, T, D]`` this forward's keys/values.
             query_pos: ``[B, T]`` int64, -1 at padding (padding neither reads nor enters the state).
+            key_pos, scale: unused (the keys are the queries' own tokens; linear attention has no scale).
             state: ``[B, Hg, F, D + 1]`` fp32 state before these tokens, or ``None`` (empty).
 
         Returns:
@@ -71,7 +73,7 @@ class LightningGroup:
         out = out.masked_fill((query_pos < 0)[:, None, :, None], 0.0)
         return out.to(q.dtype), state
 
-    def fold_state(self, k: torch.Tensor, v: torch.Tensor, query_pos: torch.Tensor,
+    def fold_state(self, k: torch.Tensor, v: torch.Tensor, query_pos: torch.Tensor, key_pos: torch.Tensor | None,
                    state: torch.Tensor | None) -> torch.Tensor:
         """The state ``run`` ends with, without its outputs (``lightning_state``: one matmul per head);
         shapes as ``run``. A dense prefill needs only this."""
@@ -87,13 +89,10 @@ class LightningGroup:
         return k_feat, values, torch.where(valid, log_decay[None, :, None], 0.0)
 
     def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: AttentionCall) -> torch.Tensor:
-        """``[B, Q, Hg * G, D]``; shapes in ``headwise.kinds.base.KindGroup``."""
-        if call.dense_prefill:
-            # dense prefill: the prompt reads everything with softmax; the state is still built
-            self.fold(k, v, call)
-            return dense_attention(call.module, q, k, v, call.query_pos, call.key_pos, call.scale)
+        """``[B, Q, Hg * G, D]``; shapes in ``headwise.kinds.call.KindGroup``."""
         own_k, own_v = call.own_keys(k, v)
-        out, state = self.run(q, own_k, own_v, call.query_pos, call.state_before(self.state_key), call.backend)
+        out, state = self.run(q, own_k, own_v, call.query_pos, None, call.state_before(self.state_key),
+                              backend=call.backend)
         if call.states is not None:
             call.states[self.state_key] = {"s": state}
         return out.transpose(1, 2).contiguous()
@@ -103,5 +102,5 @@ class LightningGroup:
         ``attention``); nothing to do without a cache."""
         if call.states is not None:
             own_k, own_v = call.own_keys(k, v)
-            state = self.fold_state(own_k, own_v, call.query_pos, call.state_before(self.state_key))
+            state = self.fold_state(own_k, own_v, call.query_pos, None, call.state_before(self.state_key))
             call.states[self.state_key] = {"s": state}

@@ -1,9 +1,16 @@
 """``moh`` kind: Mixture-of-Head routing, per-token top-k query heads of a layer's routed pool (fitted router)."""
 
-from ..base import register_family
-from .attention import MoHGroup, pair_magnitudes
+from ..base import Kind
 from .spec import MoH
 
-register_family(MoH.family, MoHGroup)
+KIND = Kind(
+    name="moh", spec=MoH,
+    attention="headwise.kinds.moh.attention:MoHGroup",
+    engine="headwise.kinds.moh.engine:MoHEngineGroup",
+    fit="headwise.kinds.moh.fit",
+    example="headwise.kinds.moh.spec:example",
+    mark="M",
+    description="a router runs the top_k query heads of the layer's pool per token; the others output their mean",
+)
 
-__all__ = ["MoH", "MoHGroup", "pair_magnitudes"]
+__all__ = ["KIND", "MoH"]

@@ -3,8 +3,8 @@
 Per token, the router scores every query head of the pool (the layer's ``moh`` heads) from the
 RoPE-invariant pair magnitudes of the pool's queries, and the ``top_k`` best run; the others do no
 attention work (``headwise.kernels.routed_attention``) and output their fitted mean. With
-``top_k`` equal to the pool's query heads nothing is routed: the group runs the softmax path of
-``window`` / ``dense`` heads, so such a plan equals the dense (or window) plan exactly.
+``top_k`` equal to the pool's query heads nothing is routed: the group runs the shared softmax path
+(``headwise.kinds.softmax``), so such a plan equals the plan with plain softmax heads exactly.
 """
 
 from __future__ import annotations
@@ -13,12 +13,12 @@ from typing import Mapping
 
 import torch
 
+from ...errors import PlanError
 from ...kernels.routed_attention import routed_attention
-from ...kernels.sink_window import sink_window_attention
-from ...plan import HeadSpec, PlanError
-from ..base import AttentionCall
+from ..base import HeadSpec
+from ..call import AttentionCall, query_heads
 from ..kv_rule import LayerRule
-from ..window import dense_attention
+from ..softmax import softmax_attention
 
 
 def pair_magnitudes(q: torch.Tensor) -> torch.Tensor:
@@ -38,7 +38,6 @@ def pair_magnitudes(q: torch.Tensor) -> torch.Tensor:
 class MoHGroup:
     """``moh`` heads of one layer (the routed pool; all with one ``top_k``)."""
 
-    family = "moh"
     state_key = None
 
     def __init__(self, layer_idx: int, heads: tuple[int, ...], specs: tuple[HeadSpec, ...],
@@ -49,7 +48,7 @@ class MoHGroup:
                             f"routed query heads per token), got {sorted(tops)}.")
         fills = [weights[f"{s.weights}.fill"].float() for s in specs]
         G = fills[0].shape[0]
-        pool = [h * G + g for h in heads for g in range(G)]          # the layer's query heads in the pool
+        pool = query_heads(heads, G)                                 # the layer's query heads in the pool
         self.layer_idx = layer_idx
         self.heads = tuple(heads)
         self.group_size = G
@@ -62,8 +61,6 @@ class MoHGroup:
         self.bias = torch.cat([weights[f"{s.weights}.bias"].float() for s in specs])                # [Hq]
         self.fill = torch.cat(fills)                                                                 # [Hq, D]
         self.rule = LayerRule.from_heads(specs)
-        #: ``[B, Hq, Q]`` bool: which (query head, token) pairs ran in the latest forward (accounting)
-        self.last_active: torch.Tensor | None = None
         self._on: dict = {}
 
     def _params(self, device: torch.device):
@@ -94,18 +91,11 @@ class MoHGroup:
         return torch.where(routed_out[..., None], fill[None, :, None, :].to(out.dtype), out)
 
     def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: AttentionCall) -> torch.Tensor:
-        """``[B, Q, Hq, D]``; shapes in ``headwise.kinds.base.KindGroup``."""
+        """``[B, Q, Hq, D]``; shapes in ``headwise.kinds.call.KindGroup``."""
+        if not self.routes:
+            return softmax_attention(self.rule, q, k, v, call)
         rule = self.rule.to(q.device)
-        if not self.routes or call.dense_prefill:
-            # every head runs (dense prefill: the prompt reads everything; decoding routes)
-            self.last_active = (call.query_pos >= 0)[:, None, :].expand(q.shape[0], q.shape[1], q.shape[2])
-            if rule.all_dense or call.dense_prefill:
-                return dense_attention(call.module, q, k, v, call.query_pos, call.key_pos, call.scale)
-            out = sink_window_attention(q, k, v, call.query_pos, call.key_pos, rule.sink, rule.span(call.lengths),
-                                        call.scale, backend=call.backend)
-            return out.transpose(1, 2).contiguous()
         active = self.route(q, call.query_pos)
-        self.last_active = active
         out = routed_attention(q, k, v, call.query_pos, call.key_pos, rule.sink, rule.span(call.lengths), call.scale,
                                active, backend=call.backend)
         return self.fill_routed_out(out, active, call.query_pos).transpose(1, 2).contiguous()

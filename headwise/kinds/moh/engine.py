@@ -1,4 +1,4 @@
-"""How the headwise engine runs ``moh`` heads (``headwise.engine.kinds``).
+"""How the headwise engine runs ``moh`` heads (``Kind.engine``).
 
 The KV layout is the softmax one (sink + ring, or everything for the default dense rule): every
 token's KV is written to the pool, routed out or not. Attention routes per token with the kind
@@ -6,60 +6,42 @@ folder's own group (``MoHGroup``): a prefill chunk runs ``routed_attention`` ove
 cached KV and its own keys; a decode step passes ``paged_decode`` only the (sequence, KV head)
 rows with at least one selected query head, so a KV head whose query heads are all routed out for
 a sequence is not read. Routed-out heads output their fitted mean. A group that does not route
-(``top_k`` = its query heads), and dense prefill, run exactly the ``window`` / ``dense`` path.
+(``top_k`` = its query heads) runs the engine's plain softmax group.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Mapping
 
 import torch
 
-from ...engine.kinds import SOFTMAX_KV, HeadLayout, softmax_layout
+from ...engine.groups import SoftmaxEngineGroup
 from ...kernels.paged_decode import paged_decode
 from ...kernels.routed_attention import routed_attention
-from ...plan import HeadSpec
-from ..base import group_factory
+from ..base import HeadSpec
+from .attention import MoHGroup
 
 if TYPE_CHECKING:
-    from ...engine.runner import LayerStep
-
-
-class MoHEngineKind:
-    """``moh`` heads: softmax KV in the pool, routed attention (see the module docstring)."""
-
-    name = "moh"
-
-    def layout(self, spec: HeadSpec, n: int, block_size: int) -> HeadLayout:
-        return softmax_layout(spec.sink, spec.span(n), n, block_size)
-
-    def bind(self, layer: int, heads: list[int], specs: list[HeadSpec], weights) -> "MoHEngineGroup":
-        return MoHEngineGroup(group_factory(specs[0], f"layer {layer}")(layer, tuple(heads), tuple(specs), weights))
+    from ...engine.step import LayerStep
 
 
 class MoHEngineGroup:
-    """One layer's ``moh`` heads in the engine."""
+    """One layer's ``moh`` heads in the engine (see the module docstring)."""
 
-    def __init__(self, group):
-        self.group = group
-        #: ``[Bd, Hq]`` bool: the pairs that ran in the latest decode step (accounting)
-        self.last_decode_active: torch.Tensor | None = None
+    def __init__(self, layer: int, heads: tuple[int, ...], specs: tuple[HeadSpec, ...],
+                 weights: Mapping[str, torch.Tensor]):
+        self.group = MoHGroup(layer, tuple(heads), tuple(specs), weights)
+        self.softmax = SoftmaxEngineGroup()
 
     def prefill(self, step: "LayerStep", heads: list[int], q: torch.Tensor, k: torch.Tensor,
                 v: torch.Tensor) -> torch.Tensor:
         """``q [1, Hg * G, n, D]``, ``k, v [1, Hg, n, D]`` (the chunk's own tokens) -> ``[1, Hg * G, n, D]``."""
-        if not self.group.routes or step.dense_prefill:
-            return SOFTMAX_KV.prefill(step, heads, q, k, v)
+        if not self.group.routes:
+            return self.softmax.prefill(step, heads, q, k, v)
         seq = step.prefill_seq
         sink, span = seq.sink[step.layer, heads].to(q.device), seq.span[step.layer, heads].to(q.device)
         q_pos = step.prefill_pos[None]                                             # [1, n]
-        cached = step.cached_kv(heads)
-        if cached is not None:
-            ck, cv, cpos = cached
-            k, v = torch.cat([ck, k], dim=2), torch.cat([cv, v], dim=2)
-            k_pos = torch.cat([cpos, q_pos[:, None].expand(1, len(heads), -1)], dim=-1)
-        else:
-            k_pos = q_pos[:, None]
+        k, v, k_pos = step.prefill_keys(heads, k, v)
         active = self.group.route(q, q_pos)
         out = routed_attention(q, k, v, q_pos, k_pos, sink, span[None], step.scale, active, backend=step.backend)
         return self.group.fill_routed_out(out, active, q_pos)
@@ -69,11 +51,10 @@ class MoHEngineGroup:
         """``q [Bd, Hg * G, D]`` -> ``[Bd, Hg * G, D]``; only the (sequence, KV head) rows with a selected
         query head are read."""
         if not self.group.routes:
-            return SOFTMAX_KV.decode(step, heads, q, k, v)
+            return self.softmax.decode(step, heads, q, k, v)
         G = self.group.group_size
         pos = step.decode_pos
         active = self.group.route(q[:, :, None], pos[:, None])[..., 0]                   # [Bd, Hg * G]
-        self.last_decode_active = active
         out = torch.zeros_like(q)
         for j, h in enumerate(heads):
             rows = active[:, j * G:(j + 1) * G].any(1).nonzero().squeeze(1)
@@ -84,6 +65,3 @@ class MoHEngineGroup:
                 q[rows, j * G:(j + 1) * G], step.k_pool, step.v_pool, step.pos_pool, table, pos[rows],
                 step.decode_sink[h:h + 1], step.decode_span[rows, h:h + 1], step.scale, backend=step.backend)
         return self.group.fill_routed_out(out[:, :, None], active[:, :, None], pos[:, None])[:, :, 0]
-
-
-ENGINE_KIND = MoHEngineKind()

@@ -229,7 +229,8 @@ def make_plan(info, routers: list[LayerRouter], top_k: list[int], calibration: d
     """A plan whose layer ``l`` runs ``top_k[l]`` query heads per token: every KV head ``moh`` with the
     layer's fitted router (tensors ``moh.l<l>.h<h>.*``), or every KV head dense when ``top_k[l]`` is
     all of the layer's query heads."""
-    from ...plan import Dense, Plan
+    from ...plan import Plan
+    from ..dense import Dense
     from .spec import MoH
 
     G = info.num_heads // info.num_kv_heads

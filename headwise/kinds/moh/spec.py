@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
-from ...plan import HeadSpec, ModelInfo, PlanError, check_number, register_head_kind
-from ..window.spec import SinkSpanRule
+from ...errors import PlanError
+from ..base import HeadSpec
+from ..rules import SinkSpanRule, check_number
+
+if TYPE_CHECKING:
+    from ...plan import ModelInfo
 
 
-@register_head_kind
 @dataclass(frozen=True)
 class MoH(SinkSpanRule, HeadSpec):
     """One KV head in a layer's routed pool (Mixture-of-Head attention, Jin et al. 2024).
@@ -20,7 +23,7 @@ class MoH(SinkSpanRule, HeadSpec):
     attention with weight 1; a routed-out head does no attention work and outputs its fitted mean
     output instead (the calibration mean of that query head's attention output, so the layer output
     stays close to dense without retraining). The router is linear in the RoPE-invariant pair
-    magnitudes ``sqrt(q_i^2 + q_{i+D/2}^2)`` of the pool's queries, fitted by ``headwise moh-fit``.
+    magnitudes ``sqrt(q_i^2 + q_{i+D/2}^2)`` of the pool's queries, fitted by ``headwise fit moh``.
 
     The KV a head keeps and reads is a softmax rule like ``window``'s: the first ``sink`` tokens and
     the last ``span(N) = clamp(floor(alpha + beta*N), 1, N)``; the defaults (0, 0, 1) read
@@ -37,8 +40,6 @@ class MoH(SinkSpanRule, HeadSpec):
     """
 
     kind: ClassVar[str] = "moh"
-    family: ClassVar[str] = "moh"
-    fit_command: ClassVar[str] = "headwise moh-fit"
     top_k: int = 1
     sink: int = 0
     alpha: float = 0.0
@@ -69,7 +70,7 @@ class MoH(SinkSpanRule, HeadSpec):
         return (f"moh heads: {count} of {len(plan.heads)}; top_k per layer: {top_k} (layers with moh heads); "
                 f"query heads run per token: {run} of {total} ({run / total:.1%})")
 
-    def required_weights(self, info: ModelInfo, layer: int, head: int) -> dict[str, tuple[int, ...]]:
+    def required_weights(self, info: "ModelInfo", layer: int, head: int) -> dict[str, tuple[int, ...]]:
         group = info.num_heads // info.num_kv_heads
         return {f"{self.weights}.router": (group * (info.head_dim // 2), info.num_heads),
                 f"{self.weights}.bias": (group,), f"{self.weights}.fill": (group, info.head_dim)}
@@ -80,3 +81,9 @@ class MoH(SinkSpanRule, HeadSpec):
         if not isinstance(self.weights, str) or not self.weights:
             raise PlanError(f"{where}: field 'weights' must name the head's router tensors in the plan's safetensors "
                             f"file, got {self.weights!r}.")
+
+
+def example(info, weights: str) -> MoH:
+    """A moh head whose layer pool routes all but one of its query heads (contract tests)."""
+    group = info.num_heads // info.num_kv_heads
+    return MoH(top_k=max(1, group - 1), weights=weights)

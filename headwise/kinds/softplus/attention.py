@@ -13,10 +13,10 @@ from typing import Mapping
 import torch
 
 from ...kernels.softplus import HeadParams, softplus_attention
-from ...plan import HeadSpec
-from ..base import AttentionCall
+from ..base import HeadSpec
+from ..call import AttentionCall
 from ..kv_rule import LayerRule
-from ..window import dense_attention
+from ..softmax import dense_attention
 
 
 def head_params(specs) -> HeadParams:
@@ -32,7 +32,6 @@ def head_params(specs) -> HeadParams:
 class SoftplusGroup:
     """``softplus`` heads of one layer."""
 
-    family = "softplus"
     state_key = None
 
     def __init__(self, layer_idx: int, heads: tuple[int, ...], specs: tuple[HeadSpec, ...],
@@ -51,10 +50,8 @@ class SoftplusGroup:
         return self._on[device]
 
     def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: AttentionCall) -> torch.Tensor:
-        """``[B, Q, Hg * G, D]``; shapes in ``headwise.kinds.base.KindGroup``."""
-        if self.softmax or call.dense_prefill:
-            # plain softmax over everything, or dense prefill (the prompt reads everything with softmax;
-            # the cache still keeps only the plan's KV)
+        """``[B, Q, Hg * G, D]``; shapes in ``headwise.kinds.call.KindGroup``."""
+        if self.softmax:                 # plain softmax over everything: transformers' own sdpa
             return dense_attention(call.module, q, k, v, call.query_pos, call.key_pos, call.scale)
         rule = self.rule.to(q.device)
         span = rule.span(call.lengths)                                          # [B, Hg]

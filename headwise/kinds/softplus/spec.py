@@ -17,8 +17,9 @@ import math
 from dataclasses import dataclass
 from typing import ClassVar
 
-from ...plan import HeadSpec, PlanError, check_number, register_head_kind
-from ..window.spec import SinkSpanRule
+from ...errors import PlanError
+from ..base import HeadSpec
+from ..rules import SinkSpanRule, check_number
 
 NONLINEARITIES = ("softplus", "exp")
 #: ``none``: m = temperature; ``log``: m = temperature * log(n) / log(scale_length) (LSSA's log-length
@@ -29,7 +30,6 @@ SCALE_RULES = ("none", "log", "log_floor")
 MAX_POWER = 64.0
 
 
-@register_head_kind
 @dataclass(frozen=True)
 class Softplus(SinkSpanRule, HeadSpec):
     """One KV head of softplus / exp attention with a length scale and optional re-weighting.
@@ -47,7 +47,6 @@ class Softplus(SinkSpanRule, HeadSpec):
     """
 
     kind: ClassVar[str] = "softplus"
-    family: ClassVar[str] = "softplus"
     nonlinearity: str = "softplus"
     scale: str = "log_floor"
     scale_length: int = 8192
@@ -79,3 +78,8 @@ class Softplus(SinkSpanRule, HeadSpec):
             raise PlanError(f"{where}: field 'temperature' must be above 0, got {self.temperature!r}.")
         check_number(where, "power", self.power, minimum=0.0, maximum=MAX_POWER)
         self.validate_rule(where, max_length)
+
+
+def example(info, weights: str) -> Softplus:
+    """An LSSAR head: softplus, log length scale, re-weighting (contract tests)."""
+    return Softplus(nonlinearity="softplus", scale="log", scale_length=16, power=3.0)

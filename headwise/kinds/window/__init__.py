@@ -1,9 +1,17 @@
-"""``window`` kind: sink + local window softmax heads (family ``sink_window``, shared with ``dense``)."""
+"""``window`` kind: sink + local window softmax heads (StreamingLLM / MoA elastic spans)."""
 
-from ..base import register_family
-from .attention import SoftmaxKVGroup, dense_attention
+from ..base import Kind
 from .spec import Window
 
-register_family(Window.family, SoftmaxKVGroup)
+KIND = Kind(
+    name="window", spec=Window,
+    attention="headwise.kinds.softmax:SoftmaxKVGroup",
+    engine="headwise.engine.groups:SoftmaxEngineGroup",
+    candidates="headwise.kinds.window.candidates:candidates",
+    presets="headwise.kinds.window.spec:PRESETS",
+    example="headwise.kinds.window.spec:example",
+    vllm=True, mark="",
+    description="softmax over the first `sink` tokens and the last clamp(alpha + beta*N, 1, N)",
+)
 
-__all__ = ["Window", "SoftmaxKVGroup", "dense_attention"]
+__all__ = ["KIND", "Window"]

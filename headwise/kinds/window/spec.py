@@ -1,50 +1,53 @@
-"""``window`` head spec: sink + local window (DESIGN §2)."""
+"""``window`` head spec: sink + local window (StreamingLLM when fixed, MoA's elastic span when it grows)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import ClassVar
 
-from ...plan import HeadSpec, PlanError, check_number, register_head_kind, span_of
+from ...errors import PlanError
+from ..base import HeadSpec
+from ..rules import SinkSpanRule, check_number
 
 
-class SinkSpanRule:
-    """The KV rule of a softmax head that reads its first ``sink`` tokens and the last ``span(N)``
-    (fields ``sink``, ``alpha``, ``beta`` on the dataclass that uses it): ``window``, and the kinds
-    that read a cache the same way (``softplus``, ``moh``)."""
-
-    def span(self, n: int) -> int:
-        return span_of(self.alpha, self.beta, n)
-
-    def kept(self, n: int) -> int:
-        return min(n, self.sink + self.span(n))
-
-    def kv_rule(self) -> tuple[int, float, float, bool]:
-        return self.sink, self.alpha, self.beta, False
-
-    def validate_rule(self, where: str, max_length: int | None = None) -> None:
-        check_number(where, "sink", self.sink, minimum=0, integer=True)
-        check_number(where, "alpha", self.alpha)
-        check_number(where, "beta", self.beta, minimum=0.0, maximum=1.0)
-        if max_length is not None and self.sink >= max_length:
-            raise PlanError(f"{where}: sink {self.sink} must be smaller than the model's context of {max_length} tokens.")
-        if max_length is not None and abs(self.alpha) > 4 * max_length:
-            raise PlanError(f"{where}: alpha {self.alpha} is far outside the model's context of {max_length} tokens.")
-
-
-@register_head_kind
 @dataclass(frozen=True)
 class Window(SinkSpanRule, HeadSpec):
-    """Sink + local window: first ``sink`` tokens and the last ``span(N)`` tokens.
+    """Sink + local window: the first ``sink`` tokens and the last ``span(N)`` tokens.
 
-    ``beta = 0`` is StreamingLLM; ``beta > 0`` is MoA's elastic span ``alpha + beta * N``.
+    ``span(N) = clamp(floor(alpha + beta * N), 1, N)``; ``beta = 0`` is StreamingLLM, ``beta > 0``
+    MoA's elastic span.
     """
 
     kind: ClassVar[str] = "window"
-    family: ClassVar[str] = "sink_window"
     sink: int = 0
     alpha: float = 0.0
     beta: float = 0.0
 
     def validate(self, where: str, max_length: int | None = None) -> None:
         self.validate_rule(where, max_length)
+
+
+def uniform(info, density: float, sink: int = 64, length: int | None = None) -> Window:
+    """The StreamingLLM baseline head of ``Plan.uniform``: ``sink`` tokens plus one local window.
+
+    With ``length=None`` the window keeps exactly ``density * N`` tokens at every length ``N``
+    (``alpha = -sink, beta = density``); with ``length`` it is a fixed ``density * length - sink``
+    tokens (``beta = 0``), the classic StreamingLLM cache.
+    """
+    check_number("uniform plan", "density", density, minimum=0.0, maximum=1.0)
+    check_number("uniform plan", "sink", sink, minimum=0, integer=True)
+    if density == 0.0:
+        raise PlanError("uniform plan: density must be above 0; use a positive fraction such as 0.25.")
+    if length is None:
+        return Window(sink=int(sink), alpha=float(-sink), beta=float(density))
+    check_number("uniform plan", "length", length, minimum=1, integer=True)
+    return Window(sink=int(sink), alpha=float(max(1.0, density * length - sink)), beta=0.0)
+
+
+def example(info, weights: str) -> Window:
+    """A head with a sink and an elastic window (contract tests)."""
+    return Window(sink=2, alpha=5.0, beta=0.125)
+
+
+#: plan presets (``Plan.preset`` / ``"uniform:<density>[:<sink>]"`` plan specs)
+PRESETS = {"uniform": uniform}

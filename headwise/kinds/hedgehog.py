@@ -1,7 +1,7 @@
 """Hedgehog feature map: ``phi(x) = [softmax(x W), softmax(-x W)]`` (Zhang et al., 2024).
 
 Positive features whose dot products can imitate the spiky, monotone softmax kernel; ``W`` is
-fitted per head (``headwise.kinds.lightning.fit``).
+fitted per head (``headwise fit lightning``, ``headwise fit hybrid``).
 """
 
 from __future__ import annotations

@@ -1,0 +1,126 @@
+"""What the layers of one engine step share: the step's plan (built once on the CPU) and its view per layer.
+
+flashinfer's split: ``StepPlan`` (positions, write slots, decode block tables, spans) is built
+once per step by ``ModelRunner.build_plan``; every layer's attention reads it through a
+``LayerStep``. Head kinds' engine groups (``Kind.engine``) read the pool through these types only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import torch
+
+from ..kernels.paged_decode.naive import gather_pages
+
+if TYPE_CHECKING:
+    from .runner import ModelRunner
+    from .sequence import Sequence
+
+
+@dataclass
+class Chunk:
+    """One sequence's prefill chunk in the step: tokens ``[start, stop)`` of the packed batch."""
+
+    seq: "Sequence"
+    start: int
+    stop: int
+    positions: torch.Tensor          # [n] int64
+
+
+@dataclass
+class StepPlan:
+    """Everything the layers of one step share, built on the CPU before the forward.
+
+    decode_pos: ``[Bd]`` positions of the decode tokens (they are tokens ``0..Bd-1``).
+    decode_tables: ``[L, Bd, Hkv, M]`` int32 block tables of the decode sequences.
+    decode_span: ``[L, Bd, Hkv]`` int64 spans.
+    write_dst, write_src: per layer, flat pool slots and the ``t * Hkv + h`` rows written there.
+    write_pos: per layer, the position of each row in ``write_src`` (what goes into ``pos_pool``).
+    """
+
+    runner: "ModelRunner"
+    decode_seqs: list["Sequence"]
+    decode_pos: torch.Tensor
+    decode_tables: torch.Tensor | None
+    decode_span: torch.Tensor | None
+    chunks: list[Chunk]
+    write_dst: list[torch.Tensor]
+    write_src: list[torch.Tensor]
+    write_pos: list[torch.Tensor]
+
+
+@dataclass
+class LayerStep:
+    """A ``StepPlan`` seen from one layer: what a kind's ``prefill``/``decode`` reads."""
+
+    plan: StepPlan
+    layer: int
+    scale: float
+    k_pool: torch.Tensor
+    v_pool: torch.Tensor
+    pos_pool: torch.Tensor
+    backend: str
+    decode_pos: torch.Tensor
+    decode_tables: torch.Tensor | None
+    decode_sink: torch.Tensor
+    decode_span: torch.Tensor | None
+    dense_prefill: bool = False
+    prefill_seq: "Sequence | None" = None
+    prefill_pos: torch.Tensor | None = None
+    _cached: tuple | None = field(default=None, repr=False)
+
+    def cached_kv(self, heads: list[int]):
+        """The current prefill sequence's KV already in the pool for ``heads``, or None.
+
+        Returns ``(k [1, Hg, C, D], v [1, Hg, C, D], pos [1, Hg, C])`` (-1 positions are empty slots).
+        """
+        if self._cached is None:
+            return None
+        k, v, pos = self._cached
+        return k[:, heads], v[:, heads], pos[:, heads]
+
+    def prefill_keys(self, heads: list[int], k: torch.Tensor, v: torch.Tensor):
+        """The keys a prefill chunk of ``heads`` reads: what the pool holds for them, then the chunk's own.
+
+        Args:
+            k, v: ``[1, Hg, n, D]`` the chunk's own keys/values (not yet in the pool).
+
+        Returns:
+            ``(k [1, Hg, C + n, D], v [1, Hg, C + n, D], k_pos [1, Hk, C + n])`` int64 positions
+            (-1: empty slot); ``Hk`` is 1 when nothing is cached (every head shares the chunk's positions).
+        """
+        q_pos = self.prefill_pos[None]                                             # [1, n]
+        cached = self.cached_kv(heads)
+        if cached is None:
+            return k, v, q_pos[:, None]
+        ck, cv, cpos = cached                                                      # [1, Hg, C, D], [1, Hg, C]
+        k_pos = torch.cat([cpos, q_pos[:, None].expand(1, len(heads), -1)], dim=-1)
+        return torch.cat([ck, k], dim=2), torch.cat([cv, v], dim=2), k_pos
+
+
+def decode_rule(step: LayerStep, heads: list[int]):
+    """``(tables [Bd, Hg, M], sink [Hg], span [Bd, Hg])`` of ``heads`` for the step's decode tokens."""
+    if len(heads) == step.decode_sink.shape[0]:          # the layer's heads are all this group's
+        return step.decode_tables, step.decode_sink, step.decode_span
+    return step.decode_tables[:, heads], step.decode_sink[heads], step.decode_span[:, heads]
+
+
+def decode_pages(step: LayerStep, heads: list[int]):
+    """The KV of ``heads`` for the step's decode tokens, gathered as a dense cache.
+
+    The step's block tables are as wide as the layer's widest head (a dense head at 8k: 128
+    blocks of 64); a sink + ring head holds only its first few, so the table is cut to the most
+    blocks any of ``heads`` holds in any decode sequence (``Sequence.nblocks``, as the prefill
+    gather of cached KV does) before gathering; otherwise every decode step would copy the widest
+    head's context for each of these heads.
+
+    Returns:
+        ``(keys, values, key_pos, sink, span)``: ``[Bd, Hg, C, D]`` twice, ``[Bd, Hg, C]`` int64
+        (-1 for empty slots), ``sink [Hg]`` and ``span [Bd, Hg]``.
+    """
+    tables, sink, span = decode_rule(step, heads)
+    width = max(int(seq.nblocks[step.layer, heads].max()) for seq in step.plan.decode_seqs)
+    keys, values, key_pos = gather_pages(step.k_pool, step.v_pool, step.pos_pool, tables[..., :width])
+    return keys, values, key_pos, sink, span
