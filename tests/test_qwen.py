@@ -17,7 +17,7 @@ import torch
 from transformers import AttentionInterface
 
 from headwise import Plan, kv_bytes, patch_model, unpatch_model
-from headwise.plan import Dense
+from headwise.kinds.dense import Dense
 from tests.engine.conftest import greedy, hf_greedy
 
 pytestmark = pytest.mark.usefixtures("no_grad")
