@@ -15,11 +15,9 @@ COMMAND_MODULES = [
     "headwise.models_cli",
     "headwise.eval.cli",
     "headwise.calibrate.cli",
+    "headwise.calibrate.fit_cli",
     "headwise.plan_cli",
-    "headwise.bench_cli",
     "headwise.engine.cli",
-    "headwise.linearize.cli",
-    "headwise.kinds.moh.cli",
 ]
 
 

@@ -187,16 +187,14 @@ class Plan:
                 raise PlanError(f"plan layer {i} has {len(layer)} heads but the model has {m.num_kv_heads} KV heads.")
             for h, head in enumerate(layer):
                 head.validate(f"layer {i} head {h}", m.max_length or None)
-                command = registry.kind_of(head).fit_command
-                refit = f"refit the plan ({command})" if command else "refit the plan"
                 for name, shape in head.required_weights(m, i, h).items():
                     tensor = self.weights.get(name)
                     if tensor is None:
                         raise PlanError(f"layer {i} head {h}: {head.kind!r} head needs tensor {name!r}, which the "
-                                        f"plan's weights do not have; {refit}.")
+                                        f"plan's weights do not have; {_refit(head)}.")
                     if tuple(tensor.shape) != tuple(shape):
                         raise PlanError(f"layer {i} head {h}: tensor {name!r} has shape {tuple(tensor.shape)} but the "
-                                        f"head needs {tuple(shape)}; {refit}.")
+                                        f"head needs {tuple(shape)}; {_refit(head)}.")
 
     def check_model(self, model: Any) -> None:
         """Raise ``PlanError`` unless this plan was made for ``model``'s architecture."""
@@ -268,6 +266,12 @@ class Plan:
                    dict(weights or {}))
         plan.validate()
         return plan
+
+
+def _refit(head: HeadSpec) -> str:
+    """What to do about a head's missing or malformed tensors: the kind's ``headwise fit`` command."""
+    command = registry.kind_of(head).fit_command
+    return f"refit the plan ({command})" if command else "refit the plan"
 
 
 def load_plan(path: str | os.PathLike, model: Any = None) -> Plan:

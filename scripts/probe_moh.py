@@ -1,7 +1,8 @@
-"""Measurements behind the ``moh`` design choices (README "Mixture-of-Head routing"), on the embedded SmolLM2.
+"""Measurements behind the ``moh`` design choices, on the embedded SmolLM2 (results:
+``benchmarks/results/2026-11-27-moh-router-inputs.md`` and ``2026-11-27-moh-budget.md``).
 
 ``--router-inputs``: which token features predict, per layer, which query heads matter. On consecutive
-1k-token slices of the calibration prose (``headwise.calibrate.data.corpus_text``, seeded offsets;
+1k-token slices of the calibration prose (``headwise.data.prose.corpus_text``, seeded offsets;
 3 to fit, 1 held out), every layer's held-out relative output error ``sum_t ||y_t - yhat_t||^2 /
 sum_t ||y_t||^2`` when each token runs ``k`` of its 9 query heads, routed out heads replaced by
 their mean output (``mean``) or by zero (``zero``), for: the oracle top-k (true targets), a fixed
@@ -9,37 +10,35 @@ head set (best on average), MoH-LLaMA3's parameter-free rule (largest query norm
 least squares from the per-head query norms, the query pair magnitudes of the whole layer, those
 of the head's own KV group only, and the attention input hidden states. Prints the mean over layers.
 
-``--budgets WORK_DIR``: perplexity of one 1k-token eval document (``headwise.eval.tasks.perplexity``,
-seed 0) with plans made from a ``headwise moh-fit`` work dir's routers, the layer budget split by
+``--budgets STORE_DIR``: perplexity of one 1k-token eval document (``headwise.eval.tasks.perplexity``,
+seed 0) with plans made from the routers ``headwise fit moh`` keeps (its store folder,
+``<cache-dir>/<model>-moh-<key>/``), the layer budget split by
 estimated loss change or by held-out relative error, and single-layer probes (``--single L:K``).
 
-    OMP_NUM_THREADS=1 .venv/bin/python scripts/probe_moh.py --router-inputs
-    OMP_NUM_THREADS=1 .venv/bin/python scripts/probe_moh.py --budgets /tmp/moh/work --active 0.9,0.75,0.5 --single 24:2,1:2
+    OMP_NUM_THREADS=1 python scripts/probe_moh.py --router-inputs
+    OMP_NUM_THREADS=1 python scripts/probe_moh.py --budgets /tmp/moh/cache/*-moh-* --active 0.9,0.75,0.5 --single 24:2,1:2
 """
 
 from __future__ import annotations
 
 import argparse
-import glob
-import json
 import math
-import os
 import random
 import statistics
 import sys
 from pathlib import Path
 
-import torch
+if __name__ == "__main__" and not __package__:   # python scripts/probe_moh.py: this checkout first
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT), str(ROOT / "scripts")]
+import torch  # noqa: E402
 
 
 def router_inputs(model, tokenizer, length: int = 1024, slices: int = 4) -> None:
     from transformers import AttentionInterface
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    from headwise.calibrate.data import corpus_text
+    from headwise.data.prose import corpus_text
 
     L, H = model.config.num_hidden_layers, model.config.num_attention_heads
     Hkv, D = model.config.num_key_value_heads, model.config.head_dim
@@ -121,18 +120,15 @@ def router_inputs(model, tokenizer, length: int = 1024, slices: int = 4) -> None
 
 
 def budgets(model, tokenizer, work: str, actives: list[float], singles: list[str]) -> None:
-    from safetensors.torch import load_file
-
-    from bench_moh import perplexity_trial
+    from benchmarks.moh import perplexity_trial
+    from headwise.calibrate.select import allocate
+    from headwise.calibrate.store import Store
     from headwise.eval import tasks
-    from headwise.kinds.moh.fit import LayerRouter, allocate, make_plan
+    from headwise.kinds.moh.fit import load_routers, make_plan
     from headwise.plan import ModelInfo
 
     info = ModelInfo.of(model)
-    meta_path = max(glob.glob(os.path.join(work, "*.json")), key=os.path.getmtime)
-    meta, tensors = json.loads(Path(meta_path).read_text()), load_file(meta_path[:-5] + ".safetensors")
-    routers = [LayerRouter(tensors[f"l{i}.router"], tensors[f"l{i}.bias"], tensors[f"l{i}.fill"], e, 0.0, lo)
-               for i, (e, lo) in enumerate(zip(meta["errors"], meta["loss"]))]
+    routers, _ = load_routers(Store(work, {}))
     doc = tasks.generate("perplexity", tokenizer, 1024, 1, 0)[0].prompt
     H, L = info.num_heads, info.num_layers
     rows = {"dense": [H] * L}
@@ -154,7 +150,7 @@ def budgets(model, tokenizer, work: str, actives: list[float], singles: list[str
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--router-inputs", action="store_true")
-    parser.add_argument("--budgets", default=None, help="a headwise moh-fit --work-dir")
+    parser.add_argument("--budgets", default=None, help="the store folder of headwise fit moh's routers")
     parser.add_argument("--active", default="0.9,0.75,0.5")
     parser.add_argument("--single", default="", help="layer:k probes, e.g. 24:2,1:2")
     args = parser.parse_args()

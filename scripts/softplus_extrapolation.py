@@ -27,7 +27,10 @@ import sys
 import time
 from pathlib import Path
 
-import torch
+if __name__ == "__main__" and not __package__:   # python scripts/softplus_extrapolation.py: this checkout first
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+
+import torch  # noqa: E402
 
 BAND = 1024
 SCALE_LENGTH = 8192          # SmolLM2-135M's max_position_embeddings: the trained context
@@ -83,7 +86,7 @@ def load(config: str):
 
 
 def run_ppl(args) -> None:
-    from headwise.calibrate.softplus_fit import token_losses
+    from headwise.kinds.softplus.fit import token_losses
     from headwise.eval.tasks import perplexity
 
     path = Path(args.out)
@@ -195,6 +198,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     sys.exit(main())

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import importlib.util
 import os
-from pathlib import Path
 
 # Triton decides at import whether it interprets; set this before transformers imports Triton so
 # the Triton kernel tests run in this process on CPU (a GPU run can set TRITON_INTERPRET=0).
@@ -24,15 +22,6 @@ TINY_CONFIGS = {
     "qwen2": lambda: Qwen2Config(**TINY),
     "qwen3": lambda: Qwen3Config(**TINY),
 }
-
-
-def load_script(name: str):
-    """The module of ``scripts/<name>.py`` (benchmark scripts are not a package)."""
-    path = Path(__file__).resolve().parent.parent / "scripts" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def make_tiny(arch: str = "llama", seed: int = 0):

@@ -30,6 +30,14 @@ def peak_rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
+def torch_threads(threads: int | None) -> None:
+    """Set torch's intra-op threads when given (on a busy shared machine fewer can be faster)."""
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
 def register(subparsers) -> None:
     p = subparsers.add_parser("calibrate", help="profile a model and write a plan at a target density",
                               description=__doc__.split("\n")[0])
@@ -71,8 +79,8 @@ def register(subparsers) -> None:
     p.add_argument("--gate-facts", type=int, default=8, help="v2: facts per gate-training sample")
     p.add_argument("--gate-threshold", type=float, default=0.5, help="v2: heads whose gate ends above this are long")
     p.add_argument("--long-heads", type=int, default=None,
-                   help="v2: make exactly this many top-ranked heads long (default: gates above --gate-threshold, "
-                        "at most what --min-short allows)")
+                   help="v2: make this many top-ranked heads long, at most what the budget allows (default: gates above "
+                        "--gate-threshold)")
     p.add_argument("--gates-from", default=None, metavar="PLAN",
                    help="v2: take the gates recorded in this plan (made by --method gates for the same model) "
                         "instead of training them, e.g. to re-solve a shipped plan at other densities")
@@ -87,17 +95,18 @@ def register(subparsers) -> None:
                         "either way")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--seed", type=int, default=0, help="data sampling seed")
-    p.add_argument("--cache-dir", default=None, help="profile cache folder (default: ~/.cache/headwise/profiles)")
+    p.add_argument("--cache-dir", default=None,
+                   help="where profiles, gate samples and gates are kept (default: ~/.cache/headwise/calibration)")
     p.add_argument("--out", required=True, help="plan JSON to write; the heatmap goes beside it (.png)")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
+    from ..data.calibration import data_description
     from ..models import load_model
-    from .data import data_description
     from .heatmap import plan_heatmap
-    from .optimize import optimize
-    from .store import ProfileStore, pooled, torch_threads
+    from .optimize import candidate_grid, guard_length, optimize
+    from .profile import ProfileStore, pooled
 
     if not 0.0 < args.density <= 1.0:
         raise SystemExit(f"--density must be in (0, 1], got {args.density}.")
@@ -115,9 +124,10 @@ def run(args) -> int:
           "samples to compute)", flush=True)
     profiles = store.collect(model, tokenizer, lengths, args.samples)
     profiled = time.perf_counter() - started
+    candidates = candidate_grid(lengths, args.sink, args.alpha_step, args.min_span, args.guard_length)
     long_heads, v2 = None, {}
     if args.method == "gates":
-        long_heads, v2 = choose_long_heads(model, tokenizer, store.info, args)
+        long_heads, v2 = choose_long_heads(model, tokenizer, store.info, candidates, args)
     print(f"headwise calibrate: solving the MILP at density {args.density} "
           f"(fit {[n for n in lengths if n != holdout]}, held-out {holdout})", flush=True)
     solve_start = time.perf_counter()     # includes refit rounds
@@ -127,14 +137,15 @@ def run(args) -> int:
                    "mean_answer_loss": {str(n): p.loss for n, p in profiles.items()},
                    "profile_seconds_when_computed": round(sum(p.seconds for p in profiles.values()), 1),
                    "command": command}
+    candidate_notes = {"min_span": args.min_span, "min_span_at": guard_length(lengths, args.guard_length),
+                       "sink": args.sink}
     points = [profiles]
 
     def solve():
         mass = profiles if len(points) == 1 else {n: pooled([p[n] for p in points]) for n in lengths}
-        return optimize(mass, store.info, args.density, holdout=holdout, max_configs=args.max_configs,
-                        sink=args.sink, alpha_step=args.alpha_step, time_limit=args.time_limit, score=args.score,
-                        min_span=args.min_span, calibration={**calibration, **v2}, long_heads=long_heads,
-                        guard=args.guard_length)
+        return optimize(mass, store.info, args.density, candidates, holdout=holdout, max_configs=args.max_configs,
+                        time_limit=args.time_limit, score=args.score, calibration={**candidate_notes, **calibration, **v2},
+                        long_heads=long_heads, uniform_sink=args.sink)
 
     result = solve()
     refits = []
@@ -168,17 +179,17 @@ def run(args) -> int:
     return 0
 
 
-def choose_long_heads(model, tokenizer, info, args):
+def choose_long_heads(model, tokenizer, info, candidates, args):
     """Calibrator v2: train (or load) the gates and pick the long heads.
 
     Returns ``(long [layers, Hkv] bool, calibration notes)``: heads whose gate ends above
     ``--gate-threshold`` (or the top ``--long-heads`` by gate), capped so every other head can
-    still keep ``--min-short`` of the context under ``--density``.
+    still keep its least candidate's share of the context under ``--density``.
     """
-    from .gate_store import GateSettings, GateStore
-    from .gates import long_head_mask
+    from ..data.recall import recall_description
+    from .gates import GateSettings, GateStore
     from .optimize import long_head_cap
-    from .recall_data import recall_description
+    from .select import head_mask
 
     gate_lengths = parse_lengths(args.gate_lengths, MIN_LENGTH)
     settings = GateSettings(tuple(gate_lengths), args.gate_samples, args.gate_steps, args.gate_lr, args.gate_l1,
@@ -195,11 +206,13 @@ def choose_long_heads(model, tokenizer, info, args):
               f"({time.perf_counter() - started:.0f} s this run)", flush=True)
     heads = info.num_layers * info.num_kv_heads
     lengths = parse_lengths(args.lengths, MIN_LENGTH)
-    cap = long_head_cap(lengths, args.density, heads, args.sink, args.alpha_step, args.min_span, args.guard_length)
+    cap = long_head_cap(lengths, args.density, heads, candidates)
     ranking = result.ranking()
     wanted = args.long_heads if args.long_heads is not None else int((result.gates > args.gate_threshold).sum())
+    if not 0 <= wanted <= heads:
+        raise SystemExit(f"--long-heads must be between 0 and the model's {heads} KV heads, got {wanted}.")
     count = min(wanted, cap)
-    long = long_head_mask(ranking, count, (info.num_layers, info.num_kv_heads))
+    long = head_mask(ranking[:count], (info.num_layers, info.num_kv_heads))
     notes = {"long_heads": {"method": "duoattention-style gates", "count": count, "wanted": wanted, "cap": cap,
                             "heads": [[l, h] for l, h in ranking[:count]],
                             "gates": np.round(result.gates, 4).tolist(),

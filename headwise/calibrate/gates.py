@@ -22,22 +22,24 @@ one layer's intermediates alive at a time (``checkpointing.CheckpointPolicy``).
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
+import os
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..plan import ModelInfo
+from .capture import attention_override
 from .checkpointing import GATES_AUTO, CheckpointPolicy, checkpointing
+from .select import ranked
+from .store import Store, settings_key
 
 logger = logging.getLogger("headwise")
-
-NAME = "headwise_gates"
-
-_ACTIVE: "GateState | None" = None
 
 
 def local_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sink: int, window: int,
@@ -92,65 +94,36 @@ class GateState:
     fixed: torch.Tensor | None = None     # [layers, Hkv] float: gates used as-is (no training), or None
 
 
-def gated_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """Attention-interface function "headwise_gates" (active only inside ``gating``).
+def gated_attention(state: GateState):
+    """The gates' attention function for ``capture.attention_override``: per KV head
+    ``a * full + (1 - a) * local``, ``a`` from ``state`` (its fixed gates when set).
 
-    Args:
-        query: ``[B, H, T, D]``; key, value: ``[B, Hkv, T, D]`` (no cache, no padding).
-
-    Returns:
-        ``(out [B, T, H, D], None)``: per KV head ``a * full + (1 - a) * local``.
+    The function takes ``query [B, H, T, D]``, ``key``/``value [B, Hkv, T, D]`` (no cache, no
+    padding: ``prefill_only``) and returns ``(out [B, T, H, D], None)``.
     """
-    if _ACTIVE is None:
-        raise RuntimeError("headwise_gates attention ran outside headwise.calibrate.gates.gating(); "
-                           "use train_gates() or gated_hidden() instead of selecting it by hand.")
-    if query.shape[-2] != key.shape[-2]:
-        raise ValueError("the gated attention needs a full causal forward without a cache; call with use_cache=False.")
-    if dropout:
-        raise ValueError("the gated attention does not implement dropout; set the model's attention_dropout to 0.")
-    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-    group = query.shape[1] // key.shape[1]
-    k = key.repeat_interleave(group, dim=1)
-    v = value.repeat_interleave(group, dim=1)
-    full = F.scaled_dot_product_attention(query, k, v, is_causal=True, scale=scale)
-    local = local_attention(query, k, v, _ACTIVE.sink, _ACTIVE.window, scale)
-    source = _ACTIVE.fixed if _ACTIVE.fixed is not None else _ACTIVE.gates
-    a = source[module.layer_idx].to(query.dtype).repeat_interleave(group)[None, :, None, None]
-    out = local + a * (full - local)
-    return out.transpose(1, 2).contiguous(), None
+    def attention(module, query, key, value, attention_mask, scaling=None, **kwargs):
+        scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+        group = query.shape[1] // key.shape[1]
+        k = key.repeat_interleave(group, dim=1)
+        v = value.repeat_interleave(group, dim=1)
+        full = F.scaled_dot_product_attention(query, k, v, is_causal=True, scale=scale)
+        local = local_attention(query, k, v, state.sink, state.window, scale)
+        source = state.fixed if state.fixed is not None else state.gates
+        a = source[module.layer_idx].to(query.dtype).repeat_interleave(group)[None, :, None, None]
+        out = local + a * (full - local)
+        return out.transpose(1, 2).contiguous(), None
 
-
-def _no_mask(*args, **kwargs):
-    """Mask-interface function for "headwise_gates": both branches are causal by construction."""
-    return None
+    return attention
 
 
 @contextlib.contextmanager
 def gating(model, state: GateState):
-    """Route ``model``'s attention through the gated mix while inside (model frozen).
-
-    Attention implementation and ``requires_grad`` flags are restored on exit, also after an
-    error. Gradient checkpointing is the caller's choice (``checkpointing.checkpointing``).
-    """
-    global _ACTIVE
-    from transformers import AttentionInterface, AttentionMaskInterface
-
-    if getattr(model, "_headwise", None) is not None:
-        raise RuntimeError("train gates on the unpatched model; call unpatch_model(model) first.")
-    AttentionInterface.register(NAME, gated_attention)
-    AttentionMaskInterface.register(NAME, _no_mask)
-    previous = model.config._attn_implementation
-    requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
-    model.requires_grad_(False)
-    model.set_attn_implementation(NAME)
-    _ACTIVE = state
-    try:
+    """Route ``model``'s attention through the gated mix while inside, model frozen
+    (``capture.attention_override``: attention implementation and ``requires_grad`` flags are
+    restored on exit, also after an error). Gradient checkpointing is the caller's choice
+    (``checkpointing.checkpointing``)."""
+    with attention_override(model, gated_attention(state), name="headwise_gates", freeze=True, prefill_only=True):
         yield state
-    finally:
-        _ACTIVE = None
-        model.set_attn_implementation(previous or "sdpa")
-        for name, p in model.named_parameters():
-            p.requires_grad_(requires_grad[name])
 
 
 def final_hidden(model, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -197,11 +170,11 @@ class GateResult:
     seconds: float = 0.0
 
     def ranking(self) -> list[tuple[int, int]]:
-        """KV heads ``(layer, head)`` from most to least needed: by gate, ties by importance."""
+        """KV heads ``(layer, head)`` from most to least needed: by gate (to 6 decimals), ties by
+        importance, then by ``(layer, head)``."""
         L, H = self.gates.shape
-        order = sorted(((-round(float(self.gates[l, h]), 6), -float(self.importance[l, h]), l, h)
-                        for l in range(L) for h in range(H)))
-        return [(l, h) for *_, l, h in order]
+        return ranked({(l, h): (round(float(self.gates[l, h]), 6), float(self.importance[l, h]))
+                       for l in range(L) for h in range(H)}, highest=True)
 
 
 def distill_loss(hidden: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -278,12 +251,95 @@ def gated_loss(model, samples: list[GateSample], gates: np.ndarray, *, sink: int
     return float(np.mean(losses))
 
 
-def long_head_mask(ranking: list[tuple[int, int]], count: int, shape: tuple[int, int]) -> np.ndarray:
-    """``[layers, Hkv]`` bool: the first ``count`` heads of ``ranking`` are long."""
-    if not 0 <= count <= len(ranking):
-        raise ValueError(f"cannot make {count} of {len(ranking)} heads long; pick a count in [0, {len(ranking)}].")
-    mask = np.zeros(shape, dtype=bool)
-    for l, h in ranking[:count]:
-        mask[l, h] = True
-    return mask
+@dataclass(frozen=True)
+class GateSettings:
+    """Everything that decides trained gates besides the model and data."""
 
+    lengths: tuple[int, ...]
+    samples: int
+    steps: int
+    lr: float
+    l1: float
+    sink: int
+    window: int
+    seed: int
+
+    def key(self) -> str:
+        return settings_key(asdict(self))
+
+
+class GateStore:
+    """Gate-training samples with their dense targets, and trained gates, of one model on one recall
+    data set (``data.recall``), in a ``store.Store``: ``L<length>-s<index>.npz`` (``input_ids``,
+    ``positions``, ``target``, ``depths``) and ``gates-<settings>.npz`` (``gates``, ``importance``,
+    ``history`` as JSON text). A second calibration at another density reuses both and only re-solves."""
+
+    def __init__(self, model, root: str | os.PathLike | None = None, *, facts: int = 8, seed: int = 0,
+                 checkpoint: CheckpointPolicy = GATES_AUTO):
+        from ..data.recall import recall_description
+
+        self.info = ModelInfo.of(model)
+        self.checkpoint = checkpoint     # which training steps run with gradient checkpointing
+        self.facts, self.seed = facts, seed
+        self.store = Store.of(root, self.info.fingerprint, "gates", {"data": recall_description(facts), "seed": seed})
+        self.directory = self.store.directory
+
+    @staticmethod
+    def _sample_file(length: int, index: int) -> str:
+        return f"L{length}-s{index:03d}.npz"
+
+    def samples(self, model, tokenizer, lengths: list[int], count: int) -> list[GateSample]:
+        """``count`` samples per length with dense targets, computing (and caching) what is missing."""
+        from tqdm.auto import tqdm
+
+        from ..data.recall import RecallBuilder
+
+        todo = [(n, i) for n in lengths for i in range(count) if not self.store.has(self._sample_file(n, i))]
+        if todo:
+            builder = RecallBuilder(tokenizer, self.facts, self.seed)
+            for n, i in tqdm(todo, desc="dense targets", unit="sample"):
+                s = builder.build(n, i)
+                target = dense_targets(model, s.input_ids.to(model.device), s.positions.to(model.device))
+                self.store.save_arrays(self._sample_file(n, i), input_ids=s.input_ids[0].numpy().astype(np.int64),
+                                       positions=s.positions.numpy().astype(np.int64),
+                                       target=target.cpu().numpy().astype(np.float32),
+                                       depths=np.array(s.depths, dtype=np.float64))
+        out = []
+        for n in lengths:
+            for i in range(count):
+                f = self.store.load_arrays(self._sample_file(n, i))
+                out.append(GateSample(torch.from_numpy(f["input_ids"])[None].to(model.device),
+                                      torch.from_numpy(f["positions"]).to(model.device),
+                                      torch.from_numpy(f["target"]).to(model.device)))
+        return out
+
+    def gates_path(self, settings: GateSettings):
+        return self.store.path(f"gates-{settings.key()}.npz")
+
+    def gates(self, model, tokenizer, settings: GateSettings) -> tuple[GateResult, bool]:
+        """Trained gates for ``settings`` (loaded when cached). Returns ``(result, computed_now)``."""
+        from tqdm.auto import tqdm
+
+        file = self.gates_path(settings).name
+        if self.store.has(file):
+            f = self.store.load_arrays(file)
+            return GateResult(f["gates"], f["importance"], json.loads(str(f["history"])), float(f["seconds"])), False
+        started = time.perf_counter()
+        samples = self.samples(model, tokenizer, list(settings.lengths), settings.samples)
+        targets_seconds = time.perf_counter() - started
+        bar = tqdm(total=settings.steps, desc="training gates", unit="step")
+
+        def progress(step, record):
+            bar.set_postfix_str(f"L={record['length']} distill={record['distill']:.2e} "
+                                f"gates>0.5={record['gates_above_half']}")
+            bar.update()
+
+        result = train_gates(model, samples, sink=settings.sink, window=settings.window, steps=settings.steps,
+                             lr=settings.lr, l1=settings.l1, seed=settings.seed, progress=progress,
+                             checkpoint=self.checkpoint)
+        bar.close()
+        result.seconds += targets_seconds
+        self.store.save_arrays(file, compressed=False, gates=result.gates, importance=result.importance,
+                               history=np.array(json.dumps(result.history)), seconds=np.float64(result.seconds),
+                               settings=np.array(json.dumps(asdict(settings))))
+        return result, True

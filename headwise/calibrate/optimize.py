@@ -1,20 +1,21 @@
 """From profiles to a plan: candidate spans, the profiled mass they drop, and a binary MILP (HiGHS).
 
-Every KV head picks exactly one candidate (a ``Window`` with a fixed sink and elastic span
-``alpha + beta * N``, or ``Dense``). A candidate's loss at length ``N`` is the profiled mass of
-the attention entries it drops (``score``: sum of ``|E|``, or ``|sum of E|`` per tile and
-sample); entries are known per ``block x block`` tile, and a tile
-counts in proportion to the exact number of its causal entries the head's band geometry drops.
-The MILP minimises the weighted, normalised loss subject to: total kept tokens at most
-``density * N * heads`` at every profiled length, and at most ``max_configs`` distinct candidates
-per layer. Several length weightings give Pareto plans; the one with the least loss at a held-out
-length wins.
+Every KV head picks exactly one candidate. Candidates come from the kinds (``kinds.candidates``:
+by default window heads with a fixed sink and elastic span ``alpha + beta * N``, and a dense head);
+the optimiser reads them only through ``kv_rule()`` (which keys a head keeps) and ``kept(n)``
+(how many), and a candidate whose rule keeps every key is what "keeps everything" means.
+A candidate's loss at length ``N`` is the profiled mass of the attention entries it drops
+(``score``: sum of ``|E|``, or ``|sum of E|`` per tile and sample); entries are known per
+``block x block`` tile, and a tile counts in proportion to the exact number of its causal entries
+the head's band geometry drops. The MILP minimises the weighted, normalised loss subject to: total
+kept tokens at most ``density * N * heads`` at every profiled length, and at most ``max_configs``
+distinct candidates per layer. Several length weightings give Pareto plans; the one with the least
+loss at a held-out length wins.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -22,14 +23,29 @@ import scipy.optimize
 import scipy.sparse
 
 from ..kinds.base import HeadSpec
-from ..kinds.dense import Dense
-from ..kinds.window import Window
+from ..kinds.rules import span_of
 from ..plan import ModelInfo, Plan
 
 logger = logging.getLogger("headwise")
 
-BETAS = tuple(i / 8 for i in range(9))
 SCORES = {"abs": "blocks", "tile": "tiles"}     # --score name -> LengthProfile field
+
+Rule = tuple[int, float, float, bool]           # a head's kv_rule(): (sink, alpha, beta, dense)
+
+
+def band(rule: Rule, n: int) -> tuple[int, int] | None:
+    """``(sink, span)`` of a KV rule at length ``n``: query ``i`` keeps key ``j <= i`` iff ``j < sink``
+    or ``j > i - span`` (the sink/window kernels' rule); ``None`` when it keeps every key."""
+    sink, alpha, beta, dense = rule
+    if dense:
+        return None
+    span = span_of(alpha, beta, n)
+    return None if sink + span >= n else (int(sink), span)
+
+
+def keeps_everything(head: HeadSpec) -> bool:
+    """Whether ``head``'s KV rule is the dense one (its ``kv_rule()`` dense flag)."""
+    return bool(head.kv_rule()[3])
 
 
 def guard_length(lengths: list[int], guard: int | None = None) -> int:
@@ -39,94 +55,62 @@ def guard_length(lengths: list[int], guard: int | None = None) -> int:
     return guard if guard is not None else max(1, min(lengths) // 2)
 
 
-def floor_alphas(min_span: int, guard: int, betas: tuple[float, ...]) -> dict[float, float]:
-    """Per ``beta``, the ``alpha`` whose span at ``guard`` is exactly ``min_span``: the most
-    elastic window that still keeps the floor on short inputs (``{}`` without a floor)."""
-    if min_span <= 0:
-        return {}
-    return {float(b): float(min_span - math.floor(b * guard)) for b in betas}
+def candidate_grid(lengths: list[int], sink: int = 64, alpha_step: int | None = None, min_span: int = 0,
+                   guard: int | None = None) -> list[HeadSpec]:
+    """The candidates every KV head chooses from: each candidate kind's (``kinds.candidates``, the
+    window grid then ``Dense``), with ``min_span`` held from ``guard_length(lengths, guard)`` on."""
+    from .kinds import candidates
+
+    return candidates(lengths, sink=sink, alpha_step=alpha_step, min_span=min_span,
+                      guard=guard_length(lengths, guard))
 
 
-def candidate_grid(lengths: list[int], sink: int = 64, alpha_step: int | None = None,
-                   betas: tuple[float, ...] = BETAS, min_span: int = 0, guard: int | None = None) -> list[HeadSpec]:
-    """MoA's grid: ``alpha`` from ``-min(lengths)`` to ``max(lengths)`` in steps of
-    ``min(lengths) / 8`` (plus ``alpha = -sink``, which with ``beta = d`` keeps exactly ``d * N``),
-    every ``beta`` in ``betas``, a fixed sink, and ``Dense``.
-
-    Candidates that keep the same span at every length in ``lengths`` are merged (the first in
-    grid order stays), and windows that keep everything at every length are left to ``Dense``.
-    Windows whose span at half the shortest length (or at ``guard``) is below ``min_span`` are left
-    out: a large negative ``alpha`` fitted at long lengths would otherwise shrink to one token on
-    short inputs. With a floor, every ``beta`` also gets the ``alpha`` that meets it exactly
-    (``floor_alphas``), so the grid keeps its most elastic guarded window.
-    """
-    shortest, longest = min(lengths), max(lengths)
-    step = alpha_step or max(1, shortest // 8)
-    alphas = sorted({float(-sink), *(float(a) for a in range(-shortest, longest + 1, step))})
-    at_floor = floor_alphas(min_span, guard_length(lengths, guard), betas)
-    seen: set[tuple[int, ...]] = set()
-    grid: list[HeadSpec] = []
-    for beta in betas:
-        extra = at_floor.get(float(beta))
-        for alpha in sorted({*alphas, *([extra] if extra is not None else [])}):
-            head = Window(sink=sink, alpha=alpha, beta=float(beta))
-            if head.span(guard_length(lengths, guard)) < min_span:
-                continue
-            kept = tuple(head.kept(n) for n in lengths)
-            if all(k >= n for k, n in zip(kept, lengths)):
-                continue
-            spans = tuple(head.span(n) for n in lengths)
-            if spans in seen:
-                continue
-            seen.add(spans)
-            grid.append(head)
-    return grid + [Dense()]
-
-
-def long_head_cap(lengths: list[int], density: float, heads: int, sink: int = 64, alpha_step: int | None = None,
-                  min_span: int = 0, guard: int | None = None) -> int:
-    """Most heads that can be fixed ``Dense`` while the rest still fit the budget at every length:
+def long_head_cap(lengths: list[int], density: float, heads: int, candidates: list[HeadSpec]) -> int:
+    """Most heads that can keep everything while the rest still fit the budget at every length:
     the largest ``k`` with ``k * N + (heads - k) * m_N <= density * N * heads`` for every ``N``,
-    ``m_N`` the least a window candidate of ``optimize``'s grid (same guard) keeps at ``N``."""
-    windows = [c for c in candidate_grid(lengths, sink, alpha_step, min_span=min_span, guard=guard)
-               if isinstance(c, Window)]
+    ``m_N`` the least any other candidate keeps at ``N``."""
+    partial = [c for c in candidates if not keeps_everything(c)]
     cap = heads
-    if not windows:
+    if not partial:
         return 0
     for n in lengths:
-        least = min(c.kept(n) for c in windows)
+        least = min(c.kept(n) for c in partial)
         if least >= n:
             return 0
         cap = min(cap, int(np.floor((density * n * heads - heads * least) / (n - least) + 1e-9)))
     return max(0, cap)
 
 
-def dropped_fraction(head: HeadSpec, n: int, block: int) -> np.ndarray:
-    """Fraction of each tile's causal entries that ``head`` drops at length ``n``.
-
-    Query ``i`` keeps key ``j <= i`` iff ``j < sink`` or ``j > i - span(n)`` (the kernel's
-    rule), so it drops keys ``sink <= j <= i - span``. Returns ``[nb, nb]`` float64,
-    ``nb = ceil(n / block)``; tiles with no causal entry are 0.
-    """
+def _dropped(kept: tuple[int, int] | None, n: int, block: int) -> np.ndarray:
+    """``dropped_fraction`` of a band (``None``: keeps every key)."""
     nb = -(-n // block)
-    if isinstance(head, Dense) or head.kept(n) >= n:
+    if kept is None:
         return np.zeros((nb, nb))
-    if not isinstance(head, Window):
-        raise TypeError(f"the calibrator cannot score {type(head).__name__} heads; use Window or Dense candidates.")
-    span = head.span(n)
+    sink, span = kept
     i = np.arange(n)[:, None]                                   # [n, 1] queries
     start = np.arange(nb)[None, :] * block                      # [1, nb] key tile starts
     stop = np.minimum(start + block, n)
     causal = np.clip(np.minimum(stop, i + 1) - start, 0, None)
-    dropped = np.clip(np.minimum(stop, i - span + 1) - np.maximum(start, head.sink), 0, None)
+    dropped = np.clip(np.minimum(stop, i - span + 1) - np.maximum(start, sink), 0, None)
     pad = nb * block - n
     causal = np.pad(causal, ((0, pad), (0, 0))).reshape(nb, block, nb).sum(1)
     dropped = np.pad(dropped, ((0, pad), (0, 0))).reshape(nb, block, nb).sum(1)
     return np.divide(dropped, causal, out=np.zeros((nb, nb)), where=causal > 0)
 
 
-def candidate_losses(blocks: np.ndarray, candidates: list[HeadSpec], n: int, block: int) -> np.ndarray:
-    """Dropped ``|E|`` mass of every candidate for every head at length ``n``.
+def dropped_fraction(head: HeadSpec | Rule, n: int, block: int) -> np.ndarray:
+    """Fraction of each tile's causal entries that ``head`` (a spec, or a ``kv_rule()`` tuple) drops
+    at length ``n``.
+
+    Query ``i`` keeps key ``j <= i`` iff ``j < sink`` or ``j > i - span(n)`` (the kernel's
+    rule), so it drops keys ``sink <= j <= i - span``. Returns ``[nb, nb]`` float64,
+    ``nb = ceil(n / block)``; tiles with no causal entry are 0.
+    """
+    return _dropped(band(head if isinstance(head, tuple) else head.kv_rule(), n), n, block)
+
+
+def candidate_losses(blocks: np.ndarray, candidates: list[HeadSpec | Rule], n: int, block: int) -> np.ndarray:
+    """Dropped ``|E|`` mass of every candidate (spec or ``kv_rule()`` tuple) for every head at length ``n``.
 
     Args:
         blocks: ``[layers, Hkv, nb, nb]`` float64 profile at length ``n``.
@@ -137,9 +121,9 @@ def candidate_losses(blocks: np.ndarray, candidates: list[HeadSpec], n: int, blo
     layers, heads, nb, _ = blocks.shape
     fractions, cache = [], {}
     for cand in candidates:
-        key = (cand.sink, cand.span(n)) if isinstance(cand, Window) else ("dense",)
+        key = band(cand if isinstance(cand, tuple) else cand.kv_rule(), n)
         if key not in cache:
-            cache[key] = dropped_fraction(cand, n, block).reshape(-1)
+            cache[key] = _dropped(key, n, block).reshape(-1)
         fractions.append(cache[key])
     return (blocks.reshape(layers * heads, nb * nb) @ np.stack(fractions, axis=1)).reshape(layers, heads, -1)
 
@@ -170,7 +154,7 @@ def solve(losses: dict[int, np.ndarray], kept: dict[int, np.ndarray], weights: d
             weight only constrain).
         density: kept-token budget as a fraction of ``N * layers * Hkv``.
         fixed: optional ``[layers, Hkv]`` int64 candidate index each head must take, ``-1`` for a
-            free head (e.g. the long heads chosen by gates, fixed to ``Dense``).
+            free head (e.g. the long heads chosen by gates, fixed to the candidate that keeps everything).
 
     Variables: ``x[l, h, c]`` (head picks candidate) then ``y[l, c]`` (layer uses candidate).
     """
@@ -246,11 +230,14 @@ class Calibration:
     holdout: int | None
 
 
-def optimize(profiles: dict, model_info: ModelInfo, density: float, *, holdout: int | None = None,
-             max_configs: int = 2, sink: int = 64, alpha_step: int | None = None, time_limit: float = 300.0,
-             score: str = "abs", min_span: int = 0, calibration: dict | None = None,
-             long_heads: np.ndarray | None = None, guard: int | None = None) -> Calibration:
-    """Choose one candidate per KV head from ``profiles`` (length -> ``LengthProfile``).
+def optimize(profiles: dict, model_info: ModelInfo, density: float, candidates: list[HeadSpec], *,
+             holdout: int | None = None, max_configs: int = 2, time_limit: float = 300.0, score: str = "abs",
+             calibration: dict | None = None, long_heads: np.ndarray | None = None,
+             uniform_sink: int | None = None) -> Calibration:
+    """Choose one of ``candidates`` per KV head from ``profiles`` (length -> ``LengthProfile``).
+
+    ``candidates`` (e.g. ``candidate_grid``) are scored by the keys their ``kv_rule()`` drops and
+    budgeted by their ``kept(n)``; with ``long_heads``, one of them must keep everything.
 
     ``score`` picks the tile mass a candidate drops: ``"abs"`` sums ``|E|`` over the tile's
     entries (MoA); ``"tile"`` takes ``|sum of E|`` over the tile per sample, the first-order loss
@@ -260,20 +247,23 @@ def optimize(profiles: dict, model_info: ModelInfo, density: float, *, holdout: 
     (if given) only picks the winner (least normalised loss there). The token budget holds at
     every profiled length, including the held-out one.
 
-    ``long_heads`` (``[layers, Hkv]`` bool, optional) fixes those heads to ``Dense`` (calibrator
-    v2: chosen by their joint effect, see ``gates.py``); the MILP then sizes the others' spans
-    under the same budget, which counts the fixed heads too.
+    ``long_heads`` (``[layers, Hkv]`` bool, optional) fixes those heads to the candidate that keeps
+    everything (calibrator v2: chosen by their joint effect, see ``gates.py``); the MILP then sizes
+    the others' spans under the same budget, which counts the fixed heads too.
+
+    ``uniform_sink`` (optional) records, for comparison, the normalised loss of the uniform plan at
+    the same density: every head keeps ``uniform_sink`` sink tokens and a window, ``density * N`` in all.
     """
     if score not in SCORES:
         raise ValueError(f"score must be one of {', '.join(SCORES)}, got {score!r}.")
+    if not candidates:
+        raise ValueError("the calibrator needs at least one candidate head.")
     mass = {n: getattr(p, SCORES[score]) for n, p in profiles.items()}
     lengths = sorted(profiles)
     if holdout is not None and holdout not in profiles:
         raise ValueError(f"held-out length {holdout} was not profiled; profile it or pick one of {lengths}.")
     fit = [n for n in lengths if n != holdout] or lengths
     block = next(iter(profiles.values())).block
-    uniform = Window(sink=sink, alpha=float(-sink), beta=float(density))
-    candidates = candidate_grid(lengths, sink, alpha_step, min_span=min_span, guard=guard)
     losses, kept, totals = {}, {}, {}
     for n in lengths:
         totals[n] = mass[n].sum()
@@ -284,8 +274,11 @@ def optimize(profiles: dict, model_info: ModelInfo, density: float, *, holdout: 
     heads_total = model_info.num_layers * model_info.num_kv_heads
     fixed = None
     if long_heads is not None:
+        everything = [i for i, c in enumerate(candidates) if keeps_everything(c)]
+        if not everything:
+            raise ValueError("long heads need a candidate that keeps every key; add the dense candidate.")
         long_heads = np.asarray(long_heads, dtype=bool)
-        fixed = np.where(long_heads, len(candidates) - 1, -1).astype(np.int64)     # Dense is the last candidate
+        fixed = np.where(long_heads, everything[0], -1).astype(np.int64)
     solutions = []
     for weights in length_weightings(fit):
         sol = solve(losses, kept, weights, density, max_configs, time_limit, fixed=fixed)
@@ -302,8 +295,9 @@ def optimize(profiles: dict, model_info: ModelInfo, density: float, *, holdout: 
     best = solutions[chosen]
     layers = tuple(tuple(candidates[c] for c in row) for row in best.choice.tolist())
     block_info = {
-        "method": "moa-milp" if long_heads is None else "gates+milp", "density": density, "lengths": lengths, "fit_lengths": fit, "holdout_length": holdout,
-        "score": score, "min_span": min_span, "min_span_at": guard_length(lengths, guard), "max_configs_per_layer": max_configs, "sink": sink, "candidates": len(candidates),
+        "method": "moa-milp" if long_heads is None else "gates+milp", "density": density, "lengths": lengths,
+        "fit_lengths": fit, "holdout_length": holdout, "score": score, "max_configs_per_layer": max_configs,
+        "candidates": len(candidates),
         "solver": f"scipy.optimize.milp (HiGHS), time limit {time_limit:g} s", "solver_status": best.status,
         "solver_optimal": all(s.optimal for s in solutions),
         "mip_gap": best.mip_gap, "chosen_weights": {str(k): v for k, v in best.weights.items()},
@@ -314,9 +308,10 @@ def optimize(profiles: dict, model_info: ModelInfo, density: float, *, holdout: 
                    for s in solutions],
         **(calibration or {}),
     }
-    block_info["uniform_normalized_loss"] = {
-        str(n): float(candidate_losses(mass[n], [uniform], n, block).sum() / totals[n])
-        for n in lengths}
+    if uniform_sink is not None:
+        uniform: Rule = (uniform_sink, float(-uniform_sink), float(density), False)
+        block_info["uniform_normalized_loss"] = {
+            str(n): float(candidate_losses(mass[n], [uniform], n, block).sum() / totals[n]) for n in lengths}
     plan = Plan(model_info, layers, block_info)
     plan.validate()
     return Calibration(plan, solutions, chosen, candidates, holdout)

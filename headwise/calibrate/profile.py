@@ -8,7 +8,7 @@ first-order loss change of dropping entry ``(i, j)`` and renormalising row ``i``
 The profiler sums ``|E|`` over ``block x block`` tiles and over the query heads of each GQA group,
 giving per layer a ``[Hkv, nb, nb]`` map of how much each region of the causal attention matters.
 
-Memory stays bounded: the "headwise_profile" attention function runs a custom autograd function
+Memory stays bounded: the profiler's attention (``capture.attention_override``) runs a custom autograd function
 whose forward is plain causal sdpa that saves only ``q, k, v``; its backward recomputes ``A`` in
 chunks of query rows, accumulates the ``|E|`` tiles and returns ``dq, dk, dv``. So one
 forward + backward per sample profiles every layer while at most one chunk of one layer's
@@ -17,22 +17,25 @@ attention matrix exists at a time; gradient checkpointing bounds the rest of the
 
 from __future__ import annotations
 
-import contextlib
 import logging
+import os
+import time
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .checkpointing import checkpointing
+from ..plan import ModelInfo
+from .capture import attention_override
+from .checkpointing import PROFILE_AUTO, CheckpointPolicy, checkpointing
+from .optimize import band
+from .store import Store, settings_key
 
 logger = logging.getLogger("headwise")
 
-NAME = "headwise_profile"
 # Elements of one [H, rows, kv] chunk of the recomputed attention (fp32: 32 MiB per temporary).
 CHUNK_ELEMENTS = 8 * 1024 * 1024
-
-_ACTIVE: "BlockRecorder | None" = None
 
 
 class BlockRecorder:
@@ -53,25 +56,24 @@ class BlockRecorder:
         self.bands: list[torch.Tensor | None] = [None] * num_layers
 
     def attend_as(self, plan, length: int) -> None:
-        """Run every layer's attention as ``plan``'s heads do at ``length`` (window heads banded).
+        """Run every layer's attention as ``plan``'s heads do at ``length``: each head as softmax over
+        the keys its ``kv_rule()`` keeps (banded), which is what the calibrator's candidates are.
 
         ``E`` is then taken at the plan instead of at the dense model: a kept entry records the
         loss change of dropping it, a dropped entry the loss change of leaving it out (minus the
         first-order change of adding it back).
         """
-        from ..kinds.dense import Dense
-        from ..kinds.window import Window
+        from .kinds import candidate_kinds
 
+        allowed = candidate_kinds()
         for layer, heads in enumerate(plan.layers):
             bands = []
             for head in heads:
-                if isinstance(head, Dense) or head.kept(length) >= length:
-                    bands.append((length, length))
-                elif isinstance(head, Window):
-                    bands.append((head.sink, head.span(length)))
-                else:
-                    raise TypeError(f"profiling at a plan supports window and dense heads, not {head.kind!r}; "
-                                    "profile at the dense model instead.")
+                if head.kind not in allowed:
+                    raise TypeError(f"profiling at a plan supports the calibrator's candidate kinds "
+                                    f"({', '.join(allowed)}), not {head.kind!r}; profile at the dense model instead.")
+                kept = band(head.kv_rule(), length)
+                bands.append((length, length) if kept is None else kept)
             dense = all(span >= length for _, span in bands)
             self.bands[layer] = None if dense else torch.tensor(bands, dtype=torch.int64)
 
@@ -192,57 +194,21 @@ def _rows_per_chunk(heads: int, length: int, block: int) -> int:
     return max(block, (CHUNK_ELEMENTS // max(1, heads * length)) // block * block)
 
 
-def profile_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """Attention-interface function "headwise_profile" (active only inside ``profiling``).
+def profiled_attention(recorder: BlockRecorder):
+    """The profiler's attention function for ``capture.attention_override``: causal attention (the
+    plan's bands when ``recorder.attend_as`` ran) whose backward records ``E`` into ``recorder``.
 
-    Args:
-        query: ``[B, H, T, D]``; key, value: ``[B, Hkv, T, D]`` (no cache: a full causal prefill).
-
-    Returns:
-        ``(out [B, T, H, D], None)``.
+    The function takes ``query [B, H, T, D]``, ``key``/``value [B, Hkv, T, D]`` (no cache: a full
+    causal prefill, ``prefill_only``) and returns ``(out [B, T, H, D], None)``.
     """
-    if _ACTIVE is None:
-        raise RuntimeError("headwise_profile attention ran outside headwise.calibrate.profile.profiling(); "
-                           "use profile_sample() instead of selecting it by hand.")
-    if query.shape[-2] != key.shape[-2]:
-        raise ValueError("the profiling attention needs a full causal forward without a cache; call the model with "
-                         "use_cache=False.")
-    if dropout:
-        raise ValueError("the profiling attention does not implement dropout; set the model's attention_dropout to 0.")
-    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-    bands = _ACTIVE.bands[module.layer_idx]
-    out = _ProfiledCausalAttention.apply(query, key, value, scale, module.layer_idx, _ACTIVE,
-                                         None if bands is None else bands.to(query.device))
-    return out.transpose(1, 2).contiguous(), None
+    def attention(module, query, key, value, attention_mask, scaling=None, **kwargs):
+        scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+        bands = recorder.bands[module.layer_idx]
+        out = _ProfiledCausalAttention.apply(query, key, value, scale, module.layer_idx, recorder,
+                                             None if bands is None else bands.to(query.device))
+        return out.transpose(1, 2).contiguous(), None
 
-
-def _no_mask(*args, **kwargs):
-    """Mask-interface function for "headwise_profile": attention is causal by construction."""
-    return None
-
-
-@contextlib.contextmanager
-def profiling(model, recorder: BlockRecorder):
-    """Route ``model``'s attention through the profiler while inside.
-
-    The previous attention implementation is restored on exit, also after an error. Gradient
-    checkpointing is the caller's choice (``checkpointing.checkpointing``).
-    """
-    global _ACTIVE
-    from transformers import AttentionInterface, AttentionMaskInterface
-
-    if getattr(model, "_headwise", None) is not None:
-        raise RuntimeError("profile the unpatched model; call unpatch_model(model) first.")
-    AttentionInterface.register(NAME, profile_attention)
-    AttentionMaskInterface.register(NAME, _no_mask)
-    previous = model.config._attn_implementation
-    model.set_attn_implementation(NAME)
-    _ACTIVE = recorder
-    try:
-        yield recorder
-    finally:
-        _ACTIVE = None
-        model.set_attn_implementation(previous or "sdpa")
+    return attention
 
 
 def answer_loss(logits: torch.Tensor, input_ids: torch.Tensor, answer_start: int) -> torch.Tensor:
@@ -265,7 +231,7 @@ def profile_sample(model, input_ids: torch.Tensor, answer_start: int, block: int
         input_ids: ``[1, T]`` int64, prompt followed by the answer tokens.
         answer_start: index of the first answer token; the loss is the answer's cross-entropy.
         block: tile size in tokens.
-        plan: optional ``Plan`` of window/dense heads to profile at (its banded attention runs in
+        plan: optional ``Plan`` of the calibrator's candidate heads to profile at (its banded attention runs in
             place of dense attention; see ``BlockRecorder.attend_as``); ``None`` profiles dense.
         checkpoint: run with gradient checkpointing (less memory, a second forward; the
             recorded tiles are the same).
@@ -285,17 +251,141 @@ def profile_sample(model, input_ids: torch.Tensor, answer_start: int, block: int
     if plan is not None:
         plan.check_model(model)
         recorder.attend_as(plan, input_ids.shape[1])
-    requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
-    model.requires_grad_(False)      # only activations need gradients: G flows, weight grads are skipped
-    try:
-        with profiling(model, recorder), checkpointing(model, checkpoint), torch.enable_grad():
-            embeds = model.get_input_embeddings()(input_ids).detach().requires_grad_(True)
-            logits = model(inputs_embeds=embeds, use_cache=False, 
-                           logits_to_keep=input_ids.shape[1] - answer_start + 1).logits
-            loss = answer_loss(logits, input_ids, answer_start)
-            del logits
-            loss.backward()
-    finally:
-        for name, p in model.named_parameters():
-            p.requires_grad_(requires_grad[name])
+    # only activations need gradients (frozen parameters): G flows, weight gradients are skipped
+    with attention_override(model, profiled_attention(recorder), name="headwise_profile", freeze=True,
+                            prefill_only=True), \
+            checkpointing(model, checkpoint), torch.enable_grad():
+        embeds = model.get_input_embeddings()(input_ids).detach().requires_grad_(True)
+        logits = model(inputs_embeds=embeds, use_cache=False,
+                       logits_to_keep=input_ids.shape[1] - answer_start + 1).logits
+        loss = answer_loss(logits, input_ids, answer_start)
+        del logits
+        loss.backward()
     return recorder.blocks, recorder.signed, float(loss.detach())
+
+
+@dataclass
+class LengthProfile:
+    """Profile at one length, summed over ``samples`` samples: ``blocks`` ``[layers, Hkv, nb, nb]``
+    float64 tile sums of ``|E|``; ``tiles`` the same shape, ``|sum of E over the tile|`` per sample
+    (first-order loss change of dropping the whole tile); mean answer ``loss``; ``seconds`` spent."""
+
+    length: int
+    block: int
+    blocks: np.ndarray
+    tiles: np.ndarray
+    samples: int
+    loss: float
+    seconds: float
+
+
+class ProfileStore:
+    """Profiles of one model on the calibration data, one npz file per (length, sample) in a
+    ``store.Store``: a run that stops midway resumes where it left off, and two runs at different
+    densities share one profile. Profiles taken at a plan live in a sub-folder named by its heads."""
+
+    def __init__(self, model, root: str | os.PathLike | None = None, *, answer_tokens: int = 32, seed: int = 0,
+                 block: int = 64, checkpoint: CheckpointPolicy = PROFILE_AUTO):
+        from ..data.calibration import data_description
+
+        self.info = ModelInfo.of(model)
+        self.checkpoint = checkpoint     # which samples are profiled with gradient checkpointing
+        self.answer_tokens, self.seed, self.block = answer_tokens, seed, block
+        self.store = Store.of(root, self.info.fingerprint, "profile",
+                              {"data": data_description(), "answer_tokens": answer_tokens, "seed": seed, "block": block})
+        self.directory = self.store.directory
+
+    def _at(self, plan):
+        return self.store if plan is None else self.store.sub(f"at-{plan_key(plan)}")
+
+    @staticmethod
+    def _file(length: int, index: int) -> str:
+        return f"L{length}-s{index:03d}.npz"
+
+    def missing(self, lengths: list[int], samples: int, plan=None) -> list[tuple[int, int]]:
+        store = self._at(plan)
+        return [(n, i) for i in range(samples) for n in lengths if not store.has(self._file(n, i))]
+
+    def collect(self, model, tokenizer, lengths: list[int], samples: int) -> dict[int, LengthProfile]:
+        """Profile what is missing (progress bar with ETA), then return every length's profile."""
+        from ..data.calibration import SampleBuilder
+
+        todo = self.missing(lengths, samples)
+        if todo:
+            builder = SampleBuilder(model, tokenizer, self.answer_tokens, self.seed)
+            offsets = {n: builder.offsets(n, samples) for n in lengths}
+            self._profile(model, todo, lengths, lambda n, i: builder.build(n, i, offsets[n][i]), None)
+        return {n: self.load(n, samples) for n in lengths}
+
+    def collect_at(self, model, plan, lengths: list[int], samples: int) -> dict[int, LengthProfile]:
+        """Profile the same samples as ``collect`` (which must have run) with ``plan``'s banded
+        attention, for a refit: ``E`` linearised at the plan instead of at the dense model."""
+        todo = self.missing(lengths, samples, plan)
+        if todo:
+            self._profile(model, todo, lengths, self._stored_sample, plan)
+        return {n: self.load(n, samples, plan) for n in lengths}
+
+    def _profile(self, model, todo: list[tuple[int, int]], lengths: list[int], sample_of, plan) -> None:
+        """Profile and save every ``(length, index)`` in ``todo``; ``sample_of(length, index)``
+        gives the sample. Work grows ~quadratically with length: the bar is weighted so its ETA
+        means something."""
+        from tqdm.auto import tqdm
+
+        store = self._at(plan)
+        weight = {n: (n / min(lengths)) ** 2 for n in lengths}
+        bar = tqdm(total=sum(weight[n] for n, _ in todo), desc="profiling" if plan is None else "profiling at the plan",
+                   unit="work", bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f} [{elapsed}<{remaining}] {postfix}")
+        for n, i in todo:
+            bar.set_postfix_str(f"length {n} sample {i}")
+            start = time.perf_counter()
+            sample = sample_of(n, i)
+            blocks, signed, loss = profile_sample(model, sample.input_ids, sample.answer_start, self.block, plan=plan,
+                                                  checkpoint=self.checkpoint.wants(model, sample.input_ids.shape[1]))
+            store.save_arrays(self._file(n, i), blocks=blocks, signed=signed, loss=np.float64(loss),
+                              seconds=np.float64(time.perf_counter() - start), offset=np.int64(sample.offset),
+                              answer_start=np.int64(sample.answer_start),
+                              input_ids=sample.input_ids[0].cpu().numpy().astype(np.int64))
+            bar.update(weight[n])
+        bar.close()
+
+    def _stored_sample(self, length: int, index: int) -> "_Stored":
+        """The sample a dense profile file was taken on."""
+        f = self.store.load_arrays(self._file(length, index))
+        return _Stored(torch.from_numpy(f["input_ids"].astype(np.int64))[None], int(f["answer_start"]),
+                       int(f["offset"]))
+
+    def load(self, length: int, samples: int, plan=None) -> LengthProfile:
+        """Sum of the first ``samples`` cached samples at ``length`` (taken at ``plan`` if given)."""
+        store = self._at(plan)
+        total, tiles, losses, seconds = 0.0, 0.0, [], 0.0
+        for i in range(samples):
+            f = store.load_arrays(self._file(length, i))
+            total = total + f["blocks"].astype(np.float64)
+            tiles = tiles + np.abs(f["signed"].astype(np.float64))
+            losses.append(float(f["loss"]))
+            seconds += float(f["seconds"])
+        return LengthProfile(length, self.block, total, tiles, samples, float(np.mean(losses)), seconds)
+
+
+def pooled(profiles: list[LengthProfile]) -> LengthProfile:
+    """Profiles of one length taken at different points (dense model, plans), each scaled to unit
+    total mass and summed, so every linearisation point weighs the same in the optimiser."""
+    first = profiles[0]
+    blocks = sum(p.blocks / p.blocks.sum() for p in profiles)
+    tiles = sum(p.tiles / p.tiles.sum() for p in profiles)
+    return LengthProfile(first.length, first.block, blocks, tiles, first.samples,
+                         float(np.mean([p.loss for p in profiles])), sum(p.seconds for p in profiles))
+
+
+@dataclass
+class _Stored:
+    """A calibration sample read back from a profile file (what ``_profile`` records of it)."""
+
+    input_ids: torch.Tensor
+    answer_start: int
+    offset: int
+
+
+def plan_key(plan) -> str:
+    """Short digest of a plan's heads (not its calibration notes): names profiles taken at it."""
+    return settings_key([[head.to_json() for head in layer] for layer in plan.layers])

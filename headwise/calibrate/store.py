@@ -1,7 +1,12 @@
-"""Profile cache: one npz file per (length, sample), keyed by model fingerprint and data.
+"""The one resumable store of calibration and fitting work: profiles, gate samples and gates,
+fitted linear heads, MoH routers and samples.
 
-A calibration run that stops midway resumes where it left off: samples already on disk are
-loaded, not recomputed. Two runs at different densities share one profile.
+A ``Store`` is a folder ``<root>/<model fingerprint>-<name>-<settings key>/`` holding the work of
+one model under one set of settings (``settings.json`` records them; the key is a hash of them),
+so a run with other settings never reads it, and a run with the same settings resumes from what is
+there. Files are written whole (to a temporary name, then renamed), so an interrupted run leaves
+no half file. Formats: npz (numpy arrays, read with ``allow_pickle=False``), safetensors (torch
+tensors with string metadata) and JSON; never pickle.
 """
 
 from __future__ import annotations
@@ -9,148 +14,93 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import time
-from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
-import torch
-from tqdm.auto import tqdm
-
-from ..plan import ModelInfo
-from .checkpointing import PROFILE_AUTO, CheckpointPolicy
-from .data import SampleBuilder, data_key
-from .profile import profile_sample
 
 
-
-@dataclass
-class LengthProfile:
-    """Profile at one length, summed over ``samples`` samples: ``blocks`` ``[layers, Hkv, nb, nb]``
-    float64 tile sums of ``|E|``; ``tiles`` the same shape, ``|sum of E over the tile|`` per sample
-    (first-order loss change of dropping the whole tile); mean answer ``loss``; ``seconds`` spent."""
-
-    length: int
-    block: int
-    blocks: np.ndarray
-    tiles: np.ndarray
-    samples: int
-    loss: float
-    seconds: float
+def settings_key(settings: Any) -> str:
+    """12 hex digits of the sha256 of ``settings`` as sorted JSON: names work done under them."""
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
 
 
-def default_cache_root() -> Path:
+def default_root() -> Path:
+    """``$HEADWISE_CACHE/calibration`` (``~/.cache/headwise/calibration`` by default)."""
     from ..models import cache_dir
 
-    return cache_dir() / "profiles"
+    return cache_dir() / "calibration"
 
 
-class ProfileStore:
-    """Profiles of one model on one calibration data set, under ``root/<model>-<data>/``."""
+class Store:
+    """Resumable work in ``directory`` under ``settings`` (see the module docstring); make one with
+    ``Store.of``."""
 
-    def __init__(self, model, root: str | os.PathLike | None = None, *, answer_tokens: int = 32, seed: int = 0,
-                 block: int = 64, checkpoint: CheckpointPolicy = PROFILE_AUTO):
-        self.info = ModelInfo.of(model)
-        self.checkpoint = checkpoint     # which samples are profiled with gradient checkpointing
-        self.answer_tokens, self.seed, self.block = answer_tokens, seed, block
-        key = f"{self.info.fingerprint[:16]}-{data_key(answer_tokens, seed)}-b{block}"
-        self.directory = Path(root or default_cache_root()) / key
+    def __init__(self, directory: str | os.PathLike, settings: dict):
+        self.directory, self.settings = Path(directory), settings
 
-    def path(self, length: int, index: int, plan=None) -> Path:
-        """Sample file; profiles taken at a plan live in a sub-folder named by the plan's heads."""
-        folder = self.directory if plan is None else self.directory / f"at-{plan_key(plan)}"
-        return folder / f"L{length}-s{index:03d}.npz"
+    @classmethod
+    def of(cls, root: str | os.PathLike | None, fingerprint: str, name: str, settings: dict) -> "Store":
+        """The store of one model's ``name`` work under ``settings``.
 
-    def missing(self, lengths: list[int], samples: int, plan=None) -> list[tuple[int, int]]:
-        return [(n, i) for i in range(samples) for n in lengths if not self.path(n, i, plan).is_file()]
+        Args:
+            root: parent folder (``None``: ``default_root()``).
+            fingerprint: the model's ``ModelInfo.fingerprint``.
+            name: what is stored (``"profile"``, ``"gates"``, ``"moh"``, a kind's name, ...).
+            settings: JSON-able settings that decide the work besides the model.
+        """
+        key = settings_key({"fingerprint": fingerprint, "name": name, "settings": settings})
+        return cls(Path(root or default_root()) / f"{fingerprint[:16]}-{name}-{key}", settings)
 
-    def collect(self, model, tokenizer, lengths: list[int], samples: int) -> dict[int, LengthProfile]:
-        """Profile what is missing (progress bar with ETA), then return every length's profile."""
-        todo = self.missing(lengths, samples)
-        if todo:
-            builder = SampleBuilder(model, tokenizer, self.answer_tokens, self.seed)
-            offsets = {n: builder.offsets(n, samples) for n in lengths}
-            self._profile(model, todo, lengths, lambda n, i: builder.build(n, i, offsets[n][i]), None)
-        return {n: self.load(n, samples) for n in lengths}
+    def sub(self, name: str) -> "Store":
+        """A sub-folder for work derived from this store's (e.g. profiles taken at a plan)."""
+        return Store(self.directory / name, self.settings)
 
-    def collect_at(self, model, plan, lengths: list[int], samples: int) -> dict[int, LengthProfile]:
-        """Profile the same samples as ``collect`` (which must have run) with ``plan``'s banded
-        attention, for a refit: ``E`` linearised at the plan instead of at the dense model."""
-        todo = self.missing(lengths, samples, plan)
-        if todo:
-            self._profile(model, todo, lengths, self._stored_sample, plan)
-        return {n: self.load(n, samples, plan) for n in lengths}
+    def path(self, file: str) -> Path:
+        return self.directory / file
 
-    def _profile(self, model, todo: list[tuple[int, int]], lengths: list[int], sample_of, plan) -> None:
-        """Profile and save every ``(length, index)`` in ``todo``; ``sample_of(length, index)``
-        gives the sample. Work grows ~quadratically with length: the bar is weighted so its ETA
-        means something."""
-        self.path(lengths[0], 0, plan).parent.mkdir(parents=True, exist_ok=True)
-        weight = {n: (n / min(lengths)) ** 2 for n in lengths}
-        bar = tqdm(total=sum(weight[n] for n, _ in todo), desc="profiling" if plan is None else "profiling at the plan",
-                   unit="work", bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f} [{elapsed}<{remaining}] {postfix}")
-        for n, i in todo:
-            bar.set_postfix_str(f"length {n} sample {i}")
-            start = time.perf_counter()
-            sample = sample_of(n, i)
-            blocks, signed, loss = profile_sample(model, sample.input_ids, sample.answer_start, self.block, plan=plan,
-                                                  checkpoint=self.checkpoint.wants(model, sample.input_ids.shape[1]))
-            self._save(n, i, blocks, signed, loss, time.perf_counter() - start, sample, plan)
-            bar.update(weight[n])
-        bar.close()
+    def has(self, file: str) -> bool:
+        return self.path(file).is_file()
 
-    def _stored_sample(self, length: int, index: int) -> "_Stored":
-        """The sample a dense profile file was taken on."""
-        with np.load(self.path(length, index), allow_pickle=False) as f:
-            return _Stored(torch.from_numpy(f["input_ids"].astype(np.int64))[None], int(f["answer_start"]),
-                           int(f["offset"]))
+    def _writing(self, file: str) -> tuple[Path, Path]:
+        """``(temporary, final)`` paths of a file about to be written; creates the folder and
+        records the settings the first time."""
+        self.directory.mkdir(parents=True, exist_ok=True)
+        marker = self.directory / "settings.json"
+        if not marker.is_file():
+            marker.write_text(json.dumps(self.settings, indent=1, sort_keys=True) + "\n")
+        final = self.path(file)
+        return final.with_name(f".{final.name}.tmp{final.suffix}"), final
 
-    def _save(self, length, index, blocks, signed, loss, seconds, sample, plan=None) -> None:
-        target = self.path(length, index, plan)
-        tmp = target.with_suffix(".tmp.npz")
-        np.savez_compressed(tmp, blocks=blocks, signed=signed, loss=np.float64(loss), seconds=np.float64(seconds),
-                            offset=np.int64(sample.offset), answer_start=np.int64(sample.answer_start),
-                            input_ids=sample.input_ids[0].cpu().numpy().astype(np.int64))
-        tmp.rename(target)
+    def save_arrays(self, file: str, compressed: bool = True, **arrays: np.ndarray) -> None:
+        """Numpy arrays to ``file`` (``.npz``)."""
+        tmp, final = self._writing(file)
+        (np.savez_compressed if compressed else np.savez)(tmp, **arrays)
+        tmp.replace(final)
 
-    def load(self, length: int, samples: int, plan=None) -> LengthProfile:
-        """Sum of the first ``samples`` cached samples at ``length`` (taken at ``plan`` if given)."""
-        total, tiles, losses, seconds = 0.0, 0.0, [], 0.0
-        for i in range(samples):
-            with np.load(self.path(length, i, plan), allow_pickle=False) as f:
-                total = total + f["blocks"].astype(np.float64)
-                tiles = tiles + np.abs(f["signed"].astype(np.float64))
-                losses.append(float(f["loss"]))
-                seconds += float(f["seconds"])
-        return LengthProfile(length, self.block, total, tiles, samples, float(np.mean(losses)), seconds)
+    def load_arrays(self, file: str) -> dict[str, np.ndarray]:
+        with np.load(self.path(file), allow_pickle=False) as f:
+            return {name: f[name] for name in f.files}
 
+    def save_tensors(self, file: str, tensors: dict, metadata: dict[str, str] | None = None) -> None:
+        """Torch tensors (and string ``metadata``) to ``file`` (``.safetensors``)."""
+        from safetensors.torch import save_file
 
-def pooled(profiles: list[LengthProfile]) -> LengthProfile:
-    """Profiles of one length taken at different points (dense model, plans), each scaled to unit
-    total mass and summed, so every linearisation point weighs the same in the optimiser."""
-    first = profiles[0]
-    blocks = sum(p.blocks / p.blocks.sum() for p in profiles)
-    tiles = sum(p.tiles / p.tiles.sum() for p in profiles)
-    return LengthProfile(first.length, first.block, blocks, tiles, first.samples,
-                         float(np.mean([p.loss for p in profiles])), sum(p.seconds for p in profiles))
+        tmp, final = self._writing(file)
+        save_file({name: t.contiguous() for name, t in tensors.items()}, str(tmp), metadata=metadata)
+        tmp.replace(final)
 
+    def load_tensors(self, file: str) -> tuple[dict, dict[str, str]]:
+        """``(tensors, metadata)`` of a safetensors file."""
+        from safetensors import safe_open
 
-@dataclass
-class _Stored:
-    """A calibration sample read back from a profile file (what ``_save`` records of it)."""
+        with safe_open(str(self.path(file)), framework="pt") as f:
+            return {name: f.get_tensor(name) for name in f.keys()}, dict(f.metadata() or {})
 
-    input_ids: torch.Tensor
-    answer_start: int
-    offset: int
+    def save_json(self, file: str, data: Any) -> None:
+        tmp, final = self._writing(file)
+        tmp.write_text(json.dumps(data, indent=1) + "\n")
+        tmp.replace(final)
 
-
-def plan_key(plan) -> str:
-    """Short digest of a plan's heads (not its calibration notes): names profiles taken at it."""
-    heads = [[head.to_json() for head in layer] for layer in plan.layers]
-    return hashlib.sha256(json.dumps(heads, sort_keys=True).encode()).hexdigest()[:12]
-
-
-def torch_threads(threads: int | None) -> None:
-    """Set torch's intra-op threads when given (on a busy shared machine fewer can be faster)."""
-    if threads:
-        torch.set_num_threads(threads)
+    def load_json(self, file: str) -> Any:
+        return json.loads(self.path(file).read_text())

@@ -19,7 +19,7 @@ import uuid
 from dataclasses import dataclass, field
 
 from .fitting import count_tokens, fit_units, render_chat
-from .prose import tokenized_prose
+from ..data.prose import tokenized_prose
 
 
 @dataclass(frozen=True)

@@ -92,7 +92,7 @@ def test_calibrate_then_resume_then_show(tiny_dir, tmp_path, capsys):
 
 @pytest.mark.slow
 def test_samples_are_exact_length_with_the_models_own_answer(tiny_dir, tokenizer):
-    from headwise.calibrate.data import INSTRUCTIONS, RECALL_FACTS, SampleBuilder
+    from headwise.data.calibration import INSTRUCTIONS, RECALL_FACTS, SampleBuilder
 
     model = AutoModelForCausalLM.from_pretrained(tiny_dir).eval()
     builder = SampleBuilder(model, tokenizer, answer_tokens=6, seed=1)

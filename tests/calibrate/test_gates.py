@@ -9,9 +9,10 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 from headwise.calibrate.checkpointing import CheckpointPolicy
-from headwise.calibrate.gates import (GateSample, dense_targets, gated_loss, local_attention, long_head_mask,
+from headwise.calibrate.gates import (GateSample, dense_targets, gated_loss, local_attention,
                                       train_gates)
-from headwise.calibrate.optimize import long_head_cap, optimize
+from headwise.calibrate.optimize import candidate_grid, long_head_cap, optimize
+from headwise.calibrate.select import head_mask
 from headwise.kernels.sink_window.naive import sink_window_attention
 from headwise.kinds.dense import Dense
 from tests.calibrate.test_optimize import INFO, _check_constraints, _synthetic_profiles
@@ -170,11 +171,12 @@ def test_combined_plan_keeps_long_heads_dense_within_budget_at_every_length(dens
     lengths = [256, 512, 1024]
     profiles = _synthetic_profiles(lengths)
     heads = INFO.num_layers * INFO.num_kv_heads
-    count = long_head_cap(lengths, density, heads, sink=16, alpha_step=64)
+    grid = candidate_grid(lengths, sink=16, alpha_step=64)
+    count = long_head_cap(lengths, density, heads, grid)
     assert 0 < count < heads
     ranking = [(l, h) for l in range(INFO.num_layers) for h in range(INFO.num_kv_heads)][::-1]
-    long = long_head_mask(ranking, count, (INFO.num_layers, INFO.num_kv_heads))
-    result = optimize(profiles, INFO, density, holdout=1024, max_configs=2, alpha_step=64, sink=16, long_heads=long)
+    long = head_mask(ranking[:count], (INFO.num_layers, INFO.num_kv_heads))
+    result = optimize(profiles, INFO, density, grid, holdout=1024, max_configs=2, long_heads=long)
     _check_constraints(result.plan, density, lengths, 2)
     for l, h in zip(*np.nonzero(long)):
         assert isinstance(result.plan.layers[l][h], Dense)
@@ -187,6 +189,7 @@ def test_combined_plan_keeps_long_heads_dense_within_budget_at_every_length(dens
 def test_long_head_cap_is_the_budget_with_the_least_window_candidate():
     # grid at 256/512/1024 with sink 16, alpha step 64: the least window keeps 17 tokens at every length
     lengths, heads = [256, 512, 1024], 8
-    cap = long_head_cap(lengths, 0.25, heads, sink=16, alpha_step=64)
+    cap = long_head_cap(lengths, 0.25, heads, candidate_grid(lengths, sink=16, alpha_step=64))
     assert cap == min(int((0.25 * n * heads - heads * 17) // (n - 17)) for n in lengths)
-    assert long_head_cap(lengths, 0.25, heads, sink=16, alpha_step=64, min_span=64) < cap    # guard costs heads
+    guarded = candidate_grid(lengths, sink=16, alpha_step=64, min_span=64)
+    assert long_head_cap(lengths, 0.25, heads, guarded) < cap    # guard costs heads

@@ -10,7 +10,7 @@ import torch
 
 from headwise.calibrate.optimize import (candidate_grid, candidate_losses, dropped_fraction, length_weightings,
                                          optimize, solve)
-from headwise.calibrate.store import LengthProfile
+from headwise.calibrate.profile import LengthProfile
 from headwise.kernels.sink_window.naive import visible
 from headwise.plan import ModelInfo
 from headwise.kinds.dense import Dense
@@ -90,7 +90,8 @@ def _check_constraints(plan, density, lengths, max_configs):
 def test_milp_plan_respects_every_constraint(density, max_configs):
     lengths = [256, 512, 1024]
     profiles = _synthetic_profiles(lengths)
-    result = optimize(profiles, INFO, density, holdout=1024, max_configs=max_configs, alpha_step=64, sink=16)
+    result = optimize(profiles, INFO, density, candidate_grid(lengths, sink=16, alpha_step=64), holdout=1024,
+                      max_configs=max_configs)
     _check_constraints(result.plan, density, lengths, max_configs)
     assert len(result.solutions) == len(length_weightings([256, 512]))
     assert result.plan.calibration["solver_optimal"] is True
@@ -126,8 +127,9 @@ def test_milp_finds_the_brute_force_optimum():
 
 def test_same_inputs_give_the_same_plan():
     lengths = [256, 512]
-    a = optimize(_synthetic_profiles(lengths), INFO, 0.25, holdout=512, alpha_step=64, sink=16).plan
-    b = optimize(_synthetic_profiles(lengths), INFO, 0.25, holdout=512, alpha_step=64, sink=16).plan
+    grid = candidate_grid(lengths, sink=16, alpha_step=64)
+    a = optimize(_synthetic_profiles(lengths), INFO, 0.25, grid, holdout=512).plan
+    b = optimize(_synthetic_profiles(lengths), INFO, 0.25, list(grid), holdout=512).plan
     assert a.to_json() == b.to_json()
 
 
@@ -146,7 +148,8 @@ def test_calibrated_plan_drops_less_than_uniform_at_equal_budget():
     """The uniform sink + window head is a feasible candidate, so the optimum can only do better
     on the weighted objective; the calibration block reports both."""
     lengths = [256, 512, 1024]
-    result = optimize(_synthetic_profiles(lengths, seed=2), INFO, 0.25, holdout=1024, alpha_step=64, sink=16)
+    result = optimize(_synthetic_profiles(lengths, seed=2), INFO, 0.25, candidate_grid(lengths, sink=16, alpha_step=64),
+                      holdout=1024, uniform_sink=16)
     chosen = result.solutions[result.chosen]
     uniform = result.plan.calibration["uniform_normalized_loss"]
     assert sum(w * chosen.normalized_loss[n] for n, w in chosen.weights.items()) <= \
@@ -163,14 +166,15 @@ def test_score_picks_which_tile_mass_the_candidates_drop():
         far = local.copy()
         far[0, 0, :, 0:2] += np.tril(np.ones_like(far[0, 0]))[:, 0:2] * 50.0   # head (0, 0) reads its first tiles
         profiles[n] = LengthProfile(n, p.block, local, far, 1, 0.0, 0.0)
-    by_abs = optimize(profiles, INFO, 0.5, holdout=512, alpha_step=64, sink=0, score="abs")
-    by_tile = optimize(profiles, INFO, 0.5, holdout=512, alpha_step=64, sink=0, score="tile")
+    grid = candidate_grid(lengths, sink=0, alpha_step=64)
+    by_abs = optimize(profiles, INFO, 0.5, grid, holdout=512, score="abs", uniform_sink=0)
+    by_tile = optimize(profiles, INFO, 0.5, grid, holdout=512, score="tile", uniform_sink=0)
     assert by_abs.plan.calibration["score"] == "abs" and by_tile.plan.calibration["score"] == "tile"
     assert by_tile.plan.layers[0][0].kept(512) >= 256       # reaches back for its first tiles
     abs_uniform, tile_uniform = (r.plan.calibration["uniform_normalized_loss"]["512"] for r in (by_abs, by_tile))
     assert tile_uniform > abs_uniform
     with pytest.raises(ValueError, match="score must be one of"):
-        optimize(profiles, INFO, 0.5, score="mean")
+        optimize(profiles, INFO, 0.5, grid, score="mean")
 
 
 def test_span_floor_holds_from_the_guard_length_on_and_keeps_its_most_elastic_window():
@@ -186,9 +190,56 @@ def test_span_floor_holds_from_the_guard_length_on_and_keeps_its_most_elastic_wi
 
 def test_optimize_with_a_span_floor_keeps_every_head_above_it():
     lengths = [256, 512, 1024]
-    result = optimize(_synthetic_profiles(lengths), INFO, 0.5, holdout=1024, alpha_step=64, sink=16, min_span=64,
-                      guard=128)
+    result = optimize(_synthetic_profiles(lengths), INFO, 0.5,
+                      candidate_grid(lengths, sink=16, alpha_step=64, min_span=64, guard=128), holdout=1024)
     for head in result.plan.heads:
         if isinstance(head, Window):
             assert head.span(128) >= 64
     _check_constraints(result.plan, 0.5, lengths, 2)
+
+
+def test_the_optimiser_reads_candidates_only_through_their_kv_rule_and_kept():
+    """A candidate of a kind the optimiser has never heard of is scored by its KV rule: a spec that
+    only states ``kv_rule()`` and ``kept(n)`` drops exactly what the window with the same rule drops,
+    and one whose rule is dense is what long heads are fixed to."""
+    from dataclasses import dataclass
+
+    from headwise.kinds.base import HeadSpec
+    from headwise.kinds.rules import span_of
+
+    @dataclass(frozen=True)
+    class Rule(HeadSpec):
+        rule: tuple = (0, 0.0, 0.0, True)
+        kind = "rule-only"
+
+        def kv_rule(self):
+            return self.rule
+
+        def kept(self, n):
+            sink, alpha, beta, dense = self.rule
+            return n if dense else min(n, sink + span_of(alpha, beta, n))
+
+    lengths = [256, 512]
+    profiles = _synthetic_profiles(lengths, seed=3)
+    window = Window(sink=16, alpha=48.0, beta=0.125)
+    alike = Rule(window.kv_rule())
+    for n in lengths:
+        np.testing.assert_array_equal(candidate_losses(profiles[n].blocks, [alike], n, 64),
+                                      candidate_losses(profiles[n].blocks, [window], n, 64))
+    long = np.zeros((INFO.num_layers, INFO.num_kv_heads), dtype=bool)
+    long[1, 0] = True
+    result = optimize(profiles, INFO, 0.5, [alike, Rule()], holdout=512, long_heads=long)
+    assert result.plan.layers[1][0] == Rule() and result.plan.calibration["method"] == "gates+milp"
+    with pytest.raises(ValueError, match="candidate that keeps every key"):
+        optimize(profiles, INFO, 0.5, [alike], holdout=512, long_heads=long)
+
+
+def test_window_and_dense_candidates_come_from_their_kinds():
+    from headwise.calibrate import kinds
+    from headwise.kinds.dense.candidates import candidates as dense_candidates
+    from headwise.kinds.window.candidates import candidates as window_candidates
+
+    lengths = [1024, 2048]
+    assert set(kinds.candidate_kinds()) == {"window", "dense"}
+    assert candidate_grid(lengths, sink=32, min_span=64, guard=256) == \
+        window_candidates(lengths, sink=32, min_span=64, guard=256) + dense_candidates(lengths)

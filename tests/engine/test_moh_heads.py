@@ -94,7 +94,7 @@ def test_shipped_moh_plan_on_the_real_model_equals_patched_hf(real_model):
     from pathlib import Path
 
     from headwise import load_plan
-    from headwise.eval.prose import tokenized_prose
+    from headwise.data.prose import tokenized_prose
 
     model, tokenizer = real_model
     plan = load_plan(Path(__file__).resolve().parents[2] / "plans" / "smollm2-135m-moh0.75.json", model)

@@ -43,7 +43,7 @@ def make_lm(real_model):
 
 
 def _text(tokenizer, tokens: int, offset: int) -> str:
-    from headwise.eval.prose import tokenized_prose
+    from headwise.data.prose import tokenized_prose
 
     return tokenized_prose(tokenizer).slice(1000 + offset, tokens)
 

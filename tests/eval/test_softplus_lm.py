@@ -32,7 +32,7 @@ def test_plan_argument_runs_a_mixed_softplus_plan(real_model, tmp_path):
     from lm_eval.api.registry import get_model
 
     import headwise.eval.lm  # noqa: F401  (registers the "headwise" lm-eval model)
-    from headwise.eval.prose import tokenized_prose
+    from headwise.data.prose import tokenized_prose
     from headwise.models import embedded_model_dir
 
     model, tokenizer = real_model

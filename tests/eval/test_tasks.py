@@ -6,7 +6,7 @@ import pytest
 
 from headwise.eval import passkey_samples
 from headwise.eval.fitting import count_tokens
-from headwise.eval.prose import corpus_text
+from headwise.data.prose import corpus_text
 from headwise.eval.tasks import (GENERATORS, KV_INTRO, KV_QUESTION, NIAH_INTRO, NIAH_QUESTION, PASSKEY_INTRO,
                                  PASSKEY_QUESTION, VT_INTRO, VT_QUESTION, generate, insert_at_depths, sweep_depths)
 

@@ -1,4 +1,5 @@
-"""``paged_decode`` backends against the naive reference, and the naive paged path against the dense one."""
+"""``paged_decode`` backends against the naive reference, and the naive paged path against ``sink_window``'s
+reference with one query per sequence over the same (unpaged) cache."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import pytest
 import torch
 
 from headwise.kernels import paged_decode as op
-from headwise.kernels.sink_window_decode import naive as dense_naive
+from headwise.kernels.sink_window import naive as dense_naive
 from tests.kernels.cases import TOLERANCE, WINDOWS, decode_case, paged
 
 LAYOUTS = {"per-head-bs16": (16, 1), "per-head-bs5": (5, 1), "shared-bs16": (16, 2)}
@@ -31,9 +32,10 @@ GRID = [pytest.param(length, gqa, sink, window, layout, id=f"len{length}-gqa{gqa
 
 @pytest.mark.parametrize("length,gqa,sink,window,layout", GRID)
 def test_naive_paged_matches_dense_reference(length, gqa, sink, window, layout):
-    dense, paged_args = paged_case(length, gqa, sink, window, torch.float32, layout)
-    torch.testing.assert_close(op.paged_decode(*paged_args, backend="naive"), dense_naive.sink_window_decode(*dense),
-                               **TOLERANCE[torch.float32])
+    (q, k, v, q_pos, k_pos, sink_t, span, scale), paged_args = paged_case(length, gqa, sink, window, torch.float32,
+                                                                          layout)
+    dense = dense_naive.sink_window_attention(q[:, :, None], k, v, q_pos[:, None], k_pos, sink_t, span, scale)[:, :, 0]
+    torch.testing.assert_close(op.paged_decode(*paged_args, backend="naive"), dense, **TOLERANCE[torch.float32])
 
 
 @pytest.mark.parametrize("backend", ["cpu", "native"])

@@ -24,7 +24,6 @@ import triton.language as tl  # noqa: E402
 
 from headwise.kernels import paged_decode as paged_op  # noqa: E402
 from headwise.kernels import sink_window as prefill_op  # noqa: E402
-from headwise.kernels import sink_window_decode as decode_op  # noqa: E402
 from tests.kernels.cases import TOLERANCE, decode_case, paged, prefill_case  # noqa: E402
 from tests.kernels.test_sink_window import check, scrambled  # noqa: E402
 
@@ -80,9 +79,13 @@ DECODE = [(1, 1, 0, "win_lt"), (65, 3, 4, "win_lt"), (200, 4, 64, "win_eq"), (20
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("length,gqa,sink,window", [pytest.param(*p, id="len{}-gqa{}-sink{}-{}".format(*p)) for p in DECODE])
 def test_triton_decode(length, gqa, sink, window, dtype):
-    args = decode_case(length, gqa, sink, window, dtype)
-    expected = decode_op.sink_window_decode(*args, backend="naive")
-    got = decode_op.sink_window_decode(*on_device(args), backend="triton").cpu()
+    """A dense ring cache seen as a pool of one block per (sequence, KV head), in fp32 and bf16."""
+    q, k, v, q_pos, k_pos, sink_t, span, scale = decode_case(length, gqa, sink, window, dtype)
+    B, Hkv, C, D = k.shape
+    args = (q, k.reshape(B * Hkv, C, 1, D), v.reshape(B * Hkv, C, 1, D), k_pos.expand(B, Hkv, C).reshape(B * Hkv, C),
+            torch.arange(B * Hkv, dtype=torch.int32).view(B, Hkv, 1), q_pos, sink_t, span, scale)
+    expected = paged_op.paged_decode(*args, backend="naive")
+    got = paged_op.paged_decode(*on_device(args), backend="triton").cpu()
     torch.testing.assert_close(got.float(), expected.float(), **TOLERANCE[dtype])
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import shlex
 
 import pytest
 import torch
@@ -13,12 +14,13 @@ from transformers import AttentionInterface
 from headwise import Plan, PlanError, load_plan, patch_model, unpatch_model
 from headwise.kinds.call import AttentionCall
 from headwise.kinds.layer import LayerKinds
+from headwise.calibrate.select import allocate
+from headwise.kinds.dense import Dense
 from headwise.kinds.moh import MoH
 from headwise.kinds.moh.attention import MoHGroup
-from headwise.kinds.moh.fit import allocate, fit_routers, make_plan, relative_errors
-from headwise.plan import ModelInfo
-from headwise.kinds.dense import Dense
+from headwise.kinds.moh.fit import fit_routers, make_plan, relative_errors
 from headwise.kinds.window import Window
+from headwise.plan import ModelInfo
 from tests.conftest import make_tiny
 from tests.kinds.contract import (assert_cached_generation_equals_recomputation, assert_chunked_prefill_equals_one_pass,
                                   assert_padded_batches_equal_each_sample_alone, ids,
@@ -358,9 +360,9 @@ def test_fitted_router_selects_the_planted_head_where_it_matters(routing):
 def test_relative_error_of_the_fitted_router_beats_a_fixed_head_choice():
     model = planted_model()
     routers, _ = fit_routers(model, [planted_ids(256, s) for s in range(3)], [])
-    from headwise.kinds.moh.fit import _gram, capture
+    from headwise.kinds.moh.fit import _gram, activations
 
-    held = [capture(model, planted_ids(256, 9))[0]]
+    held = [activations(model, planted_ids(256, 9))[0]]
     gram = _gram(model.model.layers[0].self_attn.o_proj.weight)
     r = routers[0]
     fitted = relative_errors(r.router, r.bias, r.fill, held, gram)[1]
@@ -380,35 +382,19 @@ def test_allocate_minimises_the_summed_cost_exactly():
         allocate(costs, 7)
 
 
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
-
-    from headwise.models import embedded_model_dir
-
-    tok = AutoTokenizer.from_pretrained(embedded_model_dir(), local_files_only=True)
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=2048,
-                         initializer_range=0.2, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                         pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
-    path = tmp_path_factory.mktemp("tiny")
-    AutoModelForCausalLM.from_config(config).save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
-
-
 def test_moh_fit_end_to_end_then_reuse(tiny_dir, tmp_path, capsys):
     from headwise.cli import main
 
-    common = ["moh-fit", "--model", str(tiny_dir), "--length", "256", "--samples", "2", "--held-out", "1",
-              "--threads", "1", "--work-dir", str(tmp_path / "work")]
+    common = ["fit", "moh", "--model", str(tiny_dir), "--length", "256", "--samples", "2", "--held-out", "1",
+              "--threads", "1", "--cache-dir", str(tmp_path / "work")]
     assert main(common + ["--active", "0.75,0.5", "--out", str(tmp_path / "m{active}.json")]) == 0
     out = capsys.readouterr().out
     assert "--active 0.75: 6 of 8 query heads per token" in out and "--active 0.5: 4 of 8" in out
     plan = load_plan(tmp_path / "m0.5.json")
     cal = plan.calibration
-    assert cal["method"] == "moh" and sum(cal["top_k"]) == 4 and cal["seconds"]["fit"] > 0
+    assert cal["method"] == "moh" and sum(cal["top_k"]) == 4 and cal["seconds"]["fit"] >= 0
+    assert cal["command"] == "headwise " + shlex.join(common + ["--active", "0.75,0.5", "--out",
+                                                                str(tmp_path / "m{active}.json")])
     assert all(isinstance(h, MoH) and h.top_k == k for layer, k in zip(plan.layers, cal["top_k"]) for h in layer)
     assert main(common + ["--active", "1.0", "--out", str(tmp_path / "all.json")]) == 0
     assert "already fitted" in capsys.readouterr().out
@@ -445,14 +431,15 @@ def test_lm_eval_model_runs_a_moh_plan_file(tiny_dir, tmp_path):
 
 
 def test_captured_gradients_predict_the_loss_change_of_a_small_output_change():
-    """``capture``'s gradients at the head outputs: a small change ``eps * u`` of layer 1's head outputs
-    changes the summed loss by ``eps * (g . u)``; parameters keep their ``requires_grad``."""
-    from headwise.kinds.moh.fit import capture
+    """``activations``' gradients at the head outputs (``calibrate.capture``): a small change ``eps * u``
+    of layer 1's head outputs changes the summed loss by ``eps * (g . u)``; parameters keep their
+    ``requires_grad``."""
+    from headwise.kinds.moh.fit import activations
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     model = make_tiny("llama", seed=2)
     x = ids(1, 24, seed=8)
-    acts = capture(model, x)
+    acts = activations(model, x)
     assert all(p.requires_grad for p in model.parameters())
     u = torch.randn_like(acts[1].outputs, generator=torch.Generator().manual_seed(0))
 

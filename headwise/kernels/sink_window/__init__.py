@@ -3,8 +3,8 @@
 ``sink_window_attention(q, k, v, q_pos, k_pos, sink, span, scale, backend="auto")`` — shapes in
 ``naive.sink_window_attention``. Backends share that signature; ``auto`` picks the fastest one
 that can run on the inputs' device (``triton`` on CUDA when Triton is installed, ``cpu``
-otherwise) and logs which one ran. ``kernels.sink_window_decode`` is the one-query-per-sequence form and
-``kernels.paged_decode`` the same over a paged KV pool.
+otherwise) and logs which one ran. ``kernels.paged_decode`` is the one-query-per-sequence (decode) form
+over a paged KV pool.
 """
 
 from __future__ import annotations

@@ -1,4 +1,9 @@
-"""Fitting ``moh`` routers without retraining the model: cached activations, least squares, a head budget.
+"""``headwise fit moh``: Mixture-of-Head routers fitted without retraining the model (cached
+activations, least squares, a head budget), written as plans at given active-head fractions.
+
+Example::
+
+    headwise fit moh --active 0.9,0.75,0.5 --out 'moh{active}.json'
 
 Per layer, on the unpatched model's activations over calibration text:
 
@@ -23,6 +28,10 @@ Per layer, on the unpatched model's activations over calibration text:
 * **Budget**: ``active`` x layers x query heads query heads run per token in all, at least
   ``minimum`` per layer, split over the layers to minimise the summed cost (``allocate``, exact).
   A layer given all its heads is written as dense heads (nothing routed).
+
+Data: calibration samples (``headwise.data.calibration``: prose with inserted facts and the model's
+own answers). Samples and fitted routers are kept in a ``calibrate.store.Store`` (``--cache-dir``),
+so another ``--active`` refits nothing.
 """
 
 from __future__ import annotations
@@ -31,12 +40,12 @@ import time
 from dataclasses import dataclass, field
 
 import torch
-from transformers import AttentionInterface
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+from ...calibrate.capture import capture
+from ...calibrate.select import allocate
 from .attention import pair_magnitudes
 
-CAPTURE_NAME = "headwise_moh_capture"
+HELP = "fit Mixture-of-Head routers and write moh plans at given active-head fractions"
 
 
 @dataclass
@@ -50,50 +59,12 @@ class Activations:
     grads: torch.Tensor | None = None
 
 
-def capture(model, input_ids: torch.Tensor, gradients: bool = True) -> list[Activations]:
-    """Run the unpatched ``model`` (sdpa) on ``input_ids [1, T]``; per layer, the router features of its
-    queries (after RoPE, as the patched model will see them), every query head's attention output
-    and (``gradients``) the loss gradient at those outputs, from one backward pass of the summed
-    next-token cross-entropy (parameters get no gradients). The model's attention implementation
-    and its parameters' ``requires_grad`` are restored afterwards."""
-    if input_ids.shape[0] != 1:
-        raise ValueError(f"moh capture takes one sequence [1, T], got batch {input_ids.shape[0]}.")
-    captured: dict[int, Activations] = {}
-
-    def attention(module, query, key, value, attention_mask, **kwargs):
-        out, weights = sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
-        act = captured[module.layer_idx] = Activations(pair_magnitudes(query)[0].detach().cpu(),
-                                                       out[0].detach().float().cpu())
-        if gradients:
-            out.register_hook(lambda grad: setattr(act, "grads", grad[0].detach().float().cpu()))
-        return out, weights
-
-    def embeddings_need_grad(module, args, output):
-        return output.requires_grad_(True)
-
-    AttentionInterface.register(CAPTURE_NAME, attention)
-    previous = model.config._attn_implementation
-    flags = [p.requires_grad for p in model.parameters()]
-    hook = model.get_input_embeddings().register_forward_hook(embeddings_need_grad) if gradients else None
-    model.set_attn_implementation(CAPTURE_NAME)
-    try:
-        ids = input_ids.to(model.device)
-        if gradients:
-            for p in model.parameters():
-                p.requires_grad_(False)
-            with torch.enable_grad():
-                logits = model(input_ids=ids, use_cache=False).logits
-                torch.nn.functional.cross_entropy(logits[0, :-1].float(), ids[0, 1:], reduction="sum").backward()
-        else:
-            with torch.no_grad():
-                model(input_ids=ids, use_cache=False)
-    finally:
-        model.set_attn_implementation(previous or "sdpa")
-        if hook is not None:
-            hook.remove()
-        for p, flag in zip(model.parameters(), flags):
-            p.requires_grad_(flag)
-    return [captured[i] for i in sorted(captured)]
+def activations(model, input_ids: torch.Tensor, gradients: bool = True) -> list[Activations]:
+    """Per layer of the unpatched ``model`` on ``input_ids [1, T]`` (``calibrate.capture``): the
+    router features of its queries (after RoPE, as the patched model will see them), every query
+    head's attention output and (``gradients``) the next-token loss gradient at those outputs."""
+    return [Activations(pair_magnitudes(layer.query[None])[0], layer.output, layer.output_grad)
+            for layer in capture(model, input_ids, ("query", "output"), gradients)]
 
 
 @dataclass
@@ -203,28 +174,6 @@ def fit_layer(train: list[Activations], held_out: list[Activations], o_proj_weig
     return LayerRouter(router, bias, fill, errors, time.perf_counter() - started, loss)
 
 
-def allocate(costs: list[list[float]], budget: int, minimum: int = 1) -> list[int]:
-    """Heads run per token in each layer, ``k_l``: ``budget`` in all, at least ``minimum`` per layer,
-    minimising ``sum_l costs[l][k_l]`` (``costs[l][k]``: the cost of layer ``l`` at ``k`` heads).
-
-    Exact, by dynamic programming over layers and heads spent (costs need not be convex: a
-    layer whose cost only falls at its last head still gets it when that is worth it)."""
-    top = [len(c) - 1 for c in costs]
-    low = [min(minimum, t) for t in top]
-    if not sum(low) <= budget <= sum(top):
-        raise ValueError(f"a budget of {budget} query heads per token is outside [{sum(low)}, {sum(top)}] for these "
-                         "layers; choose an active fraction between them.")
-    best = {0: (0.0, [])}                          # heads spent -> (cost, k per layer so far)
-    for cost, lo, hi in zip(costs, low, top):
-        nxt: dict[int, tuple[float, list[int]]] = {}
-        for spent, (total, ks) in best.items():
-            for k in range(lo, hi + 1):
-                if spent + k <= budget and (spent + k not in nxt or total + cost[k] < nxt[spent + k][0]):
-                    nxt[spent + k] = (total + cost[k], ks + [k])
-        best = nxt
-    return best[budget][1]
-
-
 def make_plan(info, routers: list[LayerRouter], top_k: list[int], calibration: dict):
     """A plan whose layer ``l`` runs ``top_k[l]`` query heads per token: every KV head ``moh`` with the
     layer's fitted router (tensors ``moh.l<l>.h<h>.*``), or every KV head dense when ``top_k[l]`` is
@@ -262,8 +211,8 @@ def fit_routers(model, train_ids: list[torch.Tensor], held_out_ids: list[torch.T
     (e.g. ``tqdm``; default: none)."""
     wrap = progress or (lambda it, desc: it)
     started = time.perf_counter()
-    train = [capture(model, ids, gradients) for ids in wrap(train_ids, "capture (train)")]
-    held = [capture(model, ids, gradients) for ids in wrap(held_out_ids, "capture (held out)")]
+    train = [activations(model, ids, gradients) for ids in wrap(train_ids, "capture (train)")]
+    held = [activations(model, ids, gradients) for ids in wrap(held_out_ids, "capture (held out)")]
     capture_seconds = time.perf_counter() - started
     layers = model.get_decoder().layers if hasattr(model, "get_decoder") else model.model.layers
     routers = []
@@ -271,3 +220,127 @@ def fit_routers(model, train_ids: list[torch.Tensor], held_out_ids: list[torch.T
         o_proj = layers[index].self_attn.o_proj.weight
         routers.append(fit_layer([a[index] for a in train], [a[index] for a in held], o_proj, ridge))
     return routers, capture_seconds
+
+
+def add_arguments(p) -> None:
+    """``headwise fit moh``'s options."""
+    p.add_argument("--active", required=True,
+                   help="fraction(s) of all query heads that run per token, e.g. 0.75 or 0.9,0.75,0.5")
+    p.add_argument("--out", required=True,
+                   help="output plan JSON; with several --active, a name holding '{active}' (e.g. 'moh{active}.json'); "
+                        "tensors go beside it as .safetensors")
+    p.add_argument("--model", default=None, help="local Hugging Face checkpoint folder (default: embedded SmolLM2)")
+    p.add_argument("--length", type=int, default=1024, help="tokens per calibration sample")
+    p.add_argument("--samples", type=int, default=4, help="training samples")
+    p.add_argument("--held-out", type=int, default=1, help="further samples that measure each layer's error")
+    p.add_argument("--ridge", type=float, default=1e-3, help="ridge penalty of the least squares (standardised features)")
+    p.add_argument("--min-heads", type=int, default=1, help="query heads every layer runs per token at least")
+    p.add_argument("--budget", choices=("loss", "error"), default="loss",
+                   help="spread the heads by estimated loss change (default) or by held-out relative output error")
+    p.add_argument("--seed", type=int, default=0, help="calibration data seed")
+    p.add_argument("--threads", type=int, default=None, help="torch threads")
+    p.add_argument("--cache-dir", default=None,
+                   help="where samples and fitted routers are kept (default: ~/.cache/headwise/calibration)")
+
+
+def parse_active(text: str) -> list[float]:
+    try:
+        values = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise SystemExit(f"--active must be fractions such as 0.75 or 0.9,0.75,0.5, got {text!r}.") from None
+    if not values or any(not 0.0 < v <= 1.0 for v in values):
+        raise SystemExit(f"--active fractions must be in (0, 1], got {text!r}.")
+    return values
+
+
+def save_routers(store, routers: list[LayerRouter], notes: dict) -> None:
+    """Routers (``routers.safetensors``) and their costs and timings (``routers.json``) into ``store``."""
+    store.save_tensors("routers.safetensors", {f"l{i}.{n}": getattr(r, n) for i, r in enumerate(routers)
+                                               for n in ("router", "bias", "fill")})
+    store.save_json("routers.json", {"errors": [r.errors for r in routers], "loss": [r.loss for r in routers],
+                                     "fit_seconds": [r.seconds for r in routers], **notes})
+
+
+def load_routers(store) -> tuple[list[LayerRouter], dict]:
+    """``(routers, notes)`` saved by ``save_routers``."""
+    meta = store.load_json("routers.json")
+    tensors, _ = store.load_tensors("routers.safetensors")
+    routers = [LayerRouter(tensors[f"l{i}.router"], tensors[f"l{i}.bias"], tensors[f"l{i}.fill"], errors, seconds, loss)
+               for i, (errors, seconds, loss) in enumerate(zip(meta["errors"], meta["fit_seconds"], meta["loss"]))]
+    return routers, meta
+
+
+def run(args) -> int:
+    """``headwise fit moh``: fit (or load) the routers, then write one plan per ``--active``."""
+    from pathlib import Path
+
+    from tqdm.auto import tqdm
+
+    from ...calibrate.store import Store
+    from ...data.calibration import SampleBuilder, data_description
+    from ...models import load_model
+    from ...plan import ModelInfo
+
+    actives = parse_active(args.active)
+    if len(actives) > 1 and "{active}" not in args.out:
+        raise SystemExit("with several --active fractions, --out must hold '{active}', e.g. 'moh{active}.json'.")
+    if args.samples < 1 or args.held_out < 0 or args.length < 256:
+        raise SystemExit("fit moh needs --samples >= 1, --held-out >= 0 and --length >= 256.")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    started = time.perf_counter()
+    model, tokenizer = load_model(args.model) if args.model else load_model()
+    info = ModelInfo.of(model)
+    settings = {"version": 2, "fingerprint": info.fingerprint, "length": args.length, "samples": args.samples,
+                "held_out": args.held_out, "ridge": args.ridge, "seed": args.seed,
+                "data": {k: v for k, v in data_description().items() if k in ("source", "sha256", "mix")}}
+    store = Store.of(args.cache_dir, info.fingerprint, "moh", settings)
+    if store.has("routers.safetensors") and store.has("routers.json"):
+        routers, meta = load_routers(store)
+        data_seconds, capture_seconds = meta["data_seconds"], meta["capture_seconds"]
+        print(f"fit moh: routers of {len(routers)} layers already fitted in {store.directory}")
+    else:
+        t0 = time.perf_counter()
+        if store.has("samples.safetensors"):
+            ids = [t[None] for t in store.load_tensors("samples.safetensors")[0]["ids"]]
+        else:
+            builder = SampleBuilder(model, tokenizer, seed=args.seed)
+            ends = builder.offsets(args.length, args.samples + args.held_out)
+            ids = [builder.build(args.length, i, end).input_ids.cpu()
+                   for i, end in enumerate(tqdm(ends, desc="calibration samples", unit="sample"))]
+            store.save_tensors("samples.safetensors", {"ids": torch.cat(ids)})
+        data_seconds = time.perf_counter() - t0
+        routers, capture_seconds = fit_routers(model, ids[:args.samples], ids[args.samples:], args.ridge,
+                                               progress=lambda it, desc: tqdm(it, desc=desc))
+        save_routers(store, routers, {"data_seconds": data_seconds, "capture_seconds": capture_seconds})
+    fit_seconds = sum(r.seconds for r in routers)
+    errors = [r.errors for r in routers]
+    costs = [r.loss if args.budget == "loss" else r.errors for r in routers]
+    for active in actives:
+        budget = round(active * info.num_layers * info.num_heads)
+        try:
+            top_k = allocate(costs, budget, args.min_heads)
+        except ValueError as error:
+            raise SystemExit(f"--active {active}: {error}") from None
+        calibration = {
+            "method": "moh", "density": 1.0, "active": active,
+            "active_query_heads_per_token": sum(top_k), "query_heads": info.num_layers * info.num_heads,
+            "top_k": top_k, "held_out_error": [round(e[k], 5) for e, k in zip(errors, top_k)],
+            "loss_change": [round(r.loss[k], 6) for r, k in zip(routers, top_k)],
+            "moh": {**settings, "min_heads": args.min_heads, "budget": args.budget},
+            "command": getattr(args, "command_line", None),
+            "seconds": {"samples": round(data_seconds, 1), "capture": round(capture_seconds, 1),
+                        "fit": round(fit_seconds, 2), "per_layer_fit": round(fit_seconds / len(routers), 3),
+                        "total": round(time.perf_counter() - started, 1)}}
+        plan = make_plan(info, routers, top_k, calibration)
+        out = args.out.replace("{active}", f"{active:g}")
+        plan.save(out)
+        routed = sum(k < info.num_heads for k in top_k)
+        mean_error = sum(e[k] for e, k in zip(errors, top_k)) / len(errors)
+        loss = sum(r.loss[k] for r, k in zip(routers, top_k))
+        print(f"fit moh: --active {active:g}: {sum(top_k)} of {info.num_layers * info.num_heads} query heads per "
+              f"token, {routed} routed layers, mean held-out error {mean_error:.4f}, estimated loss change "
+              f"{loss:+.4f} nats/token; wrote {out} and {Path(out).with_suffix('.safetensors').name}")
+    print(f"fit moh: samples {data_seconds:.1f} s, capture {capture_seconds:.1f} s, fit {fit_seconds:.2f} s "
+          f"({fit_seconds / len(routers):.3f} s per layer)")
+    return 0

@@ -1,0 +1,163 @@
+"""Helpers the benchmark scripts share: settings, prose prompts, byte counts, resumable per-prompt results.
+
+Prompts are slices of one token stream of the package's prose corpus
+(``headwise.data.prose``: CPython's ``pydoc_data.topics``), so every benchmark reads
+the same real text.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SHIPPED_D25 = str(REPO / "plans" / "smollm2-135m-d25.json")
+
+
+# ---- what a results file records ----------------------------------------------------------------
+def provenance() -> dict:
+    """When, at which commit, on which machine and with which command this run happened (what a
+    ``benchmarks/results/`` file records): ``{"date", "commit", "machine", "command"}``."""
+    import os
+    import platform
+    import shlex
+    import subprocess
+    import sys
+    import time
+
+    try:
+        commit = subprocess.run(["git", "-C", str(REPO), "describe", "--always", "--dirty", "--abbrev=12"],
+                                capture_output=True, text=True, timeout=10).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    try:
+        memory = f", {os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB"
+    except (ValueError, OSError, AttributeError):
+        memory = ""
+    return {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "commit": commit or "not recorded",
+            "machine": f"{platform.system()} {platform.machine()}, {os.cpu_count()} CPUs{memory}, "
+                       f"python {platform.python_version()}, torch {torch.__version__}",
+            "command": shlex.join([Path(sys.executable).name, *sys.argv])}
+
+
+def provenance_line(info: dict) -> str:
+    """One printed line of ``provenance()``."""
+    return f"# {info['date']}; commit {info['commit']}; {info['machine']}; {info['command']}"
+
+
+# ---- settings and prompts ---------------------------------------------------------------------
+@dataclass(frozen=True)
+class Setting:
+    """One benchmark point: ``batch`` prompts of ``context`` tokens."""
+
+    context: int
+    batch: int
+
+    def __str__(self) -> str:
+        return f"{self.context}x{self.batch}"
+
+
+def parse_settings(text: str, flag: str = "--settings") -> list[Setting]:
+    """``"4096x4,8192x8"`` -> settings (context tokens x batch)."""
+    out = []
+    for part in (p.strip() for p in text.split(",")):
+        if not part:
+            continue
+        try:
+            context, batch = (int(x) for x in part.lower().split("x"))
+        except ValueError:
+            raise SystemExit(f"{flag} must look like 4096x4,8192x8 (context x batch), got {text!r}.") from None
+        if context < 1 or batch < 1:
+            raise SystemExit(f"{flag} needs positive context and batch, got {part!r}.")
+        out.append(Setting(context, batch))
+    if not out:
+        raise SystemExit(f"{flag} must name at least one context x batch, got {text!r}.")
+    return out
+
+
+def make_prompts(setting: Setting, tokenizer=None, vocab_size: int | None = None, seed: int = 0) -> list[list[int]]:
+    """``setting.batch`` prompts of exactly ``setting.context`` tokens: distinct consecutive slices of
+    the prose when a tokenizer is given, else random ids in ``[3, vocab_size)`` with a fixed seed
+    (tiny test models)."""
+    length, batch = setting.context, setting.batch
+    if tokenizer is not None:
+        from headwise.data.prose import token_stream
+
+        stream = token_stream(tokenizer, length * batch)
+        return [stream[i * length:(i + 1) * length] for i in range(batch)]
+    if vocab_size is None:
+        raise ValueError("make_prompts needs a tokenizer or a vocab_size")
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, vocab_size, (batch, length), generator=g).tolist()
+
+
+# ---- byte counts ------------------------------------------------------------------------------
+def weight_bytes(model) -> int:
+    """Bytes of all parameters; ``parameters()`` yields a tied embedding / lm_head once."""
+    seen, total = set(), 0
+    for p in model.parameters():
+        if p.data_ptr() in seen:
+            continue
+        seen.add(p.data_ptr())
+        total += p.numel() * p.element_size()
+    return total
+
+
+def kv_bytes_per_token(model_or_config, itemsize: int | None = None) -> int:
+    """K and V bytes one token occupies over all layers and KV heads (dense); ``itemsize`` defaults
+    to the model's dtype (give it for a config)."""
+    from headwise.plan import ModelInfo
+
+    info = ModelInfo.of(model_or_config)
+    if itemsize is None:
+        itemsize = model_or_config.dtype.itemsize
+    return 2 * info.num_layers * info.num_kv_heads * info.head_dim * itemsize
+
+
+# ---- resumable per-prompt results ---------------------------------------------------------------
+def plan_key(spec) -> str:
+    """Identity of a plan in a result cache: the spec string, or a hash of the plan's head specs."""
+    if isinstance(spec, str):
+        return spec
+    layers = [[h.to_json() for h in layer] for layer in spec.layers]
+    return "plan-" + hashlib.sha256(json.dumps(layers, sort_keys=True).encode()).hexdigest()[:16]
+
+
+class ResultStore(dict):
+    """Per-prompt results, appended to a JSONL file as they come (``None``: in memory only), so an
+    interrupted run resumes where it stopped."""
+
+    def __init__(self, path: Path | None):
+        super().__init__()
+        self.path = path
+        if path is not None and path.is_file():
+            for line in path.read_text().splitlines():
+                row = json.loads(line)
+                super().__setitem__(row["key"], row["value"])
+
+    def __setitem__(self, key, value):
+        super().__setitem__(key, value)
+        if self.path is not None:
+            with self.path.open("a") as f:
+                f.write(json.dumps({"key": key, "value": value}) + "\n")
+
+
+def spread_rank(i: int, count: int) -> float:
+    """Run order of trial ``i`` of ``count``: the bit-reversed index (0, 1/2, 1/4, 3/4, ...), so any
+    prefix of the run has its needle depths spread over the whole context."""
+    bits = max(1, (count - 1).bit_length())
+    return int(f"{i:0{bits}b}"[::-1], 2) / 2 ** bits
+
+
+def per_length(text: str, lengths: list[int], flag: str = "--trials") -> list[int]:
+    """``"50"`` -> 50 at every length; ``"50,50,20"`` -> one count per length."""
+    counts = [int(x) for x in text.split(",")]
+    if len(counts) == 1:
+        return counts * len(lengths)
+    if len(counts) != len(lengths):
+        raise SystemExit(f"{flag} needs one count or one per length ({len(lengths)}), got {text!r}.")
+    return counts

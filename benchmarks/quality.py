@@ -1,0 +1,551 @@
+"""Calibrated plans vs dense vs uniform sink + window at equal density, on the embedded SmolLM2.
+
+Retrieval: passkey and multi-key needle-in-a-haystack (headwise.eval.tasks generators), greedy,
+correct when the answer appears in the output. Perplexity: real-prose documents
+(headwise.eval.tasks.perplexity), scored on the second half of each document (where a window
+head has dropped the most). Prints a markdown table and checks issue 13's targets.
+
+    flock /tmp/headwise-heavy.lock python benchmarks/quality.py \\
+        --plan plans/baselines/smollm2-135m-d25-v1.json,plans/smollm2-135m-d25.json \\
+        --lengths 2048,4096,8192 --trials 50,50,20 --cache bench25.jsonl
+
+Every plan but dense runs in three modes (``--modes``):
+
+- ``sparse``: the plan's sparse prefill (every head reads only its sink + window while the prompt
+  is prefilled), then greedy decoding; one patched forward per plan and prompt.
+- ``dense``: the runtime's dense-prefill mode: the whole prompt runs dense, the cache then keeps
+  only each head's sink + window, decoding follows the plan. The dense prefill of the prompt is the
+  same computation for every plan, so it runs once per prompt (unpatched), and each plan's cache
+  is made from it by the runtime's own cache code (``HeadwiseLayer.update`` on the dense keys;
+  ``lightning`` / ``hybrid`` heads fold the same keys into their recurrent states, ``fold_states``):
+  the same result as ``patch_model(model, plan, prefill="dense")`` on the whole prompt (checked
+  in ``--check``), at a fraction of the cost.
+- ``ctx``: the protocol of KV-compression benchmarks (kvpress): only the context (the prompt up to
+  its question) is prefilled dense; the plan's cache is made from it, and the question and the
+  answer run against that compressed cache. Stricter than ``dense``: the question cannot read
+  the dropped context.
+
+Perplexity in ``sparse`` is one patched forward per document; in ``dense`` and ``ctx`` the first
+half is prefilled dense once (shared), each plan's cache made from it, and the second half fed
+through the patched model ``--ppl-chunk`` tokens at a time, every token reading exactly what a
+decode step reads (its head's sink + window of what is kept; ``decode_rule``), which is what a
+dense-prefill plan sees when it generates the rest of a document (both modes are the same
+computation for perplexity; the table shows it once, under ``dense``).
+
+Greedy decoding in the dense and ctx modes is guided (``greedy_guided``): the dense model's tokens
+are verified in one forward and the plan steps on only from its first disagreement: the same
+tokens as step-by-step decoding at a fraction of the forwards.
+
+``--cache`` keeps per-prompt results in a JSONL file, so a run split into pieces (``timeout``
+under the heavy-job lock) resumes where it stopped, and a run with more plans computes only the
+rows its cache lacks (e.g. the dense rows are computed once). ``--trials`` takes one count or one per
+length. Note the calibration data (``pydoc_data.topics`` for v1 profiles; stdlib docstrings for
+v2's gate data) and the perplexity documents may share passages.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+if __name__ == "__main__" and not __package__:   # python benchmarks/quality.py: this checkout first
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+
+import torch  # noqa: E402
+
+from benchmarks.common import (SHIPPED_D25, ResultStore, per_length, plan_key, provenance,  # noqa: E402
+                               provenance_line, spread_rank)
+
+QUESTION_MARK = "\n\nWhat is"        # where the question of the passkey and niah prompts starts
+MODES = ("sparse", "dense", "ctx")
+
+
+# ---- building blocks --------------------------------------------------------------------------
+def split_at_question(tokenizer, prompt: str) -> tuple[torch.Tensor, int]:
+    """Token ids ``[1, P]`` of ``prompt`` and the number of context tokens before its question
+    (the token holding the question's first character starts the question)."""
+    cut = prompt.rfind(QUESTION_MARK)
+    if cut < 0:
+        raise ValueError(f"prompt has no question starting with {QUESTION_MARK!r}; the bench splits context "
+                         "from question there.")
+    enc = tokenizer(prompt, return_tensors="pt", add_special_tokens=False, return_offsets_mapping=True)
+    ends = enc.offset_mapping[0, :, 1]
+    context = int((ends <= cut).sum())
+    return enc.input_ids, context
+
+
+def kv_of(cache) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per layer ``(keys, values)`` ``[1, Hkv, T, D]`` of a plain (dense) HF cache."""
+    return [(layer.keys, layer.values) for layer in cache.layers]
+
+
+def plan_cache(model, kv: list[tuple[torch.Tensor, torch.Tensor]]):
+    """A headwise cache holding, per head, what the patched ``model``'s plan keeps of the dense
+    ``kv`` (positions ``0..T-1``): the runtime's own compaction after a dense prefill."""
+    from transformers.cache_utils import DynamicCache
+
+    from headwise.patches.cache import install_layers
+    from headwise.patches.runtime import forward_info
+
+    runtime = model._headwise["runtime"]
+    cache = DynamicCache()
+    install_layers(cache, runtime)
+    length = kv[0][0].shape[-2]
+    runtime.begin_forward(forward_info(None, 1, length, 0, kv[0][0].device))
+    for i, (layer, (keys, values)) in enumerate(zip(cache.layers, kv)):
+        passed_keys, passed_values = layer.update(keys, values)
+        fold_states(runtime, i, passed_keys, passed_values)
+    return cache
+
+
+def fold_states(runtime, layer_idx: int, keys: torch.Tensor, values: torch.Tensor) -> None:
+    """Fold a dense prefill's ``keys``/``values`` ``[1, Hkv, T, D]`` (the whole prompt) into the
+    recurrent states of layer ``layer_idx``'s state-holding groups (``lightning``, ``hybrid``), as
+    their ``attention`` does in a ``prefill="dense"`` forward (``fold``: the state without outputs)."""
+    from headwise.kinds.call import AttentionCall
+
+    kinds = runtime.layers[layer_idx]
+    groups = [g for g in kinds.groups if g.state_key is not None]
+    if not groups:
+        return
+    info = runtime.forward()
+    call = AttentionCall(module=None, query_pos=info.query_pos, key_pos=runtime.key_pos[layer_idx],
+                         lengths=runtime.effective_lengths(info.lengths), scale=keys.shape[-1] ** -0.5,
+                         backend=runtime.backend, dense_prefill=True,
+                         new_keys=keys, new_values=values, states=runtime.states[layer_idx])
+    for group in groups:
+        index = torch.tensor(group.heads)
+        group.fold(keys.index_select(1, index), values.index_select(1, index),
+                   call.for_heads(list(group.heads), kinds.num_kv_heads))
+
+
+@torch.no_grad()
+def greedy(model, cache, logits: torch.Tensor, budget: int, eos: int, done=None) -> list[int]:
+    """Greedy tokens from the last ``logits`` ``[1, q, V]`` on, through ``cache``: at most ``budget``,
+    stopping after EOS or once ``done(tokens)`` (the answer is complete: more tokens cannot change
+    a contains-the-answer score)."""
+    return greedy_from(model, cache, logits, [], budget, eos, done)
+
+
+def greedy_from(model, cache, logits: torch.Tensor, prefix: list[int], budget: int, eos: int, done=None) -> list[int]:
+    """``greedy`` after ``prefix`` tokens already fed (``logits`` are the last forward's): the
+    stopping rule counts the prefix."""
+    token = logits[:, -1:].argmax(-1)
+    out = [*prefix, int(token)]
+    while len(out) < budget and out[-1] != eos and not (done and done(out)):
+        logits = model(input_ids=token, past_key_values=cache, use_cache=True).logits
+        token = logits[:, -1:].argmax(-1)
+        out.append(int(token))
+    return out
+
+
+@contextmanager
+def decode_rule(model):
+    """Inside, a multi-token forward of the patched ``model`` reads per query only what the plan lets a
+    decode step read (its sink + window), not everything kept as a dense-prefill forward does."""
+    runtime = model._headwise["runtime"]
+    before, runtime.prefill = runtime.prefill, "sparse"
+    try:
+        yield
+    finally:
+        runtime.prefill = before
+
+
+@torch.no_grad()
+def greedy_guided(model, make, guess: list[int], budget: int, eos: int, done=None) -> list[int]:
+    """The tokens ``greedy`` gives from ``make()`` (a fresh ``(cache, logits)``), computed by verifying
+    ``guess`` (the dense model's greedy tokens) in one forward under the plan's decode rule: where the
+    plan's argmax agrees with every guessed token its output is the guess; at the first disagreement
+    the agreed prefix is fed to a fresh cache and greedy decoding continues from there. The same
+    tokens as decoding step by step (a query reads the same keys either way; float rounding aside)
+    for one forward instead of one per agreed token."""
+    stop = lambda out: len(out) >= budget or out[-1] == eos or bool(done and done(out))  # noqa: E731
+    cache, logits = make()
+    if not guess or int(logits[0, -1].argmax()) != guess[0] or len(guess) == 1:
+        return greedy_from(model, cache, logits, [], budget, eos, done)
+    with decode_rule(model):
+        predicted = model(input_ids=torch.tensor([guess[:-1]]), past_key_values=cache, use_cache=True).logits[0]
+    wrong = (predicted.argmax(-1) != torch.tensor(guess[1:])).nonzero()
+    if not len(wrong):                                    # the plan's output so far is the guess
+        if stop(guess):
+            return list(guess)
+        with decode_rule(model):
+            logits = model(input_ids=torch.tensor([guess[-1:]]), past_key_values=cache, use_cache=True).logits
+        return greedy_from(model, cache, logits, list(guess), budget, eos, done)
+    agreed = int(wrong[0]) + 1                            # guess[:agreed] is the plan's own output
+    out = [*guess[:agreed], int(predicted[agreed - 1].argmax())]
+    if stop(out):
+        return out
+    cache, _ = make()
+    with decode_rule(model):
+        logits = model(input_ids=torch.tensor([guess[:agreed]]), past_key_values=cache, use_cache=True,
+                       logits_to_keep=1).logits
+    return greedy_from(model, cache, logits, guess[:agreed], budget, eos, done)
+
+
+# ---- one prompt, every plan -----------------------------------------------------------------------
+def dense_prefill(model, ids: torch.Tensor, context: int, kv_file: Path | None):
+    """The dense prefill every dense/ctx row shares: ``(cache, [(keys, values)] per layer, last logits
+    [1, 1, V], seconds)``, the context and the question prefilled in two forwards (so the context's
+    KV is exactly what a context-only prefill gives). With ``kv_file`` the KV and logits are kept
+    in a safetensors file and read back on a later run, so plans added later cost only their decode."""
+    from safetensors.torch import load_file, save_file
+    from transformers.cache_utils import DynamicCache
+
+    if kv_file is not None and kv_file.is_file():
+        saved = load_file(kv_file)
+        layers = len([k for k in saved if k.startswith("k.")])
+        kv = [(saved[f"k.{i}"], saved[f"v.{i}"]) for i in range(layers)]
+        cache = DynamicCache()
+        for i, (k, v) in enumerate(kv):
+            cache.update(k.clone(), v.clone(), i)
+        return cache, kv, saved["logits"], float(saved["seconds"])
+    t0 = time.perf_counter()
+    out = model(input_ids=ids[:, :context], use_cache=True, logits_to_keep=1)
+    out = model(input_ids=ids[:, context:], past_key_values=out.past_key_values, use_cache=True, logits_to_keep=1)
+    seconds = time.perf_counter() - t0
+    kv = [(k.clone(), v.clone()) for k, v in kv_of(out.past_key_values)]
+    if kv_file is not None:
+        kv_file.parent.mkdir(parents=True, exist_ok=True)
+        tensors = {f"k.{i}": k.contiguous() for i, (k, _) in enumerate(kv)}
+        tensors |= {f"v.{i}": v.contiguous() for i, (_, v) in enumerate(kv)}
+        save_file({**tensors, "logits": out.logits.contiguous(), "seconds": torch.tensor(seconds)}, str(kv_file))
+    return out.past_key_values, kv, out.logits, seconds
+
+
+@torch.no_grad()
+def retrieval_trial(model, tokenizer, prompt: str, answers, budget: int, plans: dict, modes: list[str],
+                    need: set[str] | None = None, kv_file: Path | None = None) -> dict:
+    """Every plan in every mode on one retrieval prompt. Returns ``{row name: {"ok", "prefill_s"}}``
+    (``row name``: ``dense`` or ``"<plan> | <mode>"``); with ``need``, only those rows (the rest are
+    in the result cache already)."""
+    from headwise import expected_length, patch_model, unpatch_model
+    from headwise.eval.scoring import contains_all
+
+    wanted = (lambda row: True) if need is None else need.__contains__  # noqa: E731
+    eos = tokenizer.eos_token_id
+    ids, context = split_at_question(tokenizer, prompt)
+    target = ids.shape[1] + budget
+    ok = lambda tokens: contains_all(list(answers), tokenizer.decode(tokens, skip_special_tokens=True)) == 1.0  # noqa: E731
+    run = lambda cache, logits: ok(greedy(model, cache, logits, budget, eos, ok))  # noqa: E731
+    rows = {}
+    shared = [m for m in ("dense", "ctx") if m in modes and any(wanted(f"{name} | {m}") for name in plans)]
+    if wanted("dense") or shared:                 # the dense prefill: its row and the shared caches
+        cache, full_kv, full_logits, dense_s = dense_prefill(model, ids, context, kv_file)
+        ctx_kv = [(k[:, :, :context], v[:, :, :context]) for k, v in full_kv]
+        dense_tokens = greedy(model, cache, full_logits, budget, eos, ok)     # they guide the plans' decoding
+        if wanted("dense"):
+            rows["dense"] = {"ok": ok(dense_tokens), "prefill_s": round(dense_s, 3)}
+    guided = lambda make: ok(greedy_guided(model, make, dense_tokens, budget, eos, ok))  # noqa: E731
+
+    def question_on(kv):                          # ctx mode: the question read against the plan's cache
+        cache = plan_cache(model, kv)
+        return cache, model(input_ids=ids[:, context:], past_key_values=cache, use_cache=True, logits_to_keep=1).logits
+
+    for name, spec in plans.items():
+        if any(wanted(f"{name} | {m}") for m in shared):
+            patch_model(model, spec, prefill="dense")
+            try:
+                with expected_length(model, target):
+                    if "dense" in shared and wanted(f"{name} | dense"):
+                        rows[f"{name} | dense"] = {"ok": guided(lambda: (plan_cache(model, full_kv), full_logits)),
+                                                   "prefill_s": round(dense_s, 3)}
+                    if "ctx" in shared and wanted(f"{name} | ctx"):
+                        rows[f"{name} | ctx"] = {"ok": guided(lambda: question_on(ctx_kv))}
+            finally:
+                unpatch_model(model)
+        if "sparse" in modes and wanted(f"{name} | sparse"):
+            patch_model(model, spec, prefill="sparse")
+            try:
+                with expected_length(model, target):
+                    t0 = time.perf_counter()
+                    out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
+                    seconds = time.perf_counter() - t0
+                    rows[f"{name} | sparse"] = {"ok": run(out.past_key_values, out.logits),
+                                                "prefill_s": round(seconds, 3)}
+            finally:
+                unpatch_model(model)
+    return rows
+
+
+@torch.no_grad()
+def perplexity_trial(model, tokenizer, text: str, plans: dict, modes: list[str], chunk: int,
+                     need: set[str] | None = None) -> dict:
+    """Summed NLL and count over the second half of ``text`` for dense and every plan:
+    ``{row name: [nll, tokens]}`` (the ``dense`` mode row stands for ``ctx`` too); with ``need``,
+    only those rows."""
+    from headwise import expected_length, patch_model, unpatch_model
+
+    wanted = (lambda row: True) if need is None else need.__contains__  # noqa: E731
+
+    ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids
+    half = (ids.shape[1] - 1) // 2 + 1          # first scored target: token `half`
+
+    def second_half(logits):                    # logits [1, P, V] of the whole document
+        nll = torch.nn.functional.cross_entropy(logits[0, :-1].float(), ids[0, 1:], reduction="none")
+        return [float(nll[half - 1:].sum()), int(nll[half - 1:].numel())]
+
+    rows = {"dense": second_half(model(input_ids=ids, use_cache=False).logits)} if wanted("dense") else {}
+    shared = ("dense" in modes or "ctx" in modes) and any(wanted(f"{name} | dense") for name in plans)
+    if shared:                                  # the shared dense prefill of the first half
+        first = model(input_ids=ids[:, :half], use_cache=True, logits_to_keep=1)
+        first_kv, last = kv_of(first.past_key_values), first.logits[:, -1:]
+    for name, spec in plans.items():
+        if "sparse" in modes and wanted(f"{name} | sparse"):
+            patch_model(model, spec, prefill="sparse")
+            try:
+                rows[f"{name} | sparse"] = second_half(model(input_ids=ids, use_cache=False).logits)
+            finally:
+                unpatch_model(model)
+        if shared and wanted(f"{name} | dense"):
+            patch_model(model, spec, prefill="dense")
+            try:
+                cache, prev, total, count = plan_cache(model, first_kv), last, 0.0, 0
+                for start in range(half, ids.shape[1], chunk):
+                    piece = ids[:, start:start + chunk]
+                    # every token reads what a decode step would (N = the document's length, as a
+                    # generation whose target length is known): the result does not depend on the chunk
+                    with expected_length(model, ids.shape[1]), decode_rule(model):
+                        logits = model(input_ids=piece, past_key_values=cache, use_cache=True).logits
+                    scored = torch.cat([prev, logits[:, :-1]], 1).float()
+                    total += float(torch.nn.functional.cross_entropy(scored[0], piece[0], reduction="sum"))
+                    count += piece.shape[1]
+                    prev = logits[:, -1:]
+                rows[f"{name} | dense"] = [total, count]
+            finally:
+                unpatch_model(model)
+    return rows
+
+
+def check_dense_mode(model, tokenizer, plan, prompt: str, budget: int) -> None:
+    """The shared-prefill ``dense`` mode must give what ``patch_model(prefill="dense")`` gives."""
+    from headwise import patch_model, unpatch_model
+    from headwise.demo import greedy_passkey
+
+    patch_model(model, plan, prefill="dense")
+    try:
+        text, *_ = greedy_passkey(model, tokenizer, prompt, budget)
+    finally:
+        unpatch_model(model)
+    ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False).input_ids
+    with torch.no_grad():
+        out = model(input_ids=ids, use_cache=True)
+    patch_model(model, plan, prefill="dense")
+    try:
+        from headwise import expected_length
+
+        with expected_length(model, ids.shape[1] + budget):
+            tokens = greedy(model, plan_cache(model, kv_of(out.past_key_values)), out.logits, budget, -1)
+    finally:
+        unpatch_model(model)
+    shared = tokenizer.decode(tokens, skip_special_tokens=True)
+    print(f"check: runtime dense prefill {text!r} vs shared prefill {shared!r}: "
+          f"{'same' if text == shared else 'DIFFERENT'}", flush=True)
+    if text != shared:
+        raise SystemExit("the shared dense prefill does not reproduce the runtime's dense-prefill mode.")
+
+
+# ---- report -----------------------------------------------------------------------------------------
+def summarize(kind: str, values: list):
+    """One cell from per-prompt results: perplexity over the documents' tokens, or ``(right, trials)``."""
+    if kind == "perplexity":
+        return math.exp(sum(v[0] for v in values) / sum(v[1] for v in values))
+    return sum(bool(v["ok"]) for v in values), len(values)
+
+
+def target_checks(per_prompt: dict, dense: str, uniform: str, calibrated: str, kinds: list[str],
+                  lengths: list[int]) -> list[str]:
+    """Issue 13's targets at one row, one line per task and length, with the margin met or missed.
+
+    ``per_prompt[(row, kind, n)]`` maps prompt index -> result; the three rows are compared on the
+    prompts all three have (paired), so rows with more trials do not skew the comparison."""
+    lines = []
+    for kind in kinds:
+        for n in lengths:
+            if any((p, kind, n) not in per_prompt for p in (dense, uniform, calibrated)):
+                continue
+            common = sorted(set.intersection(*(set(per_prompt[(p, kind, n)]) for p in (dense, uniform, calibrated))))
+            if not common:
+                continue
+            d, u, c = (summarize(kind, [per_prompt[(p, kind, n)][i] for i in common])
+                       for p in (dense, uniform, calibrated))
+            if kind == "perplexity":
+                change = c / d - 1.0
+                lines.append(f"{calibrated}: perplexity {n} ({len(common)} docs): {c:.3f} vs dense {d:.3f} "
+                             f"({change:+.1%}; target <= +3%: {'met' if change <= 0.03 else 'missed'}); "
+                             f"uniform {u:.3f} ({u / d - 1.0:+.1%})")
+                continue
+            acc = {p: r[0] / r[1] for p, r in ((dense, d), (uniform, u), (calibrated, c))}
+            of_dense = acc[calibrated] / acc[dense] if acc[dense] else float("nan")
+            line = (f"{calibrated}: {kind} {n} ({len(common)} trials): {acc[calibrated]:.0%}, dense {acc[dense]:.0%}, "
+                    f"uniform {acc[uniform]:.0%}; of dense {of_dense:.2f} (target >= 0.95: "
+                    f"{'met' if acc[dense] and of_dense >= 0.95 else 'missed' if acc[dense] else 'n/a, dense 0'})")
+            if acc[uniform] < acc[dense]:
+                ratio = acc[calibrated] / acc[uniform] if acc[uniform] else float("inf") if acc[calibrated] else 0.0
+                line += f"; of uniform {ratio:.2f} (target >= 1.5: {'met' if ratio >= 1.5 else 'missed'})"
+            lines.append(line)
+    return lines
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--plan", default=SHIPPED_D25,
+                        help="calibrated plan(s), comma-separated")
+    parser.add_argument("--modes", default="sparse,dense,ctx", help=f"comma-separated from {','.join(MODES)}")
+    parser.add_argument("--density", default=None, help="uniform baseline density or densities, comma-separated "
+                        "(default: each plan's own); a plan is checked against the uniform row of its density")
+    parser.add_argument("--no-uniform", action="store_true",
+                        help="no uniform sink + window baseline (e.g. plans of lightning/hybrid heads, whose KV is not a "
+                             "density); the targets, which compare with it, are then not checked")
+    parser.add_argument("--lengths", default="2048,4096,8192")
+    parser.add_argument("--trials", default="50", help="prompts per retrieval task and length (needle depths): "
+                        "one count, or one per length")
+    parser.add_argument("--ppl-docs", default="10", help="perplexity documents per length (one, or one per length)")
+    parser.add_argument("--ppl-chunk", type=int, default=1024, help="tokens per forward of the dense-prefill "
+                        "perplexity's second half (each token reads what a decode step reads, whatever the chunk)")
+    parser.add_argument("--tasks", default="passkey,niah,perplexity")
+    parser.add_argument("--json", default=None, help="also write the results here")
+    parser.add_argument("--cache", default=None, help="JSONL of per-prompt results: reused and extended, so an "
+                        "interrupted or repeated run only computes what is missing")
+    parser.add_argument("--kv-store", default=None, help="folder keeping each retrieval prompt's dense-prefill KV "
+                        "(fp32 safetensors, ~190 MB per 4k prompt), so plans added to a later run skip the prefill")
+    parser.add_argument("--report-only", action="store_true", help="print the table from --cache, compute nothing")
+    parser.add_argument("--check", action="store_true", help="first check the shared dense prefill against "
+                        "patch_model(prefill='dense') on one prompt")
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    info = provenance()
+    print(provenance_line(info))
+
+    from tqdm import tqdm
+
+    from headwise import load_model, load_plan
+    from headwise.eval import tasks as eval_tasks
+    from headwise.eval.taskfiles import KINDS
+    from headwise.plan import Plan
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model, tokenizer = load_model()
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    if any(m not in MODES for m in modes):
+        raise SystemExit(f"--modes takes names from {', '.join(MODES)}, got {args.modes!r}.")
+    paths = [p.strip() for p in args.plan.split(",") if p.strip()]
+    loaded = [load_plan(p, model) for p in paths]
+    plan_density = {Path(p).stem: plan.calibration.get("density") for p, plan in zip(paths, loaded)}
+    densities = ([] if args.no_uniform else [float(x) for x in args.density.split(",")] if args.density
+                 else sorted({float(d) for d in plan_density.values() if d is not None}))
+    uniform_of = {d: f"uniform {d:g}" for d in densities}
+    plans = {uniform_of[d]: Plan.uniform(model, d) for d in densities}
+    for path, plan in zip(paths, loaded):
+        plans[Path(path).stem] = plan
+    # each calibrated plan is checked against the uniform row nearest its own density
+    baseline = {name: uniform_of[min(densities, key=lambda d: abs(d - float(dens)))]
+                for name, dens in plan_density.items() if densities and dens is not None}
+    keys = {name: plan_key(spec) for name, spec in plans.items()}
+    lengths = [int(x) for x in args.lengths.split(",")]
+    trials = dict(zip(lengths, per_length(args.trials, lengths)))
+    docs = dict(zip(lengths, per_length(args.ppl_docs, lengths, "--ppl-docs")))
+    kinds = [k.strip() for k in args.tasks.split(",") if k.strip()]
+    store = ResultStore(Path(args.cache) if args.cache else None)
+    if args.check:
+        check_dense_mode(model, tokenizer, loaded[-1],
+                         eval_tasks.generate("passkey", tokenizer, lengths[0], 1, args.seed)[0].prompt, 12)
+
+    rows = ["dense"] + [f"{name} | {mode}" for name in plans for mode in modes]
+    row_key = lambda row: "dense" if row == "dense" else f"{keys[row.split(' | ')[0]]}|{row.split(' | ')[1]}"  # noqa: E731
+    with torch.no_grad():                           # warm-up: the first forward pays one-time setup costs
+        model(input_ids=torch.ones(1, 64, dtype=torch.long), use_cache=False, logits_to_keep=1)
+    started = time.perf_counter()
+    if not args.report_only:
+        samples = {(kind, n): eval_tasks.generate(kind, tokenizer, n, docs[n] if kind == "perplexity" else trials[n],
+                                                  args.seed) for n in lengths for kind in kinds}
+        # waves of evenly spread trial indices over every length and task, so a run cut short by its
+        # time limit still has needles at every depth (and resumes from --cache)
+        todo = [(wave, n, kind, i) for (kind, n), group in samples.items() for i in range(len(group))
+                for wave in [spread_rank(i, len(group))]]
+        for _, n, kind, i in tqdm(sorted(todo), desc="bench", unit="prompt"):
+            count = len(samples[(kind, n)])
+            s = samples[(kind, n)][i]
+            base = f"{kind}|{n}|{args.seed}|{count}|{i}"     # depths depend on the count
+            wanted = [r for r in rows if not (kind == "perplexity" and r.endswith("| ctx"))]
+            missing = {r for r in wanted if f"{row_key(r)}|{base}" not in store}
+            if not missing:
+                continue
+            if kind == "perplexity":
+                got = perplexity_trial(model, tokenizer, s.prompt, plans, modes, args.ppl_chunk, missing)
+            else:
+                kv_file = Path(args.kv_store) / f"{kind}-{n}-{args.seed}-{count}-{i}.safetensors" if args.kv_store else None
+                got = retrieval_trial(model, tokenizer, s.prompt, s.answers, KINDS[kind].max_gen_toks, plans, modes,
+                                      missing, kv_file)
+            for r, value in got.items():
+                store[f"{row_key(r)}|{base}"] = value
+    seconds = time.perf_counter() - started
+
+    per_prompt, results, prefill = {}, {}, {}
+    for n in lengths:
+        for kind in kinds:
+            count = docs[n] if kind == "perplexity" else trials[n]
+            for r in rows:
+                if kind == "perplexity" and r.endswith("| ctx"):
+                    continue
+                found = {i: store.get(f"{row_key(r)}|{kind}|{n}|{args.seed}|{count}|{i}") for i in range(count)}
+                found = {i: v for i, v in found.items() if v is not None}
+                if not found:
+                    continue
+                per_prompt[(r, kind, n)] = found
+                results[(r, kind, n)] = summarize(kind, list(found.values()))
+                times = [v["prefill_s"] for v in found.values() if isinstance(v, dict) and "prefill_s" in v]
+                if times:
+                    prefill.setdefault((r, n), []).extend(times)
+    print(f"\nSmolLM2-135M-Instruct, uniform densities {', '.join(f'{d:g}' for d in densities) or '-'}; "
+          f"plans {args.plan}; retrieval trials per length "
+          f"{trials}, perplexity documents {docs}; {seconds:.0f} s this run\n")
+    def show(r: str, kind: str, n: int) -> str:
+        value = results[(r, kind, n)]
+        if isinstance(value, tuple):
+            return f"{value[0]}/{value[1]}"
+        return f"{value:.3f}" + ("" if len(per_prompt[(r, kind, n)]) == docs[n] else
+                                 f" ({len(per_prompt[(r, kind, n)])} docs)")
+
+    print("| plan | mode | KV kept at " + ", ".join(map(str, lengths)) + " | "
+          + " | ".join(f"{k} {n}" for k in kinds for n in lengths)
+          + "".join(f" | prefill s {n}" for n in lengths) + " |")
+    print("|---|---|---|" + "---:|" * (len(kinds) * len(lengths) + len(lengths)))
+    for r in rows:
+        name, mode = (r, "-") if r == "dense" else r.split(" | ")
+        spec = "dense" if r == "dense" else plans[name]
+        kept = ", ".join(f"{Plan.from_spec(spec, model).density(n):.3f}" for n in lengths)
+        cells = [show(r, k, n) if (r, k, n) in results else
+                 ("(= dense)" if k == "perplexity" and mode == "ctx" else "-") for k in kinds for n in lengths]
+        times = [f"{sum(prefill[(r, n)]) / len(prefill[(r, n)]):.2f}" if (r, n) in prefill else "-" for n in lengths]
+        print(f"| {name} | {mode} | {kept} | " + " | ".join(cells) + " | " + " | ".join(times) + " |")
+    print("\nTargets at each calibrated row (retrieval >= 95% of dense and >= 1.5x uniform in the same mode, "
+          "perplexity <= +3% of dense):")
+    checks = []
+    for name, uniform in baseline.items():
+        for mode in modes:
+            ppl_mode = "dense" if mode == "ctx" else mode
+            checks += target_checks(per_prompt, "dense", f"{uniform} | {mode}", f"{name} | {mode}",
+                                    [k for k in kinds if k != "perplexity"], lengths)
+            if "perplexity" in kinds and mode != "ctx":
+                checks += target_checks(per_prompt, "dense", f"{uniform} | {ppl_mode}", f"{name} | {ppl_mode}",
+                                        ["perplexity"], lengths)
+    for line in checks:
+        print(f"- {line}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({
+            **info, "plans": args.plan, "densities": densities, "trials": trials, "ppl_docs": docs, "modes": modes,
+            "results": [{"row": r, "task": k, "length": n, "value": v if not isinstance(v, tuple) else list(v)}
+                        for (r, k, n), v in results.items()],
+            "prefill_s": {f"{r}|{n}": sum(t) / len(t) for (r, n), t in prefill.items()}, "targets": checks}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

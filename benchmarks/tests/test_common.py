@@ -1,0 +1,69 @@
+"""The benchmarks' shared helpers, and every benchmark and research script starting from any folder."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from benchmarks.common import (REPO, ResultStore, Setting, make_prompts, per_length, plan_key, provenance,
+                               spread_rank)
+
+SCRIPTS = sorted(p.relative_to(REPO).as_posix() for p in [*(REPO / "benchmarks").glob("*.py"),
+                                                          *(REPO / "scripts").glob("*.py")]
+                 if p.name not in ("__init__.py", "common.py"))
+
+
+def test_result_store_resumes_from_its_file(tmp_path):
+    path = tmp_path / "r.jsonl"
+    store = ResultStore(path)
+    store["a"] = {"ok": True}
+    store["b"] = [1.5, 3]
+    again = ResultStore(path)
+    assert again == {"a": {"ok": True}, "b": [1.5, 3]}
+    assert ResultStore(None) == {} and not (tmp_path / "None").exists()
+
+
+def test_spread_rank_orders_every_trial_once_and_spreads_prefixes():
+    for count in (1, 2, 5, 8, 20):
+        ranks = [spread_rank(i, count) for i in range(count)]
+        assert len(set(ranks)) == count and all(0 <= r < 1 for r in ranks)
+    order = sorted(range(8), key=lambda i: spread_rank(i, 8))
+    assert order[:4] == [0, 4, 2, 6]                     # the first half of the run covers every quarter
+
+
+def test_per_length_and_plan_key():
+    assert per_length("50", [2048, 4096]) == [50, 50]
+    assert per_length("50,20", [2048, 4096]) == [50, 20]
+    with pytest.raises(SystemExit, match="--ppl-docs needs one count or one per length"):
+        per_length("1,2,3", [2048, 4096], "--ppl-docs")
+    assert plan_key("dense") == "dense"
+
+
+def test_prompts_are_distinct_prose_slices_of_exact_length():
+    from transformers import AutoTokenizer
+
+    from headwise.models import embedded_model_dir
+
+    tok = AutoTokenizer.from_pretrained(embedded_model_dir(), local_files_only=True)
+    prompts = make_prompts(Setting(300, 3), tok)
+    assert [len(p) for p in prompts] == [300] * 3 and prompts[0] != prompts[1]
+    assert make_prompts(Setting(300, 3), tok) == prompts
+    random = make_prompts(Setting(10, 2), vocab_size=50)
+    assert all(3 <= t < 50 for p in random for t in p)
+
+
+def test_provenance_names_date_commit_machine_and_command():
+    info = provenance()
+    assert set(info) == {"date", "commit", "machine", "command"}
+    assert info["date"].endswith("UTC") and "CPUs" in info["machine"] and info["commit"]
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_script_starts_from_any_folder(script, tmp_path):
+    """``python <script> --help`` from another folder: the script imports this checkout's code."""
+    result = subprocess.run([sys.executable, str(REPO / script), "--help"], cwd=tmp_path, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "usage:" in result.stdout

@@ -1,1 +1,0 @@
-"""Benchmarks shipped with headwise (``headwise bench ...``; thin scripts in ``scripts/`` call them)."""
