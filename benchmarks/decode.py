@@ -623,12 +623,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="add an engine row running this plan (JSON path, 'dense', 'uniform:0.25'); repeatable")
     parser.add_argument("--hf-plan", action="append", default=None, metavar="NAME=SPEC",
                         help="add a row running this plan through patch_model (the HF path); repeatable")
-    parser.add_argument("--model", default=None, help="local checkpoint dir (default: the embedded SmolLM2)")
+    parser.add_argument("--model", default=None,
+                        help="model name (headwise model list) or local checkpoint dir (default: the embedded SmolLM2)")
 
 
 def run(args) -> int:
     from headwise import load_model
-    from headwise.models import embedded_model_dir
+    from headwise.models import resolve
 
     from transformers.utils import logging as hf_logging
 
@@ -640,7 +641,7 @@ def run(args) -> int:
     rows += list(plan_rows)
     if args.decode_tokens < 1:
         raise SystemExit("--decode-tokens must be at least 1.")
-    model_dir = str(embedded_model_dir() if args.model is None else Path(args.model))
+    model_dir = str(resolve(args.model))
     args.provenance = provenance()
     print(provenance_line(args.provenance))
     print(f"headwise decode benchmark: settings {', '.join(map(str, settings))}; {args.decode_tokens} decode "

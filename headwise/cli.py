@@ -12,6 +12,7 @@ import sys
 # Modules that define ``register(subparsers)``; one line per area.
 COMMAND_MODULES = [
     "headwise.demo",
+    "headwise.models_cli",
     "headwise.eval.cli",
     "headwise.calibrate.cli",
     "headwise.calibrate.fit_cli",

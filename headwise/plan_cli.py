@@ -13,11 +13,21 @@ def register(subparsers) -> None:
     show = sub.add_parser("show", help="print density per length and draw the heatmap")
     show.add_argument("plan", help="plan JSON file")
     show.add_argument("--lengths", default=None,
-                      help="comma-separated lengths (default: the plan's calibration lengths, else 1k..8k)")
+                      help="comma-separated lengths (default: the plan's calibration lengths and 1k..8k, doubling up "
+                           "to the model's context)")
     show.add_argument("--png", default=None, help="heatmap path (default: the plan's path with .png)")
     show.add_argument("--kv-bytes", type=int, default=2,
                       help="bytes per cached K/V value in the memory table (2: bf16/fp16, 4: fp32)")
     show.set_defaults(func=show_plan)
+
+
+def default_lengths(plan) -> list[int]:
+    """1k, 2k, 4k, 8k, and further doublings up to the model's context (16k, 32k for a 32k model)."""
+    lengths, n = list(DEFAULT_LENGTHS), DEFAULT_LENGTHS[-1] * 2
+    while n <= plan.model.max_length:
+        lengths.append(n)
+        n *= 2
+    return lengths
 
 
 def show_plan(args) -> int:
@@ -29,7 +39,7 @@ def show_plan(args) -> int:
     if args.lengths:
         lengths = parse_lengths(args.lengths)
     else:
-        lengths = sorted({*(int(n) for n in plan.calibration.get("lengths") or []), *DEFAULT_LENGTHS})
+        lengths = sorted({*(int(n) for n in plan.calibration.get("lengths") or []), *default_lengths(plan)})
     cal = plan.calibration
     print(f"plan {args.plan}: model {plan.model.name}, {plan.model.num_layers} layers x {plan.model.num_kv_heads} "
           f"KV heads; method {cal.get('method', '?')}, made for density {cal.get('density', '?')}")

@@ -93,6 +93,30 @@ def real_model():
     return load_model()
 
 
+QWEN = "qwen2.5-coder-0.5b"
+
+
+@pytest.fixture(scope="session")
+def qwen_model():
+    """Qwen2.5-Coder-0.5B-Instruct (opt-in: ``make fetch-models``); the test skips when it is not fetched.
+
+    Tests using it are marked ``real_model`` and ``slow`` (``pytest_collection_modifyitems``)."""
+    from headwise.models import get_entry, is_available, load_model
+
+    if not is_available(QWEN):
+        pytest.skip(f"{get_entry(QWEN).display_name} is not fetched (opt-in, ~491 MB); fetch it with "
+                    f"`make fetch-models` or `headwise model fetch {QWEN}`")
+    return load_model(QWEN)
+
+
+@pytest.hookimpl(tryfirst=True)          # before -m deselects
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if "qwen_model" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.real_model)
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture
 def all_threads():
     """The machine's threads instead of the tests' one (``same_process_state``): for the native kernels, whose

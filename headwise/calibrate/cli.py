@@ -41,7 +41,8 @@ def torch_threads(threads: int | None) -> None:
 def register(subparsers) -> None:
     p = subparsers.add_parser("calibrate", help="profile a model and write a plan at a target density",
                               description=__doc__.split("\n")[0])
-    p.add_argument("--model", default=None, help="local Hugging Face checkpoint folder (default: embedded SmolLM2)")
+    p.add_argument("--model", default=None,
+                   help="model name (headwise model list) or local checkpoint folder (default: the embedded SmolLM2)")
     p.add_argument("--density", type=float, required=True, help="kept fraction of the KV cache, e.g. 0.25")
     p.add_argument("--lengths", default="1024,2048,4096", help="profiled lengths in tokens (add 8192 for 8k)")
     p.add_argument("--holdout", type=int, default=None,

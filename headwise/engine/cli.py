@@ -8,7 +8,8 @@ import sys
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("generate", help="generate with the paged-KV engine under a plan")
-    p.add_argument("--model", default=None, help="local checkpoint directory (default: the embedded model)")
+    p.add_argument("--model", default=None,
+                   help="model name (headwise model list) or local checkpoint folder (default: the embedded SmolLM2)")
     p.add_argument("--plan", default="dense", help="plan JSON, 'dense' or 'uniform:0.25' (default: dense)")
     p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
     p.add_argument("--prompt-file", help="text file, one prompt per line, or JSONL with 'prompt' or "

@@ -66,7 +66,8 @@ def register(subparsers) -> None:
     p.add_argument("--lengths", default="2048,4096,8192", help="context lengths in tokens, comma separated")
     p.add_argument("--trials", type=int, default=None, help="samples per task and length (overrides the preset)")
     p.add_argument("--full", action="store_true", help=f"full sample counts {FULL_TRIALS} instead of {REDUCED_TRIALS}")
-    p.add_argument("--pretrained", default=None, help="local checkpoint directory (default: the embedded model)")
+    p.add_argument("--pretrained", default=None,
+                   help="model name (headwise model list) or local checkpoint folder (default: the embedded SmolLM2)")
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--kernels", default="auto", help="kernel backend for window heads")
     p.add_argument("--seed", type=int, default=0)
