@@ -18,6 +18,7 @@ COMMAND_MODULES = [
     "headwise.calibrate.fit_cli",
     "headwise.plan_cli",
     "headwise.engine.cli",
+    "headwise.integrations.vllm.cli",
 ]
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 HERE = Path(__file__).resolve().parent
+ROOT = HERE.parents[1]
 #: vLLM's CPU settings for this 2-core machine (docs/design.md): both cores, no reserved core, small cache.
 VLLM_ENV = {"VLLM_CPU_OMP_THREADS_BIND": "0-1", "VLLM_CPU_NUM_OF_RESERVED_CPU": "0", "VLLM_CPU_KVCACHE_SPACE": "1"}
 
@@ -51,19 +52,30 @@ def hf_greedy(model, prompt: list[int], max_new_tokens: int) -> list[int]:
     return tokens
 
 
+def vllm_env(**extra: str) -> dict[str, str]:
+    """Environment of a vLLM subprocess: ``VLLM_ENV``, no ``HEADWISE_PLAN``, and this checkout's
+    ``headwise`` first on the path (the plugin entry point imports ``headwise`` in vLLM's processes)."""
+    env = {**os.environ, **VLLM_ENV, **extra}
+    env.pop("HEADWISE_PLAN", None)
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])
+    return env
+
+
 def run_vllm(model_dir: str, plan: str | None, prompts: list[list[int]], max_tokens: int, timeout: int = 600,
-             **llm) -> dict:
+             measure: bool = False, then: list[list[int]] | None = None, **llm) -> dict:
     """Greedy generation with ``vllm.LLM`` in a subprocess (``vllm_run.py``).
 
-    Returns ``{"tokens": [[ids]...], "num_gpu_blocks": int}`` on success, or
-    ``{"error": returncode, "log": stdout + stderr}`` when vLLM did not start or failed.
+    Returns ``{"tokens": [[ids]...], "num_gpu_blocks": int}`` on success (with ``measure``, the
+    engine core runs in that process and the result adds the blocks in use after each step: see
+    ``vllm_run.py``), or ``{"error": returncode, "log": stdout + stderr}`` when vLLM did not start or
+    failed.
     """
     with tempfile.TemporaryDirectory() as tmp:
         request, result = Path(tmp, "request.json"), Path(tmp, "result.json")
         request.write_text(json.dumps({"model": model_dir, "plan": plan, "prompts": prompts,
-                                       "max_tokens": max_tokens, "llm": llm}))
-        env = {**os.environ, **VLLM_ENV}
-        env.pop("HEADWISE_PLAN", None)
+                                       "max_tokens": max_tokens, "llm": llm, "measure": measure,
+                                       "then": then}))
+        env = vllm_env()
         proc = subprocess.run([sys.executable, str(HERE / "vllm_run.py"), str(request), str(result)], env=env,
                               capture_output=True, text=True, timeout=timeout)
         if proc.returncode != 0 or not result.exists():

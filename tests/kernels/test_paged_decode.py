@@ -91,3 +91,12 @@ def test_native_reads_strided_pools_in_place():
     torch.testing.assert_close(op.paged_decode(*args, backend="native"),
                                op.paged_decode(q, k_pool, v_pool, pos_pool, tables, q_pos, sink_t, span, scale,
                                                backend="naive"), **TOLERANCE[torch.float32])
+
+
+def test_native_reads_blocks_of_384_slots():
+    """vLLM's split KV parts (integrations/vllm/split.py) have 384-slot blocks."""
+    q, k, v, q_pos, k_pos, sink, span, scale = decode_case(1000, 3, 64, "win_lt", torch.float32)
+    pool = paged(k, v, k_pos, 384, 1)
+    args = (q, *pool, q_pos, sink, span, scale)
+    torch.testing.assert_close(op.paged_decode(*args, backend="native"), op.paged_decode(*args, backend="naive"),
+                               **TOLERANCE[torch.float32])

@@ -36,7 +36,8 @@ def register() -> None:
     On every platform, the name ``HEADWISE`` (``--attention-backend HEADWISE``) resolves to
     ``HeadwiseTritonBackend``, the CUDA backend (a subclass of vLLM's Triton backend; vLLM's CPU
     platform ignores a selected backend and runs ``CPU_ATTN``). On a CPU platform, ``CPU_ATTN``
-    resolves to ``HeadwiseCPUBackend`` from then on. Both are inert without a plan. On CUDA a plan is
+    resolves to ``HeadwiseCPUBackend`` from then on, and headwise's KV cache spec for all-window layers
+    (``kv_spec.SinkWindowSpec``) is registered with its manager. Both are inert without a plan. On CUDA a plan is
     read only when ``--attention-backend HEADWISE`` is given: the plugin registers before vLLM
     picks a backend and cannot see that choice (README, "Serve with vLLM").
     """
@@ -49,3 +50,6 @@ def register() -> None:
         register_backend(CUDA_NAME, CUDA_BACKEND)
     if current_platform.is_cpu():
         register_backend(AttentionBackendEnum.CPU_ATTN, CPU_BACKEND)
+        from .kv_spec import register_kv_spec
+
+        register_kv_spec()

@@ -7,13 +7,14 @@ Imports vLLM's config module (not a backend), so both ``cpu.py`` and ``cuda.py``
 from __future__ import annotations
 
 import logging
+import sys
 
 from vllm.config.vllm import get_current_vllm_config_or_none
 from vllm.v1.attention.backend import AttentionType
 
 from ...kinds.kv_rule import LayerRule
 from ...plan import Plan, PlanError
-from .plan_source import describe, load_plan_for_vllm, plan_spec
+from .plan_source import PREFILL_KEY, describe, load_plan_for_vllm, plan_spec
 
 logger = logging.getLogger("vllm.headwise")    # under vLLM's logger: its handler and format
 
@@ -34,9 +35,10 @@ def active_plan(backend: str) -> Plan | None:
     spec = plan_spec(config.additional_config)
     if spec is None:
         return None
-    key = (spec, str(model_config.model))
+    prefill = (config.additional_config or {}).get(PREFILL_KEY)
+    key = (spec, str(model_config.model), prefill)
     if key not in _loaded:
-        plan = load_plan_for_vllm(spec, model_config.hf_config)
+        plan = load_plan_for_vllm(spec, model_config.hf_config, prefill)
         if str(config.cache_config.cache_dtype) not in ("auto", "None"):
             raise PlanError(f"the vLLM plugin reads an unquantized KV cache, but --kv-cache-dtype is "
                             f"{config.cache_config.cache_dtype!r}; drop that flag or serve without a plan.")
@@ -69,15 +71,42 @@ def check_layer(plan: Plan | None, num_heads: int, num_kv_heads: int, alibi_slop
                         "plans under tensor parallelism yet, so serve with --tensor-parallel-size 1.")
 
 
-def layer_rule(plan: Plan, layer_name: str) -> LayerRule:
-    """The sink/span rule of vLLM layer ``layer_name`` (``model.layers.<i>.self_attn.attn``)."""
+def layer_index(plan: Plan, layer_name: str) -> int:
+    """The plan row of vLLM layer ``layer_name`` (``model.layers.<i>.self_attn.attn`` -> ``i``)."""
     from vllm.model_executor.models.utils import extract_layer_index
 
     index = extract_layer_index(layer_name)
     if not 0 <= index < len(plan.layers):
         raise PlanError(f"vLLM layer {layer_name!r} has no row in a plan of {len(plan.layers)} "
                         "layers; calibrate a plan for this model.")
-    return LayerRule.from_heads(plan.layers[index])
+    return index
+
+
+def layer_rule(plan: Plan, layer_name: str) -> LayerRule:
+    """The sink/span rule of vLLM layer ``layer_name`` (``model.layers.<i>.self_attn.attn``)."""
+    return LayerRule.from_heads(plan.layers[layer_index(plan, layer_name)])
+
+
+def requesting_layer():
+    """The attention layer vLLM is building or asking about, found on the call stack, or ``None``.
+
+    vLLM 0.32 gives neither an attention implementation's ``__init__`` nor the backend's
+    ``customize_spec(spec)`` classmethod the layer (``v1/worker/utils.py``
+    ``customize_attention_spec``; vLLM RFC #42449 proposes backends building specs themselves), and
+    calls the latter outside ``set_current_vllm_config``. The caller's frames hold the layer
+    (``Attention.__init__``'s ``self``; the model runner's loop over attention layers in
+    ``gpu_model_runner.get_kv_cache_spec``), so this returns the attention-like layer
+    (``AttentionLayerBase``) of the nearest frame that holds one.
+    """
+    from vllm.model_executor.layers.attention_layer_base import AttentionLayerBase
+
+    frame = sys._getframe(1)
+    while frame is not None:
+        for value in frame.f_locals.values():
+            if isinstance(value, AttentionLayerBase):
+                return value
+        frame = frame.f_back
+    return None
 
 
 class PlanAttention:

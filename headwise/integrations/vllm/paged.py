@@ -10,7 +10,8 @@ values, so gathering a page is a plain copy (a transposing gather of the keys co
 measured) and the layout does not depend on the CPU's ISA. All-dense layers keep vLLM's layout.
 
 Positions are not stored: position ``p`` of a sequence lives in block ``block_table[p // bs]`` at
-offset ``p % bs``. The adapter turns that into the contracts' explicit positions:
+offset ``p % bs``, unless the entry is vLLM's null block (the KV manager gave that block back:
+``kv_spec.SinkWindowManager``). The adapter turns that into the contracts' explicit positions:
 
 * ``write(kv_cache, key, value, slot_mapping)`` stores a step's keys and values;
 * ``pools(kv_cache)`` views the cache as per-head pools ``[P * Hkv, bs, 1, D]`` (pool block
@@ -29,11 +30,16 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ...kernels.paged_decode import paged_decode
+from ...kernels.paged_decode import native, paged_decode
 from ...kernels.paged_decode.naive import gather_pages
 from ...kernels.sink_window import sink_window_attention
 from ...patches.runtime import LayerRule
 
+
+#: vLLM's null block: the block id a block table holds where the KV manager gave a block back
+#: (``BlockPool.null_block``, the pool's first block, never handed to a request). Its slots get
+#: position -1, so a read through a freed entry sees no key.
+NULL_BLOCK = 0
 
 #: Bytes of keys + values (fp32) one ``paged_decode`` call may gather; decode rows are split to
 #: stay under it. 0 (the default): one call for all rows. Splitting into 1 MB gathers was 8x slower
@@ -107,6 +113,7 @@ class StepLayout:
         decode_rows, decode_tokens: ``[Bd]`` int64: sequences with one query token and that
             token's index in the step.
         prefills: the other sequences.
+        positions: the KV cache group's ``PositionBuffer`` (``None``: a fresh pool this step).
     """
 
     block_size: int
@@ -116,12 +123,14 @@ class StepLayout:
     decode_rows: torch.Tensor
     decode_tokens: torch.Tensor
     prefills: list[Prefill]
+    positions: "PositionBuffer | None" = field(default=None, repr=False)
     _pos_pool: torch.Tensor | None = field(default=None, repr=False)
 
     @classmethod
     def build(cls, query_start_loc: torch.Tensor, seq_lens: torch.Tensor, block_table: torch.Tensor,
-              block_size: int, num_kv_heads: int) -> "StepLayout":
-        """From vLLM's ``query_start_loc [B+1]``, ``seq_lens [B]`` and ``block_table [B, M]``."""
+              block_size: int, num_kv_heads: int, positions: "PositionBuffer | None" = None) -> "StepLayout":
+        """From vLLM's ``query_start_loc [B+1]``, ``seq_lens [B]`` and ``block_table [B, M]``;
+        ``positions``: the group's buffer kept across steps (default: a fresh pool)."""
         B = seq_lens.shape[0]
         starts = query_start_loc[:B + 1].tolist()
         lengths = seq_lens[:B].tolist()
@@ -134,28 +143,58 @@ class StepLayout:
                 prefills.append(Prefill(b, starts[b], starts[b + 1], lengths[b] - q_len, lengths[b]))
         rows = torch.tensor(decode_rows, dtype=torch.long, device=seq_lens.device)
         return cls(block_size, num_kv_heads, block_table[:B], seq_lens[:B].long(), rows,
-                   query_start_loc[rows].long(), prefills)
+                   query_start_loc[rows].long(), prefills, positions)
 
     def pos_pool(self, num_pool_blocks: int) -> torch.Tensor:
-        """``[P * Hkv, bs]`` int64 position of every slot of the step's sequences, -1 elsewhere.
+        """``[P * Hkv, bs]`` int64 position of every slot of the step's sequences.
 
-        Built on first use and shared by all layers of the step (they share block tables).
+        Rows of blocks the step's sequences do not hold are -1 in a fresh buffer; with a
+        ``PositionBuffer`` (``positions``) they keep what an earlier step wrote, which no table of
+        this step references. Entries of freed blocks (``NULL_BLOCK``) give no position. Built on
+        first use and shared by the layers of the step that share this block table (one KV cache
+        group).
         """
         if self._pos_pool is None or self._pos_pool.shape[0] != num_pool_blocks:
-            bs, Hkv = self.block_size, self.num_kv_heads
-            device = self.block_table.device
-            pos = torch.full((num_pool_blocks // Hkv, bs), -1, dtype=torch.long, device=device)
-            used = (self.seq_lens + bs - 1) // bs                                        # [B] blocks in use
-            M = int(used.max()) if used.numel() else 0
-            if M:
-                logical = torch.arange(M, device=device)
-                live = logical[None, :] < used[:, None]                                  # [B, M]
-                slots = logical[:, None] * bs + torch.arange(bs, device=device)          # [M, bs]
-                slot_pos = slots[None].expand(live.shape[0], M, bs)
-                slot_pos = torch.where(slot_pos < self.seq_lens[:, None, None], slot_pos, -1)
-                pos[self.block_table[:, :M][live].long()] = slot_pos[live]
-            self._pos_pool = pos.repeat_interleave(Hkv, dim=0)
+            buffer = self.positions if self.positions is not None else PositionBuffer()
+            self._pos_pool = buffer.fill(self.block_table, self.seq_lens, self.block_size, self.num_kv_heads,
+                                         num_pool_blocks)
         return self._pos_pool
+
+
+class PositionBuffer:
+    """A ``pos_pool`` kept across steps (and shared by the KV cache groups of one cache geometry): a
+    step writes only the blocks its sequences hold.
+
+    A fresh ``[P * Hkv, bs]`` pool every step costs ``P * Hkv * bs`` writes per group, the whole
+    pool (tens of MB per step when vLLM cuts its KV space into many small blocks); this writes
+    ``Hkv * bs`` per block the step's sequences hold. Rows of other blocks keep stale positions, which
+    no block table of the step references: a block changes hands only through vLLM's one pool (so
+    no block is in two groups' tables at once), and its new holder's rows are written before any read.
+    """
+
+    def __init__(self) -> None:
+        self.pos: torch.Tensor | None = None
+
+    def fill(self, block_table: torch.Tensor, seq_lens: torch.Tensor, bs: int, Hkv: int,
+             num_pool_blocks: int) -> torch.Tensor:
+        """Write the positions of the blocks ``block_table [B, M]`` holds for ``seq_lens [B]``; the pool."""
+        device = block_table.device
+        if self.pos is None or self.pos.shape != (num_pool_blocks, bs):
+            self.pos = torch.full((num_pool_blocks, bs), -1, dtype=torch.long, device=device)
+        used = (seq_lens + bs - 1) // bs                                                 # [B] blocks in use
+        M = int(used.max()) if used.numel() else 0
+        if M:
+            logical = torch.arange(M, device=device)
+            live = (logical[None, :] < used[:, None]) & (block_table[:, :M] != NULL_BLOCK)         # [B, M]
+            slots = logical[:, None] * bs + torch.arange(bs, device=device)              # [M, bs]
+            slot_pos = torch.where(slots[None] < seq_lens[:, None, None], slots[None], -1)  # [B, M, bs]
+            # index_select / index_copy_: boolean-mask indexing took ~10 ms per call on 2 busy cores (measured)
+            held = live.reshape(-1).nonzero().squeeze(1)                                 # [n]
+            blocks = block_table[:, :M].reshape(-1).index_select(0, held).long()         # [n]
+            rows = (blocks[:, None] * Hkv + torch.arange(Hkv, device=device)).reshape(-1)  # [n * Hkv]
+            values = slot_pos.reshape(-1, bs).index_select(0, held)                      # [n, bs]
+            self.pos.index_copy_(0, rows, values[:, None, :].expand(-1, Hkv, bs).reshape(-1, bs))
+        return self.pos
 
 
 def head_groups(rule: LayerRule) -> list[list[int]]:
@@ -228,6 +267,8 @@ def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, kv_cache
     H, Hkv = query.shape[1], key.shape[1]
     G = H // Hkv
     k_pool, v_pool = pools(kv_cache)
+    # the native kernel reads blocks of up to native.MAX_BLOCK slots; larger ones take the torch path
+    decode_backend = "cpu" if backend == "auto" and step.block_size > native.MAX_BLOCK else backend
     if step.decode_rows.numel():
         rows, tokens = step.decode_rows, step.decode_tokens
         lengths = step.seq_lens[rows]
@@ -246,7 +287,7 @@ def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, kv_cache
             for a in range(0, len(rows), rows_per_call):
                 c = slice(a, a + rows_per_call)
                 out = paged_decode(q_all[c][:, qh], k_pool, v_pool, pos_pool, tables[c], lengths[c] - 1,
-                                   rule.sink[hs], spans[c][:, hs], scale, backend=backend)
+                                   rule.sink[hs], spans[c][:, hs], scale, backend=decode_backend)
                 output[tokens[c][:, None], qh[None, :]] = out.to(output.dtype)
     prefill_rule = rule if prefill_rule is None else prefill_rule
     for p in step.prefills:

@@ -7,15 +7,18 @@ without vLLM.
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 from typing import Any, Mapping
 
 from ...kinds import registry
-from ...plan import Plan, PlanError
+from ...plan import PREFILL_MODES, Plan, PlanError
 
 #: Key of ``--additional-config`` (``LLM(additional_config=...)``) naming the plan.
 PLAN_KEY = "headwise_plan"
 #: Environment variable naming the plan when ``--additional-config`` does not.
 ENV_VAR = "HEADWISE_PLAN"
+#: ``--additional-config`` key overriding the plan's prefill mode (``"sparse"`` or ``"dense"``).
+PREFILL_KEY = "headwise_prefill"
 
 
 def check_runnable(plan: Plan) -> None:
@@ -49,12 +52,13 @@ def plan_spec(additional_config: Any, environ: Mapping[str, str] | None = None) 
     return environ.get(ENV_VAR) or None
 
 
-def load_plan_for_vllm(spec: str, hf_config: Any) -> Plan:
+def load_plan_for_vllm(spec: str, hf_config: Any, prefill: str | None = None) -> Plan:
     """Load ``spec`` for the model vLLM serves and check the plugin can run every head.
 
     Args:
         spec: a plan JSON path, ``"dense"`` or ``"uniform:<density>[:<sink>]"``.
         hf_config: vLLM's ``model_config.hf_config`` (a ``transformers`` config).
+        prefill: ``"sparse"`` or ``"dense"`` to override the plan's prefill mode (``PREFILL_KEY``).
 
     Returns:
         The validated ``Plan``.
@@ -64,6 +68,10 @@ def load_plan_for_vllm(spec: str, hf_config: Any) -> Plan:
             plugin cannot run, or a model whose own layers use sliding-window attention.
     """
     plan = Plan.from_spec(spec, hf_config)
+    if prefill is not None:
+        if prefill not in PREFILL_MODES:
+            raise PlanError(f"--additional-config {PREFILL_KEY!r} must be one of {list(PREFILL_MODES)}, got {prefill!r}.")
+        plan = replace(plan, prefill=prefill)
     check_runnable(plan)
     text = hf_config.get_text_config(decoder=True) if hasattr(hf_config, "get_text_config") else hf_config
     native = [i for i, t in enumerate(getattr(text, "layer_types", None) or []) if t != "full_attention"]

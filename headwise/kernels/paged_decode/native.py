@@ -20,6 +20,8 @@ import torch
 from ..native_build import load_native
 
 SOURCE = Path(__file__).with_name("paged_decode.c")
+#: The largest block (slots) the kernel reads (``MAX_BS`` in the C source).
+MAX_BLOCK = 512
 
 
 @lru_cache(maxsize=1)
@@ -38,9 +40,9 @@ def available() -> bool:
 
 
 def supports(q: torch.Tensor, k_pool: torch.Tensor) -> bool:
-    """Inputs the native kernel takes: CPU tensors, fp32/bf16 pools, G <= 16, D <= 256, block <= 256."""
+    """Inputs the native kernel takes: CPU tensors, fp32/bf16 pools, G <= 16, D <= 256, block <= 512."""
     return (q.device.type == "cpu" and k_pool.device.type == "cpu" and k_pool.dtype in (torch.float32, torch.bfloat16)
-            and k_pool.shape[1] <= 256 and k_pool.shape[-1] <= 256 and available())
+            and k_pool.shape[1] <= MAX_BLOCK and k_pool.shape[-1] <= 256 and available())
 
 
 def paged_decode(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, pos_pool: torch.Tensor,
@@ -54,9 +56,9 @@ def paged_decode(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, po
     P, bs, Hb, _ = k_pool.shape
     Ht, M = block_tables.shape[1], block_tables.shape[2]
     Hkv = Ht * Hb
-    if H // Hkv > 16 or D > 256 or bs > 256:
+    if H // Hkv > 16 or D > 256 or bs > MAX_BLOCK:
         raise ValueError(f"native paged_decode takes at most 16 query heads per KV head, head_dim 256 and blocks of "
-                         f"256 slots, got {H // Hkv}, {D}, {bs}; use backend='cpu'.")
+                         f"{MAX_BLOCK} slots, got {H // Hkv}, {D}, {bs}; use backend='cpu'.")
     if k_pool.dtype not in (torch.float32, torch.bfloat16) or v_pool.dtype != k_pool.dtype:
         raise ValueError(f"native paged_decode reads float32 or bfloat16 pools, got {k_pool.dtype}; use backend='cpu'.")
     qf = q.float().contiguous()

