@@ -34,10 +34,16 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
     def _get_help_string(self, action):
         text = action.help or ""
-        if "default" in text.lower() or action.default in (None, False, argparse.SUPPRESS) \
-                or not action.option_strings or action.default == []:
+        if "default" in text.lower() or not action.option_strings or not _shows_default(action):
             return text
         return f"{text} (default: %(default)s)" if text else "default: %(default)s"
+
+
+def _shows_default(action: argparse.Action) -> bool:
+    """Whether an option's default says something: not None, not a flag's False, not an empty list."""
+    default = action.default
+    return not (default is None or default is False or default is argparse.SUPPRESS
+                or (isinstance(default, list) and not default))
 
 
 class Parser(argparse.ArgumentParser):
@@ -49,7 +55,7 @@ class Parser(argparse.ArgumentParser):
 
     def _add_action(self, action):
         # argparse skips the help of options without help text; give them one so the default shows
-        if action.help is None and action.option_strings and action.default not in (None, False, [], argparse.SUPPRESS):
+        if action.help is None and action.option_strings and _shows_default(action):
             action.help = ""
         return super()._add_action(action)
 
@@ -63,7 +69,9 @@ def add_threads(parser: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
-    parser = Parser(prog="headwise", description=__doc__.split("\n")[0])
+    parser = Parser(prog="headwise", description="headwise: cheaper long-context inference of Hugging Face LLMs, "
+                                                 "one attention head at a time. `headwise COMMAND --help` for a "
+                                                 "command's options.")
     parser.add_argument("--version", action="version", version=f"headwise {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log which kernels and plans run")
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error instead of one line")
@@ -96,13 +104,14 @@ def error_line(error: BaseException) -> str | None:
     if isinstance(error, HeadwiseError):
         text = str(error)
     elif isinstance(error, OSError) and error.filename is not None:
-        if error.strerror:
-            text = f"cannot use {str(error.filename)!r}: {error.strerror.rstrip('.')}."
-        else:
-            text = str(error)
-    elif isinstance(error, OSError) and type(error) in (FileNotFoundError, IsADirectoryError, NotADirectoryError,
-                                                         PermissionError):
-        text = str(error)
+        name = repr(str(error.filename))
+        text = {FileNotFoundError: f"{name} does not exist; check the path.",
+                IsADirectoryError: f"{name} is a directory; give a file.",
+                NotADirectoryError: f"a part of {name} is not a directory; check the path.",
+                PermissionError: f"no permission to use {name}; check its permissions."}.get(
+            type(error), f"cannot use {name}: {(error.strerror or str(error)).rstrip('.')}.")
+    elif type(error) in (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError):
+        text = str(error)                  # raised by headwise with its own sentence (no filename attribute)
     else:
         return None
     return " ".join(text.split())          # one line, whatever the message held
