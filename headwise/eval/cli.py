@@ -50,7 +50,7 @@ def run_eval(args) -> int:
     plans = {plan_label(s): s for s in specs}
     print(f"headwise eval: plans {list(plans)}, tasks {trials}, lengths {lengths}", flush=True)
     out, table = compare_plans(plans, kinds, lengths, trials, args.out, pretrained=args.model,
-                               batch_size=args.batch_size, seed=args.seed, kernels=args.kernels)
+                               batch_size=args.batch_size, seed=args.seed, kernels=args.backend)
     print()
     print(table)
     print(f"\nreport: {out}/results.md, results.json, results.png, config.json")
@@ -71,7 +71,7 @@ def register(subparsers) -> None:
     p.add_argument("--model", default=None,
                    help="model name (headwise model list) or local checkpoint folder (default: the embedded SmolLM2)")
     p.add_argument("--batch-size", type=int, default=1)
-    p.add_argument("--kernels", default="auto", help="kernel backend for window heads")
+    p.add_argument("--backend", default="auto", help="attention kernel backend: auto, cpu, naive, native, triton")
     p.add_argument("--seed", type=int, default=0, help="seed of the generated task samples")
     add_threads(p)
     p.add_argument("--out", default="results", help="parent folder of the run's output directory")
