@@ -60,6 +60,7 @@ API = [
     ("patch_model unknown preset", lambda m, p: patch_model(m, "sparse:0.3"), "'sparse:0.3'"),
     ("patch_model preset argument", lambda m, p: patch_model(m, "uniform:x"), "followed by numbers"),
     ("patch_model missing plan file", lambda m, p: patch_model(m, "no-such-plan.json"), "does not exist"),
+    ("patch_model plan is a folder", lambda m, p: patch_model(m, str(p.parent)), "is a directory; give a plan JSON"),
     ("patch_model plan of another model", lambda m, p: patch_model(m, str(p)), "calibrate a plan for this model"),
     ("patch_model twice", lambda m, p: patch_model(_patched(m), "dense"), "already patched"),
     ("unpatch_model unpatched", lambda m, p: unpatch_model(m), "not patched"),
@@ -210,7 +211,7 @@ def files(tmp_path_factory, tokenizer, other_plan):
 
 GEN = ["generate", "--model", "{tiny}", "--max-tokens", "2", "--kv-cache-memory", "16MiB"]
 COMMANDS = [
-    ("plan is a folder", GEN + ["--plan", "{folder}", "--prompt", "hi"], "is a directory; give a file"),
+    ("plan is a folder", GEN + ["--plan", "{folder}", "--prompt", "hi"], "is a directory; give a plan JSON file"),
     ("plan is not JSON", GEN + ["--plan", "{bad_json}", "--prompt", "hi"], "is not valid JSON"),
     ("plan of another model", GEN + ["--plan", "{other_json}", "--prompt", "hi"], "calibrate a plan for this model"),
     ("plan preset arguments", GEN + ["--plan", "uniform:x", "--prompt", "hi"], "followed by numbers"),
@@ -227,7 +228,7 @@ COMMANDS = [
     ("unknown backend", GEN + ["--prompt", "hi", "--backend", "gpu"], "backend must be one of"),
     ("pool size", GEN + ["--prompt", "hi", "--kv-cache-memory", "lots"], "is not a size"),
     ("plan show missing", ["plan", "show", "{missing}"], "does not exist"),
-    ("plan show folder", ["plan", "show", "{folder}"], "is a directory; give a file"),
+    ("plan show folder", ["plan", "show", "{folder}"], "is a directory; give a plan JSON file"),
     ("eval unknown task", ["eval", "--tasks", "passkey,nope"], "unknown task(s) ['nope']"),
     ("calibrate density", ["calibrate", "--density", "2", "--out", "{missing}"], "--density must be in (0, 1]"),
 ]

@@ -92,6 +92,10 @@ def test_stream_holds_back_a_stop_string_split_over_tokens(monkeypatch, tokenize
     events = list(llm.stream(["Tell me"], params))
     assert "".join(e.delta for e in events) == events[-1].text == "autu"
     assert events[-1].finish_reason == "stop" and len(events) == 6          # ended at ' leaves'
+    scripted(monkeypatch, ids)
+    params.include_stop_str_in_output = True
+    kept = list(llm.stream(["Tell me"], params))
+    assert "".join(e.delta for e in kept) == kept[-1].text == "autumn 🍂 l" and len(kept) == 6
 
 
 def test_min_tokens_masks_eos_and_stop_token_ids(llama):
