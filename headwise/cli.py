@@ -78,7 +78,20 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in COMMAND_MODULES:
         importlib.import_module(name).register(sub)
+    _add_debug_everywhere(parser)
     return parser
+
+
+def _add_debug_everywhere(parser: argparse.ArgumentParser) -> None:
+    """Let ``--debug`` also follow a subcommand (``headwise generate ... --debug``); SUPPRESS keeps the
+    top-level value when it is not given there."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in set(action.choices.values()):
+                if "--debug" not in child._option_string_actions:
+                    child.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                                       help="show the traceback of an error instead of one line")
+                _add_debug_everywhere(child)
 
 
 def parse_lengths(text: str, minimum: int = 1) -> list[int]:

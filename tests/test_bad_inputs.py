@@ -250,6 +250,8 @@ def test_debug_shows_the_error_itself(files):
 
     with pytest.raises(FileNotFoundError):
         main(["--debug", *[a.format(**files) for a in GEN], "--prompt-file", files["missing"]])
+    with pytest.raises(FileNotFoundError):
+        main([*[a.format(**files) for a in GEN], "--prompt-file", files["missing"], "--debug"])
 
 
 def test_version_and_defaults_in_help(capsys):
