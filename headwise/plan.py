@@ -281,6 +281,8 @@ def load_plan(path: str | os.PathLike, model: Any = None) -> Plan:
             data = json.load(f, parse_constant=lambda c: float(c))
     except FileNotFoundError:
         raise PlanError(f"plan file {str(path)!r} does not exist.") from None
+    except IsADirectoryError:
+        raise PlanError(f"plan path {str(path)!r} is a directory; give a plan JSON file.") from None
     except json.JSONDecodeError as e:
         raise PlanError(f"plan file {str(path)!r} is not valid JSON ({e.msg} at line {e.lineno}).") from None
     weights = _read_weights(Path(path), data.get("weights")) if isinstance(data, dict) else None

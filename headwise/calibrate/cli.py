@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..cli import parse_lengths
+from ..cli import add_threads, parse_lengths
 from .checkpointing import GATES_CHECKPOINT_ABOVE, POLICIES, PROFILE_CHECKPOINT_ABOVE, CheckpointPolicy
 
 MIN_LENGTH = 256
@@ -93,7 +93,7 @@ def register(subparsers) -> None:
                         f"{GATES_CHECKPOINT_ABOVE} tokens, and any sample whose activations would not fit in "
                         "half the free memory (measured: faster below, more memory); the result is the same "
                         "either way")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    add_threads(p)
     p.add_argument("--seed", type=int, default=0, help="data sampling seed")
     p.add_argument("--cache-dir", default=None,
                    help="where profiles, gate samples and gates are kept (default: ~/.cache/headwise/calibration)")

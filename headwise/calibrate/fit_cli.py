@@ -17,6 +17,7 @@ from __future__ import annotations
 
 
 def register(subparsers) -> None:
+    from ..cli import add_threads
     from .kinds import fit_kinds, fit_module
 
     p = subparsers.add_parser("fit", help="fit a head kind's parameters to a model and write a plan",
@@ -26,4 +27,5 @@ def register(subparsers) -> None:
         module = fit_module(kind)
         sub = kinds.add_parser(kind, help=module.HELP, description=module.HELP)
         module.add_arguments(sub)
+        add_threads(sub)
         sub.set_defaults(func=module.run)

@@ -7,6 +7,9 @@ from dataclasses import dataclass
 
 import torch
 
+from ..errors import InputError
+from ..kernels import check_backend
+
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
 
 
@@ -17,11 +20,11 @@ def parse_bytes(value: int | float | str) -> int:
     else:
         match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(value))
         if not match or match.group(2).lower() not in _UNITS:
-            raise ValueError(f"kv_cache_memory {value!r} is not a size; write it like '2GiB', '512MiB' or a byte count.")
+            raise InputError(f"kv_cache_memory {value!r} is not a size; write it like '2GiB', '512MiB' or a byte count.")
         number, unit = float(match.group(1)), match.group(2).lower()
     size = int(number * _UNITS[unit])
     if size <= 0:
-        raise ValueError(f"kv_cache_memory must be positive, got {value!r}.")
+        raise InputError(f"kv_cache_memory must be positive, got {value!r}.")
     return size
 
 
@@ -56,9 +59,12 @@ class EngineConfig:
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive whole number, got {value!r}.")
+                raise InputError(f"{name} must be a positive whole number, got {value!r}.")
         if isinstance(self.dtype, str):
             self.dtype = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
                           "bf16": torch.bfloat16, "float16": torch.float16}.get(self.dtype, self.dtype)
         if self.dtype not in (torch.float32, torch.bfloat16, torch.float16):
-            raise ValueError(f"dtype must be float32, bfloat16 or float16, got {self.dtype!r}.")
+            raise InputError(f"dtype must be float32, bfloat16 or float16, got {self.dtype!r}.")
+        check_backend(self.backend)
+        if not isinstance(self.native_linear, bool):
+            raise InputError(f"native_linear must be True or False, got {self.native_linear!r}.")

@@ -10,11 +10,13 @@ from typing import Any, Iterator
 
 import torch
 
+from ..errors import InputError
 from ..plan import PREFILL_MODES, Plan
 from .block_manager import BlockManager
 from .config import EngineConfig
+from .detokenize import IncrementalDetokenizer
 from .runner import ModelRunner
-from .sampling import SamplingParams, sample
+from .sampling import SamplingParams, process_logits, sample
 from .scheduler import Scheduler
 from .sequence import CompletionOutput, RequestOutput, Sequence, Status
 
@@ -28,7 +30,9 @@ class EngineStats:
     prefill_seconds: wall time of steps that ran any prefill token; decode_seconds: of steps that
     ran only decode tokens (``decode_steps`` of them, ``decode_tokens`` tokens).
     peak_kv_bytes: KV pool bytes held at the peak (whole blocks); dense_kv_bytes: the peak a dense
-    cache would hold for the tokens in flight; kv_bytes_by_kind: the held peak split by head kind.
+    cache would hold for the tokens in flight; both count whole blocks (a dense head holds
+    ceil(tokens / block_size) blocks), the way the pool allocates; kv_bytes_by_kind: the held peak
+    split by head kind.
     peak_blocks / num_blocks: pool blocks at the peak / in the pool. peak_state_bytes: the peak of the
     recurrent states (lightning heads) held by running requests, outside the pool.
     """
@@ -54,7 +58,13 @@ class EngineStats:
 
 @dataclass
 class StreamEvent:
-    """One token made by ``LLM.stream``: request ``index`` (in prompt order), its id, the text so far."""
+    """One token made by ``LLM.stream``.
+
+    index: the request's place in the prompts; token_id: the token just made (-1 for a request that
+    failed before running); delta: the text this event adds (``""`` while a multi-byte character
+    or a possible stop string is incomplete); text: the text so far (the concatenation of the
+    deltas); finished / finish_reason: as in ``CompletionOutput``.
+    """
 
     index: int
     request_id: str
@@ -62,13 +72,18 @@ class StreamEvent:
     text: str
     finished: bool
     finish_reason: str | None
+    delta: str = ""
 
 
 class LLM:
     """Paged-KV engine running a headwise plan on a Hugging Face model.
 
-    Each ``RequestOutput.kv`` reports the request's peak KV: blocks, bytes, bytes per head kind,
-    and ``dense_bytes``, what a dense cache holds for its stored tokens.
+    Each ``RequestOutput.kv`` reports the request's peak KV in whole blocks (``basis``): blocks,
+    bytes, bytes per head kind, and ``dense_blocks`` / ``dense_bytes``, what a dense paged cache
+    holds for the same stored tokens (every head ceil(tokens / block_size) blocks).
+
+    Prompts are text, ``{"prompt_token_ids": [...]}``, or ``{"messages": [...]}`` (a chat
+    conversation, run through the tokenizer's chat template; see ``chat``).
 
     Args:
         model: ``None`` (the embedded SmolLM2-135M-Instruct), a local checkpoint directory, or a
@@ -91,20 +106,24 @@ class LLM:
         from ..models import load_model
         from ..patches import is_patched
 
+        if model is not None and not isinstance(model, (str, os.PathLike, torch.nn.Module)) \
+                or isinstance(model, torch.nn.Module) and not hasattr(model, "config"):
+            raise InputError("LLM's model must be None (the embedded SmolLM2), a model name or checkpoint folder, "
+                             f"or a loaded transformers causal LM, got {type(model).__name__}.")
         self.config = EngineConfig(kv_cache_memory=kv_cache_memory, block_size=block_size,
                                    max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                                    dtype=dtype, backend=backend, native_linear=native_linear)
         if model is None or isinstance(model, (str, os.PathLike)):
             model, tokenizer = load_model(model, dtype=self.config.dtype)
         elif is_patched(model):
-            raise ValueError("the engine got a model patched by patch_model; pass the unpatched model "
+            raise InputError("the engine got a model patched by patch_model; pass the unpatched model "
                              "(unpatch_model(model)) and the plan to LLM(model, plan=...).")
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.plan = Plan.from_spec(plan, model)
         self.prefill = self.plan.prefill if prefill is None else prefill
         if self.prefill not in PREFILL_MODES:
-            raise ValueError(f"prefill must be one of {list(PREFILL_MODES)} or None, got {prefill!r}.")
+            raise InputError(f"prefill must be one of {list(PREFILL_MODES)} or None, got {prefill!r}.")
         text = model.config.get_text_config(decoder=True)
         self.vocab_size = text.vocab_size
         self.max_length = getattr(text, "max_position_embeddings", None) or 1 << 30
@@ -114,7 +133,7 @@ class LLM:
         self.block_bytes = bs * head_dim * 2 * element               # K and V of one block
         num_blocks = self.config.kv_cache_memory // (self.block_bytes + bs * 8)   # + slot positions
         if num_blocks < 1:
-            raise ValueError(f"kv_cache_memory of {self.config.kv_cache_memory} bytes holds no {bs}-token block; "
+            raise InputError(f"kv_cache_memory of {self.config.kv_cache_memory} bytes holds no {bs}-token block; "
                              "give the pool more memory.")
         self.blocks = BlockManager(num_blocks, bs)
         dense_prefill = self.prefill == "dense"
@@ -138,9 +157,9 @@ class LLM:
     def _token_ids(self, prompt: Any) -> tuple[str | None, list[int]]:
         if isinstance(prompt, str):
             if not prompt:
-                raise ValueError("the prompt is empty; give at least one token.")
+                raise InputError("the prompt is empty; give at least one token.")
             if self.tokenizer is None:
-                raise ValueError("text prompts need a tokenizer; pass LLM(model, tokenizer=...) or "
+                raise InputError("text prompts need a tokenizer; pass LLM(model, tokenizer=...) or "
                                  "{'prompt_token_ids': [...]}.")
             return prompt, self.tokenizer(prompt).input_ids
         if isinstance(prompt, dict) and "prompt_token_ids" in prompt:
@@ -149,38 +168,61 @@ class LLM:
                 ids = ids.tolist()
             if not isinstance(ids, (list, tuple)) or not all(isinstance(t, int) and not isinstance(t, bool)
                                                              for t in ids):
-                raise ValueError("prompt_token_ids must be a list of whole numbers.")
+                raise InputError("prompt_token_ids must be a list of whole numbers.")
             return prompt.get("prompt"), list(ids)
-        raise ValueError(f"a prompt must be text or {{'prompt_token_ids': [...]}}, got {type(prompt).__name__}.")
+        if isinstance(prompt, dict) and "messages" in prompt:
+            return self._chat_prompt(prompt["messages"])
+        raise InputError("a prompt must be text, {'prompt_token_ids': [...]} or {'messages': [...]}, "
+                         f"got {type(prompt).__name__}.")
 
-    def _make_sequence(self, index: int, prompt: Any, params: SamplingParams) -> Sequence:
+    def _chat_prompt(self, messages: Any) -> tuple[str, list[int]]:
+        """A conversation through the tokenizer's chat template, ending with the assistant's turn."""
+        if self.tokenizer is None:
+            raise InputError("chat needs a tokenizer; pass LLM(model, tokenizer=...).")
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise InputError("the tokenizer has no chat template; send plain text prompts to generate() instead.")
+        if not isinstance(messages, (list, tuple)) or not messages:
+            raise InputError("a conversation must be a non-empty list of {'role': ..., 'content': ...} messages.")
+        for i, message in enumerate(messages):
+            if not isinstance(message, dict) or not isinstance(message.get("role"), str) \
+                    or not isinstance(message.get("content"), str):
+                raise InputError(f"message {i} of the conversation must be a dict with 'role' and 'content' strings, "
+                                 f"got {str(message)[:60]!r}.")
+        text = self.tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
+        return text, list(self.tokenizer(text, add_special_tokens=False).input_ids)
+
+    def _make_sequence(self, index: int, prompt: Any, params: Any) -> Sequence:
+        params = SamplingParams.of(params)
         text, ids = self._token_ids(prompt)
         if not ids:
-            raise ValueError("the prompt is empty; give at least one token.")
+            raise InputError("the prompt is empty; give at least one token.")
         bad = [t for t in ids if not 0 <= t < self.vocab_size]
         if bad:
-            raise ValueError(f"token id {bad[0]} is outside the model's vocabulary of {self.vocab_size} tokens.")
+            raise InputError(f"token id {bad[0]} is outside the model's vocabulary of {self.vocab_size} tokens.")
         if len(ids) >= self.max_length:
-            raise ValueError(f"the prompt has {len(ids)} tokens but the model's context is {self.max_length}; "
+            raise InputError(f"the prompt has {len(ids)} tokens but the model's context is {self.max_length}; "
                              "shorten it.")
         params.check()
         seq = Sequence(ids, params, self.plan, self.config.block_size, self.max_length, prompt=text,
                        request_id=str(index))
         need = self.blocks.lifetime_blocks(seq)
         if need > self.blocks.num_blocks:
-            raise ValueError(f"the request needs {need} KV blocks at its length of {seq.target_length} tokens but "
+            raise InputError(f"the request needs {need} KV blocks at its length of {seq.target_length} tokens but "
                              f"the pool has {self.blocks.num_blocks}; raise kv_cache_memory or lower max_tokens.")
+        if self.tokenizer is not None:
+            seq.detokenizer = IncrementalDetokenizer(self.tokenizer, ids, params.skip_special_tokens)
         return seq
 
     # ---- running --------------------------------------------------------------------------------
-    def generate(self, prompts: Any, sampling_params: SamplingParams | list[SamplingParams] | None = None,
+    def generate(self, prompts: Any, sampling_params: SamplingParams | dict | list | None = None,
                  use_tqdm: bool = True) -> list[RequestOutput]:
         """Generate for every prompt; one ``RequestOutput`` per prompt, in prompt order.
 
-        A prompt is text or ``{"prompt_token_ids": [...]}``; ``sampling_params`` is one
-        ``SamplingParams`` for all or a list, one per prompt. A request that cannot run (empty
-        prompt, bad token ids, bad params, longer than the model or the pool) fails alone: its
-        output has ``error`` set and ``finish_reason == "error"``.
+        A prompt is text, ``{"prompt_token_ids": [...]}`` or ``{"messages": [...]}`` (chat);
+        ``sampling_params`` is one ``SamplingParams`` (or dict of its fields) for all, or a list,
+        one per prompt. A request that cannot run (empty prompt, bad token ids, bad or unsupported
+        params, longer than the model or the pool) fails alone: its output has ``error`` set and
+        ``finish_reason == "error"``.
         """
         outputs = self._start(prompts, sampling_params)
         bar = None
@@ -195,12 +237,14 @@ class LLM:
             bar.close()
         return [self._output(item) for item in outputs]
 
-    def stream(self, prompts: Any, sampling_params: SamplingParams | list[SamplingParams] | None = None
+    def stream(self, prompts: Any, sampling_params: SamplingParams | dict | list | None = None
                ) -> Iterator[StreamEvent]:
         """Like ``generate`` but yields a ``StreamEvent`` for every token as it is made.
 
-        Requests that fail before running yield one finished event with ``finish_reason == "error"``
-        and token id -1.
+        ``event.delta`` is the text the token adds (incremental detokenization: a character split
+        over tokens comes out whole, with the token that completes it; text that may begin a stop
+        string is held back until it cannot); ``event.text`` the text so far. Requests that fail
+        before running yield one finished event with ``finish_reason == "error"`` and token id -1.
         """
         items = self._start(prompts, sampling_params)
         for i, item in enumerate(items):
@@ -208,23 +252,39 @@ class LLM:
                 yield StreamEvent(i, item.request_id, -1, "", True, "error")
         yield from self._loop()
 
+    def chat(self, messages: Any, sampling_params: SamplingParams | dict | list | None = None,
+             use_tqdm: bool = True) -> list[RequestOutput]:
+        """Answer one conversation or a list of them through the tokenizer's chat template.
+
+        ``messages``: ``[{"role": "user", "content": "..."}, ...]`` or a list of such lists. The
+        template is applied with the assistant's turn opened (``add_generation_prompt=True``); the
+        outputs hold the assistant's reply. A bad conversation fails alone, as in ``generate``.
+        Streaming: ``stream([{"messages": conversation}], ...)``.
+        """
+        if isinstance(messages, (list, tuple)) and messages and all(isinstance(m, dict) for m in messages):
+            conversations = [messages]
+        elif isinstance(messages, (list, tuple)) and messages:
+            conversations = list(messages)
+        else:
+            raise InputError("chat takes a conversation [{'role': ..., 'content': ...}, ...] or a non-empty list "
+                             "of them.")
+        return self.generate([{"messages": c} for c in conversations], sampling_params, use_tqdm=use_tqdm)
+
     def _start(self, prompts: Any, sampling_params) -> list[Sequence | RequestOutput]:
         if self.scheduler.has_work():
             raise RuntimeError("this LLM is already generating; wait for the running call to finish.")
-        if isinstance(prompts, (str, dict)):
-            prompts = [prompts]
+        if isinstance(prompts, (str, dict)) or not hasattr(prompts, "__iter__"):
+            prompts = [prompts]                   # one prompt (a wrong type then fails alone, with its sentence)
         prompts = list(prompts)
-        if sampling_params is None:
-            sampling_params = SamplingParams()
         params = list(sampling_params) if isinstance(sampling_params, (list, tuple)) else \
             [sampling_params] * len(prompts)
         if len(params) != len(prompts):
-            raise ValueError(f"got {len(params)} SamplingParams for {len(prompts)} prompts; give one or one per prompt.")
+            raise InputError(f"got {len(params)} SamplingParams for {len(prompts)} prompts; give one or one per prompt.")
         items: list[Sequence | RequestOutput] = []
         for i, (prompt, p) in enumerate(zip(prompts, params)):
             try:
                 seq = self._make_sequence(i, prompt, p)
-            except ValueError as e:
+            except InputError as e:
                 logger.warning("headwise engine: request %d failed: %s", i, e)
                 ids = prompt.get("prompt_token_ids") if isinstance(prompt, dict) else None
                 items.append(RequestOutput(str(i), prompt if isinstance(prompt, str) else None,
@@ -261,8 +321,9 @@ class LLM:
                 else:
                     stats.prefill_seconds += elapsed
                     stats.prefill_tokens += sum(n for seq, n in batch if not (n == 1 and seq.num_computed > 1))
-                for seq, token, finished in events:
-                    yield StreamEvent(index[id(seq)], seq.request_id, token, seq.text, finished, seq.finish_reason)
+                for seq, token, finished, delta in events:
+                    yield StreamEvent(index[id(seq)], seq.request_id, token, seq.text[:seq.streamed], finished,
+                                      seq.finish_reason, delta)
         finally:
             self.runner.detach()
             stats.preemptions = self.scheduler.num_preemptions - preempted_before
@@ -271,33 +332,53 @@ class LLM:
                     self.scheduler.finish(seq)
                 self.scheduler.waiting.clear()
 
-    def _append(self, seq: Sequence, logits: torch.Tensor) -> tuple[Sequence, int, bool]:
-        token = sample(logits, seq.params, seq.generator)
-        seq.output_token_ids.append(token)
+    def _append(self, seq: Sequence, logits: torch.Tensor) -> tuple[Sequence, int, bool, str]:
+        """Sample ``seq``'s next token, decide whether it ends the request, extend its text.
+
+        Returns ``(seq, token, finished, delta)``, ``delta`` being the text given out now."""
         p = seq.params
-        if token in p.stop_token_ids:
+        ending = set(p.stop_token_ids) | (set() if p.ignore_eos else self.eos_token_ids)
+        logits = process_logits(logits, p, seq.prompt_token_ids, seq.output_token_ids, ending)
+        token = sample(logits, p, seq.generator)
+        seq.output_token_ids.append(token)
+        made = len(seq.output_token_ids)
+        may_stop = made >= p.min_tokens
+        if may_stop and token in p.stop_token_ids:
             seq.finish_reason, seq.stop_reason = "stop", token
-        elif token in self.eos_token_ids and not p.ignore_eos:
+        elif may_stop and token in self.eos_token_ids and not p.ignore_eos:
             seq.finish_reason = "stop"
-        elif len(seq.output_token_ids) >= p.max_tokens or seq.num_tokens >= self.max_length:
+        elif made >= p.max_tokens or seq.num_tokens >= self.max_length:
             seq.finish_reason = "length"
-        if self.tokenizer is not None and (p.stop_strings or seq.finish_reason is not None):
-            seq.text = self.tokenizer.decode(seq.output_token_ids, skip_special_tokens=True)
-            for stop in p.stop_strings:
-                at = seq.text.find(stop)
-                if at >= 0:
-                    seq.text, seq.finish_reason, seq.stop_reason = seq.text[:at], "stop", stop
-                    break
-        if seq.finish_reason is not None:
+        stops = p.stop_strings
+        if seq.detokenizer is not None:
+            before = len(seq.text)
+            seq.text += seq.detokenizer.add(token, final=seq.finish_reason is not None)
+            if stops and may_stop and seq.finish_reason != "stop":
+                self._cut_at_stop(seq, stops, start=max(0, before - max(map(len, stops)) + 1))
+        finished = seq.finish_reason is not None
+        hold = 0 if finished or not stops or p.include_stop_str_in_output else max(map(len, stops)) - 1
+        upto = max(seq.streamed, len(seq.text) - hold)
+        delta, seq.streamed = seq.text[seq.streamed:upto], upto
+        if finished:
             self.scheduler.finish(seq)
-        return seq, token, seq.finish_reason is not None
+        return seq, token, finished, delta
+
+    @staticmethod
+    def _cut_at_stop(seq: Sequence, stops: list[str], start: int) -> None:
+        """End ``seq`` at the earliest stop string found in its text from ``start`` on."""
+        found = [(at, stop) for stop in stops if (at := seq.text.find(stop, start)) >= 0]
+        if not found:
+            return
+        at, stop = min(found, key=lambda x: x[0])
+        keep = at + len(stop) if seq.params.include_stop_str_in_output else at
+        seq.text, seq.finish_reason, seq.stop_reason = seq.text[:keep], "stop", stop
 
     def _account_peak(self, stats: EngineStats, batch) -> None:
         """Peak blocks held (split by head kind) and, separately, the peak a dense cache would hold."""
-        heads = self.plan.model.num_layers * self.plan.model.num_kv_heads
         scheduled = {id(seq): n for seq, n in batch}
-        tokens = sum(seq.num_computed + scheduled.get(id(seq), 0) for seq in self.scheduler.running)
-        stats.dense_kv_bytes = max(stats.dense_kv_bytes, tokens * heads * self.block_bytes // self.config.block_size)
+        dense_blocks = sum(self._dense_blocks(seq.num_computed + scheduled.get(id(seq), 0))
+                           for seq in self.scheduler.running)
+        stats.dense_kv_bytes = max(stats.dense_kv_bytes, dense_blocks * self.block_bytes)
         stats.peak_state_bytes = max(stats.peak_state_bytes, sum(_state_bytes(s) for s in self.scheduler.running))
         used = self.blocks.num_used
         if used <= stats.peak_blocks:
@@ -311,15 +392,21 @@ class LLM:
                     by_kind[kind] = by_kind.get(kind, 0) + int(seq.nblocks[layer, h]) * self.block_bytes
         stats.kv_bytes_by_kind = by_kind
 
+    def _dense_blocks(self, tokens: int) -> int:
+        """Blocks a dense paged cache holds for ``tokens`` stored tokens: every KV head ceil(tokens / block_size)."""
+        heads = self.plan.model.num_layers * self.plan.model.num_kv_heads
+        return heads * -(-tokens // self.config.block_size)
+
     def _output(self, item: Sequence | RequestOutput) -> RequestOutput:
         if isinstance(item, RequestOutput):
             return item
         seq = item
-        heads = self.plan.model.num_layers * self.plan.model.num_kv_heads
-        per_token = self.block_bytes // self.config.block_size
-        kv = {"peak_blocks": seq.peak_blocks, "peak_bytes": seq.peak_blocks * self.block_bytes,
+        dense_blocks = self._dense_blocks(seq.num_computed)
+        kv = {"basis": f"whole blocks of {self.config.block_size} tokens",
+              "peak_blocks": seq.peak_blocks, "peak_bytes": seq.peak_blocks * self.block_bytes,
               "peak_bytes_by_kind": {k: b * self.block_bytes for k, b in seq.peak_blocks_by_kind.items()},
-              "dense_bytes": seq.num_computed * heads * per_token, "state_bytes": _state_bytes(seq)}
+              "dense_blocks": dense_blocks, "dense_bytes": dense_blocks * self.block_bytes,
+              "state_bytes": _state_bytes(seq)}
         return RequestOutput(seq.request_id, seq.prompt, seq.prompt_token_ids,
                              [CompletionOutput(0, seq.text, list(seq.output_token_ids), seq.finish_reason,
                                                seq.stop_reason)],

@@ -71,7 +71,9 @@ class Sequence:
         self.num_computed = 0              # tokens whose KV is in the pool
         self.finish_reason: str | None = None
         self.stop_reason: int | str | None = None
-        self.text = ""
+        self.text = ""                    # the output text so far (cut at a stop string)
+        self.streamed = 0                 # characters of ``text`` already given out by ``LLM.stream``
+        self.detokenizer = None           # an ``IncrementalDetokenizer`` when the engine has a tokenizer
         self.error: str | None = None
         self.generator = None
         if params.seed is not None:

@@ -36,7 +36,7 @@ def run_eval(args) -> int:
         from ..models import load_model
         from .taskfiles import write_tasks
 
-        _, tokenizer = load_model(args.pretrained)
+        _, tokenizer = load_model(args.model)
         names = write_tasks(tokenizer, args.write_tasks, kinds, lengths, trials, seed=args.seed)
         print(f"wrote {len(names)} lm-eval tasks (tag headwise_long) to {args.write_tasks}: {' '.join(names)}")
         return 0
@@ -49,8 +49,8 @@ def run_eval(args) -> int:
         raise SystemExit("headwise eval: nothing to compare; give --plan or drop --no-baselines.")
     plans = {plan_label(s): s for s in specs}
     print(f"headwise eval: plans {list(plans)}, tasks {trials}, lengths {lengths}", flush=True)
-    out, table = compare_plans(plans, kinds, lengths, trials, args.out, pretrained=args.pretrained,
-                               batch_size=args.batch_size, seed=args.seed, kernels=args.kernels)
+    out, table = compare_plans(plans, kinds, lengths, trials, args.out, pretrained=args.model,
+                               batch_size=args.batch_size, seed=args.seed, kernels=args.backend)
     print()
     print(table)
     print(f"\nreport: {out}/results.md, results.json, results.png, config.json")
@@ -58,6 +58,8 @@ def run_eval(args) -> int:
 
 
 def register(subparsers) -> None:
+    from ..cli import add_threads
+
     p = subparsers.add_parser("eval", help="long-context tasks via lm-eval: dense vs uniform 25%% vs plans")
     p.add_argument("--plan", action="append", default=[],
                    help="plan to compare too: JSON path, 'dense' or 'uniform:<density>' (repeatable)")
@@ -66,11 +68,12 @@ def register(subparsers) -> None:
     p.add_argument("--lengths", default="2048,4096,8192", help="context lengths in tokens, comma separated")
     p.add_argument("--trials", type=int, default=None, help="samples per task and length (overrides the preset)")
     p.add_argument("--full", action="store_true", help=f"full sample counts {FULL_TRIALS} instead of {REDUCED_TRIALS}")
-    p.add_argument("--pretrained", default=None,
+    p.add_argument("--model", default=None,
                    help="model name (headwise model list) or local checkpoint folder (default: the embedded SmolLM2)")
     p.add_argument("--batch-size", type=int, default=1)
-    p.add_argument("--kernels", default="auto", help="kernel backend for window heads")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--backend", default="auto", help="attention kernel backend: auto, cpu, naive, native, triton")
+    p.add_argument("--seed", type=int, default=0, help="seed of the generated task samples")
+    add_threads(p)
     p.add_argument("--out", default="results", help="parent folder of the run's output directory")
     p.add_argument("--write-tasks", metavar="DIR", default=None,
                    help="only write the lm-eval task YAMLs + data to DIR (for python -m headwise.eval run)")

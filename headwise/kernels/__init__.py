@@ -14,6 +14,8 @@ from typing import Callable
 import torch
 
 logger = logging.getLogger("headwise.kernels")
+# Every backend name some op implements ("native": the C kernels of paged_decode and skinny_linear).
+BACKEND_NAMES = ("auto", "cpu", "naive", "native", "triton")
 _announced: set[tuple[str, str, str]] = set()
 
 
@@ -29,6 +31,15 @@ def pick_backend(op: str, backends: dict[str, Callable], auto_order: list[tuple[
         _announced.add(key)
         logger.info("%s: running the %s backend on %s", op, backend, device.type)
     return backends[backend]
+
+
+def check_backend(backend: object) -> str:
+    """``backend`` if some op knows that name, else ``InputError`` (checked where a user passes it, not per call)."""
+    from ..errors import InputError
+
+    if backend not in BACKEND_NAMES:
+        raise InputError(f"backend must be one of {list(BACKEND_NAMES)}, got {backend!r}.")
+    return backend
 
 
 def triton_available() -> bool:

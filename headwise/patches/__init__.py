@@ -16,6 +16,8 @@ from typing import Any, Iterator
 from transformers import AttentionInterface, AttentionMaskInterface
 from transformers.cache_utils import Cache, DynamicCache
 
+from ..errors import InputError
+from ..kernels import check_backend
 from ..plan import PREFILL_MODES, Plan
 from .attention import NAME, headwise_attention, headwise_mask
 from .cache import HeadwiseLayer, install_layers, kv_bytes
@@ -55,6 +57,31 @@ def is_patched(model) -> bool:
     return getattr(model, "_headwise", None) is not None
 
 
+def _check_model(model, entry: str) -> None:
+    """``InputError`` unless ``model`` looks like a loaded ``transformers`` model."""
+    if not (hasattr(model, "config") and hasattr(model, "set_attn_implementation")):
+        raise InputError(f"{entry} needs a loaded transformers causal LM (e.g. from headwise.load_model() or "
+                         f"AutoModelForCausalLM.from_pretrained), got {type(model).__name__}.")
+
+
+EXTRAPOLATION = 16          # lengths up to this many times the model's context are accepted (softplus heads extrapolate)
+
+
+def _check_length(name: str, n: object, model) -> int:
+    """``n`` as a token count in ``[1, EXTRAPOLATION x the model's context]``, else ``InputError``.
+
+    Beyond the context itself only a warning: kinds such as softplus run there on purpose."""
+    if isinstance(n, bool) or not isinstance(n, int):
+        raise InputError(f"{name} must be a whole number of tokens, got {n!r}.")
+    context = getattr(model.config.get_text_config(decoder=True), "max_position_embeddings", None) or 1 << 20
+    if not 1 <= n <= EXTRAPOLATION * context:
+        raise InputError(f"{name} must be between 1 and {EXTRAPOLATION} x the model's context of {context} tokens "
+                         f"(prompt + new tokens), got {n}.")
+    if n > context:
+        logger.warning("headwise: %s of %d tokens is beyond the model's context of %d tokens.", name, n, context)
+    return n
+
+
 def patch_model(model, plan: Plan | str, *, target_length: int | None = None, backend: str = "auto",
                 prefill: str | None = None):
     """Make ``model`` run ``plan``: per KV head, its sink + window (or dense) attention and cache.
@@ -72,15 +99,19 @@ def patch_model(model, plan: Plan | str, *, target_length: int | None = None, ba
     Returns:
         ``model``, patched in place; ``unpatch_model(model)`` undoes it.
     """
+    _check_model(model, "patch_model")
+    if target_length is not None:
+        _check_length("target_length", target_length, model)
+    check_backend(backend)
     if is_patched(model):
         raise RuntimeError("model is already patched by headwise; call unpatch_model(model) before patching again.")
     plan = Plan.from_spec(plan, model)
     if prefill not in (None, *PREFILL_MODES):
-        raise ValueError(f"prefill must be one of {list(PREFILL_MODES)} or None, got {prefill!r}.")
+        raise InputError(f"prefill must be one of {list(PREFILL_MODES)} or None, got {prefill!r}.")
     text_config = model.config.get_text_config(decoder=True)
     native = [i for i, t in enumerate(getattr(text_config, "layer_types", None) or []) if t != "full_attention"]
     if native:
-        raise ValueError(f"layers {native[:5]} use {text_config.layer_types[native[0]]!r} attention, which headwise "
+        raise InputError(f"layers {native[:5]} use {text_config.layer_types[native[0]]!r} attention, which headwise "
                          "does not combine with a plan; patch a model whose layers all use full attention.")
     AttentionInterface.register(NAME, headwise_attention)
     AttentionMaskInterface.register(NAME, headwise_mask)
@@ -114,8 +145,15 @@ def expected_length(model, n: int | None) -> Iterator[None]:
     """Within the block, size elastic spans for sequences that will reach ``n`` tokens.
 
     Use around ``generate`` with ``n = prompt_length + max_new_tokens`` so every step uses the
-    spans the plan was calibrated for; cached decoding then equals full recomputation.
+    spans the plan was calibrated for; cached decoding then equals full recomputation. ``n`` must
+    lie in ``[1, 16 x the model's context]`` (a larger one would make every elastic span keep
+    everything; beyond the context itself it warns); ``None`` uses each sequence's own length.
     """
+    _check_model(model, "expected_length")
+    if not is_patched(model):
+        raise InputError("expected_length needs a model patched by headwise; call patch_model(model, plan) first.")
+    if n is not None:
+        _check_length("expected_length's n", n, model)
     runtime: Runtime = model._headwise["runtime"]
     before, runtime.target_length = runtime.target_length, n
     try:

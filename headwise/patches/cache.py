@@ -153,6 +153,11 @@ def kv_bytes(cache: Cache) -> dict[str, int]:
 
     Works for headwise and plain HF caches (where ``kept == allocated`` and ``state == 0``).
     """
+    if not isinstance(cache, Cache):
+        from ..errors import InputError
+
+        raise InputError(f"kv_bytes needs a transformers Cache (e.g. generate(..., return_dict_in_generate=True)"
+                         f".past_key_values), got {type(cache).__name__}.")
     kept = allocated = state = 0
     for layer in cache.layers:
         if not getattr(layer, "is_initialized", False):

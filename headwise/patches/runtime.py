@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..errors import InputError
 from ..kinds.kv_rule import LayerRule
 from ..kinds.layer import LayerKinds
 from ..plan import Plan
@@ -31,16 +32,22 @@ class ForwardInfo:
 def forward_info(attention_mask: torch.Tensor | None, batch_size: int, q_length: int, q_offset: int,
                  device: torch.device) -> ForwardInfo:
     """Positions from HF's 2D padding mask ``[B, q_offset + q_length]`` (or none: no padding)."""
+    if q_offset + q_length == 0 or batch_size == 0:
+        raise InputError("the input is empty; give every sequence at least one token.")
     if attention_mask is None:
         key_pos = torch.arange(q_offset + q_length, device=device).expand(batch_size, -1)
     else:
         if attention_mask.dim() != 2:
-            raise ValueError(f"headwise needs a 2D padding mask [batch, tokens], got shape {tuple(attention_mask.shape)}; "
+            raise InputError(f"headwise needs a 2D padding mask [batch, tokens], got shape {tuple(attention_mask.shape)}; "
                              "pass the tokenizer's attention_mask instead of a prepared 4D mask.")
         valid = attention_mask.to(device=device, dtype=torch.bool)
         key_pos = torch.where(valid, valid.long().cumsum(-1) - 1, -1)
     key_pos = key_pos.long()
     lengths = key_pos.max(dim=-1).values + 1
+    if bool((lengths < 1).any()):
+        row = int((lengths < 1).nonzero()[0, 0])
+        raise InputError(f"sequence {row} of the batch has no tokens (its attention_mask is all zeros); "
+                         "give every sequence at least one token.")
     return ForwardInfo(query_pos=key_pos[:, -q_length:], key_pos=key_pos, lengths=lengths)
 
 

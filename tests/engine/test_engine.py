@@ -66,7 +66,8 @@ def test_window_heads_hold_only_their_blocks(llama):
     assert max(stats_blocks) <= -(-(4 + span) // 8) + 1
     # a dense cache would hold 540 tokens per head; the plan a quarter, plus at most 2 partly used blocks a head
     stats, heads = llm.last_stats, 2 * 2
-    assert stats.dense_kv_bytes == 539 * heads * 16 * 2 * 4      # the last token is sampled, never stored
+    # the last token is sampled, never stored; a dense paged cache holds whole 8-token blocks: ceil(539 / 8) = 68
+    assert stats.dense_kv_bytes == 68 * 8 * heads * 16 * 2 * 4
     assert stats.peak_kv_bytes <= 0.25 * stats.dense_kv_bytes + heads * 2 * llm.block_bytes
 
 
@@ -216,8 +217,20 @@ def test_per_request_kv_report_splits_kinds(llama):
     kv = out.kv
     assert set(kv["peak_bytes_by_kind"]) == {"window", "dense"}
     assert sum(kv["peak_bytes_by_kind"].values()) == kv["peak_bytes"] == kv["peak_blocks"] * llm.block_bytes
-    assert kv["dense_bytes"] == 407 * 4 * 16 * 2 * 4        # stored tokens x 4 KV heads x head_dim x K+V x fp32
+    # stored tokens in whole 8-token blocks (ceil(407 / 8) = 51) x 4 KV heads x head_dim x K+V x fp32: held and
+    # dense on one basis
+    assert kv["basis"] == "whole blocks of 8 tokens" and kv["dense_blocks"] == 51 * 4
+    assert kv["dense_bytes"] == 51 * 8 * 4 * 16 * 2 * 4
     assert kv["peak_bytes_by_kind"]["window"] < kv["peak_bytes_by_kind"]["dense"] / 2   # 2 window, 2 dense heads
+
+
+def test_dense_plan_holds_what_a_dense_cache_holds(llama):
+    """Held and dense KV are counted on one basis: under the dense plan they are equal, per request and in the stats."""
+    llm = LLM(llama, plan="dense", kv_cache_memory="16MiB", block_size=16)
+    outs = llm.generate([{"prompt_token_ids": p} for p in random_prompts((9, 40), seed=15)], greedy(5), use_tqdm=False)
+    for out in outs:
+        assert out.kv["peak_bytes"] == out.kv["dense_bytes"] and out.kv["peak_blocks"] == out.kv["dense_blocks"]
+    assert llm.last_stats.peak_kv_bytes == llm.last_stats.dense_kv_bytes
 
 
 def test_engine_groups_come_from_the_kind_descriptors(llama):

@@ -238,7 +238,6 @@ def add_arguments(p) -> None:
     p.add_argument("--budget", choices=("loss", "error"), default="loss",
                    help="spread the heads by estimated loss change (default) or by held-out relative output error")
     p.add_argument("--seed", type=int, default=0, help="calibration data seed")
-    p.add_argument("--threads", type=int, default=None, help="torch threads")
     p.add_argument("--cache-dir", default=None,
                    help="where samples and fitted routers are kept (default: ~/.cache/headwise/calibration)")
 

@@ -197,7 +197,6 @@ def add_arguments(p) -> None:
     p.add_argument("--powers", default="1,3,15", help="candidate re-weighting powers")
     p.add_argument("--fractions", default="0.1,0.25", help="candidate fractions of KV heads to re-weight")
     p.add_argument("--rows", type=int, default=64, help="query rows sampled inside and beyond the context")
-    p.add_argument("--threads", type=int, default=None)
 
 
 def run(args) -> int:
