@@ -35,12 +35,16 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--steps", type=int, default=32)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                        help="weights and KV dtype (the model is loaded in it)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print(provenance_line(provenance()))
-    model, tokenizer = load_model()
+    dtype = getattr(torch, args.dtype)
+    model, tokenizer = load_model(dtype=dtype)
     prompts = [p[: args.context - args.steps - 16] for p in make_prompts(Setting(args.context, args.batch), tokenizer)]
-    llm = LLM(model=model, plan=args.plan, kv_cache_memory="3GiB", max_num_seqs=max(8, args.batch))
+    llm = LLM(model=model, plan=args.plan, kv_cache_memory="3GiB", max_num_seqs=max(8, args.batch),
+              dtype=dtype)
 
     parts = {"linear (skinny_linear)": 0.0, "attention kernel (paged_decode)": 0.0,
              "layer_attention (incl. kernel)": 0.0, "step plan": 0.0, "lean forward (all of the above but plan)": 0.0}
@@ -88,7 +92,7 @@ def main() -> None:
         for owner, name, inner in originals:
             setattr(owner, name, inner)
     stats, steps = llm.last_stats, max(1, timing["steps"])
-    print(f"{args.plan}, {args.context} x {args.batch}: {stats.decode_tokens_per_second:.1f} tok/s, "
+    print(f"{args.plan}, {args.context} x {args.batch}, {args.dtype}: {stats.decode_tokens_per_second:.1f} tok/s, "
           f"{stats.decode_seconds / max(1, stats.decode_steps) * 1e3:.1f} ms per decode step, "
           f"{stats.peak_kv_bytes / 1e6:.0f} MB of KV held")
     for part, seconds in parts.items():
