@@ -1,5 +1,6 @@
 """Where an engine decode step goes: wall time around the linear kernel, the attention kernel, the
-rest of each layer's attention call, the step plan and the lean forward, per decode step.
+rest of each layer's attention call, the native decode layers (and, inside them, the C code's own
+counters per part), the step plan and the lean forward, per decode step.
 
     python benchmarks/profile_decode_step.py [--plan plans/smollm2-135m-d25.json] [--context 4096] [--batch 4]
 
@@ -27,6 +28,11 @@ from headwise.kernels.paged_decode import native as paged_native  # noqa: E402
 from headwise.kernels.skinny_linear import native as skinny_native  # noqa: E402
 from headwise.models import load_model  # noqa: E402
 
+try:                                         # checkouts before the native decode layers have none
+    from headwise.kernels.decode_layer import native as layer_native  # noqa: E402
+except ImportError:
+    layer_native = None
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -47,7 +53,8 @@ def main() -> None:
               dtype=dtype)
 
     parts = {"linear (skinny_linear)": 0.0, "attention kernel (paged_decode)": 0.0,
-             "layer_attention (incl. kernel)": 0.0, "step plan": 0.0, "lean forward (all of the above but plan)": 0.0}
+             "layer_attention (incl. kernel)": 0.0, "native decode layers (run/pre/post)": 0.0, "step plan": 0.0,
+             "lean forward (all of the above but plan)": 0.0}
     timing = {"on": False, "steps": 0}
 
     def timed(owner, name, part):
@@ -71,6 +78,11 @@ def main() -> None:
         (runner.ModelRunner, "build_plan", timed(runner.ModelRunner, "build_plan", "step plan")),
         (lean.LeanDecoder, "forward", timed(lean.LeanDecoder, "forward", "lean forward (all of the above but plan)")),
     ]
+    if layer_native is not None:
+        originals += [(layer_native.DecodeLayers, name, timed(layer_native.DecodeLayers, name,
+                                                              "native decode layers (run/pre/post)"))
+                      for name in ("run", "pre", "post")]
+        layer_native.profile(False)                                      # reset the C counters
     native_backend = paged_decode_op.BACKENDS["native"]
     paged_decode_op.BACKENDS["native"] = paged_native.paged_decode
     run_step = runner.ModelRunner.run
@@ -78,10 +90,14 @@ def main() -> None:
     def run(self, batch, fresh):
         timing["on"] = all(seq.is_decoding for seq, _ in batch)
         timing["steps"] += timing["on"]
+        if layer_native is not None:
+            layer_native.profile(timing["on"], read=False)
         try:
             return run_step(self, batch, fresh)
         finally:
             timing["on"] = False
+            if layer_native is not None:
+                layer_native.profile(False, read=False)
     runner.ModelRunner.run = run
     try:
         llm.generate([{"prompt_token_ids": p} for p in prompts],
@@ -97,6 +113,11 @@ def main() -> None:
           f"{stats.peak_kv_bytes / 1e6:.0f} MB of KV held")
     for part, seconds in parts.items():
         print(f"  {part:42s} {seconds / steps * 1e3:7.2f} ms/step")
+    inside = layer_native.profile(False) if layer_native is not None else {}
+    if any(inside.values()):
+        print("  inside the native decode layers (C counters):")
+        for part, seconds in inside.items():
+            print(f"    {part:40s} {seconds / steps * 1e3:7.2f} ms/step")
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@
  * Contract and reference: naive.py beside this file.
  */
 #include <math.h>
+#include <time.h>
 
 #include "native.h"
 #include "paged_decode/paged_decode.c"
@@ -23,6 +24,24 @@
 #ifdef __AVX512BF16__
 #include <immintrin.h>
 #endif
+
+/* Optional wall-time counters per part (benchmarks/profile_decode_step.py), off unless asked for. */
+enum { P_LINEAR, P_ATTENTION, P_KV_WRITE, P_OTHER, NP };
+static int prof_on = 0;
+static double prof[NP];
+static inline double now_s(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec + 1e-9 * ts.tv_nsec;
+}
+#define TIC() (prof_on ? now_s() : 0.0)
+#define TOC(t0, part) do { if (prof_on) prof[part] += now_s() - (t0); } while (0)
+
+/* Turn the counters on/off; with `out` (NP doubles: linear, attention, KV writes, the rest), read and reset them. */
+void decode_profile(int on, double *out) {
+    prof_on = on;
+    if (out) for (int i = 0; i < NP; i++) { out[i] = prof[i]; prof[i] = 0.0; }
+}
 
 /* Pointers of one layer's weights, in this order in the `weights` array (layer-major, NW per layer). */
 enum { W_Q, W_K, W_V, W_O, W_GATE, W_UP, W_DOWN, B_Q, B_K, B_V, N_IN, N_POST, N_Q, N_K, NW };
@@ -77,7 +96,9 @@ static inline void rope(float *x, const float *cos, const float *sin, int64_t he
 
 static void linear(const float *x, const void *w, const float *bias, float *y, int64_t M, int64_t I, int64_t O,
                    int w_bf16) {
+    const double t0 = TIC();
     skinny_linear(x, w, bias, y, M, I, O, w_bf16);
+    TOC(t0, P_LINEAR);
 }
 
 /* Shapes of the decoder, fixed for a model. */
@@ -91,16 +112,20 @@ typedef struct {
 static void pre(const Dims *m, const void *const *w, const float *x, const float *cos, const float *sin, float *h,
                 float *q, float *k, float *v, int64_t T) {
     const int64_t E = m->E, H = m->H, Hkv = m->Hkv, D = m->D;
+    double t0 = TIC();
     for (int64_t t = 0; t < T; t++) rms_norm(x + t * E, (const float *)w[N_IN], h + t * E, E, m->eps);
+    TOC(t0, P_OTHER);
     linear(h, w[W_Q], (const float *)w[B_Q], q, T, E, H * D, m->w_bf16);
     linear(h, w[W_K], (const float *)w[B_K], k, T, E, Hkv * D, m->w_bf16);
     linear(h, w[W_V], (const float *)w[B_V], v, T, E, Hkv * D, m->w_bf16);
+    t0 = TIC();
     for (int64_t t = 0; t < T; t++) {
         if (w[N_Q]) for (int64_t hh = 0; hh < H; hh++) rms_norm(q + (t * H + hh) * D, (const float *)w[N_Q], q + (t * H + hh) * D, D, m->qk_eps);
         if (w[N_K]) for (int64_t hh = 0; hh < Hkv; hh++) rms_norm(k + (t * Hkv + hh) * D, (const float *)w[N_K], k + (t * Hkv + hh) * D, D, m->qk_eps);
         rope(q + t * H * D, cos + t * D, sin + t * D, H, D);
         rope(k + t * Hkv * D, cos + t * D, sin + t * D, Hkv, D);
     }
+    TOC(t0, P_OTHER);
 }
 
 /* One layer after attention. x [T, E] updated; o [T, H*D]; scratch h [T, E], g, u [T, F]. */
@@ -108,14 +133,20 @@ static void post(const Dims *m, const void *const *w, float *x, const float *o, 
                  int64_t T) {
     const int64_t E = m->E, F = m->F;
     linear(o, w[W_O], NULL, h, T, m->H * m->D, E, m->w_bf16);
+    double t0 = TIC();
     for (int64_t i = 0; i < T * E; i++) x[i] += h[i];
     for (int64_t t = 0; t < T; t++) rms_norm(x + t * E, (const float *)w[N_POST], h + t * E, E, m->eps);
+    TOC(t0, P_OTHER);
     linear(h, w[W_GATE], NULL, g, T, E, F, m->w_bf16);
     linear(h, w[W_UP], NULL, u, T, E, F, m->w_bf16);
+    t0 = TIC();
     #pragma omp simd
     for (int64_t i = 0; i < T * F; i++) g[i] = g[i] / (1.f + exp_approx(-g[i])) * u[i];
+    TOC(t0, P_OTHER);
     linear(g, w[W_DOWN], NULL, h, T, F, E, m->w_bf16);
+    t0 = TIC();
     for (int64_t i = 0; i < T * E; i++) x[i] += h[i];
+    TOC(t0, P_OTHER);
 }
 
 int decode_pre(const Dims *m, const void *const *w, const float *x, const float *cos, const float *sin, float *h,
@@ -160,15 +191,19 @@ int decode_layers(const Dims *m, const void *const *weights, const Pool *p, floa
     for (int64_t l = first; l < last; l++) {
         const void *const *w = weights + l * NW;
         pre(m, w, x, cos, sin, h, q, k, v, T);
+        double t0 = TIC();
         for (int64_t r = p->write_offsets[l]; r < p->write_offsets[l + 1]; r++) {
             const int64_t dst = p->write_dst[r], src = p->write_src[r];
             store_row((char *)p->k_pool + dst * D * esize, k + src * D, D, p->kv_bf16);
             store_row((char *)p->v_pool + dst * D * esize, v + src * D, D, p->kv_bf16);
             p->pos_pool[dst] = p->write_pos[r];
         }
+        TOC(t0, P_KV_WRITE);
+        t0 = TIC();
         const int rc = paged_decode(q, p->k_pool, p->v_pool, p->pos_pool, p->tables + l * T * Hkv * p->M, p->q_pos,
                                     p->sink + l * Hkv, p->span + l * T * Hkv, o, T, H, Hkv, 1, p->M, p->bs, D,
                                     p->bs * D, D, D, m->scale, p->kv_bf16);
+        TOC(t0, P_ATTENTION);
         if (rc != 0) return rc;
         post(m, w, x, o, h, g, u, T);
     }

@@ -54,11 +54,28 @@ def library(isa: str | None = None):
         lib.decode_pre.argtypes = [p] * 9 + [ctypes.c_int64]
         lib.decode_post.argtypes = [p] * 7 + [ctypes.c_int64]
         lib.decode_layers.argtypes = [p] * 13 + [ctypes.c_int64] * 3
+        lib.decode_profile.restype = None
+        lib.decode_profile.argtypes = [ctypes.c_int, p]
     return lib
 
 
 def available(isa: str | None = None) -> bool:
     return library(isa) is not None
+
+
+#: What ``profile`` reports, in the C counters' order.
+PROFILE_PARTS = ("linears", "attention", "KV writes", "norms, RoPE, residual adds, SiLU")
+
+
+def profile(on: bool, read: bool = True, isa: str | None = None) -> dict[str, float]:
+    """Turn the kernel's wall-time counters on or off. With ``read``, returns the seconds counted per part
+    of ``PROFILE_PARTS`` since the last read and resets them. For benchmarks: each counter is a clock read."""
+    lib = library(isa)
+    if lib is None:
+        return {}
+    out = (ctypes.c_double * len(PROFILE_PARTS))()
+    lib.decode_profile(int(on), out if read else None)
+    return dict(zip(PROFILE_PARTS, out)) if read else {}
 
 
 def _ptr(t: torch.Tensor | None) -> int:
