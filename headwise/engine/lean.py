@@ -110,7 +110,11 @@ class LeanDecoder:
             ``[S, V]`` logits (fp32 from the native layers, else the model's dtype).
         """
         if self.native is not None:
-            return self._forward_native(input_ids, positions, logit_rows, attend, native_step)
+            if self.native.moved(_matrices(self)):
+                logger.info("engine: the model's weights moved since the engine was built; native decode layers rebuilt")
+                self.native = native_layers(self)
+            if self.native is not None:
+                return self._forward_native(input_ids, positions, logit_rows, attend, native_step)
         return self._forward_torch(input_ids, positions, logit_rows, attend)
 
     def _forward_native(self, input_ids, positions, logit_rows, attend, native_step) -> torch.Tensor:
@@ -171,10 +175,19 @@ class LeanDecoder:
         return _linear(h, self.lm_head)
 
 
+def _matrices(lean: LeanDecoder) -> list[LayerWeights]:
+    """The layers' matrices as they are now (biases and norms left out), to check held pointers against."""
+    return [LayerWeights(q=l.self_attn.q_proj.weight, k=l.self_attn.k_proj.weight, v=l.self_attn.v_proj.weight,
+                         o=l.self_attn.o_proj.weight, gate=l.mlp.gate_proj.weight, up=l.mlp.up_proj.weight,
+                         down=l.mlp.down_proj.weight, q_bias=None, k_bias=None, v_bias=None, input_norm=None,
+                         post_norm=None) for l in lean.layers]
+
+
 def native_layers(lean: LeanDecoder) -> "layer_native.DecodeLayers | None":
     """The native decode layers over ``lean``'s modules, or ``None`` (reason logged) when they do not build here.
 
-    Matrices are the modules' own tensors (shared); biases and norm weights are fp32 copies (small).
+    Matrices are the modules' own tensors (shared; ``LeanDecoder.forward`` rebuilds this when they move);
+    biases and norm weights are fp32 copies taken here (small; the same tensors when the model is fp32).
     """
     if not layer_native.available():
         logger.info("engine: the native decode layers are not built here; decode layers run as torch ops")

@@ -66,3 +66,21 @@ def test_bf16_greedy_tokens_follow_fp32_on_the_embedded_model(real_model):
     assert all(len(t) == 32 for t in fp32 + bf16)
     agree = [next((i for i, (a, b) in enumerate(zip(x, y)) if a != b), len(x)) for x, y in zip(fp32, bf16)]
     assert min(agree) >= 8, f"bf16 left fp32's greedy tokens after {agree} tokens"
+
+
+def test_weights_moved_after_the_engine_was_built_are_followed(caplog):
+    """The native layers hold raw pointers: a weight replaced after ``LLM(...)`` makes them rebuild, not
+    read freed memory, and the tokens follow the new weight."""
+    model = make_tiny("llama")
+    prompts = random_prompts([6, 20])
+    llm = LLM(model, plan="dense", kv_cache_memory="16MiB", block_size=8)
+    before = [o.outputs[0].token_ids for o in llm.generate([{"prompt_token_ids": p} for p in prompts], greedy(8),
+                                                            use_tqdm=False)]
+    proj = model.model.layers[1].mlp.down_proj
+    proj.weight = torch.nn.Parameter(proj.weight.detach() * 3.0)
+    with caplog.at_level(logging.INFO, logger="headwise.engine"):
+        after = [o.outputs[0].token_ids for o in llm.generate([{"prompt_token_ids": p} for p in prompts], greedy(8),
+                                                               use_tqdm=False)]
+    assert "native decode layers rebuilt" in caplog.text
+    assert after == engine_tokens(model, "dense", prompts, 8, False)
+    assert after != before
