@@ -113,11 +113,11 @@ class DecodeLayers:
         self._pointer_list = self.pointers.tolist()
         self._scratch: dict[int, tuple[torch.Tensor, ...]] = {}
 
-    def moved(self, layers: list[LayerWeights]) -> bool:
-        """Whether any tensor of ``layers`` (the same layers, read again from the model) now lives elsewhere
-        than the pointers held here (the model was moved or cast after this object was built)."""
-        return [_ptr(getattr(w, f)) for w in layers for f in _FIELDS[:7]] != [
-            p for i, p in enumerate(self._pointer_list) if i % len(_FIELDS) < 7]
+    @property
+    def matrix_pointers(self) -> list[int]:
+        """Addresses of the matrices this object reads, layer by layer in ``q, k, v, o, gate, up, down`` order
+        (a caller compares them with the model's to notice weights moved or replaced since)."""
+        return [p for i, p in enumerate(self._pointer_list) if i % len(_FIELDS) < 7]
 
     def scratch(self, T: int) -> tuple[torch.Tensor, ...]:
         """``h [T, E], q [T, H*D], k, v [T, Hkv*D], o [T, H*D], g, u [T, F]`` fp32 buffers for ``T`` rows."""
