@@ -194,6 +194,10 @@ def native_layers(lean: LeanDecoder) -> "layer_native.DecodeLayers | None":
     if not layer_native.available():
         logger.info("engine: the native decode layers are not built here; decode layers run as torch ops")
         return None
+    dtypes = {lin.weight.dtype for lin in lean._linears}
+    if len(dtypes) != 1:
+        logger.info("engine: the linear layers mix dtypes %s; decode layers run as torch ops", sorted(map(str, dtypes)))
+        return None
     first = lean.layers[0]
     attn = first.self_attn
     dims = Dims(E=lean.embed.weight.shape[1], H=lean.num_heads, Hkv=lean.num_kv_heads, D=lean.head_dim,

@@ -84,3 +84,12 @@ def test_weights_moved_after_the_engine_was_built_are_followed(caplog):
     assert "native decode layers rebuilt" in caplog.text
     assert after == engine_tokens(model, "dense", prompts, 8, False)
     assert after != before
+
+
+def test_linears_of_mixed_dtypes_keep_the_torch_ops(caplog):
+    model = make_tiny("llama")
+    model.model.layers[0].mlp.up_proj.to(torch.bfloat16)
+    with caplog.at_level(logging.INFO, logger="headwise.engine"):
+        llm = LLM(model, plan="dense", kv_cache_memory="16MiB", block_size=8)
+    assert llm.runner.lean is not None and llm.runner.lean.native is None
+    assert "mix dtypes" in caplog.text
