@@ -205,7 +205,8 @@ class ModelRunner:
         if reason is not None:
             if reason not in _announced:
                 _announced.add(reason)
-                logger.info("engine: layers run attention from Python around native pre/post calls (%s)", reason)
+                logger.info("engine: decode layers run their attention through layer_attention, one layer at a "
+                            "time (%s)", reason)
             return None
         args = dict(k_pool=self.k_pool, v_pool=self.v_pool, pos_pool=self.pos_pool,
                     write_offsets=plan.write_offsets, write_dst=plan.write_dst_flat,
