@@ -6,8 +6,8 @@ and the headwise engine with several plans, at given (context, batch) settings.
                                 [--plan NAME=SPEC ...] [--hf-plan NAME=SPEC ...]
 
 Every row gets the same B prompts of real prose (``benchmarks.common.make_prompts``: distinct slices
-of one token stream of the package's prose corpus), greedy, ``ignore_eos``, fp32, one short untimed
-warm-up first. A row prefills the B prompts and then decodes ``--decode-tokens`` (T) steps, B tokens
+of one token stream of the package's prose corpus), greedy, ``ignore_eos``, fp32 (``--dtype bfloat16``:
+bf16 weights and KV for every row, vLLM included), one short untimed warm-up first. A row prefills the B prompts and then decodes ``--decode-tokens`` (T) steps, B tokens
 per step.
 
 Rows and how their time is split:
@@ -414,7 +414,8 @@ def run_vllm(model_dir: str | os.PathLike, prompts: list[list[int]], decode_toke
     with tempfile.TemporaryDirectory(prefix="headwise-vllm-") as tmp:
         job, result = Path(tmp) / "job.json", Path(tmp) / "result.json"
         job.write_text(json.dumps({"system": "vllm", "model": str(model_dir), "prompts": prompts, "plan": None,
-                                   "decode_tokens": decode_tokens, "result": str(result)}))
+                                   "decode_tokens": decode_tokens, "result": str(result),
+                                   "dtype": str(model.dtype).removeprefix("torch.")}))
         proc = subprocess.run([sys.executable, str(VLLM_WORKER), "--worker", str(job)], env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=timeout)
         if proc.returncode != 0 or not result.is_file():
@@ -623,6 +624,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="add an engine row running this plan (JSON path, 'dense', 'uniform:0.25'); repeatable")
     parser.add_argument("--hf-plan", action="append", default=None, metavar="NAME=SPEC",
                         help="add a row running this plan through patch_model (the HF path); repeatable")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                        help="weights and KV dtype of every row (vLLM's dtype too)")
     parser.add_argument("--model", default=None,
                         help="model name (headwise model list) or local checkpoint dir (default: the embedded SmolLM2)")
 
@@ -645,13 +648,13 @@ def run(args) -> int:
     args.provenance = provenance()
     print(provenance_line(args.provenance))
     print(f"headwise decode benchmark: settings {', '.join(map(str, settings))}; {args.decode_tokens} decode "
-          f"steps; rows {', '.join(rows)}; fp32; {torch.get_num_threads()} threads; torch {torch.__version__}")
+          f"steps; rows {', '.join(rows)}; {args.dtype}; {torch.get_num_threads()} threads; torch {torch.__version__}")
     machine = measure_machine()
     machine.update(threads=torch.get_num_threads(), cpu=platform.processor() or platform.machine(),
                    cpus=os.cpu_count())
     print(f"machine: read {machine['read_gbps']:.1f} GB/s (torch.sum, 1 GiB), copy {machine['copy_gbps']:.1f} GB/s, "
           f"fp32 matmul {machine['matmul_gflops']:.0f} GFLOP/s ({machine['threads']} threads)", flush=True)
-    load = lambda: load_model(model_dir)                                  # noqa: E731
+    load = lambda: load_model(model_dir, dtype=getattr(torch, args.dtype))          # noqa: E731
     all_rows: list[Row] = []
     started = time.perf_counter()
     for i, setting in enumerate(settings):
@@ -681,7 +684,7 @@ def report(args, all_rows: list[Row], settings: list[Setting], machine: dict, af
     checks = target_checks(all_rows, settings, machine["read_gbps"])
     weights = next((r.weight_bytes for r in all_rows if r.weight_bytes), None)
     print()
-    print(f"Decode benchmark, {Path(model_dir).name}, fp32, {machine['threads']} CPU threads, greedy, "
+    print(f"Decode benchmark, {Path(model_dir).name}, {args.dtype}, {machine['threads']} CPU threads, greedy, "
           f"{args.decode_tokens} decode steps; read bandwidth {machine['read_gbps']:.1f} GB/s ({where}), "
           f"fp32 matmul {machine['matmul_gflops']:.0f} GFLOP/s; weights {(weights or 0) / 1e6:.0f} MB read per step")
     print(table)

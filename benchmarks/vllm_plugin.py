@@ -68,14 +68,14 @@ def kv_usage(llm) -> float | None:
 
 
 def vllm_row(model_dir: str, prompts: list[list[int]], steps: int, plan: str | None = None,
-             track_kv: bool = False) -> dict:
+             track_kv: bool = False, dtype: str = "float32") -> dict:
     """One vLLM row in this process (a child: vLLM spawns its engine, it needs the ``__main__`` guard).
 
     ``track_kv`` turns vLLM's stats on and reads its KV usage gauge after every step (untimed)."""
     from vllm import LLM, SamplingParams
     from vllm.sampling_params import RequestOutputKind
 
-    kwargs = dict(model=str(model_dir), dtype="float32", enable_prefix_caching=False,
+    kwargs = dict(model=str(model_dir), dtype=dtype, enable_prefix_caching=False,
                   max_model_len=max(map(len, prompts)) + steps + MARGIN, max_num_seqs=max(8, len(prompts)),
                   seed=0, disable_log_stats=not track_kv)
     if plan:
@@ -153,7 +153,7 @@ def worker(job_path: str) -> None:
         result = engine_row(job["plan"], job["prompts"], job["decode_tokens"], job["length"])
     else:
         result = vllm_row(job["model"], job["prompts"], job["decode_tokens"], job.get("plan"),
-                          track_kv=job.get("track_kv", False))
+                          track_kv=job.get("track_kv", False), dtype=job.get("dtype", "float32"))
     result["prompt_tokens"] = len(job["prompts"][0])
     Path(job["result"]).write_text(json.dumps(result))
 

@@ -23,6 +23,10 @@ from .step import LayerStep, decode_pages, decode_rule
 class SoftmaxEngineGroup:
     """Softmax attention over the sink + window (or everything) each head keeps in the pool."""
 
+    #: decode is ``paged_decode`` over the pool with the step's rule for these heads, nothing else: the
+    #: native decode layers (``engine.lean``) may run it inside their own call
+    native_decode = True
+
     def __init__(self, layer: int = 0, heads: tuple[int, ...] = (), specs: tuple[HeadSpec, ...] = (),
                  weights: Mapping[str, torch.Tensor] | None = None):
         pass                             # stateless: the pool and the step carry everything

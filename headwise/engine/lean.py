@@ -8,6 +8,13 @@ over each weight), RMSNorm and RoPE as HF writes them, attention through the eng
 ``layer_attention``. It is used only for steps of at most ``skinny_linear.native.MAX_ROWS``
 tokens on CPU and only for the architectures it checks; every other step, and every other
 model, goes through the HF forward (``runner.ModelRunner.run``), which stays the reference.
+
+When the native decode layers build (``kernels.decode_layer``), the layers run in C with an fp32
+residual stream: a decode-only step's consecutive layers whose attention is plain paged softmax
+(``ModelRunner.native_step``) in one call (norm, QKV, RoPE, KV write, attention, O projection, MLP);
+any other layer as a native ``pre`` (norm, QKV, RoPE), the engine's ``layer_attention`` and a native
+``post`` (O projection, MLP). Without them the torch ops below run (the reference of that kernel is
+``kernels.decode_layer.naive``). Which path ran is logged once per kind of step.
 """
 
 from __future__ import annotations
@@ -17,6 +24,8 @@ import logging
 import torch
 import torch.nn.functional as F
 
+from ..kernels.decode_layer import Dims, LayerWeights
+from ..kernels.decode_layer import native as layer_native
 from ..kernels.skinny_linear import native as skinny_native
 
 logger = logging.getLogger("headwise.engine")
@@ -77,20 +86,81 @@ class LeanDecoder:
         self.num_kv_heads = text.num_key_value_heads
         self.head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
         self.qk_norm = hasattr(self.layers[0].self_attn, "q_norm")
+        self._linears = [lin for layer in self.layers for lin in (
+            layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj, layer.self_attn.o_proj,
+            layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj)]
+        self.native = native_layers(self)
+        self._native_pointers = None if self.native is None else self.native.matrix_pointers
+        self._announced: set[str] = set()
+
+    def _matrix_pointers(self) -> list[int]:
+        """Where the layers' matrices live now (``_parameters`` read directly: 210 module attribute
+        lookups through nn.Module cost ~0.7 ms a step; this tens of microseconds)."""
+        return [lin._parameters["weight"].data_ptr() for lin in self._linears]
+
+    def _announce(self, message: str) -> None:
+        if message not in self._announced:
+            self._announced.add(message)
+            logger.info("engine: %s", message)
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, logit_rows: torch.Tensor,
-                attend) -> torch.Tensor:
+                attend, native_step=None) -> torch.Tensor:
         """Logits of the step's sampling rows.
 
         Args:
             input_ids, positions: ``[T]`` int64, the step's packed tokens.
             logit_rows: ``[S]`` int64, the rows whose logits are wanted.
             attend: ``attend(layer, q [H, T, D], k [Hkv, T, D], v [Hkv, T, D], scale) -> [T, H, D]``.
+            native_step: ``(layers, pool_args)`` from ``ModelRunner.native_step`` for a decode-only step
+                (``None`` otherwise): layers whose attention the native call may run, and the pool.
 
         Returns:
-            ``[S, V]`` logits in the model's dtype.
+            ``[S, V]`` logits (fp32 from the native layers, else the model's dtype).
         """
+        if self.native is not None:
+            if self._matrix_pointers() != self._native_pointers:
+                logger.info("engine: the model's weights moved since the engine was built; native decode layers rebuilt")
+                self.native = native_layers(self)
+                self._native_pointers = None if self.native is None else self.native.matrix_pointers
+            if self.native is not None:
+                return self._forward_native(input_ids, positions, logit_rows, attend, native_step)
+        return self._forward_torch(input_ids, positions, logit_rows, attend)
+
+    def _forward_native(self, input_ids, positions, logit_rows, attend, native_step) -> torch.Tensor:
+        T, H, Hkv, D = input_ids.shape[0], self.num_heads, self.num_kv_heads, self.head_dim
+        dtype = self.embed.weight.dtype
+        x = self.embed(input_ids).float()                                                # [T, hidden] fp32
+        cos, sin = self.rotary(x[None], positions[None])                                 # [1, T, D] fp32
+        cos, sin = cos[0].contiguous(), sin[0].contiguous()
+        native_attention, pool = native_step if native_step is not None else ([False] * len(self.layers), None)
+        index, L = 0, len(self.layers)
+        while index < L:
+            if native_attention[index]:
+                stop = index
+                while stop < L and native_attention[stop]:
+                    stop += 1
+                self._announce(f"decode-only steps run consecutive layers with paged softmax attention in one native "
+                               f"call (decode_layer.c, {self.native.isa})")
+                self.native.run(x, cos, sin, **pool, first=index, last=stop)
+                index = stop
+                continue
+            self._announce(f"layers run as native pre/post around the engine's attention (decode_layer.c, "
+                           f"{self.native.isa})")
+            attn = self.layers[index].self_attn
+            q, k, v = self.native.pre(index, x, cos, sin)
+            o = attend(index, q.to(dtype).transpose(0, 1), k.to(dtype).transpose(0, 1), v.to(dtype).transpose(0, 1),
+                       attn.scaling)
+            self.native.post(index, x, o.reshape(T, H * D))
+            index += 1
+        if logit_rows.numel() == 0:
+            return x.new_empty(0, self.lm_head.weight.shape[0])
+        norm = self.final_norm
+        h = x.index_select(0, logit_rows)
+        h = norm.weight.float() * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon))
+        return skinny_native.skinny_linear(h, self.lm_head.weight, self.lm_head.bias)
+
+    def _forward_torch(self, input_ids, positions, logit_rows, attend) -> torch.Tensor:
         T, H, Hkv, D = input_ids.shape[0], self.num_heads, self.num_kv_heads, self.head_dim
         x = self.embed(input_ids)                                                        # [T, hidden]
         cos, sin = self.rotary(x[None], positions[None])                                 # [1, T, D]
@@ -113,6 +183,43 @@ class LeanDecoder:
             return x.new_empty(0, self.lm_head.weight.shape[0])
         h = _rms_norm(x.index_select(0, logit_rows), self.final_norm)
         return _linear(h, self.lm_head)
+
+
+def native_layers(lean: LeanDecoder) -> "layer_native.DecodeLayers | None":
+    """The native decode layers over ``lean``'s modules, or ``None`` (reason logged) when they do not build here.
+
+    Matrices are the modules' own tensors (shared; ``LeanDecoder.forward`` rebuilds this when they move);
+    biases and norm weights are fp32 copies taken here (small; the same tensors when the model is fp32).
+    """
+    if not layer_native.available():
+        logger.info("engine: the native decode layers are not built here; decode layers run as torch ops")
+        return None
+    dtypes = {lin.weight.dtype for lin in lean._linears}
+    if len(dtypes) != 1:
+        logger.info("engine: the linear layers mix dtypes %s; decode layers run as torch ops", sorted(map(str, dtypes)))
+        return None
+    first = lean.layers[0]
+    attn = first.self_attn
+    dims = Dims(E=lean.embed.weight.shape[1], H=lean.num_heads, Hkv=lean.num_kv_heads, D=lean.head_dim,
+                F=first.mlp.gate_proj.weight.shape[0], eps=first.input_layernorm.variance_epsilon,
+                qk_eps=attn.q_norm.variance_epsilon if lean.qk_norm else 0.0, scale=attn.scaling)
+
+    def fp32(t):
+        return None if t is None else t.detach().float().contiguous()
+
+    layers = []
+    for layer in lean.layers:
+        a, m = layer.self_attn, layer.mlp
+        layers.append(LayerWeights(
+            q=a.q_proj.weight, k=a.k_proj.weight, v=a.v_proj.weight, o=a.o_proj.weight,
+            gate=m.gate_proj.weight, up=m.up_proj.weight, down=m.down_proj.weight,
+            q_bias=fp32(a.q_proj.bias), k_bias=fp32(a.k_proj.bias), v_bias=fp32(a.v_proj.bias),
+            input_norm=fp32(layer.input_layernorm.weight), post_norm=fp32(layer.post_attention_layernorm.weight),
+            q_norm=fp32(a.q_norm.weight) if lean.qk_norm else None, k_norm=fp32(a.k_norm.weight) if lean.qk_norm else None))
+    if any(layer.self_attn.scaling != dims.scale for layer in lean.layers):
+        logger.info("engine: layers have different attention scales; decode layers run as torch ops")
+        return None
+    return layer_native.DecodeLayers(dims, layers)
 
 
 def _linear(x: torch.Tensor, linear: torch.nn.Linear) -> torch.Tensor:

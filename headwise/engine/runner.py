@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 from transformers import AttentionInterface, AttentionMaskInterface
 
+from ..kernels.paged_decode import native as paged_native
 from ..kernels.paged_decode.naive import gather_pages
 from ..kernels.sink_window import sink_window_attention
 from ..kernels.skinny_linear import native as skinny_native
@@ -36,6 +37,7 @@ from .step import Chunk, LayerStep, StepPlan
 logger = logging.getLogger("headwise.engine")
 
 NAME = "headwise_engine"
+_announced: set[str] = set()
 STEP_KWARG = "headwise_step"
 
 
@@ -75,6 +77,10 @@ class ModelRunner:
                                  dtype=torch.long)
         self.sink_on_device = self.sink.to(device)
         self.previous_attn: str | None = None
+        # layers whose every group's decode is plain paged softmax (``native_decode``): the native decode
+        # layers run their attention in the same C call
+        self.native_attention = [all(getattr(group, "native_decode", False) for group, _ in layer)
+                                 for layer in self.groups]
         # decode steps of few tokens skip the HF module stack on recognised architectures (lean.py)
         self.lean = lean_decoder(model) if config.native_linear else None
 
@@ -129,16 +135,21 @@ class ModelRunner:
         keep = torch.cat(keep_parts, dim=-1).transpose(1, 2)
         L, T, H = slots.shape
         row_pos = torch.tensor(positions, dtype=torch.long).repeat_interleave(H)         # [T * H]
+        # every layer's written rows concatenated (the native decode layers read them in one call);
+        # the per-layer lists are views of them
         if bool(keep.all()):
             src = torch.arange(T * H)
-            write_dst = [slots[layer].reshape(-1) for layer in range(L)]
-            write_src = [src] * L
-            write_pos = [row_pos] * L
+            dst_flat = slots.reshape(-1)
+            src_flat, pos_flat = src.repeat(L), row_pos.repeat(L)
+            counts = [T * H] * L
         else:
             flat_keep = keep.reshape(L, T * H)
-            write_src = [flat_keep[layer].nonzero().squeeze(1) for layer in range(L)]
-            write_dst = [slots[layer].reshape(-1)[write_src[layer]] for layer in range(L)]
-            write_pos = [row_pos.index_select(0, src) for src in write_src]
+            layer_of, src_flat = flat_keep.nonzero(as_tuple=True)
+            dst_flat = slots.reshape(L, T * H)[layer_of, src_flat]
+            pos_flat = row_pos.index_select(0, src_flat)
+            counts = flat_keep.sum(1).tolist()
+        write_offsets = torch.tensor([0, *counts], dtype=torch.long).cumsum(0)
+        write_dst, write_src, write_pos = (list(t.split(counts)) for t in (dst_flat, src_flat, pos_flat))
         decode_tables = decode_span = None
         if decodes:
             M = max(int(s.nblocks.max()) for s, _ in decodes)
@@ -157,7 +168,8 @@ class ModelRunner:
         plan = StepPlan(self, [s for s, _ in decodes],
                         dev(torch.tensor([s.num_computed for s, _ in decodes], dtype=torch.long)),
                         dev(decode_tables), dev(decode_span), chunks, [dev(t) for t in write_dst],
-                        [dev(t) for t in write_src], [dev(t) for t in write_pos])
+                        [dev(t) for t in write_src], [dev(t) for t in write_pos], write_offsets,
+                        dev(dst_flat), dev(src_flat), dev(pos_flat))
         return plan, ids, positions, logit_rows, samplers
 
     @torch.inference_mode()
@@ -170,7 +182,7 @@ class ModelRunner:
                 return layer_attention(self.layer_step(plan, layer, scale), q, k, v)
 
             logits = self.lean.forward(torch.tensor(ids), torch.tensor(positions), torch.tensor(rows, dtype=torch.long),
-                                        attend)
+                                        attend, self.native_step(plan))
             return samplers, logits.float()
         skinny = self.config.native_linear and len(ids) <= skinny_native.MAX_ROWS and device.type == "cpu"
         with SkinnyLinearMode() if skinny else contextlib.nullcontext():
@@ -178,6 +190,29 @@ class ModelRunner:
                              position_ids=torch.tensor([positions], device=device), use_cache=False,
                              logits_to_keep=torch.tensor(rows, dtype=torch.long, device=device), **{STEP_KWARG: plan})
         return samplers, out.logits[0].float()
+
+    def native_step(self, plan: StepPlan):
+        """``(layers, pool_args)`` for the native decode layers when ``plan`` holds only decode tokens
+        (``layers[l]``: layer ``l``'s attention may run in the native call; ``pool_args``: the keyword
+        arguments of ``DecodeLayers.run`` after ``x, cos, sin``), else ``None`` (why: logged once)."""
+        reason = None
+        if plan.chunks or not plan.decode_seqs:
+            reason = "the step has prefill chunks"
+        elif self.config.backend not in ("auto", "native"):
+            reason = f"attention backend {self.config.backend!r} was asked for"
+        elif self.k_pool.device.type != "cpu" or not paged_native.supports(plan.decode_pos, self.k_pool):
+            reason = "the native paged_decode kernel does not take this pool"
+        if reason is not None:
+            if reason not in _announced:
+                _announced.add(reason)
+                logger.info("engine: decode layers run their attention through layer_attention, one layer at a "
+                            "time (%s)", reason)
+            return None
+        args = dict(k_pool=self.k_pool, v_pool=self.v_pool, pos_pool=self.pos_pool,
+                    write_offsets=plan.write_offsets, write_dst=plan.write_dst_flat,
+                    write_src=plan.write_src_flat, write_pos=plan.write_pos_flat, tables=plan.decode_tables,
+                    q_pos=plan.decode_pos, sink=self.sink, span=plan.decode_span)
+        return self.native_attention, args
 
     def layer_step(self, plan: StepPlan, layer: int, scale: float) -> LayerStep:
         return LayerStep(plan, layer, scale, self.k_pool, self.v_pool, self.pos_pool, self.config.backend,

@@ -38,6 +38,9 @@ class StepPlan:
     decode_span: ``[L, Bd, Hkv]`` int64 spans.
     write_dst, write_src: per layer, flat pool slots and the ``t * Hkv + h`` rows written there.
     write_pos: per layer, the position of each row in ``write_src`` (what goes into ``pos_pool``).
+    write_offsets: ``[L + 1]`` int64; the three lists above are views of ``write_*_flat`` (all layers'
+        rows concatenated), layer ``l`` owning rows ``write_offsets[l]:write_offsets[l + 1]`` (what the
+        native decode layers read in one call).
     """
 
     runner: "ModelRunner"
@@ -49,6 +52,10 @@ class StepPlan:
     write_dst: list[torch.Tensor]
     write_src: list[torch.Tensor]
     write_pos: list[torch.Tensor]
+    write_offsets: torch.Tensor | None = None
+    write_dst_flat: torch.Tensor | None = None
+    write_src_flat: torch.Tensor | None = None
+    write_pos_flat: torch.Tensor | None = None
 
 
 @dataclass

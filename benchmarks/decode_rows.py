@@ -1,0 +1,71 @@
+"""``benchmarks/decode.py`` with every (row, dtype, checkout) in its own process, then one table.
+
+    python benchmarks/decode_rows.py --out DIR [--settings 4096x4] [--decode-tokens 32]
+        [--rows engine-dense,engine-d25,vllm] [--dtypes float32,bfloat16] [--checkout NAME=PATH ...]
+
+Each checkout (default: this one, as ``after``) runs ``PATH/benchmarks/decode.py --rows ROW --dtype D
+--json DIR/NAME-ROW-D.json`` with ``PYTHONPATH=PATH``, rows interleaved across checkouts, so a
+before/after comparison shares one run. vLLM does not depend on the checkout: it runs once, from the
+first. The table gives each row's decode tok/s, its share of the read bandwidth that row's process
+measured (weights + KV bytes read per step / step time / bandwidth) and d25 / vLLM in the same dtype.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--settings", default="4096x4")
+    parser.add_argument("--decode-tokens", type=int, default=32)
+    parser.add_argument("--rows", default="engine-dense,engine-d25,vllm")
+    parser.add_argument("--dtypes", default="float32,bfloat16")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--checkout", action="append", default=None, metavar="NAME=PATH")
+    args = parser.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    checkouts = [c.split("=", 1) for c in args.checkout] if args.checkout else [["after", str(REPO)]]
+    rows, dtypes = args.rows.split(","), args.dtypes.split(",")
+    done = []
+    for dtype in dtypes:
+        for row in rows:
+            for i, (name, path) in enumerate(checkouts):
+                if row == "vllm" and i > 0:
+                    continue
+                tag = "vllm" if row == "vllm" else name
+                target = out / f"{tag}-{row}-{dtype}.json"
+                cmd = [sys.executable, str(Path(path) / "benchmarks" / "decode.py"), "--settings", args.settings,
+                       "--decode-tokens", str(args.decode_tokens), "--rows", row, "--dtype", dtype,
+                       "--threads", str(args.threads), "--json", str(target)]
+                print(f"== {tag} {row} {dtype}: {' '.join(cmd[1:])}", flush=True)
+                subprocess.run(cmd, env=dict(os.environ, PYTHONPATH=path), check=False)
+                if target.is_file():
+                    done.append((tag, row, dtype, json.loads(target.read_text())))
+    print("\n| checkout | row | dtype | prefill s | decode tok/s | ms/step | MB read/step | GB/s read | "
+          "read bandwidth GB/s | % of bandwidth | / vLLM same dtype |")
+    print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    vllm = {dtype: r["rows"][0]["decode_tok_s"] for tag, row, dtype, r in done if row == "vllm" and r["rows"]}
+    for tag, row, dtype, r in done:
+        x = r["rows"][0]
+        if x.get("error"):
+            print(f"| {tag} | {row} | {dtype} | {x['error']} ||||||||")
+            continue
+        bw = r["machine"]["read_gbps"]
+        ratio = f"{x['decode_tok_s'] / vllm[dtype]:.2f}x" if vllm.get(dtype) else "-"
+        print(f"| {tag} | {row} | {dtype} | {x['prefill_s']:.1f} | {x['decode_tok_s']:.1f} | {1e3 * x['step_s']:.1f} | "
+              f"{x['bytes_per_step'] / 1e6:.0f} | {x['achieved_gbps']:.1f} | {bw:.1f} | "
+              f"{100 * x['achieved_gbps'] / bw:.0f}% | {ratio} |")
+
+
+if __name__ == "__main__":
+    main()
