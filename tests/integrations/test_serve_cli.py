@@ -13,7 +13,7 @@ from headwise.models import embedded_model_dir  # noqa: E402
 
 def test_a_plan_with_kinds_vllm_cannot_run_is_refused_in_one_sentence(capsys):
     with pytest.raises(SystemExit) as exc:
-        main(["serve", "--plan", "plans/smollm2-135m-moh0.5.json"])
+        main(["serve", "--plan", "smollm2-135m-moh0.5"])
     message = str(exc.value)
     assert message.startswith("headwise serve: layer ") and "'moh' head, which the vLLM plugin cannot run" in message
     assert message.count(". ") == 0 and message.endswith(".")
