@@ -77,8 +77,8 @@ def show_plan(args) -> int:
         print(f"  {n:>6}   {plan.density(n):.4f}")
     print(memory_table(plan, lengths, args.kv_bytes))
     png = Path(args.png) if args.png else Path(shipped.name if shipped else args.plan).with_suffix(".png")
-    plan_heatmap(plan, png, lengths)
-    print(f"  heatmap: {png}")
+    if plan_heatmap(plan, png, lengths):
+        print(f"  heatmap: {png}")
     return 0
 
 
