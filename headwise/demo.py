@@ -1,7 +1,7 @@
 """``headwise demo``: passkey retrieval on the embedded model, dense vs plans, on the engine, as a table.
 
 For each plan and context length the engine (``headwise.engine.LLM``) runs one batch of passkey
-prompts (one per needle depth, greedy) and the table reports how many passkeys came back, the KV
+prompts (one per needle depth, greedy, ``max_tokens`` new tokens each) and the table reports how many passkeys came back, the KV
 each request held at its peak against what a dense cache holds for the same tokens, prefill
 seconds per prompt and milliseconds per decode step of the batch (decode-only steps).
 """
@@ -47,7 +47,9 @@ def run_passkey(model, tokenizer, plans: dict[str, object], lengths: list[int], 
     from .eval.passkey import passkey_samples
 
     samples = {n: passkey_samples(tokenizer, n, depths, seed=seed + n) for n in lengths}
-    params = SamplingParams(max_tokens=max_tokens, temperature=0)
+    # every request decodes max_tokens tokens (past an end-of-sequence token too), so each plan's
+    # decode-only steps are as many and comparable
+    params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
     runs = []
     with tqdm(total=len(plans) * len(lengths) * len(depths), desc="passkey", unit="prompt") as bar:
         for name, plan in plans.items():
