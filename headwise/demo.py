@@ -1,9 +1,10 @@
 """``headwise demo``: passkey retrieval on the embedded model, dense vs plans, on the engine, as a table.
 
 For each plan and context length the engine (``headwise.engine.LLM``) runs one batch of passkey
-prompts (one per needle depth, greedy, ``max_tokens`` new tokens each) and the table reports how many passkeys came back, the KV
-each request held at its peak against what a dense cache holds for the same tokens, prefill
-seconds per prompt and milliseconds per decode step of the batch (decode-only steps).
+prompts (one per needle depth, greedy, ``max_tokens`` new tokens each) and the table reports how
+many passkeys came back, the KV each request held at its peak against what a dense cache holds for
+the same tokens, prefill seconds per prompt and milliseconds per decode step of the batch
+(decode-only steps).
 """
 
 from __future__ import annotations
