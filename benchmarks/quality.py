@@ -6,7 +6,7 @@ correct when the answer appears in the output. Perplexity: real-prose documents
 head has dropped the most). Prints a markdown table and checks issue 13's targets.
 
     flock /tmp/headwise-heavy.lock python benchmarks/quality.py \\
-        --plan plans/baselines/smollm2-135m-d25-v1.json,plans/smollm2-135m-d25.json \\
+        --plan headwise/plans/baselines/smollm2-135m-d25-v1.json,smollm2-135m-d25 \\
         --lengths 2048,4096,8192 --trials 50,50,20 --cache bench25.jsonl
 
 Every plan but dense runs in three modes (``--modes``):

@@ -60,7 +60,7 @@ def bytes_per_block(groups) -> int:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--plans", default="plans/smollm2-135m-d25.json,plans/smollm2-135m-d50.json,uniform:0.25")
+    parser.add_argument("--plans", default="smollm2-135m-d25,smollm2-135m-d50,uniform:0.25")
     parser.add_argument("--prompt", type=int, default=8144)
     parser.add_argument("--length", type=int, default=8177, help="tokens when measured (prompt + generated)")
     parser.add_argument("--block-size", type=int, default=128, help="vLLM's block size (CPU default 128)")

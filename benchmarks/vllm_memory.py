@@ -47,7 +47,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))                 # this checkout's headwise, for the children too
-PLANS = {"d25": str(REPO / "plans" / "smollm2-135m-d25.json"), "d50": str(REPO / "plans" / "smollm2-135m-d50.json")}
+PLANS = {"d25": "smollm2-135m-d25", "d50": "smollm2-135m-d50"}      # shipped plans (headwise plan list)
 MARGIN = 16                                       # tokens vLLM's max_model_len keeps beyond prompt + decode
 BASE_ENV = {"VLLM_CPU_OMP_THREADS_BIND": "0-1", "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",
             "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}

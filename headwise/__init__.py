@@ -13,7 +13,7 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "patch_model": "headwise.patches", "unpatch_model": "headwise.patches", "expected_length": "headwise.patches",
-    "kv_bytes": "headwise.patches", "Plan": "headwise.plan", "load_plan": "headwise.plan",
+    "kv_bytes": "headwise.patches", "patched": "headwise.patches.context", "Plan": "headwise.plan", "load_plan": "headwise.plan",
     "PlanError": "headwise.errors", "load_model": "headwise.models",
 }
 __all__ = list(_EXPORTS)
@@ -36,4 +36,5 @@ if TYPE_CHECKING:
     from .errors import PlanError
     from .models import load_model
     from .patches import expected_length, kv_bytes, patch_model, unpatch_model
+    from .patches.context import patched
     from .plan import Plan, load_plan

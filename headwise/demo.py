@@ -1,112 +1,83 @@
-"""``headwise demo``: passkey retrieval on the embedded model, dense vs plans, as a table.
+"""``headwise demo``: passkey retrieval on the embedded model, dense vs plans, on the engine, as a table.
 
-For each plan and context length it reports accuracy over needle depths, KV bytes really kept
-after the prefill, prefill time and time per decode step (greedy, cached).
+For each plan and context length the engine (``headwise.engine.LLM``) runs one batch of passkey
+prompts (one per needle depth, greedy, ``max_tokens`` new tokens each) and the table reports how
+many passkeys came back, the KV each request held at its peak against what a dense cache holds for
+the same tokens, prefill seconds per prompt and milliseconds per decode step of the batch
+(decode-only steps).
 """
 
 from __future__ import annotations
 
-import contextlib
 import statistics
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-SHIPPED_PLANS = Path(__file__).resolve().parent.parent / "plans"
+#: plans the demo always compares: name -> plan spec
+DEFAULT_PLANS = {"dense": "dense", "uniform 25%": "uniform:0.25", "calibrated 25%": "d25"}
+DEFAULT_LENGTHS = (2048, 4096)
+LONG_LENGTH = 8192
 
 
 @dataclass
 class PasskeyRun:
-    """Results of one plan at one length."""
+    """Results of one plan at one length (one engine batch of ``trials`` prompts)."""
 
     plan: str
     length: int
     correct: int
     trials: int
-    kept_mb: float
-    dense_mb: float
-    prefill_s: float
-    decode_ms: float
-
-
-@torch.no_grad()
-def greedy_passkey(model, tokenizer, prompt: str, max_new_tokens: int) -> tuple[str, dict, float, float]:
-    """Prefill ``prompt`` then decode greedily with the cache.
-
-    Returns ``(text, kv_bytes_after_prefill, prefill_seconds, seconds_per_decode_step)``.
-    """
-    from . import expected_length, kv_bytes
-    from .patches import is_patched
-
-    ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False).input_ids.to(model.device)
-    target = ids.shape[1] + max_new_tokens
-    ctx = expected_length(model, target) if is_patched(model) else contextlib.nullcontext()
-    with ctx:
-        t0 = time.perf_counter()
-        out = model(input_ids=ids, use_cache=True)
-        prefill = time.perf_counter() - t0
-        cache = out.past_key_values
-        kept = kv_bytes(cache)
-        token = out.logits[:, -1:].argmax(-1)
-        generated = [token]
-        t0 = time.perf_counter()
-        for _ in range(max_new_tokens - 1):
-            out = model(input_ids=token, past_key_values=cache, use_cache=True)
-            token = out.logits[:, -1:].argmax(-1)
-            generated.append(token)
-            if int(token) == tokenizer.eos_token_id:
-                break
-        decode = (time.perf_counter() - t0) / max(1, len(generated) - 1)
-    text = tokenizer.decode(torch.cat(generated, dim=1)[0], skip_special_tokens=True)
-    return text, kept, prefill, decode
+    kept_mb: float           # mean over the batch's requests of the KV held at each one's peak, MiB
+    dense_mb: float          # what a dense cache holds for the same tokens, MiB
+    prefill_s: float         # prefill seconds per prompt
+    decode_ms: float         # milliseconds per decode-only step of the batch
 
 
 def run_passkey(model, tokenizer, plans: dict[str, object], lengths: list[int], depths: list[float],
-                max_new_tokens: int = 16, seed: int = 0) -> list[PasskeyRun]:
-    """Passkey accuracy and cost of each plan (``name -> Plan | spec``) at each length."""
-    from tqdm import tqdm
+                max_tokens: int = 16, seed: int = 0, kv_cache_memory: str = "2GiB") -> list[PasskeyRun]:
+    """Passkey accuracy and cost of each plan (``name -> Plan | spec``) at each length, on the engine.
 
-    from . import patch_model, unpatch_model
+    Prompts are built once per length (``headwise.eval.passkey``, one per depth) and the same ones go
+    to every plan. A progress bar counts prompts.
+    """
+    from tqdm.auto import tqdm
+
+    from .engine import LLM, SamplingParams
     from .eval.passkey import passkey_samples
 
     samples = {n: passkey_samples(tokenizer, n, depths, seed=seed + n) for n in lengths}
+    # every request decodes max_tokens tokens (past an end-of-sequence token too), so each plan's
+    # decode-only steps are as many and comparable
+    params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
     runs = []
-    bar = tqdm(total=len(plans) * len(lengths) * len(depths), desc="passkey", unit="prompt")
-    for name, plan in plans.items():
-        patch_model(model, plan)
-        try:
+    with tqdm(total=len(plans) * len(lengths) * len(depths), desc="passkey", unit="prompt") as bar:
+        for name, plan in plans.items():
+            llm = LLM(model, plan=plan, tokenizer=tokenizer, kv_cache_memory=kv_cache_memory)
             for n in lengths:
-                correct, kept, prefill, decode = 0, [], [], []
-                for sample in samples[n]:
-                    bar.set_postfix_str(f"{name} {n // 1024}k depth {sample.depth:.2f}")
-                    text, kv, t_pre, t_dec = greedy_passkey(model, tokenizer, sample.prompt, max_new_tokens)
-                    correct += sample.answer in text
-                    kept.append(kv["kept"])
-                    prefill.append(t_pre)
-                    decode.append(t_dec)
-                    bar.update()
-                dense_bytes = _dense_kv_bytes(model, statistics.mean(s.num_tokens for s in samples[n]))
-                runs.append(PasskeyRun(name, n, correct, len(samples[n]), statistics.mean(kept) / 2**20,
-                                       dense_bytes / 2**20, statistics.median(prefill),
-                                       1000 * statistics.median(decode)))
-        finally:
-            unpatch_model(model)
-    bar.close()
+                bar.set_postfix_str(f"{name} at {n // 1024}k")
+                prompts = [{"prompt_token_ids": tokenizer(s.prompt, add_special_tokens=False).input_ids}
+                           for s in samples[n]]
+                outs = llm.generate(prompts, params, use_tqdm=False)
+                failed = [o.error for o in outs if o.error]
+                if failed:
+                    raise RuntimeError(f"the engine refused a demo prompt: {failed[0]}")
+                stats = llm.last_stats
+                correct = sum(s.answer in o.outputs[0].text for s, o in zip(samples[n], outs))
+                runs.append(PasskeyRun(
+                    name, n, correct, len(outs),
+                    statistics.mean(o.kv["peak_bytes"] for o in outs) / 2**20,
+                    statistics.mean(o.kv["dense_bytes"] for o in outs) / 2**20,
+                    stats.prefill_seconds / len(outs),
+                    1000 * stats.decode_seconds / max(1, stats.decode_steps)))
+                bar.update(len(outs))
     return runs
-
-
-def _dense_kv_bytes(model, tokens: float) -> float:
-    from .plan import ModelInfo
-
-    info = ModelInfo.of(model)
-    return 2 * info.num_layers * info.num_kv_heads * info.head_dim * tokens * model.dtype.itemsize
 
 
 def format_table(runs: list[PasskeyRun]) -> str:
     """Markdown table of passkey runs."""
-    lines = ["| plan | context | passkey | kept KV MB (of dense) | prefill s | decode ms/step |",
+    lines = ["| plan | context | passkey | KV held MiB (of dense) | prefill s/prompt | decode ms/step |",
              "|---|---:|---:|---:|---:|---:|"]
     for r in runs:
         lines.append(f"| {r.plan} | {r.length} | {r.correct}/{r.trials} | {r.kept_mb:.1f} "
@@ -115,35 +86,40 @@ def format_table(runs: list[PasskeyRun]) -> str:
 
 
 def default_plans(extra: list[str]) -> dict[str, object]:
-    plans: dict[str, object] = {"dense": "dense", "uniform 25%": "uniform:0.25"}
-    shipped = SHIPPED_PLANS / "smollm2-135m-d25.json"
-    if shipped.is_file():
-        plans["calibrated 25%"] = str(shipped)
-    for path in extra:
-        plans[Path(path).stem] = path
+    plans: dict[str, object] = dict(DEFAULT_PLANS)
+    for spec in extra:
+        plans[Path(spec).stem if spec.endswith(".json") else spec] = spec
     return plans
 
 
 def demo(args) -> int:
     from . import load_model
+    from .cli import parse_lengths
 
     torch.manual_seed(0)
+    lengths = parse_lengths(args.lengths) if args.lengths else list(DEFAULT_LENGTHS)
+    if args.long and LONG_LENGTH not in lengths:
+        lengths.append(LONG_LENGTH)
     print("loading the embedded model (the first run converts it from GGUF, ~35 s)...", flush=True)
     model, tokenizer = load_model()
-    lengths = [int(x) for x in args.lengths.split(",")]
     depths = [(i + 0.5) / args.depths for i in range(args.depths)]
-    runs = run_passkey(model, tokenizer, default_plans(args.plan), lengths, depths, args.max_new_tokens)
+    runs = run_passkey(model, tokenizer, default_plans(args.plan), lengths, depths, args.max_tokens)
     print()
-    print(f"Passkey retrieval, SmolLM2-135M-Instruct, {args.depths} needle depths per length, greedy, "
-          f"{torch.get_num_threads()} CPU threads")
+    print(f"Passkey retrieval on the headwise engine, SmolLM2-135M-Instruct, {args.depths} needle depths per "
+          f"length (one batch), greedy, {torch.get_num_threads()} CPU threads")
     print(format_table(runs))
     return 0
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("demo", help="passkey retrieval on the embedded model: dense vs plans")
-    p.add_argument("--plan", action="append", default=[], help="plan JSON to compare too (repeatable)")
-    p.add_argument("--lengths", default="2048,4096,8192", help="context lengths in tokens, comma separated")
-    p.add_argument("--depths", type=int, default=3, help="needle depths (trials) per length")
-    p.add_argument("--max-new-tokens", type=int, default=16)
+    p = subparsers.add_parser("demo", help="passkey retrieval on the embedded model: dense vs plans, on the engine",
+                              description="Passkey retrieval on the embedded model with dense, uniform 25%% and the "
+                                          "calibrated 25%% plan (d25), at 2k and 4k tokens (--long adds 8k).")
+    p.add_argument("--plan", action="append", default=[],
+                   help="another plan to compare: JSON path, shipped name or preset (repeatable; default: none)")
+    p.add_argument("--lengths", default=None,
+                   help="context lengths in tokens, comma separated (default: 2048,4096)")
+    p.add_argument("--long", action="store_true", help="also run 8192 tokens (about 3x the demo's time)")
+    p.add_argument("--depths", type=int, default=3, help="needle depths (prompts) per length (default: 3)")
+    p.add_argument("--max-tokens", type=int, default=16, help="new tokens per prompt (default: 16)")
     p.set_defaults(func=demo)

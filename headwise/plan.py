@@ -9,8 +9,9 @@ Kinds with fitted parameters (``lightning`` feature maps, ``moh`` routers) keep 
 ``Plan.weights``, saved beside the JSON as ``<plan>.safetensors``; the JSON records that file's
 sha256 and loading refuses a missing or changed file (never pickle).
 
-A plan spec is a ``Plan``, a JSON path, or a preset a kind provides: ``"dense"``,
-``"uniform:<density>[:<sink>]"`` (``Plan.preset``).
+A plan spec is a ``Plan``, a JSON path, a preset a kind provides: ``"dense"``,
+``"uniform:<density>[:<sink>]"`` (``Plan.preset``), or the name of a plan shipped with the package
+(``headwise.plans``): ``"d25"`` for the model at hand, or the full ``"smollm2-135m-d25"``.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
+from . import plans as shipped_plans
 from .errors import PlanError
 from .kinds import registry
 from .kinds.base import HeadSpec
@@ -132,8 +134,9 @@ class Plan:
 
     @classmethod
     def from_spec(cls, spec: "Plan | str | os.PathLike", model: Any) -> "Plan":
-        """A plan from a ``Plan``, a JSON path or a preset ``"<name>[:<arg>...]"`` (``"dense"``,
-        ``"uniform:0.25"``, ``"uniform:0.25:64"``), checked against ``model``."""
+        """A plan from a ``Plan``, a JSON path, a preset ``"<name>[:<arg>...]"`` (``"dense"``,
+        ``"uniform:0.25"``, ``"uniform:0.25:64"``) or a shipped plan's name (``"d25"``: the one made
+        for ``model``; ``"smollm2-135m-d25"``), checked against ``model``."""
         if isinstance(spec, Plan):
             plan = spec
         elif spec is None or not isinstance(spec, (str, os.PathLike)):
@@ -143,7 +146,10 @@ class Plan:
             name, *raw = str(spec).split(":")
             found = None if os.path.exists(str(spec)) else registry.preset(name)
             if found is None:
-                plan = load_plan(spec)
+                info = ModelInfo.of(model)
+                shipped = None if os.path.exists(str(spec)) else shipped_plans.locate(str(spec), info.name,
+                                                                                      info.fingerprint)
+                plan = load_plan(shipped or spec)
             else:
                 try:
                     args = [int(a) if a.lstrip("-").isdigit() else float(a) for a in raw]
@@ -275,12 +281,21 @@ def _refit(head: HeadSpec) -> str:
 
 
 def load_plan(path: str | os.PathLike, model: Any = None) -> Plan:
-    """Read and validate a plan JSON file; with ``model``, also check it was made for that model."""
+    """Read and validate a plan JSON file; with ``model``, also check it was made for that model.
+
+    ``path`` may also name a shipped plan (``"smollm2-135m-d25"``, or ``"d25"``: with ``model``, the
+    one made for it), as ``headwise plan list`` shows.
+    """
+    if not os.path.exists(path):
+        info = None if model is None else ModelInfo.of(model)
+        shipped = shipped_plans.locate(str(path), info and info.name, info and info.fingerprint)
+        path = shipped or path
     try:
         with open(path) as f:
             data = json.load(f, parse_constant=lambda c: float(c))
     except FileNotFoundError:
-        raise PlanError(f"plan file {str(path)!r} does not exist.") from None
+        raise PlanError(f"plan file {str(path)!r} does not exist (shipped plans: "
+                        f"{', '.join(shipped_plans.names())}; presets: 'dense', 'uniform:<density>').") from None
     except IsADirectoryError:
         raise PlanError(f"plan path {str(path)!r} is a directory; give a plan JSON file.") from None
     except json.JSONDecodeError as e:

@@ -1,4 +1,5 @@
-"""``headwise plan show plan.json``: density per length and a heatmap PNG of any plan."""
+"""``headwise plan show PLAN``: density per length and a heatmap PNG of any plan; ``headwise plan list``:
+the plans shipped with the package."""
 
 from __future__ import annotations
 
@@ -11,14 +12,32 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("plan", help="inspect plans")
     sub = p.add_subparsers(dest="plan_command", required=True)
     show = sub.add_parser("show", help="print density per length and draw the heatmap")
-    show.add_argument("plan", help="plan JSON file")
+    show.add_argument("plan", help="plan JSON file or shipped plan name (headwise plan list)")
     show.add_argument("--lengths", default=None,
                       help="comma-separated lengths (default: the plan's calibration lengths and 1k..8k, doubling up "
                            "to the model's context)")
-    show.add_argument("--png", default=None, help="heatmap path (default: the plan's path with .png)")
+    show.add_argument("--png", default=None,
+                      help="heatmap path (default: the plan's path with .png; for a shipped plan, <name>.png here)")
     show.add_argument("--kv-bytes", type=int, default=2,
                       help="bytes per cached K/V value in the memory table (2: bf16/fp16, 4: fp32)")
     show.set_defaults(func=show_plan)
+    listing = sub.add_parser("list", help="the plans shipped with the package, by name")
+    listing.set_defaults(func=list_plans)
+
+
+def list_plans(args) -> int:
+    from .plans import shipped
+
+    rows = [("name", "short", "model", "density", "prefill", "heads by kind")]
+    for p in shipped():
+        kinds = ", ".join(f"{n} {k}" for k, n in p.kinds.items())
+        rows.append((p.name, p.short, p.model, str(p.density), p.prefill, kinds))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
+    for row in rows:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)) + "  " + row[-1])
+    print("Use a full or short name wherever a plan is taken (--plan d25, patch_model(model, 'd25')); "
+          "a short name picks the plan made for the model in use.")
+    return 0
 
 
 def default_lengths(plan) -> list[int]:
@@ -35,7 +54,10 @@ def show_plan(args) -> int:
     from .cli import parse_lengths
     from .plan import load_plan
 
-    plan = load_plan(args.plan)
+    from .plans import locate
+
+    shipped = None if Path(args.plan).exists() else locate(args.plan)
+    plan = load_plan(shipped or args.plan)
     if args.lengths:
         lengths = parse_lengths(args.lengths)
     else:
@@ -54,9 +76,9 @@ def show_plan(args) -> int:
     for n in lengths:
         print(f"  {n:>6}   {plan.density(n):.4f}")
     print(memory_table(plan, lengths, args.kv_bytes))
-    png = Path(args.png) if args.png else Path(args.plan).with_suffix(".png")
-    plan_heatmap(plan, png, lengths)
-    print(f"  heatmap: {png}")
+    png = Path(args.png) if args.png else Path(shipped.name if shipped else args.plan).with_suffix(".png")
+    if plan_heatmap(plan, png, lengths):
+        print(f"  heatmap: {png}")
     return 0
 
 

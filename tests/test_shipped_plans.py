@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-PLANS = Path(__file__).resolve().parent.parent / "plans"
+from headwise.plans import PLANS_DIR as PLANS
 SHIPPED = sorted(PLANS.glob("*.json")) + sorted((PLANS / "baselines").glob("*.json"))
 MOH = sorted(PLANS.glob("smollm2-135m-moh*.json"))
 

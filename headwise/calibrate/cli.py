@@ -103,6 +103,7 @@ def register(subparsers) -> None:
 
 def run(args) -> int:
     from ..data.calibration import data_description
+    from ..extras import require
     from ..models import load_model
     from .heatmap import plan_heatmap
     from .optimize import candidate_grid, guard_length, optimize
@@ -110,6 +111,7 @@ def run(args) -> int:
 
     if not 0.0 < args.density <= 1.0:
         raise SystemExit(f"--density must be in (0, 1], got {args.density}.")
+    require("scipy.optimize", "headwise calibrate")            # before any profiling, not after it
     lengths = parse_lengths(args.lengths, MIN_LENGTH)
     holdout = args.holdout if args.holdout is not None else (lengths[-1] if len(lengths) > 1 else None)
     if holdout is not None and holdout not in lengths:
@@ -170,8 +172,8 @@ def run(args) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     result.plan.save(out)
     png = out.with_suffix(".png")
-    plan_heatmap(result.plan, png, lengths)
-    print(f"headwise calibrate: wrote {out} and {png} in {result.plan.calibration['seconds']:.0f} s "
+    drawn = plan_heatmap(result.plan, png, lengths)
+    print(f"headwise calibrate: wrote {out}{f' and {png}' if drawn else ''} in {result.plan.calibration['seconds']:.0f} s "
           f"(peak memory {result.plan.calibration['peak_rss_gib']:.2f} GiB)")
     for n in lengths:
         print(f"  N={n:>6}: density {result.plan.density(n):.4f}  normalized loss "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 
 from ..kinds import registry
 from ..plan import Plan
@@ -13,11 +14,21 @@ def head_mark(kind: str) -> str:
     return registry.get(kind).mark
 
 
-def plan_heatmap(plan: Plan, path: str | os.PathLike, lengths: list[int]) -> None:
+def plan_heatmap(plan: Plan, path: str | os.PathLike, lengths: list[int]) -> bool:
     """Write a PNG: rows are layers, columns KV heads; colour is the kept fraction at each length
     (KV entries only: a recurrent state is not counted), heads of marked kinds carry their kind's
-    letter (``Kind.mark``, e.g. "D" dense). Uses matplotlib's Agg backend (no display needed)."""
-    import matplotlib
+    letter (``Kind.mark``, e.g. "D" dense). Uses matplotlib's Agg backend (no display needed).
+
+    Without matplotlib (the ``plot`` extra) it draws nothing, says so in one sentence on stderr and
+    returns False: the heatmap is a side output of ``plan show`` and ``calibrate``.
+    """
+    from ..extras import MissingExtraError, require
+
+    try:
+        matplotlib = require("matplotlib", "the plan heatmap")
+    except MissingExtraError as error:
+        print(f"headwise: heatmap not drawn: {error}", file=sys.stderr)
+        return False
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -49,3 +60,4 @@ def plan_heatmap(plan: Plan, path: str | os.PathLike, lengths: list[int]) -> Non
                  fontsize=10)
     fig.savefig(path, dpi=110)
     plt.close(fig)
+    return True

@@ -19,8 +19,6 @@ import logging
 from dataclasses import dataclass, field
 
 import numpy as np
-import scipy.optimize
-import scipy.sparse
 
 from ..kinds.base import HeadSpec
 from ..kinds.rules import span_of
@@ -158,6 +156,12 @@ def solve(losses: dict[int, np.ndarray], kept: dict[int, np.ndarray], weights: d
 
     Variables: ``x[l, h, c]`` (head picks candidate) then ``y[l, c]`` (layer uses candidate).
     """
+    from ..extras import require
+
+    require("scipy.optimize", "the calibrator's MILP")        # one sentence naming the extra if missing
+    import scipy.optimize
+    import scipy.sparse
+
     lengths = sorted(kept)
     layers, heads, C = next(iter(losses.values())).shape
     H = layers * heads

@@ -47,8 +47,17 @@ def markdown_table(summary: dict[str, dict], kinds: list[str], lengths: list[int
 
 def plot(summary: dict[str, dict], kinds: list[str], lengths: list[int], path: str | Path) -> None:
     """PNG: retrieval accuracy vs context length per task (and their mean), one line per plan;
-    perplexity vs length per plan."""
-    import matplotlib
+    perplexity vs length per plan. Without matplotlib (the ``plot`` extra) it says so in one
+    sentence on stderr and draws nothing (the JSON and markdown results are written either way)."""
+    import sys
+
+    from ..extras import MissingExtraError, require
+
+    try:
+        matplotlib = require("matplotlib", "the eval plot")
+    except MissingExtraError as error:
+        print(f"headwise: plot not drawn: {error}", file=sys.stderr)
+        return
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -12,8 +12,9 @@ import torch
 from headwise import patch_model, unpatch_model
 from headwise.eval import tasks as eval_tasks
 from headwise.plan import load_plan
+from headwise.plans import PLANS_DIR
 
-PLANS = sorted((Path(__file__).resolve().parents[2] / "plans").glob("smollm2-135m-d*.json"))
+PLANS = sorted(PLANS_DIR.glob("smollm2-135m-d*.json"))
 MAX_INCREASE = 0.10     # a collapsed plan is far above this (a 1-token window on a third of the heads)
 
 
@@ -31,7 +32,7 @@ def _ppl(model, tokenizer, texts) -> float:
 # Measured 2026-11-25 before the span floor: at 256 tokens every shipped plan collapsed (perplexity
 # 36.4 d25 v1, 56.1 d50 v1, 19.6 d25-v2, 78.7 d50-v2 against dense 17.2): spans alpha + beta*N with a
 # negative alpha shrank to one token. Plans are now made with a floor (--min-span 96 from
-# --guard-length 256 tokens on); the v1 plans kept in plans/baselines/ for the benchmark predate it.
+# --guard-length 256 tokens on); the v1 plans kept in headwise/plans/baselines/ for the benchmark predate it.
 @pytest.mark.slow
 @pytest.mark.parametrize("path", PLANS, ids=[p.stem for p in PLANS])
 def test_shipped_plans_do_not_collapse_on_short_inputs(real_model, path):

@@ -89,7 +89,7 @@ def test_moh_heads_survive_preemption():
 
 @pytest.mark.slow
 def test_shipped_moh_plan_on_the_real_model_equals_patched_hf(real_model):
-    """``plans/smollm2-135m-moh0.75.json`` (fitted routers, 22 routed layers): engine greedy tokens equal
+    """shipped plan ``smollm2-135m-moh0.75`` (fitted routers, 22 routed layers): engine greedy tokens equal
     the patched HF model's on a batch of two prose prompts."""
     from pathlib import Path
 
@@ -97,7 +97,7 @@ def test_shipped_moh_plan_on_the_real_model_equals_patched_hf(real_model):
     from headwise.data.prose import tokenized_prose
 
     model, tokenizer = real_model
-    plan = load_plan(Path(__file__).resolve().parents[2] / "plans" / "smollm2-135m-moh0.75.json", model)
+    plan = load_plan("smollm2-135m-moh0.75", model)
     prose = tokenized_prose(tokenizer)
     prompts = [tokenizer(prose.slice(start, n), add_special_tokens=False).input_ids
                for start, n in ((2000, 200), (9000, 80))]

@@ -59,7 +59,7 @@ def test_bf16_greedy_tokens_follow_fp32_on_the_embedded_model(real_model):
 
     model, tokenizer = real_model
     prompts = [corpus_slice(tokenizer, offset, 200)[0].tolist() for offset in (0, 5000)]
-    plan = "plans/smollm2-135m-d25.json"
+    plan = "smollm2-135m-d25"
     fp32 = engine_tokens(model, plan, prompts, 32, True, kv_cache_memory="64MiB")
     half, _ = load_model(dtype=torch.bfloat16)
     bf16 = engine_tokens(half, plan, prompts, 32, True, kv_cache_memory="64MiB")

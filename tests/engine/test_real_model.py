@@ -9,7 +9,7 @@ import pytest
 from headwise.engine import LLM
 from tests.engine.conftest import greedy, hf_greedy
 
-PLANS_DIR = Path(__file__).resolve().parents[2] / "plans"
+from headwise.plans import PLANS_DIR
 
 
 def prose_prompts(tokenizer, lengths):

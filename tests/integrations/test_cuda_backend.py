@@ -47,7 +47,7 @@ assert issubclass(HeadwiseTritonBackend, TritonAttentionBackend) and HeadwiseTri
 assert AttentionConfig(backend="headwise").backend is AttentionBackendEnum["HEADWISE"]   # the CLI flag's parsing
 assert AttentionBackendEnum.CPU_ATTN.get_class() is HeadwiseCPUBackend
 
-plan_path = "plans/smollm2-135m-d25.json"
+plan_path = "smollm2-135m-d25"
 model_config = ModelConfig(model=str(embedded_model_dir()), dtype="float32")
 with_plan = VllmConfig(model_config=model_config, additional_config={"headwise_plan": plan_path})
 assert HeadwiseTritonMetadataBuilder.get_cudagraph_support(with_plan, None) is AttentionCGSupport.NEVER

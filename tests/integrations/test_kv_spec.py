@@ -91,7 +91,7 @@ def test_manager_frees_outside_sink_and_window_into_the_pool():
 
 def test_plan_specs_split_d25_and_vllm_groups_them(config):
     hf = AutoConfig.from_pretrained(embedded_model_dir(), local_files_only=True)
-    plan = Plan.from_spec("plans/smollm2-135m-d25.json", hf)
+    plan = Plan.from_spec("smollm2-135m-d25", hf)
     specs = plan_specs(plan, 128, torch.float32, 8192)
     parts = [name for name in specs if name.endswith(".headwise_dense")]
     assert len(parts) == 11 and len(specs) == 41                  # 11 layers mix dense and window heads

@@ -29,7 +29,7 @@ from .helpers import ROOT, vllm_env  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.vllm, pytest.mark.real_model]
 
-PLAN = str(Path(__file__).resolve().parents[2] / "plans" / "smollm2-135m-d25.json")
+PLAN = "smollm2-135m-d25"
 START_TIMEOUT = 300
 SUBJECTS = ["rivers", "bread", "clocks", "owls", "glass", "trains", "salt", "maps", "bees", "ice", "paper", "wolves",
             "copper", "tea", "bridges", "moss", "kites", "whales", "sand", "lamps", "ferns", "ink", "caves", "silk",

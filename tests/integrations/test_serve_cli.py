@@ -12,7 +12,7 @@ from headwise.models import embedded_model_dir  # noqa: E402
 
 
 def test_a_plan_with_kinds_vllm_cannot_run_is_refused_in_one_sentence(capsys):
-    assert main(["serve", "--plan", "plans/smollm2-135m-moh0.5.json"]) == 2
+    assert main(["serve", "--plan", "smollm2-135m-moh0.5"]) == 2
     message = capsys.readouterr().err.strip().splitlines()[-1]
     assert message.startswith("headwise serve: layer ") and "'moh' head, which the vLLM plugin cannot run" in message
     assert message.count(". ") == 0 and message.endswith(".")

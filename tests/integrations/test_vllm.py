@@ -22,7 +22,7 @@ from .helpers import hf_greedy, prose_ids, run_vllm, short_prompts  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.vllm, pytest.mark.real_model]
 
-D25 = "plans/smollm2-135m-d25.json"
+D25 = "smollm2-135m-d25"
 NOSPLIT = "d25, mixed layers not split"
 NEW = 12
 WHOLE = dict(max_num_batched_tokens=8192)

@@ -3,7 +3,7 @@ hybrid form (Hedgehog feature maps, decay, mixing) to their outputs and convert 
 
 Example::
 
-    headwise fit lightning --plan plans/d25.json --heads auto --fraction 0.25 --out d25-lightning.json
+    headwise fit lightning --plan d25 --heads auto --fraction 0.25 --out d25-lightning.json
     headwise fit hybrid --plan dense --heads auto --fraction 0.25 --window 64 --sink 64 --out hybrid25.json
 
 Per KV head: its post-RoPE q/k/v are recorded on calibration prose (``calibrate.capture``, the
