@@ -122,4 +122,7 @@ def register(subparsers) -> None:
     p.add_argument("--long", action="store_true", help="also run 8192 tokens (about 3x the demo's time)")
     p.add_argument("--depths", type=int, default=3, help="needle depths (prompts) per length (default: 3)")
     p.add_argument("--max-tokens", type=int, default=16, help="new tokens per prompt (default: 16)")
+    from .cli import add_threads
+
+    add_threads(p)
     p.set_defaults(func=demo)

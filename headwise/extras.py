@@ -13,11 +13,13 @@ import importlib
 import importlib.util
 from types import ModuleType
 
+from .errors import HeadwiseError
+
 #: import name -> (distribution, extra)
 EXTRAS = {"scipy": ("scipy", "calibrate"), "matplotlib": ("matplotlib", "plot")}
 
 
-class MissingExtraError(ImportError):
+class MissingExtraError(HeadwiseError, ImportError):
     """An optional dependency a feature needs is not installed."""
 
 
