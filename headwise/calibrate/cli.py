@@ -17,8 +17,8 @@ from pathlib import Path
 import numpy as np
 
 from ..cli import parse_lengths
-from ..kinds.window.candidates import FLOORS
 from .checkpointing import GATES_CHECKPOINT_ABOVE, POLICIES, PROFILE_CHECKPOINT_ABOVE, CheckpointPolicy
+from .kinds import SPAN_FLOORS
 
 MIN_LENGTH = 256
 SHORT_INPUT = 256     # plans keep their span floor from here on (tests/calibrate/test_short_inputs.py)
@@ -57,7 +57,7 @@ def register(subparsers) -> None:
     p.add_argument("--min-span", type=int, default=96,
                    help="least window span every window head keeps (a span floor, so short inputs never fall "
                         "below sink + 96 tokens)")
-    p.add_argument("--span-floor", choices=FLOORS, default="clamp",
+    p.add_argument("--span-floor", choices=SPAN_FLOORS, default="clamp",
                    help="how --min-span holds: clamp (v3, default): every window's rule is "
                         "max(min_span, alpha + beta*N), so elastic heads keep their share at long N; candidate "
                         "(v1/v2): windows below --min-span at --guard-length tokens are left out")
