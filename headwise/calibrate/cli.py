@@ -18,6 +18,7 @@ import numpy as np
 
 from ..cli import add_threads, parse_lengths
 from .checkpointing import GATES_CHECKPOINT_ABOVE, POLICIES, PROFILE_CHECKPOINT_ABOVE, CheckpointPolicy
+from .kinds import SPAN_FLOORS
 
 MIN_LENGTH = 256
 SHORT_INPUT = 256     # plans keep their span floor from here on (tests/calibrate/test_short_inputs.py)
@@ -54,11 +55,25 @@ def register(subparsers) -> None:
     p.add_argument("--score", choices=("abs", "tile"), default="tile",
                    help="tile mass a span drops: tile = |sum of E| per tile and sample (default), abs = sum of |E| (MoA)")
     p.add_argument("--min-span", type=int, default=96,
-                   help="least window span every window head keeps from --guard-length tokens on (a span floor: "
-                        "spans only grow with N, so short inputs never fall below a fixed sink + 96 window)")
+                   help="least window span every window head keeps (a span floor, so short inputs never fall "
+                        "below sink + 96 tokens)")
+    p.add_argument("--span-floor", choices=SPAN_FLOORS, default="clamp",
+                   help="how --min-span holds: clamp (v3, default): every window's rule is "
+                        "max(min_span, alpha + beta*N), so elastic heads keep their share at long N; candidate "
+                        "(v1/v2): windows below --min-span at --guard-length tokens are left out")
     p.add_argument("--guard-length", type=int, default=SHORT_INPUT,
-                   help=f"input length --min-span is checked at (default {SHORT_INPUT}, the shortest input a plan "
-                        "promises not to collapse on)")
+                   help=f"--span-floor candidate: input length --min-span is checked at (default {SHORT_INPUT}, "
+                        "the shortest input a plan promises not to collapse on)")
+    p.add_argument("--budget-lengths", default="auto",
+                   help="lengths the density budget holds at: auto (default: 4 doublings ending at the model's "
+                        "context, e.g. 1024,2048,4096,8192 for an 8k model), profiled (only --lengths), or a list; "
+                        "the profiled lengths always count")
+    p.add_argument("--budget-tolerance", default="0.01",
+                   help="keep density*N of KV within this fraction at every budget length from --strict-from on "
+                        "(default 0.01); none: at most density*N (v1/v2, which may spend less at long N)")
+    p.add_argument("--strict-from", type=int, default=None,
+                   help="shortest budget length the tolerance band holds at; below it the span floor may push "
+                        "kept KV above density*N (default: the second budget length, 2048 for an 8k model)")
     p.add_argument("--sink", type=int, default=64, help="sink tokens of every window head")
     p.add_argument("--alpha-step", type=int, default=None, help="alpha grid step (default: shortest length / 8)")
     p.add_argument("--refit", type=int, default=0,
@@ -126,10 +141,13 @@ def run(args) -> int:
           "samples to compute)", flush=True)
     profiles = store.collect(model, tokenizer, lengths, args.samples)
     profiled = time.perf_counter() - started
-    candidates = candidate_grid(lengths, args.sink, args.alpha_step, args.min_span, args.guard_length)
+    budgeted, tolerance, strict_from = budget_settings(args, lengths, store.info.max_length)
+    candidates = candidate_grid(budgeted, args.sink, args.alpha_step, args.min_span, args.guard_length,
+                                floor=args.span_floor)
     long_heads, v2 = None, {}
     if args.method == "gates":
-        long_heads, v2 = choose_long_heads(model, tokenizer, store.info, candidates, args)
+        strict = [n for n in budgeted if n >= strict_from] if tolerance is not None else lengths
+        long_heads, v2 = choose_long_heads(model, tokenizer, store.info, candidates, args, strict)
     print(f"headwise calibrate: solving the MILP at density {args.density} "
           f"(fit {[n for n in lengths if n != holdout]}, held-out {holdout})", flush=True)
     solve_start = time.perf_counter()     # includes refit rounds
@@ -139,15 +157,17 @@ def run(args) -> int:
                    "mean_answer_loss": {str(n): p.loss for n, p in profiles.items()},
                    "profile_seconds_when_computed": round(sum(p.seconds for p in profiles.values()), 1),
                    "command": command}
-    candidate_notes = {"min_span": args.min_span, "min_span_at": guard_length(lengths, args.guard_length),
-                       "sink": args.sink}
+    candidate_notes = {"min_span": args.min_span, "span_floor": args.span_floor, "sink": args.sink,
+                       **({"min_span_at": guard_length(lengths, args.guard_length)}
+                          if args.span_floor == "candidate" else {})}
     points = [profiles]
 
     def solve():
         mass = profiles if len(points) == 1 else {n: pooled([p[n] for p in points]) for n in lengths}
         return optimize(mass, store.info, args.density, candidates, holdout=holdout, max_configs=args.max_configs,
                         time_limit=args.time_limit, score=args.score, calibration={**candidate_notes, **calibration, **v2},
-                        long_heads=long_heads, uniform_sink=args.sink)
+                        long_heads=long_heads, uniform_sink=args.sink, budget_at=budgeted, tolerance=tolerance,
+                        strict_from=strict_from)
 
     result = solve()
     refits = []
@@ -175,18 +195,51 @@ def run(args) -> int:
     drawn = plan_heatmap(result.plan, png, lengths)
     print(f"headwise calibrate: wrote {out}{f' and {png}' if drawn else ''} in {result.plan.calibration['seconds']:.0f} s "
           f"(peak memory {result.plan.calibration['peak_rss_gib']:.2f} GiB)")
-    for n in lengths:
-        print(f"  N={n:>6}: density {result.plan.density(n):.4f}  normalized loss "
-              f"{result.plan.calibration['normalized_loss'][str(n)]:.4f}")
+    for n in budgeted:
+        loss = result.plan.calibration["normalized_loss"].get(str(n))
+        print(f"  N={n:>6}: density {result.plan.density(n):.4f}" +
+              (f"  normalized loss {loss:.4f}" if loss is not None else "  (budget only, not profiled)"))
     return 0
 
 
-def choose_long_heads(model, tokenizer, info, candidates, args):
+def budget_settings(args, lengths: list[int], context: int) -> tuple[list[int], float | None, int]:
+    """``(budget lengths, tolerance or None, strict_from)`` from ``--budget-lengths``,
+    ``--budget-tolerance`` and ``--strict-from``; budget lengths always include the profiled ones."""
+    from .optimize import budget_lengths
+
+    if args.budget_lengths == "auto":
+        if context <= 0:
+            raise SystemExit("the model's config gives no context length (max_position_embeddings); "
+                             "give --budget-lengths as a list, or profiled.")
+        extra = budget_lengths(context, MIN_LENGTH)
+    elif args.budget_lengths == "profiled":
+        extra = []
+    else:
+        extra = parse_lengths(args.budget_lengths, MIN_LENGTH)
+    budgeted = sorted({*lengths, *extra})
+    if context > 0 and budgeted[-1] > context:
+        raise SystemExit(f"budget length {budgeted[-1]} is beyond the model's context of {context} tokens; "
+                         "give --budget-lengths up to it.")
+    if args.budget_tolerance == "none":
+        tolerance = None
+    else:
+        try:
+            tolerance = float(args.budget_tolerance)
+        except ValueError:
+            raise SystemExit(f"--budget-tolerance must be a fraction such as 0.01 or none, got {args.budget_tolerance!r}.")
+        if not 0.0 <= tolerance < 1.0:
+            raise SystemExit(f"--budget-tolerance must be in [0, 1), got {tolerance}.")
+    strict_from = args.strict_from if args.strict_from is not None else (
+        budgeted[1] if len(budgeted) > 1 else budgeted[0])
+    return budgeted, tolerance, strict_from
+
+
+def choose_long_heads(model, tokenizer, info, candidates, args, budget_lengths: list[int]):
     """Calibrator v2: train (or load) the gates and pick the long heads.
 
     Returns ``(long [layers, Hkv] bool, calibration notes)``: heads whose gate ends above
     ``--gate-threshold`` (or the top ``--long-heads`` by gate), capped so every other head can
-    still keep its least candidate's share of the context under ``--density``.
+    still keep its least candidate's share of the context under ``--density`` at ``budget_lengths``.
     """
     from ..data.recall import recall_description
     from .gates import GateSettings, GateStore
@@ -207,8 +260,7 @@ def choose_long_heads(model, tokenizer, info, candidates, args):
         print(f"headwise calibrate: gates {'trained' if computed else 'loaded'} from {store.gates_path(settings)} "
               f"({time.perf_counter() - started:.0f} s this run)", flush=True)
     heads = info.num_layers * info.num_kv_heads
-    lengths = parse_lengths(args.lengths, MIN_LENGTH)
-    cap = long_head_cap(lengths, args.density, heads, candidates)
+    cap = long_head_cap(budget_lengths, args.density, heads, candidates)
     ranking = result.ranking()
     wanted = args.long_heads if args.long_heads is not None else int((result.gates > args.gate_threshold).sum())
     if not 0 <= wanted <= heads:

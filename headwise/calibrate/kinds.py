@@ -1,7 +1,8 @@
 """Which head kinds the calibrator chooses among and which ``headwise fit`` can fit, from the kind
 descriptors (``Kind.candidates``, ``Kind.fit``; ``headwise.kinds.registry``).
 
-A candidates function is ``candidates(lengths, *, sink, alpha_step, min_span, guard) -> list[HeadSpec]``:
+A candidates function is ``candidates(lengths, *, sink, alpha_step, min_span, guard, floor) -> list[HeadSpec]``
+(``floor``: one of ``SPAN_FLOORS``, how ``min_span`` holds; kinds without spans ignore the settings):
 heads whose attention is softmax over exactly the keys their ``kv_rule()`` keeps, which is how the
 calibrator scores and profiles them. A fit module has ``HELP: str``, ``add_arguments(parser)`` and
 ``run(args) -> int`` (``headwise fit <kind>``), plus plain functions over captured data.
@@ -12,6 +13,10 @@ from __future__ import annotations
 from types import ModuleType
 
 from ..kinds import registry
+
+#: how the calibrator's ``--min-span`` holds: ``clamp`` in each window's rule (v3), or ``candidate``:
+#: candidates below it at the guard length are left out (v1/v2)
+SPAN_FLOORS = ("clamp", "candidate")
 
 
 def candidate_kinds() -> tuple[str, ...]:

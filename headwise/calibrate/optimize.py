@@ -21,24 +21,24 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..kinds.base import HeadSpec
-from ..kinds.rules import span_of
+from ..kinds.rules import as_rule
 from ..plan import ModelInfo, Plan
 
 logger = logging.getLogger("headwise")
 
 SCORES = {"abs": "blocks", "tile": "tiles"}     # --score name -> LengthProfile field
 
-Rule = tuple[int, float, float, bool]           # a head's kv_rule(): (sink, alpha, beta, dense)
+Rule = tuple                                    # a head's kv_rule(): (sink, alpha, beta, dense[, min_span])
 
 
 def band(rule: Rule, n: int) -> tuple[int, int] | None:
     """``(sink, span)`` of a KV rule at length ``n``: query ``i`` keeps key ``j <= i`` iff ``j < sink``
     or ``j > i - span`` (the sink/window kernels' rule); ``None`` when it keeps every key."""
-    sink, alpha, beta, dense = rule
-    if dense:
+    rule = as_rule(rule)
+    if rule.dense:
         return None
-    span = span_of(alpha, beta, n)
-    return None if sink + span >= n else (int(sink), span)
+    span = rule.span(n)
+    return None if rule.sink + span >= n else (int(rule.sink), span)
 
 
 def keeps_everything(head: HeadSpec) -> bool:
@@ -54,13 +54,14 @@ def guard_length(lengths: list[int], guard: int | None = None) -> int:
 
 
 def candidate_grid(lengths: list[int], sink: int = 64, alpha_step: int | None = None, min_span: int = 0,
-                   guard: int | None = None) -> list[HeadSpec]:
+                   guard: int | None = None, floor: str = "candidate") -> list[HeadSpec]:
     """The candidates every KV head chooses from: each candidate kind's (``kinds.candidates``, the
-    window grid then ``Dense``), with ``min_span`` held from ``guard_length(lengths, guard)`` on."""
+    window grid then ``Dense``). ``floor="clamp"``: every window keeps ``max(min_span, alpha + beta*N)``
+    (v3); ``"candidate"``: windows below ``min_span`` at ``guard_length(lengths, guard)`` are left out."""
     from .kinds import candidates
 
     return candidates(lengths, sink=sink, alpha_step=alpha_step, min_span=min_span,
-                      guard=guard_length(lengths, guard))
+                      guard=guard_length(lengths, guard), floor=floor)
 
 
 def long_head_cap(lengths: list[int], density: float, heads: int, candidates: list[HeadSpec]) -> int:
@@ -77,6 +78,43 @@ def long_head_cap(lengths: list[int], density: float, heads: int, candidates: li
             return 0
         cap = min(cap, int(np.floor((density * n * heads - heads * least) / (n - least) + 1e-9)))
     return max(0, cap)
+
+
+def budget_lengths(context: int, shortest: int = 256, count: int = 4) -> list[int]:
+    """The lengths a plan's budget holds at when none are given: ``count`` doublings ending at the
+    model's ``context`` (``context / 8 .. context`` for 4), none below ``shortest``.
+    SmolLM2 (8192): 1024, 2048, 4096, 8192; a 32k model: 4096 .. 32768."""
+    if context < shortest:
+        raise ValueError(f"the model's context of {context} tokens is below the shortest calibrated length {shortest}.")
+    return sorted({max(shortest, context >> k) for k in range(count)})
+
+
+def budget_bounds(lengths: list[int], density: float, heads: int, candidates: list[HeadSpec], *,
+                  tolerance: float | None, strict_from: int | None = None,
+                  fixed: np.ndarray | None = None) -> dict[int, tuple[float, float]]:
+    """Per length ``N``, the least and most kept tokens over all ``heads`` KV heads.
+
+    ``tolerance=None``: at most ``density * N * heads`` (v1/v2: a plan may spend less).
+    Otherwise ``density * N * heads`` within ``+-tolerance`` at every length from ``strict_from``
+    on (default: every length); below it the span floor may push the least a plan can keep above
+    the band, and the upper end rises to that least (the fixed heads' and every free head's
+    smallest candidate). ``fixed``: ``[heads]`` candidate index per head, ``-1`` free.
+    """
+    out = {}
+    strict_from = min(lengths) if strict_from is None else strict_from
+    for n in lengths:
+        target = density * n * heads
+        if tolerance is None:
+            out[n] = (-np.inf, target)
+            continue
+        low, high = (1 - tolerance) * target, (1 + tolerance) * target
+        if n < strict_from:
+            kept = np.array([c.kept(n) for c in candidates], dtype=np.float64)
+            flat = np.full(heads, -1) if fixed is None else np.asarray(fixed).reshape(-1)
+            least = float(sum(kept[i] if i >= 0 else kept.min() for i in flat))
+            high = max(high, least)
+        out[n] = (low, high)
+    return out
 
 
 def _dropped(kept: tuple[int, int] | None, n: int, block: int) -> np.ndarray:
@@ -141,18 +179,21 @@ class Solution:
 
 def solve(losses: dict[int, np.ndarray], kept: dict[int, np.ndarray], weights: dict[int, float], density: float,
           max_configs: int = 2, time_limit: float = 300.0, mip_rel_gap: float = 1e-4,
-          fixed: np.ndarray | None = None) -> Solution:
+          fixed: np.ndarray | None = None, bounds: dict[int, tuple[float, float]] | None = None) -> Solution:
     """Binary MILP: one candidate per KV head, kept-token budget at every length, at most
     ``max_configs`` distinct candidates per layer; minimise ``sum_N w_N loss_N / total_N``.
 
     Args:
         losses: per length ``[layers, Hkv, C]`` dropped ``|E|`` (already normalised by the caller).
-        kept: per length ``[C]`` kept tokens of each candidate.
+        kept: per length ``[C]`` kept tokens of each candidate (every length the budget holds at;
+            lengths without losses only constrain).
         weights: per length weight of its normalised loss in the objective (lengths without a
             weight only constrain).
         density: kept-token budget as a fraction of ``N * layers * Hkv``.
         fixed: optional ``[layers, Hkv]`` int64 candidate index each head must take, ``-1`` for a
             free head (e.g. the long heads chosen by gates, fixed to the candidate that keeps everything).
+        bounds: optional per length ``(least, most)`` total kept tokens (``budget_bounds``); default
+            ``(-inf, density * N * heads)`` at every length of ``kept``.
 
     Variables: ``x[l, h, c]`` (head picks candidate) then ``y[l, c]`` (layer uses candidate).
     """
@@ -175,9 +216,12 @@ def solve(losses: dict[int, np.ndarray], kept: dict[int, np.ndarray], weights: d
     rows.append((scipy.sparse.hstack([one, scipy.sparse.csr_matrix((H, ny))]), np.ones(H), np.ones(H)))
     # kept tokens within budget at every length
     budget = np.stack([np.tile(kept[n], H) for n in lengths])
-    limit = np.array([density * n * H for n in lengths])
+    if bounds is None:
+        bounds = {n: (-np.inf, density * n * H) for n in lengths}
+    least = np.array([bounds[n][0] for n in lengths])
+    limit = np.array([bounds[n][1] for n in lengths])
     rows.append((scipy.sparse.hstack([scipy.sparse.csr_matrix(budget), scipy.sparse.csr_matrix((len(lengths), ny))]),
-                 np.full(len(lengths), -np.inf), limit))
+                 least, limit))
     # x[l, h, c] <= y[l, c]
     link_y = scipy.sparse.kron(scipy.sparse.eye(layers), scipy.sparse.kron(np.ones((heads, 1)), scipy.sparse.eye(C)))
     rows.append((scipy.sparse.hstack([scipy.sparse.eye(nx), -link_y]), np.full(nx, -np.inf), np.zeros(nx)))
@@ -197,8 +241,9 @@ def solve(losses: dict[int, np.ndarray], kept: dict[int, np.ndarray], weights: d
                                  bounds=scipy.optimize.Bounds(lower, 1),
                                  options={"time_limit": time_limit, "mip_rel_gap": mip_rel_gap, "presolve": True})
     if result.x is None:
-        raise RuntimeError(f"the MILP found no plan ({result.message}); raise the density, or use a smaller sink, "
-                           "a smaller --min-span or longer lengths so that some candidates fit the budget.")
+        raise RuntimeError(f"the MILP found no plan ({result.message}); raise the density or --budget-tolerance, or "
+                           "use a smaller sink, a smaller --min-span or longer lengths so that some candidates fit "
+                           "the budget.")
     x = np.round(result.x[:nx]).reshape(layers, heads, C)
     choice = x.argmax(-1)
     return Solution(weights, choice, result.message, result.status == 0, getattr(result, "mip_gap", None))
@@ -237,7 +282,8 @@ class Calibration:
 def optimize(profiles: dict, model_info: ModelInfo, density: float, candidates: list[HeadSpec], *,
              holdout: int | None = None, max_configs: int = 2, time_limit: float = 300.0, score: str = "abs",
              calibration: dict | None = None, long_heads: np.ndarray | None = None,
-             uniform_sink: int | None = None) -> Calibration:
+             uniform_sink: int | None = None, budget_at: list[int] | None = None, tolerance: float | None = None,
+             strict_from: int | None = None) -> Calibration:
     """Choose one of ``candidates`` per KV head from ``profiles`` (length -> ``LengthProfile``).
 
     ``candidates`` (e.g. ``candidate_grid``) are scored by the keys their ``kv_rule()`` drops and
@@ -254,6 +300,10 @@ def optimize(profiles: dict, model_info: ModelInfo, density: float, candidates: 
     ``long_heads`` (``[layers, Hkv]`` bool, optional) fixes those heads to the candidate that keeps
     everything (calibrator v2: chosen by their joint effect, see ``gates.py``); the MILP then sizes
     the others' spans under the same budget, which counts the fixed heads too.
+
+    ``budget_at`` (optional) adds lengths the budget holds at without a profile (e.g. up to the
+    model's context); ``tolerance`` keeps the kept tokens within ``density * N * heads +- tolerance``
+    at every budget length from ``strict_from`` on (``budget_bounds``), instead of only below it.
 
     ``uniform_sink`` (optional) records, for comparison, the normalised loss of the uniform plan at
     the same density: every head keeps ``uniform_sink`` sink tokens and a window, ``density * N`` in all.
@@ -274,6 +324,8 @@ def optimize(profiles: dict, model_info: ModelInfo, density: float, candidates: 
         if not totals[n] > 0:
             raise ValueError(f"the profile at length {n} is all zeros; re-run the profiling.")
         losses[n] = candidate_losses(mass[n], candidates, n, block) / totals[n]
+    budgeted = sorted({*lengths, *(budget_at or ())})
+    for n in budgeted:
         kept[n] = np.array([c.kept(n) for c in candidates], dtype=np.float64)
     heads_total = model_info.num_layers * model_info.num_kv_heads
     fixed = None
@@ -283,11 +335,14 @@ def optimize(profiles: dict, model_info: ModelInfo, density: float, candidates: 
             raise ValueError("long heads need a candidate that keeps every key; add the dense candidate.")
         long_heads = np.asarray(long_heads, dtype=bool)
         fixed = np.where(long_heads, everything[0], -1).astype(np.int64)
+    bounds = budget_bounds(budgeted, density, heads_total, candidates, tolerance=tolerance, strict_from=strict_from,
+                           fixed=fixed)
     solutions = []
     for weights in length_weightings(fit):
-        sol = solve(losses, kept, weights, density, max_configs, time_limit, fixed=fixed)
+        sol = solve(losses, kept, weights, density, max_configs, time_limit, fixed=fixed, bounds=bounds)
         for n in lengths:
             sol.normalized_loss[n] = float(np.take_along_axis(losses[n], sol.choice[..., None], -1).sum())
+        for n in budgeted:
             sol.density[n] = float(kept[n][sol.choice].sum() / (n * heads_total))
         logger.info("headwise: weights %s -> loss %s (%s)", weights, sol.normalized_loss, sol.status)
         solutions.append(sol)
@@ -301,6 +356,10 @@ def optimize(profiles: dict, model_info: ModelInfo, density: float, candidates: 
     block_info = {
         "method": "moa-milp" if long_heads is None else "gates+milp", "density": density, "lengths": lengths,
         "fit_lengths": fit, "holdout_length": holdout, "score": score, "max_configs_per_layer": max_configs,
+        **({"budget": {"lengths": budgeted, "tolerance": tolerance,
+                       "strict_from": min(budgeted) if strict_from is None else strict_from,
+                       "density": {str(k): v for k, v in best.density.items()}}}
+           if budget_at is not None or tolerance is not None else {}),
         "candidates": len(candidates),
         "solver": f"scipy.optimize.milp (HiGHS), time limit {time_limit:g} s", "solver_status": best.status,
         "solver_optimal": all(s.optimal for s in solutions),

@@ -6,7 +6,7 @@ import math
 from dataclasses import dataclass
 
 from ..kinds.base import HeadSpec
-from ..kinds.rules import span_of
+from ..kinds.rules import as_rule
 
 
 @dataclass(frozen=True)
@@ -52,10 +52,11 @@ def softmax_layout(sink: int, span: int, n: int, block_size: int) -> HeadLayout:
 
 def head_layout(spec: HeadSpec, n: int, block_size: int) -> HeadLayout:
     """The layout of ``spec``'s head for a request that will reach ``n`` tokens: its ``kv_rule``
-    (sink + ``clamp(floor(alpha + beta*n), 1, n)`` or everything), or no KV at all (``keeps_kv``)."""
+    (sink + ``clamp(floor(alpha + beta*n), max(1, min_span), n)`` or everything), or no KV at all
+    (``keeps_kv``)."""
     if not spec.keeps_kv:
         return NO_KV
-    sink, alpha, beta, dense = spec.kv_rule()
-    if dense:
+    rule = as_rule(spec.kv_rule())
+    if rule.dense:
         return softmax_layout(0, n, n, block_size)
-    return softmax_layout(sink, span_of(alpha, beta, n), n, block_size)
+    return softmax_layout(rule.sink, rule.span(n), n, block_size)

@@ -22,6 +22,7 @@ from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
 
 from ..patches import expected_length, is_patched, patch_model, unpatch_model
+from ..kinds.rules import as_rule
 from ..plan import Plan, PlanError
 
 logger = logging.getLogger("headwise")
@@ -29,7 +30,7 @@ logger = logging.getLogger("headwise")
 
 def is_elastic(plan: Plan) -> bool:
     """Whether any head's span depends on the sequence length (a non-dense ``kv_rule`` with ``beta > 0``, any kind)."""
-    return any(not dense and beta > 0 for _, _, beta, dense in (h.kv_rule() for h in plan.heads))
+    return any(not r.dense and r.beta > 0 for r in (as_rule(h.kv_rule()) for h in plan.heads))
 
 
 @register_model("headwise")

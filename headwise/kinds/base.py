@@ -36,14 +36,17 @@ class HeadSpec:
     kind: ClassVar[str] = ""
     #: False for a head that keeps no KV in the engine's pool (only a recurrent state)
     keeps_kv: ClassVar[bool] = True
+    #: fields a plan may leave out (their defaults apply); ``to_json`` leaves them out at their default
+    optional_fields: ClassVar[frozenset[str]] = frozenset()
 
     def kept(self, n: int) -> int:
         """Number of KV entries this head keeps at sequence length ``n``."""
         raise NotImplementedError
 
-    def kv_rule(self) -> tuple[int, float, float, bool]:
-        """``(sink, alpha, beta, dense)``: which KV the cache keeps for this head: the first ``sink``
-        tokens and the last ``clamp(floor(alpha + beta*N), 1, N)``, or everything when ``dense``."""
+    def kv_rule(self) -> tuple:
+        """``(sink, alpha, beta, dense[, min_span])``: which KV the cache keeps for this head: the first
+        ``sink`` tokens and the last ``clamp(floor(alpha + beta*N), max(1, min_span), N)``, or everything
+        when ``dense`` (``rules.KVRule``; consumers read it through ``rules.as_rule``)."""
         raise NotImplementedError(f"head kind {self.kind!r} does not say which KV it keeps (kv_rule).")
 
     @property
@@ -70,18 +73,20 @@ class HeadSpec:
         return None
 
     def to_json(self) -> dict[str, Any]:
-        return {"kind": self.kind, **dataclasses.asdict(self)}
+        fields = {f.name: f for f in dataclasses.fields(self)}
+        return {"kind": self.kind, **{k: v for k, v in dataclasses.asdict(self).items()
+                                      if not (k in self.optional_fields and v == fields[k].default)}}
 
     @classmethod
     def from_json(cls, data: dict[str, Any], where: str) -> "HeadSpec":
         names = {f.name for f in dataclasses.fields(cls)}
-        missing = sorted(names - data.keys())
+        missing = sorted(names - data.keys() - cls.optional_fields)
         if missing:
             raise PlanError(f"{where}: {cls.kind!r} head is missing field(s) {missing}.")
         extra = sorted(data.keys() - names - {"kind"})
         if extra:
             raise PlanError(f"{where}: {cls.kind!r} head has unknown field(s) {extra}.")
-        spec = cls(**{n: data[n] for n in names})
+        spec = cls(**{n: data[n] for n in names if n in data})
         spec.validate(where)
         return spec
 

@@ -4,13 +4,16 @@ Pure Python (no torch): spec classes use these, and ``import headwise.plan`` mus
 
 Span rule of a head that reads a sink and a window (docs/design.md, "The plan")::
 
-    span(N) = clamp(floor(alpha + beta * N), 1, N)      kept(N) = min(N, sink + span(N))
+    span(N) = clamp(floor(alpha + beta * N), max(1, min_span), N)      kept(N) = min(N, sink + span(N))
+
+``min_span`` (0: none) is a floor at short ``N``: an elastic head (``beta > 0``) keeps at least
+``min_span`` recent tokens however short the input, and still ``alpha + beta * N`` at long ``N``.
 """
 
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from ..errors import PlanError
 
@@ -36,28 +39,57 @@ def check_number(where: str, name: str, value: Any, *, minimum: float | None = N
         raise PlanError(f"{where}: field {name!r} must be <= {maximum}, got {value!r}.")
 
 
-def span_of(alpha: float, beta: float, n: int) -> int:
-    """``clamp(floor(alpha + beta * n), 1, n)``: the window span at length ``n`` (float64 math)."""
-    return max(1, min(n, math.floor(alpha + beta * n)))
+def span_of(alpha: float, beta: float, n: int, min_span: int = 0) -> int:
+    """``clamp(floor(alpha + beta * n), max(1, min_span), n)``: the window span at length ``n``
+    (float64 math)."""
+    return max(1, min(n, max(int(min_span), math.floor(alpha + beta * n))))
+
+
+class KVRule(NamedTuple):
+    """Which KV a head keeps (``HeadSpec.kv_rule()``): the first ``sink`` tokens and the last
+    ``span(N)``, or everything when ``dense``; ``min_span`` floors the span at short ``N``."""
+
+    sink: int
+    alpha: float
+    beta: float
+    dense: bool
+    min_span: int = 0
+
+    def span(self, n: int) -> int:
+        """The recent tokens kept at length ``n`` (``n`` when dense)."""
+        return n if self.dense else span_of(self.alpha, self.beta, n, self.min_span)
+
+
+def as_rule(rule: tuple) -> KVRule:
+    """A ``kv_rule()`` result as a ``KVRule``: kinds may return a plain 4-tuple
+    ``(sink, alpha, beta, dense)`` (no span floor) or 5 with ``min_span``."""
+    return rule if isinstance(rule, KVRule) else KVRule(*rule)
 
 
 class SinkSpanRule:
     """The KV rule of a softmax head that reads its first ``sink`` tokens and the last ``span(N)``
-    (fields ``sink``, ``alpha``, ``beta`` on the dataclass that uses it)."""
+    (fields ``sink``, ``alpha``, ``beta`` and optionally ``min_span`` on the dataclass that uses it)."""
+
+    #: the span floor; a dataclass field on kinds that have one (``window``)
+    min_span = 0
 
     def span(self, n: int) -> int:
-        return span_of(self.alpha, self.beta, n)
+        return span_of(self.alpha, self.beta, n, self.min_span)
 
     def kept(self, n: int) -> int:
         return min(n, self.sink + self.span(n))
 
-    def kv_rule(self) -> tuple[int, float, float, bool]:
-        return self.sink, self.alpha, self.beta, False
+    def kv_rule(self) -> KVRule:
+        return KVRule(self.sink, self.alpha, self.beta, False, self.min_span)
 
     def validate_rule(self, where: str, max_length: int | None = None) -> None:
         check_number(where, "sink", self.sink, minimum=0, integer=True)
         check_number(where, "alpha", self.alpha)
         check_number(where, "beta", self.beta, minimum=0.0, maximum=1.0)
+        check_number(where, "min_span", self.min_span, minimum=0, integer=True)
+        if max_length is not None and self.min_span > max_length:
+            raise PlanError(f"{where}: min_span {self.min_span} must not exceed the model's context of "
+                            f"{max_length} tokens.")
         if max_length is not None and self.sink >= max_length:
             raise PlanError(f"{where}: sink {self.sink} must be smaller than the model's context of {max_length} tokens.")
         if max_length is not None and abs(self.alpha) > 4 * max_length:

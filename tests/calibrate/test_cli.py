@@ -170,3 +170,30 @@ def test_calibrate_with_gates_then_resolve_from_cached_gates(tiny_dir, tmp_path,
     assert main(args + ["--density", "0.5", "--gates-from", str(tmp_path / "plain.json"),
                         "--out", str(tmp_path / "d.json")]) == 2
     assert "records no gates" in capsys.readouterr().err
+
+
+def test_calibrate_a_qwen2_shaped_model_keeps_the_budget_up_to_its_own_context(tokenizer, tmp_path, capsys):
+    """Nothing assumes SmolLM2: a Qwen2-shaped model with a 4096-token context gets its budget lengths
+    from that context (512 .. 4096) and keeps 25% +- 1% of KV at each, with floored elastic windows."""
+    from transformers import Qwen2Config
+
+    torch.manual_seed(0)
+    config = Qwen2Config(vocab_size=len(tokenizer), hidden_size=48, intermediate_size=64, num_hidden_layers=3,
+                         num_attention_heads=6, num_key_value_heads=3, max_position_embeddings=4096,
+                         initializer_range=0.2, bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    path = tmp_path / "qwen2"
+    AutoModelForCausalLM.from_config(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    assert main(["calibrate", "--model", str(path), "--lengths", "256,512", "--samples", "2", "--answer-tokens", "8",
+                 "--sink", "16", "--min-span", "32", "--density", "0.25", "--cache-dir", str(tmp_path / "cache"),
+                 "--threads", "1", "--out", str(tmp_path / "q.json")]) == 0
+    assert "N=  4096: density" in capsys.readouterr().out
+    plan = load_plan(tmp_path / "q.json")
+    budget = plan.calibration["budget"]
+    assert budget["lengths"] == [256, 512, 1024, 2048, 4096] and budget["strict_from"] == 512
+    assert plan.calibration["span_floor"] == "clamp" and "--lengths 256,512" in plan.calibration["command"]
+    for n in (512, 1024, 2048, 4096):
+        assert abs(plan.density(n) / 0.25 - 1) <= 0.01 + 1e-9, f"kept {plan.density(n):.4f} at N={n}"
+    windows = [h for layer in plan.layers for h in layer if not h.keeps_everything]
+    assert windows and all(h.min_span == 32 and h.span(40) >= 32 for h in windows)

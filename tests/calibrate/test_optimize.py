@@ -205,7 +205,7 @@ def test_the_optimiser_reads_candidates_only_through_their_kv_rule_and_kept():
     from dataclasses import dataclass
 
     from headwise.kinds.base import HeadSpec
-    from headwise.kinds.rules import span_of
+    from headwise.kinds.rules import as_rule
 
     @dataclass(frozen=True)
     class Rule(HeadSpec):
@@ -216,8 +216,8 @@ def test_the_optimiser_reads_candidates_only_through_their_kv_rule_and_kept():
             return self.rule
 
         def kept(self, n):
-            sink, alpha, beta, dense = self.rule
-            return n if dense else min(n, sink + span_of(alpha, beta, n))
+            rule = as_rule(self.rule)
+            return n if rule.dense else min(n, rule.sink + rule.span(n))
 
     lengths = [256, 512]
     profiles = _synthetic_profiles(lengths, seed=3)

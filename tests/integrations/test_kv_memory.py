@@ -12,7 +12,6 @@ import pytest
 
 from headwise.integrations.vllm.kv_memory import LayerKeep, layer_keep
 from headwise.kinds.dense import Dense
-from headwise.kinds.rules import span_of
 from headwise.kinds.window import Window
 
 
@@ -20,14 +19,14 @@ def random_heads(rng: random.Random) -> tuple:
     heads = []
     for _ in range(rng.randint(1, 3)):
         beta = rng.choice([0.0, 0.0, 0.125, 0.5, 1.0, rng.random()])
-        heads.append(Window(sink=rng.choice([0, 4, 64, 100]), alpha=rng.choice([-64.0, 0.0, 33.0, 96.0, 600.0]),
-                            beta=beta))
+        heads.append(Window(sink=rng.choice([0, 4, 64, 100]), alpha=rng.choice([-64.0, 0.0, 33.0, 96.0, 600.0, -900.0]),
+                            beta=beta, min_span=rng.choice([0, 0, 40, 200])))
     return tuple(heads)
 
 
 def earliest_window_key(heads, q: int, n: int) -> int:
     """The first position a query at ``q`` of a step ending at length ``n`` reads past the sinks."""
-    return min(max(0, q + 1 - span_of(h.alpha, h.beta, n)) for h in heads)
+    return min(max(0, q + 1 - h.span(n)) for h in heads)     # the spec's rule, span floor included
 
 
 @pytest.mark.parametrize("prefill_dense", [False, True])

@@ -50,6 +50,9 @@ RULES = {
                 Window(sink=64, alpha=0.0, beta=0.5)],
     "mixed": [Dense(), Window(sink=4, alpha=33.0, beta=0.0), Window(sink=64, alpha=-64.0, beta=0.25)],
     "same": [Window(sink=32, alpha=0.0, beta=0.125)] * 3,
+    # span floors: the floor decides at short lengths, alpha + beta*N at long ones
+    "floored": [Window(sink=40, alpha=-300.0, beta=0.5, min_span=50), Window(sink=4, alpha=-40.0, beta=0.125, min_span=20),
+                Window(sink=0, alpha=-900.0, beta=1.0, min_span=70)],
 }
 
 
@@ -116,7 +119,7 @@ def test_decode_tables_read_only_sink_and_window_blocks():
 
 @pytest.mark.parametrize("stale", [False, True])
 @pytest.mark.parametrize("prefill", ["plan", "dense"])
-@pytest.mark.parametrize("rule_name", ["windows", "same"])
+@pytest.mark.parametrize("rule_name", ["windows", "same", "floored"])
 def test_attend_reads_nothing_from_blocks_the_kv_manager_gave_back(prefill, rule_name, stale):
     """Blocks ``kv_memory.LayerKeep.free_blocks`` frees become vLLM's null block (full of garbage):
     decodes and prompt chunks still equal the reference over every key. ``stale``: positions come

@@ -62,6 +62,8 @@ RULES = {
     "windows": [Window(sink=8, alpha=-8.0, beta=0.25), Window(sink=0, alpha=20.0, beta=0.0),
                 Window(sink=16, alpha=0.0, beta=0.5)],
     "mixed": [Dense(), Window(sink=4, alpha=13.0, beta=0.0), Window(sink=32, alpha=-16.0, beta=0.25)],
+    "floored": [Window(sink=8, alpha=-200.0, beta=0.5, min_span=24), Dense(),
+                Window(sink=0, alpha=-80.0, beta=0.25, min_span=12)],
 }
 
 

@@ -35,7 +35,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ...kinds.base import HeadSpec
-from ...kinds.rules import span_of
+from ...kinds.rules import as_rule, span_of
 
 
 @dataclass(frozen=True)
@@ -44,17 +44,18 @@ class LayerKeep:
 
     Attributes:
         sink: the largest sink of the heads (tokens kept from position 0).
-        windows: the distinct ``(alpha, beta)`` of the heads, sorted.
+        windows: the distinct ``(alpha, beta, min_span)`` of the heads, sorted (``(alpha, beta)``:
+            no span floor).
         prefill_dense: the plan prefills dense (prompt tokens read every key).
     """
 
     sink: int
-    windows: tuple[tuple[float, float], ...]
+    windows: tuple[tuple[float, ...], ...]
     prefill_dense: bool
 
     def span(self, n: int) -> int:
         """The largest span of the heads at length ``n`` (``n >= 1``)."""
-        return max(span_of(alpha, beta, n) for alpha, beta in self.windows)
+        return max(span_of(alpha, beta, n, *floor) for alpha, beta, *floor in self.windows)
 
     def union(self, other: "LayerKeep") -> "LayerKeep":
         """What layers sharing one block table keep: the larger sink, every window."""
@@ -91,12 +92,13 @@ class LayerKeep:
 def layer_keep(heads: tuple[HeadSpec, ...], prefill_dense: bool) -> LayerKeep | None:
     """The ``LayerKeep`` of a layer's KV heads, or ``None`` when a head reads every key (dense).
 
-    Reads the heads through ``HeadSpec.kv_rule()`` (``(sink, alpha, beta, dense)``), so any kind that
+    Reads the heads through ``HeadSpec.kv_rule()`` (``(sink, alpha, beta, dense[, min_span])``), so any kind that
     keeps a sink and a window qualifies; the plugin's allow-list (``plan_source.check_runnable``)
     decides which kinds reach here.
     """
-    rules = [h.kv_rule() for h in heads]
-    if not rules or any(dense for *_, dense in rules):
+    rules = [as_rule(h.kv_rule()) for h in heads]
+    if not rules or any(r.dense for r in rules):
         return None
-    return LayerKeep(max(sink for sink, *_ in rules), tuple(sorted({(float(a), float(b)) for _, a, b, _ in rules})),
-                     prefill_dense)
+    return LayerKeep(max(r.sink for r in rules),
+                     tuple(sorted({(float(r.alpha), float(r.beta), *([int(r.min_span)] if r.min_span else []))
+                                   for r in rules})), prefill_dense)

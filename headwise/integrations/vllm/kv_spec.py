@@ -52,7 +52,7 @@ class SinkWindowSpec(AttentionSpec):
     """
 
     sink: int
-    windows: tuple[tuple[float, float], ...]
+    windows: tuple[tuple[float, ...], ...]     # (alpha, beta[, min_span]) of every head
     prefill_dense: bool
     max_len: int
     group_policy: str = "same-blocks"

@@ -198,10 +198,11 @@ class PositionBuffer:
 
 
 def head_groups(rule: LayerRule) -> list[list[int]]:
-    """KV heads of a layer grouped by identical rule (dense flag, sink, alpha, beta)."""
+    """KV heads of a layer grouped by identical rule (dense flag, sink, alpha, beta, min_span)."""
     groups: dict[tuple, list[int]] = {}
     for h in range(rule.sink.shape[0]):
-        key = (bool(rule.dense[h]), int(rule.sink[h]), float(rule.alpha[h]), float(rule.beta[h]))
+        key = (bool(rule.dense[h]), int(rule.sink[h]), float(rule.alpha[h]), float(rule.beta[h]),
+               float(rule.min_span[h]))
         groups.setdefault(key, []).append(h)
     return list(groups.values())
 

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, ClassVar
 
 from ...errors import PlanError
 from ..base import HeadSpec
-from ..rules import SinkSpanRule, check_number
+from ..rules import KVRule, SinkSpanRule, check_number
 
 if TYPE_CHECKING:
     from ...plan import ModelInfo
@@ -51,8 +51,8 @@ class MoH(SinkSpanRule, HeadSpec):
         """The KV rule is dense: ``span(N) = N`` at every ``N``."""
         return self.sink == 0 and self.alpha >= 0.0 and self.beta == 1.0
 
-    def kv_rule(self) -> tuple[int, float, float, bool]:
-        return self.sink, self.alpha, self.beta, self.reads_everything
+    def kv_rule(self) -> KVRule:
+        return KVRule(self.sink, self.alpha, self.beta, self.reads_everything)
 
     @classmethod
     def plan_summary(cls, plan) -> str:

@@ -14,14 +14,17 @@ from ..rules import SinkSpanRule, check_number
 class Window(SinkSpanRule, HeadSpec):
     """Sink + local window: the first ``sink`` tokens and the last ``span(N)`` tokens.
 
-    ``span(N) = clamp(floor(alpha + beta * N), 1, N)``; ``beta = 0`` is StreamingLLM, ``beta > 0``
-    MoA's elastic span.
+    ``span(N) = clamp(floor(alpha + beta * N), max(1, min_span), N)``; ``beta = 0`` is StreamingLLM,
+    ``beta > 0`` MoA's elastic span; ``min_span`` (optional in the JSON, 0: none) keeps an elastic
+    span from shrinking below a floor on short inputs.
     """
 
     kind: ClassVar[str] = "window"
+    optional_fields: ClassVar[frozenset[str]] = frozenset({"min_span"})
     sink: int = 0
     alpha: float = 0.0
     beta: float = 0.0
+    min_span: int = 0
 
     def validate(self, where: str, max_length: int | None = None) -> None:
         self.validate_rule(where, max_length)
@@ -45,8 +48,8 @@ def uniform(info, density: float, sink: int = 64, length: int | None = None) -> 
 
 
 def example(info, weights: str) -> Window:
-    """A head with a sink and an elastic window (contract tests)."""
-    return Window(sink=2, alpha=5.0, beta=0.125)
+    """A head with a sink, an elastic window and a span floor (contract tests)."""
+    return Window(sink=2, alpha=-3.0, beta=0.125, min_span=5)
 
 
 #: plan presets (``Plan.preset`` / ``"uniform:<density>[:<sink>]"`` plan specs)
