@@ -14,11 +14,16 @@ prefix caching off:
   after every prompt is in. ``--hf-check K``: the patched HF model (``headwise.patch_model``, same
   dtype, spans by the current length like the plugin) runs the first K prompts in its own process
   and the row counts the prompts whose ``1 + steps`` greedy tokens are the same.
-* ``pressure``: one fixed KV space (``--kv-space`` GiB, default 1), ``--requests`` prose prompts of
-  ``--min-prompt``..``--max-prompt`` tokens (seeded), ``--output-tokens`` each, all submitted at
-  once: peak requests running at once, preemptions (vLLM recomputes a preempted request), total
-  time and output tokens per second. Systems are ``dense`` or a plan spec; ``PRESSURE_RUNNERS`` is
-  where another system's runner (the headwise engine) plugs in.
+* ``pressure``: one KV budget for every system (``--kv-memory``, default 512MiB: vLLM's
+  ``kv_cache_memory_bytes``, which ``VLLM_CPU_KVCACHE_SPACE`` sets in whole GiB only, and the
+  engine's ``kv_cache_memory``), ``--requests`` prose prompts of ``--min-prompt``..``--max-prompt``
+  tokens (seeded), ``--output-tokens`` each, all submitted at once (no Poisson stream yet): peak
+  requests running at once, preemptions (both recompute a preempted request), total time, completed
+  requests/s, output tok/s, p50/p95 time to first token and per-token latency (every gap between a
+  request's consecutive tokens; a preemption's stall is one long gap), KV held at the peak. Systems:
+  ``dense`` / ``d25`` / a plan spec run on vLLM (``run_vllm_pressure``), ``engine:<plan>`` on the
+  headwise engine (``run_engine_pressure``; ``PRESSURE_RUNNERS`` maps the two). Defaults are issue 29's
+  full size (32 requests of 4k-8k, 128 output tokens, 512 MiB).
 
 Rows are kept in ``--json`` (run parts one by one under the heavy-job lock) and ``report`` writes
 the markdown file (``benchmarks/results/<date>-vllm-memory.md``: date, commit, machine, commands,
@@ -26,8 +31,8 @@ tables)::
 
     flock /tmp/headwise-heavy.lock python benchmarks/vllm_memory.py plans --systems dense,d25,d50 \\
         --dtypes float32 --json /tmp/vllm_memory.json
-    flock /tmp/headwise-heavy.lock python benchmarks/vllm_memory.py pressure --systems dense,d25 \\
-        --json /tmp/vllm_memory.json
+    flock /tmp/headwise-heavy.lock python benchmarks/vllm_memory.py pressure \\
+        --systems dense,d25,engine:dense,engine:d25 --kv-memory 512MiB --json /tmp/vllm_memory.json
     python benchmarks/vllm_memory.py report --json /tmp/vllm_memory.json --out benchmarks/results/...md
 """
 
@@ -96,13 +101,14 @@ def pressure_prompts(n: int, lo: int, hi: int, seed: int = 0) -> list[list[int]]
 
 
 # ---- the rows (children) ------------------------------------------------------------------------
-def make_llm(plan: str | None, dtype: str, max_model_len: int, max_num_seqs: int, extra: dict | None = None):
+def make_llm(plan: str | None, dtype: str, max_model_len: int, max_num_seqs: int, extra: dict | None = None,
+             **more):
     from vllm import LLM
 
     from headwise.models import embedded_model_dir
 
     kwargs = dict(model=str(embedded_model_dir()), dtype=dtype, enable_prefix_caching=False, max_model_len=max_model_len,
-                  max_num_seqs=max_num_seqs, seed=0)
+                  max_num_seqs=max_num_seqs, seed=0, **more)
     if plan:
         kwargs["additional_config"] = {"headwise_plan": plan, **(extra or {})}
     return LLM(**kwargs)
@@ -186,45 +192,150 @@ def run_hf_check(spec: dict) -> dict:
     return {"tokens": out}
 
 
+def latency_summary(arrivals: dict[str, list[float]]) -> dict:
+    """TTFT and per-token latency from each request's token arrival times (seconds since the start).
+
+    ``arrivals[rid]`` lists when each of the request's output tokens arrived. TTFT = the first;
+    per-token latency = every gap between a request's consecutive tokens (a preempted request's stall
+    is one long gap). Returns p50/p95 of both and the per-request values' counts.
+    """
+    import statistics
+
+    ttft = sorted(times[0] for times in arrivals.values() if times)
+    gaps = sorted(b - a for times in arrivals.values() for a, b in zip(times, times[1:]))
+
+    def pct(values: list[float], q: float) -> float | None:
+        if not values:
+            return None
+        return values[min(len(values) - 1, max(0, round(q * (len(values) - 1))))]
+
+    return {"ttft_p50_s": pct(ttft, 0.5), "ttft_p95_s": pct(ttft, 0.95),
+            "mean_ttft_s": statistics.fmean(ttft) if ttft else None,
+            "itl_p50_s": pct(gaps, 0.5), "itl_p95_s": pct(gaps, 0.95)}
+
+
 def run_vllm_pressure(spec: dict) -> dict:
-    """One ``pressure`` row through vLLM: every request submitted at once, stepped to the end."""
+    """One ``pressure`` row through vLLM: every request submitted at once, stepped to the end.
+
+    The KV space is ``spec["kv_bytes"]`` through ``kv_cache_memory_bytes`` (what
+    ``VLLM_CPU_KVCACHE_SPACE`` sets, in whole GiB only)."""
     from vllm import SamplingParams
+    from vllm.sampling_params import RequestOutputKind
 
     from headwise.integrations.vllm.pool import blocks_in_use, pool_layout, scheduler
 
     prompts = pressure_prompts(spec["requests"], spec["min_prompt"], spec["max_prompt"], spec["seed"])
     llm = make_llm(spec["plan"], spec["dtype"], spec["max_prompt"] + spec["output_tokens"] + MARGIN, 256,
-                   spec.get("extra"))
+                   spec.get("extra"), kv_cache_memory_bytes=spec["kv_bytes"])
     llm.generate([{"prompt_token_ids": prompts[0][:64]}], SamplingParams(max_tokens=3, temperature=0.0),
                  use_tqdm=False)                                                            # warm-up, not timed
     engine, sched = llm.llm_engine, scheduler(llm)
-    params = SamplingParams(max_tokens=spec["output_tokens"], temperature=0.0, ignore_eos=True)
+    params = SamplingParams(max_tokens=spec["output_tokens"], temperature=0.0, ignore_eos=True,
+                            output_kind=RequestOutputKind.CUMULATIVE)
     start = time.perf_counter()
     for i, p in enumerate(prompts):
         engine.add_request(f"p{i}", {"prompt_token_ids": p}, params)
-    outputs, preemptions, running, used, first_token = {}, {}, [], [], {}
+    outputs, preemptions, running, used = {}, {}, [], []
+    arrivals: dict[str, list[float]] = {f"p{i}": [] for i in range(len(prompts))}
+    untimed = 0.0
     while engine.has_unfinished_requests():
-        for o in engine.step():
-            if o.outputs[0].token_ids and o.request_id not in first_token:
-                first_token[o.request_id] = time.perf_counter() - start
+        outs = engine.step()
+        now = time.perf_counter() - start - untimed
+        for o in outs:
+            made = len(o.outputs[0].token_ids)
+            arrivals[o.request_id] += [now] * (made - len(arrivals[o.request_id]))
             if o.finished:
-                outputs[o.request_id] = len(o.outputs[0].token_ids)
+                outputs[o.request_id] = list(o.outputs[0].token_ids)
+        t0 = time.perf_counter()
         running.append(len(sched.running))
         used.append(blocks_in_use(llm))
         for rid, req in sched.requests.items():
             preemptions[rid] = max(preemptions.get(rid, 0), req.num_preemptions)
-    total = time.perf_counter() - start
+        untimed += time.perf_counter() - t0
+    total = time.perf_counter() - start - untimed
     layout = pool_layout(llm)
-    return {"total_s": total, "output_tokens": sum(outputs.values()), "prompt_tokens": sum(map(len, prompts)),
-            "peak_running": max(running), "preemptions": sum(preemptions.values()),
-            "preempted_requests": sum(1 for v in preemptions.values() if v), "steps": len(running),
-            "peak_used": max(used), "num_blocks": layout.num_blocks, "bytes_per_block": layout.bytes_per_block,
-            "groups": len(layout.groups), "mean_ttft_s": sum(first_token.values()) / max(1, len(first_token))}
+    config = engine.vllm_config
+    return {"total_s": total, "output_tokens": sum(map(len, outputs.values())), "completed": len(outputs),
+            "prompt_tokens": sum(map(len, prompts)), "peak_running": max(running),
+            "preemptions": sum(preemptions.values()), "preempted_requests": sum(1 for v in preemptions.values() if v),
+            "steps": len(running), "peak_used": max(used), "num_blocks": layout.num_blocks,
+            "bytes_per_block": layout.bytes_per_block, "peak_kv_bytes": max(used) * layout.bytes_per_block,
+            "pool_bytes": layout.num_blocks * layout.bytes_per_block, "groups": len(layout.groups),
+            "max_num_batched_tokens": config.scheduler_config.max_num_batched_tokens,
+            "tokens": [outputs.get(f"p{i}", []) for i in range(len(prompts))], **latency_summary(arrivals)}
 
 
-#: ``pressure`` runners by system kind: ``"vllm"`` (dense or a plan). The headwise engine's row plugs in
-#: here as ``"engine": run_engine_pressure`` (same spec in, same keys out).
-PRESSURE_RUNNERS = {"vllm": run_vllm_pressure}
+def engine_pressure(llm, prompts: list[list[int]], output_tokens: int) -> dict:
+    """Every prompt submitted at once to a ``headwise.engine.LLM``, streamed to the end: the ``pressure`` row.
+
+    Same keys as ``run_vllm_pressure``. Requests running at once and preemptions are read around each
+    ``llm.scheduler.schedule()`` (a wrapper on this instance only): running after the step is
+    scheduled, and the requests it moved from running back to waiting.
+    """
+    from headwise.engine import SamplingParams
+
+    sched = llm.scheduler
+    running: list[int] = []
+    preempted: dict[str, int] = {}
+    schedule = sched.schedule
+
+    def counted_schedule():
+        before = {id(s) for s in sched.running}
+        batch = schedule()
+        for s in sched.waiting:
+            if id(s) in before:
+                preempted[s.request_id] = preempted.get(s.request_id, 0) + 1
+        running.append(len(sched.running))
+        return batch
+
+    sched.schedule = counted_schedule
+    params = SamplingParams(max_tokens=output_tokens, temperature=0.0, ignore_eos=True)
+    arrivals: dict[str, list[float]] = {}
+    tokens: dict[str, list[int]] = {}
+    made: dict[str, int] = {}
+    try:
+        start = time.perf_counter()
+        for event in llm.stream([{"prompt_token_ids": p} for p in prompts], params):
+            now = time.perf_counter() - start
+            if event.token_id < 0:
+                raise RuntimeError(f"the engine refused request {event.index}; see its log.")
+            arrivals.setdefault(event.request_id, []).append(now)
+            tokens.setdefault(event.request_id, []).append(event.token_id)
+            if event.finished:
+                made[event.request_id] = len(arrivals[event.request_id])
+        total = time.perf_counter() - start
+    finally:
+        del sched.schedule                                       # back to the class's method
+    stats = llm.last_stats
+    return {"total_s": total, "output_tokens": sum(made.values()), "completed": len(made),
+            "prompt_tokens": sum(map(len, prompts)), "peak_running": max(running),
+            "preemptions": sum(preempted.values()), "preempted_requests": len(preempted), "steps": len(running),
+            "peak_used": stats.peak_blocks, "num_blocks": stats.num_blocks, "bytes_per_block": llm.block_bytes,
+            "peak_kv_bytes": stats.peak_kv_bytes, "pool_bytes": stats.num_blocks * llm.block_bytes, "groups": None,
+            "max_num_batched_tokens": llm.config.max_num_batched_tokens,
+            "tokens": [tokens.get(str(i), []) for i in range(len(prompts))], **latency_summary(arrivals)}
+
+
+def run_engine_pressure(spec: dict) -> dict:
+    """One ``pressure`` row through the headwise engine: a KV pool of ``spec["kv_bytes"]`` bytes (keys,
+    values and slot positions), 2 threads, the plan's own prefill mode."""
+    import torch
+
+    from headwise.engine import LLM, SamplingParams
+
+    torch.set_num_threads(2)
+    prompts = pressure_prompts(spec["requests"], spec["min_prompt"], spec["max_prompt"], spec["seed"])
+    llm = LLM(None, spec["plan"] or "dense", kv_cache_memory=spec["kv_bytes"], max_num_seqs=256,
+              dtype=spec["dtype"])
+    llm.generate([{"prompt_token_ids": prompts[0][:64]}], SamplingParams(max_tokens=3, temperature=0.0),
+                 use_tqdm=False)                                                            # warm-up, not timed
+    return engine_pressure(llm, prompts, spec["output_tokens"])
+
+
+#: ``pressure`` runners by system kind: ``"vllm"`` (vLLM-cpu, dense or with a plan through the plugin) and
+#: ``"engine"`` (the headwise engine); same spec in, same keys out. A system named ``engine:<plan>`` runs
+#: on the engine, any other on vLLM.
+PRESSURE_RUNNERS = {"vllm": run_vllm_pressure, "engine": run_engine_pressure}
 
 
 def child(spec: dict) -> None:
@@ -239,6 +350,8 @@ def run_child(spec: dict, env: dict[str, str], timeout: float) -> dict:
     spec = dict(spec, out=str(out))
     full_env = {**os.environ, **BASE_ENV, **env}
     full_env.pop("HEADWISE_PLAN", None)
+    if "VLLM_CPU_KVCACHE_SPACE" not in env:                 # it would override kv_cache_memory_bytes
+        full_env.pop("VLLM_CPU_KVCACHE_SPACE", None)
     full_env["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])])
     t0 = time.perf_counter()
     proc = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], env=full_env,
@@ -330,20 +443,30 @@ def plans_table(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
+def _s(x: float | None, scale: float = 1.0, fmt: str = ".1f") -> str:
+    return "-" if x is None else format(x * scale, fmt)
+
+
 def pressure_table(rows: list[dict]) -> str:
+    """Markdown table of the ``pressure`` rows; ratios against the vLLM dense row of the same case."""
     rows = [r for r in rows if r["part"] == "pressure"]
-    dense = {r["dtype"]: r for r in rows if r["name"] == "dense"}
-    out = ["| system | dtype | KV space | requests (prompt tokens) | peak running | preemptions (requests) | "
-           "total s | output tok/s | vs dense | mean TTFT s | pool blocks (block MB) | peak blocks in use |",
-           "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for r in sorted(rows, key=lambda r: (r["dtype"], r["name"] != "dense", r["name"])):
+    dense = {(r["dtype"], r["case"], r["kv_bytes"]): r for r in rows if r["name"] == "dense"}
+    out = ["| system | dtype | KV budget MiB | requests x (prompt tokens) + output | peak running | "
+           "preemptions (requests) | total s | completed req/s | output tok/s | vs vLLM dense | TTFT p50 / p95 s | "
+           "per-token latency p50 / p95 ms | KV MiB held at peak / pool |",
+           "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    order = {"dense": 0, "engine:dense": 2}
+    for r in sorted(rows, key=lambda r: (r["case"], r["dtype"], r["kv_bytes"], order.get(r["name"], 1 + 2 * r["name"].startswith("engine:")), r["name"])):
         rate = r["output_tokens"] / r["total_s"]
-        ref = dense.get(r["dtype"])
+        ref = dense.get((r["dtype"], r["case"], r["kv_bytes"]))
         vs = f"{rate / (ref['output_tokens'] / ref['total_s']):.2f}x" if ref else "-"
-        out.append(f"| {r['name']} | {r['dtype']} | {r['kv_space']} GiB | {r['requests']} ({r['prompt_tokens']}) | "
+        system = ("headwise engine " + r["name"].split(":", 1)[1]) if r["name"].startswith("engine:") else \
+            ("vLLM dense" if r["name"] == "dense" else f"vLLM + {r['name']}")
+        out.append(f"| {system} | {r['dtype']} | {r['kv_bytes'] / 2**20:.0f} | {r['case']} ({r['prompt_tokens']}) | "
                    f"{r['peak_running']} | {r['preemptions']} ({r['preempted_requests']}) | {r['total_s']:.0f} | "
-                   f"{rate:.2f} | {vs} | {r['mean_ttft_s']:.0f} | {r['num_blocks']} "
-                   f"({r['bytes_per_block'] / 2 ** 20:.2f}) | {r['peak_used']} |")
+                   f"{r['completed'] / r['total_s']:.3f} | {rate:.2f} | {vs} | "
+                   f"{_s(r['ttft_p50_s'])} / {_s(r['ttft_p95_s'])} | {_s(r['itl_p50_s'], 1e3, '.0f')} / "
+                   f"{_s(r['itl_p95_s'], 1e3, '.0f')} | {mb(r['peak_kv_bytes'])} / {mb(r['pool_bytes'])} |")
     return "\n".join(out)
 
 
@@ -387,19 +510,35 @@ def cmd_plans(args) -> None:
     print(plans_table(rows))
 
 
+def pressure_system(system: str) -> tuple[str, str | None, dict]:
+    """``engine:<plan>`` -> the engine with that plan; anything else -> vLLM (``plan_of``): ``(runner, plan, extra)``."""
+    if system.startswith("engine:"):
+        plan, extra = plan_of(system.split(":", 1)[1])
+        if extra:
+            raise SystemExit(f"{system!r}: the /variant suffixes are vLLM --additional-config keys; the engine takes "
+                             "none.")
+        return "engine", plan, extra
+    return ("vllm", *plan_of(system))
+
+
 def cmd_pressure(args) -> None:
+    from headwise.engine.config import parse_bytes
+
     rows = load_store(args.json)
     prov = provenance()
+    kv_bytes = parse_bytes(args.kv_memory)
+    case = f"{args.requests} x {args.min_prompt}-{args.max_prompt} + {args.output_tokens}"
     for system in args.systems.split(","):
-        plan, extra = plan_of(system)
-        spec = {"part": "pressure", "runner": "vllm", "name": system, "plan": plan, "extra": extra, "dtype": args.dtype,
+        runner, plan, extra = pressure_system(system)
+        spec = {"part": "pressure", "runner": runner, "name": system, "plan": plan, "extra": extra, "dtype": args.dtype,
                 "requests": args.requests, "min_prompt": args.min_prompt, "max_prompt": args.max_prompt,
-                "output_tokens": args.output_tokens, "seed": args.seed}
-        r = run_child(spec, {"VLLM_CPU_KVCACHE_SPACE": f"{args.kv_space:g}"}, args.timeout)
-        r.update(part="pressure", name=system, plan=plan, extra=extra, dtype=args.dtype, kv_space=args.kv_space,
-                 requests=args.requests, prov=prov, case=f"{args.requests}x{args.min_prompt}-{args.max_prompt}+{args.output_tokens}")
+                "output_tokens": args.output_tokens, "seed": args.seed, "kv_bytes": kv_bytes}
+        r = run_child(spec, {}, args.timeout)
+        r.update(part="pressure", name=system, plan=plan, extra=extra, dtype=args.dtype, kv_bytes=kv_bytes,
+                 requests=args.requests, prov=prov, case=case, output_tokens_each=args.output_tokens)
         print(f"{system}: {r['total_s']:.0f} s, {r['output_tokens'] / r['total_s']:.2f} output tok/s, peak running "
-              f"{r['peak_running']}, preemptions {r['preemptions']}", file=sys.stderr, flush=True)
+              f"{r['peak_running']}, preemptions {r['preemptions']} ({r['wall_s']:.0f} s wall)", file=sys.stderr,
+              flush=True)
         rows = save_row(args.json, rows, r)
     print(pressure_table(rows))
 
@@ -419,18 +558,21 @@ def main() -> None:
     p.add_argument("--kv-space", type=float, default=4, help="VLLM_CPU_KVCACHE_SPACE in GiB")
     p.add_argument("--hf-check", type=int, default=1, help="prompts checked against the patched HF model (0: none)")
     p.set_defaults(func=cmd_plans)
-    q = sub.add_parser("pressure", help="a loaded server: one KV space, many long requests at once")
-    q.add_argument("--systems", default="dense,d25")
+    q = sub.add_parser("pressure", help="a loaded server: one KV budget, many long requests at once")
+    q.add_argument("--systems", default="dense,d25,engine:dense,engine:d25",
+                   help="vLLM systems as for plans; engine:<plan> runs the headwise engine with that plan")
     q.add_argument("--dtype", default="float32")
-    q.add_argument("--kv-space", type=float, default=1)
+    q.add_argument("--kv-memory", default="512MiB",
+                   help="KV bytes of every system: vLLM's kv_cache_memory_bytes, the engine's kv_cache_memory")
     q.add_argument("--requests", type=int, default=32)
     q.add_argument("--min-prompt", type=int, default=4096)
-    q.add_argument("--max-prompt", type=int, default=8112, help="with the output and vLLM's margin, at most the context")
-    q.add_argument("--output-tokens", type=int, default=64)
+    q.add_argument("--max-prompt", type=int, default=7936, help="with the output and vLLM's margin, at most the context")
+    q.add_argument("--output-tokens", type=int, default=128)
     q.add_argument("--seed", type=int, default=0)
     q.set_defaults(func=cmd_pressure)
     r = sub.add_parser("report", help="write the markdown results file from --json")
     r.add_argument("--out", help="markdown file (default: print)")
+    r.add_argument("--append", help="markdown file added at the end (figures not in --json, with their provenance)")
     r.set_defaults(func=None)
     for s in (p, q, r):
         s.add_argument("--json", help="keep rows in this file across invocations")
@@ -439,6 +581,8 @@ def main() -> None:
     if args.func is not None:
         return args.func(args)
     text = report(load_store(args.json))
+    if args.append:
+        text += "\n" + Path(args.append).read_text()
     if args.out:
         Path(args.out).write_text(text)
         print(f"wrote {args.out}")
