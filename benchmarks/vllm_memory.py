@@ -14,6 +14,11 @@ prefix caching off:
   after every prompt is in. ``--hf-check K``: the patched HF model (``headwise.patch_model``, same
   dtype, spans by the current length like the plugin) runs the first K prompts in its own process
   and the row counts the prompts whose ``1 + steps`` greedy tokens are the same.
+* ``profile``: the ``plans`` case (default 4096x4, 16 decode steps), every decode-only step timed
+  whole and in parts by wall-clock wrappers (``step_timers``: vLLM's and headwise's attention
+  ``forward``, ``do_kv_cache_update``, ``paged.attend``, ``PositionBuffer.fill``; the outermost call
+  of each part only): the step's attention share, and the Amdahl bound of any plan's decode
+  speed-up over dense (dense step / dense step without attention and KV write).
 * ``pressure``: one KV budget for every system (``--kv-memory``, default 512MiB: vLLM's
   ``kv_cache_memory_bytes``, which ``VLLM_CPU_KVCACHE_SPACE`` sets in whole GiB only, and the
   engine's ``kv_cache_memory``), ``--requests`` prose prompts of ``--min-prompt``..``--max-prompt``
@@ -69,7 +74,7 @@ def tokenizer():
 
 def prose_stream(tok, min_tokens: int) -> list[int]:
     """Token ids of the package's prose corpus (CPython's ``pydoc_data.topics``), repeated to ``min_tokens``."""
-    from headwise.eval.prose import corpus_text
+    from headwise.data.prose import corpus_text
 
     ids = tok(corpus_text(), add_special_tokens=False).input_ids
     while len(ids) < min_tokens:
@@ -157,6 +162,95 @@ def run_plans_row(spec: dict) -> dict:
             "used": used, "first_step": first_step, "num_blocks": layout.num_blocks,
             "bytes_per_block": layout.bytes_per_block, "groups": layout.groups, "prompt_tokens": len(prompts[0]),
             "tokens": [tokens[f"r{i}"] for i in range(len(prompts))]}
+
+
+#: What ``profile`` times inside a decode step: ``(module path, owner attribute path, part)``; an owner
+#: reached from another timed call of the same part is not timed twice.
+PROFILE_POINTS = (
+    ("vllm.v1.attention.backends.cpu_attn", "CPUAttentionBackendImpl.forward", "attention"),
+    ("headwise.integrations.vllm.cpu", "HeadwiseCPUImpl.forward", "attention"),
+    ("vllm.v1.attention.backends.cpu_attn", "CPUAttentionBackendImpl.do_kv_cache_update", "KV write"),
+    ("headwise.integrations.vllm.cpu", "HeadwiseCPUImpl.do_kv_cache_update", "KV write"),
+    ("headwise.integrations.vllm.paged", "attend", "of attention: headwise paged.attend"),
+    ("headwise.integrations.vllm.paged", "PositionBuffer.fill", "of attention: positions (PositionBuffer.fill)"),
+)
+
+
+def step_timers(points=PROFILE_POINTS):
+    """Wrap the functions of ``points`` with wall-clock timers (outermost call of each part only).
+
+    Returns ``(totals, on, undo)``: ``totals[part]`` seconds while ``on["on"]`` is true, and ``undo()``
+    that puts every function back. For the ``profile`` rows' own process only."""
+    import importlib
+
+    totals = {part: 0.0 for _, _, part in points}
+    depth = {part: 0 for _, _, part in points}
+    on = {"on": False}
+    undo = []
+    for module, path, part in points:
+        owner = importlib.import_module(module)
+        *outer, name = path.split(".")
+        for attr in outer:
+            owner = getattr(owner, attr)
+        inner = owner.__dict__.get(name) if isinstance(owner, type) else getattr(owner, name)
+        if inner is None:                     # inherited (not defined on this class): wrap what it resolves to
+            inner = getattr(owner, name)
+
+        def timed(*a, _inner=inner, _part=part, **k):
+            if not on["on"] or depth[_part]:
+                return _inner(*a, **k)
+            depth[_part] += 1
+            t0 = time.perf_counter()
+            try:
+                return _inner(*a, **k)
+            finally:
+                totals[_part] += time.perf_counter() - t0
+                depth[_part] -= 1
+        had = name in owner.__dict__ if isinstance(owner, type) else True
+        setattr(owner, name, timed)
+        undo.append((owner, name, inner, had))
+
+    def restore():
+        for owner, name, inner, had in reversed(undo):
+            if had:
+                setattr(owner, name, inner)
+            else:
+                delattr(owner, name)
+    return totals, on, restore
+
+
+def run_profile_row(spec: dict) -> dict:
+    """One ``profile`` row: decode steps of the ``plans`` case with the attention, KV-write and headwise
+    kernel calls timed (``step_timers``); per decode step, ms of each part and of the whole step."""
+    from vllm import SamplingParams
+
+    totals, on, restore = step_timers()
+    prompts = case_prompts(spec["length"], spec["batch"], spec["steps"])
+    llm = make_llm(spec["plan"], spec["dtype"], max(map(len, prompts)) + 1 + spec["steps"] + MARGIN,
+                   max(8, len(prompts)), spec.get("extra"))
+    llm.generate([{"prompt_token_ids": p[:64]} for p in prompts], SamplingParams(max_tokens=3, temperature=0.0,
+                                                                                  ignore_eos=True), use_tqdm=False)
+    engine = llm.llm_engine
+    params = SamplingParams(max_tokens=1 + spec["steps"], temperature=0.0, ignore_eos=True)
+    for i, p in enumerate(prompts):
+        engine.add_request(f"r{i}", {"prompt_token_ids": p}, params)
+    sched = __import__("headwise.integrations.vllm.pool", fromlist=["scheduler"]).scheduler(llm)
+    steps = []
+    try:
+        while engine.has_unfinished_requests():
+            decoding = all(r.num_computed_tokens >= r.num_prompt_tokens for r in sched.running) and \
+                not sched.waiting and len(sched.running) == len(prompts)
+            on["on"] = decoding
+            before = dict(totals)
+            t0 = time.perf_counter()
+            engine.step()
+            elapsed = time.perf_counter() - t0
+            on["on"] = False
+            if decoding:
+                steps.append({"step": elapsed, **{k: totals[k] - before[k] for k in totals}})
+    finally:
+        restore()
+    return {"steps": steps, "prompt_tokens": len(prompts[0])}
 
 
 def run_hf_check(spec: dict) -> dict:
@@ -339,7 +433,8 @@ PRESSURE_RUNNERS = {"vllm": run_vllm_pressure, "engine": run_engine_pressure}
 
 
 def child(spec: dict) -> None:
-    runner = {"plans": run_plans_row, "hf": run_hf_check, "pressure": PRESSURE_RUNNERS.get(spec.get("runner"))}
+    runner = {"plans": run_plans_row, "hf": run_hf_check, "profile": run_profile_row,
+              "pressure": PRESSURE_RUNNERS.get(spec.get("runner"))}
     result = runner[spec["part"]](spec)
     Path(spec["out"]).write_text(json.dumps(result))
 
@@ -470,6 +565,37 @@ def pressure_table(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
+def profile_parts(row: dict) -> dict[str, float]:
+    """Median ms per decode step of each part of a ``profile`` row, and ``rest`` = step - attention - KV write."""
+    import statistics
+
+    steps = row["steps"][2:] or row["steps"]                     # the first two decode steps warm caches
+    med = {k: 1e3 * statistics.median(s[k] for s in steps) for k in steps[0]}
+    med["rest"] = statistics.median(1e3 * (s["step"] - s["attention"] - s["KV write"]) for s in steps)
+    return med
+
+
+def profile_table(rows: list[dict]) -> str:
+    """Markdown table of the ``profile`` rows, with the Amdahl bound a plan's decode speed-up has over dense."""
+    rows = [r for r in rows if r["part"] == "profile"]
+    dense = {(r["dtype"], r["case"]): profile_parts(r) for r in rows if r["name"] == "dense"}
+    out = ["| system | dtype | case | decode steps | ms / decode step | attention ms (share) | of it: headwise "
+           "paged.attend ms | of it: positions ms | KV write ms | rest of the step ms | step vs dense | "
+           "bound if attention + KV write cost 0 (dense step / rest) |",
+           "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in sorted(rows, key=lambda r: (r["case"], r["dtype"], r["name"] != "dense", r["name"])):
+        m = profile_parts(r)
+        ref = dense.get((r["dtype"], r["case"]))
+        vs = f"{ref['step'] / m['step']:.2f}x" if ref else "-"
+        bound = f"{m['step'] / m['rest']:.2f}x" if r["name"] == "dense" else "-"
+        out.append(f"| {r['name']} | {r['dtype']} | {r['case']} ({r['prompt_tokens']}) | {len(r['steps'])} | "
+                   f"{m['step']:.1f} | {m['attention']:.1f} ({m['attention'] / m['step']:.0%}) | "
+                   f"{m['of attention: headwise paged.attend']:.1f} | "
+                   f"{m['of attention: positions (PositionBuffer.fill)']:.1f} | {m['KV write']:.1f} | {m['rest']:.1f} | "
+                   f"{vs} | {bound} |")
+    return "\n".join(out)
+
+
 def report(rows: list[dict]) -> str:
     provs = {}
     for r in rows:
@@ -479,8 +605,12 @@ def report(rows: list[dict]) -> str:
               f"{p['load'][0]:.1f}; `{p['command']}`" for p in provs.values()]
     if any(r["part"] == "plans" for r in rows):
         lines += ["", "## Plans at a fixed load (KV space 4 GiB, prefix caching off, greedy)", "", plans_table(rows)]
+    if any(r["part"] == "profile" for r in rows):
+        lines += ["", "## Where a decode step goes (median ms per decode-only step, wall-clock timers)", "",
+                  profile_table(rows)]
     if any(r["part"] == "pressure" for r in rows):
-        lines += ["", "## Memory pressure (one fixed KV space, all requests at once)", "", pressure_table(rows)]
+        lines += ["", "## Memory pressure (one KV budget for every system, all requests at once)", "",
+                  pressure_table(rows)]
     return "\n".join(lines) + "\n"
 
 
@@ -508,6 +638,23 @@ def cmd_plans(args) -> None:
                   f"{r['bytes_per_block'] / 2**20:.2f} MB ({r['wall_s']:.0f} s wall)", file=sys.stderr, flush=True)
             rows = save_row(args.json, rows, r)
     print(plans_table(rows))
+
+
+def cmd_profile(args) -> None:
+    rows = load_store(args.json)
+    length, batch = (int(x) for x in args.case.split("x"))
+    prov = provenance()
+    for system in args.systems.split(","):
+        plan, extra = plan_of(system)
+        spec = {"part": "profile", "name": system, "plan": plan, "extra": extra, "dtype": args.dtype,
+                "length": length, "batch": batch, "steps": args.steps}
+        r = run_child(spec, {"VLLM_CPU_KVCACHE_SPACE": str(args.kv_space)}, args.timeout)
+        r.update(part="profile", name=system, plan=plan, extra=extra, dtype=args.dtype, case=args.case, prov=prov)
+        m = profile_parts(r)
+        print(f"{system}: {m['step']:.1f} ms per decode step, attention {m['attention']:.1f}, KV write "
+              f"{m['KV write']:.1f}, rest {m['rest']:.1f} ({r['wall_s']:.0f} s wall)", file=sys.stderr, flush=True)
+        rows = save_row(args.json, rows, r)
+    print(profile_table(rows))
 
 
 def pressure_system(system: str) -> tuple[str, str | None, dict]:
@@ -558,6 +705,13 @@ def main() -> None:
     p.add_argument("--kv-space", type=float, default=4, help="VLLM_CPU_KVCACHE_SPACE in GiB")
     p.add_argument("--hf-check", type=int, default=1, help="prompts checked against the patched HF model (0: none)")
     p.set_defaults(func=cmd_plans)
+    f = sub.add_parser("profile", help="where a decode step goes: attention, KV write, the rest (plans' case)")
+    f.add_argument("--systems", default="dense,d25")
+    f.add_argument("--dtype", default="float32")
+    f.add_argument("--case", default="4096x4", help="LENGTHxBATCH")
+    f.add_argument("--steps", type=int, default=16, help="decode steps after the first token")
+    f.add_argument("--kv-space", type=int, default=4, help="VLLM_CPU_KVCACHE_SPACE in GiB")
+    f.set_defaults(func=cmd_profile)
     q = sub.add_parser("pressure", help="a loaded server: one KV budget, many long requests at once")
     q.add_argument("--systems", default="dense,d25,engine:dense,engine:d25",
                    help="vLLM systems as for plans; engine:<plan> runs the headwise engine with that plan")
@@ -574,7 +728,7 @@ def main() -> None:
     r.add_argument("--out", help="markdown file (default: print)")
     r.add_argument("--append", help="markdown file added at the end (figures not in --json, with their provenance)")
     r.set_defaults(func=None)
-    for s in (p, q, r):
+    for s in (p, f, q, r):
         s.add_argument("--json", help="keep rows in this file across invocations")
         s.add_argument("--timeout", type=float, default=3600, help="seconds per row")
     args = parser.parse_args()

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -66,6 +67,44 @@ def test_a_window_plan_runs_more_requests_at_once_in_the_same_pool():
     assert window["completed"] == dense["completed"] == len(prompts)
     assert window["peak_running"] == len(prompts) > dense["peak_running"] and window["preemptions"] == 0
     assert window["pool_bytes"] == dense["pool_bytes"]
+
+
+class Timed:
+    """Functions for ``step_timers``: ``outer`` calls ``inner`` (one part: timed once, not twice)."""
+
+    def outer(self, n):
+        return self.inner(n) + 1
+
+    def inner(self, n):
+        time.sleep(0.01)
+        return n
+
+
+def test_step_timers_time_the_outermost_call_only_while_on_and_restore():
+    points = (("benchmarks.tests.test_vllm_memory", "Timed.outer", "x"),
+              ("benchmarks.tests.test_vllm_memory", "Timed.inner", "x"))
+    totals, on, restore = bench.step_timers(points)
+    assert Timed().outer(1) == 2 and totals["x"] == 0.0            # off: nothing counted
+    on["on"] = True
+    t0 = time.perf_counter()
+    assert Timed().outer(2) == 3
+    wall = time.perf_counter() - t0
+    assert 0.01 <= totals["x"] <= wall                             # once, not inner + outer
+    restore()
+    assert Timed.__dict__["outer"].__name__ == "outer" and Timed.__dict__["inner"].__name__ == "inner"
+
+
+def test_profile_table_bound():
+    steps = [{"step": 0.1, "attention": 0.06, "KV write": 0.01, "of attention: headwise paged.attend": 0.0,
+              "of attention: positions (PositionBuffer.fill)": 0.0}] * 4
+    plan_steps = [dict(s, step=0.05, attention=0.015) for s in steps]
+    rows = [{"part": "profile", "name": "dense", "dtype": "float32", "case": "64x2", "prompt_tokens": 64,
+             "steps": steps},
+            {"part": "profile", "name": "d25", "dtype": "float32", "case": "64x2", "prompt_tokens": 64,
+             "steps": plan_steps}]
+    assert bench.profile_parts(rows[0])["rest"] == pytest.approx(30.0)
+    table = bench.profile_table(rows)
+    assert "| 3.33x |" in table and "| 2.00x |" in table
 
 
 def test_pressure_systems_and_table():
