@@ -137,8 +137,13 @@ def _serve(args) -> int:
     stopping = []
 
     def on_signal(signum, frame):
+        # Only pass the signal on: waiting here (stop) would wait for the child while the interrupted main
+        # thread holds subprocess's wait lock, so every wait here timed out (90 s per SIGTERM, measured).
         stopping.append(signum)
-        stop(proc)
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
 
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
@@ -151,9 +156,10 @@ def _serve(args) -> int:
                              "its log is above.")
         print(f"headwise serve: OpenAI-compatible server at http://{args.host}:{args.port}/v1 "
               f"(model {name!r}, plan {args.plan!r}); Ctrl-C stops it.", flush=True)
-        code = proc.wait()
-        return 0 if stopping else code
+        while proc.poll() is None and not stopping:
+            time.sleep(0.5)
+        return 0 if stopping else proc.returncode
     finally:
-        stop(proc)
+        stop(proc)                                       # SIGTERM, then SIGKILL after 60 s, if still running
         for s, handler in previous.items():
             signal.signal(s, handler)
