@@ -39,6 +39,16 @@ def test_server_command_passes_the_plan_and_extra_arguments():
     assert cmd[cmd.index("--additional-config") + 1] == '{"headwise_plan": "dense"}'
     assert cmd[cmd.index("--port") + 1] == "8123" and cmd[-2:] == ["--max-num-seqs", "4"]
     assert cmd[cmd.index("--max-model-len") + 1] == "2048"
+    assert "--kv-cache-memory-bytes" not in cmd
+
+
+def test_a_fractional_kv_cache_space_becomes_bytes(monkeypatch):
+    """vLLM reads VLLM_CPU_KVCACHE_SPACE with int(): 0.5 GiB goes as --kv-cache-memory-bytes, the variable is dropped."""
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "4")
+    args = build_parser().parse_args(["serve", "--plan", "dense", "--kv-cache-space", "0.5"])
+    cmd = serve_cli.server_command(args, str(embedded_model_dir()), "dense", "m")
+    assert cmd[cmd.index("--kv-cache-memory-bytes") + 1] == str(2**29)
+    assert "VLLM_CPU_KVCACHE_SPACE" not in serve_cli.server_env(args)
 
 
 def test_sigterm_stops_the_server_without_waiting_out_the_timeouts(monkeypatch, capsys):
