@@ -14,11 +14,21 @@ prefix caching off:
   after every prompt is in. ``--hf-check K``: the patched HF model (``headwise.patch_model``, same
   dtype, spans by the current length like the plugin) runs the first K prompts in its own process
   and the row counts the prompts whose ``1 + steps`` greedy tokens are the same.
-* ``pressure``: one fixed KV space (``--kv-space`` GiB, default 1), ``--requests`` prose prompts of
-  ``--min-prompt``..``--max-prompt`` tokens (seeded), ``--output-tokens`` each, all submitted at
-  once: peak requests running at once, preemptions (vLLM recomputes a preempted request), total
-  time and output tokens per second. Systems are ``dense`` or a plan spec; ``PRESSURE_RUNNERS`` is
-  where another system's runner (the headwise engine) plugs in.
+* ``profile``: the ``plans`` case (default 4096x4, 16 decode steps), every decode-only step timed
+  whole and in parts by wall-clock wrappers (``step_timers``: vLLM's and headwise's attention
+  ``forward``, ``do_kv_cache_update``, ``paged.attend``, ``PositionBuffer.fill``; the outermost call
+  of each part only): the step's attention share, and the Amdahl bound of any plan's decode
+  speed-up over dense (dense step / dense step without attention and KV write).
+* ``pressure``: one KV budget for every system (``--kv-memory``, default 512MiB: vLLM's
+  ``kv_cache_memory_bytes``, which ``VLLM_CPU_KVCACHE_SPACE`` sets in whole GiB only, and the
+  engine's ``kv_cache_memory``), ``--requests`` prose prompts of ``--min-prompt``..``--max-prompt``
+  tokens (seeded), ``--output-tokens`` each, all submitted at once (no Poisson stream yet): peak
+  requests running at once, preemptions (both recompute a preempted request), total time, completed
+  requests/s, output tok/s, p50/p95 time to first token and per-token latency (every gap between a
+  request's consecutive tokens; a preemption's stall is one long gap), KV held at the peak. Systems:
+  ``dense`` / ``d25`` / a plan spec run on vLLM (``run_vllm_pressure``), ``engine:<plan>`` on the
+  headwise engine (``run_engine_pressure``; ``PRESSURE_RUNNERS`` maps the two). Defaults are issue 29's
+  full size (32 requests of 4k-8k, 128 output tokens, 512 MiB).
 
 Rows are kept in ``--json`` (run parts one by one under the heavy-job lock) and ``report`` writes
 the markdown file (``benchmarks/results/<date>-vllm-memory.md``: date, commit, machine, commands,
@@ -26,8 +36,8 @@ tables)::
 
     flock /tmp/headwise-heavy.lock python benchmarks/vllm_memory.py plans --systems dense,d25,d50 \\
         --dtypes float32 --json /tmp/vllm_memory.json
-    flock /tmp/headwise-heavy.lock python benchmarks/vllm_memory.py pressure --systems dense,d25 \\
-        --json /tmp/vllm_memory.json
+    flock /tmp/headwise-heavy.lock python benchmarks/vllm_memory.py pressure \\
+        --systems dense,d25,engine:dense,engine:d25 --kv-memory 512MiB --json /tmp/vllm_memory.json
     python benchmarks/vllm_memory.py report --json /tmp/vllm_memory.json --out benchmarks/results/...md
 """
 
@@ -64,7 +74,7 @@ def tokenizer():
 
 def prose_stream(tok, min_tokens: int) -> list[int]:
     """Token ids of the package's prose corpus (CPython's ``pydoc_data.topics``), repeated to ``min_tokens``."""
-    from headwise.eval.prose import corpus_text
+    from headwise.data.prose import corpus_text
 
     ids = tok(corpus_text(), add_special_tokens=False).input_ids
     while len(ids) < min_tokens:
@@ -96,13 +106,14 @@ def pressure_prompts(n: int, lo: int, hi: int, seed: int = 0) -> list[list[int]]
 
 
 # ---- the rows (children) ------------------------------------------------------------------------
-def make_llm(plan: str | None, dtype: str, max_model_len: int, max_num_seqs: int, extra: dict | None = None):
+def make_llm(plan: str | None, dtype: str, max_model_len: int, max_num_seqs: int, extra: dict | None = None,
+             **more):
     from vllm import LLM
 
     from headwise.models import embedded_model_dir
 
     kwargs = dict(model=str(embedded_model_dir()), dtype=dtype, enable_prefix_caching=False, max_model_len=max_model_len,
-                  max_num_seqs=max_num_seqs, seed=0)
+                  max_num_seqs=max_num_seqs, seed=0, **more)
     if plan:
         kwargs["additional_config"] = {"headwise_plan": plan, **(extra or {})}
     return LLM(**kwargs)
@@ -153,6 +164,95 @@ def run_plans_row(spec: dict) -> dict:
             "tokens": [tokens[f"r{i}"] for i in range(len(prompts))]}
 
 
+#: What ``profile`` times inside a decode step: ``(module path, owner attribute path, part)``; an owner
+#: reached from another timed call of the same part is not timed twice.
+PROFILE_POINTS = (
+    ("vllm.v1.attention.backends.cpu_attn", "CPUAttentionBackendImpl.forward", "attention"),
+    ("headwise.integrations.vllm.cpu", "HeadwiseCPUImpl.forward", "attention"),
+    ("vllm.v1.attention.backends.cpu_attn", "CPUAttentionBackendImpl.do_kv_cache_update", "KV write"),
+    ("headwise.integrations.vllm.cpu", "HeadwiseCPUImpl.do_kv_cache_update", "KV write"),
+    ("headwise.integrations.vllm.paged", "attend", "of attention: headwise paged.attend"),
+    ("headwise.integrations.vllm.paged", "PositionBuffer.fill", "of attention: positions (PositionBuffer.fill)"),
+)
+
+
+def step_timers(points=PROFILE_POINTS):
+    """Wrap the functions of ``points`` with wall-clock timers (outermost call of each part only).
+
+    Returns ``(totals, on, undo)``: ``totals[part]`` seconds while ``on["on"]`` is true, and ``undo()``
+    that puts every function back. For the ``profile`` rows' own process only."""
+    import importlib
+
+    totals = {part: 0.0 for _, _, part in points}
+    depth = {part: 0 for _, _, part in points}
+    on = {"on": False}
+    undo = []
+    for module, path, part in points:
+        owner = importlib.import_module(module)
+        *outer, name = path.split(".")
+        for attr in outer:
+            owner = getattr(owner, attr)
+        inner = owner.__dict__.get(name) if isinstance(owner, type) else getattr(owner, name)
+        if inner is None:                     # inherited (not defined on this class): wrap what it resolves to
+            inner = getattr(owner, name)
+
+        def timed(*a, _inner=inner, _part=part, **k):
+            if not on["on"] or depth[_part]:
+                return _inner(*a, **k)
+            depth[_part] += 1
+            t0 = time.perf_counter()
+            try:
+                return _inner(*a, **k)
+            finally:
+                totals[_part] += time.perf_counter() - t0
+                depth[_part] -= 1
+        had = name in owner.__dict__ if isinstance(owner, type) else True
+        setattr(owner, name, timed)
+        undo.append((owner, name, inner, had))
+
+    def restore():
+        for owner, name, inner, had in reversed(undo):
+            if had:
+                setattr(owner, name, inner)
+            else:
+                delattr(owner, name)
+    return totals, on, restore
+
+
+def run_profile_row(spec: dict) -> dict:
+    """One ``profile`` row: decode steps of the ``plans`` case with the attention, KV-write and headwise
+    kernel calls timed (``step_timers``); per decode step, ms of each part and of the whole step."""
+    from vllm import SamplingParams
+
+    totals, on, restore = step_timers()
+    prompts = case_prompts(spec["length"], spec["batch"], spec["steps"])
+    llm = make_llm(spec["plan"], spec["dtype"], max(map(len, prompts)) + 1 + spec["steps"] + MARGIN,
+                   max(8, len(prompts)), spec.get("extra"))
+    llm.generate([{"prompt_token_ids": p[:64]} for p in prompts], SamplingParams(max_tokens=3, temperature=0.0,
+                                                                                  ignore_eos=True), use_tqdm=False)
+    engine = llm.llm_engine
+    params = SamplingParams(max_tokens=1 + spec["steps"], temperature=0.0, ignore_eos=True)
+    for i, p in enumerate(prompts):
+        engine.add_request(f"r{i}", {"prompt_token_ids": p}, params)
+    sched = __import__("headwise.integrations.vllm.pool", fromlist=["scheduler"]).scheduler(llm)
+    steps = []
+    try:
+        while engine.has_unfinished_requests():
+            decoding = all(r.num_computed_tokens >= r.num_prompt_tokens for r in sched.running) and \
+                not sched.waiting and len(sched.running) == len(prompts)
+            on["on"] = decoding
+            before = dict(totals)
+            t0 = time.perf_counter()
+            engine.step()
+            elapsed = time.perf_counter() - t0
+            on["on"] = False
+            if decoding:
+                steps.append({"step": elapsed, **{k: totals[k] - before[k] for k in totals}})
+    finally:
+        restore()
+    return {"steps": steps, "prompt_tokens": len(prompts[0])}
+
+
 def run_hf_check(spec: dict) -> dict:
     """Greedy tokens of the patched HF model for the first ``spec["k"]`` prompts of the case."""
     import torch
@@ -186,49 +286,167 @@ def run_hf_check(spec: dict) -> dict:
     return {"tokens": out}
 
 
+def latency_summary(arrivals: dict[str, list[float]]) -> dict:
+    """TTFT and per-token latency from each request's token arrival times (seconds since the start).
+
+    ``arrivals[rid]`` lists when each of the request's output tokens arrived. TTFT = the first;
+    per-token latency = every gap between a request's consecutive tokens (a preempted request's stall
+    is one long gap). Returns p50/p95 of both and the per-request values' counts.
+    """
+    import statistics
+
+    ttft = sorted(times[0] for times in arrivals.values() if times)
+    gaps = sorted(b - a for times in arrivals.values() for a, b in zip(times, times[1:]))
+
+    def pct(values: list[float], q: float) -> float | None:
+        if not values:
+            return None
+        return values[min(len(values) - 1, max(0, round(q * (len(values) - 1))))]
+
+    return {"ttft_p50_s": pct(ttft, 0.5), "ttft_p95_s": pct(ttft, 0.95),
+            "mean_ttft_s": statistics.fmean(ttft) if ttft else None,
+            "itl_p50_s": pct(gaps, 0.5), "itl_p95_s": pct(gaps, 0.95)}
+
+
 def run_vllm_pressure(spec: dict) -> dict:
-    """One ``pressure`` row through vLLM: every request submitted at once, stepped to the end."""
+    """One ``pressure`` row through vLLM: every request submitted at once, stepped to the end.
+
+    The KV space is ``spec["kv_bytes"]`` through ``kv_cache_memory_bytes`` (what
+    ``VLLM_CPU_KVCACHE_SPACE`` sets, in whole GiB only)."""
     from vllm import SamplingParams
+    from vllm.sampling_params import RequestOutputKind
 
     from headwise.integrations.vllm.pool import blocks_in_use, pool_layout, scheduler
 
     prompts = pressure_prompts(spec["requests"], spec["min_prompt"], spec["max_prompt"], spec["seed"])
+    budget = {"max_num_batched_tokens": spec["max_num_batched_tokens"]} if spec.get("max_num_batched_tokens") else {}
     llm = make_llm(spec["plan"], spec["dtype"], spec["max_prompt"] + spec["output_tokens"] + MARGIN, 256,
-                   spec.get("extra"))
+                   spec.get("extra"), kv_cache_memory_bytes=spec["kv_bytes"], **budget)
     llm.generate([{"prompt_token_ids": prompts[0][:64]}], SamplingParams(max_tokens=3, temperature=0.0),
                  use_tqdm=False)                                                            # warm-up, not timed
     engine, sched = llm.llm_engine, scheduler(llm)
-    params = SamplingParams(max_tokens=spec["output_tokens"], temperature=0.0, ignore_eos=True)
+    params = SamplingParams(max_tokens=spec["output_tokens"], temperature=0.0, ignore_eos=True,
+                            output_kind=RequestOutputKind.CUMULATIVE)
     start = time.perf_counter()
     for i, p in enumerate(prompts):
         engine.add_request(f"p{i}", {"prompt_token_ids": p}, params)
-    outputs, preemptions, running, used, first_token = {}, {}, [], [], {}
+    outputs, preemptions, running, used = {}, {}, [], []
+    arrivals: dict[str, list[float]] = {f"p{i}": [] for i in range(len(prompts))}
+    untimed, step_log, last = 0.0, [], 0.0
     while engine.has_unfinished_requests():
-        for o in engine.step():
-            if o.outputs[0].token_ids and o.request_id not in first_token:
-                first_token[o.request_id] = time.perf_counter() - start
+        computed = {rid: req.num_computed_tokens for rid, req in sched.requests.items()}
+        outs = engine.step()
+        now = time.perf_counter() - start - untimed
+        t0 = time.perf_counter()
+        done = {o.request_id: len(o.prompt_token_ids or ()) + len(o.outputs[0].token_ids) - 1
+                for o in outs if o.finished}                 # a finished request's computed tokens
+        advanced = [(done.get(rid) or getattr(sched.requests.get(rid), "num_computed_tokens", n)) - n
+                    for rid, n in computed.items()]
+        step_log.append((round(now - last, 4), sum(a for a in advanced if a > 1), sum(1 for a in advanced if a == 1)))
+        last = now
+        untimed += time.perf_counter() - t0
+        for o in outs:
+            made = len(o.outputs[0].token_ids)
+            arrivals[o.request_id] += [now] * (made - len(arrivals[o.request_id]))
             if o.finished:
-                outputs[o.request_id] = len(o.outputs[0].token_ids)
+                outputs[o.request_id] = list(o.outputs[0].token_ids)
+        t0 = time.perf_counter()
         running.append(len(sched.running))
         used.append(blocks_in_use(llm))
         for rid, req in sched.requests.items():
             preemptions[rid] = max(preemptions.get(rid, 0), req.num_preemptions)
-    total = time.perf_counter() - start
+        untimed += time.perf_counter() - t0
+    total = time.perf_counter() - start - untimed
     layout = pool_layout(llm)
-    return {"total_s": total, "output_tokens": sum(outputs.values()), "prompt_tokens": sum(map(len, prompts)),
-            "peak_running": max(running), "preemptions": sum(preemptions.values()),
-            "preempted_requests": sum(1 for v in preemptions.values() if v), "steps": len(running),
-            "peak_used": max(used), "num_blocks": layout.num_blocks, "bytes_per_block": layout.bytes_per_block,
-            "groups": len(layout.groups), "mean_ttft_s": sum(first_token.values()) / max(1, len(first_token))}
+    config = engine.vllm_config
+    return {"total_s": total, "output_tokens": sum(map(len, outputs.values())), "completed": len(outputs),
+            "prompt_tokens": sum(map(len, prompts)), "peak_running": max(running),
+            "preemptions": sum(preemptions.values()), "preempted_requests": sum(1 for v in preemptions.values() if v),
+            "steps": len(running), "peak_used": max(used), "num_blocks": layout.num_blocks,
+            "bytes_per_block": layout.bytes_per_block, "peak_kv_bytes": max(used) * layout.bytes_per_block,
+            "pool_bytes": layout.num_blocks * layout.bytes_per_block, "groups": len(layout.groups),
+            "max_num_batched_tokens": config.scheduler_config.max_num_batched_tokens,
+            "step_log": step_log, "tokens": [outputs.get(f"p{i}", []) for i in range(len(prompts))],
+            **latency_summary(arrivals)}
 
 
-#: ``pressure`` runners by system kind: ``"vllm"`` (dense or a plan). The headwise engine's row plugs in
-#: here as ``"engine": run_engine_pressure`` (same spec in, same keys out).
-PRESSURE_RUNNERS = {"vllm": run_vllm_pressure}
+def engine_pressure(llm, prompts: list[list[int]], output_tokens: int) -> dict:
+    """Every prompt submitted at once to a ``headwise.engine.LLM``, streamed to the end: the ``pressure`` row.
+
+    Same keys as ``run_vllm_pressure``. Requests running at once and preemptions are read around each
+    ``llm.scheduler.schedule()`` (a wrapper on this instance only): running after the step is
+    scheduled, and the requests it moved from running back to waiting.
+    """
+    from headwise.engine import SamplingParams
+
+    sched = llm.scheduler
+    running: list[int] = []
+    preempted: dict[str, int] = {}
+    schedule = sched.schedule
+
+    def counted_schedule():
+        before = {id(s) for s in sched.running}
+        batch = schedule()
+        for s in sched.waiting:
+            if id(s) in before:
+                preempted[s.request_id] = preempted.get(s.request_id, 0) + 1
+        running.append(len(sched.running))
+        return batch
+
+    sched.schedule = counted_schedule
+    params = SamplingParams(max_tokens=output_tokens, temperature=0.0, ignore_eos=True)
+    arrivals: dict[str, list[float]] = {}
+    tokens: dict[str, list[int]] = {}
+    made: dict[str, int] = {}
+    try:
+        start = time.perf_counter()
+        for event in llm.stream([{"prompt_token_ids": p} for p in prompts], params):
+            now = time.perf_counter() - start
+            if event.token_id < 0:
+                raise RuntimeError(f"the engine refused request {event.index}; see its log.")
+            arrivals.setdefault(event.request_id, []).append(now)
+            tokens.setdefault(event.request_id, []).append(event.token_id)
+            if event.finished:
+                made[event.request_id] = len(arrivals[event.request_id])
+        total = time.perf_counter() - start
+    finally:
+        del sched.schedule                                       # back to the class's method
+    stats = llm.last_stats
+    return {"total_s": total, "output_tokens": sum(made.values()), "completed": len(made),
+            "prompt_tokens": sum(map(len, prompts)), "peak_running": max(running),
+            "preemptions": sum(preempted.values()), "preempted_requests": len(preempted), "steps": len(running),
+            "peak_used": stats.peak_blocks, "num_blocks": stats.num_blocks, "bytes_per_block": llm.block_bytes,
+            "peak_kv_bytes": stats.peak_kv_bytes, "pool_bytes": stats.num_blocks * llm.block_bytes, "groups": None,
+            "max_num_batched_tokens": llm.config.max_num_batched_tokens,
+            "tokens": [tokens.get(str(i), []) for i in range(len(prompts))], **latency_summary(arrivals)}
+
+
+def run_engine_pressure(spec: dict) -> dict:
+    """One ``pressure`` row through the headwise engine: a KV pool of ``spec["kv_bytes"]`` bytes (keys,
+    values and slot positions), 2 threads, the plan's own prefill mode."""
+    import torch
+
+    from headwise.engine import LLM, SamplingParams
+
+    torch.set_num_threads(2)
+    prompts = pressure_prompts(spec["requests"], spec["min_prompt"], spec["max_prompt"], spec["seed"])
+    budget = {"max_num_batched_tokens": spec["max_num_batched_tokens"]} if spec.get("max_num_batched_tokens") else {}
+    llm = LLM(None, spec["plan"] or "dense", kv_cache_memory=spec["kv_bytes"], max_num_seqs=256,
+              dtype=spec["dtype"], **budget)
+    llm.generate([{"prompt_token_ids": prompts[0][:64]}], SamplingParams(max_tokens=3, temperature=0.0),
+                 use_tqdm=False)                                                            # warm-up, not timed
+    return engine_pressure(llm, prompts, spec["output_tokens"])
+
+
+#: ``pressure`` runners by system kind: ``"vllm"`` (vLLM-cpu, dense or with a plan through the plugin) and
+#: ``"engine"`` (the headwise engine); same spec in, same keys out. A system named ``engine:<plan>`` runs
+#: on the engine, any other on vLLM.
+PRESSURE_RUNNERS = {"vllm": run_vllm_pressure, "engine": run_engine_pressure}
 
 
 def child(spec: dict) -> None:
-    runner = {"plans": run_plans_row, "hf": run_hf_check, "pressure": PRESSURE_RUNNERS.get(spec.get("runner"))}
+    runner = {"plans": run_plans_row, "hf": run_hf_check, "profile": run_profile_row,
+              "pressure": PRESSURE_RUNNERS.get(spec.get("runner"))}
     result = runner[spec["part"]](spec)
     Path(spec["out"]).write_text(json.dumps(result))
 
@@ -239,6 +457,8 @@ def run_child(spec: dict, env: dict[str, str], timeout: float) -> dict:
     spec = dict(spec, out=str(out))
     full_env = {**os.environ, **BASE_ENV, **env}
     full_env.pop("HEADWISE_PLAN", None)
+    if "VLLM_CPU_KVCACHE_SPACE" not in env:                 # it would override kv_cache_memory_bytes
+        full_env.pop("VLLM_CPU_KVCACHE_SPACE", None)
     full_env["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])])
     t0 = time.perf_counter()
     proc = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], env=full_env,
@@ -330,20 +550,68 @@ def plans_table(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
+def _s(x: float | None, scale: float = 1.0, fmt: str = ".1f") -> str:
+    return "-" if x is None else format(x * scale, fmt)
+
+
 def pressure_table(rows: list[dict]) -> str:
+    """Markdown table of the ``pressure`` rows; ratios against the vLLM dense row of the same case."""
     rows = [r for r in rows if r["part"] == "pressure"]
-    dense = {r["dtype"]: r for r in rows if r["name"] == "dense"}
-    out = ["| system | dtype | KV space | requests (prompt tokens) | peak running | preemptions (requests) | "
-           "total s | output tok/s | vs dense | mean TTFT s | pool blocks (block MB) | peak blocks in use |",
-           "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for r in sorted(rows, key=lambda r: (r["dtype"], r["name"] != "dense", r["name"])):
+    dense = {(r["dtype"], r["case"], r["kv_bytes"]): r for r in rows if r["name"] == "dense"}
+    out = ["| system | dtype | KV budget MiB | requests x (prompt tokens) + output | peak running | "
+           "preemptions (requests) | total s | completed req/s | output tok/s | vs vLLM dense | TTFT p50 / p95 s | "
+           "per-token latency p50 / p95 ms | KV MiB held at peak / pool |",
+           "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    order = {"dense": 0, "engine:dense": 2}
+    for r in sorted(rows, key=lambda r: (r["case"], r["dtype"], r["kv_bytes"], order.get(r["name"], 1 + 2 * r["name"].startswith("engine:")), r["name"])):
         rate = r["output_tokens"] / r["total_s"]
-        ref = dense.get(r["dtype"])
+        ref = dense.get((r["dtype"], r["case"], r["kv_bytes"]))
         vs = f"{rate / (ref['output_tokens'] / ref['total_s']):.2f}x" if ref else "-"
-        out.append(f"| {r['name']} | {r['dtype']} | {r['kv_space']} GiB | {r['requests']} ({r['prompt_tokens']}) | "
+        system = ("headwise engine " + r["name"].split(":", 1)[1]) if r["name"].startswith("engine:") else \
+            ("vLLM dense" if r["name"] == "dense" else f"vLLM + {r['name']}")
+        out.append(f"| {system} | {r['dtype']} | {r['kv_bytes'] / 2**20:.0f} | {r['case']} ({r['prompt_tokens']}) | "
                    f"{r['peak_running']} | {r['preemptions']} ({r['preempted_requests']}) | {r['total_s']:.0f} | "
-                   f"{rate:.2f} | {vs} | {r['mean_ttft_s']:.0f} | {r['num_blocks']} "
-                   f"({r['bytes_per_block'] / 2 ** 20:.2f}) | {r['peak_used']} |")
+                   f"{r['completed'] / r['total_s']:.3f} | {rate:.2f} | {vs} | "
+                   f"{_s(r['ttft_p50_s'])} / {_s(r['ttft_p95_s'])} | {_s(r['itl_p50_s'], 1e3, '.0f')} / "
+                   f"{_s(r['itl_p95_s'], 1e3, '.0f')} | {mb(r['peak_kv_bytes'])} / {mb(r['pool_bytes'])} |")
+    return "\n".join(out)
+
+
+def profile_parts(row: dict) -> dict[str, float]:
+    """ms per decode step of each part of a ``profile`` row, and ``rest`` = step - attention - KV write.
+
+    Medians over the fastest half of the decode steps after the first two (which warm caches): on the
+    shared machine another process's burst slows every part of a step alike (measured: 78 ms steps
+    and 0.8-2.7 s steps in one row), and such steps say nothing about the step itself."""
+    import statistics
+
+    steps = row["steps"][2:] or row["steps"]
+    steps = sorted(steps, key=lambda s: s["step"])[:max(1, (len(steps) + 1) // 2)]
+    med = {k: 1e3 * statistics.median(s[k] for s in steps) for k in steps[0]}
+    med["rest"] = statistics.median(1e3 * (s["step"] - s["attention"] - s["KV write"]) for s in steps)
+    return med
+
+
+def profile_table(rows: list[dict]) -> str:
+    """Markdown table of the ``profile`` rows, with the Amdahl bound a plan's decode speed-up has over dense."""
+    rows = [r for r in rows if r["part"] == "profile"]
+    key = lambda r: (r["dtype"], r["case"], r.get("tag", ""))                  # noqa: E731
+    dense = {key(r): profile_parts(r) for r in rows if r.get("system", r["name"]) == "dense"}
+    out = ["| system | dtype | case | decode steps | ms / decode step | attention ms (share) | of it: headwise "
+           "paged.attend ms | of it: positions ms | KV write ms | rest of the step ms | step vs dense | "
+           "bound if attention + KV write cost 0 (dense step / rest) |",
+           "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in sorted(rows, key=lambda r: (r["case"], r["dtype"], r.get("tag", ""), r.get("system", r["name"]) != "dense",
+                                         r["name"])):
+        m = profile_parts(r)
+        ref = dense.get(key(r))
+        vs = f"{ref['step'] / m['step']:.2f}x" if ref else "-"
+        bound = f"{m['step'] / m['rest']:.2f}x" if r.get("system", r["name"]) == "dense" else "-"
+        out.append(f"| {r['name']} | {r['dtype']} | {r['case']} ({r['prompt_tokens']}) | {len(r['steps'])} | "
+                   f"{m['step']:.1f} | {m['attention']:.1f} ({m['attention'] / m['step']:.0%}) | "
+                   f"{m['of attention: headwise paged.attend']:.1f} | "
+                   f"{m['of attention: positions (PositionBuffer.fill)']:.1f} | {m['KV write']:.1f} | {m['rest']:.1f} | "
+                   f"{vs} | {bound} |")
     return "\n".join(out)
 
 
@@ -356,8 +624,13 @@ def report(rows: list[dict]) -> str:
               f"{p['load'][0]:.1f}; `{p['command']}`" for p in provs.values()]
     if any(r["part"] == "plans" for r in rows):
         lines += ["", "## Plans at a fixed load (KV space 4 GiB, prefix caching off, greedy)", "", plans_table(rows)]
+    if any(r["part"] == "profile" for r in rows):
+        lines += ["", "## Where a decode step goes (ms per decode-only step: median of the fastest half; "
+                  "wall-clock timers)", "",
+                  profile_table(rows)]
     if any(r["part"] == "pressure" for r in rows):
-        lines += ["", "## Memory pressure (one fixed KV space, all requests at once)", "", pressure_table(rows)]
+        lines += ["", "## Memory pressure (one KV budget for every system, all requests at once)", "",
+                  pressure_table(rows)]
     return "\n".join(lines) + "\n"
 
 
@@ -387,19 +660,56 @@ def cmd_plans(args) -> None:
     print(plans_table(rows))
 
 
-def cmd_pressure(args) -> None:
+def cmd_profile(args) -> None:
     rows = load_store(args.json)
+    length, batch = (int(x) for x in args.case.split("x"))
     prov = provenance()
     for system in args.systems.split(","):
         plan, extra = plan_of(system)
-        spec = {"part": "pressure", "runner": "vllm", "name": system, "plan": plan, "extra": extra, "dtype": args.dtype,
+        spec = {"part": "profile", "name": system, "plan": plan, "extra": extra, "dtype": args.dtype,
+                "length": length, "batch": batch, "steps": args.steps}
+        r = run_child(spec, {"VLLM_CPU_KVCACHE_SPACE": str(args.kv_space)}, args.timeout)
+        r.update(part="profile", name=f"{system} [{args.tag}]" if args.tag else system, system=system, tag=args.tag,
+                 plan=plan, extra=extra, dtype=args.dtype, case=args.case, prov=prov)
+        m = profile_parts(r)
+        print(f"{system}: {m['step']:.1f} ms per decode step, attention {m['attention']:.1f}, KV write "
+              f"{m['KV write']:.1f}, rest {m['rest']:.1f} ({r['wall_s']:.0f} s wall)", file=sys.stderr, flush=True)
+        rows = save_row(args.json, rows, r)
+    print(profile_table(rows))
+
+
+def pressure_system(system: str) -> tuple[str, str | None, dict]:
+    """``engine:<plan>`` -> the engine with that plan; anything else -> vLLM (``plan_of``): ``(runner, plan, extra)``."""
+    if system.startswith("engine:"):
+        plan, extra = plan_of(system.split(":", 1)[1])
+        if extra:
+            raise SystemExit(f"{system!r}: the /variant suffixes are vLLM --additional-config keys; the engine takes "
+                             "none.")
+        return "engine", plan, extra
+    return ("vllm", *plan_of(system))
+
+
+def cmd_pressure(args) -> None:
+    from headwise.engine.config import parse_bytes
+
+    rows = load_store(args.json)
+    prov = provenance()
+    kv_bytes = parse_bytes(args.kv_memory)
+    case = f"{args.requests} x {args.min_prompt}-{args.max_prompt} + {args.output_tokens}"
+    if args.max_num_batched_tokens:
+        case += f", steps of <= {args.max_num_batched_tokens} tokens"
+    for system in args.systems.split(","):
+        runner, plan, extra = pressure_system(system)
+        spec = {"part": "pressure", "runner": runner, "name": system, "plan": plan, "extra": extra, "dtype": args.dtype,
                 "requests": args.requests, "min_prompt": args.min_prompt, "max_prompt": args.max_prompt,
-                "output_tokens": args.output_tokens, "seed": args.seed}
-        r = run_child(spec, {"VLLM_CPU_KVCACHE_SPACE": f"{args.kv_space:g}"}, args.timeout)
-        r.update(part="pressure", name=system, plan=plan, extra=extra, dtype=args.dtype, kv_space=args.kv_space,
-                 requests=args.requests, prov=prov, case=f"{args.requests}x{args.min_prompt}-{args.max_prompt}+{args.output_tokens}")
+                "output_tokens": args.output_tokens, "seed": args.seed, "kv_bytes": kv_bytes,
+                "max_num_batched_tokens": args.max_num_batched_tokens}
+        r = run_child(spec, {}, args.timeout)
+        r.update(part="pressure", name=system, plan=plan, extra=extra, dtype=args.dtype, kv_bytes=kv_bytes,
+                 requests=args.requests, prov=prov, case=case, output_tokens_each=args.output_tokens)
         print(f"{system}: {r['total_s']:.0f} s, {r['output_tokens'] / r['total_s']:.2f} output tok/s, peak running "
-              f"{r['peak_running']}, preemptions {r['preemptions']}", file=sys.stderr, flush=True)
+              f"{r['peak_running']}, preemptions {r['preemptions']} ({r['wall_s']:.0f} s wall)", file=sys.stderr,
+              flush=True)
         rows = save_row(args.json, rows, r)
     print(pressure_table(rows))
 
@@ -419,26 +729,42 @@ def main() -> None:
     p.add_argument("--kv-space", type=float, default=4, help="VLLM_CPU_KVCACHE_SPACE in GiB")
     p.add_argument("--hf-check", type=int, default=1, help="prompts checked against the patched HF model (0: none)")
     p.set_defaults(func=cmd_plans)
-    q = sub.add_parser("pressure", help="a loaded server: one KV space, many long requests at once")
-    q.add_argument("--systems", default="dense,d25")
+    f = sub.add_parser("profile", help="where a decode step goes: attention, KV write, the rest (plans' case)")
+    f.add_argument("--systems", default="dense,d25")
+    f.add_argument("--dtype", default="float32")
+    f.add_argument("--case", default="4096x4", help="LENGTHxBATCH")
+    f.add_argument("--steps", type=int, default=16, help="decode steps after the first token")
+    f.add_argument("--kv-space", type=int, default=4, help="VLLM_CPU_KVCACHE_SPACE in GiB")
+    f.add_argument("--tag", default="", help="a label kept with the rows (runs of other code side by side)")
+    f.set_defaults(func=cmd_profile)
+    q = sub.add_parser("pressure", help="a loaded server: one KV budget, many long requests at once")
+    q.add_argument("--systems", default="dense,d25,engine:dense,engine:d25",
+                   help="vLLM systems as for plans; engine:<plan> runs the headwise engine with that plan")
     q.add_argument("--dtype", default="float32")
-    q.add_argument("--kv-space", type=float, default=1)
+    q.add_argument("--kv-memory", default="512MiB",
+                   help="KV bytes of every system: vLLM's kv_cache_memory_bytes, the engine's kv_cache_memory")
     q.add_argument("--requests", type=int, default=32)
     q.add_argument("--min-prompt", type=int, default=4096)
-    q.add_argument("--max-prompt", type=int, default=8112, help="with the output and vLLM's margin, at most the context")
-    q.add_argument("--output-tokens", type=int, default=64)
+    q.add_argument("--max-prompt", type=int, default=7936, help="with the output and vLLM's margin, at most the context")
+    q.add_argument("--output-tokens", type=int, default=128)
     q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--max-num-batched-tokens", type=int, default=None,
+                   help="tokens one step may run, for every system (default: each one's own: vLLM-cpu 4096, "
+                        "the engine 8192)")
     q.set_defaults(func=cmd_pressure)
     r = sub.add_parser("report", help="write the markdown results file from --json")
     r.add_argument("--out", help="markdown file (default: print)")
+    r.add_argument("--append", help="markdown file added at the end (figures not in --json, with their provenance)")
     r.set_defaults(func=None)
-    for s in (p, q, r):
+    for s in (p, f, q, r):
         s.add_argument("--json", help="keep rows in this file across invocations")
         s.add_argument("--timeout", type=float, default=3600, help="seconds per row")
     args = parser.parse_args()
     if args.func is not None:
         return args.func(args)
     text = report(load_store(args.json))
+    if args.append:
+        text += "\n" + Path(args.append).read_text()
     if args.out:
         Path(args.out).write_text(text)
         print(f"wrote {args.out}")

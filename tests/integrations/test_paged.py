@@ -179,3 +179,32 @@ def test_attend_reads_nothing_from_blocks_the_kv_manager_gave_back(prefill, rule
                                           values[b].transpose(0, 1)[None], torch.arange(c, n)[None],
                                           torch.arange(n)[None, None], used.sink, span, scale)
         torch.testing.assert_close(output[s:e], ref[0].transpose(0, 1), atol=2e-5, rtol=1e-4)
+
+
+def test_position_buffer_across_steps_equals_a_fresh_fill():
+    """A ``PositionBuffer`` kept across decode steps, prefill chunks, freed blocks and blocks changing hands
+    gives, for every block the step's tables hold, the rows a fresh buffer gives (it rewrites only the
+    blocks whose positions changed)."""
+    torch.manual_seed(3)
+    num_blocks, M = 64, 12
+    kept = paged.PositionBuffer()
+    lengths = torch.tensor([5, 40, 77])
+    tables = (torch.randperm(num_blocks - 1)[:3 * M] + 1).reshape(3, M).int()
+    for step in range(40):
+        if step % 7 == 3:                 # a sequence ends; a new one gets free blocks, some of them used before
+            others = set(tables[[b for b in range(3) if b != step % 3]].reshape(-1).tolist())
+            free = [b for b in torch.randperm(num_blocks - 1).add(1).tolist() if b not in others]
+            tables[step % 3] = torch.tensor(free[:M], dtype=torch.int32)
+            lengths[step % 3] = int(torch.randint(1, M * BS - 20, ()))
+        if step % 5 == 1:                                       # the KV manager gives a middle block back
+            tables[step % 3, 1] = paged.NULL_BLOCK
+        lengths = lengths + (torch.tensor([1, 1, 9]) if step % 4 else 1)   # decodes and a prefill chunk
+        lengths = lengths.clamp(max=M * BS)
+        pos = kept.fill(tables, lengths, BS, HKV, num_blocks * HKV)
+        fresh = paged.PositionBuffer().fill(tables, lengths, BS, HKV, num_blocks * HKV)
+        for b in range(3):
+            for j in range(-(-int(lengths[b]) // BS)):
+                block = int(tables[b, j])
+                if block != paged.NULL_BLOCK:
+                    rows = slice(block * HKV, (block + 1) * HKV)
+                    assert torch.equal(pos[rows], fresh[rows]), (step, b, j)

@@ -38,3 +38,46 @@ def test_server_command_passes_the_plan_and_extra_arguments():
     assert cmd[cmd.index("--additional-config") + 1] == '{"headwise_plan": "dense"}'
     assert cmd[cmd.index("--port") + 1] == "8123" and cmd[-2:] == ["--max-num-seqs", "4"]
     assert cmd[cmd.index("--max-model-len") + 1] == "2048"
+    assert "--kv-cache-memory-bytes" not in cmd
+
+
+def test_a_fractional_kv_cache_space_becomes_bytes(monkeypatch):
+    """vLLM reads VLLM_CPU_KVCACHE_SPACE with int(): 0.5 GiB goes as --kv-cache-memory-bytes, the variable is dropped."""
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "4")
+    args = build_parser().parse_args(["serve", "--plan", "dense", "--kv-cache-space", "0.5"])
+    cmd = serve_cli.server_command(args, str(embedded_model_dir()), "dense", "m")
+    assert cmd[cmd.index("--kv-cache-memory-bytes") + 1] == str(2**29)
+    assert "VLLM_CPU_KVCACHE_SPACE" not in serve_cli.server_env(args)
+
+
+def test_sigterm_stops_the_server_without_waiting_out_the_timeouts(monkeypatch, capsys):
+    """SIGTERM to ``headwise serve`` stops the server's process group at once (a handler that waited for the
+    child inside the signal handler timed out instead: 90 s per stop, measured)."""
+    import os
+    import signal
+    import sys
+    import threading
+    import time
+
+    children = []
+    real_popen = serve_cli.subprocess.Popen
+
+    def popen(cmd, **kwargs):
+        proc = real_popen([sys.executable, "-c", "import time; time.sleep(120)"], **kwargs)
+        children.append(proc)
+        return proc
+
+    monkeypatch.setattr(serve_cli.subprocess, "Popen", popen)
+    monkeypatch.setattr(serve_cli, "wait_healthy", lambda proc, url, timeout: True)
+    before = signal.getsignal(signal.SIGTERM)
+    timer = threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGTERM))
+    start = time.monotonic()
+    timer.start()
+    try:
+        code = main(["serve", "--plan", "dense", "--port", "8123"])
+    finally:
+        timer.cancel()
+    assert code == 0 and time.monotonic() - start < 20
+    assert children and children[0].poll() is not None
+    assert "OpenAI-compatible server at http://127.0.0.1:8123/v1" in capsys.readouterr().out
+    assert signal.getsignal(signal.SIGTERM) is before                  # the handler is put back

@@ -37,7 +37,8 @@ def register(subparsers) -> None:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "auto"])
     p.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's)")
     p.add_argument("--kv-cache-space", type=float, default=None,
-                   help="GiB of KV cache on CPU (sets VLLM_CPU_KVCACHE_SPACE)")
+                   help="GiB of KV cache on CPU, fractions allowed (vLLM's --kv-cache-memory-bytes; "
+                        "VLLM_CPU_KVCACHE_SPACE takes whole GiB only)")
     p.add_argument("--cpus", default=None,
                    help="CPU cores vLLM's threads bind to on CPU, e.g. 0-1 (sets VLLM_CPU_OMP_THREADS_BIND and "
                         "reserves no core; vLLM's default keeps one core for itself)")
@@ -64,6 +65,8 @@ def server_command(args, model_dir: str, spec: str, name: str) -> list[str]:
            "--additional-config", json.dumps({"headwise_plan": spec})]
     if args.max_model_len:
         cmd += ["--max-model-len", str(args.max_model_len)]
+    if args.kv_cache_space is not None:
+        cmd += ["--kv-cache-memory-bytes", str(int(args.kv_cache_space * 2**30))]
     extra = list(args.vllm_args)
     return cmd + (extra[1:] if extra[:1] == ["--"] else extra)
 
@@ -77,7 +80,7 @@ def server_env(args) -> dict[str, str]:
     root = str(Path(headwise.__file__).resolve().parents[1])
     env["PYTHONPATH"] = os.pathsep.join([root, *filter(None, [os.environ.get("PYTHONPATH")])])
     if args.kv_cache_space is not None:
-        env["VLLM_CPU_KVCACHE_SPACE"] = f"{args.kv_cache_space:g}"
+        env.pop("VLLM_CPU_KVCACHE_SPACE", None)          # it would override --kv-cache-memory-bytes
     if args.cpus:
         env["VLLM_CPU_OMP_THREADS_BIND"] = args.cpus
         env["VLLM_CPU_NUM_OF_RESERVED_CPU"] = "0"
@@ -137,8 +140,13 @@ def _serve(args) -> int:
     stopping = []
 
     def on_signal(signum, frame):
+        # Only pass the signal on: waiting here (stop) would wait for the child while the interrupted main
+        # thread holds subprocess's wait lock, so every wait here timed out (90 s per SIGTERM, measured).
         stopping.append(signum)
-        stop(proc)
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
 
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
@@ -151,9 +159,10 @@ def _serve(args) -> int:
                              "its log is above.")
         print(f"headwise serve: OpenAI-compatible server at http://{args.host}:{args.port}/v1 "
               f"(model {name!r}, plan {args.plan!r}); Ctrl-C stops it.", flush=True)
-        code = proc.wait()
-        return 0 if stopping else code
+        while proc.poll() is None and not stopping:
+            time.sleep(0.5)
+        return 0 if stopping else proc.returncode
     finally:
-        stop(proc)
+        stop(proc)                                       # SIGTERM, then SIGKILL after 60 s, if still running
         for s, handler in previous.items():
             signal.signal(s, handler)

@@ -163,37 +163,52 @@ class StepLayout:
 
 class PositionBuffer:
     """A ``pos_pool`` kept across steps (and shared by the KV cache groups of one cache geometry): a
-    step writes only the blocks its sequences hold.
+    step writes only the held blocks whose positions changed.
 
     A fresh ``[P * Hkv, bs]`` pool every step costs ``P * Hkv * bs`` writes per group, the whole
-    pool (tens of MB per step when vLLM cuts its KV space into many small blocks); this writes
-    ``Hkv * bs`` per block the step's sequences hold. Rows of other blocks keep stale positions, which
-    no block table of the step references: a block changes hands only through vLLM's one pool (so
-    no block is in two groups' tables at once), and its new holder's rows are written before any read.
+    pool (tens of MB per step when vLLM cuts its KV space into many small blocks). The positions of a
+    held block depend only on its logical index ``m`` in its sequence and how many of its slots the
+    sequence fills (``valid``): slot ``j`` holds ``m * bs + j`` if ``j < valid``, else -1. ``stamp``
+    records, per vLLM block, the ``(m, valid)`` its rows were last written for, so a decode step
+    rewrites only each sequence's last block (and blocks that changed hands or index): measured
+    0.41 -> 0.11 ms per call at 8k x 8 (every block held), 0.12 -> 0.12 ms at 4k x 4. Rows of other
+    blocks keep stale positions, which no block table of the step references: a block changes hands
+    only through vLLM's one pool (so no block is in two groups' tables at once), and its new
+    holder's rows are written before any read (its stamp differs, or its rows already hold the same
+    positions).
     """
 
     def __init__(self) -> None:
         self.pos: torch.Tensor | None = None
+        self.stamp: torch.Tensor | None = None     # [P] m * (bs + 1) + valid last written per vLLM block, -1: none
 
     def fill(self, block_table: torch.Tensor, seq_lens: torch.Tensor, bs: int, Hkv: int,
              num_pool_blocks: int) -> torch.Tensor:
-        """Write the positions of the blocks ``block_table [B, M]`` holds for ``seq_lens [B]``; the pool."""
+        """Write the positions of the blocks ``block_table [B, M]`` holds for ``seq_lens [B]``; the pool
+        ``[num_pool_blocks, bs]`` (``num_pool_blocks = P * Hkv``)."""
         device = block_table.device
         if self.pos is None or self.pos.shape != (num_pool_blocks, bs):
             self.pos = torch.full((num_pool_blocks, bs), -1, dtype=torch.long, device=device)
+            self.stamp = torch.full((num_pool_blocks // Hkv,), -1, dtype=torch.long, device=device)
+        seq_lens = seq_lens.long()
         used = (seq_lens + bs - 1) // bs                                                 # [B] blocks in use
         M = int(used.max()) if used.numel() else 0
         if M:
-            logical = torch.arange(M, device=device)
-            live = (logical[None, :] < used[:, None]) & (block_table[:, :M] != NULL_BLOCK)         # [B, M]
-            slots = logical[:, None] * bs + torch.arange(bs, device=device)              # [M, bs]
-            slot_pos = torch.where(slots[None] < seq_lens[:, None, None], slots[None], -1)  # [B, M, bs]
+            live = (torch.arange(M, device=device)[None, :] < used[:, None]) & (block_table[:, :M] != NULL_BLOCK)
             # index_select / index_copy_: boolean-mask indexing took ~10 ms per call on 2 busy cores (measured)
             held = live.reshape(-1).nonzero().squeeze(1)                                 # [n]
             blocks = block_table[:, :M].reshape(-1).index_select(0, held).long()         # [n]
-            rows = (blocks[:, None] * Hkv + torch.arange(Hkv, device=device)).reshape(-1)  # [n * Hkv]
-            values = slot_pos.reshape(-1, bs).index_select(0, held)                      # [n, bs]
-            self.pos.index_copy_(0, rows, values[:, None, :].expand(-1, Hkv, bs).reshape(-1, bs))
+            m = held % M                                                                 # [n] logical index
+            valid = (seq_lens.index_select(0, held // M) - m * bs).clamp(0, bs)          # [n] filled slots
+            stamp = m * (bs + 1) + valid
+            changed = (self.stamp.index_select(0, blocks) != stamp).nonzero().squeeze(1)
+            if changed.numel():
+                blocks, m, valid = blocks[changed], m[changed], valid[changed]
+                slots = torch.arange(bs, device=device)
+                values = torch.where(slots[None] < valid[:, None], m[:, None] * bs + slots[None], -1)  # [c, bs]
+                rows = (blocks[:, None] * Hkv + torch.arange(Hkv, device=device)).reshape(-1)  # [c * Hkv]
+                self.pos.index_copy_(0, rows, values[:, None, :].expand(-1, Hkv, bs).reshape(-1, bs))
+                self.stamp.index_copy_(0, blocks, stamp[changed])
         return self.pos
 
 
