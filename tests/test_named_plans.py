@@ -153,7 +153,7 @@ def test_the_wheel_carries_the_named_plans(tmp_path):
     found = json.loads(run.stdout)
     assert found["file"].startswith(site), found["file"]              # the installed wheel, not the checkout
     assert {p.name for p in shipped()} == set(found["names"])
-    assert found["d25"] == 0.25 and found["moh_tensors"] > 0
+    assert abs(found["d25"] - 0.25) <= 0.0025 and found["moh_tensors"] > 0      # 25% +- 1% of the KV at 2k
     listing = subprocess.run([str(venv / "bin" / "headwise"), "plan", "list"], capture_output=True, text=True,
                              env=env, cwd=tmp_path)
     assert listing.returncode == 0 and "smollm2-135m-d25" in listing.stdout, listing.stderr
