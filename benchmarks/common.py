@@ -79,6 +79,17 @@ def parse_settings(text: str, flag: str = "--settings") -> list[Setting]:
     return out
 
 
+def count_new_tokens(outs, tokens: dict) -> int:
+    """Tokens a vLLM ``engine.step()`` made: updates ``tokens`` (request id -> its token ids so far)
+    from the step's ``RequestOutput``s and returns how many ids were added."""
+    new = 0
+    for o in outs:
+        ids = list(o.outputs[0].token_ids)
+        new += len(ids) - len(tokens.get(o.request_id, []))
+        tokens[o.request_id] = ids
+    return new
+
+
 def make_prompts(setting: Setting, tokenizer=None, vocab_size: int | None = None, seed: int = 0) -> list[list[int]]:
     """``setting.batch`` prompts of exactly ``setting.context`` tokens: distinct consecutive slices of
     the prose when a tokenizer is given, else random ids in ``[3, vocab_size)`` with a fixed seed

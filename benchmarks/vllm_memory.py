@@ -124,6 +124,7 @@ def run_plans_row(spec: dict) -> dict:
     from vllm import SamplingParams
     from vllm.sampling_params import RequestOutputKind
 
+    from benchmarks.common import count_new_tokens
     from headwise.integrations.vllm.pool import blocks_in_use, pool_layout
 
     prompts = case_prompts(spec["length"], spec["batch"], spec["steps"])
@@ -143,11 +144,7 @@ def run_plans_row(spec: dict) -> dict:
     while engine.has_unfinished_requests():
         outs = engine.step()
         now = time.perf_counter() - untimed
-        new = 0
-        for o in outs:
-            ids = list(o.outputs[0].token_ids)
-            new += len(ids) - len(tokens.get(o.request_id, []))
-            tokens[o.request_id] = ids
+        new = count_new_tokens(outs, tokens)
         if all_first is not None:
             decode_tokens += new
         if new:

@@ -41,7 +41,7 @@ if __name__ == "__main__" and not __package__:   # python benchmarks/vllm_plugin
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 from benchmarks.common import SHIPPED_D25, Setting, kv_bytes_per_token, make_prompts  # noqa: E402
-from benchmarks.common import provenance, provenance_line  # noqa: E402
+from benchmarks.common import count_new_tokens, provenance, provenance_line  # noqa: E402
 
 ENV = {"VLLM_CPU_OMP_THREADS_BIND": "0-1", "VLLM_CPU_NUM_OF_RESERVED_CPU": "0", "VLLM_CPU_KVCACHE_SPACE": "4"}
 MARGIN = 16                                   # tokens vLLM's max_model_len keeps beyond prompt + decode
@@ -98,11 +98,7 @@ def vllm_row(model_dir: str, prompts: list[list[int]], steps: int, plan: str | N
     while engine.has_unfinished_requests():
         outs = engine.step()
         now = time.perf_counter() - untimed
-        new = 0
-        for o in outs:
-            ids = list(o.outputs[0].token_ids)
-            new += len(ids) - len(tokens.get(o.request_id, []))
-            tokens[o.request_id] = ids
+        new = count_new_tokens(outs, tokens)
         if all_first is not None and new:
             decode_tokens += new
             decode_steps += 1

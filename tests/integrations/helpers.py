@@ -81,3 +81,20 @@ def run_vllm(model_dir: str, plan: str | None, prompts: list[list[int]], max_tok
         if proc.returncode != 0 or not result.exists():
             return {"error": proc.returncode, "log": proc.stdout + proc.stderr}
         return json.loads(result.read_text()) | {"log": proc.stdout + proc.stderr}
+
+
+def shuffled_tables(lengths: list[int], block_size: int, spare: int) -> tuple[torch.Tensor, int]:
+    """vLLM-style block tables for sequences of ``lengths`` tokens over shuffled physical blocks.
+
+    Returns ``(tables [B, max blocks] int32, num_blocks)``: the pool has the blocks the sequences need
+    plus ``spare``; block 0 is vLLM's null block, so no table uses it (unused entries are 0).
+    """
+    need = [-(-n // block_size) for n in lengths]
+    num_blocks = sum(need) + spare
+    perm = torch.randperm(num_blocks - 1) + 1
+    tables = torch.zeros(len(lengths), max(need), dtype=torch.int32)
+    used = 0
+    for b, nb in enumerate(need):
+        tables[b, :nb] = perm[used:used + nb]
+        used += nb
+    return tables, num_blocks

@@ -15,6 +15,8 @@ from headwise.patches.runtime import LayerRule
 from headwise.kinds.dense import Dense
 from headwise.kinds.window import Window
 
+from .helpers import shuffled_tables
+
 D, HKV, G, BS = 32, 3, 2, 32
 
 
@@ -71,15 +73,7 @@ def test_attend_matches_naive_over_decode_prefill_and_chunks(prefill, rule_name,
     # (context before the step, new tokens this step)
     seqs = [(300, 1), (1, 1), (0, 90), (31, 1), (200, 57), (63, 1), (0, 1)]
     lengths = [c + q for c, q in seqs]
-    max_blocks = max(-(-n // BS) for n in lengths)
-    num_blocks = sum(-(-n // BS) for n in lengths) + 3
-    perm = torch.randperm(num_blocks - 1) + 1          # physical blocks in shuffled order; 0 is vLLM's null block
-    tables = torch.zeros(len(seqs), max_blocks, dtype=torch.int32)
-    used = 0
-    for b, n in enumerate(lengths):
-        nb = -(-n // BS)
-        tables[b, :nb] = perm[used:used + nb]
-        used += nb
+    tables, num_blocks = shuffled_tables(lengths, BS, spare=3)    # block 0: vLLM's null block
     keys = [torch.randn(n, HKV, D) for n in lengths]
     values = [torch.randn(n, HKV, D) for n in lengths]
     cache = write_cache(keys, values, tables, num_blocks)
@@ -135,15 +129,7 @@ def test_attend_reads_nothing_from_blocks_the_kv_manager_gave_back(prefill, rule
     # chunk that ends its prompt (a sparse-prefill plan frees during the prompt; a dense one does not)
     seqs = [(700, 1, 650), (400, 1, 64), (1000, 1, 1000), (500, 90, 590), (33, 1, 20)]
     lengths = [c + q for c, q, _ in seqs]
-    max_blocks = max(-(-n // BS) for n in lengths)
-    num_blocks = sum(-(-n // BS) for n in lengths) + 1
-    perm = torch.randperm(num_blocks - 1) + 1
-    tables = torch.zeros(len(seqs), max_blocks, dtype=torch.int32)
-    used = 0
-    for b, n in enumerate(lengths):
-        nb = -(-n // BS)
-        tables[b, :nb] = perm[used:used + nb]
-        used += nb
+    tables, num_blocks = shuffled_tables(lengths, BS, spare=1)    # block 0: vLLM's null block
     keys = [torch.randn(n, HKV, D) for n in lengths]
     values = [torch.randn(n, HKV, D) for n in lengths]
     cache = write_cache(keys, values, tables, num_blocks)

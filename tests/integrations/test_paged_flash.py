@@ -20,6 +20,8 @@ from headwise.kinds.window import Window
 from tests.grids import grid
 from tests.kernels.cases import triton_marks
 
+from .helpers import shuffled_tables
+
 pytestmark = pytest.mark.usefixtures("all_threads")      # "auto" runs the native paged_decode kernel's OpenMP loop
 
 D, HKV, G, BS = 32, 3, 2, 16
@@ -85,15 +87,7 @@ def test_attend_matches_naive_over_decode_prefill_and_chunks(prefill, rule_name,
     prefill_rule = rule.as_dense() if prefill == "dense" else None   # a plan that prefills dense
     seqs = [(100, 1), (1, 1), (0, 40), (15, 1), (50, 23), (47, 1), (0, 1)]      # (context, new tokens)
     lengths = [c + q for c, q in seqs]
-    max_blocks = max(-(-n // BS) for n in lengths)
-    num_blocks = sum(-(-n // BS) for n in lengths) + 3
-    perm = torch.randperm(num_blocks - 1) + 1           # shuffled physical blocks; 0 is vLLM's null block
-    tables = torch.zeros(len(seqs), max_blocks, dtype=torch.int32)
-    used = 0
-    for b, n in enumerate(lengths):
-        nb = -(-n // BS)
-        tables[b, :nb] = perm[used:used + nb]
-        used += nb
+    tables, num_blocks = shuffled_tables(lengths, BS, spare=3)    # block 0: vLLM's null block
     keys = [torch.randn(n, HKV, D) for n in lengths]
     values = [torch.randn(n, HKV, D) for n in lengths]
     cache = empty_cache(num_blocks, layout)

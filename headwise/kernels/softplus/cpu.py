@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from ..sink_window.naive import visible
-from . import naive
+from .naive import logits, reweighted
 from .naive import HeadParams, row_scale
 
 #: Target bytes of one block's fp32 scores (all heads); the query block is sized from it.
@@ -115,9 +115,9 @@ def _recompute_rows(out, lost, qf, k, v, allowed, n, m, scale, params) -> torch.
     """Rows ``lost [B, Hs, G, Qb]`` through the reference's logits (softplus normaliser underflowed)."""
     for b, h, g, i in lost.nonzero().tolist():
         x = (qf[b, h, g, i] @ k[b, h].float().T) * (scale * m[b, h, i])                 # [S]
-        lg = naive.logits(x, torch.tensor(True)).masked_fill(~allowed[b, h, i], float("-inf"))
+        lg = logits(x, torch.tensor(True)).masked_fill(~allowed[b, h, i], float("-inf"))
         probs = torch.softmax(lg, -1)
-        probs = naive.reweighted(probs, n[b, h, i], params.power[h])
+        probs = reweighted(probs, n[b, h, i], params.power[h])
         out[b, h, g, i] = probs @ v[b, h].float()
     return out
 
