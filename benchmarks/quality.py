@@ -409,7 +409,8 @@ def main() -> None:
     parser.add_argument("--ppl-chunk", type=int, default=1024, help="tokens per forward of the dense-prefill "
                         "perplexity's second half (each token reads what a decode step reads, whatever the chunk)")
     parser.add_argument("--tasks", default="passkey,niah,perplexity")
-    parser.add_argument("--json", default=None, help="also write the results here")
+    parser.add_argument("--json", default=None, help="also write the results here (benchmarks/quality_plot.py "
+                        "draws quality against KV kept from it)")
     parser.add_argument("--cache", default=None, help="JSONL of per-prompt results: reused and extended, so an "
                         "interrupted or repeated run only computes what is missing")
     parser.add_argument("--kv-store", default=None, help="folder keeping each retrieval prompt's dense-prefill KV "
@@ -544,7 +545,9 @@ def main() -> None:
             **info, "plans": args.plan, "densities": densities, "trials": trials, "ppl_docs": docs, "modes": modes,
             "results": [{"row": r, "task": k, "length": n, "value": v if not isinstance(v, tuple) else list(v)}
                         for (r, k, n), v in results.items()],
-            "prefill_s": {f"{r}|{n}": sum(t) / len(t) for (r, n), t in prefill.items()}, "targets": checks}, indent=1))
+            "prefill_s": {f"{r}|{n}": sum(t) / len(t) for (r, n), t in prefill.items()}, "targets": checks,
+            "kv_kept": {name: {str(n): Plan.from_spec(spec, model).density(n) for n in lengths}
+                        for name, spec in plans.items()}}, indent=1))
 
 
 if __name__ == "__main__":

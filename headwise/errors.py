@@ -16,5 +16,9 @@ class PlanError(HeadwiseError, ValueError):
     """A plan that cannot be used: malformed, or made for another model."""
 
 
+class CalibrationError(HeadwiseError, RuntimeError):
+    """The calibrator could not make a plan from what it was given (e.g. the MILP found none)."""
+
+
 class InputError(HeadwiseError, ValueError):
     """A bad argument to a public entry (API, engine, CLI): wrong type, out of range, empty, unsupported."""

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ..errors import CalibrationError
 from ..kinds.base import HeadSpec
 from ..kinds.rules import as_rule
 from ..plan import ModelInfo, Plan
@@ -241,12 +242,19 @@ def solve(losses: dict[int, np.ndarray], kept: dict[int, np.ndarray], weights: d
                                  bounds=scipy.optimize.Bounds(lower, 1),
                                  options={"time_limit": time_limit, "mip_rel_gap": mip_rel_gap, "presolve": True})
     if result.x is None:
-        raise RuntimeError(f"the MILP found no plan ({result.message}); raise the density or --budget-tolerance, or "
-                           "use a smaller sink, a smaller --min-span or longer lengths so that some candidates fit "
-                           "the budget.")
+        raise CalibrationError(no_plan_message(result.status, time_limit))
     x = np.round(result.x[:nx]).reshape(layers, heads, C)
     choice = x.argmax(-1)
     return Solution(weights, choice, result.message, result.status == 0, getattr(result, "mip_gap", None))
+
+
+def no_plan_message(status: int, time_limit: float) -> str:
+    """One sentence for a MILP that returned no plan: out of time (HiGHS status 1) or infeasible."""
+    if status == 1:
+        return (f"the MILP found no plan within its {time_limit:g} s time limit; raise --time-limit, or widen "
+                "--budget-tolerance so that plans are easier to find.")
+    return ("the MILP found no plan that fits the budget; raise the density or --budget-tolerance, or use a smaller "
+            "sink, a smaller --min-span or longer lengths so that some candidates fit the budget.")
 
 
 def length_weightings(fit_lengths: list[int], steps: int = 4) -> list[dict[int, float]]:

@@ -243,3 +243,16 @@ def test_window_and_dense_candidates_come_from_their_kinds():
     assert set(kinds.candidate_kinds()) == {"window", "dense"}
     assert candidate_grid(lengths, sink=32, min_span=64, guard=256) == \
         window_candidates(lengths, sink=32, min_span=64, guard=256) + dense_candidates(lengths)
+
+
+def test_a_milp_without_a_plan_says_why_in_one_sentence():
+    """Infeasible budget and an exhausted time limit are different errors with different fixes."""
+    from headwise.calibrate.optimize import solve
+    from headwise.errors import CalibrationError
+
+    losses = {1024: np.ones((2, 2, 2))}
+    kept = {1024: np.array([512.0, 1024.0])}                 # every candidate keeps >= half
+    with pytest.raises(CalibrationError, match="no plan that fits the budget"):
+        solve(losses, kept, {1024: 1.0}, density=0.25)
+    from headwise.calibrate.optimize import no_plan_message
+    assert "within its 60 s time limit; raise --time-limit" in no_plan_message(1, 60.0)
