@@ -96,6 +96,11 @@ def register(subparsers) -> None:
     p.add_argument("--long-heads", type=int, default=None,
                    help="v2: make this many top-ranked heads long, at most what the budget allows (default: gates above "
                         "--gate-threshold)")
+    p.add_argument("--elastic-heads", type=int, default=0,
+                   help="v3 approach iii: the heads ranked next by the gates after the long ones (this many) keep "
+                        "a long elastic span of at least --elastic-share of N instead of a short window")
+    p.add_argument("--elastic-share", type=float, default=0.5,
+                   help="least share of N each --elastic-heads head keeps at every budget length from --strict-from")
     p.add_argument("--gates-from", default=None, metavar="PLAN",
                    help="v2: take the gates recorded in this plan (made by --method gates for the same model) "
                         "instead of training them, e.g. to re-solve a shipped plan at other densities")
@@ -144,10 +149,14 @@ def run(args) -> int:
     budgeted, tolerance, strict_from = budget_settings(args, lengths, store.info.max_length)
     candidates = candidate_grid(budgeted, args.sink, args.alpha_step, args.min_span, args.guard_length,
                                 floor=args.span_floor)
-    long_heads, v2 = None, {}
+    long_heads, elastic_heads, v2 = None, None, {}
+    if args.elastic_heads and args.method != "gates":
+        raise SystemExit("--elastic-heads takes the heads ranked by the gates; add --method gates.")
+    if not 0.0 < args.elastic_share <= 1.0:
+        raise SystemExit(f"--elastic-share must be in (0, 1], got {args.elastic_share}.")
     if args.method == "gates":
         strict = [n for n in budgeted if n >= strict_from] if tolerance is not None else lengths
-        long_heads, v2 = choose_long_heads(model, tokenizer, store.info, candidates, args, strict)
+        long_heads, elastic_heads, v2 = choose_long_heads(model, tokenizer, store.info, candidates, args, strict)
     print(f"headwise calibrate: solving the MILP at density {args.density} "
           f"(fit {[n for n in lengths if n != holdout]}, held-out {holdout})", flush=True)
     solve_start = time.perf_counter()     # includes refit rounds
@@ -167,7 +176,7 @@ def run(args) -> int:
         return optimize(mass, store.info, args.density, candidates, holdout=holdout, max_configs=args.max_configs,
                         time_limit=args.time_limit, score=args.score, calibration={**candidate_notes, **calibration, **v2},
                         long_heads=long_heads, uniform_sink=args.sink, budget_at=budgeted, tolerance=tolerance,
-                        strict_from=strict_from)
+                        strict_from=strict_from, elastic_heads=elastic_heads, elastic_share=args.elastic_share)
 
     result = solve()
     refits = []
@@ -237,9 +246,11 @@ def budget_settings(args, lengths: list[int], context: int) -> tuple[list[int], 
 def choose_long_heads(model, tokenizer, info, candidates, args, budget_lengths: list[int]):
     """Calibrator v2: train (or load) the gates and pick the long heads.
 
-    Returns ``(long [layers, Hkv] bool, calibration notes)``: heads whose gate ends above
-    ``--gate-threshold`` (or the top ``--long-heads`` by gate), capped so every other head can
-    still keep its least candidate's share of the context under ``--density`` at ``budget_lengths``.
+    Returns ``(long [layers, Hkv] bool, elastic [layers, Hkv] bool or None, calibration notes)``:
+    long heads are those whose gate ends above ``--gate-threshold`` (or the top ``--long-heads`` by
+    gate), capped so every other head can still keep its least candidate's share of the context
+    under ``--density`` at ``budget_lengths``; elastic heads (v3 approach iii) the next
+    ``--elastic-heads`` of the ranking.
     """
     from ..data.recall import recall_description
     from .gates import GateSettings, GateStore
@@ -267,6 +278,11 @@ def choose_long_heads(model, tokenizer, info, candidates, args, budget_lengths: 
         raise SystemExit(f"--long-heads must be between 0 and the model's {heads} KV heads, got {wanted}.")
     count = min(wanted, cap)
     long = head_mask(ranking[:count], (info.num_layers, info.num_kv_heads))
+    if not 0 <= args.elastic_heads <= heads - count:
+        raise SystemExit(f"--elastic-heads must be between 0 and the {heads - count} heads that are not long, "
+                         f"got {args.elastic_heads}.")
+    next_ranked = ranking[count:count + args.elastic_heads]
+    elastic = head_mask(next_ranked, (info.num_layers, info.num_kv_heads)) if next_ranked else None
     notes = {"long_heads": {"method": "duoattention-style gates", "count": count, "wanted": wanted, "cap": cap,
                             "heads": [[l, h] for l, h in ranking[:count]],
                             "gates": np.round(result.gates, 4).tolist(),
@@ -276,10 +292,14 @@ def choose_long_heads(model, tokenizer, info, candidates, args, budget_lengths: 
                             "threshold": args.gate_threshold,
                             "final_distill": result.history[-1]["distill"] if result.history else None,
                             "seconds_when_trained": round(result.seconds, 1),
-                            "data": recall_description(args.gate_facts)}}
-    print(f"headwise calibrate: {count} long heads (gates above {args.gate_threshold}: {wanted}, budget cap {cap})",
+                            "data": recall_description(args.gate_facts)},
+             **({"elastic_heads": {"count": len(next_ranked), "share": args.elastic_share,
+                                   "heads": [[l, h] for l, h in next_ranked]}} if next_ranked else {})}
+    asked = f"--long-heads {wanted}" if args.long_heads is not None else f"gates above {args.gate_threshold}: {wanted}"
+    print(f"headwise calibrate: {count} long heads ({asked}, budget cap {cap})"
+          + (f", the next {len(next_ranked)} elastic (>= {args.elastic_share:g} of N)" if next_ranked else ""),
           flush=True)
-    return long, notes
+    return long, elastic, notes
 
 
 def gates_of_plan(path: str, info):

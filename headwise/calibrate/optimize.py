@@ -180,7 +180,8 @@ class Solution:
 
 def solve(losses: dict[int, np.ndarray], kept: dict[int, np.ndarray], weights: dict[int, float], density: float,
           max_configs: int = 2, time_limit: float = 300.0, mip_rel_gap: float = 1e-4,
-          fixed: np.ndarray | None = None, bounds: dict[int, tuple[float, float]] | None = None) -> Solution:
+          fixed: np.ndarray | None = None, bounds: dict[int, tuple[float, float]] | None = None,
+          allowed: np.ndarray | None = None) -> Solution:
     """Binary MILP: one candidate per KV head, kept-token budget at every length, at most
     ``max_configs`` distinct candidates per layer; minimise ``sum_N w_N loss_N / total_N``.
 
@@ -195,6 +196,7 @@ def solve(losses: dict[int, np.ndarray], kept: dict[int, np.ndarray], weights: d
             free head (e.g. the long heads chosen by gates, fixed to the candidate that keeps everything).
         bounds: optional per length ``(least, most)`` total kept tokens (``budget_bounds``); default
             ``(-inf, density * N * heads)`` at every length of ``kept``.
+        allowed: optional ``[layers, Hkv, C]`` bool, the candidates each head may take (default: all).
 
     Variables: ``x[l, h, c]`` (head picks candidate) then ``y[l, c]`` (layer uses candidate).
     """
@@ -231,7 +233,11 @@ def solve(losses: dict[int, np.ndarray], kept: dict[int, np.ndarray], weights: d
     rows.append((scipy.sparse.hstack([scipy.sparse.csr_matrix((layers, nx)), per_layer]),
                  np.full(layers, -np.inf), np.full(layers, float(max_configs))))
     constraints = [scipy.optimize.LinearConstraint(scipy.sparse.csr_matrix(a), lo, hi) for a, lo, hi in rows]
-    lower = np.zeros(nx + ny)
+    lower, upper = np.zeros(nx + ny), np.ones(nx + ny)
+    if allowed is not None:
+        if allowed.shape != (layers, heads, C):
+            raise ValueError(f"allowed candidates must have shape {(layers, heads, C)}, got {allowed.shape}.")
+        upper[:nx] = allowed.reshape(-1)
     if fixed is not None:
         if fixed.shape != (layers, heads):
             raise ValueError(f"fixed heads must have shape {(layers, heads)}, got {fixed.shape}.")
@@ -239,7 +245,7 @@ def solve(losses: dict[int, np.ndarray], kept: dict[int, np.ndarray], weights: d
         pinned = np.flatnonzero(flat >= 0)
         lower[pinned * C + flat[pinned]] = 1.0
     result = scipy.optimize.milp(cost, constraints=constraints, integrality=np.ones(nx + ny),
-                                 bounds=scipy.optimize.Bounds(lower, 1),
+                                 bounds=scipy.optimize.Bounds(lower, upper),
                                  options={"time_limit": time_limit, "mip_rel_gap": mip_rel_gap, "presolve": True})
     if result.x is None:
         raise CalibrationError(no_plan_message(result.status, time_limit))
@@ -291,7 +297,8 @@ def optimize(profiles: dict, model_info: ModelInfo, density: float, candidates: 
              holdout: int | None = None, max_configs: int = 2, time_limit: float = 300.0, score: str = "abs",
              calibration: dict | None = None, long_heads: np.ndarray | None = None,
              uniform_sink: int | None = None, budget_at: list[int] | None = None, tolerance: float | None = None,
-             strict_from: int | None = None) -> Calibration:
+             strict_from: int | None = None, elastic_heads: np.ndarray | None = None,
+             elastic_share: float = 0.5) -> Calibration:
     """Choose one of ``candidates`` per KV head from ``profiles`` (length -> ``LengthProfile``).
 
     ``candidates`` (e.g. ``candidate_grid``) are scored by the keys their ``kv_rule()`` drops and
@@ -312,6 +319,10 @@ def optimize(profiles: dict, model_info: ModelInfo, density: float, candidates: 
     ``budget_at`` (optional) adds lengths the budget holds at without a profile (e.g. up to the
     model's context); ``tolerance`` keeps the kept tokens within ``density * N * heads +- tolerance``
     at every budget length from ``strict_from`` on (``budget_bounds``), instead of only below it.
+
+    ``elastic_heads`` (``[layers, Hkv]`` bool, optional; calibrator v3 approach iii) restricts those
+    heads to candidates that keep at least ``elastic_share * N`` at every budget length from
+    ``strict_from`` on: retrieval heads that are not made dense keep a long elastic span instead.
 
     ``uniform_sink`` (optional) records, for comparison, the normalised loss of the uniform plan at
     the same density: every head keeps ``uniform_sink`` sink tokens and a window, ``density * N`` in all.
@@ -345,9 +356,18 @@ def optimize(profiles: dict, model_info: ModelInfo, density: float, candidates: 
         fixed = np.where(long_heads, everything[0], -1).astype(np.int64)
     bounds = budget_bounds(budgeted, density, heads_total, candidates, tolerance=tolerance, strict_from=strict_from,
                            fixed=fixed)
+    allowed = None
+    if elastic_heads is not None:
+        checked = [n for n in budgeted if n >= (strict_from or min(budgeted))]
+        long_enough = np.array([all(c.kept(n) >= elastic_share * n for n in checked) for c in candidates])
+        if not long_enough.any():
+            raise ValueError(f"no candidate keeps {elastic_share:g} of N at {checked}; lower the elastic share.")
+        allowed = np.ones((*np.shape(elastic_heads), len(candidates)), dtype=bool)
+        allowed[np.asarray(elastic_heads, dtype=bool)] = long_enough
     solutions = []
     for weights in length_weightings(fit):
-        sol = solve(losses, kept, weights, density, max_configs, time_limit, fixed=fixed, bounds=bounds)
+        sol = solve(losses, kept, weights, density, max_configs, time_limit, fixed=fixed, bounds=bounds,
+                    allowed=allowed)
         for n in lengths:
             sol.normalized_loss[n] = float(np.take_along_axis(losses[n], sol.choice[..., None], -1).sum())
         for n in budgeted:

@@ -73,3 +73,26 @@ def test_bounds_below_strict_from_rise_to_what_the_floor_forces():
     assert bounds[1024] == pytest.approx((0.99 * 0.1 * 1024 * 8, 1.01 * 0.1 * 1024 * 8))
     assert bounds[256][1] == 8 * 48                      # every head's least: sink 16 + floor 32 > 10% of 256
     assert budget_bounds([256], 0.1, 8, grid, tolerance=None)[256] == (-np.inf, 0.1 * 256 * 8)
+
+
+def test_elastic_heads_keep_their_share_at_every_budget_length():
+    """Approach iii: retrieval heads not made dense keep a long elastic span (>= share * N from
+    strict_from on), inside the same budget band."""
+    profiles = _synthetic_profiles(PROFILED, seed=5)
+    grid = candidate_grid(BUDGET, sink=16, alpha_step=32, min_span=32, floor="clamp")
+    long = np.zeros((INFO.num_layers, INFO.num_kv_heads), dtype=bool)
+    long[1, 0] = True
+    elastic = np.zeros_like(long)
+    elastic[2, 1] = elastic[3, 0] = True
+    free = optimize(profiles, INFO, 0.4, grid, holdout=512, long_heads=long, budget_at=BUDGET, tolerance=0.01,
+                    strict_from=512, time_limit=60).plan
+    assert min(free.layers[2][1].kept(n) / n for n in BUDGET[1:]) < 0.5     # the profile alone keeps them short
+    plan = optimize(profiles, INFO, 0.4, grid, holdout=512, long_heads=long, budget_at=BUDGET, tolerance=0.01,
+                    strict_from=512, time_limit=60, elastic_heads=elastic, elastic_share=0.5).plan
+    for l, h in [(2, 1), (3, 0)]:
+        assert all(plan.layers[l][h].kept(n) >= 0.5 * n for n in BUDGET[1:])
+    assert plan.layers[1][0].kind == "dense"
+    assert all(abs(plan.density(n) / 0.4 - 1) <= 0.01 + 1e-9 for n in BUDGET[1:])
+    with pytest.raises(ValueError, match="lower the elastic share"):
+        optimize(profiles, INFO, 0.3, [c for c in grid if c.kind != "dense"], holdout=512, budget_at=BUDGET,
+                 tolerance=0.01, strict_from=512, elastic_heads=elastic, elastic_share=1.0)

@@ -164,6 +164,21 @@ def test_calibrate_with_gates_then_resolve_from_cached_gates(tiny_dir, tmp_path,
     assert swept["gates"] == notes["gates"] and swept["gates_from"] == str(tmp_path / "a.json")
     ranked = swept["heads"]
     assert ranked == notes["heads"][:len(ranked)] or notes["heads"] == ranked[:len(notes["heads"])]
+    # approach iii: the next-ranked heads keep a long elastic span instead of a short window
+    assert main(args + ["--density", "0.5", "--gates-from", str(tmp_path / "a.json"), "--long-heads", "1",
+                        "--elastic-heads", "2", "--elastic-share", "0.4", "--out", str(tmp_path / "e.json")]) == 0
+    assert "the next 2 elastic (>= 0.4 of N)" in capsys.readouterr().out
+    elastic = load_plan(tmp_path / "e.json")
+    chosen = elastic.calibration["elastic_heads"]
+    gates = np.asarray(elastic.calibration["long_heads"]["gates"])
+    long_set = {tuple(x) for x in elastic.calibration["long_heads"]["heads"]}
+    picked = {tuple(x) for x in chosen["heads"]}
+    rest = [gates[l, h] for l in range(gates.shape[0]) for h in range(gates.shape[1]) if (l, h) not in long_set | picked]
+    assert chosen["count"] == 2 and not picked & long_set and min(gates[l, h] for l, h in picked) >= max(rest)
+    assert all(elastic.layers[l][h].kept(n) >= 0.4 * n for l, h in chosen["heads"] for n in (512,))
+    assert main(args + ["--density", "0.5", "--elastic-heads", "2", "--method", "profile",
+                        "--out", str(tmp_path / "f.json")]) == 2
+    assert "add --method gates" in capsys.readouterr().err
     data = json.loads((tmp_path / "a.json").read_text())
     del data["calibration"]["long_heads"]
     (tmp_path / "plain.json").write_text(json.dumps(data))
