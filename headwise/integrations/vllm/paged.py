@@ -34,6 +34,7 @@ from ...kernels.paged_decode import native, paged_decode
 from ...kernels.paged_decode.naive import gather_pages
 from ...kernels.sink_window import sink_window_attention
 from ...patches.runtime import LayerRule
+from .kv_memory import LayerKeep
 
 
 #: vLLM's null block: the block id a block table holds where the KV manager gave a block back
@@ -89,7 +90,7 @@ def pools(kv_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 @dataclass
 class Prefill:
-    """One sequence of the step with more than one query token.
+    """One sequence of the step with more than one query token, or a one-token prompt chunk.
 
     ``start:end`` are its tokens in the step's flattened ``[T, ...]`` tensors, ``context`` the
     tokens it had before this step, ``length`` its length after it.
@@ -128,18 +129,23 @@ class StepLayout:
 
     @classmethod
     def build(cls, query_start_loc: torch.Tensor, seq_lens: torch.Tensor, block_table: torch.Tensor,
-              block_size: int, num_kv_heads: int, positions: "PositionBuffer | None" = None) -> "StepLayout":
+              block_size: int, num_kv_heads: int, positions: "PositionBuffer | None" = None,
+              prefilling: torch.Tensor | None = None) -> "StepLayout":
         """From vLLM's ``query_start_loc [B+1]``, ``seq_lens [B]`` and ``block_table [B, M]``;
-        ``positions``: the group's buffer kept across steps (default: a fresh pool)."""
+        ``positions``: the group's buffer kept across steps (default: a fresh pool); ``prefilling``:
+        ``[B]`` bool, vLLM's ``is_prefilling``: a one-token prompt chunk (the last token of a prompt
+        the token budget cut there) is a prefill, read by the prefill rule (default: every one-token
+        row is a decode)."""
         B = seq_lens.shape[0]
         starts = query_start_loc[:B + 1].tolist()
         lengths = seq_lens[:B].tolist()
+        in_prompt = prefilling[:B].tolist() if prefilling is not None else [False] * B
         decode_rows, prefills = [], []
         for b in range(B):
             q_len = starts[b + 1] - starts[b]
-            if q_len == 1:
+            if q_len == 1 and not in_prompt[b]:
                 decode_rows.append(b)
-            elif q_len > 1:
+            elif q_len >= 1:
                 prefills.append(Prefill(b, starts[b], starts[b + 1], lengths[b] - q_len, lengths[b]))
         rows = torch.tensor(decode_rows, dtype=torch.long, device=seq_lens.device)
         return cls(block_size, num_kv_heads, block_table[:B], seq_lens[:B].long(), rows,
@@ -210,6 +216,46 @@ class PositionBuffer:
                 self.pos.index_copy_(0, rows, values[:, None, :].expand(-1, Hkv, bs).reshape(-1, bs))
                 self.stamp.index_copy_(0, blocks, stamp[changed])
         return self.pos
+
+
+def null_unread(block_table: torch.Tensor, query_start_loc: torch.Tensor, seq_lens: torch.Tensor,
+                prefilling: torch.Tensor, keep: LayerKeep, block_size: int) -> torch.Tensor:
+    """A copy of a ``SinkWindowSpec`` group's block table with ``NULL_BLOCK`` where no query of the step reads.
+
+    vLLM nulls the blocks its KV manager frees only in the scheduler's copy of a block table; the
+    worker's copy (this one) keeps their ids, which the pool may have handed to another request or KV
+    cache group. Reading such an entry reads another sequence's keys; filling positions for it
+    overwrites the new holder's. Every block the manager may have freed lies past the sink blocks and
+    before the block of ``kv_memory.LayerKeep.first_read`` (the first position any query of this step
+    reads), so nulling that range drops every freed entry and nothing the step reads.
+
+    Args:
+        block_table: ``[B', M]`` int vLLM block table (``B' >= B``; rows past ``B`` are returned as they are).
+        query_start_loc: ``[B + 1]`` int; seq_lens: ``[B]`` int lengths after the step;
+        prefilling: ``[B]`` bool, vLLM's ``is_prefilling`` (tokens before the step ``<`` prompt length).
+        keep: the group's ``kv_memory.LayerKeep``; block_size: tokens per block.
+
+    Returns:
+        ``[B', M]`` a new tensor of ``block_table``'s dtype.
+    """
+    B = seq_lens.shape[0]
+    n = seq_lens.long()
+    context = n - (query_start_loc[1:B + 1] - query_start_loc[:B]).long()
+    pre = prefilling[:B].bool()
+    at = torch.where(pre, n, context + 1).to(torch.float64)[:, None]                    # [B, 1] span's N
+    alpha = torch.tensor([w[0] for w in keep.windows], dtype=torch.float64)
+    beta = torch.tensor([w[1] for w in keep.windows], dtype=torch.float64)
+    floor = torch.tensor([w[2] if len(w) > 2 else 0 for w in keep.windows], dtype=torch.float64)
+    span = torch.maximum(torch.floor(alpha + beta * at), floor).clamp(min=1.0)          # [B, W] span_of
+    span = torch.minimum(span, at).clamp(min=1.0).amax(1).long()                        # [B]
+    first = (context + 1 - span).clamp(min=0)
+    if keep.prefill_dense:
+        first = torch.where(pre, torch.zeros_like(first), first)
+    j = torch.arange(block_table.shape[1], device=block_table.device)
+    drop = (j[None, :] >= -(-keep.sink // block_size)) & (j[None, :] < (first // block_size)[:, None])
+    out = block_table.clone()
+    out[:B] = torch.where(drop, torch.full_like(out[:B], NULL_BLOCK), out[:B])
+    return out
 
 
 def head_groups(rule: LayerRule) -> list[list[int]]:
