@@ -26,8 +26,10 @@ query of the step, as ``headwise.patch_model`` without ``expected_length``.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from ...kernels.paged_decode import native, paged_decode
@@ -238,24 +240,40 @@ def null_unread(block_table: torch.Tensor, query_start_loc: torch.Tensor, seq_le
     Returns:
         ``[B', M]`` a new tensor of ``block_table``'s dtype.
     """
+    # numpy on the host: called once per KV cache group per step (41 groups for d25), where ~20 small torch
+    # ops cost ~0.2 ms a call (measured) and numpy's ~0.03 ms
     B = seq_lens.shape[0]
-    n = seq_lens.long()
-    context = n - (query_start_loc[1:B + 1] - query_start_loc[:B]).long()
-    pre = prefilling[:B].bool()
-    at = torch.where(pre, n, context + 1).to(torch.float64)[:, None]                    # [B, 1] span's N
-    alpha = torch.tensor([w[0] for w in keep.windows], dtype=torch.float64)
-    beta = torch.tensor([w[1] for w in keep.windows], dtype=torch.float64)
-    floor = torch.tensor([w[2] if len(w) > 2 else 0 for w in keep.windows], dtype=torch.float64)
-    span = torch.maximum(torch.floor(alpha + beta * at), floor).clamp(min=1.0)          # [B, W] span_of
-    span = torch.minimum(span, at).clamp(min=1.0).amax(1).long()                        # [B]
-    first = (context + 1 - span).clamp(min=0)
+    n = seq_lens.cpu().numpy().astype(np.int64)
+    starts = query_start_loc.cpu().numpy().astype(np.int64)
+    pre = prefilling[:B].cpu().numpy().astype(bool)
+    context = n - (starts[1:B + 1] - starts[:B])
+    alpha, beta, floor = _window_arrays(keep.windows)
+    at = np.where(pre, n, context + 1).astype(np.float64)[:, None]                      # [B, 1] span's N
+    span = np.maximum(np.floor(alpha + beta * at), floor).clip(min=1.0)                  # [B, W] span_of
+    span = np.minimum(span, at).clip(min=1.0).max(axis=1).astype(np.int64)               # [B]
+    first = (context + 1 - span).clip(min=0)
     if keep.prefill_dense:
-        first = torch.where(pre, torch.zeros_like(first), first)
-    j = torch.arange(block_table.shape[1], device=block_table.device)
-    drop = (j[None, :] >= -(-keep.sink // block_size)) & (j[None, :] < (first // block_size)[:, None])
+        first = np.where(pre, 0, first)
+    last = first // block_size
+    lo = -(-keep.sink // block_size)
+    if not B or int(last.max()) <= lo:
+        return block_table.clone()
+    j = np.arange(block_table.shape[1])
+    keep_entry = (j[None, :] < lo) | (j[None, :] >= last[:, None])                       # [B, M]
+    if block_table.device.type == "cpu":
+        table = block_table.numpy()
+        out = np.concatenate([np.where(keep_entry, table[:B], NULL_BLOCK).astype(table.dtype), table[B:]])
+        return torch.from_numpy(out)
     out = block_table.clone()
-    out[:B] = torch.where(drop, torch.full_like(out[:B], NULL_BLOCK), out[:B])
+    out[:B] = torch.where(torch.from_numpy(keep_entry).to(out.device), out[:B], NULL_BLOCK)
     return out
+
+
+@functools.lru_cache(maxsize=None)
+def _window_arrays(windows: tuple[tuple[float, ...], ...]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(alpha, beta, min_span)`` of ``LayerKeep.windows`` as float64 arrays ``[W]``."""
+    return (np.array([w[0] for w in windows], dtype=np.float64), np.array([w[1] for w in windows], dtype=np.float64),
+            np.array([w[2] if len(w) > 2 else 0 for w in windows], dtype=np.float64))
 
 
 def head_groups(rule: LayerRule) -> list[list[int]]:
