@@ -87,3 +87,48 @@ def test_union_takes_the_larger_sink_and_every_window():
     assert a.union(b).span(1000) == 250
     with pytest.raises(ValueError):
         a.union(LayerKeep(4, ((8.0, 0.0),), False))
+
+
+@pytest.mark.parametrize("prefill_dense", [False, True])
+def test_every_freed_block_is_one_the_attention_nulls_and_none_it_reads(prefill_dense):
+    """vLLM's worker keeps the ids of freed blocks in its block table, so the attention nulls, each step, the
+    blocks ``unread_blocks`` names. For every step after a freeing (any later context, any chunk up to the
+    token budget, a chunk past the prompt too: a preempted request recomputed), that range holds every freed
+    block; and for ordinary steps (a prompt chunk inside the prompt, a decode) no query of the step reads a
+    key in it."""
+    rng = random.Random(11 if prefill_dense else 12)
+    freed_cases = steps = 0
+    for _ in range(300):
+        heads = random_heads(rng)
+        keep = layer_keep(heads, prefill_dense)
+        bs = rng.choice([16, 32, 128])
+        budget = rng.choice([1, 16, 256, 2048])
+        prompt = rng.randint(1, 1500)
+        processed = rng.randint(0, prompt + 600)
+        first, last = keep.free_blocks(processed, prompt, bs, budget)
+        if first < last:
+            freed_cases += 1
+        for _ in range(30):
+            context = processed + rng.choice([0, 0, 1, rng.randint(0, 700)])
+            chunk = rng.randint(1, budget)
+            prefilling = context < prompt
+            u_first, u_last = keep.unread_blocks(context, context + chunk, prefilling, bs)
+            if first < last:
+                assert u_first == first and last <= u_last, (processed, prompt, context, chunk)
+            steps += 1
+            ordinary = context + chunk <= prompt if prefilling else chunk == 1
+            if ordinary and u_first < u_last:
+                n = context + chunk
+                dense = prefilling and prefill_dense
+                reads = 0 if dense else min(earliest_window_key(heads, q, n) for q in range(context, n))
+                assert reads >= u_last * bs, (context, chunk, prefilling)
+    assert freed_cases > 80 and steps > 5000
+
+
+def test_a_prompt_chunk_may_end_past_the_prompt_only_on_recompute_so_freeing_keeps_a_budget_more():
+    keep = LayerKeep(0, ((0.0, 0.5),), False)
+    # 1000 of a 1100-token prompt in, budget 512: a (recomputed) chunk from 1000 may end at 1512, span 756
+    assert keep.first_kept(1000, 1100, max_chunk=512) == 1001 - 756
+    assert keep.first_kept(1000, 1100) == 1001 - 550            # budget 1: chunks end inside the prompt
+    # past the prompt: the budget does not matter (decode windows)
+    assert keep.first_kept(6000, 4000, max_chunk=512) == 6001 - 3000

@@ -194,3 +194,98 @@ def test_position_buffer_across_steps_equals_a_fresh_fill():
                 if block != paged.NULL_BLOCK:
                     rows = slice(block * HKV, (block + 1) * HKV)
                     assert torch.equal(pos[rows], fresh[rows]), (step, b, j)
+
+
+@pytest.mark.parametrize("prefill", ["plan", "dense"])
+@pytest.mark.parametrize("rule_name", ["windows", "same", "floored"])
+def test_freed_block_ids_left_in_the_worker_table_are_never_read(prefill, rule_name):
+    """vLLM nulls the blocks its KV manager frees only in the scheduler's block table: the worker's table
+    keeps their ids while the pool hands them to other sequences in the same step. ``null_unread`` on the
+    worker's table: every sequence, old holders and new ones, equals the reference over its own keys, with
+    one ``PositionBuffer`` that an earlier step filled while the old holders had those blocks. (Without
+    ``null_unread`` the old holders' stale entries overwrite the new holders' positions: the defect of the
+    chunked vLLM test.)"""
+    from headwise.integrations.vllm.kv_memory import layer_keep
+
+    torch.manual_seed(4)
+    heads = tuple(RULES[rule_name])
+    rule = LayerRule.from_heads(heads)
+    dense_prefill = prefill == "dense"
+    keep = layer_keep(heads, dense_prefill)
+    # (context before the step, new tokens this step, prompt length); the old ones free blocks (decodes past
+    # their prompts; a chunk inside its prompt frees under a sparse-prefill plan), the new ones get them
+    old = [(700, 1, 650), (1000, 1, 1000), (500, 90, 700), (640, 1, 600)]
+    new = [(0, 150, 150), (200, 60, 400), (599, 1, 600)]         # the last: a prompt's last token, alone in its chunk
+    seqs = new + old                                             # batch rows: the new holders first
+    lengths = [c + q for c, q, _ in seqs]
+    need = [-(-n // BS) for n in lengths]
+    spare = list(range(1, 200))                                  # block 0: vLLM's null block
+    tables = torch.zeros(len(seqs), max(need), dtype=torch.int32)
+    freed = []
+    for b, (c, _, prompt) in enumerate(seqs):
+        if b >= len(new):
+            tables[b, :need[b]] = torch.tensor([spare.pop(0) for _ in range(need[b])], dtype=torch.int32)
+            first, last = keep.free_blocks(c, prompt, BS, max_chunk=256)
+            freed += tables[b, first:max(first, last)].tolist()  # stay in the worker's table
+    assert len(freed) >= (6 if dense_prefill else 12), "the case frees too little to test anything"
+    pool = freed + spare                                          # freed blocks go out first
+    for b in range(len(new)):
+        tables[b, :need[b]] = torch.tensor([pool.pop(0) for _ in range(need[b])], dtype=torch.int32)
+    num_blocks = 200
+    keys = [torch.randn(n, HKV, D) for n in lengths]
+    values = [torch.randn(n, HKV, D) for n in lengths]
+    order = list(range(len(new), len(seqs))) + list(range(len(new)))   # the new holders write over freed blocks
+    cache = write_cache([keys[b] for b in order], [values[b] for b in order], tables[order], num_blocks)
+    positions = paged.PositionBuffer()                            # an earlier step: the old holders had them
+    positions.fill(tables[len(new):], torch.tensor([c for c, _, _ in old]), BS, HKV, num_blocks * HKV)
+    q_lens = [q for _, q, _ in seqs]
+    qsl = torch.tensor([0, *torch.tensor(q_lens).cumsum(0).tolist()], dtype=torch.int32)
+    seq_lens = torch.tensor(lengths, dtype=torch.int32)
+    prefilling = torch.tensor([c < prompt for c, _, prompt in seqs])
+    table = paged.null_unread(tables, qsl, seq_lens, prefilling, keep, BS)
+    T = int(qsl[-1])
+    query = torch.randn(T, HKV * G, D)
+    new_k = torch.cat([k[c:] for k, (c, _, _) in zip(keys, seqs)])
+    new_v = torch.cat([v[c:] for v, (c, _, _) in zip(values, seqs)])
+    scale = D ** -0.5
+    for repeat in range(2):                                       # two steps over the same tables
+        step = paged.StepLayout.build(qsl, seq_lens, table, BS, HKV, positions, prefilling)
+        output = torch.full((T, HKV * G, D), float("nan"))
+        paged.attend(query, new_k, new_v, cache, output, step, rule, scale,
+                     prefill_rule=rule.as_dense() if dense_prefill else None)
+        for b, (c, q, prompt) in enumerate(seqs):
+            s, e = int(qsl[b]), int(qsl[b + 1])
+            n = c + q
+            used = rule.as_dense() if dense_prefill and c < prompt else rule   # prompt tokens of a dense-prefill plan
+            span = used.span(torch.tensor([n]))
+            ref = naive.sink_window_attention(query[s:e].transpose(0, 1)[None], keys[b].transpose(0, 1)[None],
+                                              values[b].transpose(0, 1)[None], torch.arange(c, n)[None],
+                                              torch.arange(n)[None, None], used.sink, span, scale)
+            torch.testing.assert_close(output[s:e], ref[0].transpose(0, 1), atol=2e-5, rtol=1e-4,
+                                       msg=f"step {repeat}, sequence {b}")
+
+
+def test_null_unread_nulls_what_kv_memory_says_no_query_reads():
+    """The tensor rule of ``paged.null_unread`` equals ``LayerKeep.unread_blocks`` row by row."""
+    import random
+
+    from headwise.integrations.vllm.kv_memory import layer_keep
+
+    rng = random.Random(5)
+    for rule_name in sorted(RULES):
+        heads = tuple(h for h in RULES[rule_name] if not h.kv_rule()[3])
+        for dense_prefill in (False, True):
+            keep = layer_keep(heads, dense_prefill)
+            rows = [(rng.randint(0, 3000), rng.choice([1, 1, 7, 256]), rng.random() < 0.5) for _ in range(64)]
+            q_lens = [q for _, q, _ in rows]
+            qsl = torch.tensor([0, *torch.tensor(q_lens).cumsum(0).tolist()])
+            seq_lens = torch.tensor([c + q for c, q, _ in rows])
+            M = -(-int(seq_lens.max()) // BS)
+            tables = torch.randint(1, 10_000, (len(rows) + 2, M), dtype=torch.int32)   # 2 padding rows
+            got = paged.null_unread(tables, qsl, seq_lens, torch.tensor([p for _, _, p in rows]), keep, BS)
+            assert got.dtype == tables.dtype and torch.equal(got[len(rows):], tables[len(rows):])
+            for b, (c, q, pre) in enumerate(rows):
+                first, last = keep.unread_blocks(c, c + q, pre, BS)
+                want = tables[b].clone()
+                want[first:max(first, last)] = paged.NULL_BLOCK
+                assert torch.equal(got[b], want), (rule_name, dense_prefill, c, q, pre)

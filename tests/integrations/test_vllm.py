@@ -3,8 +3,9 @@
 Every vLLM run is a subprocess (``vllm_run.py``) started once per configuration and shared by the
 tests of this module; its engine core runs in that process, so the blocks in use are read after
 every step. Equality runs disable prefix caching and give a token budget (8192) larger than all
-prompts together, so every prompt is prefilled in one step, as in the HF reference; the chunked run
-uses fixed windows (``beta = 0``), whose spans do not depend on the length.
+prompts together, so every prompt is prefilled in one step, as in the HF reference; the chunked runs
+use fixed windows (``beta = 0``, whose spans do not depend on the length) or a plan that prefills dense
+(its prompt tokens read every key).
 """
 
 from __future__ import annotations
@@ -129,19 +130,24 @@ def mixed_plan(config) -> Plan:
     return Plan(base.model, tuple(layers), {"method": "test-mixed"})
 
 
-@pytest.mark.xfail(strict=True, reason="known defect (2026-12-02): with KV freeing (SinkWindowSpec groups), a "
-                   "sparse-prefill plan's prompt prefilled in 256-token chunks beside other requests leaves the "
-                   "patched HF tokens (the 1500-token prompt, from its 3rd token; also with mixed layers not "
-                   "split); it passed at 26d2ae5, before KV freeing. docs/vllm.md, Limits.")
-def test_chunked_prefill_and_mixed_batches_equal_patched_hf(real_model, model_dir, tmp_path):
+@pytest.mark.parametrize("plan_name", ["mixed", "mixed, not split", D25])
+def test_chunked_prefill_and_mixed_batches_equal_patched_hf(real_model, model_dir, tmp_path, plan_name):
     """Token budget 256: the long prompts are prefilled in chunks beside other requests' decodes; the
-    all-window layers give blocks back while the other prompts are still being prefilled."""
+    all-window layers give blocks back while the other prompts are still being prefilled (mixed plan: it
+    prefills sparse) or once each prompt is in (d25: it prefills dense, elastic spans), and the pool hands
+    freed blocks to other requests while their ids stay in the worker's block table."""
     model, tokenizer = real_model
-    plan = mixed_plan(model.config)
-    path = tmp_path / "mixed.json"
-    plan.save(path)
+    extra = {}
+    if plan_name == D25:
+        plan = spec = D25
+    else:
+        plan = mixed_plan(model.config)
+        spec = str(tmp_path / "mixed.json")
+        plan.save(spec)
+        if plan_name == "mixed, not split":
+            extra = dict(additional_config={"headwise_split_heads": False})
     prompts = [prose_ids(tokenizer, 700, offset=5000), *short_prompts(tokenizer), prose_ids(tokenizer, 1500)]
-    got = run_vllm(model_dir, str(path), prompts, NEW, measure=True, max_num_batched_tokens=256, max_num_seqs=8)
+    got = run_vllm(model_dir, spec, prompts, NEW, measure=True, max_num_batched_tokens=256, max_num_seqs=8, **extra)
     assert "error" not in got, got["log"][-4000:]
     assert got["tokens"] == reference(model, plan, prompts)
     assert "SinkWindowSpec" in {name for _, name, _ in got["groups"]}

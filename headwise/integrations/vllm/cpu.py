@@ -56,6 +56,7 @@ class HeadwiseCPUMetadata(CPUAttentionMetadata):
 
     headwise_step: dict = field(default_factory=dict)
     headwise_positions: dict | None = None
+    headwise_prefilling: torch.Tensor | None = None     # [B] bool: vLLM's is_prefilling
 
     def step_layout(self, block_size: int, num_kv_heads: int) -> paged.StepLayout:
         key = (block_size, num_kv_heads)
@@ -64,7 +65,8 @@ class HeadwiseCPUMetadata(CPUAttentionMetadata):
             if self.headwise_positions is not None:
                 positions = self.headwise_positions.setdefault(key, paged.PositionBuffer())
             self.headwise_step[key] = paged.StepLayout.build(self.query_start_loc, self.seq_lens, self.block_table,
-                                                             block_size, num_kv_heads, positions)
+                                                             block_size, num_kv_heads, positions,
+                                                             self.headwise_prefilling)
         return self.headwise_step[key]
 
 
@@ -91,19 +93,27 @@ class HeadwiseCPUMetadataBuilder(CPUAttentionMetadataBuilder):
                         kv_cache_spec)
 
     def build(self, common_prefix_len, common_attn_metadata, fast_build: bool = False) -> HeadwiseCPUMetadata:
+        """vLLM's metadata plus headwise's; a ``SinkWindowSpec`` group's block table with its freed (and other
+        unread) entries nulled (``paged.null_unread``): vLLM keeps freed block ids in the worker's table."""
         from .kv_spec import SinkWindowSpec
 
+        m = common_attn_metadata
+        if m.is_prefilling is None:
+            raise RuntimeError("vLLM gave the attention metadata builder no is_prefilling; headwise's vLLM plugin "
+                               "needs vLLM 0.32's CommonAttentionMetadata (install the vLLM version it supports).")
+        prefilling = m.is_prefilling[:m.num_reqs]
         if isinstance(self.kv_cache_spec, SinkWindowSpec):
             # only headwise's attention reads these layers: no scheduler metadata for vLLM's kernel
-            m = common_attn_metadata
+            table = paged.null_unread(m.block_table_tensor, m.query_start_loc, m.seq_lens[:m.num_reqs], prefilling,
+                                      self.kv_cache_spec.keep, self.kv_cache_spec.block_size)
             return HeadwiseCPUMetadata(num_actual_tokens=m.num_actual_tokens, max_query_len=m.max_query_len,
                                        query_start_loc=m.query_start_loc, max_seq_len=m.max_seq_len,
-                                       seq_lens=m.seq_lens, block_table=m.block_table_tensor,
+                                       seq_lens=m.seq_lens, block_table=table,
                                        slot_mapping=m.slot_mapping, scheduler_metadata=None,
-                                       headwise_positions=self.headwise_positions)
+                                       headwise_positions=self.headwise_positions, headwise_prefilling=prefilling)
         base = super().build(common_prefix_len, common_attn_metadata, fast_build)
         return HeadwiseCPUMetadata(**{name: getattr(base, name) for name in base.__dataclass_fields__},
-                                   headwise_positions=self.headwise_positions)
+                                   headwise_positions=self.headwise_positions, headwise_prefilling=prefilling)
 
 
 class HeadwiseCPUImpl(PlanAttention, CPUAttentionBackendImpl):
@@ -122,6 +132,7 @@ class HeadwiseCPUImpl(PlanAttention, CPUAttentionBackendImpl):
         self.plan = active_plan(BACKEND)
         config = get_current_vllm_config()
         self.max_model_len = config.model_config.max_model_len
+        self.max_chunk = config.scheduler_config.max_num_batched_tokens
         check_layer(self.plan, num_heads, num_kv_heads, alibi_slopes, sliding_window, logits_soft_cap, attn_type,
                     kv_sharing_target_layer_name, sinks)
         self.split, self._part_impl = None, None
@@ -207,7 +218,7 @@ class HeadwiseCPUBackend(CPUAttentionBackend):
         if impl.split is not None:
             heads = impl.split.window.tolist()
             spec = replace(spec, num_kv_heads=len(heads), block_size=impl.split.window_block_size)
-        return plan_kv_spec(impl.plan, index, spec, impl.max_model_len, heads, impl.group_policy)
+        return plan_kv_spec(impl.plan, index, spec, impl.max_model_len, heads, impl.group_policy, impl.max_chunk)
 
     @staticmethod
     def get_impl_cls() -> type[CPUAttentionBackendImpl]:

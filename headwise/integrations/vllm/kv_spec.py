@@ -48,7 +48,8 @@ class SinkWindowSpec(AttentionSpec):
     """KV cache spec of layers whose KV heads all keep ``[0, sink)`` and a window (``kv_memory``).
 
     Page layout and size are those of any attention layer (``AttentionSpec``); ``sink``,
-    ``windows`` and ``prefill_dense`` say which blocks the manager may give back.
+    ``windows``, ``prefill_dense`` and ``max_chunk`` (the most tokens vLLM computes for a request in
+    one step) say which blocks the manager may give back.
     """
 
     sink: int
@@ -56,6 +57,7 @@ class SinkWindowSpec(AttentionSpec):
     prefill_dense: bool
     max_len: int
     group_policy: str = "same-blocks"
+    max_chunk: int = 1                          # vLLM's max_num_batched_tokens (kv_memory.LayerKeep.first_kept)
 
     @property
     def keep(self) -> LayerKeep:
@@ -84,15 +86,15 @@ class SinkWindowSpec(AttentionSpec):
         first = specs[0]
         assert all(getattr(s, name) == getattr(first, name) for s in specs for name in _ATTENTION_FIELDS), (
             "layers of one KV cache group must have the same page layout")
-        assert all((s.max_len, s.prefill_dense, s.group_policy) == (first.max_len, first.prefill_dense,
-                                                                   first.group_policy) for s in specs), (
-            "layers of one plan share its context, prefill mode and group policy")
+        assert all((s.max_len, s.prefill_dense, s.group_policy, s.max_chunk)
+                   == (first.max_len, first.prefill_dense, first.group_policy, first.max_chunk) for s in specs), (
+            "layers of one plan share its context, prefill mode, group policy and token budget")
         keep = first.keep
         for s in specs[1:]:
             keep = keep.union(s.keep)
         merged = cls(**{name: getattr(first, name) for name in _ATTENTION_FIELDS}, sink=keep.sink,
                      windows=keep.windows, prefill_dense=keep.prefill_dense, max_len=first.max_len,
-                     group_policy=first.group_policy)
+                     group_policy=first.group_policy, max_chunk=first.max_chunk)
         if first.group_policy == "same-blocks":
             assert all(s.kept_blocks() == merged.kept_blocks() for s in specs), "layers hold different block counts"
         return merged
@@ -109,17 +111,21 @@ class SinkWindowManager(FullAttentionManager):
     def __init__(self, kv_cache_spec: SinkWindowSpec, **kwargs) -> None:
         super().__init__(kv_cache_spec, **kwargs)
         self.keep = kv_cache_spec.keep
+        self.max_chunk = kv_cache_spec.max_chunk
 
     def remove_skipped_blocks(self, request_id: str, processed_computed_tokens: int,
                               num_prompt_tokens: int | None = None) -> None:
         """Free the request's blocks outside its sink and the windows of every query still to come.
 
         vLLM calls this before each allocation with the processed (committed) token count and the
-        prompt length; without a prompt length nothing is freed.
+        prompt length; without a prompt length nothing is freed. vLLM nulls the freed entries in this
+        manager's block table only: the worker's table keeps their ids, which headwise's attention nulls
+        itself every step (``paged.null_unread``).
         """
         if num_prompt_tokens is None:
             return
-        first, last = self.keep.free_blocks(processed_computed_tokens, num_prompt_tokens, self.block_size)
+        first, last = self.keep.free_blocks(processed_computed_tokens, num_prompt_tokens, self.block_size,
+                                            self.max_chunk)
         self._remove_blocks_in_range(request_id, first, last)
 
     @classmethod
@@ -138,7 +144,8 @@ def register_kv_spec() -> None:
 
 
 def plan_kv_spec(plan: Plan, layer_index: int, spec: AttentionSpec, max_len: int,
-                 heads: list[int] | None = None, group_policy: str = "same-blocks") -> AttentionSpec:
+                 heads: list[int] | None = None, group_policy: str = "same-blocks",
+                 max_chunk: int = 1) -> AttentionSpec:
     """The KV cache spec of layer ``layer_index`` under ``plan``.
 
     Args:
@@ -148,6 +155,7 @@ def plan_kv_spec(plan: Plan, layer_index: int, spec: AttentionSpec, max_len: int
         max_len: vLLM's ``max_model_len``.
         heads: the KV heads this spec holds (default all; ``split.py`` gives a layer's window heads).
         group_policy: which all-window layers may share a KV cache group (``GROUP_POLICIES``).
+        max_chunk: vLLM's ``max_num_batched_tokens`` (the most tokens of a request one step computes).
 
     Returns:
         A ``SinkWindowSpec`` with the same pages when every KV head of the layer keeps a sink and a
@@ -160,4 +168,4 @@ def plan_kv_spec(plan: Plan, layer_index: int, spec: AttentionSpec, max_len: int
         return spec
     return SinkWindowSpec(**{name: getattr(spec, name) for name in _ATTENTION_FIELDS}, sink=keep.sink,
                           windows=keep.windows, prefill_dense=keep.prefill_dense, max_len=max_len,
-                          group_policy=group_policy)
+                          group_policy=group_policy, max_chunk=max_chunk)

@@ -26,14 +26,17 @@ query of the step, as ``headwise.patch_model`` without ``expected_length``.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from ...kernels.paged_decode import native, paged_decode
 from ...kernels.paged_decode.naive import gather_pages
 from ...kernels.sink_window import sink_window_attention
 from ...patches.runtime import LayerRule
+from .kv_memory import LayerKeep
 
 
 #: vLLM's null block: the block id a block table holds where the KV manager gave a block back
@@ -89,7 +92,7 @@ def pools(kv_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 @dataclass
 class Prefill:
-    """One sequence of the step with more than one query token.
+    """One sequence of the step with more than one query token, or a one-token prompt chunk.
 
     ``start:end`` are its tokens in the step's flattened ``[T, ...]`` tensors, ``context`` the
     tokens it had before this step, ``length`` its length after it.
@@ -128,18 +131,23 @@ class StepLayout:
 
     @classmethod
     def build(cls, query_start_loc: torch.Tensor, seq_lens: torch.Tensor, block_table: torch.Tensor,
-              block_size: int, num_kv_heads: int, positions: "PositionBuffer | None" = None) -> "StepLayout":
+              block_size: int, num_kv_heads: int, positions: "PositionBuffer | None" = None,
+              prefilling: torch.Tensor | None = None) -> "StepLayout":
         """From vLLM's ``query_start_loc [B+1]``, ``seq_lens [B]`` and ``block_table [B, M]``;
-        ``positions``: the group's buffer kept across steps (default: a fresh pool)."""
+        ``positions``: the group's buffer kept across steps (default: a fresh pool); ``prefilling``:
+        ``[B]`` bool, vLLM's ``is_prefilling``: a one-token prompt chunk (the last token of a prompt
+        the token budget cut there) is a prefill, read by the prefill rule (default: every one-token
+        row is a decode)."""
         B = seq_lens.shape[0]
         starts = query_start_loc[:B + 1].tolist()
         lengths = seq_lens[:B].tolist()
+        in_prompt = prefilling[:B].tolist() if prefilling is not None else [False] * B
         decode_rows, prefills = [], []
         for b in range(B):
             q_len = starts[b + 1] - starts[b]
-            if q_len == 1:
+            if q_len == 1 and not in_prompt[b]:
                 decode_rows.append(b)
-            elif q_len > 1:
+            elif q_len >= 1:
                 prefills.append(Prefill(b, starts[b], starts[b + 1], lengths[b] - q_len, lengths[b]))
         rows = torch.tensor(decode_rows, dtype=torch.long, device=seq_lens.device)
         return cls(block_size, num_kv_heads, block_table[:B], seq_lens[:B].long(), rows,
@@ -210,6 +218,62 @@ class PositionBuffer:
                 self.pos.index_copy_(0, rows, values[:, None, :].expand(-1, Hkv, bs).reshape(-1, bs))
                 self.stamp.index_copy_(0, blocks, stamp[changed])
         return self.pos
+
+
+def null_unread(block_table: torch.Tensor, query_start_loc: torch.Tensor, seq_lens: torch.Tensor,
+                prefilling: torch.Tensor, keep: LayerKeep, block_size: int) -> torch.Tensor:
+    """A copy of a ``SinkWindowSpec`` group's block table with ``NULL_BLOCK`` where no query of the step reads.
+
+    vLLM nulls the blocks its KV manager frees only in the scheduler's copy of a block table; the
+    worker's copy (this one) keeps their ids, which the pool may have handed to another request or KV
+    cache group. Reading such an entry reads another sequence's keys; filling positions for it
+    overwrites the new holder's. Every block the manager may have freed lies past the sink blocks and
+    before the block of ``kv_memory.LayerKeep.first_read`` (the first position any query of this step
+    reads), so nulling that range drops every freed entry and nothing the step reads.
+
+    Args:
+        block_table: ``[B', M]`` int vLLM block table (``B' >= B``; rows past ``B`` are returned as they are).
+        query_start_loc: ``[B + 1]`` int; seq_lens: ``[B]`` int lengths after the step;
+        prefilling: ``[B]`` bool, vLLM's ``is_prefilling`` (tokens before the step ``<`` prompt length).
+        keep: the group's ``kv_memory.LayerKeep``; block_size: tokens per block.
+
+    Returns:
+        ``[B', M]`` a new tensor of ``block_table``'s dtype.
+    """
+    # numpy on the host: called once per KV cache group per step (41 groups for d25), where ~20 small torch
+    # ops cost ~0.2 ms a call (measured) and numpy's ~0.03 ms
+    B = seq_lens.shape[0]
+    n = seq_lens.cpu().numpy().astype(np.int64)
+    starts = query_start_loc.cpu().numpy().astype(np.int64)
+    pre = prefilling[:B].cpu().numpy().astype(bool)
+    context = n - (starts[1:B + 1] - starts[:B])
+    alpha, beta, floor = _window_arrays(keep.windows)
+    at = np.where(pre, n, context + 1).astype(np.float64)[:, None]                      # [B, 1] span's N
+    span = np.maximum(np.floor(alpha + beta * at), floor).clip(min=1.0)                  # [B, W] span_of
+    span = np.minimum(span, at).clip(min=1.0).max(axis=1).astype(np.int64)               # [B]
+    first = (context + 1 - span).clip(min=0)
+    if keep.prefill_dense:
+        first = np.where(pre, 0, first)
+    last = first // block_size
+    lo = -(-keep.sink // block_size)
+    if not B or int(last.max()) <= lo:
+        return block_table.clone()
+    j = np.arange(block_table.shape[1])
+    keep_entry = (j[None, :] < lo) | (j[None, :] >= last[:, None])                       # [B, M]
+    if block_table.device.type == "cpu":
+        table = block_table.numpy()
+        out = np.concatenate([np.where(keep_entry, table[:B], NULL_BLOCK).astype(table.dtype), table[B:]])
+        return torch.from_numpy(out)
+    out = block_table.clone()
+    out[:B] = torch.where(torch.from_numpy(keep_entry).to(out.device), out[:B], NULL_BLOCK)
+    return out
+
+
+@functools.lru_cache(maxsize=None)
+def _window_arrays(windows: tuple[tuple[float, ...], ...]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(alpha, beta, min_span)`` of ``LayerKeep.windows`` as float64 arrays ``[W]``."""
+    return (np.array([w[0] for w in windows], dtype=np.float64), np.array([w[1] for w in windows], dtype=np.float64),
+            np.array([w[2] if len(w) > 2 else 0 for w in windows], dtype=np.float64))
 
 
 def head_groups(rule: LayerRule) -> list[list[int]]:
