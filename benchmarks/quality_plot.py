@@ -114,7 +114,7 @@ def parse_series(specs: list[str], kept: dict) -> dict[str, list[str]]:
         return {"uniform sink + window": uniform, "calibrated": [n for n in kept if n not in uniform]}
     series = {}
     for spec in specs:
-        label, sep, names = spec.partition("=")
+        label, sep, names = spec.rpartition("=")   # a label may hold "=", a plan name does not
         if not sep or not names.strip():
             raise SystemExit(f"--series takes LABEL=plan,plan,...; got {spec!r}.")
         plans = [n.strip() for n in names.split(",") if n.strip()]

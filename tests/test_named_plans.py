@@ -60,7 +60,7 @@ def test_plan_list_prints_every_shipped_plan(capsys):
     out = capsys.readouterr().out
     for p in shipped():
         assert p.name in out
-    assert "16 dense, 74 window" in out                 # d25's heads by kind
+    assert "8 dense, 82 window" in out                  # d25's heads by kind
 
 
 def test_plan_show_takes_a_name_and_draws_the_heatmap_here(tmp_path, monkeypatch, capsys):
