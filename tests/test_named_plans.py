@@ -24,7 +24,8 @@ def test_every_shipped_plan_is_named_after_a_registry_model():
     from headwise.models import MODELS
 
     plans = shipped()
-    assert {"smollm2-135m-d25", "smollm2-135m-d50", "qwen2.5-coder-0.5b-d25"} <= {p.name for p in plans}
+    assert {"smollm2-135m-d25", "smollm2-135m-d50", "qwen2.5-coder-0.5b-d25", "qwen2.5-coder-0.5b-d50"} <= \
+        {p.name for p in plans}
     for p in plans:
         assert p.model in MODELS, f"{p.name}: {p.model!r} is not a headwise.models name"
         assert p.model_name == MODELS[p.model].display_name
@@ -35,7 +36,7 @@ def test_every_shipped_plan_is_named_after_a_registry_model():
 def test_a_full_name_loads_without_a_model_and_a_short_name_needs_it_only_when_ambiguous():
     path = locate("smollm2-135m-d25")
     assert path == PLANS_DIR / "smollm2-135m-d25.json"
-    assert locate("d50") == PLANS_DIR / "smollm2-135m-d50.json"      # one model has a d50 today
+    assert locate("moh0.75") == PLANS_DIR / "smollm2-135m-moh0.75.json"      # one model has MoH plans today
     with pytest.raises(PlanError, match=r"^shipped plan name 'd25' matches qwen2.5-coder-0.5b-d25, "
                                         r"smollm2-135m-d25; give the full name\.$"):
         locate("d25")                                  # two models have a d25: the model decides

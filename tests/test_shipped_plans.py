@@ -79,7 +79,7 @@ def test_every_v3_plan_keeps_its_density_at_every_budget_length_up_to_its_model_
         assert plan.density(n) == pytest.approx(budget["density"][str(n)])
 
 
-def test_the_qwen_d25_is_shipped_with_its_heatmap_and_keeps_25_percent_from_4k_to_32k():
+def test_the_qwen_plans_are_shipped_with_their_heatmaps_and_keep_their_density_from_4k_to_32k():
     from headwise.plan import load_plan
 
     path = PLANS / "qwen2.5-coder-0.5b-d25.json"
@@ -90,3 +90,6 @@ def test_the_qwen_d25_is_shipped_with_its_heatmap_and_keeps_25_percent_from_4k_t
     assert plan.prefill == "dense"
     for n in (4096, 8192, 16384, 32768):
         assert abs(plan.density(n) - 0.25) <= 0.0025, (n, plan.density(n))
+    d50 = load_plan(PLANS / "qwen2.5-coder-0.5b-d50.json")               # the same profile and gates, re-solved
+    assert d50.calibration["long_heads"]["gates"] == plan.calibration["long_heads"]["gates"]
+    assert all(abs(d50.density(n) - 0.50) <= 0.005 for n in (4096, 8192, 16384, 32768))
