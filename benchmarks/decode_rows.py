@@ -2,6 +2,7 @@
 
     python benchmarks/decode_rows.py --out DIR [--settings 4096x4] [--decode-tokens 32]
         [--rows engine-dense,engine-d25,vllm] [--dtypes float32,bfloat16] [--checkout NAME=PATH ...]
+        [--model NAME]
 
 Each checkout (default: this one, as ``after``) runs ``PATH/benchmarks/decode.py --rows ROW --dtype D
 --json DIR/NAME-ROW-D.json`` with ``PYTHONPATH=PATH``, rows interleaved across checkouts, so a
@@ -31,6 +32,8 @@ def main() -> None:
     parser.add_argument("--dtypes", default="float32,bfloat16")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--checkout", action="append", default=None, metavar="NAME=PATH")
+    parser.add_argument("--model", default=None, help="model name (headwise model list) or local checkpoint folder, "
+                        "passed to every row (default: the embedded SmolLM2)")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -47,6 +50,8 @@ def main() -> None:
                 cmd = [sys.executable, str(Path(path) / "benchmarks" / "decode.py"), "--settings", args.settings,
                        "--decode-tokens", str(args.decode_tokens), "--rows", row, "--dtype", dtype,
                        "--threads", str(args.threads), "--json", str(target)]
+                if args.model:
+                    cmd += ["--model", args.model]
                 print(f"== {tag} {row} {dtype}: {' '.join(cmd[1:])}", flush=True)
                 subprocess.run(cmd, env=dict(os.environ, PYTHONPATH=path), check=False)
                 if target.is_file():

@@ -1,4 +1,4 @@
-"""Calibrated plans vs dense vs uniform sink + window at equal density, on the embedded SmolLM2.
+"""Calibrated plans vs dense vs uniform sink + window at equal density, on the embedded SmolLM2 (or ``--model``).
 
 Retrieval: passkey and multi-key needle-in-a-haystack (headwise.eval.tasks generators), greedy,
 correct when the answer appears in the output. Perplexity: real-prose documents
@@ -290,7 +290,7 @@ def perplexity_trial(model, tokenizer, text: str, plans: dict, modes: list[str],
         nll = torch.nn.functional.cross_entropy(logits[0, :-1].float(), ids[0, 1:], reduction="none")
         return [float(nll[half - 1:].sum()), int(nll[half - 1:].numel())]
 
-    rows = {"dense": second_half(model(input_ids=ids, use_cache=False).logits)} if wanted("dense") else {}
+    rows = {"dense": dense_second_half(model, ids, half, chunk)} if wanted("dense") else {}
     shared = ("dense" in modes or "ctx" in modes) and any(wanted(f"{name} | dense") for name in plans)
     if shared:                                  # the shared dense prefill of the first half
         first = model(input_ids=ids[:, :half], use_cache=True, logits_to_keep=1)
@@ -320,6 +320,22 @@ def perplexity_trial(model, tokenizer, text: str, plans: dict, modes: list[str],
             finally:
                 unpatch_model(model)
     return rows
+
+
+def dense_second_half(model, ids: torch.Tensor, half: int, chunk: int) -> list:
+    """``[summed NLL, tokens]`` of the unpatched model over ``ids[0, half:]`` (``ids`` ``[1, P]``): one
+    forward of the decoder, the output head applied ``chunk`` positions at a time, so the logits held
+    are ``chunk x V``, not ``P x V`` (Qwen2.5's 151,936-token vocabulary at 16k would be 9.7 GB)."""
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else model.model
+    hidden = decoder(input_ids=ids, use_cache=False).last_hidden_state          # [1, P, hidden]
+    head = model.get_output_embeddings()
+    total, count = 0.0, 0
+    for start in range(half - 1, ids.shape[1] - 1, chunk):                       # position p predicts token p + 1
+        stop = min(start + chunk, ids.shape[1] - 1)
+        logits = head(hidden[0, start:stop]).float()
+        total += float(torch.nn.functional.cross_entropy(logits, ids[0, start + 1:stop + 1], reduction="sum"))
+        count += stop - start
+    return [total, count]
 
 
 def check_dense_mode(model, tokenizer, plan, prompt: str, budget: int) -> None:
@@ -420,6 +436,9 @@ def main() -> None:
                         "patch_model(prefill='dense') on one prompt")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--model", default=None, help="model name (headwise model list) or local checkpoint folder "
+                        "(default: the embedded SmolLM2); its results are keyed by its name in --cache, so one "
+                        "cache file may hold several models")
     args = parser.parse_args()
     info = provenance()
     print(provenance_line(info))
@@ -429,11 +448,12 @@ def main() -> None:
     from headwise import load_model, load_plan
     from headwise.eval import tasks as eval_tasks
     from headwise.eval.taskfiles import KINDS
-    from headwise.plan import Plan
+    from headwise.plan import ModelInfo, Plan
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    model, tokenizer = load_model()
+    model, tokenizer = load_model(args.model)
+    model_name = ModelInfo.of(model).name
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     if any(m not in MODES for m in modes):
         raise SystemExit(f"--modes takes names from {', '.join(MODES)}, got {args.modes!r}.")
@@ -460,7 +480,9 @@ def main() -> None:
                          eval_tasks.generate("passkey", tokenizer, lengths[0], 1, args.seed)[0].prompt, 12)
 
     rows = ["dense"] + [f"{name} | {mode}" for name in plans for mode in modes]
-    row_key = lambda row: "dense" if row == "dense" else f"{keys[row.split(' | ')[0]]}|{row.split(' | ')[1]}"  # noqa: E731
+    # the embedded model's keys carry no model name (caches written before --model stay valid)
+    tag = "" if args.model is None else f"{model_name}|"
+    row_key = lambda row: tag + ("dense" if row == "dense" else f"{keys[row.split(' | ')[0]]}|{row.split(' | ')[1]}")  # noqa: E731
     with torch.no_grad():                           # warm-up: the first forward pays one-time setup costs
         model(input_ids=torch.ones(1, 64, dtype=torch.long), use_cache=False, logits_to_keep=1)
     started = time.perf_counter()
@@ -505,7 +527,7 @@ def main() -> None:
                 times = [v["prefill_s"] for v in found.values() if isinstance(v, dict) and "prefill_s" in v]
                 if times:
                     prefill.setdefault((r, n), []).extend(times)
-    print(f"\nSmolLM2-135M-Instruct, uniform densities {', '.join(f'{d:g}' for d in densities) or '-'}; "
+    print(f"\n{model_name}, uniform densities {', '.join(f'{d:g}' for d in densities) or '-'}; "
           f"plans {args.plan}; retrieval trials per length "
           f"{trials}, perplexity documents {docs}; {seconds:.0f} s this run\n")
     def show(r: str, kind: str, n: int) -> str:

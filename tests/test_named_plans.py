@@ -24,7 +24,8 @@ def test_every_shipped_plan_is_named_after_a_registry_model():
     from headwise.models import MODELS
 
     plans = shipped()
-    assert {"smollm2-135m-d25", "smollm2-135m-d50"} <= {p.name for p in plans}
+    assert {"smollm2-135m-d25", "smollm2-135m-d50", "qwen2.5-coder-0.5b-d25", "qwen2.5-coder-0.5b-d50"} <= \
+        {p.name for p in plans}
     for p in plans:
         assert p.model in MODELS, f"{p.name}: {p.model!r} is not a headwise.models name"
         assert p.model_name == MODELS[p.model].display_name
@@ -35,21 +36,29 @@ def test_every_shipped_plan_is_named_after_a_registry_model():
 def test_a_full_name_loads_without_a_model_and_a_short_name_needs_it_only_when_ambiguous():
     path = locate("smollm2-135m-d25")
     assert path == PLANS_DIR / "smollm2-135m-d25.json"
-    assert locate("d25") == path                       # one model has a d25 today
+    assert locate("moh0.75") == PLANS_DIR / "smollm2-135m-moh0.75.json"      # one model has MoH plans today
+    with pytest.raises(PlanError, match=r"^shipped plan name 'd25' matches qwen2.5-coder-0.5b-d25, "
+                                        r"smollm2-135m-d25; give the full name\.$"):
+        locate("d25")                                  # two models have a d25: the model decides
+    by_name = {p.name: p for p in shipped()}
+    assert locate("d25", fingerprint=by_name["smollm2-135m-d25"].fingerprint) == path
+    assert locate("d25", fingerprint=by_name["qwen2.5-coder-0.5b-d25"].fingerprint) == \
+        PLANS_DIR / "qwen2.5-coder-0.5b-d25.json"
     assert locate("no-such-plan") is None
     assert load_plan("smollm2-135m-moh0.5").weights    # fitted tensors found beside the packaged JSON
 
 
 def test_a_short_name_is_refused_in_one_sentence_for_another_model(llama):
-    with pytest.raises(PlanError, match=r"^shipped plan 'd25' is calibrated for smollm2-135m "
-                                        r"\(SmolLM2-135M-Instruct\), not for .*; calibrate a plan for this model"):
+    with pytest.raises(PlanError, match=r"^shipped plan 'd25' is calibrated for qwen2.5-coder-0.5b "
+                                        r"\(Qwen2.5-Coder-0.5B-Instruct\), smollm2-135m \(SmolLM2-135M-Instruct\), "
+                                        r"not for .*; calibrate a plan for this model"):
         Plan.from_spec("d25", llama)
     with pytest.raises(PlanError, match="calibrated for smollm2-135m"):
         load_plan("smollm2-135m-d50", llama)
 
 
 def test_an_unknown_name_lists_the_shipped_plans(llama):
-    with pytest.raises(PlanError, match=r"does not exist \(shipped plans: smollm2-135m-d25, "):
+    with pytest.raises(PlanError, match=r"does not exist \(shipped plans: qwen2.5-coder-0.5b-d25, (\S+, )*smollm2-135m-d25, "):
         Plan.from_spec("d26", llama)
 
 
@@ -67,7 +76,7 @@ def test_plan_show_takes_a_name_and_draws_the_heatmap_here(tmp_path, monkeypatch
     from headwise.cli import main
 
     monkeypatch.chdir(tmp_path)
-    assert main(["plan", "show", "d25", "--lengths", "2048,4096"]) == 0
+    assert main(["plan", "show", "smollm2-135m-d25", "--lengths", "2048,4096"]) == 0
     assert "0.252" in capsys.readouterr().out           # d25 keeps 25% (+-1%) at 2k
     assert (tmp_path / "smollm2-135m-d25.png").is_file()
 
@@ -145,7 +154,7 @@ def test_the_wheel_carries_the_named_plans(tmp_path):
     subprocess.run([sys.executable, "-m", "pip", "--python", str(python), "install", "--no-deps", "-q", str(wheel)],
                    check=True, env=env)
     script = ("import headwise, json; from headwise import load_plan; from headwise.plans import shipped; "
-              "d25 = load_plan('d25'); moh = load_plan('smollm2-135m-moh0.75'); "
+              "d25 = load_plan('smollm2-135m-d25'); moh = load_plan('smollm2-135m-moh0.75'); "
               "print(json.dumps({'file': headwise.__file__, 'names': [p.name for p in shipped()], "
               "'d25': round(d25.density(2048), 4), 'moh_tensors': len(moh.weights)}))")
     run = subprocess.run([str(python), "-c", script], capture_output=True, text=True, env=env, cwd=tmp_path)

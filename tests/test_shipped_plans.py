@@ -55,3 +55,41 @@ def test_moh_plans_refit_bit_for_bit_with_their_command(tmp_path):
         worst = {name: float((got[name] - want[name]).abs().max() / want[name].abs().max().clamp_min(1e-12))
                  for name in want}
         assert max(worst.values()) <= 1e-3, sorted(worst.items(), key=lambda kv: -kv[1])[:5]
+
+
+V3 = [p for p in sorted(PLANS.glob("*.json"))
+      if (json.loads(p.read_text())["calibration"].get("budget") or {}).get("tolerance") is not None]
+
+
+@pytest.mark.parametrize("path", V3, ids=[p.stem for p in V3])
+def test_every_v3_plan_keeps_its_density_at_every_budget_length_up_to_its_model_context(path):
+    """A shipped calibrator-v3 plan (a budget tolerance recorded) keeps ``density * N`` of the KV within
+    the tolerance at every budget length from ``strict_from`` on, recomputed from its heads (no model
+    needed), and its budget lengths reach the context of the model it was made for (32k for Qwen2.5)."""
+    from headwise.plan import load_plan
+
+    plan = load_plan(path)
+    budget = plan.calibration["budget"]
+    density, tolerance = plan.calibration["density"], budget["tolerance"]
+    assert max(budget["lengths"]) == plan.model.max_length
+    checked = [n for n in budget["lengths"] if n >= budget["strict_from"]]
+    assert len(checked) >= 3
+    for n in checked:
+        assert abs(plan.density(n) / density - 1.0) <= tolerance + 1e-9, (n, plan.density(n))
+        assert plan.density(n) == pytest.approx(budget["density"][str(n)])
+
+
+def test_the_qwen_plans_are_shipped_with_their_heatmaps_and_keep_their_density_from_4k_to_32k():
+    from headwise.plan import load_plan
+
+    path = PLANS / "qwen2.5-coder-0.5b-d25.json"
+    plan = load_plan(path)
+    assert path.with_suffix(".png").is_file()
+    assert (plan.model.name, plan.model.num_layers, plan.model.num_kv_heads, plan.model.max_length) == \
+        ("Qwen2.5-Coder-0.5B-Instruct", 24, 2, 32768)
+    assert plan.prefill == "dense"
+    for n in (4096, 8192, 16384, 32768):
+        assert abs(plan.density(n) - 0.25) <= 0.0025, (n, plan.density(n))
+    d50 = load_plan(PLANS / "qwen2.5-coder-0.5b-d50.json")               # the same profile and gates, re-solved
+    assert d50.calibration["long_heads"]["gates"] == plan.calibration["long_heads"]["gates"]
+    assert all(abs(d50.density(n) - 0.50) <= 0.005 for n in (4096, 8192, 16384, 32768))

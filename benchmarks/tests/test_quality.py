@@ -127,6 +127,23 @@ def test_dense_mode_perplexity_does_not_depend_on_the_chunk(tiny):
     assert abs(one["u | dense"][0] - whole["u | dense"][0]) < 1e-3 * abs(one["u | dense"][0])
 
 
+def test_dense_perplexity_applies_the_output_head_in_chunks_with_the_full_forward_result(tiny):
+    """The dense row's NLL (decoder once, output head ``chunk`` positions at a time, so a 152k-token
+    vocabulary at 16k does not hold ``P x V`` logits) is the whole-logits NLL of the second half."""
+    model, tok = tiny
+    ids = tok(PROMPT, return_tensors="pt", add_special_tokens=False).input_ids
+    half = (ids.shape[1] - 1) // 2 + 1
+    with torch.no_grad():
+        nll = torch.nn.functional.cross_entropy(model(input_ids=ids).logits[0, :-1].float(), ids[0, 1:],
+                                                reduction="none")[half - 1:]
+        for chunk in (1, 7, 4096):
+            total, count = bench.dense_second_half(model, ids, half, chunk)
+            assert count == nll.numel() == ids.shape[1] - half
+            assert abs(total - float(nll.sum())) <= 1e-4 * float(nll.sum())
+        assert bench.perplexity_trial(model, tok, PROMPT, {}, ["dense"], 16)["dense"] == \
+            bench.dense_second_half(model, ids, half, 16)
+
+
 def test_targets_compare_rows_on_the_prompts_they_share():
     """A row with more trials (dense) does not skew the comparison: only prompts every row has count."""
     ok = lambda *flags: {i: {"ok": f} for i, f in enumerate(flags)}   # noqa: E731
