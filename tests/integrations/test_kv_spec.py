@@ -93,11 +93,15 @@ def test_plan_specs_split_d25_and_vllm_groups_them(config):
     hf = AutoConfig.from_pretrained(embedded_model_dir(), local_files_only=True)
     plan = Plan.from_spec("smollm2-135m-d25", hf)
     specs = plan_specs(plan, 128, torch.float32, 8192)
+    kinds = [{head.kind for head in layer} for layer in plan.layers]
+    mixed = sum(k == {"dense", "window"} for k in kinds)
+    assert mixed >= 1                                             # the shipped d25 mixes dense and window heads
     parts = [name for name in specs if name.endswith(".headwise_dense")]
-    assert len(parts) == 11 and len(specs) == 41                  # 11 layers mix dense and window heads
-    assert {specs[p].block_size for p in parts} == {192, 384}
+    assert len(parts) == mixed and len(specs) == 30 + mixed      # each mixed layer becomes two groups
+    assert {specs[p].block_size for p in parts} <= {192, 384}     # 1 or 2 of 3 KV heads: 3x or 1.5x the block
     assert len({s.page_size_bytes for s in specs.values()}) == 1  # every page a whole layer's bytes
     groups = get_kv_cache_groups(config, dict(specs))
-    assert sum(len(g.layer_names) for g in groups) == 41
+    assert sum(len(g.layer_names) for g in groups) == 30 + mixed
     whole = plan_specs(plan, 128, torch.float32, 8192, split=False)
-    assert len(whole) == 30 and sum(isinstance(s, SinkWindowSpec) for s in whole.values()) == 19
+    window_only = sum(k == {"window"} for k in kinds)
+    assert len(whole) == 30 and sum(isinstance(s, SinkWindowSpec) for s in whole.values()) == window_only
