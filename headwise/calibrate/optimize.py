@@ -359,7 +359,7 @@ def optimize(profiles: dict, model_info: ModelInfo, density: float, candidates: 
     allowed = None
     if elastic_heads is not None:
         checked = [n for n in budgeted if n >= (strict_from or min(budgeted))]
-        long_enough = np.array([all(c.kept(n) >= elastic_share * n for n in checked) for c in candidates])
+        long_enough = np.all([kept[n] >= elastic_share * n for n in checked], axis=0)           # [C]
         if not long_enough.any():
             raise ValueError(f"no candidate keeps {elastic_share:g} of N at {checked}; lower the elastic share.")
         allowed = np.ones((*np.shape(elastic_heads), len(candidates)), dtype=bool)
