@@ -50,7 +50,6 @@ import json
 import math
 import sys
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 if __name__ == "__main__" and not __package__:   # python benchmarks/quality.py: this checkout first
@@ -60,6 +59,7 @@ import torch  # noqa: E402
 
 from benchmarks.common import (SHIPPED_D25, ResultStore, per_length, plan_key, provenance,  # noqa: E402
                                provenance_line, spread_rank)
+from headwise.patches.prefilled import continuation_nll, decode_rule, kv_of, plan_cache  # noqa: E402,F401
 
 QUESTION_MARK = "\n\nWhat is"        # where the question of the passkey and niah prompts starts
 MODES = ("sparse", "dense", "ctx")
@@ -77,51 +77,6 @@ def split_at_question(tokenizer, prompt: str) -> tuple[torch.Tensor, int]:
     ends = enc.offset_mapping[0, :, 1]
     context = int((ends <= cut).sum())
     return enc.input_ids, context
-
-
-def kv_of(cache) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Per layer ``(keys, values)`` ``[1, Hkv, T, D]`` of a plain (dense) HF cache."""
-    return [(layer.keys, layer.values) for layer in cache.layers]
-
-
-def plan_cache(model, kv: list[tuple[torch.Tensor, torch.Tensor]]):
-    """A headwise cache holding, per head, what the patched ``model``'s plan keeps of the dense
-    ``kv`` (positions ``0..T-1``): the runtime's own compaction after a dense prefill."""
-    from transformers.cache_utils import DynamicCache
-
-    from headwise.patches.cache import install_layers
-    from headwise.patches.runtime import forward_info
-
-    runtime = model._headwise["runtime"]
-    cache = DynamicCache()
-    install_layers(cache, runtime)
-    length = kv[0][0].shape[-2]
-    runtime.begin_forward(forward_info(None, 1, length, 0, kv[0][0].device))
-    for i, (layer, (keys, values)) in enumerate(zip(cache.layers, kv)):
-        passed_keys, passed_values = layer.update(keys, values)
-        fold_states(runtime, i, passed_keys, passed_values)
-    return cache
-
-
-def fold_states(runtime, layer_idx: int, keys: torch.Tensor, values: torch.Tensor) -> None:
-    """Fold a dense prefill's ``keys``/``values`` ``[1, Hkv, T, D]`` (the whole prompt) into the
-    recurrent states of layer ``layer_idx``'s state-holding groups (``lightning``, ``hybrid``), as
-    their ``attention`` does in a ``prefill="dense"`` forward (``fold``: the state without outputs)."""
-    from headwise.kinds.call import AttentionCall
-
-    kinds = runtime.layers[layer_idx]
-    groups = [g for g in kinds.groups if g.state_key is not None]
-    if not groups:
-        return
-    info = runtime.forward()
-    call = AttentionCall(module=None, query_pos=info.query_pos, key_pos=runtime.key_pos[layer_idx],
-                         lengths=runtime.effective_lengths(info.lengths), scale=keys.shape[-1] ** -0.5,
-                         backend=runtime.backend, dense_prefill=True,
-                         new_keys=keys, new_values=values, states=runtime.states[layer_idx])
-    for group in groups:
-        index = torch.tensor(group.heads)
-        group.fold(keys.index_select(1, index), values.index_select(1, index),
-                   call.for_heads(list(group.heads), kinds.num_kv_heads))
 
 
 @torch.no_grad()
@@ -142,18 +97,6 @@ def greedy_from(model, cache, logits: torch.Tensor, prefix: list[int], budget: i
         token = logits[:, -1:].argmax(-1)
         out.append(int(token))
     return out
-
-
-@contextmanager
-def decode_rule(model):
-    """Inside, a multi-token forward of the patched ``model`` reads per query only what the plan lets a
-    decode step read (its sink + window), not everything kept as a dense-prefill forward does."""
-    runtime = model._headwise["runtime"]
-    before, runtime.prefill = runtime.prefill, "sparse"
-    try:
-        yield
-    finally:
-        runtime.prefill = before
 
 
 @torch.no_grad()
@@ -279,7 +222,7 @@ def perplexity_trial(model, tokenizer, text: str, plans: dict, modes: list[str],
     """Summed NLL and count over the second half of ``text`` for dense and every plan:
     ``{row name: [nll, tokens]}`` (the ``dense`` mode row stands for ``ctx`` too); with ``need``,
     only those rows."""
-    from headwise import expected_length, patch_model, unpatch_model
+    from headwise import patch_model, unpatch_model
 
     wanted = (lambda row: True) if need is None else need.__contains__  # noqa: E731
 
@@ -305,17 +248,7 @@ def perplexity_trial(model, tokenizer, text: str, plans: dict, modes: list[str],
         if shared and wanted(f"{name} | dense"):
             patch_model(model, spec, prefill="dense")
             try:
-                cache, prev, total, count = plan_cache(model, first_kv), last, 0.0, 0
-                for start in range(half, ids.shape[1], chunk):
-                    piece = ids[:, start:start + chunk]
-                    # every token reads what a decode step would (N = the document's length, as a
-                    # generation whose target length is known): the result does not depend on the chunk
-                    with expected_length(model, ids.shape[1]), decode_rule(model):
-                        logits = model(input_ids=piece, past_key_values=cache, use_cache=True).logits
-                    scored = torch.cat([prev, logits[:, :-1]], 1).float()
-                    total += float(torch.nn.functional.cross_entropy(scored[0], piece[0], reduction="sum"))
-                    count += piece.shape[1]
-                    prev = logits[:, -1:]
+                total, count = continuation_nll(model, first_kv, last, ids[:, half:], ids.shape[1], chunk)
                 rows[f"{name} | dense"] = [total, count]
             finally:
                 unpatch_model(model)
