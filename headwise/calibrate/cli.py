@@ -10,6 +10,7 @@ same model, data and lengths only re-solves the MILP.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import time
 from pathlib import Path
@@ -101,6 +102,15 @@ def register(subparsers) -> None:
                         "a long elastic span of at least --elastic-share of N instead of a short window")
     p.add_argument("--elastic-share", type=float, default=0.5,
                    help="least share of N each --elastic-heads head keeps at every budget length from --strict-from")
+    p.add_argument("--select", default=None, metavar="L:E,...",
+                   help="v3 approach ii: solve one plan per LONG:ELASTIC split of --long-heads / --elastic-heads "
+                        "(e.g. 8:0,4:4,2:6) and keep the one with the lowest validation score: the excess NLL over "
+                        "dense on held-out recall, summary and prose samples (needs --method gates)")
+    p.add_argument("--validation-samples", type=int, default=4,
+                   help="--select: held-out calibration samples (recall and summary alternating; half as many prose "
+                        "passages are added)")
+    p.add_argument("--validation-length", type=int, default=None,
+                   help="--select: tokens per held-out sample (default: the held-out profile length)")
     p.add_argument("--gates-from", default=None, metavar="PLAN",
                    help="v2: take the gates recorded in this plan (made by --method gates for the same model) "
                         "instead of training them, e.g. to re-solve a shipped plan at other densities")
@@ -154,6 +164,9 @@ def run(args) -> int:
         raise SystemExit("--elastic-heads takes the heads ranked by the gates; add --method gates.")
     if not 0.0 < args.elastic_share <= 1.0:
         raise SystemExit(f"--elastic-share must be in (0, 1], got {args.elastic_share}.")
+    splits = parse_splits(args.select) if args.select else None
+    if splits and args.method != "gates":
+        raise SystemExit("--select splits the heads ranked by the gates; add --method gates.")
     if args.method == "gates":
         strict = [n for n in budgeted if n >= strict_from] if tolerance is not None else lengths
         long_heads, elastic_heads, v2 = choose_long_heads(model, tokenizer, store.info, candidates, args, strict)
@@ -178,7 +191,21 @@ def run(args) -> int:
                         long_heads=long_heads, uniform_sink=args.sink, budget_at=budgeted, tolerance=tolerance,
                         strict_from=strict_from, elastic_heads=elastic_heads, elastic_share=args.elastic_share)
 
-    result = solve()
+    if splits:
+        def solve_split(long_count: int, elastic_count: int):
+            nonlocal long_heads, elastic_heads, v2
+            split_args = argparse.Namespace(**{**vars(args), "long_heads": long_count, "elastic_heads": elastic_count})
+            long_heads, elastic_heads, v2 = choose_long_heads(model, tokenizer, store.info, candidates, split_args,
+                                                              strict)
+            result = solve()
+            if args.prefill is not None:
+                result.plan = dataclasses.replace(result.plan, prefill=args.prefill)
+            return result
+
+        validation_length = args.validation_length or holdout or lengths[-1]
+        result = select_split(model, tokenizer, splits, solve_split, validation_length, args)
+    else:
+        result = solve()
     refits = []
     for round_ in range(args.refit):
         todo = store.missing(lengths, args.samples, result.plan)
@@ -209,6 +236,61 @@ def run(args) -> int:
         print(f"  N={n:>6}: density {result.plan.density(n):.4f}" +
               (f"  normalized loss {loss:.4f}" if loss is not None else "  (budget only, not profiled)"))
     return 0
+
+
+def parse_splits(text: str) -> list[tuple[int, int]]:
+    """``"8:0,4:4"`` -> ``[(8, 0), (4, 4)]`` (long heads, elastic heads); one sentence when malformed."""
+    splits = []
+    for part in text.split(","):
+        try:
+            long_count, elastic_count = (int(x) for x in part.split(":"))
+        except ValueError:
+            raise SystemExit(f"--select takes LONG:ELASTIC pairs separated by commas, e.g. 8:0,4:4; got {part!r}.") \
+                from None
+        if long_count < 0 or elastic_count < 0:
+            raise SystemExit(f"--select counts must be >= 0, got {part!r}.")
+        splits.append((long_count, elastic_count))
+    return splits
+
+
+def select_split(model, tokenizer, splits, solve_split, length: int, args):
+    """Approach ii: the solved plan of each ``(long, elastic)`` split, scored on one validation split;
+    returns the lowest-scoring split's ``OptimizeResult`` with the table in its ``calibration``."""
+    from ..errors import CalibrationError
+    from .validate import build_validation, validation_score
+
+    print(f"headwise calibrate: --select: building {args.validation_samples} held-out samples of {length} tokens "
+          f"(+{max(1, args.validation_samples // 2)} prose)", flush=True)
+    validation = build_validation(model, tokenizer, length, args.validation_samples, seed=args.seed,
+                                  answer_tokens=args.answer_tokens)
+    rows, best = [], None
+    for long_count, elastic_count in splits:
+        started = time.perf_counter()
+        try:
+            result = solve_split(long_count, elastic_count)
+        except CalibrationError as error:
+            rows.append({"long": long_count, "elastic": elastic_count, "feasible": False, "reason": str(error)})
+            print(f"  {long_count}:{elastic_count}: no plan ({error})", flush=True)
+            continue
+        score = validation_score(model, result.plan, validation)
+        notes = result.plan.calibration["long_heads"]
+        rows.append({"long": notes["count"], "elastic": elastic_count, "feasible": True,
+                     **{k: round(v, 5) for k, v in score.items()}, "seconds": round(time.perf_counter() - started, 1)})
+        print(f"  {long_count}:{elastic_count}: score {score['score']:.4f} ("
+              + ", ".join(f"{k} {score[k]:+.4f}" for k in ("recall", "summary", "prose") if k in score)
+              + f") {rows[-1]['seconds']:.0f} s", flush=True)
+        if best is None or score["score"] < best[0]:
+            best = (score["score"], len(rows) - 1, result)
+    if best is None:
+        raise SystemExit("--select: no split gave a plan that fits the budget; try fewer long or elastic heads.")
+    _, index, result = best
+    result.plan.calibration["selection"] = {"method": "approach ii: lowest validation score over --select splits",
+                                            "validation": validation.describe(), "rows": rows, "chosen": index,
+                                            "validation_seconds": round(validation.seconds, 1)}
+    chosen = rows[index]
+    print(f"headwise calibrate: --select chose {chosen['long']}:{chosen['elastic']} "
+          f"(score {chosen['score']:.4f}; validation set built in {validation.seconds:.0f} s)", flush=True)
+    return result
 
 
 def budget_settings(args, lengths: list[int], context: int) -> tuple[list[int], float | None, int]:

@@ -3,6 +3,7 @@ resuming from cached profiles, then ``headwise plan show``; and the calibration 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -185,6 +186,44 @@ def test_calibrate_with_gates_then_resolve_from_cached_gates(tiny_dir, tmp_path,
     assert main(args + ["--density", "0.5", "--gates-from", str(tmp_path / "plain.json"),
                         "--out", str(tmp_path / "d.json")]) == 2
     assert "records no gates" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_select_keeps_the_split_with_the_lowest_validation_score(tiny_dir, tmp_path, capsys):
+    """Approach ii: one plan per LONG:ELASTIC split, each scored on held-out samples; the lowest wins."""
+    args = ["calibrate", "--model", str(tiny_dir), "--method", "gates", "--lengths", "256,512", "--samples", "2",
+            "--answer-tokens", "8", "--sink", "16", "--gate-lengths", "512", "--gate-samples", "1",
+            "--gate-steps", "2", "--gate-facts", "2", "--gate-window", "32", "--min-span", "32", "--prefill", "dense",
+            "--cache-dir", str(tmp_path / "cache"), "--threads", "1", "--density", "0.5"]
+    assert main(args + ["--select", "2:0,0:2,6:0", "--validation-samples", "2", "--out", str(tmp_path / "s.json")]) == 0
+    out = capsys.readouterr().out
+    assert "--select chose" in out
+    plan = load_plan(tmp_path / "s.json")
+    selection = plan.calibration["selection"]
+    rows = selection["rows"]
+    assert [(r["elastic"]) for r in rows] == [0, 2, 0] and selection["validation"]["length"] == 512
+    assert selection["validation"]["items"] == {"recall": 1, "summary": 1, "prose": 1}
+    feasible = [r for r in rows if r["feasible"]]
+    assert feasible and all({"score", "recall", "summary", "prose"} <= set(r) for r in feasible)
+    chosen = rows[selection["chosen"]]
+    assert chosen["score"] == min(r["score"] for r in feasible)
+    assert plan.calibration["long_heads"]["count"] == chosen["long"] and plan.prefill == "dense"
+    assert main(args + ["--select", "2-0", "--out", str(tmp_path / "t.json")]) == 2
+    assert "LONG:ELASTIC pairs" in capsys.readouterr().err
+
+
+def test_validation_score_of_dense_is_zero_and_of_a_small_window_is_not(tiny_dir, tokenizer):
+    from headwise.calibrate.validate import build_validation, validation_score
+    from headwise.plan import Plan
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir).eval()
+    validation = build_validation(model, tokenizer, 384, 2, answer_tokens=8)
+    assert [i.kind for i in validation.items] == ["recall", "summary", "prose"]
+    dense = Plan.dense(model)
+    score = validation_score(model, dataclasses.replace(dense, prefill="dense"), validation)
+    assert abs(score["score"]) < 1e-4 and abs(score["prose"]) < 1e-4
+    small = Plan.uniform(model, 0.05, sink=4)
+    assert validation_score(model, dataclasses.replace(small, prefill="dense"), validation)["score"] > 1e-3
 
 
 def test_calibrate_a_qwen2_shaped_model_keeps_the_budget_up_to_its_own_context(tokenizer, tmp_path, capsys):
