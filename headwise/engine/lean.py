@@ -5,11 +5,9 @@ about 60 torch ops and a dozen ``nn.Module`` calls per layer, on a handful of to
 module runs the same computation, in the same order and dtypes, straight on the HF modules'
 weights (shared, nothing copied): the linear layers through the native skinny kernel (one pass
 over each weight), RMSNorm and RoPE as HF writes them, attention through the engine's
-``layer_attention``. Steps of at most ``skinny_linear.native.MAX_ROWS`` tokens (decode) run
-``LeanDecoder.forward``; longer steps (prefill chunks) run ``LeanDecoder.prefill``, the same torch
-ops with torch's GEMM for the linears and the final norm and lm_head on the sampling rows only.
-Only on CPU and only for the architectures it checks; every other model goes through the HF forward
-(``runner.ModelRunner.run``, also with ``native_linear=False``), which stays the reference.
+``layer_attention``. It is used only for steps of at most ``skinny_linear.native.MAX_ROWS``
+tokens on CPU and only for the architectures it checks; every other step, and every other
+model, goes through the HF forward (``runner.ModelRunner.run``), which stays the reference.
 
 When the native decode layers build (``kernels.decode_layer``), the layers run in C with an fp32
 residual stream: a decode-only step's consecutive layers whose attention is plain paged softmax
@@ -162,19 +160,7 @@ class LeanDecoder:
         h = norm.weight.float() * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon))
         return skinny_native.skinny_linear(h, self.lm_head.weight, self.lm_head.bias)
 
-    @torch.inference_mode()
-    def prefill(self, input_ids: torch.Tensor, positions: torch.Tensor, logit_rows: torch.Tensor,
-                attend) -> torch.Tensor:
-        """Logits of the sampling rows of a step of many tokens (prefill chunks): the torch ops of the HF
-        layers on ``[T, hidden]`` rows, linears as torch's GEMM in the model's dtype (oneDNN for bf16),
-        the SiLU gate in place, no ``[1, heads, T, D]`` transposes or copies, and the final norm and lm_head
-        only on ``logit_rows``. Arguments and result as ``forward`` (the result in the model's dtype)."""
-        self._announce("steps of more than %d tokens run the lean prefill forward (torch GEMM linears)"
-                       % skinny_native.MAX_ROWS)
-        return self._forward_torch(input_ids, positions, logit_rows, attend, linear=_gemm)
-
-    def _forward_torch(self, input_ids, positions, logit_rows, attend, linear=None) -> torch.Tensor:
-        _linear = linear or _skinny
+    def _forward_torch(self, input_ids, positions, logit_rows, attend) -> torch.Tensor:
         T, H, Hkv, D = input_ids.shape[0], self.num_heads, self.num_kv_heads, self.head_dim
         x = self.embed(input_ids)                                                        # [T, hidden]
         cos, sin = self.rotary(x[None], positions[None])                                 # [1, T, D]
@@ -192,8 +178,7 @@ class LeanDecoder:
             x = x + _linear(o.reshape(T, H * D), attn.o_proj)
             h = _rms_norm(x, layer.post_attention_layernorm)
             mlp = layer.mlp
-            gate = F.silu(_linear(h, mlp.gate_proj), inplace=True)
-            x = x + _linear(gate.mul_(_linear(h, mlp.up_proj)), mlp.down_proj)
+            x = x + _linear(F.silu(_linear(h, mlp.gate_proj)) * _linear(h, mlp.up_proj), mlp.down_proj)
         if logit_rows.numel() == 0:
             return x.new_empty(0, self.lm_head.weight.shape[0])
         h = _rms_norm(x.index_select(0, logit_rows), self.final_norm)
@@ -237,12 +222,8 @@ def native_layers(lean: LeanDecoder) -> "layer_native.DecodeLayers | None":
     return layer_native.DecodeLayers(dims, layers)
 
 
-def _skinny(x: torch.Tensor, linear: torch.nn.Linear) -> torch.Tensor:
+def _linear(x: torch.Tensor, linear: torch.nn.Linear) -> torch.Tensor:
     return skinny_native.skinny_linear(x, linear.weight, linear.bias)
-
-
-def _gemm(x: torch.Tensor, linear: torch.nn.Linear) -> torch.Tensor:
-    return F.linear(x, linear.weight, linear.bias)
 
 
 def _rms_norm(x: torch.Tensor, norm: torch.nn.Module) -> torch.Tensor:

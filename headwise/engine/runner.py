@@ -177,15 +177,12 @@ class ModelRunner:
         """Run one step. Returns the sequences that sample and their ``[S, V]`` fp32 logits."""
         plan, ids, positions, rows, samplers = self.build_plan(batch, fresh_blocks)
         device = self.k_pool.device
-        if self.lean is not None:
+        if self.lean is not None and len(ids) <= skinny_native.MAX_ROWS:
             def attend(layer, q, k, v, scale):
                 return layer_attention(self.layer_step(plan, layer, scale), q, k, v)
 
-            args = (torch.tensor(ids), torch.tensor(positions), torch.tensor(rows, dtype=torch.long), attend)
-            if len(ids) <= skinny_native.MAX_ROWS:
-                logits = self.lean.forward(*args, self.native_step(plan))
-            else:
-                logits = self.lean.prefill(*args)
+            logits = self.lean.forward(torch.tensor(ids), torch.tensor(positions), torch.tensor(rows, dtype=torch.long),
+                                        attend, self.native_step(plan))
             return samplers, logits.float()
         skinny = self.config.native_linear and len(ids) <= skinny_native.MAX_ROWS and device.type == "cpu"
         with SkinnyLinearMode() if skinny else contextlib.nullcontext():

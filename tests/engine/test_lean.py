@@ -37,26 +37,6 @@ def test_lean_logits_equal_hf_forward(arch, tokens):
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max()))
 
 
-@pytest.mark.parametrize("arch", sorted(TINY_CONFIGS))
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("tokens", [9, 40])
-def test_lean_prefill_logits_equal_hf_forward(arch, dtype, tokens):
-    """The prefill forward (torch GEMM linears, steps of more than MAX_ROWS tokens) against the HF forward."""
-    model = make_tiny(arch).to(dtype)
-    lean = lean_decoder(model)
-    ids = torch.randint(3, 128, (tokens,), generator=torch.Generator().manual_seed(tokens))
-    positions = torch.arange(tokens)
-    rows = torch.tensor([tokens - 1, 3])
-    with torch.inference_mode():
-        ref = model(input_ids=ids[None], position_ids=positions[None], use_cache=False).logits[0, rows]
-        got = lean.prefill(ids, positions, rows, causal_attend)
-    assert got.dtype == dtype
-    if dtype == torch.float32:
-        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max()))
-    else:        # bf16 activations: a rounding apart where the HF forward's op order differs
-        torch.testing.assert_close(got.float(), ref.float(), rtol=0, atol=0.05 * float(ref.abs().max()))
-
-
 def test_lean_and_hf_forward_give_the_same_engine_tokens():
     model = make_tiny("qwen3")
     prompts = random_prompts((3, 40, 97), seed=4)
