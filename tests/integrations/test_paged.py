@@ -167,10 +167,13 @@ def test_attend_reads_nothing_from_blocks_the_kv_manager_gave_back(prefill, rule
         torch.testing.assert_close(output[s:e], ref[0].transpose(0, 1), atol=2e-5, rtol=1e-4)
 
 
-def test_position_buffer_across_steps_equals_a_fresh_fill():
+@pytest.mark.parametrize("host", ["numpy", "torch"])
+def test_position_buffer_across_steps_equals_a_fresh_fill(host, monkeypatch):
     """A ``PositionBuffer`` kept across decode steps, prefill chunks, freed blocks and blocks changing hands
     gives, for every block the step's tables hold, the rows a fresh buffer gives (it rewrites only the
-    blocks whose positions changed)."""
+    blocks whose positions changed); ``host``: the CPU's numpy fill or the torch one (other devices)."""
+    if host == "torch":
+        monkeypatch.setattr(paged, "NUMPY_FILL", False)
     torch.manual_seed(3)
     num_blocks, M = 64, 12
     kept = paged.PositionBuffer()
@@ -188,6 +191,7 @@ def test_position_buffer_across_steps_equals_a_fresh_fill():
         lengths = lengths.clamp(max=M * BS)
         pos = kept.fill(tables, lengths, BS, HKV, num_blocks * HKV)
         fresh = paged.PositionBuffer().fill(tables, lengths, BS, HKV, num_blocks * HKV)
+        assert torch.equal(fresh, paged.PositionBuffer()._fill_torch(tables, lengths, BS, HKV, num_blocks * HKV))
         for b in range(3):
             for j in range(-(-int(lengths[b]) // BS)):
                 block = int(tables[b, j])
