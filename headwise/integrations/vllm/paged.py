@@ -373,7 +373,11 @@ class DecodeCall:
             span = rule.span(lengths)[:, 0]
         heads = list(group.heads)
         table = step.cache("decode_table", lambda: step.block_table[rows])
-        tables = decode_tables(table, lengths, sink, span, heads, step.block_size, Hkv).to(torch.int32)
+        # the blocks depend on the rule only: shared by every head group with this rule (any heads)
+        physical, valid = step.cache(("decode_blocks", group.key),
+                                     lambda: decode_blocks(table, lengths, sink, span, step.block_size))
+        ids = physical[:, None, :] * Hkv + torch.tensor(heads)[None, :, None]
+        tables = torch.where(valid[:, None, :], ids, -1).to(torch.int32)                  # [Bd, Hg, K]
         Hg = len(heads)
         return cls(tables, span[:, None].expand(-1, Hg).contiguous(), torch.full((Hg,), sink, dtype=torch.long),
                    (lengths - 1).long(), query_heads(heads, G))
@@ -395,6 +399,15 @@ def decode_tables(block_table: torch.Tensor, seq_lens: torch.Tensor, sink: int, 
         the largest number of blocks a sequence reads: ``ceil(sink / bs)`` sink blocks, then the
         blocks from the window's first position to the query's, never a block twice.
     """
+    physical, valid = decode_blocks(block_table, seq_lens, sink, span, block_size)
+    ids = physical[:, None, :] * num_kv_heads + torch.tensor(heads, device=block_table.device)[None, :, None]
+    return torch.where(valid[:, None, :], ids, -1)                                         # [Bd, Hg, K]
+
+
+def decode_blocks(block_table: torch.Tensor, seq_lens: torch.Tensor, sink: int, span: torch.Tensor,
+                  block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The vLLM blocks ``decode_tables`` reads, before the heads are added: ``(physical [Bd, K] int64,
+    valid [Bd, K] bool)`` (arguments as ``decode_tables``)."""
     bs = block_size
     q = seq_lens - 1
     sink_blocks = -(-sink // bs)
@@ -408,8 +421,7 @@ def decode_tables(block_table: torch.Tensor, seq_lens: torch.Tensor, sink: int, 
     logical = torch.where(j[None, :] < n_sink[:, None], j[None, :], first[:, None] + j[None, :] - n_sink[:, None])
     valid = j[None, :] < count[:, None]                                                    # [Bd, K]
     physical = block_table.long().gather(1, torch.where(valid, logical, 0))
-    ids = physical[:, None, :] * num_kv_heads + torch.tensor(heads, device=device)[None, :, None]  # [Bd, Hg, K]
-    return torch.where(valid[:, None, :], ids, -1)
+    return physical, valid
 
 
 def query_heads(heads: list[int], group_size: int, device: torch.device | str = "cpu") -> torch.Tensor:
@@ -451,7 +463,7 @@ def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, kv_cache
         pos_pool = step.pos_pool(k_pool.shape[0])
         q_all = query[tokens]                                                               # [Bd, H, D]
         for group in head_groups(rule):
-            call = step.cache(("decode", group.key, Hkv, G), lambda: DecodeCall.build(step, group, Hkv, G))
+            call = step.cache(("decode", group, Hkv, G), lambda: DecodeCall.build(step, group, Hkv, G))
             # Sequences in chunks whose gathered pages stay in cache while the kernel reads them again.
             per_row = 2 * call.tables.shape[1] * call.tables.shape[2] * step.block_size * query.shape[2] * 4
             n = call.tables.shape[0]
