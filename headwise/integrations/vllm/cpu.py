@@ -7,7 +7,8 @@
 * a plan: ``HeadwiseCPUImpl``. Layers whose KV heads are all dense run vLLM's implementation
   untouched (its cache write and its kernel); other layers write their cache with ``paged.write``
   (plain ``[bs, D]`` keys and values per block and head) and attend through ``paged.attend``
-  (headwise's ``paged_decode`` / ``sink_window`` kernels).
+  (headwise's ``paged_decode`` / ``sink_window`` kernels; prompt tokens that read every key go through
+  vLLM's own kernel over a scratch copy, ``cpu_prefill.py``).
 
 KV memory: ``HeadwiseCPUBackend.customize_spec`` gives all-window layers a ``kv_spec.SinkWindowSpec``
 (their blocks outside sink and windows go back to vLLM's pool); a layer with dense and window heads
