@@ -158,8 +158,9 @@ class StepLayout:
         return cls(block_size, num_kv_heads, block_table[:B], seq_lens[:B].long(), rows,
                    query_start_loc[rows].long(), prefills, positions)
 
-    def cache(self, name: str, build):
-        """``build()``, computed once per step and shared by the layers that share this layout."""
+    def cache(self, name, build):
+        """``build()`` under the hashable key ``name``, computed once per step and shared by the layers that
+        share this layout."""
         if name not in self._cached:
             self._cached[name] = build()
         return self._cached[name]
