@@ -26,6 +26,8 @@ from benchmarks import vllm_memory as vm  # noqa: E402
 POINTS = vm.PROFILE_POINTS + (
     ("headwise.integrations.vllm.paged", "gather_pages", "of paged.attend: gather_pages (prefill chunk with context)"),
     ("headwise.integrations.vllm.paged", "sink_window_attention", "of paged.attend: sink_window_attention (prefill)"),
+    ("headwise.integrations.vllm.cpu_prefill", "dense_prefill",
+     "of paged.attend: cpu_prefill.dense_prefill (dense prefill, vLLM's kernel over a scratch cache)"),
     ("headwise.integrations.vllm.paged", "paged_decode", "of paged.attend: paged_decode"),
     ("headwise.integrations.vllm.paged", "null_unread", "null_unread"),
     ("vllm.v1.worker.gpu_model_runner", "GPUModelRunner._build_attention_metadata", "attention metadata"),

@@ -167,10 +167,13 @@ def test_attend_reads_nothing_from_blocks_the_kv_manager_gave_back(prefill, rule
         torch.testing.assert_close(output[s:e], ref[0].transpose(0, 1), atol=2e-5, rtol=1e-4)
 
 
-def test_position_buffer_across_steps_equals_a_fresh_fill():
+@pytest.mark.parametrize("host", ["numpy", "torch"])
+def test_position_buffer_across_steps_equals_a_fresh_fill(host, monkeypatch):
     """A ``PositionBuffer`` kept across decode steps, prefill chunks, freed blocks and blocks changing hands
     gives, for every block the step's tables hold, the rows a fresh buffer gives (it rewrites only the
-    blocks whose positions changed)."""
+    blocks whose positions changed); ``host``: the CPU's numpy fill or the torch one (other devices)."""
+    if host == "torch":
+        monkeypatch.setattr(paged, "NUMPY_FILL", False)
     torch.manual_seed(3)
     num_blocks, M = 64, 12
     kept = paged.PositionBuffer()
@@ -188,6 +191,7 @@ def test_position_buffer_across_steps_equals_a_fresh_fill():
         lengths = lengths.clamp(max=M * BS)
         pos = kept.fill(tables, lengths, BS, HKV, num_blocks * HKV)
         fresh = paged.PositionBuffer().fill(tables, lengths, BS, HKV, num_blocks * HKV)
+        assert torch.equal(fresh, paged.PositionBuffer()._fill_torch(tables, lengths, BS, HKV, num_blocks * HKV))
         for b in range(3):
             for j in range(-(-int(lengths[b]) // BS)):
                 block = int(tables[b, j])
@@ -289,3 +293,28 @@ def test_null_unread_nulls_what_kv_memory_says_no_query_reads():
                 want = tables[b].clone()
                 want[first:max(first, last)] = paged.NULL_BLOCK
                 assert torch.equal(got[b], want), (rule_name, dense_prefill, c, q, pre)
+
+
+def test_layers_sharing_a_step_with_the_same_rule_on_other_heads():
+    """Two layers of one KV cache group (one ``StepLayout``) whose heads have the same rules on different KV
+    heads: each reads its own heads (the step's cached decode inputs are per rule and heads)."""
+    torch.manual_seed(5)
+    w = Window(sink=32, alpha=40.0, beta=0.0)
+    rules = [LayerRule.from_heads((Dense(), w, w)), LayerRule.from_heads((w, w, Dense()))]
+    seqs = [(300, 1), (90, 1), (0, 50)]
+    lengths = [c + q for c, q in seqs]
+    tables, num_blocks = shuffled_tables(lengths, BS, spare=2)
+    keys = [torch.randn(n, HKV, D) for n in lengths]
+    values = [torch.randn(n, HKV, D) for n in lengths]
+    cache = write_cache(keys, values, tables, num_blocks)
+    qsl = torch.tensor([0, 1, 2, 52], dtype=torch.int32)
+    query = torch.randn(52, HKV * G, D)
+    new_k = torch.cat([k[c:] for k, (c, _) in zip(keys, seqs)])
+    new_v = torch.cat([v[c:] for v, (c, _) in zip(values, seqs)])
+    shared = paged.StepLayout.build(qsl, torch.tensor(lengths), tables, BS, HKV)
+    for rule in rules:
+        got, want = torch.empty(52, HKV * G, D), torch.empty(52, HKV * G, D)
+        paged.attend(query, new_k, new_v, cache, got, shared, rule, D ** -0.5)
+        paged.attend(query, new_k, new_v, cache, want, paged.StepLayout.build(qsl, torch.tensor(lengths), tables, BS,
+                                                                              HKV), rule, D ** -0.5)
+        torch.testing.assert_close(got, want)

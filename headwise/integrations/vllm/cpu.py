@@ -7,7 +7,8 @@
 * a plan: ``HeadwiseCPUImpl``. Layers whose KV heads are all dense run vLLM's implementation
   untouched (its cache write and its kernel); other layers write their cache with ``paged.write``
   (plain ``[bs, D]`` keys and values per block and head) and attend through ``paged.attend``
-  (headwise's ``paged_decode`` / ``sink_window`` kernels).
+  (headwise's ``paged_decode`` / ``sink_window`` kernels; prompt tokens that read every key go through
+  vLLM's own kernel over a scratch copy, ``cpu_prefill.py``).
 
 KV memory: ``HeadwiseCPUBackend.customize_spec`` gives all-window layers a ``kv_spec.SinkWindowSpec``
 (their blocks outside sink and windows go back to vLLM's pool); a layer with dense and window heads
@@ -30,7 +31,7 @@ from vllm.v1.attention.backends.cpu_attn import (CPUAttentionBackend, CPUAttenti
 
 from ...kinds.kv_rule import LayerRule
 from ...plan import PlanError
-from . import paged
+from . import cpu_prefill, paged
 from .impl_common import PlanAttention, active_plan, check_layer, layer_index, layer_rule, requesting_layer
 
 #: ``--additional-config`` key: ``false`` keeps a layer with dense and window heads in one KV cache
@@ -135,7 +136,7 @@ class HeadwiseCPUImpl(PlanAttention, CPUAttentionBackendImpl):
         self.max_chunk = config.scheduler_config.max_num_batched_tokens
         check_layer(self.plan, num_heads, num_kv_heads, alibi_slopes, sliding_window, logits_soft_cap, attn_type,
                     kv_sharing_target_layer_name, sinks)
-        self.split, self._part_impl = None, None
+        self.split, self._part_impl, self._window_rules = None, None, None
         extra = config.additional_config or {}
         self.group_policy = extra.get(GROUPS_KEY, "same-blocks")
         from .kv_spec import GROUP_POLICIES
@@ -182,13 +183,17 @@ class HeadwiseCPUImpl(PlanAttention, CPUAttentionBackendImpl):
         own kernel (full attention), each through its own block table."""
         if self.split is None:
             step = attn_metadata.step_layout(kv_cache.shape[2], kv_cache.shape[1])
-            return paged.attend(query, key, value, kv_cache, output, step, rule, self.scale, prefill_rule=prefill_rule)
+            return paged.attend(query, key, value, kv_cache, output, step, rule, self.scale, prefill_rule=prefill_rule,
+                                dense_kernel=cpu_prefill.dense_prefill)
         sp = self.split
-        heads = sp.window.tolist()
+        if self._window_rules is None:          # the layer's rules are fixed: select its window heads once
+            heads = sp.window.tolist()
+            self._window_rules = (rule.select(heads), prefill_rule.select(heads))
+        window_rule, window_prefill_rule = self._window_rules
         step = attn_metadata.step_layout(kv_cache.shape[2], kv_cache.shape[1])
         out = torch.empty(query.shape[0], sp.window_q.numel(), query.shape[2], dtype=output.dtype)
         paged.attend(query[:, sp.window_q], key[:, sp.window], value[:, sp.window], kv_cache, out, step,
-                     rule.select(heads), self.scale, prefill_rule=prefill_rule.select(heads))
+                     window_rule, self.scale, prefill_rule=window_prefill_rule, dense_kernel=cpu_prefill.dense_prefill)
         output[:, sp.window_q] = out
         part, part_cache, part_metadata, _ = self.part_context()
         out = torch.empty(query.shape[0], sp.dense_q.numel(), query.shape[2], dtype=output.dtype)

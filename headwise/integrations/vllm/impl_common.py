@@ -118,6 +118,7 @@ class PlanAttention:
 
     plan: Plan | None
     _rule: LayerRule | None = None
+    _prefill_rule: LayerRule | None = None
 
     def rule(self, layer) -> LayerRule:
         """The layer's sink/span rule, from its name (``model.layers.<i>.self_attn.attn``)."""
@@ -128,8 +129,10 @@ class PlanAttention:
     def prefill_rule(self, layer) -> LayerRule:
         """The rule of prefill tokens: the layer's own, or every head dense for a plan that prefills dense
         (vLLM's cache holds every key, so a dense prefill reads them all; decode tokens follow the plan)."""
-        rule = self.rule(layer)
-        return rule.as_dense() if self.plan.prefill == "dense" else rule
+        if self._prefill_rule is None:
+            rule = self.rule(layer)
+            self._prefill_rule = rule.as_dense() if self.plan.prefill == "dense" else rule
+        return self._prefill_rule
 
     def attend_plan(self, query, key, value, kv_cache, output, attn_metadata, rule: LayerRule,
                     prefill_rule: LayerRule) -> None:

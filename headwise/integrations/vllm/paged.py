@@ -49,6 +49,10 @@ NULL_BLOCK = 0
 #: at 8k x 8 sequences (measured with the first, transposed-key layout), so it is off.
 DECODE_GATHER_BYTES = 0
 
+#: ``PositionBuffer.fill`` on CPU tables with numpy (called once per KV cache group and step: ~20 small
+#: torch ops cost more than the writes); ``False``: the torch path of other devices.
+NUMPY_FILL = True
+
 
 def cells(kv_cache: torch.Tensor) -> torch.Tensor:
     """``[P, Hkv, 2, bs, D]`` view of one layer's cache: ``[..., 0, :, :]`` keys, ``[..., 1, :, :]`` values."""
@@ -128,6 +132,7 @@ class StepLayout:
     prefills: list[Prefill]
     positions: "PositionBuffer | None" = field(default=None, repr=False)
     _pos_pool: torch.Tensor | None = field(default=None, repr=False)
+    _cached: dict = field(default_factory=dict, repr=False)
 
     @classmethod
     def build(cls, query_start_loc: torch.Tensor, seq_lens: torch.Tensor, block_table: torch.Tensor,
@@ -152,6 +157,13 @@ class StepLayout:
         rows = torch.tensor(decode_rows, dtype=torch.long, device=seq_lens.device)
         return cls(block_size, num_kv_heads, block_table[:B], seq_lens[:B].long(), rows,
                    query_start_loc[rows].long(), prefills, positions)
+
+    def cache(self, name, build):
+        """``build()`` under the hashable key ``name``, computed once per step and shared by the layers that
+        share this layout."""
+        if name not in self._cached:
+            self._cached[name] = build()
+        return self._cached[name]
 
     def pos_pool(self, num_pool_blocks: int) -> torch.Tensor:
         """``[P * Hkv, bs]`` int64 position of every slot of the step's sequences.
@@ -194,6 +206,12 @@ class PositionBuffer:
              num_pool_blocks: int) -> torch.Tensor:
         """Write the positions of the blocks ``block_table [B, M]`` holds for ``seq_lens [B]``; the pool
         ``[num_pool_blocks, bs]`` (``num_pool_blocks = P * Hkv``)."""
+        if block_table.device.type == "cpu" and NUMPY_FILL:
+            return self._fill_numpy(block_table, seq_lens, bs, Hkv, num_pool_blocks)
+        return self._fill_torch(block_table, seq_lens, bs, Hkv, num_pool_blocks)
+
+    def _fill_torch(self, block_table, seq_lens, bs, Hkv, num_pool_blocks) -> torch.Tensor:
+        """``fill`` with torch ops (any device)."""
         device = block_table.device
         if self.pos is None or self.pos.shape != (num_pool_blocks, bs):
             self.pos = torch.full((num_pool_blocks, bs), -1, dtype=torch.long, device=device)
@@ -217,6 +235,35 @@ class PositionBuffer:
                 rows = (blocks[:, None] * Hkv + torch.arange(Hkv, device=device)).reshape(-1)  # [c * Hkv]
                 self.pos.index_copy_(0, rows, values[:, None, :].expand(-1, Hkv, bs).reshape(-1, bs))
                 self.stamp.index_copy_(0, blocks, stamp[changed])
+        return self.pos
+
+    def _fill_numpy(self, block_table, seq_lens, bs, Hkv, num_pool_blocks) -> torch.Tensor:
+        """``fill`` on the host with numpy (the same arithmetic): called once per KV cache group and step,
+        where the ~20 small torch ops of the general path cost more than the writes."""
+        if self.pos is None or self.pos.shape != (num_pool_blocks, bs):
+            self.pos = torch.full((num_pool_blocks, bs), -1, dtype=torch.long)
+            self.stamp = torch.full((num_pool_blocks // Hkv,), -1, dtype=torch.long)
+        pos, stamps = self.pos.numpy(), self.stamp.numpy()                               # shared memory
+        n = seq_lens.numpy().astype(np.int64)
+        used = (n + bs - 1) // bs
+        M = int(used.max()) if used.size else 0
+        if not M:
+            return self.pos
+        table = block_table[:, :M].numpy()
+        m = np.arange(M)
+        live = (m[None, :] < used[:, None]) & (table != NULL_BLOCK)                      # [B, M]
+        rows_b, m = np.nonzero(live)
+        blocks = table[rows_b, m].astype(np.int64)
+        valid = np.clip(n[rows_b] - m * bs, 0, bs)
+        stamp = m * (bs + 1) + valid
+        changed = stamps[blocks] != stamp
+        if changed.any():
+            blocks, m, valid = blocks[changed], m[changed], valid[changed]
+            slots = np.arange(bs)
+            values = np.where(slots[None] < valid[:, None], m[:, None] * bs + slots[None], -1)   # [c, bs]
+            rows = (blocks[:, None] * Hkv + np.arange(Hkv)).reshape(-1)
+            pos[rows] = np.repeat(values, Hkv, axis=0)
+            stamps[blocks] = stamp[changed]
         return self.pos
 
 
@@ -276,14 +323,65 @@ def _window_arrays(windows: tuple[tuple[float, ...], ...]) -> tuple[np.ndarray, 
             np.array([w[2] if len(w) > 2 else 0 for w in windows], dtype=np.float64))
 
 
-def head_groups(rule: LayerRule) -> list[list[int]]:
-    """KV heads of a layer grouped by identical rule (dense flag, sink, alpha, beta, min_span)."""
-    groups: dict[tuple, list[int]] = {}
-    for h in range(rule.sink.shape[0]):
-        key = (bool(rule.dense[h]), int(rule.sink[h]), float(rule.alpha[h]), float(rule.beta[h]),
-               float(rule.min_span[h]))
-        groups.setdefault(key, []).append(h)
-    return list(groups.values())
+@dataclass(frozen=True)
+class HeadGroup:
+    """KV heads of a layer with one rule: ``key`` = (dense, sink, alpha, beta, min_span), ``heads`` their indices."""
+
+    key: tuple
+    heads: tuple[int, ...]
+
+
+def head_groups(rule: LayerRule) -> list[HeadGroup]:
+    """KV heads of a layer grouped by identical rule (dense flag, sink, alpha, beta, min_span); kept on the
+    rule object (a layer's rule lives as long as its implementation)."""
+    cached = rule._on.get("head_groups")
+    if cached is None:
+        groups: dict[tuple, list[int]] = {}
+        for h in range(rule.sink.shape[0]):
+            key = (bool(rule.dense[h]), int(rule.sink[h]), float(rule.alpha[h]), float(rule.beta[h]),
+                   float(rule.min_span[h]))
+            groups.setdefault(key, []).append(h)
+        cached = rule._on["head_groups"] = [HeadGroup(key, tuple(heads)) for key, heads in groups.items()]
+    return cached
+
+
+@dataclass
+class DecodeCall:
+    """The ``paged_decode`` inputs of one head group for the step's decode rows, shared by the layers of a
+    KV cache group whose heads have the same rule (``StepLayout.cache``).
+
+    ``tables [Bd, Hg, K]`` int32 (``decode_tables``), ``spans [Bd, Hg]`` int64, ``sink [Hg]`` int64,
+    ``q_pos [Bd]`` int64 query positions, ``qh`` the query heads reading the group's KV heads.
+    """
+
+    tables: torch.Tensor
+    spans: torch.Tensor
+    sink: torch.Tensor
+    q_pos: torch.Tensor
+    qh: torch.Tensor
+
+    @classmethod
+    def build(cls, step: StepLayout, group: HeadGroup, Hkv: int, G: int) -> "DecodeCall":
+        dense, sink, alpha, beta, min_span = group.key
+        rows = step.decode_rows
+        lengths = step.cache("decode_lengths", lambda: step.seq_lens[rows])
+        if dense:
+            span = lengths
+        else:
+            rule = LayerRule(torch.tensor([sink]), torch.tensor([alpha], dtype=torch.float64),
+                             torch.tensor([beta], dtype=torch.float64), torch.tensor([False]),
+                             torch.tensor([min_span], dtype=torch.float64))
+            span = rule.span(lengths)[:, 0]
+        heads = list(group.heads)
+        table = step.cache("decode_table", lambda: step.block_table[rows])
+        # the blocks depend on the rule only: shared by every head group with this rule (any heads)
+        physical, valid = step.cache(("decode_blocks", group.key),
+                                     lambda: decode_blocks(table, lengths, sink, span, step.block_size))
+        ids = physical[:, None, :] * Hkv + torch.tensor(heads)[None, :, None]
+        tables = torch.where(valid[:, None, :], ids, -1).to(torch.int32)                  # [Bd, Hg, K]
+        Hg = len(heads)
+        return cls(tables, span[:, None].expand(-1, Hg).contiguous(), torch.full((Hg,), sink, dtype=torch.long),
+                   (lengths - 1).long(), query_heads(heads, G))
 
 
 def decode_tables(block_table: torch.Tensor, seq_lens: torch.Tensor, sink: int, span: torch.Tensor,
@@ -302,6 +400,15 @@ def decode_tables(block_table: torch.Tensor, seq_lens: torch.Tensor, sink: int, 
         the largest number of blocks a sequence reads: ``ceil(sink / bs)`` sink blocks, then the
         blocks from the window's first position to the query's, never a block twice.
     """
+    physical, valid = decode_blocks(block_table, seq_lens, sink, span, block_size)
+    ids = physical[:, None, :] * num_kv_heads + torch.tensor(heads, device=block_table.device)[None, :, None]
+    return torch.where(valid[:, None, :], ids, -1)                                         # [Bd, Hg, K]
+
+
+def decode_blocks(block_table: torch.Tensor, seq_lens: torch.Tensor, sink: int, span: torch.Tensor,
+                  block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The vLLM blocks ``decode_tables`` reads, before the heads are added: ``(physical [Bd, K] int64,
+    valid [Bd, K] bool)`` (arguments as ``decode_tables``)."""
     bs = block_size
     q = seq_lens - 1
     sink_blocks = -(-sink // bs)
@@ -315,8 +422,7 @@ def decode_tables(block_table: torch.Tensor, seq_lens: torch.Tensor, sink: int, 
     logical = torch.where(j[None, :] < n_sink[:, None], j[None, :], first[:, None] + j[None, :] - n_sink[:, None])
     valid = j[None, :] < count[:, None]                                                    # [Bd, K]
     physical = block_table.long().gather(1, torch.where(valid, logical, 0))
-    ids = physical[:, None, :] * num_kv_heads + torch.tensor(heads, device=device)[None, :, None]  # [Bd, Hg, K]
-    return torch.where(valid[:, None, :], ids, -1)
+    return physical, valid
 
 
 def query_heads(heads: list[int], group_size: int, device: torch.device | str = "cpu") -> torch.Tensor:
@@ -327,7 +433,7 @@ def query_heads(heads: list[int], group_size: int, device: torch.device | str = 
 
 def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
            output: torch.Tensor, step: StepLayout, rule: LayerRule, scale: float, backend: str = "auto",
-           prefill_rule: LayerRule | None = None) -> None:
+           prefill_rule: LayerRule | None = None, dense_kernel=None) -> None:
     """A plan layer's attention for one vLLM step, written into ``output``.
 
     Args:
@@ -339,10 +445,14 @@ def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, kv_cache
         prefill_rule: the rule of prefill tokens (``rule.as_dense()`` for a plan that prefills dense:
             the cache holds every key, so they read everything); default ``rule``.
         backend: kernel backend for ``paged_decode`` / ``sink_window_attention``.
+        dense_kernel: when every head prefills dense, ``dense_kernel(query, key, value, kv_cache, output,
+            step, scale)`` runs the step's prefill sequences and returns those it left (``cpu_prefill``:
+            vLLM's own kernel); default: ``dense_prefill`` per sequence.
 
     Decode tokens go through ``paged_decode`` over only their sink + window blocks, one call per
-    group of identical heads. Each prefill sequence goes through ``sink_window_attention``: over
-    its own new keys when it has no context (fresh prompt), else over its cached blocks.
+    group of identical heads. Prefill sequences read densely go through ``dense_kernel`` or
+    ``dense_prefill`` (torch's CPU flash attention); the others through ``sink_window_attention``:
+    over their own new keys when they have no context (fresh prompt), else over their cached blocks.
     """
     H, Hkv = query.shape[1], key.shape[1]
     G = H // Hkv
@@ -350,27 +460,28 @@ def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, kv_cache
     # the native kernel reads blocks of up to native.MAX_BLOCK slots; larger ones take the torch path
     decode_backend = "cpu" if backend == "auto" and step.block_size > native.MAX_BLOCK else backend
     if step.decode_rows.numel():
-        rows, tokens = step.decode_rows, step.decode_tokens
-        lengths = step.seq_lens[rows]
-        spans = rule.span(lengths)                                                          # [Bd, Hkv]
+        tokens = step.decode_tokens
         pos_pool = step.pos_pool(k_pool.shape[0])
-        table = step.block_table[rows]
         q_all = query[tokens]                                                               # [Bd, H, D]
-        for heads in head_groups(rule):
-            h0 = heads[0]
-            tables = decode_tables(table, lengths, int(rule.sink[h0]), spans[:, h0], heads, step.block_size, Hkv)
-            qh = query_heads(heads, G)
-            hs = torch.tensor(heads)
+        for group in head_groups(rule):
+            call = step.cache(("decode", group, Hkv, G), lambda: DecodeCall.build(step, group, Hkv, G))
             # Sequences in chunks whose gathered pages stay in cache while the kernel reads them again.
-            per_row = 2 * tables.shape[1] * tables.shape[2] * step.block_size * query.shape[2] * 4
-            rows_per_call = max(1, DECODE_GATHER_BYTES // per_row) if DECODE_GATHER_BYTES else len(rows)
-            for a in range(0, len(rows), rows_per_call):
+            per_row = 2 * call.tables.shape[1] * call.tables.shape[2] * step.block_size * query.shape[2] * 4
+            n = call.tables.shape[0]
+            rows_per_call = max(1, DECODE_GATHER_BYTES // per_row) if DECODE_GATHER_BYTES else n
+            for a in range(0, n, rows_per_call):
                 c = slice(a, a + rows_per_call)
-                out = paged_decode(q_all[c][:, qh], k_pool, v_pool, pos_pool, tables[c], lengths[c] - 1,
-                                   rule.sink[hs], spans[c][:, hs], scale, backend=decode_backend)
-                output[tokens[c][:, None], qh[None, :]] = out.to(output.dtype)
+                out = paged_decode(q_all[c][:, call.qh], k_pool, v_pool, pos_pool, call.tables[c], call.q_pos[c],
+                                   call.sink, call.spans[c], scale, backend=decode_backend)
+                output[tokens[c][:, None], call.qh[None, :]] = out.to(output.dtype)
     prefill_rule = rule if prefill_rule is None else prefill_rule
-    for p in step.prefills:
+    all_dense = prefill_rule.all_dense
+    prefills = step.prefills
+    if all_dense and dense_kernel is not None and prefills:
+        prefills = dense_kernel(query, key, value, kv_cache, output, step, scale)
+    for p in prefills:
+        if all_dense and dense_prefill(query, key, value, kv_cache, output, step, p, scale):
+            continue
         q = query[p.start:p.end].transpose(0, 1)[None]                                      # [1, H, Q, D]
         q_pos = torch.arange(p.context, p.length)[None]                                      # [1, Q]
         if p.context == 0:
@@ -386,3 +497,93 @@ def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, kv_cache
         span = prefill_rule.span(torch.tensor([p.length]))                                   # [1, Hkv]
         out = sink_window_attention(q, k, v, q_pos, k_pos, prefill_rule.sink, span, scale, backend=backend)
         output[p.start:p.end] = out[0].transpose(0, 1).to(output.dtype)
+
+
+def dense_prefill(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
+                  output: torch.Tensor, step: StepLayout, p: Prefill, scale: float) -> bool:
+    """One prefill sequence read densely (every earlier key and its own, causally), written into ``output``.
+
+    The chunk's own keys come from ``key`` / ``value``; its context (``p.context`` earlier tokens) is
+    copied out of its cache blocks in order (``context_kv``). Returns ``False``, writing nothing, when a
+    context entry of its block table is ``NULL_BLOCK`` (a recomputed chunk past its prompt whose
+    earlier blocks were given back): the caller's general path reads only what is held.
+
+    Shapes as ``attend``; ``p`` is one of ``step.prefills``.
+    """
+    context_k = context_v = None
+    if p.context:
+        kv = context_kv(kv_cache, step.block_table[p.row], p.context)
+        if kv is None:
+            return False
+        context_k, context_v = kv
+    out = causal_attention(query[p.start:p.end], key[p.start:p.end], value[p.start:p.end], context_k, context_v,
+                           scale)
+    output[p.start:p.end] = out.to(output.dtype)
+    return True
+
+
+def context_kv(kv_cache: torch.Tensor, block_row: torch.Tensor, context: int):
+    """The first ``context`` keys and values of one sequence in position order, or ``None`` if one of
+    their blocks is ``NULL_BLOCK``.
+
+    Args:
+        kv_cache: ``[P, Hkv, bs, 2*D]`` (written by ``write``); block_row: ``[M]`` the sequence's vLLM blocks.
+
+    Returns:
+        ``(k, v)``, each ``[Hkv, context, D]`` (one copy of the blocks, then views).
+    """
+    bs = kv_cache.shape[2]
+    phys = block_row[:-(-context // bs)].long()
+    if bool((phys == NULL_BLOCK).any()):
+        return None
+    c = cells(kv_cache).index_select(0, phys)                                    # [n, Hkv, 2, bs, D]
+    n, Hkv, _, _, D = c.shape
+    kv = c.permute(2, 1, 0, 3, 4).reshape(2, Hkv, n * bs, D)[:, :, :context]    # [2, Hkv, context, D]
+    return kv[0], kv[1]
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, context_k: torch.Tensor | None,
+                     context_v: torch.Tensor | None, scale: float) -> torch.Tensor:
+    """Dense causal attention of a chunk of ``Q`` new tokens after ``C`` earlier ones (bottom-right aligned).
+
+    Query ``i`` reads every earlier key and the chunk's keys ``0..i``. Two mask-free pieces of torch's CPU
+    flash attention, merged exactly by their log-sum-exp: the context (no mask; the ``G`` query heads of
+    a KV head folded into the query axis, so keys are not repeated) and the chunk itself (causal, keys
+    repeated over the ``G`` query heads). Math in the inputs' dtype with fp32 accumulation (torch's
+    kernel), the merge in fp32.
+
+    Args:
+        q: ``[Q, H, D]``; k, v: ``[Q, Hkv, D]`` the chunk's (query head ``i`` reads KV head ``i // (H // Hkv)``).
+        context_k, context_v: ``[Hkv, C, D]`` the earlier keys and values, or ``None`` (``C = 0``).
+        scale: softmax scale.
+
+    Returns:
+        ``[Q, H, D]`` in ``q``'s dtype.
+    """
+    Q, H, D = q.shape
+    Hkv = k.shape[1]
+    G = H // Hkv
+    dtype = q.dtype
+    qh = q.transpose(0, 1)                                                          # [H, Q, D] view
+    kh = k.to(dtype).transpose(0, 1)                                                # [Hkv, Q, D]
+    vh = v.to(dtype).transpose(0, 1)
+    if G > 1:
+        kh = kh[:, None].expand(Hkv, G, Q, D).reshape(H, Q, D)
+        vh = vh[:, None].expand(Hkv, G, Q, D).reshape(H, Q, D)
+    own, own_lse = _flash(qh[None], kh[None], vh[None], True, scale)                # [1, H, Q, D], [1, H, Q]
+    if context_k is None or context_k.shape[1] == 0:
+        return own[0].transpose(0, 1)
+    qg = qh.reshape(Hkv, G * Q, D)[None]                                            # [1, Hkv, G*Q, D]
+    past, past_lse = _flash(qg, context_k.to(dtype)[None], context_v.to(dtype)[None], False, scale)
+    past, past_lse = past.reshape(H, Q, D), past_lse.reshape(H, Q)
+    own, own_lse = own[0], own_lse[0]
+    top = torch.maximum(own_lse, past_lse)
+    w_own, w_past = (own_lse - top).exp(), (past_lse - top).exp()                    # [H, Q] fp32
+    total = w_own + w_past
+    out = own.float() * (w_own / total)[..., None] + past.float() * (w_past / total)[..., None]
+    return out.to(dtype).transpose(0, 1)
+
+
+def _flash(q, k, v, causal: bool, scale: float):
+    """torch's CPU flash attention ``(out [B, H, Q, D], logsumexp [B, H, Q] fp32)``."""
+    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, scale=scale)
