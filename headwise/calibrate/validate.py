@@ -113,20 +113,20 @@ def validation_score(model, plan, validation: ValidationSet) -> dict:
 
     excess: dict[str, list[float]] = {k: [] for k in KINDS}
     nll: dict[str, list[float]] = {k: [] for k in KINDS}
-    for item in validation.items:
-        ids = item.ids.to(model.device)
-        patch_model(model, plan, prefill=plan.prefill)
-        try:
+    patch_model(model, plan, prefill=plan.prefill)
+    try:
+        for item in validation.items:
+            ids = item.ids.to(model.device)
             if plan.prefill == "dense":
                 total, count = continuation_nll(model, item.kv, item.last, ids[:, item.start:], ids.shape[1])
                 value = total / count
             else:
                 logits = model(input_ids=ids, use_cache=False).logits[0, item.start - 1:-1].float()
                 value = float(torch.nn.functional.cross_entropy(logits, ids[0, item.start:]))
-        finally:
-            unpatch_model(model)
-        excess[item.kind].append(value - item.dense_nll)
-        nll[item.kind].append(value)
+            excess[item.kind].append(value - item.dense_nll)
+            nll[item.kind].append(value)
+    finally:
+        unpatch_model(model)
     present = [k for k in KINDS if excess[k]]
     result = {k: sum(excess[k]) / len(excess[k]) for k in present}
     result.update({f"{k}_nll": sum(nll[k]) / len(nll[k]) for k in present})

@@ -361,27 +361,20 @@ class DecodeCall:
     qh: torch.Tensor
 
     @classmethod
-    def build(cls, step: StepLayout, group: HeadGroup, Hkv: int, G: int) -> "DecodeCall":
-        dense, sink, alpha, beta, min_span = group.key
+    def build(cls, step: StepLayout, rule: LayerRule, group: HeadGroup, Hkv: int, G: int) -> "DecodeCall":
+        """The inputs of ``group`` (heads of ``rule``, the calling layer's rule) for ``step``'s decode rows."""
+        sink = group.key[1]
         rows = step.decode_rows
         lengths = step.cache("decode_lengths", lambda: step.seq_lens[rows])
-        if dense:
-            span = lengths
-        else:
-            rule = LayerRule(torch.tensor([sink]), torch.tensor([alpha], dtype=torch.float64),
-                             torch.tensor([beta], dtype=torch.float64), torch.tensor([False]),
-                             torch.tensor([min_span], dtype=torch.float64))
-            span = rule.span(lengths)[:, 0]
-        heads = list(group.heads)
+        span = rule.select([group.heads[0]]).span(lengths)[:, 0]                           # [Bd] int64
         table = step.cache("decode_table", lambda: step.block_table[rows])
         # the blocks depend on the rule only: shared by every head group with this rule (any heads)
         physical, valid = step.cache(("decode_blocks", group.key),
                                      lambda: decode_blocks(table, lengths, sink, span, step.block_size))
-        ids = physical[:, None, :] * Hkv + torch.tensor(heads)[None, :, None]
-        tables = torch.where(valid[:, None, :], ids, -1).to(torch.int32)                  # [Bd, Hg, K]
+        heads = list(group.heads)
         Hg = len(heads)
-        return cls(tables, span[:, None].expand(-1, Hg).contiguous(), torch.full((Hg,), sink, dtype=torch.long),
-                   (lengths - 1).long(), query_heads(heads, G))
+        return cls(head_tables(physical, valid, heads, Hkv).to(torch.int32), span[:, None].expand(-1, Hg).contiguous(),
+                   torch.full((Hg,), sink, dtype=torch.long), (lengths - 1).long(), query_heads(heads, G))
 
 
 def decode_tables(block_table: torch.Tensor, seq_lens: torch.Tensor, sink: int, span: torch.Tensor,
@@ -401,8 +394,14 @@ def decode_tables(block_table: torch.Tensor, seq_lens: torch.Tensor, sink: int, 
         blocks from the window's first position to the query's, never a block twice.
     """
     physical, valid = decode_blocks(block_table, seq_lens, sink, span, block_size)
-    ids = physical[:, None, :] * num_kv_heads + torch.tensor(heads, device=block_table.device)[None, :, None]
-    return torch.where(valid[:, None, :], ids, -1)                                         # [Bd, Hg, K]
+    return head_tables(physical, valid, heads, num_kv_heads)
+
+
+def head_tables(physical: torch.Tensor, valid: torch.Tensor, heads: list[int], num_kv_heads: int) -> torch.Tensor:
+    """Pool block ids ``[Bd, Hg, K]`` (``-1`` where not ``valid``) of KV heads ``heads`` for the vLLM blocks
+    ``physical`` ``[Bd, K]`` (``decode_blocks``): the pool keeps one ``[bs, 2*D]`` block per vLLM block and head."""
+    ids = physical[:, None, :] * num_kv_heads + torch.tensor(heads, device=physical.device)[None, :, None]
+    return torch.where(valid[:, None, :], ids, -1)
 
 
 def decode_blocks(block_table: torch.Tensor, seq_lens: torch.Tensor, sink: int, span: torch.Tensor,
@@ -464,7 +463,7 @@ def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, kv_cache
         pos_pool = step.pos_pool(k_pool.shape[0])
         q_all = query[tokens]                                                               # [Bd, H, D]
         for group in head_groups(rule):
-            call = step.cache(("decode", group, Hkv, G), lambda: DecodeCall.build(step, group, Hkv, G))
+            call = step.cache(("decode", group, Hkv, G), lambda: DecodeCall.build(step, rule, group, Hkv, G))
             # Sequences in chunks whose gathered pages stay in cache while the kernel reads them again.
             per_row = 2 * call.tables.shape[1] * call.tables.shape[2] * step.block_size * query.shape[2] * 4
             n = call.tables.shape[0]
