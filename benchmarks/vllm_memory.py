@@ -22,13 +22,15 @@ prefix caching off:
 * ``pressure``: one KV budget for every system (``--kv-memory``, default 512MiB: vLLM's
   ``kv_cache_memory_bytes``, which ``VLLM_CPU_KVCACHE_SPACE`` sets in whole GiB only, and the
   engine's ``kv_cache_memory``), ``--requests`` prose prompts of ``--min-prompt``..``--max-prompt``
-  tokens (seeded), ``--output-tokens`` each, all submitted at once (no Poisson stream yet): peak
+  tokens (seeded), ``--output-tokens`` each, all submitted at once or, with ``--arrival-rate R``, as a
+  seeded Poisson stream of R requests/s (TTFT then counts from each request's arrival): peak
   requests running at once, preemptions (both recompute a preempted request), total time, completed
   requests/s, output tok/s, p50/p95 time to first token and per-token latency (every gap between a
   request's consecutive tokens; a preemption's stall is one long gap), KV held at the peak. Systems:
   ``dense`` / ``d25`` / a plan spec run on vLLM (``run_vllm_pressure``), ``engine:<plan>`` on the
   headwise engine (``run_engine_pressure``; ``PRESSURE_RUNNERS`` maps the two). Defaults are issue 29's
-  full size (32 requests of 4k-8k, 128 output tokens, 512 MiB).
+  full size (32 requests of 4k-8k, 128 output tokens, 512 MiB). ``--kv-memory 256MiB,...,4GiB`` runs
+  every system at each budget; ``report --plot sweep.png`` draws output tok/s against the budget.
 
 Rows are kept in ``--json`` (run parts one by one under the heavy-job lock) and ``report`` writes
 the markdown file (``benchmarks/results/<date>-vllm-memory.md``: date, commit, machine, commands,
@@ -53,6 +55,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
@@ -283,16 +286,31 @@ def run_hf_check(spec: dict) -> dict:
     return {"tokens": out}
 
 
-def latency_summary(arrivals: dict[str, list[float]]) -> dict:
+def arrival_times(n: int, rate: float, seed: int = 0) -> list[float]:
+    """When each of ``n`` requests arrives, seconds from the start: all at 0 for ``rate == 0``, else a
+    Poisson stream of ``rate`` requests per second (seeded exponential gaps, the first request at 0)."""
+    if rate <= 0:
+        return [0.0] * n
+    rng = random.Random(seed + 1)
+    times, t = [], 0.0
+    for _ in range(n):
+        times.append(t)
+        t += rng.expovariate(rate)
+    return times
+
+
+def latency_summary(arrivals: dict[str, list[float]], submitted: dict[str, float] | None = None) -> dict:
     """TTFT and per-token latency from each request's token arrival times (seconds since the start).
 
-    ``arrivals[rid]`` lists when each of the request's output tokens arrived. TTFT = the first;
-    per-token latency = every gap between a request's consecutive tokens (a preempted request's stall
-    is one long gap). Returns p50/p95 of both and the per-request values' counts.
+    ``arrivals[rid]`` lists when each of the request's output tokens arrived; ``submitted[rid]`` when the
+    request arrived (default 0: all at once). TTFT = first token - submission; per-token latency =
+    every gap between a request's consecutive tokens (a preempted request's stall is one long gap).
+    Returns p50/p95 of both and the mean TTFT.
     """
     import statistics
 
-    ttft = sorted(times[0] for times in arrivals.values() if times)
+    submitted = submitted or {}
+    ttft = sorted(times[0] - submitted.get(rid, 0.0) for rid, times in arrivals.items() if times)
     gaps = sorted(b - a for times in arrivals.values() for a, b in zip(times, times[1:]))
 
     def pct(values: list[float], q: float) -> float | None:
@@ -305,8 +323,16 @@ def latency_summary(arrivals: dict[str, list[float]]) -> dict:
             "itl_p50_s": pct(gaps, 0.5), "itl_p95_s": pct(gaps, 0.95)}
 
 
+def wait_for(due: float, clock: Callable[[], float]) -> None:
+    """Sleep until ``clock()`` reaches ``due`` (an idle server waiting for its next request)."""
+    ahead = due - clock()
+    if ahead > 0:
+        time.sleep(ahead)
+
+
 def run_vllm_pressure(spec: dict) -> dict:
-    """One ``pressure`` row through vLLM: every request submitted at once, stepped to the end.
+    """One ``pressure`` row through vLLM: requests submitted when they arrive (``arrival_times``: all at
+    once or a Poisson stream), the engine stepped to the end.
 
     The KV space is ``spec["kv_bytes"]`` through ``kv_cache_memory_bytes`` (what
     ``VLLM_CPU_KVCACHE_SPACE`` sets, in whole GiB only)."""
@@ -324,16 +350,22 @@ def run_vllm_pressure(spec: dict) -> dict:
     engine, sched = llm.llm_engine, scheduler(llm)
     params = SamplingParams(max_tokens=spec["output_tokens"], temperature=0.0, ignore_eos=True,
                             output_kind=RequestOutputKind.CUMULATIVE)
-    start = time.perf_counter()
-    for i, p in enumerate(prompts):
-        engine.add_request(f"p{i}", {"prompt_token_ids": p}, params)
+    due = arrival_times(len(prompts), spec.get("arrival_rate", 0.0), spec["seed"])
+    submitted = {f"p{i}": t for i, t in enumerate(due)}
     outputs, preemptions, running, used = {}, {}, [], []
     arrivals: dict[str, list[float]] = {f"p{i}": [] for i in range(len(prompts))}
-    untimed, step_log, last = 0.0, [], 0.0
-    while engine.has_unfinished_requests():
+    untimed, step_log, last, queued = 0.0, [], 0.0, 0
+    start = time.perf_counter()
+    clock = lambda: time.perf_counter() - start - untimed                            # noqa: E731
+    while queued < len(prompts) or engine.has_unfinished_requests():
+        if not engine.has_unfinished_requests():
+            wait_for(due[queued], clock)                                            # idle until the next arrives
+        while queued < len(prompts) and due[queued] <= clock():
+            engine.add_request(f"p{queued}", {"prompt_token_ids": prompts[queued]}, params)
+            queued += 1
         computed = {rid: req.num_computed_tokens for rid, req in sched.requests.items()}
         outs = engine.step()
-        now = time.perf_counter() - start - untimed
+        now = clock()
         t0 = time.perf_counter()
         done = {o.request_id: len(o.prompt_token_ids or ()) + len(o.outputs[0].token_ids) - 1
                 for o in outs if o.finished}                 # a finished request's computed tokens
@@ -364,11 +396,12 @@ def run_vllm_pressure(spec: dict) -> dict:
             "pool_bytes": layout.num_blocks * layout.bytes_per_block, "groups": len(layout.groups),
             "max_num_batched_tokens": config.scheduler_config.max_num_batched_tokens,
             "step_log": step_log, "tokens": [outputs.get(f"p{i}", []) for i in range(len(prompts))],
-            **latency_summary(arrivals)}
+            "last_arrival_s": due[-1], **latency_summary(arrivals, submitted)}
 
 
-def engine_pressure(llm, prompts: list[list[int]], output_tokens: int) -> dict:
-    """Every prompt submitted at once to a ``headwise.engine.LLM``, streamed to the end: the ``pressure`` row.
+def engine_pressure(llm, prompts: list[list[int]], output_tokens: int, due: list[float] | None = None) -> dict:
+    """Requests to a ``headwise.engine.LLM`` as they arrive (``due[i]`` seconds from the start; default all
+    at once), stepped to the end (``LLM.add_request`` / ``LLM.step``): the ``pressure`` row.
 
     Same keys as ``run_vllm_pressure``. Requests running at once and preemptions are read around each
     ``llm.scheduler.schedule()`` (a wrapper on this instance only): running after the step is
@@ -376,6 +409,7 @@ def engine_pressure(llm, prompts: list[list[int]], output_tokens: int) -> dict:
     """
     from headwise.engine import SamplingParams
 
+    due = due or [0.0] * len(prompts)
     sched = llm.scheduler
     running: list[int] = []
     preempted: dict[str, int] = {}
@@ -394,18 +428,26 @@ def engine_pressure(llm, prompts: list[list[int]], output_tokens: int) -> dict:
     params = SamplingParams(max_tokens=output_tokens, temperature=0.0, ignore_eos=True)
     arrivals: dict[str, list[float]] = {}
     tokens: dict[str, list[int]] = {}
+    submitted: dict[str, float] = {}
     made: dict[str, int] = {}
+    queued = 0
     try:
         start = time.perf_counter()
-        for event in llm.stream([{"prompt_token_ids": p} for p in prompts], params):
-            now = time.perf_counter() - start
-            if event.token_id < 0:
-                raise RuntimeError(f"the engine refused request {event.index}; see its log.")
-            arrivals.setdefault(event.request_id, []).append(now)
-            tokens.setdefault(event.request_id, []).append(event.token_id)
-            if event.finished:
-                made[event.request_id] = len(arrivals[event.request_id])
-        total = time.perf_counter() - start
+        clock = lambda: time.perf_counter() - start                                  # noqa: E731
+        while queued < len(prompts) or llm.has_unfinished_requests():
+            if not llm.has_unfinished_requests():
+                wait_for(due[queued], clock)
+            while queued < len(prompts) and due[queued] <= clock():
+                submitted[llm.add_request({"prompt_token_ids": prompts[queued]}, params, str(queued))] = due[queued]
+                queued += 1
+            events = llm.step()
+            now = clock()
+            for event in events:
+                arrivals.setdefault(event.request_id, []).append(now)
+                tokens.setdefault(event.request_id, []).append(event.token_id)
+                if event.finished:
+                    made[event.request_id] = len(arrivals[event.request_id])
+        total = clock()
     finally:
         del sched.schedule                                       # back to the class's method
     stats = llm.last_stats
@@ -415,7 +457,8 @@ def engine_pressure(llm, prompts: list[list[int]], output_tokens: int) -> dict:
             "peak_used": stats.peak_blocks, "num_blocks": stats.num_blocks, "bytes_per_block": llm.block_bytes,
             "peak_kv_bytes": stats.peak_kv_bytes, "pool_bytes": stats.num_blocks * llm.block_bytes, "groups": None,
             "max_num_batched_tokens": llm.config.max_num_batched_tokens,
-            "tokens": [tokens.get(str(i), []) for i in range(len(prompts))], **latency_summary(arrivals)}
+            "tokens": [tokens.get(str(i), []) for i in range(len(prompts))], "last_arrival_s": due[-1],
+            **latency_summary(arrivals, submitted)}
 
 
 def run_engine_pressure(spec: dict) -> dict:
@@ -432,7 +475,8 @@ def run_engine_pressure(spec: dict) -> dict:
               dtype=spec["dtype"], **budget)
     llm.generate([{"prompt_token_ids": prompts[0][:64]}], SamplingParams(max_tokens=3, temperature=0.0),
                  use_tqdm=False)                                                            # warm-up, not timed
-    return engine_pressure(llm, prompts, spec["output_tokens"])
+    return engine_pressure(llm, prompts, spec["output_tokens"],
+                           arrival_times(len(prompts), spec.get("arrival_rate", 0.0), spec["seed"]))
 
 
 #: ``pressure`` runners by system kind: ``"vllm"`` (vLLM-cpu, dense or with a plan through the plugin) and
@@ -492,8 +536,10 @@ def load_store(path: str | None) -> list[dict]:
 
 
 def save_row(path: str | None, rows: list[dict], row: dict) -> list[dict]:
-    key = (row["part"], row["name"], row.get("dtype"), row.get("case"))
-    rows = [r for r in rows if (r["part"], r["name"], r.get("dtype"), r.get("case")) != key] + [row]
+    """Keep ``row`` in the store, in place of an earlier row of the same part, system, dtype, case and budget."""
+    def key(r):
+        return r["part"], r["name"], r.get("dtype"), r.get("case"), r.get("kv_bytes")
+    rows = [r for r in rows if key(r) != key(row)] + [row]
     if path:
         Path(path).write_text(json.dumps(rows))
     return rows
@@ -626,8 +672,8 @@ def report(rows: list[dict]) -> str:
                   "wall-clock timers)", "",
                   profile_table(rows)]
     if any(r["part"] == "pressure" for r in rows):
-        lines += ["", "## Memory pressure (one KV budget for every system, all requests at once)", "",
-                  pressure_table(rows)]
+        lines += ["", "## Memory pressure (one KV budget for every system in a row group; arrivals in the case)",
+                  "", pressure_table(rows)]
     return "\n".join(lines) + "\n"
 
 
@@ -686,29 +732,83 @@ def pressure_system(system: str) -> tuple[str, str | None, dict]:
     return ("vllm", *plan_of(system))
 
 
+def pressure_case(args) -> str:
+    """The case label of a ``pressure`` run: requests, prompt lengths, output, arrivals, step size."""
+    case = f"{args.requests} x {args.min_prompt}-{args.max_prompt} + {args.output_tokens}"
+    if args.arrival_rate:
+        case += f", Poisson {args.arrival_rate:g} req/s"
+    if args.max_num_batched_tokens:
+        case += f", steps of <= {args.max_num_batched_tokens} tokens"
+    return case
+
+
 def cmd_pressure(args) -> None:
     from headwise.engine.config import parse_bytes
 
     rows = load_store(args.json)
     prov = provenance()
-    kv_bytes = parse_bytes(args.kv_memory)
-    case = f"{args.requests} x {args.min_prompt}-{args.max_prompt} + {args.output_tokens}"
-    if args.max_num_batched_tokens:
-        case += f", steps of <= {args.max_num_batched_tokens} tokens"
-    for system in args.systems.split(","):
-        runner, plan, extra = pressure_system(system)
-        spec = {"part": "pressure", "runner": runner, "name": system, "plan": plan, "extra": extra, "dtype": args.dtype,
-                "requests": args.requests, "min_prompt": args.min_prompt, "max_prompt": args.max_prompt,
-                "output_tokens": args.output_tokens, "seed": args.seed, "kv_bytes": kv_bytes,
-                "max_num_batched_tokens": args.max_num_batched_tokens}
-        r = run_child(spec, {}, args.timeout)
-        r.update(part="pressure", name=system, plan=plan, extra=extra, dtype=args.dtype, kv_bytes=kv_bytes,
-                 requests=args.requests, prov=prov, case=case, output_tokens_each=args.output_tokens)
-        print(f"{system}: {r['total_s']:.0f} s, {r['output_tokens'] / r['total_s']:.2f} output tok/s, peak running "
-              f"{r['peak_running']}, preemptions {r['preemptions']} ({r['wall_s']:.0f} s wall)", file=sys.stderr,
-              flush=True)
-        rows = save_row(args.json, rows, r)
+    case = pressure_case(args)
+    for kv_bytes in [parse_bytes(b) for b in args.kv_memory.split(",")]:
+        for system in args.systems.split(","):
+            runner, plan, extra = pressure_system(system)
+            spec = {"part": "pressure", "runner": runner, "name": system, "plan": plan, "extra": extra,
+                    "dtype": args.dtype, "requests": args.requests, "min_prompt": args.min_prompt,
+                    "max_prompt": args.max_prompt, "output_tokens": args.output_tokens, "seed": args.seed,
+                    "kv_bytes": kv_bytes, "max_num_batched_tokens": args.max_num_batched_tokens,
+                    "arrival_rate": args.arrival_rate}
+            r = run_child(spec, {}, args.timeout)
+            r.update(part="pressure", name=system, plan=plan, extra=extra, dtype=args.dtype, kv_bytes=kv_bytes,
+                     requests=args.requests, prov=prov, case=case, output_tokens_each=args.output_tokens,
+                     arrival_rate=args.arrival_rate)
+            print(f"{system} {kv_bytes / 2**20:.0f} MiB: {r['total_s']:.0f} s, {r['output_tokens'] / r['total_s']:.2f} "
+                  f"output tok/s, peak running {r['peak_running']}, preemptions {r['preemptions']} "
+                  f"({r['wall_s']:.0f} s wall)", file=sys.stderr, flush=True)
+            rows = save_row(args.json, rows, r)
     print(pressure_table(rows))
+
+
+SYSTEM_STYLE = {"dense": ("vLLM-cpu dense", "tab:gray", "o"), "d25": ("vLLM + d25", "tab:blue", "s"),
+                "engine:dense": ("headwise engine dense", "tab:orange", "^"),
+                "engine:d25": ("headwise engine d25", "tab:red", "D")}
+
+
+def plot_budget_sweep(rows: list[dict], path: str | os.PathLike) -> list[str]:
+    """Output tok/s against the KV budget, one line per system, one panel per pressure case and dtype with
+    rows at two or more budgets (the ``pressure`` sweep). Writes a PNG; returns the panels' titles."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in rows if r["part"] == "pressure"]
+    panels: dict[tuple, list[dict]] = {}
+    for r in rows:
+        panels.setdefault((r["case"], r["dtype"]), []).append(r)
+    panels = {k: v for k, v in panels.items() if len({r["kv_bytes"] for r in v}) >= 2}
+    if not panels:
+        raise SystemExit("no pressure case was run at two or more KV budgets; run pressure with --kv-memory A,B,...")
+    fig, axes = plt.subplots(1, len(panels), figsize=(6.4 * len(panels), 4.4), squeeze=False)
+    for ax, ((case, dtype), group) in zip(axes[0], sorted(panels.items())):
+        for name in sorted({r["name"] for r in group}, key=lambda n: list(SYSTEM_STYLE).index(n)
+                           if n in SYSTEM_STYLE else len(SYSTEM_STYLE)):
+            line = sorted((r for r in group if r["name"] == name), key=lambda r: r["kv_bytes"])
+            label, color, marker = SYSTEM_STYLE.get(name, (name, None, "x"))
+            ax.plot([r["kv_bytes"] / 2**20 for r in line], [r["output_tokens"] / r["total_s"] for r in line],
+                    marker=marker, color=color, label=label)
+        ax.set_xscale("log", base=2)
+        budgets = sorted({r["kv_bytes"] / 2**20 for r in group})
+        ax.set_xticks(budgets, [f"{b / 1024:g} GiB" if b >= 1024 else f"{b:g} MiB" for b in budgets])
+        ax.set_xlabel("KV memory budget")
+        ax.set_ylabel("output tokens / s")
+        ax.set_ylim(bottom=0)
+        ax.set_title(f"{case}, {dtype}", fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle("Throughput in a fixed KV budget (SmolLM2-135M, 2 CPU threads)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return [f"{case}, {dtype}" for case, dtype in sorted(panels)]
 
 
 def main() -> None:
@@ -734,12 +834,15 @@ def main() -> None:
     f.add_argument("--kv-space", type=int, default=4, help="VLLM_CPU_KVCACHE_SPACE in GiB")
     f.add_argument("--tag", default="", help="a label kept with the rows (runs of other code side by side)")
     f.set_defaults(func=cmd_profile)
-    q = sub.add_parser("pressure", help="a loaded server: one KV budget, many long requests at once")
+    q = sub.add_parser("pressure", help="a loaded server: one KV budget (or a sweep), many long requests")
     q.add_argument("--systems", default="dense,d25,engine:dense,engine:d25",
                    help="vLLM systems as for plans; engine:<plan> runs the headwise engine with that plan")
     q.add_argument("--dtype", default="float32")
     q.add_argument("--kv-memory", default="512MiB",
-                   help="KV bytes of every system: vLLM's kv_cache_memory_bytes, the engine's kv_cache_memory")
+                   help="KV bytes of every system: vLLM's kv_cache_memory_bytes, the engine's kv_cache_memory; "
+                        "comma separated for a sweep (e.g. 256MiB,512MiB,1GiB,2GiB,4GiB), every system per budget")
+    q.add_argument("--arrival-rate", type=float, default=0.0,
+                   help="requests per second of a Poisson stream (seeded); 0: every request at once")
     q.add_argument("--requests", type=int, default=32)
     q.add_argument("--min-prompt", type=int, default=4096)
     q.add_argument("--max-prompt", type=int, default=7936, help="with the output and vLLM's margin, at most the context")
@@ -752,6 +855,7 @@ def main() -> None:
     r = sub.add_parser("report", help="write the markdown results file from --json")
     r.add_argument("--out", help="markdown file (default: print)")
     r.add_argument("--append", help="markdown file added at the end (figures not in --json, with their provenance)")
+    r.add_argument("--plot", help="also write the KV budget sweep's PNG (output tok/s against the budget) here")
     r.set_defaults(func=None)
     for s in (p, f, q, r):
         s.add_argument("--json", help="keep rows in this file across invocations")
@@ -760,6 +864,10 @@ def main() -> None:
     if args.func is not None:
         return args.func(args)
     text = report(load_store(args.json))
+    if args.plot:
+        panels = plot_budget_sweep(load_store(args.json), args.plot)
+        print(f"wrote {args.plot} ({len(panels)} panel(s))")
+        text += f"\n![output tok/s against the KV budget]({Path(args.plot).name})\n"
     if args.append:
         text += "\n" + Path(args.append).read_text()
     if args.out:

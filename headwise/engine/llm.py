@@ -140,7 +140,7 @@ class LLM:
         self.scheduler = Scheduler(self.config, self.blocks, whole_prefill=dense_prefill)
         self.runner = ModelRunner(model, self.plan, self.config, num_blocks, dense_prefill=dense_prefill)
         self.eos_token_ids = self._eos_ids()
-        self.last_stats = EngineStats(num_blocks=num_blocks)
+        self._begin()
         logger.info("headwise engine: %d blocks of %d tokens (%.1f MiB), plan %s, backend %s", num_blocks, bs,
                     num_blocks * self.block_bytes / 2**20, self.plan.calibration.get("method", "custom"),
                     self.config.backend)
@@ -191,7 +191,7 @@ class LLM:
         text = self.tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
         return text, list(self.tokenizer(text, add_special_tokens=False).input_ids)
 
-    def _make_sequence(self, index: int, prompt: Any, params: Any) -> Sequence:
+    def _make_sequence(self, index: int, prompt: Any, params: Any, request_id: str | None = None) -> Sequence:
         params = SamplingParams.of(params)
         text, ids = self._token_ids(prompt)
         if not ids:
@@ -204,7 +204,7 @@ class LLM:
                              "shorten it.")
         params.check()
         seq = Sequence(ids, params, self.plan, self.config.block_size, self.max_length, prompt=text,
-                       request_id=str(index))
+                       request_id=str(index) if request_id is None else request_id)
         need = self.blocks.lifetime_blocks(seq)
         if need > self.blocks.num_blocks:
             raise InputError(f"the request needs {need} KV blocks at its length of {seq.target_length} tokens but "
@@ -270,9 +270,91 @@ class LLM:
                              "of them.")
         return self.generate([{"messages": c} for c in conversations], sampling_params, use_tqdm=use_tqdm)
 
+    def add_request(self, prompt: Any, sampling_params: SamplingParams | dict | None = None,
+                    request_id: str | None = None) -> str:
+        """Queue one request, also while ``stream`` or ``step`` is running (requests arriving over time).
+
+        ``prompt`` and ``sampling_params`` as in ``generate``; ``request_id`` names the request in its
+        events (default: its number since the last ``generate`` / ``stream`` call, as text; an id in
+        use by a queued or running request is refused). Returns the id. A request that cannot run
+        raises ``InputError`` here and leaves the others alone. Drive the engine with ``step`` (or
+        iterate a running ``stream``, which also serves requests added meanwhile). ``last_stats``
+        keeps counting across such requests until the next ``generate`` / ``stream`` call.
+        """
+        if request_id is not None and any(s.request_id == request_id
+                                          for s in (*self.scheduler.waiting, *self.scheduler.running)):
+            raise InputError(f"request id {request_id!r} is already queued or running; give each request its own.")
+        index = self._count
+        seq = self._make_sequence(index, prompt, sampling_params, request_id)
+        self._count += 1
+        self._index[id(seq)] = index
+        self.scheduler.add(seq)
+        return seq.request_id
+
+    def has_unfinished_requests(self) -> bool:
+        """Whether any request is waiting or running."""
+        return self.scheduler.has_work()
+
+    def step(self) -> list[StreamEvent]:
+        """Run one engine step (one scheduled batch) and return the tokens it made, one event per request.
+
+        Returns ``[]`` when no request is waiting or running. The model runs headwise's attention from
+        the first step after the engine was idle until the step that finishes the last request; if a
+        step fails, every request is dropped, the model's attention is restored and the error raised.
+        """
+        if not self.scheduler.has_work():
+            return []
+        stats = self.last_stats
+        if self.runner.previous_attn is None:
+            self.runner.attach()
+        try:
+            batch = self.scheduler.schedule()
+            self._account_peak(stats, batch)
+            decode_only = all(seq.is_decoding for seq, _ in batch)
+            t0 = time.perf_counter()
+            samplers, logits = self.runner.run(batch, self.blocks.take_fresh())
+            for seq, n in batch:
+                seq.num_computed += n
+            made = [self._append(seq, logits[row]) for row, seq in enumerate(samplers)]
+            elapsed = time.perf_counter() - t0
+        except BaseException:
+            self._abort()
+            raise
+        stats.steps += 1
+        if decode_only:
+            stats.decode_seconds += elapsed
+            stats.decode_steps += 1
+            stats.decode_tokens += len(batch)
+        else:
+            stats.prefill_seconds += elapsed
+            stats.prefill_tokens += sum(n for seq, n in batch if not (n == 1 and seq.num_computed > 1))
+        stats.preemptions = self.scheduler.num_preemptions - self._preempted_before
+        if not self.scheduler.has_work():
+            self.runner.detach()
+        return [StreamEvent(self._index.pop(id(seq)) if finished else self._index[id(seq)], seq.request_id, token,
+                            seq.text[:seq.streamed], finished, seq.finish_reason, delta)
+                for seq, token, finished, delta in made]
+
+    def _begin(self) -> None:
+        """A ``generate`` / ``stream`` call: fresh statistics and request numbering."""
+        self.last_stats = EngineStats(num_blocks=self.blocks.num_blocks)
+        self._preempted_before = self.scheduler.num_preemptions
+        self._items: list[Sequence | RequestOutput] = []
+        self._index: dict[int, int] = {}                 # id(sequence) -> its number, while it runs
+        self._count = 0
+
+    def _abort(self) -> None:
+        """Drop every request and restore the model's attention (a failed step, a stream left early)."""
+        for seq in list(self.scheduler.running):
+            self.scheduler.finish(seq)
+        self.scheduler.waiting.clear()
+        self._index.clear()
+        self.runner.detach()
+
     def _start(self, prompts: Any, sampling_params) -> list[Sequence | RequestOutput]:
         if self.scheduler.has_work():
-            raise RuntimeError("this LLM is already generating; wait for the running call to finish.")
+            raise RuntimeError("this LLM is already generating; wait for the running call to finish, or queue "
+                               "more requests with add_request.")
         if isinstance(prompts, (str, dict)) or not hasattr(prompts, "__iter__"):
             prompts = [prompts]                   # one prompt (a wrong type then fails alone, with its sentence)
         prompts = list(prompts)
@@ -280,7 +362,8 @@ class LLM:
             [sampling_params] * len(prompts)
         if len(params) != len(prompts):
             raise InputError(f"got {len(params)} SamplingParams for {len(prompts)} prompts; give one or one per prompt.")
-        items: list[Sequence | RequestOutput] = []
+        self._begin()
+        items = self._items
         for i, (prompt, p) in enumerate(zip(prompts, params)):
             try:
                 seq = self._make_sequence(i, prompt, p)
@@ -291,46 +374,19 @@ class LLM:
                                            list(ids) if isinstance(ids, (list, tuple)) else [],
                                            [CompletionOutput(0, "", [], "error")], True, error=str(e)))
                 continue
+            self._index[id(seq)] = i
             items.append(seq)
             self.scheduler.add(seq)
-        self.last_stats = EngineStats(num_blocks=self.blocks.num_blocks)
-        self._items = items
+        self._count = len(items)
         return items
 
     def _loop(self) -> Iterator[StreamEvent]:
-        stats = self.last_stats
-        preempted_before = self.scheduler.num_preemptions
-        index = {id(item): i for i, item in enumerate(self._items)}
-        self.runner.attach()
         try:
             while self.scheduler.has_work():
-                batch = self.scheduler.schedule()
-                self._account_peak(stats, batch)
-                decode_only = all(seq.is_decoding for seq, _ in batch)
-                t0 = time.perf_counter()
-                samplers, logits = self.runner.run(batch, self.blocks.take_fresh())
-                for seq, n in batch:
-                    seq.num_computed += n
-                events = [self._append(seq, logits[row]) for row, seq in enumerate(samplers)]
-                elapsed = time.perf_counter() - t0
-                stats.steps += 1
-                if decode_only:
-                    stats.decode_seconds += elapsed
-                    stats.decode_steps += 1
-                    stats.decode_tokens += len(batch)
-                else:
-                    stats.prefill_seconds += elapsed
-                    stats.prefill_tokens += sum(n for seq, n in batch if not (n == 1 and seq.num_computed > 1))
-                for seq, token, finished, delta in events:
-                    yield StreamEvent(index[id(seq)], seq.request_id, token, seq.text[:seq.streamed], finished,
-                                      seq.finish_reason, delta)
+                yield from self.step()
         finally:
-            self.runner.detach()
-            stats.preemptions = self.scheduler.num_preemptions - preempted_before
-            if self.scheduler.has_work():          # a failure mid-run: free everything, keep the engine usable
-                for seq in list(self.scheduler.running):
-                    self.scheduler.finish(seq)
-                self.scheduler.waiting.clear()
+            if self.scheduler.has_work():          # left early (or failed): free everything, keep the engine usable
+                self._abort()
 
     def _append(self, seq: Sequence, logits: torch.Tensor) -> tuple[Sequence, int, bool, str]:
         """Sample ``seq``'s next token, decide whether it ends the request, extend its text.

@@ -7,6 +7,7 @@ import torch
 
 from headwise import Plan
 from headwise.engine import LLM, SamplingParams
+from headwise.errors import InputError
 from headwise.plan import ModelInfo
 from headwise.kinds.dense import Dense
 from headwise.kinds.window import Window
@@ -245,3 +246,54 @@ def test_engine_groups_come_from_the_kind_descriptors(llama):
     groups = LLM(llama, plan=plan, kv_cache_memory="4MiB", block_size=8).runner.groups
     assert [[(type(g), heads) for g, heads in layer] for layer in groups] == [[(SoftmaxEngineGroup, [0, 1])]] * 2
     assert registry.get("window").engine == registry.get("dense").engine
+
+
+def test_requests_added_while_running_equal_a_batch_run(llama):
+    """``add_request`` + ``step`` (requests arriving between steps, also into a running ``stream``) make the
+    same greedy tokens as one ``generate`` call, give the model its attention back when idle, and number
+    requests in arrival order."""
+    plan = Plan.uniform(llama, 0.25, sink=4)
+    prompts = random_prompts((40, 7, 130, 66), seed=5)
+    llm = LLM(llama, plan=plan, kv_cache_memory="16MiB", block_size=8, max_num_batched_tokens=64)
+    expected = [o.outputs[0].token_ids for o in llm.generate([{"prompt_token_ids": p} for p in prompts], greedy(9),
+                                                             use_tqdm=False)]
+    assert llm.step() == [] and not llm.has_unfinished_requests()
+    tokens: dict[str, list[int]] = {}
+    ids = [llm.add_request({"prompt_token_ids": prompts[0]}, greedy(9))]
+    steps = 0
+    while llm.has_unfinished_requests():
+        for event in llm.step():
+            tokens.setdefault(event.request_id, []).append(event.token_id)
+            assert event.index == int(event.request_id)
+        steps += 1
+        if steps in (2, 3, 7) and len(ids) < len(prompts):               # arrivals mid-run, one at a later step
+            ids.append(llm.add_request({"prompt_token_ids": prompts[len(ids)]}, greedy(9)))
+        assert llama.config._attn_implementation != "sdpa" or not llm.has_unfinished_requests()
+    assert ids == ["4", "5", "6", "7"]                                 # numbered on from the generate call's 4
+    assert [tokens[i] for i in ids] == expected
+    assert llama.config._attn_implementation == "sdpa" and llm.blocks.num_free == llm.blocks.num_blocks
+    # into a running stream: the added request is served by the same iteration
+    seen: dict[str, list[int]] = {}
+    for event in llm.stream([{"prompt_token_ids": prompts[0]}], greedy(9)):
+        seen.setdefault(event.request_id, []).append(event.token_id)
+        if len(seen) == 1 and len(seen["0"]) == 1:
+            assert llm.add_request({"prompt_token_ids": prompts[2]}, greedy(9)) == "1"
+    assert seen == {"0": expected[0], "1": expected[2]}
+
+
+def test_add_request_refuses_a_bad_request_and_a_stream_left_early_frees_all(llama):
+    llm = LLM(llama, plan="dense", kv_cache_memory="8MiB", block_size=8)
+    with pytest.raises(InputError, match="empty"):
+        llm.add_request({"prompt_token_ids": []}, greedy(4))
+    assert llm.add_request({"prompt_token_ids": [5, 6]}, greedy(2), request_id="a") == "a"
+    with pytest.raises(InputError, match="already queued"):
+        llm.add_request({"prompt_token_ids": [5, 6]}, greedy(2), request_id="a")
+    events = [e for _ in range(4) for e in llm.step()]
+    assert [e.request_id for e in events] == ["a", "a"] and events[-1].finished and llm.step() == []
+    stream = llm.stream([{"prompt_token_ids": p} for p in random_prompts((20, 30), seed=6)], greedy(6))
+    next(stream)
+    stream.close()
+    assert not llm.has_unfinished_requests() and llm.blocks.num_free == llm.blocks.num_blocks
+    assert llama.config._attn_implementation == "sdpa"
+    out = llm.generate([{"prompt_token_ids": [5, 6, 7]}], greedy(3), use_tqdm=False)
+    assert len(out[0].outputs[0].token_ids) == 3
