@@ -56,20 +56,29 @@ def main() -> None:
                 subprocess.run(cmd, env=dict(os.environ, PYTHONPATH=path), check=False)
                 if target.is_file():
                     done.append((tag, row, dtype, json.loads(target.read_text())))
-    print("\n| checkout | row | dtype | prefill s | decode tok/s | ms/step | MB read/step | GB/s read | "
-          "read bandwidth GB/s | % of bandwidth | / vLLM same dtype |")
-    print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
-    vllm = {dtype: r["rows"][0]["decode_tok_s"] for tag, row, dtype, r in done if row == "vllm" and r["rows"]}
+    print(table(done))
+
+
+def table(done: list[tuple[str, str, str, dict]]) -> str:
+    """One markdown line per (checkout, row, dtype, setting) of the rows' JSON; ``/ vLLM`` in the same dtype
+    and setting."""
+    out = ["| checkout | row | dtype | setting | prefill s | decode tok/s | ms/step | MB read/step | GB/s read | "
+           "read bandwidth GB/s | % of bandwidth | / vLLM same dtype |",
+           "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    vllm = {(dtype, x["setting"]): x["decode_tok_s"] for tag, row, dtype, r in done if row == "vllm"
+            for x in r["rows"] if x.get("decode_tok_s")}
     for tag, row, dtype, r in done:
-        x = r["rows"][0]
-        if x.get("error"):
-            print(f"| {tag} | {row} | {dtype} | {x['error']} ||||||||")
-            continue
-        bw = r["machine"]["read_gbps"]
-        ratio = f"{x['decode_tok_s'] / vllm[dtype]:.2f}x" if vllm.get(dtype) else "-"
-        print(f"| {tag} | {row} | {dtype} | {x['prefill_s']:.1f} | {x['decode_tok_s']:.1f} | {1e3 * x['step_s']:.1f} | "
-              f"{x['bytes_per_step'] / 1e6:.0f} | {x['achieved_gbps']:.1f} | {bw:.1f} | "
-              f"{100 * x['achieved_gbps'] / bw:.0f}% | {ratio} |")
+        for x in r["rows"]:
+            if x.get("error"):
+                out.append(f"| {tag} | {row} | {dtype} | {x['setting']} | {x['error']} ||||||||")
+                continue
+            bw = r["machine"]["read_gbps"]
+            ref = vllm.get((dtype, x["setting"]))
+            ratio = f"{x['decode_tok_s'] / ref:.2f}x" if ref else "-"
+            out.append(f"| {tag} | {row} | {dtype} | {x['setting']} | {x['prefill_s']:.1f} | {x['decode_tok_s']:.1f} | "
+                       f"{1e3 * x['step_s']:.1f} | {x['bytes_per_step'] / 1e6:.0f} | {x['achieved_gbps']:.1f} | "
+                       f"{bw:.1f} | {100 * x['achieved_gbps'] / bw:.0f}% | {ratio} |")
+    return "\n".join(out)
 
 
 if __name__ == "__main__":

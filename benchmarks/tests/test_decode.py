@@ -110,3 +110,17 @@ def test_plan_rows_run_any_plan_in_the_engine(tmp_path):
     assert row.error is None, row.error
     assert row.label == "headwise engine, hybrid" and row.decode_tok_s > 0
     assert row.kv_held_bytes < {r.key: r for r in results}["engine-dense"].kv_held_bytes
+
+
+def test_decode_rows_table_has_every_setting_and_ratios_within_a_setting():
+    from benchmarks.decode_rows import table
+
+    def row(setting, rate):
+        return {"setting": setting, "prefill_s": 1.0, "decode_tok_s": rate, "step_s": 0.1, "bytes_per_step": 1e8,
+                "achieved_gbps": 1.0}
+    machine = {"read_gbps": 20.0}
+    done = [("vllm", "vllm", "float32", {"machine": machine, "rows": [row("4096x4", 40.0), row("8192x8", 30.0)]}),
+            ("after", "engine-d25", "float32", {"machine": machine, "rows": [row("4096x4", 100.0),
+                                                                             row("8192x8", 90.0)]})]
+    text = table(done)
+    assert "| after | engine-d25 | float32 | 4096x4 |" in text and "| 2.50x |" in text and "| 3.00x |" in text
