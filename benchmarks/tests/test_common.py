@@ -13,6 +13,8 @@ from benchmarks.common import (REPO, ResultStore, Setting, make_prompts, per_len
 SCRIPTS = sorted(p.relative_to(REPO).as_posix() for p in [*(REPO / "benchmarks").glob("*.py"),
                                                           *(REPO / "scripts").glob("*.py")]
                  if p.name not in ("__init__.py", "common.py"))
+#: The fast tier starts one script per folder (they share one bootstrap); `make test-all` starts them all.
+FAST_SCRIPTS = ("benchmarks/decode.py", "scripts/probe_moh.py")
 
 
 def test_result_store_resumes_from_its_file(tmp_path):
@@ -60,7 +62,11 @@ def test_provenance_names_date_commit_machine_and_command():
     assert info["date"].endswith("UTC") and "CPUs" in info["machine"] and info["commit"]
 
 
-@pytest.mark.parametrize("script", SCRIPTS)
+def test_fast_tier_scripts_exist():
+    assert set(FAST_SCRIPTS) <= set(SCRIPTS)
+
+
+@pytest.mark.parametrize("script", [pytest.param(s, marks=() if s in FAST_SCRIPTS else pytest.mark.slow) for s in SCRIPTS])
 def test_script_starts_from_any_folder(script, tmp_path):
     """``python <script> --help`` from another folder: the script imports this checkout's code."""
     result = subprocess.run([sys.executable, str(REPO / script), "--help"], cwd=tmp_path, capture_output=True,
