@@ -31,7 +31,8 @@ Rows and how their time is split:
 - ``engine-dense``, ``engine-uniform25``, ``engine-d25`` (and ``engine-NAME`` for ``--plan
   NAME=SPEC``): ``headwise.engine.LLM`` with plans ``dense``, ``uniform:0.25`` and this checkout's
   shipped ``d25`` of the model at hand (``smollm2-135m-d25`` for the embedded SmolLM2), ``max_tokens=1+T``;
-  ``engine-d25-sparse``: the same d25 with sparse prefill (each head reads only its own KV in prefill too). Prefill and decode times, decode tokens and
+  ``engine-d25-sparse``: the same d25 with sparse prefill (each head reads only its own KV in prefill
+  too). Prefill and decode times, decode tokens and
   KV held at peak come from the engine's own ``llm.last_stats`` (decode = steps that held only
   decode tokens).
 
@@ -44,7 +45,8 @@ as a fraction of this machine's read bandwidth measured in the same run (best of
 ``torch.sum`` passes over 1 GiB with the same thread count, before and after the rows; the better of
 the two is used, the machine being shared); "ms/step" is the time per B decode tokens (B / decode
 rate); the bandwidth limit of a row is
-``B / (bytes per step / bandwidth)`` tok/s. The run ends with issue 11's targets as ratios of its rows.
+``B / (bytes per step / bandwidth)`` tok/s. The run ends with issue 29's targets (and issue 11's HF
+ones) as ratios of its rows.
 """
 
 from __future__ import annotations
@@ -533,7 +535,8 @@ def target_checks(rows: list[Row], settings: list[Setting], read_gbps: float) ->
     checks = []
     for s in settings:          # issue 29's targets: decode >= 2.5x vLLM dense and >= 60% of the bandwidth limit
         r = get("engine-d25", s)
-        checks.append(Check(f"d25 decode >= 2.5x vLLM dense decode at {s}", ratio(r, get("vllm", s), "decode_tok_s"), 2.5))
+        checks.append(Check(f"d25 decode >= 2.5x vLLM dense decode at {s}",
+                            ratio(r, get("vllm", s), "decode_tok_s"), 2.5))
         frac = None
         if r is not None and r.decode_tok_s and r.limit_tok_s(read_gbps, s.batch):
             frac = 100 * r.decode_tok_s / r.limit_tok_s(read_gbps, s.batch)
@@ -690,7 +693,7 @@ def report(args, all_rows: list[Row], settings: list[Setting], machine: dict, af
           f"{args.decode_tokens} decode steps; read bandwidth {machine['read_gbps']:.1f} GB/s ({where}), "
           f"fp32 matmul {machine['matmul_gflops']:.0f} GFLOP/s; weights {(weights or 0) / 1e6:.0f} MB read per step")
     print(table)
-    print("\nTarget checks (issue 11; ratios in this run):")
+    print("\nTarget checks (issue 29, and issue 11's HF checks; ratios in this run):")
     for c in checks:
         print(c.line())
     print(f"\n(rows took {wall / 60:.1f} min)", flush=True)

@@ -66,7 +66,8 @@ def gemm_table(model, rows: int) -> None:
     except ImportError:
         vllm_ops = None
     shapes = sorted({tuple(m.weight.shape) for m in model.model.layers[0].modules() if isinstance(m, torch.nn.Linear)})
-    print("\n| dtype | rows x in -> out | F.linear GFLOP/s | oneDNN (torch) | vLLM onednn_mm | max abs diff oneDNN vs F.linear |")
+    print("\n| dtype | rows x in -> out | F.linear GFLOP/s | oneDNN (torch) | vLLM onednn_mm "
+          "| max abs diff oneDNN vs F.linear |")
     print("|---|---|---:|---:|---:|---:|")
     for dtype in (torch.float32, torch.bfloat16):
         for out_features, in_features in shapes:

@@ -66,7 +66,8 @@ def test_fast_tier_scripts_exist():
     assert set(FAST_SCRIPTS) <= set(SCRIPTS)
 
 
-@pytest.mark.parametrize("script", [pytest.param(s, marks=() if s in FAST_SCRIPTS else pytest.mark.slow) for s in SCRIPTS])
+@pytest.mark.parametrize("script", [pytest.param(s, marks=() if s in FAST_SCRIPTS else pytest.mark.slow)
+                                    for s in SCRIPTS])
 def test_script_starts_from_any_folder(script, tmp_path):
     """``python <script> --help`` from another folder: the script imports this checkout's code."""
     result = subprocess.run([sys.executable, str(REPO / script), "--help"], cwd=tmp_path, capture_output=True,

@@ -138,7 +138,10 @@ def _generate(args) -> int:
 
 def _stream(llm, prompt, params) -> list:
     """Print one prompt's text delta by delta; returns its output as ``generate`` would."""
+    outputs = []
     for event in llm.stream([prompt], params):
         print(event.delta, end="", flush=True)
+        if event.output is not None:
+            outputs.append(event.output)
     print(flush=True)
-    return [llm._output(llm._items[0])]       # the finished request, as generate() reports it
+    return outputs

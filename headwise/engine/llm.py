@@ -63,7 +63,8 @@ class StreamEvent:
     index: the request's place in the prompts; token_id: the token just made (-1 for a request that
     failed before running); delta: the text this event adds (``""`` while a multi-byte character
     or a possible stop string is incomplete); text: the text so far (the concatenation of the
-    deltas); finished / finish_reason: as in ``CompletionOutput``.
+    deltas); finished / finish_reason: as in ``CompletionOutput``; output: on the event that finishes
+    a request, the request as ``generate`` reports it (tokens, text, KV report), else ``None``.
     """
 
     index: int
@@ -73,6 +74,7 @@ class StreamEvent:
     finished: bool
     finish_reason: str | None
     delta: str = ""
+    output: RequestOutput | None = None
 
 
 class LLM:
@@ -249,7 +251,7 @@ class LLM:
         items = self._start(prompts, sampling_params)
         for i, item in enumerate(items):
             if isinstance(item, RequestOutput):
-                yield StreamEvent(i, item.request_id, -1, "", True, "error")
+                yield StreamEvent(i, item.request_id, -1, "", True, "error", output=item)
         yield from self._loop()
 
     def chat(self, messages: Any, sampling_params: SamplingParams | dict | list | None = None,
@@ -332,7 +334,8 @@ class LLM:
         if not self.scheduler.has_work():
             self.runner.detach()
         return [StreamEvent(self._index.pop(id(seq)) if finished else self._index[id(seq)], seq.request_id, token,
-                            seq.text[:seq.streamed], finished, seq.finish_reason, delta)
+                            seq.text[:seq.streamed], finished, seq.finish_reason, delta,
+                            self._output(seq) if finished else None)
                 for seq, token, finished, delta in made]
 
     def _begin(self) -> None:
@@ -363,7 +366,7 @@ class LLM:
         if len(params) != len(prompts):
             raise InputError(f"got {len(params)} SamplingParams for {len(prompts)} prompts; give one or one per prompt.")
         self._begin()
-        items = self._items                      # kept: the CLI's --stream reports its request from it
+        items = self._items
         for i, (prompt, p) in enumerate(zip(prompts, params)):
             try:
                 seq = self._make_sequence(i, prompt, p)

@@ -100,8 +100,10 @@ def test_text_prompts_stop_strings_and_stream(llama):
     cut = llm.generate("hello world", SamplingParams(max_tokens=12, temperature=0, ignore_eos=True, stop=[stop]),
                        use_tqdm=False)[0].outputs[0]
     assert cut.finish_reason == "stop" and cut.stop_reason == stop and cut.text == full.text[:full.text.find(stop)]
-    tokens = [e.token_id for e in llm.stream(["hello world"], greedy(12))]
-    assert tokens == full.token_ids
+    events = list(llm.stream(["hello world"], greedy(12)))
+    assert [e.token_id for e in events] == full.token_ids
+    assert [e.output for e in events[:-1]] == [None] * 11                 # the finishing event carries the request
+    assert events[-1].output.outputs[0] == full and events[-1].output.kv["peak_blocks"] > 0
     stop_id = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True, stop_token_ids=[full.token_ids[3]])
     out = llm.generate("hello world", stop_id, use_tqdm=False)[0].outputs[0]
     first = full.token_ids.index(full.token_ids[3])
@@ -198,7 +200,8 @@ def test_dense_prefill_mode_equals_patched_hf(arch, monkeypatch):
     prompts = random_prompts((4, 90, 300), seed=13)
     vllm_calls = []
     run = causal_prefill.CausalBatch.run
-    monkeypatch.setattr(causal_prefill.CausalBatch, "run", lambda self, q, *a: vllm_calls.append(q.shape[0]) or run(self, q, *a))
+    monkeypatch.setattr(causal_prefill.CausalBatch, "run",
+                        lambda self, q, *a: vllm_calls.append(q.shape[0]) or run(self, q, *a))
     llm = LLM(model, plan=plan, kv_cache_memory="16MiB", block_size=8, max_num_batched_tokens=64, prefill="dense")
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts], greedy(10), use_tqdm=False)
     assert vllm_calls == ([300] * model.config.num_hidden_layers if causal_prefill.supports(32, torch.float32) else [])

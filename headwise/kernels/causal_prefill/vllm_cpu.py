@@ -95,8 +95,8 @@ class CausalBatch:
         meta, isa = self._metadata(H, Hkv, D, dtype)
         scratch = torch.zeros(self.num_blocks, Hkv, 2 * SCRATCH_BLOCK, D, dtype=dtype)   # zeros: no NaN past a length
         key_cache, value_cache = scratch.chunk(2, dim=2)
-        ops.cpu_attn_reshape_and_cache(keys.to(dtype).contiguous(), values.to(dtype).contiguous(), key_cache, value_cache,
-                                       self.slots, isa)
+        ops.cpu_attn_reshape_and_cache(keys.to(dtype).contiguous(), values.to(dtype).contiguous(), key_cache,
+                                       value_cache, self.slots, isa)
         out = torch.empty(q.shape, dtype=dtype)
         ops.cpu_attention_with_kv_cache(query=q.contiguous(), key_cache=key_cache, value_cache=value_cache, output=out,
                                         query_start_loc=self.query_start_loc, seq_lens=self.seq_lens, scale=scale,
