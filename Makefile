@@ -29,10 +29,12 @@ setup: $(STAMP)
 demo: setup
 	$(VENV)/bin/headwise demo
 
-# The fast tier (a few minutes on 2 cores): every module, kernel grids by covering cases, tiny models,
-# one real-model check per runtime. `test-all` adds the `slow` tests (CI runs it: .ci/run).
+# The fast tier (about 3 minutes on 2 cores): every module, kernel grids by covering cases, tiny models,
+# one real-model check per runtime, in TEST_WORKERS processes (pytest-xdist; whole files per worker).
+# `test-all` adds the `slow` tests, in one process (CI runs it: .ci/run).
+TEST_WORKERS ?= 2
 test: setup
-	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+	$(PY) -m pytest -m "not slow" -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 test-all: setup fetch-models
 	$(PY) -m pytest $(PYTEST_ARGS)
