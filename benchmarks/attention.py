@@ -17,9 +17,7 @@ columns of one run, not runs.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 from pathlib import Path
 
 if __name__ == "__main__" and not __package__:   # python benchmarks/attention.py: this checkout first
@@ -28,22 +26,12 @@ if __name__ == "__main__" and not __package__:   # python benchmarks/attention.p
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from benchmarks.common import provenance, provenance_line  # noqa: E402
+from benchmarks.common import median_seconds, provenance, provenance_line  # noqa: E402
 from headwise.kernels.paged_decode import paged_decode  # noqa: E402
 from headwise.kernels.sink_window import sink_window_attention  # noqa: E402
 
 H, HKV, D = 9, 3, 64
 SINK, DENSITY = 64, 0.25
-
-
-def median_seconds(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def uniform_span(n: int) -> int:

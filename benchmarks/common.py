@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import statistics
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -107,6 +109,17 @@ def make_prompts(setting: Setting, tokenizer=None, vocab_size: int | None = None
 
 
 # ---- byte counts ------------------------------------------------------------------------------
+def median_seconds(fn, repeats: int = 5) -> float:
+    """Median wall seconds of ``repeats`` calls of ``fn()`` after one untimed warm-up call."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
 def weight_bytes(model) -> int:
     """Bytes of all parameters; ``parameters()`` yields a tied embedding / lm_head once."""
     seen, total = set(), 0

@@ -26,7 +26,8 @@ if __name__ == "__main__" and not __package__:   # python benchmarks/profile_pre
 
 import torch  # noqa: E402
 
-from benchmarks.common import SHIPPED_D25, Setting, make_prompts, provenance, provenance_line  # noqa: E402
+from benchmarks.common import (SHIPPED_D25, Setting, make_prompts, median_seconds, provenance,  # noqa: E402
+                               provenance_line)
 
 #: Part of each profiled op (first matching fragment of its name wins); anything else is "other".
 PARTS = [
@@ -45,16 +46,6 @@ PARTS = [
 
 def part_of(name: str) -> str:
     return next((part for part, fragments in PARTS if any(f in name for f in fragments)), "other")
-
-
-def median_seconds(fn, repeat: int = 5) -> float:
-    fn()
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return sorted(times)[repeat // 2]
 
 
 def gemm_table(model, rows: int) -> None:

@@ -19,14 +19,13 @@ Shapes: SmolLM2-135M's (9 query / 3 KV heads, head dim 64), block size 128. Prin
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.common import median_seconds  # noqa: E402
 from headwise.integrations.vllm import paged  # noqa: E402
 from headwise.kinds.dense import Dense  # noqa: E402
 from headwise.patches.runtime import LayerRule  # noqa: E402
@@ -36,13 +35,8 @@ CASES = [(0, 2048), (0, 1024), (2048, 1024), (3072, 1024)]      # (context, new 
 
 
 def timed(fn, repeat: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e3
+    """Median milliseconds of ``fn()``."""
+    return median_seconds(fn, repeat) * 1e3
 
 
 def old_attend(query, key, value, kv_cache, output, step, rule, scale):
