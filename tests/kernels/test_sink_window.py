@@ -98,6 +98,21 @@ def test_cpu_per_head_positions_that_agree():
           torch.float32)
 
 
+@pytest.mark.parametrize("span,sink", [(33, 4), (48, 64), (70, 0), (129, 64), (256, 4)],
+                         ids=lambda x: str(x))
+def test_cpu_short_windows_run_smaller_band_blocks(span, sink):
+    """Windows of 33..256 run band blocks of the largest power of two below the span (``band_block``),
+    batched, mask-free; the last block is uneven (600 queries)."""
+    from headwise.kernels.sink_window import cpu
+
+    block = cpu.band_block(span, cpu.QUERY_BLOCK)
+    assert block < span and block & (block - 1) == 0 and block >= cpu.MIN_BAND_BLOCK
+    case = prefill_case(600, 3, 0, "win_lt", "right", torch.float32)
+    case.span = torch.full_like(case.span, span)
+    case.sink = torch.full_like(case.sink, sink)
+    check("cpu", case, torch.float32)
+
+
 @pytest.mark.parametrize("span,sink", [(1, 0), (1, 500), (2, 3)], ids=["self-only", "sink-beyond-length", "tiny"])
 def test_cpu_edge_spans(span, sink):
     case = prefill_case(130, 3, 0, "win_lt", "left", torch.float32)
