@@ -91,6 +91,24 @@ def test_api_refuses_with_one_sentence(call, message, other_plan):
     assert message in str(info.value) and one_sentence(str(info.value)), str(info.value)
 
 
+def test_length_beyond_the_context_warns_once_per_length(caplog, monkeypatch):
+    """A length past the context (softplus heads run there on purpose) is a warning, said once per length."""
+    import headwise.patches
+
+    monkeypatch.setattr(headwise.patches, "_WARNED", set())          # whatever earlier tests warned about
+    model = patch_model(make_tiny("llama"), "dense")
+    try:
+        with caplog.at_level("WARNING", logger="headwise"):
+            for n in (1500, 1500, 1700, 1500):
+                with expected_length(model, n):
+                    pass
+    finally:
+        unpatch_model(model)
+    said = [r.getMessage() for r in caplog.records if "beyond the model's context" in r.getMessage()]
+    assert said == [f"headwise: expected_length's n of {n} tokens is beyond the model's context of 1024 tokens."
+                    for n in (1500, 1700)]
+
+
 # ---- the engine: the LLM call itself ----------------------------------------------------------------------------
 ENGINE_CALLS = [
     ("LLM(42)", lambda m: LLM(42), "LLM's model must be None"),

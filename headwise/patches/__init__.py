@@ -77,9 +77,14 @@ def _check_length(name: str, n: object, model) -> int:
     if not 1 <= n <= EXTRAPOLATION * context:
         raise InputError(f"{name} must be between 1 and {EXTRAPOLATION} x the model's context of {context} tokens "
                          f"(prompt + new tokens), got {n}.")
-    if n > context:
+    if n > context and (name, n, context) not in _WARNED:
+        _WARNED.add((name, n, context))              # once per length: callers set it per prompt
         logger.warning("headwise: %s of %d tokens is beyond the model's context of %d tokens.", name, n, context)
     return n
+
+
+#: ``(name, n, context)`` already warned about by ``_check_length``.
+_WARNED: set[tuple[str, int, int]] = set()
 
 
 def patch_model(model, plan: Plan | str, *, target_length: int | None = None, backend: str = "auto",
