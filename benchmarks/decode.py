@@ -513,6 +513,16 @@ class Check:
         return f"- {self.name}: {margin} -> **{verdict}**" + (f" ({self.note})" if self.note else "")
 
 
+def check_lines(checks: list[Check]) -> list[str]:
+    """One line per check measured (or explained by a note); the rest, whose rows this run did not
+    have (a row process reports only its own row), counted in one line."""
+    lines = [c.line() for c in checks if c.measured is not None or c.note]
+    unmeasured = sum(c.measured is None and not c.note for c in checks)
+    if unmeasured:
+        lines.append(f"- {unmeasured} more checks not measured: their rows were not run or failed")
+    return lines
+
+
 def target_checks(rows: list[Row], settings: list[Setting], read_gbps: float) -> list[Check]:
     """Issue 11's targets, as ratios of this run's rows."""
     by = {(r.key, r.setting): r for r in rows if not r.error}
@@ -694,8 +704,7 @@ def report(args, all_rows: list[Row], settings: list[Setting], machine: dict, af
           f"fp32 matmul {machine['matmul_gflops']:.0f} GFLOP/s; weights {(weights or 0) / 1e6:.0f} MB read per step")
     print(table)
     print("\nTarget checks (issue 29, and issue 11's HF checks; ratios in this run):")
-    for c in checks:
-        print(c.line())
+    print("\n".join(check_lines(checks)))
     print(f"\n(rows took {wall / 60:.1f} min)", flush=True)
     if args.json:
         batch_of = {str(s): s.batch for s in settings}
