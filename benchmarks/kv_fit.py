@@ -48,8 +48,9 @@ def engine_request_blocks(plan, context: int, block_size: int) -> int:
 
 def engine_fit(plan, budget: int, contexts: list[int], block_size: int, element: int, max_context: int) -> dict:
     """Requests held at once per context, bytes per request and the longest context, in the engine's pool."""
-    block_bytes = block_size * plan.model.head_dim * 2 * element
-    num_blocks = budget // (block_bytes + block_size * 8)
+    from headwise.engine.block_manager import pool_size
+
+    num_blocks, block_bytes = pool_size(budget, block_size, plan.model.head_dim, element)
     per_context = {n: engine_request_blocks(plan, n, block_size) for n in contexts}
     return {"pool_blocks": num_blocks, "block_bytes": block_bytes,
             "requests": {n: num_blocks // b for n, b in per_context.items()},
@@ -59,27 +60,23 @@ def engine_fit(plan, budget: int, contexts: list[int], block_size: int, element:
 
 def vllm_fit(specs: dict, budget: int, contexts: list[int], max_context: int) -> dict:
     """The same for vLLM's KV cache groups of ``specs`` (layer name -> ``KVCacheSpec``)."""
-    from vllm.config import VllmConfig
-    from vllm.v1.core.kv_cache_utils import get_kv_cache_groups
+    from benchmarks.vllm_kv_groups import bytes_per_block, cpu_kv_cache_groups, held_blocks
 
-    from benchmarks.vllm_kv_groups import bytes_per_block, held_blocks
-
-    config = VllmConfig()
-    config.cache_config.kv_cache_layout = "LBHNC"            # what the CPU backend supports
-    groups = get_kv_cache_groups(config, dict(specs))
+    groups = cpu_kv_cache_groups(specs)
     block_bytes = bytes_per_block(groups)
     num_blocks = budget // block_bytes
 
     def held(n: int, at_prompt_end: bool) -> int:
         return held_blocks(groups, n - OUTPUT_TOKENS, n, at_prompt_end)
 
-    requests = {}
+    requests, request_bytes = {}, {}
     for n in contexts:
         decoding, prompt_end = held(n, False), held(n, True)
         # every request decodes at n but the last admitted, which holds its prompt's end
         requests[n] = 0 if prompt_end > num_blocks else 1 + (num_blocks - prompt_end) // decoding
+        request_bytes[n] = decoding * block_bytes
     return {"pool_blocks": num_blocks, "block_bytes": block_bytes, "groups": len(groups), "requests": requests,
-            "request_bytes": {n: held(n, False) * block_bytes for n in contexts},
+            "request_bytes": request_bytes,
             "longest": longest(lambda n: held(n, True) <= num_blocks, max_context)}
 
 
@@ -113,8 +110,6 @@ def main() -> None:
 
     import torch
     from transformers import AutoConfig
-    from vllm.v1.kv_cache_interface import FullAttentionSpec
-
     from headwise.engine.config import EngineConfig, parse_bytes
     from headwise.models import DEFAULT, get_entry, model_dir
     from headwise.plan import Plan
@@ -133,6 +128,7 @@ def main() -> None:
     plans = {"dense": Plan.dense(hf),
              **{Path(s).stem if s.endswith(".json") else s: Plan.from_spec(s, hf) for s in specs}}
     if not args.no_vllm:
+        from benchmarks.vllm_kv_groups import dense_specs
         from headwise.integrations.vllm.kv_spec import register_kv_spec
         from headwise.integrations.vllm.split import plan_specs
 
@@ -151,10 +147,8 @@ def main() -> None:
                 for p, plan in plans.items()]
         if not args.no_vllm:
             for p, plan in plans.items():
-                layer_specs = ({f"model.layers.{i}.self_attn.attn": FullAttentionSpec(
-                    block_size=args.vllm_block_size, num_kv_heads=plan.model.num_kv_heads,
-                    head_size=plan.model.head_dim, dtype=dtype) for i in range(len(plan.layers))} if p == "dense"
-                    else plan_specs(plan, args.vllm_block_size, dtype, max_context))
+                layer_specs = (dense_specs(plan, args.vllm_block_size, dtype) if p == "dense"
+                               else plan_specs(plan, args.vllm_block_size, dtype, max_context))
                 rows.append((f"vLLM {p}", vllm_fit(layer_specs, budget, contexts, max_context)))
         for label, fit in rows:
             capped, uncapped = fit["longest"]

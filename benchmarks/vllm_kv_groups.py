@@ -47,6 +47,25 @@ def held_blocks(groups, prompt: int, length: int, at_prompt_end: bool) -> int:
     return total
 
 
+def cpu_kv_cache_groups(specs: dict):
+    """vLLM's ``get_kv_cache_groups`` for ``specs`` (layer name -> spec) under the CPU backend's layout."""
+    from vllm.config import VllmConfig
+    from vllm.v1.core.kv_cache_utils import get_kv_cache_groups
+
+    config = VllmConfig()
+    config.cache_config.kv_cache_layout = "LBHNC"            # what the CPU backend supports
+    return get_kv_cache_groups(config, dict(specs))
+
+
+def dense_specs(plan, block_size: int, dtype) -> dict:
+    """vLLM's own full-attention spec for every layer of ``plan``'s model (vLLM without a plan)."""
+    from vllm.v1.kv_cache_interface import FullAttentionSpec
+
+    return {f"model.layers.{i}.self_attn.attn": FullAttentionSpec(
+        block_size=block_size, num_kv_heads=plan.model.num_kv_heads, head_size=plan.model.head_dim, dtype=dtype)
+        for i in range(len(plan.layers))}
+
+
 def bytes_per_block(groups) -> int:
     """The widest group's bytes per block (vLLM's pool block under a layer-outer layout)."""
     from vllm.v1.kv_cache_interface import UniformTypeKVCacheSpecs
@@ -72,9 +91,6 @@ def main() -> None:
 
     import torch
     from transformers import AutoConfig
-    from vllm.config import VllmConfig
-    from vllm.v1.core.kv_cache_utils import get_kv_cache_groups
-    from vllm.v1.kv_cache_interface import FullAttentionSpec
 
     from headwise.integrations.vllm.kv_spec import GROUP_POLICIES, register_kv_spec
     from headwise.integrations.vllm.split import plan_specs
@@ -83,15 +99,10 @@ def main() -> None:
 
     logging.getLogger("vllm").setLevel(logging.ERROR)
     register_kv_spec()
-    config = VllmConfig()
-    config.cache_config.kv_cache_layout = "LBHNC"            # what the CPU backend supports
     hf = AutoConfig.from_pretrained(embedded_model_dir(), local_files_only=True)
     dtype = getattr(torch, args.dtype)
     dense_plan = Plan.dense(hf)
-    dense_specs = {f"model.layers.{i}.self_attn.attn": FullAttentionSpec(
-        block_size=args.block_size, num_kv_heads=dense_plan.model.num_kv_heads, head_size=dense_plan.model.head_dim,
-        dtype=dtype) for i in range(len(dense_plan.layers))}
-    dense_groups = get_kv_cache_groups(config, dict(dense_specs))
+    dense_groups = cpu_kv_cache_groups(dense_specs(dense_plan, args.block_size, dtype))
     dense_bytes = held_blocks(dense_groups, args.prompt, args.length, False) * bytes_per_block(dense_groups)
     print(f"vLLM 0.32 KV cache grouping, {Path(str(embedded_model_dir())).name}, {args.dtype}, block size "
           f"{args.block_size}, max_model_len {args.max_len}; one request: prompt {args.prompt}, decoding at "
@@ -104,7 +115,7 @@ def main() -> None:
         for split in (False, True):
             for policy in GROUP_POLICIES:
                 specs = plan_specs(plan, args.block_size, dtype, args.max_len, split, policy)
-                groups = get_kv_cache_groups(config, dict(specs))
+                groups = cpu_kv_cache_groups(specs)
                 bpb = bytes_per_block(groups)
                 width = max(len(g.layer_names) for g in groups)
                 padded = width * len(groups) - len(specs)

@@ -13,6 +13,13 @@ import torch
 from .sequence import Sequence
 
 
+def pool_size(kv_cache_memory: int, block_size: int, head_dim: int, element: int) -> tuple[int, int]:
+    """``(blocks, bytes of one block's K and V)`` a pool of ``kv_cache_memory`` bytes holds: a block is
+    ``block_size`` tokens of one KV head, plus 8 bytes of slot position per token."""
+    block_bytes = block_size * head_dim * 2 * element
+    return kv_cache_memory // (block_bytes + block_size * 8), block_bytes
+
+
 class BlockManager:
     """Free list over ``num_blocks`` pool blocks; tables live on the sequences."""
 

@@ -12,7 +12,7 @@ import torch
 
 from ..errors import InputError
 from ..plan import PREFILL_MODES, Plan
-from .block_manager import BlockManager
+from .block_manager import BlockManager, pool_size
 from .config import EngineConfig
 from .detokenize import IncrementalDetokenizer
 from .runner import ModelRunner
@@ -132,8 +132,7 @@ class LLM:
         head_dim = self.plan.model.head_dim
         element = next(model.parameters()).element_size()
         bs = self.config.block_size
-        self.block_bytes = bs * head_dim * 2 * element               # K and V of one block
-        num_blocks = self.config.kv_cache_memory // (self.block_bytes + bs * 8)   # + slot positions
+        num_blocks, self.block_bytes = pool_size(self.config.kv_cache_memory, bs, head_dim, element)
         if num_blocks < 1:
             raise InputError(f"kv_cache_memory of {self.config.kv_cache_memory} bytes holds no {bs}-token block; "
                              "give the pool more memory.")

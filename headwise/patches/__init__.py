@@ -67,6 +67,10 @@ def _check_model(model, entry: str) -> None:
 EXTRAPOLATION = 16          # lengths up to this many times the model's context are accepted (softplus heads extrapolate)
 
 
+#: ``(name, n, context)`` already warned about by ``_check_length``.
+_WARNED: set[tuple[str, int, int]] = set()
+
+
 def _check_length(name: str, n: object, model) -> int:
     """``n`` as a token count in ``[1, EXTRAPOLATION x the model's context]``, else ``InputError``.
 
@@ -81,10 +85,6 @@ def _check_length(name: str, n: object, model) -> int:
         _WARNED.add((name, n, context))              # once per length: callers set it per prompt
         logger.warning("headwise: %s of %d tokens is beyond the model's context of %d tokens.", name, n, context)
     return n
-
-
-#: ``(name, n, context)`` already warned about by ``_check_length``.
-_WARNED: set[tuple[str, int, int]] = set()
 
 
 def patch_model(model, plan: Plan | str, *, target_length: int | None = None, backend: str = "auto",

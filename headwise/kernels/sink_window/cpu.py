@@ -127,7 +127,7 @@ def band_block(span: int, query_block: int) -> int:
     an 8k prompt (measured on this project's CPU, docs/kernels.md)."""
     if span > query_block or span <= MIN_BAND_BLOCK:
         return query_block
-    return max(MIN_BAND_BLOCK, 1 << ((span - 1).bit_length() - 1))    # largest power of two < span
+    return 1 << ((span - 1).bit_length() - 1)           # largest power of two < span (>= MIN_BAND_BLOCK)
 
 
 #: Bytes of gathered keys and values one batched band call may hold.
