@@ -80,10 +80,15 @@ def register(subparsers) -> None:
     p.add_argument("--refit", type=int, default=0,
                    help="rounds of re-profiling the same samples at the last plan and re-solving with every "
                         "profile pooled (0: MoA's single profile at the dense model)")
-    p.add_argument("--method", choices=("profile", "gates"), default="profile",
+    p.add_argument("--method", choices=("profile", "gates", "retrieval"), default="profile",
                    help="profile: v1, every span from the first-order profile + MILP; gates: v2, long heads chosen "
                         "by trained DuoAttention-style gates (their joint effect) fixed dense, the others' spans "
-                        "from the same MILP")
+                        "from the same MILP; retrieval: the same with the long heads ranked by their attention on "
+                        "the recall samples' facts while the dense model recites them (no training; needs "
+                        "--long-heads)")
+    p.add_argument("--retrieval-score", choices=("entry", "copy"), default="entry",
+                   help="--method retrieval: rank by attention on the whole recited entry (default) or on the "
+                        "copied token alone")
     p.add_argument("--gate-lengths", default="1024,2048,4096",
                    help="v2: lengths of the gate-training samples (1024,2048 calibrates the d25 in about half the "
                         "time and changed 1 of its 16 long heads; see the README)")
@@ -160,14 +165,18 @@ def run(args) -> int:
     candidates = candidate_grid(budgeted, args.sink, args.alpha_step, args.min_span, args.guard_length,
                                 floor=args.span_floor)
     long_heads, elastic_heads, v2 = None, None, {}
-    if args.elastic_heads and args.method != "gates":
-        raise SystemExit("--elastic-heads takes the heads ranked by the gates; add --method gates.")
+    if args.elastic_heads and args.method == "profile":
+        raise SystemExit("--elastic-heads takes the heads ranked by the gates or retrieval scores; add --method gates "
+                         "or --method retrieval.")
     if not 0.0 < args.elastic_share <= 1.0:
         raise SystemExit(f"--elastic-share must be in (0, 1], got {args.elastic_share}.")
     splits = parse_splits(args.select) if args.select else None
-    if splits and args.method != "gates":
-        raise SystemExit("--select splits the heads ranked by the gates; add --method gates.")
-    if args.method == "gates":
+    if splits and args.method == "profile":
+        raise SystemExit("--select splits the heads ranked by the gates or retrieval scores; add --method gates or "
+                         "--method retrieval.")
+    if args.method == "retrieval" and args.long_heads is None and not splits:
+        raise SystemExit("--method retrieval needs --long-heads N: how many of its top-ranked heads stay dense.")
+    if args.method != "profile":
         strict = [n for n in budgeted if n >= strict_from] if tolerance is not None else lengths
         long_heads, elastic_heads, v2 = choose_long_heads(model, tokenizer, store.info, candidates, args, strict)
     print(f"headwise calibrate: solving the MILP at density {args.density} "
@@ -326,18 +335,49 @@ def budget_settings(args, lengths: list[int], context: int) -> tuple[list[int], 
 
 
 def choose_long_heads(model, tokenizer, info, candidates, args, budget_lengths: list[int]):
-    """Calibrator v2: train (or load) the gates and pick the long heads.
+    """Calibrator v2/v3: rank the KV heads (trained gates, or retrieval scores with ``--method
+    retrieval``) and pick the long ones.
 
     Returns ``(long [layers, Hkv] bool, elastic [layers, Hkv] bool or None, calibration notes)``:
-    long heads are those whose gate ends above ``--gate-threshold`` (or the top ``--long-heads`` by
-    gate), capped so every other head can still keep its least candidate's share of the context
-    under ``--density`` at ``budget_lengths``; elastic heads (v3 approach iii) the next
-    ``--elastic-heads`` of the ranking.
+    long heads are the top ``--long-heads`` of the ranking (gates: by default those whose gate ends
+    above ``--gate-threshold``), capped so every other head can still keep its least candidate's
+    share of the context under ``--density`` at ``budget_lengths``; elastic heads (v3 approach iii)
+    the next ``--elastic-heads`` of the ranking.
     """
-    from ..data.recall import recall_description
-    from .gates import GateSettings, GateStore
     from .optimize import long_head_cap
     from .select import head_mask
+
+    ranking, default_count, notes = (retrieval_ranking if args.method == "retrieval" else gate_ranking)(
+        model, tokenizer, info, args)
+    heads = info.num_layers * info.num_kv_heads
+    cap = long_head_cap(budget_lengths, args.density, heads, candidates)
+    wanted = args.long_heads if args.long_heads is not None else default_count
+    if not 0 <= wanted <= heads:
+        raise SystemExit(f"--long-heads must be between 0 and the model's {heads} KV heads, got {wanted}.")
+    count = min(wanted, cap)
+    long = head_mask(ranking[:count], (info.num_layers, info.num_kv_heads))
+    if not 0 <= args.elastic_heads <= heads - count:
+        raise SystemExit(f"--elastic-heads must be between 0 and the {heads - count} heads that are not long, "
+                         f"got {args.elastic_heads}.")
+    next_ranked = ranking[count:count + args.elastic_heads]
+    elastic = head_mask(next_ranked, (info.num_layers, info.num_kv_heads)) if next_ranked else None
+    notes = {"long_heads": {**notes, "count": count, "wanted": wanted, "cap": cap,
+                            "heads": [[l, h] for l, h in ranking[:count]]},
+             **({"elastic_heads": {"count": len(next_ranked), "share": args.elastic_share,
+                                   "heads": [[l, h] for l, h in next_ranked]}} if next_ranked else {})}
+    asked = (f"--long-heads {wanted}" if args.long_heads is not None
+             else f"gates above {args.gate_threshold}: {wanted}")
+    print(f"headwise calibrate: {count} long heads ({asked}, budget cap {cap})"
+          + (f", the next {len(next_ranked)} elastic (>= {args.elastic_share:g} of N)" if next_ranked else ""),
+          flush=True)
+    return long, elastic, notes
+
+
+def gate_ranking(model, tokenizer, info, args):
+    """``(ranking, heads whose gate ends above --gate-threshold, notes)`` from trained (or cached, or
+    ``--gates-from``) DuoAttention-style gates."""
+    from ..data.recall import recall_description
+    from .gates import GateSettings, GateStore
 
     gate_lengths = parse_lengths(args.gate_lengths, MIN_LENGTH)
     settings = GateSettings(tuple(gate_lengths), args.gate_samples, args.gate_steps, args.gate_lr, args.gate_l1,
@@ -352,36 +392,43 @@ def choose_long_heads(model, tokenizer, info, candidates, args, budget_lengths: 
         result, computed = store.gates(model, tokenizer, settings)
         print(f"headwise calibrate: gates {'trained' if computed else 'loaded'} from {store.gates_path(settings)} "
               f"({time.perf_counter() - started:.0f} s this run)", flush=True)
-    heads = info.num_layers * info.num_kv_heads
-    cap = long_head_cap(budget_lengths, args.density, heads, candidates)
-    ranking = result.ranking()
-    wanted = args.long_heads if args.long_heads is not None else int((result.gates > args.gate_threshold).sum())
-    if not 0 <= wanted <= heads:
-        raise SystemExit(f"--long-heads must be between 0 and the model's {heads} KV heads, got {wanted}.")
-    count = min(wanted, cap)
-    long = head_mask(ranking[:count], (info.num_layers, info.num_kv_heads))
-    if not 0 <= args.elastic_heads <= heads - count:
-        raise SystemExit(f"--elastic-heads must be between 0 and the {heads - count} heads that are not long, "
-                         f"got {args.elastic_heads}.")
-    next_ranked = ranking[count:count + args.elastic_heads]
-    elastic = head_mask(next_ranked, (info.num_layers, info.num_kv_heads)) if next_ranked else None
-    notes = {"long_heads": {"method": "duoattention-style gates", "count": count, "wanted": wanted, "cap": cap,
-                            "heads": [[l, h] for l, h in ranking[:count]],
-                            "gates": np.round(result.gates, 4).tolist(),
-                            "importance": np.round(result.importance, 8).tolist(),
-                            "settings": dataclasses.asdict(settings) if dataclasses.is_dataclass(settings) else settings,
-                            "facts": args.gate_facts, **({"gates_from": args.gates_from} if args.gates_from else {}),
-                            "threshold": args.gate_threshold,
-                            "final_distill": result.history[-1]["distill"] if result.history else None,
-                            "seconds_when_trained": round(result.seconds, 1),
-                            "data": recall_description(args.gate_facts)},
-             **({"elastic_heads": {"count": len(next_ranked), "share": args.elastic_share,
-                                   "heads": [[l, h] for l, h in next_ranked]}} if next_ranked else {})}
-    asked = f"--long-heads {wanted}" if args.long_heads is not None else f"gates above {args.gate_threshold}: {wanted}"
-    print(f"headwise calibrate: {count} long heads ({asked}, budget cap {cap})"
-          + (f", the next {len(next_ranked)} elastic (>= {args.elastic_share:g} of N)" if next_ranked else ""),
-          flush=True)
-    return long, elastic, notes
+    notes = {"method": "duoattention-style gates",
+             "gates": np.round(result.gates, 4).tolist(),
+             "importance": np.round(result.importance, 8).tolist(),
+             "settings": dataclasses.asdict(settings) if dataclasses.is_dataclass(settings) else settings,
+             "facts": args.gate_facts, **({"gates_from": args.gates_from} if args.gates_from else {}),
+             "threshold": args.gate_threshold,
+             "final_distill": result.history[-1]["distill"] if result.history else None,
+             "seconds_when_trained": round(result.seconds, 1),
+             "data": recall_description(args.gate_facts)}
+    return result.ranking(), int((result.gates > args.gate_threshold).sum()), notes
+
+
+def retrieval_ranking(model, tokenizer, info, args):
+    """``(ranking, None, notes)`` from retrieval scores on the recall samples (``--gate-lengths``,
+    ``--gate-samples``, ``--gate-facts``; computed once, then kept in the cache)."""
+    from ..data.recall import recall_description
+    from .retrieval import RetrievalSettings, RetrievalStore
+
+    if args.gates_from:
+        raise SystemExit("--gates-from takes recorded gates; --method retrieval ranks by retrieval scores, drop one.")
+    settings = RetrievalSettings(tuple(parse_lengths(args.gate_lengths, MIN_LENGTH)), args.gate_samples,
+                                 args.gate_facts, args.seed)
+    store = RetrievalStore(model, args.cache_dir, facts=args.gate_facts, seed=args.seed)
+    started = time.perf_counter()
+    result, computed = store.scores(model, tokenizer, settings)
+    print(f"headwise calibrate: retrieval scores {'computed' if computed else 'loaded'} from {store.path(settings)} "
+          f"({time.perf_counter() - started:.0f} s this run)", flush=True)
+    notes = {"method": f"retrieval heads ({args.retrieval_score} attention on the recited facts)",
+             "score": args.retrieval_score,
+             "entry_mass": np.round(result.entry_mass, 4).tolist(),
+             "copy_mass": np.round(result.copy_mass, 4).tolist(),
+             "top1": np.round(result.top1, 4).tolist(),
+             "positions": result.positions,
+             "settings": dataclasses.asdict(settings),
+             "seconds_when_computed": round(result.seconds, 1),
+             "data": recall_description(args.gate_facts)}
+    return result.ranking(args.retrieval_score), None, notes
 
 
 def gates_of_plan(path: str, info):

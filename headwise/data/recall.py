@@ -72,11 +72,17 @@ def recall_description(facts: int) -> dict:
 
 @dataclass(frozen=True)
 class RecallSample:
-    """``input_ids`` ``[1, length]``; ``positions`` ``[P]`` predicting value tokens; fact depths."""
+    """``input_ids`` ``[1, length]``; ``positions`` ``[P]`` predicting value tokens; fact depths;
+    ``sources`` ``[P]``: for each position, where in the context the token it predicts stands in its
+    ledger entry (the token a head retrieving the fact copies), ``-1`` where the entry's tokens of the
+    value differ from the answer's (tokenizer merges across the space); ``entries`` ``[P, 2]``: the
+    ``[start, end)`` token range of that ledger entry."""
 
     input_ids: torch.Tensor
     positions: torch.Tensor
     depths: tuple[float, ...]
+    sources: torch.Tensor | None = None
+    entries: torch.Tensor | None = None
 
 
 class RecallBuilder:
@@ -98,12 +104,12 @@ class RecallBuilder:
         depths = tuple((i + rng.uniform(0.1, 0.9)) / self.facts for i in range(self.facts))
         asked = list(range(self.facts))
         rng.shuffle(asked)
-        answer, spans = [], []
+        answer, spans, value_ids = [], [], {}
         for i in asked:
             answer += encode(self.tokenizer, ANSWER_HEAD.format(key=keys[i]))
-            value = encode(self.tokenizer, " " + values[i])
-            spans.append((len(answer), len(answer) + len(value)))
-            answer += value + encode(self.tokenizer, ANSWER_TAIL)
+            value_ids[i] = encode(self.tokenizer, " " + values[i])
+            spans.append((len(answer), len(answer) + len(value_ids[i])))
+            answer += value_ids[i] + encode(self.tokenizer, ANSWER_TAIL)
         question = encode(self.tokenizer, "\n\n" + QUESTION)
         facts = [encode(self.tokenizer, FACT.format(key=k, value=v) + "\n") for k, v in zip(keys, values)]
         fixed = len(self.before) + sum(map(len, facts)) + len(question) + len(self.after) + len(answer)
@@ -116,13 +122,29 @@ class RecallBuilder:
                              "use shorter lengths.")
         start = rng.randrange(0, len(self.corpus) - passage - 128)
         end = start + passage
-        ids, at = list(self.before), start
+        ids, at, fact_at = list(self.before), start, []
         for depth, fact in zip(depths, facts):
             cut = max(at, self._lines.at_or_after(start + int(depth * passage), end))
-            ids += self.corpus[at:cut] + fact
+            ids += self.corpus[at:cut]
+            fact_at.append(len(ids))
+            ids += fact
             at = cut
         ids += self.corpus[at:end] + question + self.after
         offset = len(ids)
         ids += answer
         positions = [offset + p - 1 for a, b in spans for p in range(a, b)]
-        return RecallSample(torch.tensor([ids]), torch.tensor(positions), depths)
+        sources, entries = [], []
+        for i in asked:
+            found = _find(facts[i], value_ids[i])
+            sources += [fact_at[i] + found + k if found >= 0 else -1 for k in range(len(value_ids[i]))]
+            entries += [(fact_at[i], fact_at[i] + len(facts[i]))] * len(value_ids[i])
+        return RecallSample(torch.tensor([ids]), torch.tensor(positions), depths, torch.tensor(sources),
+                            torch.tensor(entries))
+
+
+def _find(tokens: list[int], part: list[int]) -> int:
+    """First index of ``part`` in ``tokens``, ``-1`` when absent."""
+    for i in range(len(tokens) - len(part) + 1):
+        if tokens[i:i + len(part)] == part:
+            return i
+    return -1
