@@ -150,10 +150,24 @@ def test_targets_compare_rows_on_the_prompts_they_share():
     per_prompt = {("dense", "passkey", 2048): ok(True, True, True, True),
                   ("u | dense", "passkey", 2048): ok(False, False),
                   ("p | dense", "passkey", 2048): ok(True, False)}
-    line, = bench.target_checks(per_prompt, "dense", "u | dense", "p | dense", ["passkey"], [2048])
-    assert "(2 trials): 50%, dense 100%, uniform 0%; of dense 0.50 (target >= 0.95: missed)" in line
+    at25 = bench.targets_for(None, 0.25)
+    line, = bench.target_checks(per_prompt, "dense", "u | dense", "p | dense", ["passkey"], [2048], at25)
+    assert "(2 trials): 50%, dense 100%, uniform 0%; of dense 0.50 (target >= 1.00: missed); at least uniform: met" \
+        in line
     per_prompt = {("dense", "perplexity", 2048): {0: [100.0, 50], 1: [400.0, 50]},
                   ("u | dense", "perplexity", 2048): {0: [101.0, 50]},
                   ("p | dense", "perplexity", 2048): {0: [100.5, 50], 1: [800.0, 50]}}
-    line, = bench.target_checks(per_prompt, "dense", "u | dense", "p | dense", ["perplexity"], [2048])
-    assert line.startswith("p | dense: perplexity 2048 (1 docs): 7.463 vs dense 7.389 (+1.0%; target <= +3%: met)")
+    line, = bench.target_checks(per_prompt, "dense", "u | dense", "p | dense", ["perplexity"], [2048], at25)
+    assert line.startswith("p | dense: perplexity 2048 (1 docs): 7.463 vs dense 7.389 (+1.0%; target <= +5.0%: met)")
+    assert line.endswith("(+2.0%; below uniform: met)")
+    line, = bench.target_checks(per_prompt, "dense", "u | dense", "p | dense", ["perplexity"], [2048],
+                                bench.targets_for(None, 0.5))
+    assert "target <= +1.5%: met" in line
+
+
+@pytest.mark.parametrize("model,density,n,kind,wanted", [
+    (None, 0.25, 4096, "niah", 0.95), (None, 0.25, 8192, "niah", 0.85), (None, 0.25, 8192, "passkey", 1.0),
+    (None, 0.5, 8192, "niah", 1.0), ("qwen2.5-coder-0.5b", 0.25, 32768, "passkey", 0.95),
+    ("qwen2.5-coder-0.5b", 0.25, 16384, "niah", 0.90)], ids=str)
+def test_targets_are_the_open_issues(model, density, n, kind, wanted):
+    assert bench.targets_for(model, density).retrieval(kind, n) == wanted
