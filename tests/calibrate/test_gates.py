@@ -72,18 +72,24 @@ def planted_model():
     return model
 
 
-def planted_samples(model, count=4, seed=0):
-    """Filler tokens, one value token far back (beyond sink + window), the query token last."""
+def planted_sequences(count=4, seed=0):
+    """``(ids [1, T], at)``: filler tokens, one value token at ``at`` far back (beyond sink + window),
+    the query token last."""
     g = torch.Generator().manual_seed(seed)
-    samples = []
+    out = []
     for i in range(count):
         ids = torch.randint(3, 32, (1, T), generator=g)
         at = int(torch.randint(SINK + 8, T - WINDOW - 16, (1,), generator=g))
         ids[0, at] = VALUE_TOKENS[i % len(VALUE_TOKENS)]
         ids[0, -1] = QUERY_TOKEN
-        positions = torch.tensor([T - 1])
-        samples.append(GateSample(ids, positions, dense_targets(model, ids, positions)))
-    return samples
+        out.append((ids, at))
+    return out
+
+
+def planted_samples(model, count=4, seed=0):
+    """Gate samples of ``planted_sequences``: the query's final hidden state is matched."""
+    positions = torch.tensor([T - 1])
+    return [GateSample(ids, positions, dense_targets(model, ids, positions)) for ids, _ in planted_sequences(count, seed)]
 
 
 def test_planted_heads_do_what_they_are_built_for():

@@ -12,7 +12,7 @@ from headwise.cli import main
 from headwise.data.recall import RecallBuilder, RecallSample
 from headwise.plan import load_plan
 from tests.calibrate.test_cli import tiny_dir, tokenizer  # noqa: F401  (fixtures)
-from tests.calibrate.test_gates import QUERY_TOKEN, SINK, T, VALUE_TOKENS, WINDOW, planted_model
+from tests.calibrate.test_gates import T, planted_model, planted_sequences
 
 
 @pytest.mark.parametrize("H,Hkv,T_,P", [(4, 2, 40, 5), (6, 1, 17, 3), (3, 3, 64, 8)],
@@ -38,16 +38,8 @@ def test_copy_attention_matches_an_explicit_softmax(H, Hkv, T_, P):
 
 def planted_recall_samples(count=4, seed=0):
     """The gates' planted data as recall samples: the query at the end copies the one value token."""
-    g = torch.Generator().manual_seed(seed)
-    samples = []
-    for i in range(count):
-        ids = torch.randint(3, 32, (1, T), generator=g)
-        at = int(torch.randint(SINK + 8, T - WINDOW - 16, (1,), generator=g))
-        ids[0, at] = VALUE_TOKENS[i % len(VALUE_TOKENS)]
-        ids[0, -1] = QUERY_TOKEN
-        samples.append(RecallSample(ids, torch.tensor([T - 1]), (at / T,), torch.tensor([at]),
-                                    torch.tensor([[at - 1, at + 1]])))
-    return samples
+    return [RecallSample(ids, torch.tensor([T - 1]), (at / T,), torch.tensor([at]), torch.tensor([[at - 1, at + 1]]))
+            for ids, at in planted_sequences(count, seed)]
 
 
 def test_the_planted_retrieval_head_ranks_first():
