@@ -107,6 +107,11 @@ def register(subparsers) -> None:
                         "a long elastic span of at least --elastic-share of N instead of a short window")
     p.add_argument("--elastic-share", type=float, default=0.5,
                    help="least share of N each --elastic-heads head keeps at every budget length from --strict-from")
+    p.add_argument("--windows", choices=("milp", "even"), default="milp",
+                   help="how the heads that are not long share the rest of the budget: milp (default) sizes each "
+                        "span from the gradient profile; even gives each the same elastic window (sink + a share "
+                        "of N), DuoAttention's streaming heads, and needs no profile (needs --method gates or "
+                        "retrieval)")
     p.add_argument("--select", default=None, metavar="L:E,...",
                    help="v3 approach ii: solve one plan per LONG:ELASTIC split of --long-heads / --elastic-heads "
                         "(e.g. 8:0,4:4,2:6) and keep the one with the lowest validation score: the excess NLL over "
@@ -140,7 +145,6 @@ def run(args) -> int:
     from ..data.calibration import data_description
     from ..extras import require
     from ..models import load_model
-    from .heatmap import plan_heatmap
     from .optimize import candidate_grid, guard_length, optimize
     from .profile import ProfileStore, pooled
 
@@ -153,6 +157,8 @@ def run(args) -> int:
         lengths = sorted({*lengths, holdout})
     started = time.perf_counter()
     torch_threads(args.threads)
+    if args.windows == "even":
+        return run_even(args, lengths, started)
     model, tokenizer = load_model(args.model)
     store = ProfileStore(model, args.cache_dir, answer_tokens=args.answer_tokens, seed=args.seed,
                          checkpoint=CheckpointPolicy.named(args.checkpoint, PROFILE_CHECKPOINT_ABOVE))
@@ -230,21 +236,67 @@ def run(args) -> int:
     if args.prefill is not None:
         result.plan = dataclasses.replace(result.plan, prefill=args.prefill)
     result.plan.calibration["solve_seconds"] = round(time.perf_counter() - solve_start, 1)
-    result.plan.calibration["seconds"] = round(time.perf_counter() - started, 1)
     result.plan.calibration["seconds_this_run_profiling"] = round(profiled, 1)
-    result.plan.calibration["peak_rss_gib"] = round(peak_rss_gib(), 2)
+    return write_plan(result.plan, args, lengths, budgeted, started)
+
+
+def write_plan(plan, args, lengths: list[int], budgeted: list[int], started: float) -> int:
+    """Record time and memory in ``plan.calibration``, write it to ``--out`` with its heatmap beside
+    it, and print the density (and normalised loss, where profiled) at every budget length."""
+    from .heatmap import plan_heatmap
+
+    plan.calibration["seconds"] = round(time.perf_counter() - started, 1)
+    plan.calibration["peak_rss_gib"] = round(peak_rss_gib(), 2)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    result.plan.save(out)
+    plan.save(out)
     png = out.with_suffix(".png")
-    drawn = plan_heatmap(result.plan, png, lengths)
-    print(f"headwise calibrate: wrote {out}{f' and {png}' if drawn else ''} in {result.plan.calibration['seconds']:.0f} s "
-          f"(peak memory {result.plan.calibration['peak_rss_gib']:.2f} GiB)")
+    drawn = plan_heatmap(plan, png, lengths)
+    print(f"headwise calibrate: wrote {out}{f' and {png}' if drawn else ''} in {plan.calibration['seconds']:.0f} s "
+          f"(peak memory {plan.calibration['peak_rss_gib']:.2f} GiB)")
+    losses = plan.calibration.get("normalized_loss")
     for n in budgeted:
-        loss = result.plan.calibration["normalized_loss"].get(str(n))
-        print(f"  N={n:>6}: density {result.plan.density(n):.4f}" +
-              (f"  normalized loss {loss:.4f}" if loss is not None else "  (budget only, not profiled)"))
+        loss = (losses or {}).get(str(n))
+        print(f"  N={n:>6}: density {plan.density(n):.4f}" + ("" if losses is None else
+              f"  normalized loss {loss:.4f}" if loss is not None else "  (budget only, not profiled)"))
     return 0
+
+
+def run_even(args, lengths: list[int], started: float) -> int:
+    """``--windows even``: rank the heads, make the top ones dense and give every other head the same
+    elastic window (``even.even_windows``); no profile is computed."""
+    from ..models import load_model
+    from ..plan import ModelInfo
+    from .even import even_windows
+    from .optimize import candidate_grid
+
+    if args.method == "profile":
+        raise SystemExit("--windows even keeps the heads ranked by the gates or retrieval scores dense; add "
+                         "--method gates or --method retrieval.")
+    if args.select or args.refit:
+        raise SystemExit("--select and --refit score plans on the profile; --windows even computes none, drop them.")
+    if not 0.0 < args.elastic_share <= 1.0:
+        raise SystemExit(f"--elastic-share must be in (0, 1], got {args.elastic_share}.")
+    if args.method == "retrieval" and args.long_heads is None:
+        raise SystemExit("--method retrieval needs --long-heads N: how many of its top-ranked heads stay dense.")
+    model, tokenizer = load_model(args.model)
+    info = ModelInfo.of(model)
+    budgeted, tolerance, strict_from = budget_settings(args, lengths, info.max_length)
+    candidates = candidate_grid(budgeted, args.sink, args.alpha_step, args.min_span, args.guard_length,
+                                floor=args.span_floor)
+    strict = [n for n in budgeted if n >= strict_from] if tolerance is not None else budgeted
+    long_heads, elastic_heads, notes = choose_long_heads(model, tokenizer, info, candidates, args, strict)
+    plan = even_windows(info, args.density, long_heads, sink=args.sink, min_span=args.min_span, budget_at=budgeted,
+                        tolerance=tolerance, strict_from=strict_from, elastic_heads=elastic_heads,
+                        elastic_share=args.elastic_share,
+                        calibration={"method": f"{args.method}+even", "windows": "even",
+                                     "command": args.command_line, "min_span": args.min_span, "sink": args.sink,
+                                     **notes})
+    if args.prefill is not None:
+        plan = dataclasses.replace(plan, prefill=args.prefill)
+    print(f"headwise calibrate: --windows even: every other head keeps {plan.calibration['window_share']:.4f} of N",
+          flush=True)
+    return write_plan(plan, args, lengths, budgeted, started)
 
 
 def parse_splits(text: str) -> list[tuple[int, int]]:

@@ -180,6 +180,20 @@ def test_calibrate_with_gates_then_resolve_from_cached_gates(tiny_dir, tmp_path,
     assert main(args + ["--density", "0.5", "--elastic-heads", "2", "--method", "profile",
                         "--out", str(tmp_path / "f.json")]) == 2
     assert "add --method gates" in capsys.readouterr().err
+    # --windows even: the top-ranked heads dense, every other head the same window, and no profile computed
+    assert main(args + ["--density", "0.5", "--gates-from", str(tmp_path / "a.json"), "--long-heads", "1",
+                        "--windows", "even", "--out", str(tmp_path / "g.json")]) == 0
+    out = capsys.readouterr().out
+    assert "samples to compute" not in out and "every other head keeps 0.4000 of N" in out
+    even = load_plan(tmp_path / "g.json")
+    (top,) = even.calibration["long_heads"]["heads"]
+    assert top == notes["heads"][0] and even.layers[top[0]][top[1]].kind == "dense"
+    assert len({head for layer in even.layers for head in layer if head.kind == "window"}) == 1
+    assert even.calibration["method"] == "gates+even" and abs(even.density(512) - 0.5) <= 0.005
+    assert (tmp_path / "g.png").stat().st_size > 0
+    assert main(args + ["--density", "0.5", "--windows", "even", "--out", str(tmp_path / "h.json")]
+                + ["--method", "profile"]) == 2
+    assert "--windows even keeps the heads ranked" in capsys.readouterr().err
     data = json.loads((tmp_path / "a.json").read_text())
     del data["calibration"]["long_heads"]
     (tmp_path / "plain.json").write_text(json.dumps(data))
