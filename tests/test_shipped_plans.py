@@ -90,6 +90,13 @@ def test_the_qwen_plans_are_shipped_with_their_heatmaps_and_keep_their_density_f
     assert plan.prefill == "dense"
     for n in (4096, 8192, 16384, 32768):
         assert abs(plan.density(n) - 0.25) <= 0.0025, (n, plan.density(n))
-    d50 = load_plan(PLANS / "qwen2.5-coder-0.5b-d50.json")               # the same profile and gates, re-solved
-    assert d50.calibration["long_heads"]["gates"] == plan.calibration["long_heads"]["gates"]
+    # even windows: the ranked heads dense, every other head one window (d25: retrieval scores; d50: the
+    # gates the MILP d25 kept in baselines records)
+    d50 = load_plan(PLANS / "qwen2.5-coder-0.5b-d50.json")
+    milp = load_plan(PLANS / "baselines" / "qwen2.5-coder-0.5b-d25-milp.json")
+    assert d50.calibration["long_heads"]["gates"] == milp.calibration["long_heads"]["gates"]
     assert all(abs(d50.density(n) - 0.50) <= 0.005 for n in (4096, 8192, 16384, 32768))
+    for even, method, dense in ((plan, "retrieval+even", 6), (d50, "gates+even", 16)):
+        heads = [h for layer in even.layers for h in layer]
+        assert even.calibration["method"] == method and sum(h.kind == "dense" for h in heads) == dense
+        assert len({h for h in heads if h.kind == "window"}) == 1
