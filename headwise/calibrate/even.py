@@ -11,11 +11,12 @@ Qwen2.5-Coder at 8k with the same 8 dense heads: perplexity +5.1% over dense aga
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 
 from ..errors import CalibrationError
-from ..kinds.dense.spec import Dense
-from ..kinds.window.spec import Window
+from ..kinds import registry
 from ..plan import ModelInfo, Plan
 
 
@@ -35,13 +36,20 @@ def even_share(density: float, heads: int, long_count: int, elastic_count: int =
     return share
 
 
+def preset_head(name: str, info: ModelInfo, *args):
+    """The head a kind's plan preset ``name`` makes (``"dense"``; ``"uniform"``: ``density, sink``)."""
+    _, make = registry.preset(name)
+    return make(info, *args)
+
+
 def even_windows(info: ModelInfo, density: float, long_heads: np.ndarray, *, sink: int, min_span: int,
                  budget_at: list[int], tolerance: float | None, strict_from: int,
                  elastic_heads: np.ndarray | None = None, elastic_share: float = 0.5,
                  calibration: dict | None = None) -> Plan:
     """The plan whose ``long_heads`` (``[layers, Hkv]`` bool) are dense, ``elastic_heads`` (optional,
     same shape) keep ``elastic_share * N`` and every other head an even share of the rest
-    (``even_share``), each window ``Window(sink, alpha=-sink, beta=share, min_span)``.
+    (``even_share``): each window the uniform preset's head (``sink`` tokens, ``alpha = -sink``,
+    ``beta = share``) with ``min_span`` as its span floor.
 
     The budget is checked at ``budget_at``: from ``strict_from`` on, kept KV within ``density * N``
     ``+- tolerance`` (``None``: at most ``density * N``); one sentence when it does not hold (the span
@@ -53,9 +61,10 @@ def even_windows(info: ModelInfo, density: float, long_heads: np.ndarray, *, sin
         raise ValueError(f"long_heads has shape {long_heads.shape}, expected {shape}.")
     elastic = np.zeros(shape, dtype=bool) if elastic_heads is None else np.asarray(elastic_heads, dtype=bool)
     share = even_share(density, long_heads.size, int(long_heads.sum()), int(elastic.sum()), elastic_share)
-    window = Window(sink=int(sink), alpha=float(-sink), beta=float(share), min_span=int(min_span))
-    long_window = Window(sink=int(sink), alpha=float(-sink), beta=float(elastic_share), min_span=int(min_span))
-    layers = tuple(tuple(Dense() if long_heads[l, h] else long_window if elastic[l, h] else window
+    window = dataclasses.replace(preset_head("uniform", info, share, sink), min_span=int(min_span))
+    long_window = dataclasses.replace(preset_head("uniform", info, elastic_share, sink), min_span=int(min_span))
+    dense = preset_head("dense", info)
+    layers = tuple(tuple(dense if long_heads[l, h] else long_window if elastic[l, h] else window
                          for h in range(info.num_kv_heads)) for l in range(info.num_layers))
     plan = Plan(info, layers, {"method": "gates+even", "density": density, "window_share": share,
                                "budget": {"lengths": budget_at, "tolerance": tolerance, "strict_from": strict_from,
