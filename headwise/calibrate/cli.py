@@ -171,17 +171,8 @@ def run(args) -> int:
     candidates = candidate_grid(budgeted, args.sink, args.alpha_step, args.min_span, args.guard_length,
                                 floor=args.span_floor)
     long_heads, elastic_heads, v2 = None, None, {}
-    if args.elastic_heads and args.method == "profile":
-        raise SystemExit("--elastic-heads takes the heads ranked by the gates or retrieval scores; add --method gates "
-                         "or --method retrieval.")
-    if not 0.0 < args.elastic_share <= 1.0:
-        raise SystemExit(f"--elastic-share must be in (0, 1], got {args.elastic_share}.")
     splits = parse_splits(args.select) if args.select else None
-    if splits and args.method == "profile":
-        raise SystemExit("--select splits the heads ranked by the gates or retrieval scores; add --method gates or "
-                         "--method retrieval.")
-    if args.method == "retrieval" and args.long_heads is None and not splits:
-        raise SystemExit("--method retrieval needs --long-heads N: how many of its top-ranked heads stay dense.")
+    check_ranking_args(args, splits)
     if args.method != "profile":
         strict = [n for n in budgeted if n >= strict_from] if tolerance is not None else lengths
         long_heads, elastic_heads, v2 = choose_long_heads(model, tokenizer, store.info, candidates, args, strict)
@@ -275,10 +266,7 @@ def run_even(args, lengths: list[int], started: float) -> int:
                          "--method gates or --method retrieval.")
     if args.select or args.refit:
         raise SystemExit("--select and --refit score plans on the profile; --windows even computes none, drop them.")
-    if not 0.0 < args.elastic_share <= 1.0:
-        raise SystemExit(f"--elastic-share must be in (0, 1], got {args.elastic_share}.")
-    if args.method == "retrieval" and args.long_heads is None:
-        raise SystemExit("--method retrieval needs --long-heads N: how many of its top-ranked heads stay dense.")
+    check_ranking_args(args, None)
     model, tokenizer = load_model(args.model)
     info = ModelInfo.of(model)
     budgeted, tolerance, strict_from = budget_settings(args, lengths, info.max_length)
@@ -297,6 +285,20 @@ def run_even(args, lengths: list[int], started: float) -> int:
     print(f"headwise calibrate: --windows even: every other head keeps {plan.calibration['window_share']:.4f} of N",
           flush=True)
     return write_plan(plan, args, lengths, budgeted, started)
+
+
+def check_ranking_args(args, splits: list[tuple[int, int]] | None) -> None:
+    """Refuse, in one sentence each, long-head options that the method or each other rule out."""
+    if args.elastic_heads and args.method == "profile":
+        raise SystemExit("--elastic-heads takes the heads ranked by the gates or retrieval scores; add --method gates "
+                         "or --method retrieval.")
+    if not 0.0 < args.elastic_share <= 1.0:
+        raise SystemExit(f"--elastic-share must be in (0, 1], got {args.elastic_share}.")
+    if splits and args.method == "profile":
+        raise SystemExit("--select splits the heads ranked by the gates or retrieval scores; add --method gates or "
+                         "--method retrieval.")
+    if args.method == "retrieval" and args.long_heads is None and not splits:
+        raise SystemExit("--method retrieval needs --long-heads N: how many of its top-ranked heads stay dense.")
 
 
 def parse_splits(text: str) -> list[tuple[int, int]]:

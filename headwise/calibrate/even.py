@@ -6,7 +6,7 @@ This is DuoAttention's split (retrieval heads keep everything, streaming heads a
 window) with windows that grow with the input, so the budget holds at every length. It needs no
 profile: the calibration is the head ranking alone (gates or retrieval scores). Measured on
 Qwen2.5-Coder at 8k with the same 8 dense heads: perplexity +5.1% over dense against the MILP's +9.0%
-(``benchmarks/results/2026-12-03-qwen2.5-coder-0.5b-even-windows.md``).
+(``benchmarks/results/2026-12-03-even-windows.md``).
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import numpy as np
 from ..errors import CalibrationError
 from ..kinds import registry
 from ..plan import ModelInfo, Plan
+from .optimize import budget_bounds
 
 
 def even_share(density: float, heads: int, long_count: int, elastic_count: int = 0,
@@ -70,14 +71,15 @@ def even_windows(info: ModelInfo, density: float, long_heads: np.ndarray, *, sin
                                "budget": {"lengths": budget_at, "tolerance": tolerance, "strict_from": strict_from,
                                           "density": {}},
                                **(calibration or {})})
+    checked = [n for n in budget_at if n >= strict_from]
+    bounds = budget_bounds(checked, density, long_heads.size, [], tolerance=tolerance, strict_from=strict_from)
     for n in budget_at:
         kept = plan.density(n)
         plan.calibration["budget"]["density"][str(n)] = kept
-        if n < strict_from:
+        if n not in bounds:
             continue
-        high = density * (1 + (tolerance or 0.0))
-        low = density * (1 - tolerance) if tolerance is not None else 0.0
-        if not low <= kept <= high:
+        low, high = bounds[n]
+        if not low <= kept * n * long_heads.size <= high:
             raise CalibrationError(f"--windows even: the plan keeps {kept:.4f} of the KV at {n} tokens, outside "
                                    f"density {density:g} +- {tolerance or 0:g} (each window keeps at least sink + "
                                    f"--min-span {min_span}); lower --min-span or --strict-from, or ask for fewer long "
