@@ -8,9 +8,11 @@ so kernels and torch share one thread pool. A missing compiler or a failed build
 returns ``None``; the op's ``auto`` backend then runs its torch path.
 
 ``isa`` picks what the build targets: ``"native"`` (this CPU, ``-march=native``), ``"no-avx512bf16"``
-(this CPU without the AVX512-BF16 instructions) or ``"generic"`` (no AVX-512 at all: the portable
-loops). The environment variable ``HEADWISE_NATIVE_ISA`` sets the default; the fallbacks exist so a
-test can run the code a CPU without those instructions runs.
+(this CPU without the AVX512-BF16 instructions), ``"avx2"`` (no AVX-512: the kernels' 8-lane AVX2 + FMA
+paths where the CPU has those) or ``"generic"`` (no AVX-512, AVX2 or FMA: the portable loops). The
+environment variable ``HEADWISE_NATIVE_ISA`` sets the default; the fallbacks exist so a test can run
+the code a CPU without those instructions runs. The cache key holds this CPU's instruction-set flags,
+so a cache shared by machines with different CPUs never loads code the CPU cannot run.
 """
 
 from __future__ import annotations
@@ -37,8 +39,22 @@ def _compiler() -> str | None:
     return None
 
 
+@lru_cache(maxsize=1)
+def _cpu_flags() -> str:
+    """This CPU's instruction-set flags (``/proc/cpuinfo``; empty where there is none): ``-march=native``
+    builds for them."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""
+
+
 #: Extra compiler flags of each ``isa`` (after ``-march=native``).
-ISA_FLAGS = {"native": [], "no-avx512bf16": ["-mno-avx512bf16"], "generic": ["-mno-avx512f"]}
+ISA_FLAGS = {"native": [], "no-avx512bf16": ["-mno-avx512bf16"], "avx2": ["-mno-avx512f"],
+             "generic": ["-mno-avx512f", "-mno-avx2", "-mno-fma"]}
 _INCLUDE = re.compile(rb'^\s*#\s*include\s+"([^"]+)"', re.MULTILINE)
 
 
@@ -82,7 +98,7 @@ def load_native(source: Path, isa: str | None = None) -> ctypes.CDLL | None:
     code = b"".join(_sources(Path(source).resolve()).values()) + header.read_bytes()
     flags = ISA_FLAGS[isa]
     key = hashlib.sha256(code + " ".join(flags).encode() + platform.machine().encode()
-                         + platform.node().encode()).hexdigest()[:16]
+                         + platform.node().encode() + _cpu_flags().encode()).hexdigest()[:16]
     suffix = "" if isa == "native" else f"-{isa}"
     target = cache_dir() / "kernels" / f"{source.stem}{suffix}-{key}.so"
     if not target.is_file():

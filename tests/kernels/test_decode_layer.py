@@ -19,7 +19,7 @@ SHAPES = {
     "qwen3-qknorm": (128, 4, 1, 64, 160, False, True),
     "mha": (48, 3, 3, 16, 64, False, False),
 }
-ISAS = ["native", "no-avx512bf16", "generic"]
+ISAS = ["native", "no-avx512bf16", "avx2", "generic"]
 
 
 def make_layers(shape, wdtype, layers=2, seed=0):

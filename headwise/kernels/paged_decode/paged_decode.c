@@ -15,36 +15,6 @@
 #define MAX_D 256
 #define MAX_BS 512  /* vLLM's split KV parts use 384-slot blocks (integrations/vllm/split.py) */
 
-#ifdef __AVX512F__
-#include <immintrin.h>
-/* 16 fp32 values of a row at element offset `off` (fp32, or bf16 widened: bf16 is fp32's top half). */
-static inline __m512 load16_kv(const void *base, int64_t off, int kv_bf16) {
-    if (!kv_bf16) return _mm512_loadu_ps((const float *)base + off);
-    const __m256i h = _mm256_loadu_si256((const __m256i *)((const uint16_t *)base + off));
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-}
-static inline __m512 pair_sum(__m512 a, __m512 b, const int32_t *lo, const int32_t *hi) {
-    return _mm512_add_ps(_mm512_permutex2var_ps(a, _mm512_loadu_si512(lo), b),
-                         _mm512_permutex2var_ps(a, _mm512_loadu_si512(hi), b));
-}
-/* Lane t of the result = the sum of the 16 lanes of v[t]: 16 horizontal sums in 15 permute pairs
- * (each level halves the lanes a vector spends per slot and doubles the slots it holds). */
-static inline __m512 transpose_sum16(const __m512 *v) {
-    static const int32_t L1[2][16] = {{0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23},
-                                      {8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31}};
-    static const int32_t L2[2][16] = {{0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27},
-                                      {4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31}};
-    static const int32_t L3[2][16] = {{0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28, 29},
-                                      {2, 3, 6, 7, 10, 11, 14, 15, 18, 19, 22, 23, 26, 27, 30, 31}};
-    static const int32_t L4[2][16] = {{0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30},
-                                      {1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31}};
-    __m512 a[8], b[4], c[2];
-    for (int i = 0; i < 8; i++) a[i] = pair_sum(v[2 * i], v[2 * i + 1], L1[0], L1[1]);
-    for (int i = 0; i < 4; i++) b[i] = pair_sum(a[2 * i], a[2 * i + 1], L2[0], L2[1]);
-    for (int i = 0; i < 2; i++) c[i] = pair_sum(b[2 * i], b[2 * i + 1], L3[0], L3[1]);
-    return pair_sum(c[0], c[1], L4[0], L4[1]);
-}
-#endif
 
 /* q [B, H, D] f32; k_pool/v_pool [P, bs, Hb, D] (f32 if kv_bf16 == 0 else bf16) with element strides
  * (s_block, s_slot, s_head, 1), the same for both pools (vLLM's cache is such a strided view); pos_pool
@@ -64,9 +34,10 @@ int paged_decode(const float *q, const void *k_pool, const void *v_pool, const i
     const int64_t G = H / Hkv;
     const int64_t Ht = Hkv / Hb;
     if (G > MAX_G || D > MAX_D || bs > MAX_BS) return 1;
-    /* whole 16-slot and 16-float vectors: the AVX-512 path (the loops below otherwise) */
-    const int fast = D % 16 == 0 && bs % 16 == 0;
-    (void)fast;
+    /* whole vectors of slots and features: the SIMD path (native.h's HW_VL; the loops below otherwise) */
+#ifdef HW_VL
+    const int fast = D % HW_VL == 0 && bs % HW_VL == 0;
+#endif
     #pragma omp parallel for collapse(2) schedule(dynamic, 1)
     for (int64_t b = 0; b < B; b++) {
         for (int64_t h = 0; h < Hkv; h++) {
@@ -102,28 +73,25 @@ int paged_decode(const float *q, const void *k_pool, const void *v_pool, const i
                         n += keep[t];
                     }
                     if (n == 0) continue;
-#ifdef __AVX512F__
+#ifdef HW_VL
                     if (fast) {
-                        /* 16 slots at a time: per slot and query head one vector of D/16-way partial dot
-                         * products, then the 16 horizontal sums at once (transpose_sum16) */
-                        for (int64_t t0 = 0; t0 < bs; t0 += 16) {
-                            __mmask16 km = 0;
-                            for (int t = 0; t < 16; t++) km |= (__mmask16)((unsigned)keep[t0 + t] << t);
+                        /* HW_VL slots at a time: per slot and query head one vector of partial dot products,
+                         * then the HW_VL horizontal sums at once (hw_transpose_sum) */
+                        for (int64_t t0 = 0; t0 < bs; t0 += HW_VL) {
                             if (next_off >= 0)
-                                for (int t = 0; t < 16; t++) prefetch_row(k_pool, next_off + (t0 + t) * s_slot, D, kv_bf16);
+                                for (int t = 0; t < HW_VL; t++) prefetch_row(k_pool, next_off + (t0 + t) * s_slot, D, kv_bf16);
                             for (int64_t g = 0; g < G; g++) {
-                                __m512 part[16];
-                                for (int t = 0; t < 16; t++) {
-                                    __m512 dot = _mm512_setzero_ps();
-                                    if (km >> t & 1) {
+                                hw_vec part[HW_VL];
+                                for (int t = 0; t < HW_VL; t++) {
+                                    hw_vec dot = hw_zero();
+                                    if (keep[t0 + t]) {
                                         const int64_t off = blk * s_block + (t0 + t) * s_slot + hb * s_head;
-                                        for (int64_t c = 0; c < D; c += 16)
-                                            dot = _mm512_fmadd_ps(_mm512_loadu_ps(qv[g] + c), load16_kv(k_pool, off + c, kv_bf16), dot);
+                                        for (int64_t c = 0; c < D; c += HW_VL)
+                                            dot = hw_fma(hw_load(qv[g] + c), hw_load_kv(k_pool, off + c, kv_bf16), dot);
                                     }
                                     part[t] = dot;
                                 }
-                                const __m512 sc = _mm512_mask_blend_ps(km, _mm512_set1_ps(-INFINITY), transpose_sum16(part));
-                                _mm512_storeu_ps(s[g] + t0, sc);
+                                hw_store(s[g] + t0, hw_keep(keep + t0, hw_transpose_sum(part)));
                             }
                         }
                     } else
@@ -163,21 +131,21 @@ int paged_decode(const float *q, const void *k_pool, const void *v_pool, const i
                         }
                         l[g] += sum;
                     }
-#ifdef __AVX512F__
+#ifdef HW_VL
                     if (fast) {
-                        /* acc[g] += sum_t w[g][t] v[t]: each 16-float slice of acc stays in a register over
+                        /* acc[g] += sum_t w[g][t] v[t]: each HW_VL-float slice of acc stays in a register over
                          * the block's slots */
                         if (next_off >= 0)
                             for (int64_t t = 0; t < bs; t++) prefetch_row(v_pool, next_off + t * s_slot, D, kv_bf16);
                         for (int64_t g = 0; g < G; g++) {
-                            for (int64_t c = 0; c < D; c += 16) {
-                                __m512 r = _mm512_loadu_ps(acc[g] + c);
+                            for (int64_t c = 0; c < D; c += HW_VL) {
+                                hw_vec r = hw_load(acc[g] + c);
                                 for (int64_t t = 0; t < bs; t++) {
                                     if (!keep[t]) continue;
                                     const int64_t off = blk * s_block + t * s_slot + hb * s_head;
-                                    r = _mm512_fmadd_ps(_mm512_set1_ps(s[g][t]), load16_kv(v_pool, off + c, kv_bf16), r);
+                                    r = hw_fma(hw_set1(s[g][t]), hw_load_kv(v_pool, off + c, kv_bf16), r);
                                 }
-                                _mm512_storeu_ps(acc[g] + c, r);
+                                hw_store(acc[g] + c, r);
                             }
                         }
                         continue;

@@ -4,44 +4,38 @@
  * weight must stream from memory once, at full bandwidth. Parallel over output rows (OpenMP, the
  * libgomp torch already loaded); each thread reads its rows as several interleaved streams (one stream
  * per core left bandwidth unused: 9.6 -> 13.2 GB/s on one thread with 4, measured); for each W row,
- * 16-float chunks are loaded once and multiplied into M vector accumulators (M and the number of
+ * vector-wide chunks are loaded once and multiplied into M vector accumulators (M and the number of
  * streams are compile-time constants in each specialisation, so the accumulators stay in registers).
  */
 #include "native.h"
 
-#define LANES 16
-
 #include <omp.h>
 
-#ifdef __AVX512F__
-#include <immintrin.h>
-/* AVX-512: S weight rows at a time (S streams from memory: more reads in flight per core), each
- * 16-float chunk loaded once and FMA'd into M register accumulators per row; x's chunk is loaded once
- * for the S rows. */
-static inline __m512 load_w(const float *row, int64_t i) { return _mm512_loadu_ps(row + i); }
-static inline __m512 load_w_bf16(const uint16_t *row, int64_t i) {
-    const __m256i h = _mm256_loadu_si256((const __m256i *)(row + i));
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-}
+#ifdef HW_VL
+/* SIMD (native.h's hw_vec: AVX-512 or AVX2): S weight rows at a time (S streams from memory: more reads in
+ * flight per core), each HW_VL-float chunk loaded once and FMA'd into M register accumulators per row;
+ * x's chunk is loaded once for the S rows. */
+static inline hw_vec load_w(const float *row, int64_t i) { return hw_load(row + i); }
+static inline hw_vec load_w_bf16(const uint16_t *row, int64_t i) { return hw_load_bf16(row + i); }
 static inline float tail_w(const float *row, int64_t k) { return row[k]; }
 static inline float tail_w_bf16(const uint16_t *row, int64_t k) { return bf16_to_f32(row[k]); }
 #define DEFINE_ROWS(S, M, NAME, T, LOAD, TAIL)                                                          \
     static inline void NAME##_##S##_##M(const T *const *rows, const float *x, int64_t I, float *out) {  \
-        __m512 acc[S][M];                                                                                \
+        hw_vec acc[S][M];                                                                                \
         for (int s = 0; s < S; s++)                                                                      \
-            for (int m = 0; m < M; m++) acc[s][m] = _mm512_setzero_ps();                                 \
+            for (int m = 0; m < M; m++) acc[s][m] = hw_zero();                                           \
         int64_t i = 0;                                                                                   \
-        for (; i + LANES <= I; i += LANES) {                                                             \
-            __m512 xv[M];                                                                                \
-            for (int m = 0; m < M; m++) xv[m] = _mm512_loadu_ps(x + m * I + i);                          \
+        for (; i + HW_VL <= I; i += HW_VL) {                                                             \
+            hw_vec xv[M];                                                                                \
+            for (int m = 0; m < M; m++) xv[m] = hw_load(x + m * I + i);                                  \
             for (int s = 0; s < S; s++) {                                                                \
-                const __m512 w = LOAD(rows[s], i);                                                       \
-                for (int m = 0; m < M; m++) acc[s][m] = _mm512_fmadd_ps(w, xv[m], acc[s][m]);            \
+                const hw_vec w = LOAD(rows[s], i);                                                       \
+                for (int m = 0; m < M; m++) acc[s][m] = hw_fma(w, xv[m], acc[s][m]);                     \
             }                                                                                            \
         }                                                                                                \
         for (int s = 0; s < S; s++)                                                                      \
             for (int m = 0; m < M; m++) {                                                                \
-                float sum = _mm512_reduce_add_ps(acc[s][m]);                                             \
+                float sum = hw_reduce(acc[s][m]);                                                        \
                 for (int64_t k = i; k < I; k++) sum += TAIL(rows[s], k) * x[m * I + k];                  \
                 out[s * M + m] = sum;                                                                    \
             }                                                                                            \
@@ -65,8 +59,19 @@ static inline float load_w_bf16(const uint16_t *row, int64_t i) { return bf16_to
 
 #define DEFINE_BOTH(S, M) DEFINE_ROWS(S, M, rows_f32, float, load_w, tail_w)                              \
                           DEFINE_ROWS(S, M, rows_bf16, uint16_t, load_w_bf16, tail_w_bf16)
-/* S streams: 4 up to 4 rows, 2 up to 8 (S * M accumulators stay in the 32 vector registers), else 1 */
+/* Rows per pass and streams, so that S * rows accumulators + rows x chunks stay in the vector registers:
+ * AVX-512 (32 registers) takes all M rows in one pass, 4 streams up to 4 rows, 2 up to 8, else 1; AVX2
+ * (16 registers) takes at most 4 rows per pass (the next pass reads the same W rows again, from L1),
+ * 4 streams up to 2 rows, else 2. */
+#if HW_VL == 16
+static inline int64_t rows_per_pass(int64_t M) { return M; }
+static inline int streams(int64_t M) { return M <= 4 ? 4 : (M <= 8 ? 2 : 1); }
+#else
+static inline int64_t rows_per_pass(int64_t M) { return M < 4 ? M : 4; }
+static inline int streams(int64_t M) { return M <= 2 ? 4 : 2; }
+#endif
 DEFINE_BOTH(4, 1) DEFINE_BOTH(4, 2) DEFINE_BOTH(4, 3) DEFINE_BOTH(4, 4)
+DEFINE_BOTH(2, 1) DEFINE_BOTH(2, 2) DEFINE_BOTH(2, 3) DEFINE_BOTH(2, 4)
 DEFINE_BOTH(2, 5) DEFINE_BOTH(2, 6) DEFINE_BOTH(2, 7) DEFINE_BOTH(2, 8)
 DEFINE_BOTH(1, 1) DEFINE_BOTH(1, 2) DEFINE_BOTH(1, 3) DEFINE_BOTH(1, 4) DEFINE_BOTH(1, 5) DEFINE_BOTH(1, 6)
 DEFINE_BOTH(1, 7) DEFINE_BOTH(1, 8) DEFINE_BOTH(1, 9) DEFINE_BOTH(1, 10) DEFINE_BOTH(1, 11) DEFINE_BOTH(1, 12)
@@ -84,7 +89,7 @@ static inline void block_rows(int S, const void *const *rows, const float *x, in
     if (S == 4) {
         switch (M) { CASE(4, 1) CASE(4, 2) CASE(4, 3) CASE(4, 4) }
     } else if (S == 2) {
-        switch (M) { CASE(2, 5) CASE(2, 6) CASE(2, 7) CASE(2, 8) }
+        switch (M) { CASE(2, 1) CASE(2, 2) CASE(2, 3) CASE(2, 4) CASE(2, 5) CASE(2, 6) CASE(2, 7) CASE(2, 8) }
     } else {
         switch (M) {
             CASE(1, 1) CASE(1, 2) CASE(1, 3) CASE(1, 4) CASE(1, 5) CASE(1, 6) CASE(1, 7) CASE(1, 8)
@@ -94,11 +99,13 @@ static inline void block_rows(int S, const void *const *rows, const float *x, in
 }
 
 /* y[M, O] = x[M, I] @ W[O, I]^T (+ bias). Each thread takes a contiguous range of W rows (as a static
- * schedule would) and reads it as S interleaved streams: rows lo + o + s * q for s < S. */
+ * schedule would) and reads it as S interleaved streams: rows lo + o + s * q for s < S; each group of
+ * S rows is multiplied by x's rows in passes of rows_per_pass(M). */
 int skinny_linear(const float *x, const void *w, const float *bias, float *y, int64_t M, int64_t I, int64_t O,
                   int w_bf16) {
     if (M < 1 || M > 16) return 1;
-    const int S = M <= 4 ? 4 : (M <= 8 ? 2 : 1);
+    const int64_t R = rows_per_pass(M);
+    const int S = streams(R);
     const size_t esize = w_bf16 ? 2 : 4;
     #pragma omp parallel
     {
@@ -112,11 +119,14 @@ int skinny_linear(const float *x, const void *w, const float *bias, float *y, in
             const int streams = o < q ? S : 1;
             const int64_t first = o < q ? lo + o : lo + S * q + (o - q), stride = o < q ? q : 0;
             for (int s = 0; s < streams; s++) rows[s] = (const char *)w + (first + s * stride) * I * esize;
-            block_rows(streams, rows, x, I, M, out, w_bf16);
-            for (int s = 0; s < streams; s++) {
-                const int64_t oo = first + s * stride;
-                const float b = bias ? bias[oo] : 0.f;
-                for (int64_t m = 0; m < M; m++) y[m * O + oo] = out[s * M + m] + b;
+            for (int64_t m0 = 0; m0 < M; m0 += R) {
+                const int64_t mc = M - m0 < R ? M - m0 : R;
+                block_rows(streams, rows, x + m0 * I, I, mc, out, w_bf16);
+                for (int s = 0; s < streams; s++) {
+                    const int64_t oo = first + s * stride;
+                    const float b = bias ? bias[oo] : 0.f;
+                    for (int64_t m = 0; m < mc; m++) y[(m0 + m) * O + oo] = out[s * mc + m] + b;
+                }
             }
         }
     }
