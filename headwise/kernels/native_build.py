@@ -40,7 +40,7 @@ def _compiler() -> str | None:
 
 
 @lru_cache(maxsize=1)
-def _cpu_flags() -> str:
+def cpu_flags() -> str:
     """This CPU's instruction-set flags (``/proc/cpuinfo``; empty where there is none): ``-march=native``
     builds for them."""
     try:
@@ -98,7 +98,7 @@ def load_native(source: Path, isa: str | None = None) -> ctypes.CDLL | None:
     code = b"".join(_sources(Path(source).resolve()).values()) + header.read_bytes()
     flags = ISA_FLAGS[isa]
     key = hashlib.sha256(code + " ".join(flags).encode() + platform.machine().encode()
-                         + platform.node().encode() + _cpu_flags().encode()).hexdigest()[:16]
+                         + platform.node().encode() + cpu_flags().encode()).hexdigest()[:16]
     suffix = "" if isa == "native" else f"-{isa}"
     target = cache_dir() / "kernels" / f"{source.stem}{suffix}-{key}.so"
     if not target.is_file():

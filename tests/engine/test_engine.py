@@ -312,10 +312,12 @@ def test_add_request_refuses_a_bad_request_and_a_stream_left_early_frees_all(lla
 
 
 @pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_prefill_linear_mode_matches_f_linear(bias, dtype):
+@pytest.mark.parametrize("dtype,upcast", [(torch.float32, False), (torch.bfloat16, False), (torch.bfloat16, True)],
+                         ids=["fp32", "bf16", "bf16-upcast"])
+def test_prefill_linear_mode_matches_f_linear(bias, dtype, upcast):
     """Prefill steps' linears in fp32 run oneDNN (``OneDnnLinearMode``): the result of ``F.linear`` up to
-    summation order, on packed ``[1, T, in]`` rows and a strided view; other dtypes pass through."""
+    summation order, on packed ``[1, T, in]`` rows and a strided view; bf16 passes through, or with
+    ``upcast_bf16`` runs widened to fp32 and rounds the result to bf16 once."""
     from headwise.engine.runner import OneDnnLinearMode, onednn_linear_available
 
     if not onednn_linear_available():
@@ -326,10 +328,27 @@ def test_prefill_linear_mode_matches_f_linear(bias, dtype):
     b = torch.randn(40, generator=g).to(dtype) if bias else None
     for inputs in (x, x[:, ::3]):
         expected = torch.nn.functional.linear(inputs, w, b)
-        with OneDnnLinearMode():
+        with OneDnnLinearMode(upcast_bf16=upcast):
             got = torch.nn.functional.linear(inputs, w, b)
         assert got.shape == expected.shape and got.dtype == dtype
         if dtype == torch.float32:
             torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+        elif upcast:                                       # fp32 GEMM and bias, one rounding to bf16
+            exact = torch.nn.functional.linear(inputs.float(), w.float(), None if b is None else b.float())
+            torch.testing.assert_close(got.float(), exact, atol=1e-5, rtol=2 ** -8)
         else:
             assert torch.equal(got, expected)
+
+
+def test_bf16_prefill_linears_widen_only_without_bf16_dot(monkeypatch):
+    """The engine widens bf16 prefill linears to fp32 exactly when the CPU lacks bf16 dot products."""
+    from headwise.engine import runner
+
+    if not runner.onednn_linear_available():
+        pytest.skip("this torch build has no oneDNN linear op")
+    llm = LLM(model=make_tiny("llama").to(torch.bfloat16), kv_cache_memory="4MiB", dtype=torch.bfloat16)
+    model_runner = llm.runner
+    for has_dot, expected in ((True, None), (False, True)):
+        monkeypatch.setattr(runner, "cpu_has_bf16_dot", lambda has_dot=has_dot: has_dot)
+        mode = model_runner.linear_mode(64, torch.device("cpu"))
+        assert getattr(mode, "upcast_bf16", None) is expected
