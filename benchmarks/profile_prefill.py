@@ -21,6 +21,7 @@ import argparse
 import sys
 import time
 from collections import defaultdict
+from functools import partial
 from pathlib import Path
 
 if __name__ == "__main__" and not __package__:   # python benchmarks/profile_prefill.py: this checkout first
@@ -68,10 +69,11 @@ def gemm_table(model, rows: int) -> None:
     widened_mode = OneDnnLinearMode(upcast_bf16=True)
     refused = {}                                    # path -> oneDNN's error, printed once under the table
 
-    def rate(path: str, flop: int, fn) -> str:
-        """GFLOP/s of ``fn``, or "refused" where oneDNN has no primitive for it on this CPU (bf16 on AVX2)."""
+    def rate(path: str, flop: int, build) -> str:
+        """GFLOP/s of the call ``build()`` returns (building it is not timed: vLLM packs its weight there),
+        or "refused" where oneDNN has no primitive for it on this CPU (bf16 on AVX2)."""
         try:
-            return f"{flop / median_seconds(fn) / 1e9:.0f}"
+            return f"{flop / median_seconds(build()) / 1e9:.0f}"
         except RuntimeError as error:
             refused.setdefault(path, str(error).splitlines()[0])
             return "refused"
@@ -85,19 +87,15 @@ def gemm_table(model, rows: int) -> None:
             x = torch.randn(rows, in_features, generator=g).to(dtype)
             w = (torch.randn(out_features, in_features, generator=g) / in_features ** 0.5).to(dtype)
             flop = 2 * rows * in_features * out_features
-            plain = rate("F.linear", flop, lambda: F.linear(x, w))
-            direct = rate("oneDNN (torch)", flop, lambda: onednn(x, w))
+            plain = rate("F.linear", flop, lambda: partial(F.linear, x, w))
+            direct = rate("oneDNN (torch)", flop, lambda: partial(onednn, x, w))
             packed = "-"
             if vllm_ops is not None:
-                try:
-                    handle = vllm_ops.create_onednn_mm(w.t(), 32)
-                    packed = rate("vLLM onednn_mm", flop, lambda: vllm_ops.onednn_mm(handle, x, None))
-                except RuntimeError as error:
-                    refused.setdefault("vLLM onednn_mm", str(error).splitlines()[0])
-                    packed = "refused"
+                packed = rate("vLLM onednn_mm", flop, lambda: partial(
+                    vllm_ops.onednn_mm, vllm_ops.create_onednn_mm(w.t(), 32), x, None))
             widened = "-"
             if dtype == torch.bfloat16:
-                widened = rate("widened to fp32", flop, lambda: widened_mode.route(x, w, None))
+                widened = rate("widened to fp32", flop, lambda: partial(widened_mode.route, x, w, None))
             diff = "-" if direct == "refused" else f"{float((onednn(x, w) - F.linear(x, w)).abs().max()):.1e}"
             print(f"| {str(dtype).removeprefix('torch.')} | {rows} x {in_features} -> {out_features} | "
                   f"{plain} | {direct} | {packed} | {widened} | {diff} |")

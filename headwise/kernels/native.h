@@ -44,18 +44,15 @@ static inline float exp_approx(float x) {
  *   hw_load / hw_store / hw_zero / hw_set1 / hw_fma(a, b, c) = a * b + c / hw_reduce (sum of the lanes)
  *   hw_load_kv(base, off, is_bf16): HW_VL values of an fp32 or bf16 array at element `off`, as fp32
  *   hw_transpose_sum(v[HW_VL]): lane t = the sum of v[t]'s lanes
- *   hw_keep(keep[HW_VL], x): x where keep[t], else -inf */
+ *   hw_keep_mask(keep[HW_VL]) -> hw_mask; hw_keep(mask, x): x where keep[t], else -inf */
 #if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
 #include <immintrin.h>
 #endif
 #if defined(__AVX512F__)
 #define HW_VL 16
+#define HW_PS(op) _mm512_##op##_ps                      /* the ISA's fp32 intrinsic called `op` */
 typedef __m512 hw_vec;
-static inline hw_vec hw_load(const float *p) { return _mm512_loadu_ps(p); }
-static inline void hw_store(float *p, hw_vec v) { _mm512_storeu_ps(p, v); }
-static inline hw_vec hw_zero(void) { return _mm512_setzero_ps(); }
-static inline hw_vec hw_set1(float x) { return _mm512_set1_ps(x); }
-static inline hw_vec hw_fma(hw_vec a, hw_vec b, hw_vec c) { return _mm512_fmadd_ps(a, b, c); }
+typedef __mmask16 hw_mask;
 static inline float hw_reduce(hw_vec v) { return _mm512_reduce_add_ps(v); }
 static inline hw_vec hw_load_bf16(const uint16_t *p) {
     const __m256i h = _mm256_loadu_si256((const __m256i *)p);
@@ -82,19 +79,17 @@ static inline hw_vec hw_transpose_sum(const hw_vec *v) {
     for (int i = 0; i < 2; i++) c[i] = hw_pair_sum(b[2 * i], b[2 * i + 1], L3[0], L3[1]);
     return hw_pair_sum(c[0], c[1], L4[0], L4[1]);
 }
-static inline hw_vec hw_keep(const unsigned char *keep, hw_vec x) {
-    __mmask16 km = 0;
-    for (int t = 0; t < 16; t++) km |= (__mmask16)((unsigned)keep[t] << t);
-    return _mm512_mask_blend_ps(km, _mm512_set1_ps(-INFINITY), x);
+static inline hw_mask hw_keep_mask(const unsigned char *keep) {
+    hw_mask km = 0;
+    for (int t = 0; t < 16; t++) km |= (hw_mask)((unsigned)keep[t] << t);
+    return km;
 }
+static inline hw_vec hw_keep(hw_mask km, hw_vec x) { return _mm512_mask_blend_ps(km, _mm512_set1_ps(-INFINITY), x); }
 #elif defined(__AVX2__) && defined(__FMA__)
 #define HW_VL 8
+#define HW_PS(op) _mm256_##op##_ps
 typedef __m256 hw_vec;
-static inline hw_vec hw_load(const float *p) { return _mm256_loadu_ps(p); }
-static inline void hw_store(float *p, hw_vec v) { _mm256_storeu_ps(p, v); }
-static inline hw_vec hw_zero(void) { return _mm256_setzero_ps(); }
-static inline hw_vec hw_set1(float x) { return _mm256_set1_ps(x); }
-static inline hw_vec hw_fma(hw_vec a, hw_vec b, hw_vec c) { return _mm256_fmadd_ps(a, b, c); }
+typedef __m256 hw_mask;
 static inline float hw_reduce(hw_vec v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -112,13 +107,20 @@ static inline hw_vec hw_transpose_sum(const hw_vec *v) {
     const __m256 b0 = _mm256_hadd_ps(a0, a1), b1 = _mm256_hadd_ps(a2, a3);
     return _mm256_add_ps(_mm256_permute2f128_ps(b0, b1, 0x20), _mm256_permute2f128_ps(b0, b1, 0x31));
 }
-static inline hw_vec hw_keep(const unsigned char *keep, hw_vec x) {
+static inline hw_mask hw_keep_mask(const unsigned char *keep) {
     int32_t bits[8];
     for (int t = 0; t < 8; t++) bits[t] = keep[t] ? -1 : 0;
-    return _mm256_blendv_ps(_mm256_set1_ps(-INFINITY), x, _mm256_castsi256_ps(_mm256_loadu_si256((const __m256i *)bits)));
+    return _mm256_castsi256_ps(_mm256_loadu_si256((const __m256i *)bits));
 }
+static inline hw_vec hw_keep(hw_mask km, hw_vec x) { return _mm256_blendv_ps(_mm256_set1_ps(-INFINITY), x, km); }
 #endif
 #ifdef HW_VL
+/* The operations whose intrinsics differ only by the ISA's prefix, written once. */
+static inline hw_vec hw_load(const float *p) { return HW_PS(loadu)(p); }
+static inline void hw_store(float *p, hw_vec v) { HW_PS(storeu)(p, v); }
+static inline hw_vec hw_zero(void) { return HW_PS(setzero)(); }
+static inline hw_vec hw_set1(float x) { return HW_PS(set1)(x); }
+static inline hw_vec hw_fma(hw_vec a, hw_vec b, hw_vec c) { return HW_PS(fmadd)(a, b, c); }
 static inline hw_vec hw_load_kv(const void *base, int64_t off, int is_bf16) {
     return is_bf16 ? hw_load_bf16((const uint16_t *)base + off) : hw_load((const float *)base + off);
 }

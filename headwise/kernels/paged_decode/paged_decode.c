@@ -15,7 +15,6 @@
 #define MAX_D 256
 #define MAX_BS 512  /* vLLM's split KV parts use 384-slot blocks (integrations/vllm/split.py) */
 
-
 /* q [B, H, D] f32; k_pool/v_pool [P, bs, Hb, D] (f32 if kv_bf16 == 0 else bf16) with element strides
  * (s_block, s_slot, s_head, 1), the same for both pools (vLLM's cache is such a strided view); pos_pool
  * [P, bs] i64; tables [B, Ht, M] i32 (Hkv = Ht * Hb); q_pos [B] i64; sink [Hkv] i64; span [B, Hkv] i64;
@@ -78,6 +77,7 @@ int paged_decode(const float *q, const void *k_pool, const void *v_pool, const i
                         /* HW_VL slots at a time: per slot and query head one vector of partial dot products,
                          * then the HW_VL horizontal sums at once (hw_transpose_sum) */
                         for (int64_t t0 = 0; t0 < bs; t0 += HW_VL) {
+                            const hw_mask km = hw_keep_mask(keep + t0);
                             if (next_off >= 0)
                                 for (int t = 0; t < HW_VL; t++) prefetch_row(k_pool, next_off + (t0 + t) * s_slot, D, kv_bf16);
                             for (int64_t g = 0; g < G; g++) {
@@ -91,7 +91,7 @@ int paged_decode(const float *q, const void *k_pool, const void *v_pool, const i
                                     }
                                     part[t] = dot;
                                 }
-                                hw_store(s[g] + t0, hw_keep(keep + t0, hw_transpose_sum(part)));
+                                hw_store(s[g] + t0, hw_keep(km, hw_transpose_sum(part)));
                             }
                         }
                     } else
