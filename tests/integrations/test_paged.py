@@ -6,6 +6,8 @@ shuffled blocks; the reference is ``sink_window.naive`` over each sequence's key
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 
@@ -58,14 +60,17 @@ RULES = {
 }
 
 
-@pytest.mark.parametrize("gather_bytes", [0, 1])
+#: decode paths: ``logical`` the native kernel over vLLM's table; ``tables`` per-head tables and positions
+#: (the torch path, where the native kernel does not build), all rows in one call or one row per call
+DECODE_PATHS = {"logical": ("auto", 0), "tables": ("cpu", 0), "tables-per-row": ("cpu", 1)}
+
+
+@pytest.mark.parametrize("decode", list(DECODE_PATHS))
 @pytest.mark.parametrize("prefill", ["plan", "dense"])
 @pytest.mark.parametrize("rule_name", sorted(RULES))
-def test_attend_matches_naive_over_decode_prefill_and_chunks(prefill, rule_name, gather_bytes, monkeypatch):
-    """A mixed step: decodes at several lengths, a fresh prompt and a prompt chunk with context.
-
-    ``gather_bytes`` 0 runs all decode rows in one kernel call, 1 one row per call.
-    """
+def test_attend_matches_naive_over_decode_prefill_and_chunks(prefill, rule_name, decode, monkeypatch):
+    """A mixed step: decodes at several lengths, a fresh prompt and a prompt chunk with context."""
+    backend, gather_bytes = DECODE_PATHS[decode]
     monkeypatch.setattr(paged, "DECODE_GATHER_BYTES", gather_bytes)
     torch.manual_seed(1)
     rule = LayerRule.from_heads(tuple(RULES[rule_name]))
@@ -86,7 +91,7 @@ def test_attend_matches_naive_over_decode_prefill_and_chunks(prefill, rule_name,
     step = paged.StepLayout.build(qsl, torch.tensor(lengths, dtype=torch.int32), tables, BS, HKV)
     output = torch.full((T, HKV * G, D), float("nan"))
     scale = D ** -0.5
-    paged.attend(query, new_k, new_v, cache, output, step, rule, scale, prefill_rule=prefill_rule)
+    paged.attend(query, new_k, new_v, cache, output, step, rule, scale, prefill_rule=prefill_rule, backend=backend)
     for b, (c, q) in enumerate(seqs):
         s, e = int(qsl[b]), int(qsl[b + 1])
         n = c + q
@@ -200,15 +205,18 @@ def test_position_buffer_across_steps_equals_a_fresh_fill(host, monkeypatch):
                     assert torch.equal(pos[rows], fresh[rows]), (step, b, j)
 
 
+@pytest.mark.parametrize("decode", ["logical", "tables"])
 @pytest.mark.parametrize("prefill", ["plan", "dense"])
 @pytest.mark.parametrize("rule_name", ["windows", "same", "floored"])
-def test_freed_block_ids_left_in_the_worker_table_are_never_read(prefill, rule_name):
+def test_freed_block_ids_left_in_the_worker_table_are_never_read(prefill, rule_name, decode):
     """vLLM nulls the blocks its KV manager frees only in the scheduler's block table: the worker's table
     keeps their ids while the pool hands them to other sequences in the same step. ``null_unread`` on the
     worker's table: every sequence, old holders and new ones, equals the reference over its own keys, with
     one ``PositionBuffer`` that an earlier step filled while the old holders had those blocks. (Without
     ``null_unread`` the old holders' stale entries overwrite the new holders' positions: the defect of the
-    chunked vLLM test.)"""
+    chunked vLLM test.) The step gets the worker's table as vLLM's metadata builder gives it, with
+    ``null_unread`` applied where a reader needs it (``StepLayout.block_table``): the ``logical`` decode path
+    reads the raw table (only sink and window entries), the ``tables`` path the nulled one."""
     from headwise.integrations.vllm.kv_memory import layer_keep
 
     torch.manual_seed(4)
@@ -246,17 +254,18 @@ def test_freed_block_ids_left_in_the_worker_table_are_never_read(prefill, rule_n
     qsl = torch.tensor([0, *torch.tensor(q_lens).cumsum(0).tolist()], dtype=torch.int32)
     seq_lens = torch.tensor(lengths, dtype=torch.int32)
     prefilling = torch.tensor([c < prompt for c, _, prompt in seqs])
-    table = paged.null_unread(tables, qsl, seq_lens, prefilling, keep, BS)
+    unread = functools.partial(paged.null_unread, query_start_loc=qsl, seq_lens=seq_lens, prefilling=prefilling,
+                               keep=keep, block_size=BS)                # as cpu.HeadwiseCPUMetadataBuilder.build
     T = int(qsl[-1])
     query = torch.randn(T, HKV * G, D)
     new_k = torch.cat([k[c:] for k, (c, _, _) in zip(keys, seqs)])
     new_v = torch.cat([v[c:] for v, (c, _, _) in zip(values, seqs)])
     scale = D ** -0.5
     for repeat in range(2):                                       # two steps over the same tables
-        step = paged.StepLayout.build(qsl, seq_lens, table, BS, HKV, positions, prefilling)
+        step = paged.StepLayout.build(qsl, seq_lens, tables, BS, HKV, positions, prefilling, unread)
         output = torch.full((T, HKV * G, D), float("nan"))
         paged.attend(query, new_k, new_v, cache, output, step, rule, scale,
-                     prefill_rule=rule.as_dense() if dense_prefill else None)
+                     prefill_rule=rule.as_dense() if dense_prefill else None, backend=DECODE_PATHS[decode][0])
         for b, (c, q, prompt) in enumerate(seqs):
             s, e = int(qsl[b]), int(qsl[b + 1])
             n = c + q

@@ -20,7 +20,9 @@ The plan is loaded and checked once per process when the model is built, so a ba
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field, replace
+from typing import Callable
 
 import torch
 from vllm.config.vllm import get_current_vllm_config
@@ -58,6 +60,7 @@ class HeadwiseCPUMetadata(CPUAttentionMetadata):
     headwise_step: dict = field(default_factory=dict)
     headwise_positions: dict | None = None
     headwise_prefilling: torch.Tensor | None = None     # [B] bool: vLLM's is_prefilling
+    headwise_unread: Callable | None = None             # block_table -> block_table with unread entries nulled
 
     def step_layout(self, block_size: int, num_kv_heads: int) -> paged.StepLayout:
         key = (block_size, num_kv_heads)
@@ -67,7 +70,7 @@ class HeadwiseCPUMetadata(CPUAttentionMetadata):
                 positions = self.headwise_positions.setdefault(key, paged.PositionBuffer())
             self.headwise_step[key] = paged.StepLayout.build(self.query_start_loc, self.seq_lens, self.block_table,
                                                              block_size, num_kv_heads, positions,
-                                                             self.headwise_prefilling)
+                                                             self.headwise_prefilling, self.headwise_unread)
         return self.headwise_step[key]
 
 
@@ -94,8 +97,10 @@ class HeadwiseCPUMetadataBuilder(CPUAttentionMetadataBuilder):
                         kv_cache_spec)
 
     def build(self, common_prefix_len, common_attn_metadata, fast_build: bool = False) -> HeadwiseCPUMetadata:
-        """vLLM's metadata plus headwise's; a ``SinkWindowSpec`` group's block table with its freed (and other
-        unread) entries nulled (``paged.null_unread``): vLLM keeps freed block ids in the worker's table."""
+        """vLLM's metadata plus headwise's. A ``SinkWindowSpec`` group keeps vLLM's block table and the
+        means to null its freed (and other unread) entries (``paged.null_unread``; vLLM keeps freed block ids
+        in the worker's table), applied only when a reader needs it (``paged.StepLayout.block_table``): a
+        decode step through ``paged_decode_logical`` reads only sink and window entries and never does."""
         from .kv_spec import SinkWindowSpec
 
         m = common_attn_metadata
@@ -105,13 +110,15 @@ class HeadwiseCPUMetadataBuilder(CPUAttentionMetadataBuilder):
         prefilling = m.is_prefilling[:m.num_reqs]
         if isinstance(self.kv_cache_spec, SinkWindowSpec):
             # only headwise's attention reads these layers: no scheduler metadata for vLLM's kernel
-            table = paged.null_unread(m.block_table_tensor, m.query_start_loc, m.seq_lens[:m.num_reqs], prefilling,
-                                      self.kv_cache_spec.keep, self.kv_cache_spec.block_size)
+            unread = functools.partial(paged.null_unread, query_start_loc=m.query_start_loc,
+                                       seq_lens=m.seq_lens[:m.num_reqs], prefilling=prefilling,
+                                       keep=self.kv_cache_spec.keep, block_size=self.kv_cache_spec.block_size)
             return HeadwiseCPUMetadata(num_actual_tokens=m.num_actual_tokens, max_query_len=m.max_query_len,
                                        query_start_loc=m.query_start_loc, max_seq_len=m.max_seq_len,
-                                       seq_lens=m.seq_lens, block_table=table,
+                                       seq_lens=m.seq_lens, block_table=m.block_table_tensor,
                                        slot_mapping=m.slot_mapping, scheduler_metadata=None,
-                                       headwise_positions=self.headwise_positions, headwise_prefilling=prefilling)
+                                       headwise_positions=self.headwise_positions, headwise_prefilling=prefilling,
+                                       headwise_unread=unread)
         base = super().build(common_prefix_len, common_attn_metadata, fast_build)
         return HeadwiseCPUMetadata(**{name: getattr(base, name) for name in base.__dataclass_fields__},
                                    headwise_positions=self.headwise_positions, headwise_prefilling=prefilling)

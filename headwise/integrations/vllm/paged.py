@@ -28,11 +28,12 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 import torch
 
-from ...kernels.paged_decode import native, paged_decode
+from ...kernels.paged_decode import native, paged_decode, paged_decode_logical
 from ...kernels.paged_decode.naive import gather_pages
 from ...kernels.sink_window import sink_window_attention
 from ...patches.runtime import LayerRule
@@ -79,6 +80,13 @@ def write(kv_cache: torch.Tensor, key: torch.Tensor, value: torch.Tensor, slot_m
     c[block, :, 1, offset] = value.to(kv_cache.dtype)
 
 
+def slot_pools(kv_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Key and value views ``[P, bs, Hkv, D]`` of a cache written by ``write`` (every KV head of a vLLM block
+    in one pool block: ``paged_decode_logical``'s layout; strided, no copy)."""
+    c = cells(kv_cache)
+    return c[:, :, 0].permute(0, 2, 1, 3), c[:, :, 1].permute(0, 2, 1, 3)
+
+
 def pools(kv_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-head key and value pools over a cache written by ``write`` (views, no copy).
 
@@ -115,7 +123,11 @@ class StepLayout:
 
     Attributes:
         block_size, num_kv_heads: the cache geometry.
-        block_table: ``[B, max_blocks]`` int, vLLM's block table.
+        raw_table: ``[B, max_blocks]`` int, vLLM's block table as the worker has it (entries the KV manager
+            gave back may still name their blocks); read only where each head's sink and window entries are
+            read (``paged_decode_logical``), which never reach a given-back entry.
+        block_table (property): ``raw_table`` with every entry the step does not read nulled (``unread``,
+            e.g. ``null_unread``), made on first use: what every other reader takes.
         seq_lens: ``[B]`` int64 lengths after this step (``N`` of the span rule).
         decode_rows, decode_tokens: ``[Bd]`` int64: sequences with one query token and that
             token's index in the step.
@@ -125,24 +137,27 @@ class StepLayout:
 
     block_size: int
     num_kv_heads: int
-    block_table: torch.Tensor
+    raw_table: torch.Tensor
     seq_lens: torch.Tensor
     decode_rows: torch.Tensor
     decode_tokens: torch.Tensor
     prefills: list[Prefill]
     positions: "PositionBuffer | None" = field(default=None, repr=False)
+    unread: "Callable[[torch.Tensor], torch.Tensor] | None" = field(default=None, repr=False)
     _pos_pool: torch.Tensor | None = field(default=None, repr=False)
     _cached: dict = field(default_factory=dict, repr=False)
 
     @classmethod
     def build(cls, query_start_loc: torch.Tensor, seq_lens: torch.Tensor, block_table: torch.Tensor,
               block_size: int, num_kv_heads: int, positions: "PositionBuffer | None" = None,
-              prefilling: torch.Tensor | None = None) -> "StepLayout":
+              prefilling: torch.Tensor | None = None,
+              unread: "Callable[[torch.Tensor], torch.Tensor] | None" = None) -> "StepLayout":
         """From vLLM's ``query_start_loc [B+1]``, ``seq_lens [B]`` and ``block_table [B, M]``;
         ``positions``: the group's buffer kept across steps (default: a fresh pool); ``prefilling``:
         ``[B]`` bool, vLLM's ``is_prefilling``: a one-token prompt chunk (the last token of a prompt
         the token budget cut there) is a prefill, read by the prefill rule (default: every one-token
-        row is a decode)."""
+        row is a decode); ``unread``: ``table -> table`` nulling the entries no query of the step reads
+        (``block_table``; default: none)."""
         B = seq_lens.shape[0]
         starts = query_start_loc[:B + 1].tolist()
         lengths = seq_lens[:B].tolist()
@@ -156,7 +171,14 @@ class StepLayout:
                 prefills.append(Prefill(b, starts[b], starts[b + 1], lengths[b] - q_len, lengths[b]))
         rows = torch.tensor(decode_rows, dtype=torch.long, device=seq_lens.device)
         return cls(block_size, num_kv_heads, block_table[:B], seq_lens[:B].long(), rows,
-                   query_start_loc[rows].long(), prefills, positions)
+                   query_start_loc[rows].long(), prefills, positions, unread)
+
+    @property
+    def block_table(self) -> torch.Tensor:
+        """``[B, M]`` the step's block table with the entries it does not read nulled (made on first use)."""
+        if "block_table" not in self._cached:
+            self._cached["block_table"] = self.raw_table if self.unread is None else self.unread(self.raw_table)
+        return self._cached["block_table"]
 
     def cache(self, name, build):
         """``build()`` under the hashable key ``name``, computed once per step and shared by the layers that
@@ -323,105 +345,97 @@ def _window_arrays(windows: tuple[tuple[float, ...], ...]) -> tuple[np.ndarray, 
             np.array([w[2] if len(w) > 2 else 0 for w in windows], dtype=np.float64))
 
 
-@dataclass(frozen=True)
-class HeadGroup:
-    """KV heads of a layer with one rule: ``key`` = (dense, sink, alpha, beta, min_span), ``heads`` their indices."""
-
-    key: tuple
-    heads: tuple[int, ...]
-
-
-def head_groups(rule: LayerRule) -> list[HeadGroup]:
-    """KV heads of a layer grouped by identical rule (dense flag, sink, alpha, beta, min_span); kept on the
-    rule object (a layer's rule lives as long as its implementation)."""
-    cached = rule._on.get("head_groups")
-    if cached is None:
-        groups: dict[tuple, list[int]] = {}
-        for h in range(rule.sink.shape[0]):
-            key = (bool(rule.dense[h]), int(rule.sink[h]), float(rule.alpha[h]), float(rule.beta[h]),
-                   float(rule.min_span[h]))
-            groups.setdefault(key, []).append(h)
-        cached = rule._on["head_groups"] = [HeadGroup(key, tuple(heads)) for key, heads in groups.items()]
-    return cached
+def rule_key(rule: LayerRule) -> tuple:
+    """A hashable key of ``rule``'s heads ((dense, sink, alpha, beta, min_span) per KV head), kept on the rule:
+    layers whose rules are equal share one ``DecodeCall`` per step."""
+    key = rule._on.get("key")
+    if key is None:
+        key = rule._on["key"] = tuple(zip(rule.dense.tolist(), rule.sink.tolist(), rule.alpha.tolist(),
+                                          rule.beta.tolist(), rule.min_span.tolist()))
+    return key
 
 
 @dataclass
 class DecodeCall:
-    """The ``paged_decode`` inputs of one head group for the step's decode rows, shared by the layers of a
-    KV cache group whose heads have the same rule (``StepLayout.cache``).
+    """The ``paged_decode`` inputs of one layer rule for the step's decode rows, every KV head in one call;
+    shared by the layers of a KV cache group whose rules are equal (``StepLayout.cache``).
 
-    ``tables [Bd, Hg, K]`` int32 (``decode_tables``), ``spans [Bd, Hg]`` int64, ``sink [Hg]`` int64,
-    ``q_pos [Bd]`` int64 query positions, ``qh`` the query heads reading the group's KV heads.
+    ``tables [Bd, Hkv, K]`` int32 (``decode_tables``: each head its own sink and window blocks, -1 past
+    them), ``spans [Bd, Hkv]`` int64, ``sink [Hkv]`` int64, ``q_pos [Bd]`` int64 query positions.
     """
 
     tables: torch.Tensor
     spans: torch.Tensor
     sink: torch.Tensor
     q_pos: torch.Tensor
-    qh: torch.Tensor
 
     @classmethod
-    def build(cls, step: StepLayout, rule: LayerRule, group: HeadGroup, Hkv: int, G: int) -> "DecodeCall":
-        """The inputs of ``group`` (heads of ``rule``, the calling layer's rule) for ``step``'s decode rows."""
-        sink = group.key[1]
+    def build(cls, step: StepLayout, rule: LayerRule) -> "DecodeCall":
+        """The inputs of ``rule`` (the calling layer's, one entry per KV head of its cache) for ``step``'s
+        decode rows."""
         rows = step.decode_rows
         lengths = step.cache("decode_lengths", lambda: step.seq_lens[rows])
-        span = rule.select([group.heads[0]]).span(lengths)[:, 0]                           # [Bd] int64
         table = step.cache("decode_table", lambda: step.block_table[rows])
-        # the blocks depend on the rule only: shared by every head group with this rule (any heads)
-        physical, valid = step.cache(("decode_blocks", group.key),
-                                     lambda: decode_blocks(table, lengths, sink, span, step.block_size))
-        heads = list(group.heads)
-        Hg = len(heads)
-        return cls(head_tables(physical, valid, heads, Hkv).to(torch.int32), span[:, None].expand(-1, Hg).contiguous(),
-                   torch.full((Hg,), sink, dtype=torch.long), (lengths - 1).long(), query_heads(heads, G))
+        spans = rule.span(lengths)                                                           # [Bd, Hkv]
+        return cls(layer_tables(table, lengths, rule.sink, spans, step.block_size), spans, rule.sink,
+                   (lengths - 1).long())
 
 
 def decode_tables(block_table: torch.Tensor, seq_lens: torch.Tensor, sink: int, span: torch.Tensor,
                   heads: list[int], block_size: int, num_kv_heads: int) -> torch.Tensor:
-    """Per-head block tables reading only each head's sink and window blocks.
+    """Per-head block tables reading only each head's sink and window blocks, for heads sharing one rule.
 
     Args:
         block_table: ``[Bd, M]`` vLLM blocks of the decoding sequences (logical order).
         seq_lens: ``[Bd]`` int64 lengths after this step; the query sits at ``seq_lens - 1``.
-        sink: the group's sink; span: ``[Bd]`` int64 the group's span per sequence (``N`` for
-            dense heads).
-        heads: the group's KV heads; block_size, num_kv_heads: cache geometry.
+        sink: the heads' sink; span: ``[Bd]`` int64 their span per sequence (``N`` for dense heads).
+        heads: the KV heads; block_size, num_kv_heads: cache geometry.
 
     Returns:
-        ``[Bd, len(heads), K]`` int64 pool blocks (``b * Hkv + h``), -1 for unused entries, ``K``
+        ``[Bd, len(heads), K]`` int32 pool blocks (``b * Hkv + h``), -1 for unused entries, ``K``
         the largest number of blocks a sequence reads: ``ceil(sink / bs)`` sink blocks, then the
         blocks from the window's first position to the query's, never a block twice.
     """
-    physical, valid = decode_blocks(block_table, seq_lens, sink, span, block_size)
-    return head_tables(physical, valid, heads, num_kv_heads)
+    n = len(heads)
+    return layer_tables(block_table, seq_lens, torch.full((n,), sink, dtype=torch.long),
+                        span[:, None].expand(-1, n), block_size, heads, num_kv_heads)
 
 
-def head_tables(physical: torch.Tensor, valid: torch.Tensor, heads: list[int], num_kv_heads: int) -> torch.Tensor:
-    """Pool block ids ``[Bd, Hg, K]`` (``-1`` where not ``valid``) of KV heads ``heads`` for the vLLM blocks
-    ``physical`` ``[Bd, K]`` (``decode_blocks``): the pool keeps one ``[bs, 2*D]`` block per vLLM block and head."""
-    ids = physical[:, None, :] * num_kv_heads + torch.tensor(heads, device=physical.device)[None, :, None]
-    return torch.where(valid[:, None, :], ids, -1)
+def layer_tables(block_table: torch.Tensor, seq_lens: torch.Tensor, sink: torch.Tensor, span: torch.Tensor,
+                 block_size: int, heads: list[int] | None = None, num_kv_heads: int | None = None) -> torch.Tensor:
+    """Each head's sink and window blocks as pool block ids, every head of a layer at once.
 
+    Args:
+        block_table: ``[Bd, M]`` int vLLM blocks of the decoding sequences (logical order).
+        seq_lens: ``[Bd]`` int lengths after this step (the query sits at ``seq_lens - 1``).
+        sink: ``[Hg]`` int64 each head's sink; span: ``[Bd, Hg]`` int64 each head's span (``N``: dense).
+        block_size: tokens per block; heads: the KV heads (default ``0..Hg-1``); num_kv_heads: heads per
+            vLLM block (default ``Hg``).
 
-def decode_blocks(block_table: torch.Tensor, seq_lens: torch.Tensor, sink: int, span: torch.Tensor,
-                  block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The vLLM blocks ``decode_tables`` reads, before the heads are added: ``(physical [Bd, K] int64,
-    valid [Bd, K] bool)`` (arguments as ``decode_tables``)."""
-    bs = block_size
-    q = seq_lens - 1
-    sink_blocks = -(-sink // bs)
-    last = q // bs                                                                         # [Bd]
-    first = torch.maximum((q - span + 1).clamp(min=0) // bs, torch.full_like(q, sink_blocks))
-    n_sink = torch.clamp(last + 1, max=sink_blocks)                                        # sink blocks that exist
-    count = n_sink + (last - first + 1).clamp(min=0)
-    K = int(count.max())
+    Returns:
+        ``[Bd, Hg, K]`` int32 pool block ids ``b * num_kv_heads + heads[g]``: per sequence and head its
+        ``ceil(sink / bs)`` sink blocks, then the blocks from the window's first position to the query's,
+        never a block twice; -1 past them.
+    """
     device = block_table.device
-    j = torch.arange(K, device=device)
-    logical = torch.where(j[None, :] < n_sink[:, None], j[None, :], first[:, None] + j[None, :] - n_sink[:, None])
-    valid = j[None, :] < count[:, None]                                                    # [Bd, K]
-    physical = block_table.long().gather(1, torch.where(valid, logical, 0))
-    return physical, valid
+    bs = block_size
+    q = (seq_lens.long() - 1)[:, None]                                                     # [Bd, 1]
+    Hg = sink.shape[0]
+    sink_blocks = (-(-sink.long() // bs))[None, :]                                         # [1, Hg]
+    last = q // bs                                                                         # [Bd, 1]
+    first = torch.maximum((q - span + 1).clamp(min=0) // bs, sink_blocks)                  # [Bd, Hg]
+    n_sink = torch.minimum(last + 1, sink_blocks)                                          # sink blocks that exist
+    count = n_sink + (last - first + 1).clamp(min=0)                                       # [Bd, Hg]
+    K = int(count.max()) if count.numel() else 0
+    j = torch.arange(K, device=device)[None, None, :]
+    n_sink, first, count = n_sink[..., None], first[..., None], count[..., None]
+    logical = torch.where(j < n_sink, j, first + j - n_sink)                               # [Bd, Hg, K]
+    valid = j < count
+    rows = block_table.long()[:, None, :].expand(-1, Hg, -1)
+    physical = rows.gather(2, torch.where(valid, logical, 0))                              # [Bd, Hg, K]
+    head_ids = torch.arange(Hg, device=device) if heads is None else torch.tensor(heads, device=device)
+    ids = physical * (Hg if num_kv_heads is None else num_kv_heads) + head_ids[None, :, None]
+    return torch.where(valid, ids, -1).to(torch.int32)
 
 
 def query_heads(heads: list[int], group_size: int, device: torch.device | str = "cpu") -> torch.Tensor:
@@ -448,8 +462,9 @@ def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, kv_cache
             step, scale)`` runs the step's prefill sequences and returns those it left (``cpu_prefill``:
             vLLM's own kernel); default: ``dense_prefill`` per sequence.
 
-    Decode tokens go through ``paged_decode`` over only their sink + window blocks, one call per
-    group of identical heads. Prefill sequences read densely go through ``dense_kernel`` or
+    Decode tokens go through one ``paged_decode_logical`` call per layer over vLLM's block table (the native
+    kernel visits only each head's sink and window entries; no per-head tables or positions are built), or,
+    where the native kernel does not run, through ``paged_decode`` over per-head tables (``DecodeCall``). Prefill sequences read densely go through ``dense_kernel`` or
     ``dense_prefill`` (torch's CPU flash attention); the others through ``sink_window_attention``:
     over their own new keys when they have no context (fresh prompt), else over their cached blocks.
     """
@@ -460,19 +475,30 @@ def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, kv_cache
     decode_backend = "cpu" if backend == "auto" and step.block_size > native.MAX_BLOCK else backend
     if step.decode_rows.numel():
         tokens = step.decode_tokens
-        pos_pool = step.pos_pool(k_pool.shape[0])
         q_all = query[tokens]                                                               # [Bd, H, D]
-        for group in head_groups(rule):
-            call = step.cache(("decode", group, Hkv, G), lambda: DecodeCall.build(step, rule, group, Hkv, G))
+        k_slots, v_slots = slot_pools(kv_cache)
+        if backend in ("auto", "native") and native.supports(q_all, k_slots):
+            # vLLM's table is in position order: the kernel finds each head's sink and window entries itself
+            rows = step.decode_rows
+            lengths = step.cache("decode_lengths", lambda: step.seq_lens[rows])
+            table = step.cache("decode_table32", lambda: step.raw_table[rows].to(torch.int32).contiguous())
+            q_pos = step.cache("decode_q_pos", lambda: lengths - 1)
+            spans = step.cache(("decode_spans", rule_key(rule)), lambda: rule.span(lengths))     # [Bd, Hkv]
+            out = paged_decode_logical(q_all, k_slots, v_slots, table, q_pos, rule.sink, spans, scale, NULL_BLOCK,
+                                       backend="native")
+            output[tokens] = out.to(output.dtype)
+        else:
+            pos_pool = step.pos_pool(k_pool.shape[0])
+            call = step.cache(("decode", rule_key(rule)), lambda: DecodeCall.build(step, rule))
             # Sequences in chunks whose gathered pages stay in cache while the kernel reads them again.
             per_row = 2 * call.tables.shape[1] * call.tables.shape[2] * step.block_size * query.shape[2] * 4
             n = call.tables.shape[0]
             rows_per_call = max(1, DECODE_GATHER_BYTES // per_row) if DECODE_GATHER_BYTES else n
             for a in range(0, n, rows_per_call):
                 c = slice(a, a + rows_per_call)
-                out = paged_decode(q_all[c][:, call.qh], k_pool, v_pool, pos_pool, call.tables[c], call.q_pos[c],
-                                   call.sink, call.spans[c], scale, backend=decode_backend)
-                output[tokens[c][:, None], call.qh[None, :]] = out.to(output.dtype)
+                out = paged_decode(q_all[c], k_pool, v_pool, pos_pool, call.tables[c], call.q_pos[c], call.sink,
+                                   call.spans[c], scale, backend=decode_backend)
+                output[tokens[c]] = out.to(output.dtype)
     prefill_rule = rule if prefill_rule is None else prefill_rule
     all_dense = prefill_rule.all_dense
     prefills = step.prefills

@@ -202,7 +202,7 @@ int decode_layers(const Dims *m, const void *const *weights, const Pool *p, floa
         t0 = TIC();
         const int rc = paged_decode(q, p->k_pool, p->v_pool, p->pos_pool, p->tables + l * T * Hkv * p->M, p->q_pos,
                                     p->sink + l * Hkv, p->span + l * T * Hkv, o, T, H, Hkv, 1, p->M, p->bs, D,
-                                    p->bs * D, D, D, m->scale, p->kv_bf16);
+                                    p->bs * D, D, D, m->scale, p->kv_bf16, 0, -1);
         TOC(t0, P_ATTENTION);
         if (rc != 0) return rc;
         post(m, w, x, o, h, g, u, T);

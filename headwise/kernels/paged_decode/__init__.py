@@ -34,4 +34,27 @@ def paged_decode(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, po
     return fn(q, k_pool, v_pool, pos_pool, block_tables, q_pos, sink, span, scale)
 
 
-__all__ = ["paged_decode", "BACKENDS", "AUTO_ORDER"]
+#: ``paged_decode_logical`` backends: the reference and the native kernel (no torch or Triton path yet).
+LOGICAL_BACKENDS = {"naive": naive.paged_decode_logical, "native": native.paged_decode_logical}
+LOGICAL_AUTO_ORDER = [("native", lambda device: device.type == "cpu" and native.available()),
+                      ("naive", lambda device: True)]
+
+
+def paged_decode_logical(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, block_table: torch.Tensor,
+                         q_pos: torch.Tensor, sink: torch.Tensor, span: torch.Tensor, scale: float,
+                         null_block: int = -1, backend: str = "auto") -> torch.Tensor:
+    """``[B, H, D]`` decode output over block tables in position order (vLLM's), positions implied.
+
+    Args:
+        q: ``[B, H, D]``; k_pool, v_pool: ``[P, block_size, Hkv, D]`` fp32 or bf16 (strided views allowed);
+        block_table: ``[B, M]`` int32 each sequence's blocks in position order, ``< 0`` or ``null_block``:
+        nothing; q_pos ``[B]`` int64; sink ``[Hkv]`` int64; span ``[B, Hkv]`` int64; scale: softmax scale.
+
+    Each KV head reads only its sink entries and the entries of its window (``naive.paged_decode_logical``),
+    so no per-head table and no position pool is built per step.
+    """
+    fn = pick_backend("paged_decode_logical", LOGICAL_BACKENDS, LOGICAL_AUTO_ORDER, backend, q.device)
+    return fn(q, k_pool, v_pool, block_table, q_pos, sink, span, scale, null_block)
+
+
+__all__ = ["paged_decode", "paged_decode_logical", "BACKENDS", "AUTO_ORDER"]

@@ -69,3 +69,28 @@ def paged_decode(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, po
     k, v, k_pos = gather_pages(k_pool, v_pool, pos_pool, block_tables)
     out = sink_window_naive.sink_window_attention(q[:, :, None], k, v, q_pos[:, None], k_pos, sink, span, scale)
     return out[:, :, 0]
+
+
+def paged_decode_logical(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, block_table: torch.Tensor,
+                         q_pos: torch.Tensor, sink: torch.Tensor, span: torch.Tensor, scale: float,
+                         null_block: int = -1) -> torch.Tensor:
+    """``paged_decode`` over a table in position order, where positions are implied instead of stored.
+
+    Args:
+        q: ``[B, H, D]``; k_pool, v_pool: ``[P, block_size, Hkv, D]`` (every KV head in each block: vLLM's
+            layout, as a strided view).
+        block_table: ``[B, M]`` int, each sequence's blocks in position order: slot ``t`` of entry ``j``
+            holds position ``j * block_size + t``; entries ``< 0`` or equal to ``null_block`` hold nothing.
+        q_pos, sink, span, scale: as ``paged_decode`` (``sink [Hkv]``, ``span [B, Hkv]``).
+
+    Returns:
+        ``[B, H, D]`` in ``q.dtype``: what ``paged_decode`` gives with those positions written out.
+    """
+    P, bs, Hkv, D = k_pool.shape
+    B, M = block_table.shape
+    used = (block_table >= 0) & (block_table != null_block)                                # [B, M]
+    blocks = block_table.long().clamp(min=0).reshape(-1)                                  # [B * M]
+    positions = torch.arange(M * bs, device=q.device).reshape(1, M, bs)
+    pos_pool = torch.where(used[..., None], positions, -1).reshape(B * M, bs)             # one block per entry
+    tables = torch.arange(B * M, device=q.device, dtype=torch.int32).reshape(B, 1, M)
+    return paged_decode(q, k_pool[blocks], v_pool[blocks], pos_pool, tables, q_pos, sink, span, scale)

@@ -30,7 +30,8 @@ def _library():
     lib = load_native(SOURCE)
     if lib is not None:
         lib.paged_decode.restype = ctypes.c_int
-        lib.paged_decode.argtypes = [ctypes.c_void_p] * 9 + [ctypes.c_int64] * 10 + [ctypes.c_float, ctypes.c_int]
+        lib.paged_decode.argtypes = ([ctypes.c_void_p] * 9 + [ctypes.c_int64] * 10
+                                     + [ctypes.c_float, ctypes.c_int, ctypes.c_int, ctypes.c_int64])
     return lib
 
 
@@ -49,6 +50,18 @@ def paged_decode(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, po
                  block_tables: torch.Tensor, q_pos: torch.Tensor, sink: torch.Tensor, span: torch.Tensor,
                  scale: float) -> torch.Tensor:
     """``[B, H, D]`` decode output; shapes as ``naive.paged_decode``."""
+    return _run(q, k_pool, v_pool, pos_pool, block_tables, q_pos, sink, span, scale, None)
+
+
+def paged_decode_logical(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, block_table: torch.Tensor,
+                         q_pos: torch.Tensor, sink: torch.Tensor, span: torch.Tensor, scale: float,
+                         null_block: int = -1) -> torch.Tensor:
+    """``[B, H, D]`` decode output over a table in position order; shapes as ``naive.paged_decode_logical``."""
+    return _run(q, k_pool, v_pool, None, block_table[:, None], q_pos, sink, span, scale, null_block)
+
+
+def _run(q, k_pool, v_pool, pos_pool, block_tables, q_pos, sink, span, scale, null_block) -> torch.Tensor:
+    """Call the kernel; ``null_block is None``: explicit positions (``pos_pool``), else a logical table."""
     lib = _library()
     if lib is None:
         raise RuntimeError("the native paged_decode kernel could not be built here; use backend='cpu'.")
@@ -65,16 +78,19 @@ def paged_decode(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, po
     if k_pool.stride() != v_pool.stride() or k_pool.stride(-1) != 1:
         # read strided views in place (a vLLM cache is one); copy only layouts the kernel cannot stride
         k_pool, v_pool = k_pool.contiguous(), v_pool.contiguous()
-    pos_pool = pos_pool.to(torch.int64).contiguous()
+    logical = null_block is not None
+    pos_ptr = None if logical else pos_pool.to(torch.int64).contiguous()
     tables = block_tables.to(torch.int32).contiguous()
     q_pos = q_pos.to(torch.int64).contiguous()
     sink = sink.to(torch.int64).contiguous()
     span = span.to(torch.int64).expand(B, Hkv).contiguous()
     out = torch.empty(B, H, D, dtype=torch.float32)
-    rc = lib.paged_decode(qf.data_ptr(), k_pool.data_ptr(), v_pool.data_ptr(), pos_pool.data_ptr(), tables.data_ptr(),
+    rc = lib.paged_decode(qf.data_ptr(), k_pool.data_ptr(), v_pool.data_ptr(),
+                          None if logical else pos_ptr.data_ptr(), tables.data_ptr(),
                           q_pos.data_ptr(), sink.data_ptr(), span.data_ptr(), out.data_ptr(),
                           B, H, Hkv, Hb, M, bs, D, k_pool.stride(0), k_pool.stride(1), k_pool.stride(2),
-                          float(scale), int(k_pool.dtype == torch.bfloat16))
+                          float(scale), int(k_pool.dtype == torch.bfloat16), int(logical),
+                          -1 if null_block is None else int(null_block))
     if rc != 0:
         raise RuntimeError(f"native paged_decode refused shapes B={B} H={H} Hkv={Hkv} D={D} block={bs}.")
     return out.to(q.dtype)

@@ -18,7 +18,10 @@
 /* q [B, H, D] f32; k_pool/v_pool [P, bs, Hb, D] (f32 if kv_bf16 == 0 else bf16) with element strides
  * (s_block, s_slot, s_head, 1), the same for both pools (vLLM's cache is such a strided view); pos_pool
  * [P, bs] i64; tables [B, Ht, M] i32 (Hkv = Ht * Hb); q_pos [B] i64; sink [Hkv] i64; span [B, Hkv] i64;
- * out [B, H, D] f32. */
+ * out [B, H, D] f32.
+ * logical != 0: tables [B, M] hold each sequence's blocks in position order (Ht = 1, Hb = Hkv: vLLM's
+ * block table), slot t of entry j holds position j * bs + t, pos_pool is not read; each head visits only
+ * its sink entries and the entries of its window, and skips entries equal to null_block. */
 /* Prefetch the row at element offset `off` (D elements, fp32 or bf16) into cache. */
 static inline void prefetch_row(const void *pool, int64_t off, int64_t D, int kv_bf16) {
     const int64_t esize = kv_bf16 ? 2 : 4;
@@ -29,10 +32,11 @@ static inline void prefetch_row(const void *pool, int64_t off, int64_t D, int kv
 int paged_decode(const float *q, const void *k_pool, const void *v_pool, const int64_t *pos_pool,
                  const int32_t *tables, const int64_t *q_pos, const int64_t *sink, const int64_t *span,
                  float *out, int64_t B, int64_t H, int64_t Hkv, int64_t Hb, int64_t M, int64_t bs, int64_t D,
-                 int64_t s_block, int64_t s_slot, int64_t s_head, float scale, int kv_bf16) {
+                 int64_t s_block, int64_t s_slot, int64_t s_head, float scale, int kv_bf16, int logical,
+                 int64_t null_block) {
     const int64_t G = H / Hkv;
     const int64_t Ht = Hkv / Hb;
-    if (G > MAX_G || D > MAX_D || bs > MAX_BS) return 1;
+    if (G > MAX_G || D > MAX_D || bs > MAX_BS || (logical && Ht != 1)) return 1;
     /* whole vectors of slots and features: the SIMD path (native.h's HW_VL; the loops below otherwise) */
 #ifdef HW_VL
     const int fast = D % HW_VL == 0 && bs % HW_VL == 0;
@@ -48,6 +52,10 @@ int paged_decode(const float *q, const void *k_pool, const void *v_pool, const i
             const int64_t lo = qp - span[b * Hkv + h];       /* window: p > lo */
             const int32_t *table = tables + (b * Ht + h / Hb) * M;
             const int64_t hb = h % Hb;
+            /* logical tables: entries [0, sink_end) hold the sink, [win_first, win_last] the window */
+            const int64_t sink_end = (sk + bs - 1) / bs;
+            const int64_t win_first = (lo + 1 > 0 ? lo + 1 : 0) / bs, win_last = qp / bs;
+#define HW_SKIP(j) (logical && (((j) >= sink_end && (j) < win_first) || (j) > win_last))
             for (int64_t g = 0; g < G; g++) {
                 const float *src = q + (b * H + h * G + g) * D;
                 for (int64_t d = 0; d < D; d++) { qv[g][d] = src[d] * scale; acc[g][d] = 0.f; }
@@ -55,19 +63,22 @@ int paged_decode(const float *q, const void *k_pool, const void *v_pool, const i
                 l[g] = 0.f;
             }
             if (qp >= 0) {
-                for (int64_t j = 0; j < M; j++) {
+                const int64_t j_end = logical && win_last + 1 < M ? win_last + 1 : M;
+                for (int64_t j = 0; j < j_end; j++) {
+                    if (HW_SKIP(j)) { if (j < win_first) j = win_first - 1; continue; }
                     const int64_t blk = table[j];
-                    if (blk < 0) continue;
+                    if (blk < 0 || (logical && blk == null_block)) continue;
                     /* a head's blocks are scattered over the pool and the hardware prefetcher stops at
                      * page ends: while this block runs, fetch the next block's rows, one row per slot */
                     int64_t next = -1;
-                    for (int64_t jn = j + 1; jn < M && jn <= j + 4 && next < 0; jn++) next = table[jn];
+                    for (int64_t jn = j + 1; jn < j_end && jn <= j + 4 && next < 0; jn++)
+                        if (!HW_SKIP(jn)) next = table[jn];
                     const int64_t next_off = next < 0 ? -1 : next * s_block + hb * s_head;
-                    if (next >= 0) __builtin_prefetch(pos_pool + next * bs);
-                    const int64_t *bp = pos_pool + blk * bs;
+                    if (next >= 0 && !logical) __builtin_prefetch(pos_pool + next * bs);
+                    const int64_t *bp = logical ? NULL : pos_pool + blk * bs;
                     int64_t n = 0;
                     for (int64_t t = 0; t < bs; t++) {
-                        const int64_t p = bp[t];
+                        const int64_t p = logical ? j * bs + t : bp[t];
                         keep[t] = p >= 0 && p <= qp && (p < sk || p > lo);
                         n += keep[t];
                     }
@@ -172,3 +183,4 @@ int paged_decode(const float *q, const void *k_pool, const void *v_pool, const i
     }
     return 0;
 }
+#undef HW_SKIP
