@@ -110,7 +110,7 @@ def logical_case(length, gqa, sink, window, dtype, block_size, Hkv=3, D=16, batc
     every window) given back: set to block 0, vLLM's null block, which holds garbage."""
     g = torch.Generator().manual_seed(seed)
     lengths = batch_lengths(length, batch)
-    sink_t = torch.tensor([sink + h for h in range(Hkv)], dtype=torch.long) if sink else torch.zeros(Hkv, dtype=torch.long)
+    sink_t = torch.tensor([sink + h for h in range(Hkv)]) if sink else torch.zeros(Hkv, dtype=torch.long)
     span = spans_for(lengths, Hkv, window, dense_head=False)
     M = -(-max(lengths) // block_size) + 2
     P = batch * M + 1

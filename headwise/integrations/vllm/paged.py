@@ -397,7 +397,7 @@ def decode_tables(block_table: torch.Tensor, seq_lens: torch.Tensor, sink: int, 
         blocks from the window's first position to the query's, never a block twice.
     """
     n = len(heads)
-    return layer_tables(block_table, seq_lens, torch.full((n,), sink, dtype=torch.long),
+    return layer_tables(block_table, seq_lens, torch.full((n,), sink, dtype=torch.long, device=block_table.device),
                         span[:, None].expand(-1, n), block_size, heads, num_kv_heads)
 
 
@@ -464,12 +464,12 @@ def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, kv_cache
 
     Decode tokens go through one ``paged_decode_logical`` call per layer over vLLM's block table (the native
     kernel visits only each head's sink and window entries; no per-head tables or positions are built), or,
-    where the native kernel does not run, through ``paged_decode`` over per-head tables (``DecodeCall``). Prefill sequences read densely go through ``dense_kernel`` or
-    ``dense_prefill`` (torch's CPU flash attention); the others through ``sink_window_attention``:
-    over their own new keys when they have no context (fresh prompt), else over their cached blocks.
+    where the native kernel does not run, through ``paged_decode`` over per-head tables (``DecodeCall``).
+    Prefill sequences read densely go through ``dense_kernel`` or ``dense_prefill`` (torch's CPU flash
+    attention); the others through ``sink_window_attention``: over their own new keys when they have no
+    context (fresh prompt), else over their cached blocks.
     """
-    H, Hkv = query.shape[1], key.shape[1]
-    G = H // Hkv
+    Hkv = key.shape[1]
     k_pool, v_pool = pools(kv_cache)
     # the native kernel reads blocks of up to native.MAX_BLOCK slots; larger ones take the torch path
     decode_backend = "cpu" if backend == "auto" and step.block_size > native.MAX_BLOCK else backend
