@@ -80,15 +80,15 @@ def main() -> None:
     profiler = cProfile.Profile() if args.cprofile else None
     while engine.has_unfinished_requests():
         computed = {rid: r.num_computed_tokens for rid, r in sched.requests.items()}
-        decode_only = len(sched.waiting) == 0 and all(r.num_computed_tokens >= r.num_prompt_tokens
-                                                for r in sched.requests.values())
+        profiled = profiler is not None and len(sched.waiting) == 0 and all(
+            r.num_computed_tokens >= r.num_prompt_tokens for r in sched.requests.values())   # a decode-only step
         before = dict(totals)
-        if profiler is not None and decode_only:
+        if profiled:
             profiler.enable()
         t0 = time.perf_counter()
         outs = engine.step()
         dt = time.perf_counter() - t0
-        if profiler is not None and decode_only:
+        if profiled:
             profiler.disable()
         adv = [getattr(sched.requests.get(rid), "num_computed_tokens", c + 1) - c for rid, c in computed.items()]
         prefill_tokens = sum(a for a in adv if a > 1)

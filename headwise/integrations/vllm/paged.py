@@ -373,12 +373,17 @@ class DecodeCall:
     def build(cls, step: StepLayout, rule: LayerRule) -> "DecodeCall":
         """The inputs of ``rule`` (the calling layer's, one entry per KV head of its cache) for ``step``'s
         decode rows."""
-        rows = step.decode_rows
-        lengths = step.cache("decode_lengths", lambda: step.seq_lens[rows])
-        table = step.cache("decode_table", lambda: step.block_table[rows])
-        spans = rule.span(lengths)                                                           # [Bd, Hkv]
-        return cls(layer_tables(table, lengths, rule.sink, spans, step.block_size), spans, rule.sink,
-                   (lengths - 1).long())
+        lengths, q_pos, spans = decode_spans(step, rule)
+        table = step.cache("decode_table", lambda: step.block_table[step.decode_rows])
+        return cls(layer_tables(table, lengths, rule.sink, spans, step.block_size), spans, rule.sink, q_pos)
+
+
+def decode_spans(step: StepLayout, rule: LayerRule) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(lengths [Bd], q_pos [Bd], spans [Bd, Hkv])`` int64 of ``step``'s decode rows under ``rule``, computed
+    once per step (the spans once per distinct rule)."""
+    lengths = step.cache("decode_lengths", lambda: step.seq_lens[step.decode_rows])
+    q_pos = step.cache("decode_q_pos", lambda: lengths - 1)
+    return lengths, q_pos, step.cache(("decode_spans", rule_key(rule)), lambda: rule.span(lengths))
 
 
 def decode_tables(block_table: torch.Tensor, seq_lens: torch.Tensor, sink: int, span: torch.Tensor,
@@ -471,23 +476,20 @@ def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, kv_cache
     """
     Hkv = key.shape[1]
     k_pool, v_pool = pools(kv_cache)
-    # the native kernel reads blocks of up to native.MAX_BLOCK slots; larger ones take the torch path
-    decode_backend = "cpu" if backend == "auto" and step.block_size > native.MAX_BLOCK else backend
     if step.decode_rows.numel():
         tokens = step.decode_tokens
         q_all = query[tokens]                                                               # [Bd, H, D]
         k_slots, v_slots = slot_pools(kv_cache)
         if backend in ("auto", "native") and native.supports(q_all, k_slots):
             # vLLM's table is in position order: the kernel finds each head's sink and window entries itself
-            rows = step.decode_rows
-            lengths = step.cache("decode_lengths", lambda: step.seq_lens[rows])
-            table = step.cache("decode_table32", lambda: step.raw_table[rows].to(torch.int32).contiguous())
-            q_pos = step.cache("decode_q_pos", lambda: lengths - 1)
-            spans = step.cache(("decode_spans", rule_key(rule)), lambda: rule.span(lengths))     # [Bd, Hkv]
+            _, q_pos, spans = decode_spans(step, rule)
+            table = step.cache("decode_table32", lambda: step.raw_table[step.decode_rows].to(torch.int32).contiguous())
             out = paged_decode_logical(q_all, k_slots, v_slots, table, q_pos, rule.sink, spans, scale, NULL_BLOCK,
                                        backend="native")
             output[tokens] = out.to(output.dtype)
         else:
+            # the native kernel reads blocks of up to native.MAX_BLOCK slots; larger ones take the torch path
+            decode_backend = "cpu" if backend == "auto" and step.block_size > native.MAX_BLOCK else backend
             pos_pool = step.pos_pool(k_pool.shape[0])
             call = step.cache(("decode", rule_key(rule)), lambda: DecodeCall.build(step, rule))
             # Sequences in chunks whose gathered pages stay in cache while the kernel reads them again.
