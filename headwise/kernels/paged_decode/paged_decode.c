@@ -5,6 +5,8 @@
  * One task per (sequence, KV head): walk its block table, prefetching the next block (a head's
  * blocks are scattered over the pool); per block, mask the slots the query may not read and run an
  * online softmax over the G query heads of the group, exponentials vectorised over the block's slots.
+ * SIMD path (qk_slots, block_max, pv_block): independent FMA chains for scores and values, and value rows
+ * read in chunks of PV_SLOTS by every query head while they are in L1 (not G passes over the whole block).
  * Reads each kept key and value once, never copies pages.
  */
 #include <math.h>
@@ -28,6 +30,101 @@ static inline void prefetch_row(const void *pool, int64_t off, int64_t D, int kv
     const char *p = (const char *)pool + off * esize;
     for (int64_t b = 0; b < D * esize; b += 64) __builtin_prefetch(p + b);
 }
+
+#ifdef HW_VL
+/* Scores of HW_VL slots for G query heads: out[g * s_stride + t] = q[g] . k[t] (-inf where !keep[t]).
+ * k row t starts at element k_off + t * s_slot. With every slot kept, the HW_VL dot products advance together
+ * (HW_VL independent FMA chains, one per slot) instead of one chain after another. */
+static inline void qk_slots(const float *q, int64_t q_stride, int64_t G, const void *k_pool, int64_t k_off,
+                            int64_t s_slot, int64_t D, int kv_bf16, const unsigned char *keep, float *out,
+                            int64_t s_stride) {
+    int all = 1;
+    for (int t = 0; t < HW_VL; t++) all &= keep[t] != 0;
+    const hw_mask km = hw_keep_mask(keep);
+    for (int64_t g = 0; g < G; g++) {
+        const float *qg = q + g * q_stride;
+        hw_vec dot[HW_VL];
+        for (int t = 0; t < HW_VL; t++) dot[t] = hw_zero();
+        if (all) {
+            for (int64_t c = 0; c < D; c += HW_VL) {
+                const hw_vec qc = hw_load(qg + c);
+                for (int t = 0; t < HW_VL; t++) dot[t] = hw_fma(qc, hw_load_kv(k_pool, k_off + t * s_slot + c, kv_bf16), dot[t]);
+            }
+        } else {
+            /* rows of slots not kept may hold anything (a freed or unwritten slot): never read them */
+            for (int t = 0; t < HW_VL; t++)
+                if (keep[t])
+                    for (int64_t c = 0; c < D; c += HW_VL)
+                        dot[t] = hw_fma(hw_load(qg + c), hw_load_kv(k_pool, k_off + t * s_slot + c, kv_bf16), dot[t]);
+        }
+        hw_store(out + g * s_stride, hw_keep(km, hw_transpose_sum(dot)));
+    }
+}
+
+/* acc[c0 : c0 + TILE * HW_VL] += sum over kept slots t in [t0, t1) of w[t] * v[t], two accumulator sets
+ * (even and odd slots): 2 * TILE independent FMA chains. */
+static inline __attribute__((always_inline)) void pv_tile(float *acc, int64_t c0, const int TILE, const float *w,
+                                                          const unsigned char *keep, int64_t t0, int64_t t1,
+                                                          const void *v_pool, int64_t v_off, int64_t s_slot,
+                                                          int kv_bf16) {
+    hw_vec r0[4], r1[4];
+    for (int u = 0; u < TILE; u++) { r0[u] = hw_load(acc + c0 + u * HW_VL); r1[u] = hw_zero(); }
+    int64_t t = t0;
+    for (; t + 1 < t1; t += 2) {
+        if (keep[t]) {
+            const hw_vec wt = hw_set1(w[t]);
+            const int64_t off = v_off + t * s_slot + c0;
+            for (int u = 0; u < TILE; u++) r0[u] = hw_fma(wt, hw_load_kv(v_pool, off + u * HW_VL, kv_bf16), r0[u]);
+        }
+        if (keep[t + 1]) {
+            const hw_vec wt = hw_set1(w[t + 1]);
+            const int64_t off = v_off + (t + 1) * s_slot + c0;
+            for (int u = 0; u < TILE; u++) r1[u] = hw_fma(wt, hw_load_kv(v_pool, off + u * HW_VL, kv_bf16), r1[u]);
+        }
+    }
+    if (t < t1 && keep[t]) {
+        const hw_vec wt = hw_set1(w[t]);
+        const int64_t off = v_off + t * s_slot + c0;
+        for (int u = 0; u < TILE; u++) r0[u] = hw_fma(wt, hw_load_kv(v_pool, off + u * HW_VL, kv_bf16), r0[u]);
+    }
+    for (int u = 0; u < TILE; u++) hw_store(acc + c0 + u * HW_VL, HW_PS(add)(r0[u], r1[u]));
+}
+
+/* max(m, x[0..n)) for n % HW_VL == 0: HW_VL running maxima, then the lanes' (a scalar loop is one long
+ * chain of dependent maxima). */
+static inline float block_max(const float *x, int64_t n, float m) {
+    hw_vec v = hw_set1(m);
+    for (int64_t t = 0; t < n; t += HW_VL) v = HW_PS(max)(v, hw_load(x + t));
+    float lanes[HW_VL];
+    hw_store(lanes, v);
+    for (int t = 0; t < HW_VL; t++) m = lanes[t] > m ? lanes[t] : m;
+    return m;
+}
+
+/* Slots the PV loop takes at a time: their value rows stay in L1 while every query head reads them. */
+#define PV_SLOTS 16
+
+/* acc[g][0:D] += sum over kept slots t < bs of w[g][t] * v[t] for the G query heads (acc rows MAX_D apart,
+ * w rows MAX_BS apart), v row t at element v_off + t * s_slot (D % HW_VL == 0). Slots in chunks of PV_SLOTS,
+ * query heads inside: each value row comes from memory once, not once per query head. */
+static void pv_block(float *acc, const float *w, int64_t G, const unsigned char *keep, int64_t bs,
+                     const void *v_pool, int64_t v_off, int64_t s_slot, int64_t D, int kv_bf16) {
+    const int64_t nc = D / HW_VL;
+    const int tile = nc % 4 == 0 ? 4 : (nc % 2 == 0 ? 2 : 1);
+    for (int64_t t0 = 0; t0 < bs; t0 += PV_SLOTS) {
+        const int64_t t1 = t0 + PV_SLOTS < bs ? t0 + PV_SLOTS : bs;
+        for (int64_t g = 0; g < G; g++) {
+            float *ag = acc + g * MAX_D;
+            const float *wg = w + g * MAX_BS;
+            for (int64_t c = 0; c < D; c += tile * HW_VL) {
+                if (tile == 4) pv_tile(ag, c, 4, wg, keep, t0, t1, v_pool, v_off, s_slot, kv_bf16);
+                else if (tile == 2) pv_tile(ag, c, 2, wg, keep, t0, t1, v_pool, v_off, s_slot, kv_bf16);
+                else pv_tile(ag, c, 1, wg, keep, t0, t1, v_pool, v_off, s_slot, kv_bf16);
+            }
+        }
+    }
+}
+#endif
 
 int paged_decode(const float *q, const void *k_pool, const void *v_pool, const int64_t *pos_pool,
                  const int32_t *tables, const int64_t *q_pos, const int64_t *sink, const int64_t *span,
@@ -85,25 +182,13 @@ int paged_decode(const float *q, const void *k_pool, const void *v_pool, const i
                     if (n == 0) continue;
 #ifdef HW_VL
                     if (fast) {
-                        /* HW_VL slots at a time: per slot and query head one vector of partial dot products,
-                         * then the HW_VL horizontal sums at once (hw_transpose_sum) */
+                        /* HW_VL slots at a time (qk_slots): per query head HW_VL vectors of partial dot
+                         * products, then the HW_VL horizontal sums at once (hw_transpose_sum) */
                         for (int64_t t0 = 0; t0 < bs; t0 += HW_VL) {
-                            const hw_mask km = hw_keep_mask(keep + t0);
                             if (next_off >= 0)
                                 for (int t = 0; t < HW_VL; t++) prefetch_row(k_pool, next_off + (t0 + t) * s_slot, D, kv_bf16);
-                            for (int64_t g = 0; g < G; g++) {
-                                hw_vec part[HW_VL];
-                                for (int t = 0; t < HW_VL; t++) {
-                                    hw_vec dot = hw_zero();
-                                    if (keep[t0 + t]) {
-                                        const int64_t off = blk * s_block + (t0 + t) * s_slot + hb * s_head;
-                                        for (int64_t c = 0; c < D; c += HW_VL)
-                                            dot = hw_fma(hw_load(qv[g] + c), hw_load_kv(k_pool, off + c, kv_bf16), dot);
-                                    }
-                                    part[t] = dot;
-                                }
-                                hw_store(s[g] + t0, hw_keep(km, hw_transpose_sum(part)));
-                            }
+                            qk_slots(&qv[0][0], MAX_D, G, k_pool, blk * s_block + t0 * s_slot + hb * s_head, s_slot, D,
+                                     kv_bf16, keep + t0, &s[0][t0], MAX_BS);
                         }
                     } else
 #endif
@@ -125,6 +210,10 @@ int paged_decode(const float *q, const void *k_pool, const void *v_pool, const i
                     /* online softmax over the block, exponentials vectorised over its slots */
                     for (int64_t g = 0; g < G; g++) {
                         float mx = m[g];
+#ifdef HW_VL
+                        if (fast) mx = block_max(s[g], bs, mx);
+                        else
+#endif
                         for (int64_t t = 0; t < bs; t++) mx = s[g][t] > mx ? s[g][t] : mx;
                         float sum = 0.f;
                         #pragma omp simd reduction(+:sum)
@@ -144,21 +233,10 @@ int paged_decode(const float *q, const void *k_pool, const void *v_pool, const i
                     }
 #ifdef HW_VL
                     if (fast) {
-                        /* acc[g] += sum_t w[g][t] v[t]: each HW_VL-float slice of acc stays in a register over
-                         * the block's slots */
+                        /* acc[g] += sum_t w[g][t] v[t] (pv_block: independent accumulators per register) */
                         if (next_off >= 0)
                             for (int64_t t = 0; t < bs; t++) prefetch_row(v_pool, next_off + t * s_slot, D, kv_bf16);
-                        for (int64_t g = 0; g < G; g++) {
-                            for (int64_t c = 0; c < D; c += HW_VL) {
-                                hw_vec r = hw_load(acc[g] + c);
-                                for (int64_t t = 0; t < bs; t++) {
-                                    if (!keep[t]) continue;
-                                    const int64_t off = blk * s_block + t * s_slot + hb * s_head;
-                                    r = hw_fma(hw_set1(s[g][t]), hw_load_kv(v_pool, off + c, kv_bf16), r);
-                                }
-                                hw_store(acc[g] + c, r);
-                            }
-                        }
+                        pv_block(&acc[0][0], &s[0][0], G, keep, bs, v_pool, blk * s_block + hb * s_head, s_slot, D, kv_bf16);
                         continue;
                     }
 #endif
