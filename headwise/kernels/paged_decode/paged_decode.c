@@ -61,6 +61,13 @@ static inline void qk_slots(const float *q, int64_t q_stride, int64_t G, const v
     }
 }
 
+/* r[0:TILE] += w * (TILE vectors of the value row at element off). */
+static inline __attribute__((always_inline)) void pv_row(hw_vec *r, const int TILE, float w, const void *v_pool,
+                                                         int64_t off, int kv_bf16) {
+    const hw_vec wt = hw_set1(w);
+    for (int u = 0; u < TILE; u++) r[u] = hw_fma(wt, hw_load_kv(v_pool, off + u * HW_VL, kv_bf16), r[u]);
+}
+
 /* acc[c0 : c0 + TILE * HW_VL] += sum over kept slots t in [t0, t1) of w[t] * v[t], two accumulator sets
  * (even and odd slots): 2 * TILE independent FMA chains. */
 static inline __attribute__((always_inline)) void pv_tile(float *acc, int64_t c0, const int TILE, const float *w,
@@ -71,22 +78,10 @@ static inline __attribute__((always_inline)) void pv_tile(float *acc, int64_t c0
     for (int u = 0; u < TILE; u++) { r0[u] = hw_load(acc + c0 + u * HW_VL); r1[u] = hw_zero(); }
     int64_t t = t0;
     for (; t + 1 < t1; t += 2) {
-        if (keep[t]) {
-            const hw_vec wt = hw_set1(w[t]);
-            const int64_t off = v_off + t * s_slot + c0;
-            for (int u = 0; u < TILE; u++) r0[u] = hw_fma(wt, hw_load_kv(v_pool, off + u * HW_VL, kv_bf16), r0[u]);
-        }
-        if (keep[t + 1]) {
-            const hw_vec wt = hw_set1(w[t + 1]);
-            const int64_t off = v_off + (t + 1) * s_slot + c0;
-            for (int u = 0; u < TILE; u++) r1[u] = hw_fma(wt, hw_load_kv(v_pool, off + u * HW_VL, kv_bf16), r1[u]);
-        }
+        if (keep[t]) pv_row(r0, TILE, w[t], v_pool, v_off + t * s_slot + c0, kv_bf16);
+        if (keep[t + 1]) pv_row(r1, TILE, w[t + 1], v_pool, v_off + (t + 1) * s_slot + c0, kv_bf16);
     }
-    if (t < t1 && keep[t]) {
-        const hw_vec wt = hw_set1(w[t]);
-        const int64_t off = v_off + t * s_slot + c0;
-        for (int u = 0; u < TILE; u++) r0[u] = hw_fma(wt, hw_load_kv(v_pool, off + u * HW_VL, kv_bf16), r0[u]);
-    }
+    if (t < t1 && keep[t]) pv_row(r0, TILE, w[t], v_pool, v_off + t * s_slot + c0, kv_bf16);
     for (int u = 0; u < TILE; u++) hw_store(acc + c0 + u * HW_VL, HW_PS(add)(r0[u], r1[u]));
 }
 
