@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import statistics
+import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -118,6 +119,31 @@ def median_seconds(fn, repeats: int = 5) -> float:
         fn()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+def mean_seconds(fn, seconds: float = 0.25) -> float:
+    """Mean wall seconds of ``fn()`` over about ``seconds`` of calls, after one untimed warm-up call."""
+    fn()
+    n, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        fn()
+        n += 1
+    return (time.perf_counter() - start) / n
+
+
+def kernel_at_revision(rev: str, source: str, workdir: Path):
+    """The native kernel ``source`` (a path in the repository, e.g. ``headwise/kernels/x/x.c``) as it is at git
+    revision ``rev``, built here by ``native_build`` (its quoted includes from this checkout) and loaded with
+    ctypes; the caller sets the argument types. For interleaved A/B columns of one benchmark run."""
+    from headwise.kernels import native_build
+
+    path = workdir / f"{Path(source).stem}-{rev.replace('/', '_')}.c"
+    path.write_text(subprocess.run(["git", "show", f"{rev}:{source}"], cwd=REPO, check=True, capture_output=True,
+                                   text=True).stdout)
+    lib = native_build.load_native(path)
+    if lib is None:
+        raise RuntimeError(f"{source} at {rev} did not build here; see the log above.")
+    return lib
 
 
 def weight_bytes(model) -> int:

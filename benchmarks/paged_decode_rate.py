@@ -23,10 +23,8 @@ from __future__ import annotations
 
 import argparse
 import ctypes
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 if __name__ == "__main__" and not __package__:   # python benchmarks/paged_decode_rate.py: this checkout first
@@ -34,12 +32,10 @@ if __name__ == "__main__" and not __package__:   # python benchmarks/paged_decod
 
 import torch  # noqa: E402
 
-from benchmarks.common import provenance, provenance_line  # noqa: E402
+from benchmarks.common import kernel_at_revision, mean_seconds, provenance, provenance_line  # noqa: E402
 from headwise.integrations.vllm.paged import slot_pools  # noqa: E402
-from headwise.kernels import native_build  # noqa: E402
 from headwise.kernels.paged_decode import native  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
 KERNEL = "headwise/kernels/paged_decode/paged_decode.c"
 #: (layout, batch, KV heads, query heads per KV head, context, window or None for every key)
 CASES = [
@@ -47,19 +43,6 @@ CASES = [
     ("vllm", 8, 3, 3, 8192, None), ("vllm", 4, 2, 7, 16384, None), ("vllm", 8, 3, 3, 8192, 1024),
 ]
 D = 64
-
-
-def variant_library(rev: str, workdir: Path):
-    """The kernel of git revision ``rev`` compiled here (``native_build``'s cache), with its ctypes signature."""
-    source = workdir / f"paged_decode-{rev.replace('/', '_')}.c"
-    source.write_text(subprocess.run(["git", "show", f"{rev}:{KERNEL}"], cwd=REPO, check=True, capture_output=True,
-                                     text=True).stdout)
-    lib = native_build.load_native(source)
-    if lib is None:
-        raise RuntimeError(f"the kernel of {rev} did not build here; see the log above.")
-    lib.paged_decode.restype = ctypes.c_int
-    lib.paged_decode.argtypes = native._library().paged_decode.argtypes
-    return lib
 
 
 def make_case(layout: str, B: int, Hkv: int, G: int, N: int, window: int | None, dtype: torch.dtype):
@@ -94,16 +77,6 @@ def make_case(layout: str, B: int, Hkv: int, G: int, N: int, window: int | None,
     return call, B * Hkv * kept * 2 * D * pool.element_size(), pool
 
 
-def best_seconds(fn, seconds: float = 0.25) -> float:
-    """Mean time of ``fn`` over about ``seconds`` after one warm call."""
-    fn()
-    n, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds:
-        fn()
-        n += 1
-    return (time.perf_counter() - start) / n
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--variant", action="append", default=[], metavar="NAME=REV",
@@ -117,7 +90,11 @@ def main() -> None:
     print(provenance_line(provenance()))
     with tempfile.TemporaryDirectory() as tmp:
         libs = [("this checkout", native._library())]
-        libs += [(name, variant_library(rev, Path(tmp))) for name, rev in (v.split("=", 1) for v in args.variant)]
+        for name, rev in (v.split("=", 1) for v in args.variant):
+            lib = kernel_at_revision(rev, KERNEL, Path(tmp))
+            lib.paged_decode.restype = ctypes.c_int
+            lib.paged_decode.argtypes = native._library().paged_decode.argtypes
+            libs.append((name, lib))
         original = native._library
         header = "| layout | B x Hkv x G | context | keys read | dtype | read bw (torch.sum) | " + " | ".join(
             f"{name} ms | {name} GB/s | % of bw" for name, _ in libs) + " |"
@@ -133,8 +110,8 @@ def main() -> None:
                     for _ in range(args.rounds):
                         for i, (_, lib) in enumerate(libs):
                             native._library = lambda lib=lib: lib
-                            best[i] = min(best[i], best_seconds(call))
-                        stream = min(stream, best_seconds(flat.sum, 0.1))
+                            best[i] = min(best[i], mean_seconds(call))
+                        stream = min(stream, mean_seconds(flat.sum, 0.1))
                     bandwidth = flat.numel() * flat.element_size() / stream / 1e9
                     cells = " | ".join(f"{t * 1e3:.2f} | {kv_bytes / t / 1e9:.1f} | {100 * kv_bytes / t / 1e9 / bandwidth:.0f}%"
                                        for t in best)

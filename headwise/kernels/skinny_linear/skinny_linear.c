@@ -15,6 +15,9 @@
 /* SIMD (native.h's hw_vec: AVX-512 or AVX2): S weight rows at a time (S streams from memory: more reads in
  * flight per core), each HW_VL-float chunk loaded once and FMA'd into M register accumulators per row;
  * x's chunk is loaded once for the S rows. */
+/* Bytes ahead in each stream that a software prefetch (into L2) asks for: the hardware prefetcher alone kept
+ * too few reads in flight (interleaved A/B, 30 layers of SmolLM2's matrices, 2 threads: 1.05-1.2x). */
+#define PF_AHEAD 4096
 static inline hw_vec load_w(const float *row, int64_t i) { return hw_load(row + i); }
 static inline hw_vec load_w_bf16(const uint16_t *row, int64_t i) { return hw_load_bf16(row + i); }
 static inline float tail_w(const float *row, int64_t k) { return row[k]; }
@@ -26,6 +29,8 @@ static inline float tail_w_bf16(const uint16_t *row, int64_t k) { return bf16_to
             for (int m = 0; m < M; m++) acc[s][m] = hw_zero();                                           \
         int64_t i = 0;                                                                                   \
         for (; i + HW_VL <= I; i += HW_VL) {                                                             \
+            if (((i * (int64_t)sizeof(T)) & 63) == 0) /* a new cache line: ask for the one PF_AHEAD later */ \
+                for (int s = 0; s < S; s++) __builtin_prefetch((const char *)(rows[s] + i) + PF_AHEAD, 0, 2);  \
             hw_vec xv[M];                                                                                \
             for (int m = 0; m < M; m++) xv[m] = hw_load(x + m * I + i);                                  \
             for (int s = 0; s < S; s++) {                                                                \
