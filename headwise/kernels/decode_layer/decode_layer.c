@@ -50,9 +50,7 @@ enum { W_Q, W_K, W_V, W_O, W_GATE, W_UP, W_DOWN, B_Q, B_K, B_V, N_IN, N_POST, N_
 static inline uint16_t f32_to_bf16(float f) {
     uint32_t u;
     memcpy(&u, &f, 4);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40u);
-    u += 0x7fffu + ((u >> 16) & 1u);
-    return (uint16_t)(u >> 16);
+    return (uint16_t)(rounded_bf16_bits(u) >> 16);
 }
 
 static void store_row(void *dst, const float *src, int64_t n, int is_bf16) {

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from ..paged_decode.naive import paged_decode
+from ..skinny_linear.naive import skinny_linear as _linear
 
 
 @dataclass(frozen=True)
@@ -66,10 +67,6 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """``x [T, heads, D]`` rotated with ``cos, sin [T, D]`` (HF's ``apply_rotary_pos_emb``)."""
     half = x.shape[-1] // 2
     return x * cos[:, None] + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin[:, None]
-
-
-def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    return F.linear(x, weight.float(), bias)
 
 
 def pre_attention(dims: Dims, w: LayerWeights, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):

@@ -6,10 +6,13 @@
  * per core left bandwidth unused: 9.6 -> 13.2 GB/s on one thread with 4, measured); for each W row,
  * vector-wide chunks are loaded once and multiplied into M vector accumulators (M and the number of
  * streams are compile-time constants in each specialisation, so the accumulators stay in registers).
+ * bf16 weights take x rounded to bf16, as a bf16 model's linear takes its input (exact products, fp32
+ * accumulation); with AVX512-BF16 they are multiplied in pairs by vdpbf16ps, else widened to fp32.
  */
 #include "native.h"
 
 #include <omp.h>
+#include <stdlib.h>
 
 #ifdef HW_VL
 /* SIMD (native.h's hw_vec: AVX-512 or AVX2): S weight rows at a time (S streams from memory: more reads in
@@ -18,6 +21,13 @@
 /* Bytes ahead in each stream that a software prefetch (into L2) asks for: the hardware prefetcher alone kept
  * too few reads in flight (interleaved A/B, 30 layers of SmolLM2's matrices, 2 threads: 1.05-1.2x). */
 #define PF_AHEAD 4096
+/* out[j] = the sum of acc[j]'s lanes, j < n: HW_VL of them at once where n is a multiple (hw_transpose_sum), as the
+ * lanes of one vector; at 576 inputs a row's 16 scalar reductions cost a quarter of its loop. */
+static inline void reduce_sums(const hw_vec *acc, int n, float *out) {
+    int j = 0;
+    for (; j + HW_VL <= n; j += HW_VL) hw_store(out + j, hw_transpose_sum(acc + j));
+    for (; j < n; j++) out[j] = hw_reduce(acc[j]);
+}
 static inline hw_vec load_w(const float *row, int64_t i) { return hw_load(row + i); }
 static inline hw_vec load_w_bf16(const uint16_t *row, int64_t i) { return hw_load_bf16(row + i); }
 static inline float tail_w(const float *row, int64_t k) { return row[k]; }
@@ -38,12 +48,10 @@ static inline float tail_w_bf16(const uint16_t *row, int64_t k) { return bf16_to
                 for (int m = 0; m < M; m++) acc[s][m] = hw_fma(w, xv[m], acc[s][m]);                     \
             }                                                                                            \
         }                                                                                                \
+        reduce_sums(&acc[0][0], S * M, out);                                                             \
         for (int s = 0; s < S; s++)                                                                      \
-            for (int m = 0; m < M; m++) {                                                                \
-                float sum = hw_reduce(acc[s][m]);                                                        \
-                for (int64_t k = i; k < I; k++) sum += TAIL(rows[s], k) * x[m * I + k];                  \
-                out[s * M + m] = sum;                                                                    \
-            }                                                                                            \
+            for (int m = 0; m < M; m++)                                                                  \
+                for (int64_t k = i; k < I; k++) out[s * M + m] += TAIL(rows[s], k) * x[m * I + k];       \
     }
 #else
 /* Portable: the compiler vectorises each dot product (a W row stays in L1 across the M rows). */
@@ -82,14 +90,66 @@ DEFINE_BOTH(1, 1) DEFINE_BOTH(1, 2) DEFINE_BOTH(1, 3) DEFINE_BOTH(1, 4) DEFINE_B
 DEFINE_BOTH(1, 7) DEFINE_BOTH(1, 8) DEFINE_BOTH(1, 9) DEFINE_BOTH(1, 10) DEFINE_BOTH(1, 11) DEFINE_BOTH(1, 12)
 DEFINE_BOTH(1, 13) DEFINE_BOTH(1, 14) DEFINE_BOTH(1, 15) DEFINE_BOTH(1, 16)
 
+#ifdef __AVX512BF16__
+/* bf16 weights with AVX512-BF16: 32 weights a vector, multiplied with x's bf16 pairs by vdpbf16ps into M fp32
+ * accumulators per row (half the FMAs of widening, no conversions); xb is x [M, I] rounded to bf16. */
+#define HAVE_BF16_DOT 1
+#define DEFINE_DOT(S, M)                                                                                \
+    static inline void rows_dot_##S##_##M(const uint16_t *const *rows, const uint16_t *xb, int64_t I,    \
+                                          float *out) {                                                  \
+        __m512 acc[S][M];                                                                                \
+        for (int s = 0; s < S; s++)                                                                      \
+            for (int m = 0; m < M; m++) acc[s][m] = _mm512_setzero_ps();                                 \
+        int64_t i = 0;                                                                                   \
+        for (; i + 32 <= I; i += 32) {                                                                   \
+            for (int s = 0; s < S; s++) __builtin_prefetch((const char *)(rows[s] + i) + PF_AHEAD, 0, 2); \
+            __m512bh xv[M];                                                                              \
+            for (int m = 0; m < M; m++) xv[m] = (__m512bh)_mm512_loadu_si512(xb + m * I + i);            \
+            for (int s = 0; s < S; s++) {                                                                \
+                const __m512bh w = (__m512bh)_mm512_loadu_si512(rows[s] + i);                            \
+                for (int m = 0; m < M; m++) acc[s][m] = _mm512_dpbf16_ps(acc[s][m], w, xv[m]);           \
+            }                                                                                            \
+        }                                                                                                \
+        reduce_sums(&acc[0][0], S * M, out);                                                             \
+        for (int s = 0; s < S; s++)                                                                      \
+            for (int m = 0; m < M; m++)                                                                  \
+                for (int64_t k = i; k < I; k++) out[s * M + m] += bf16_to_f32(rows[s][k]) * bf16_to_f32(xb[m * I + k]); \
+    }
+DEFINE_DOT(4, 1) DEFINE_DOT(4, 2) DEFINE_DOT(4, 3) DEFINE_DOT(4, 4)
+DEFINE_DOT(2, 1) DEFINE_DOT(2, 2) DEFINE_DOT(2, 3) DEFINE_DOT(2, 4)
+DEFINE_DOT(2, 5) DEFINE_DOT(2, 6) DEFINE_DOT(2, 7) DEFINE_DOT(2, 8)
+DEFINE_DOT(1, 1) DEFINE_DOT(1, 2) DEFINE_DOT(1, 3) DEFINE_DOT(1, 4) DEFINE_DOT(1, 5) DEFINE_DOT(1, 6)
+DEFINE_DOT(1, 7) DEFINE_DOT(1, 8) DEFINE_DOT(1, 9) DEFINE_DOT(1, 10) DEFINE_DOT(1, 11) DEFINE_DOT(1, 12)
+DEFINE_DOT(1, 13) DEFINE_DOT(1, 14) DEFINE_DOT(1, 15) DEFINE_DOT(1, 16)
+#define BF16_ROWS(S, M) rows_dot_##S##_##M((const uint16_t *const *)rows, (const uint16_t *)x, I, out)
+#else
+#define HAVE_BF16_DOT 0
+#define BF16_ROWS(S, M) rows_bf16_##S##_##M((const uint16_t *const *)rows, (const float *)x, I, out)
+#endif
+
+/* x [n] rounded to bf16 (to nearest even; NaN stays a quiet NaN): as bf16 bits into out16 when out16, else as
+ * fp32 values into out32. Plain integer code the compiler vectorises. */
+static inline uint32_t rounded_bf16_bits(uint32_t v) {
+    return (v & 0x7fffffffu) > 0x7f800000u ? (v | 0x400000u) : v + 0x7fffu + ((v >> 16) & 1u);
+}
+static void round_to_bf16(const float *x, int64_t n, uint16_t *out16, float *out32) {
+    const uint32_t *u = (const uint32_t *)x;
+    if (out16)
+        for (int64_t i = 0; i < n; i++) out16[i] = (uint16_t)(rounded_bf16_bits(u[i]) >> 16);
+    else
+        for (int64_t i = 0; i < n; i++) ((uint32_t *)out32)[i] = rounded_bf16_bits(u[i]) & 0xffff0000u;
+}
+
+/* x is float [M, I] for fp32 weights; for bf16 weights it is x rounded to bf16 (uint16_t with HAVE_BF16_DOT,
+ * else float). */
 #define CASE(S, M)                                                                                       \
     case M:                                                                                              \
-        if (w_bf16) rows_bf16_##S##_##M((const uint16_t *const *)rows, x, I, out);                       \
-        else rows_f32_##S##_##M((const float *const *)rows, x, I, out);                                  \
+        if (w_bf16) BF16_ROWS(S, M);                                                                     \
+        else rows_f32_##S##_##M((const float *const *)rows, (const float *)x, I, out);                   \
         break;
 
 /* Output rows o[0..S) (S = streams(M)) into out[s * M + m]. */
-static inline void block_rows(int S, const void *const *rows, const float *x, int64_t I, int64_t M, float *out,
+static inline void block_rows(int S, const void *const *rows, const void *x, int64_t I, int64_t M, float *out,
                               int w_bf16) {
     if (S == 4) {
         switch (M) { CASE(4, 1) CASE(4, 2) CASE(4, 3) CASE(4, 4) }
@@ -112,6 +172,15 @@ int skinny_linear(const float *x, const void *w, const float *bias, float *y, in
     const int64_t R = rows_per_pass(M);
     const int S = streams(R);
     const size_t esize = w_bf16 ? 2 : 4;
+    /* bf16 weights: x rounded to bf16 once, for every thread */
+    void *xr = NULL;
+    if (w_bf16) {
+        xr = malloc((size_t)(M * I) * (HAVE_BF16_DOT ? 2 : 4));
+        if (!xr) return 2;
+        round_to_bf16(x, M * I, HAVE_BF16_DOT ? (uint16_t *)xr : NULL, HAVE_BF16_DOT ? NULL : (float *)xr);
+    }
+    const char *xin = w_bf16 ? (const char *)xr : (const char *)x;
+    const size_t xsize = w_bf16 && HAVE_BF16_DOT ? 2 : 4;
     #pragma omp parallel
     {
         const int64_t nt = omp_get_num_threads(), tid = omp_get_thread_num();
@@ -126,7 +195,7 @@ int skinny_linear(const float *x, const void *w, const float *bias, float *y, in
             for (int s = 0; s < streams; s++) rows[s] = (const char *)w + (first + s * stride) * I * esize;
             for (int64_t m0 = 0; m0 < M; m0 += R) {
                 const int64_t mc = M - m0 < R ? M - m0 : R;
-                block_rows(streams, rows, x + m0 * I, I, mc, out, w_bf16);
+                block_rows(streams, rows, xin + (size_t)(m0 * I) * xsize, I, mc, out, w_bf16);
                 for (int s = 0; s < streams; s++) {
                     const int64_t oo = first + s * stride;
                     const float b = bias ? bias[oo] : 0.f;
@@ -135,5 +204,6 @@ int skinny_linear(const float *x, const void *w, const float *bias, float *y, in
             }
         }
     }
+    free(xr);
     return 0;
 }
