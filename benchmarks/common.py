@@ -131,6 +131,26 @@ def mean_seconds(fn, seconds: float = 0.25) -> float:
     return (time.perf_counter() - start) / n
 
 
+def add_kernel_ab_arguments(parser, kernel: str) -> None:
+    """``--variant NAME=REV`` (repeatable), ``--rounds`` and ``--threads`` of an interleaved kernel A/B script."""
+    parser.add_argument("--variant", action="append", default=[], metavar="NAME=REV",
+                        help=f"another revision's {kernel} as a column (repeatable)")
+    parser.add_argument("--rounds", type=int, default=6, help="interleaved rounds; each cell keeps its best")
+    parser.add_argument("--threads", type=int, default=2)
+
+
+def kernel_columns(variants: list[str], source: str, current, function: str, workdir: Path) -> list[tuple[str, object]]:
+    """``("this checkout", current)``, then ``(NAME, the kernel at REV)`` for each ``"NAME=REV"`` in ``variants``,
+    with ``function``'s ctypes signature copied from ``current`` (this checkout's loaded library)."""
+    columns = [("this checkout", current)]
+    for name, rev in (v.split("=", 1) for v in variants):
+        lib = kernel_at_revision(rev, source, workdir)
+        getattr(lib, function).restype = getattr(current, function).restype
+        getattr(lib, function).argtypes = getattr(current, function).argtypes
+        columns.append((name, lib))
+    return columns
+
+
 def kernel_at_revision(rev: str, source: str, workdir: Path):
     """The native kernel ``source`` (a path in the repository, e.g. ``headwise/kernels/x/x.c``) as it is at git
     revision ``rev``, built here by ``native_build`` (its quoted includes from this checkout) and loaded with

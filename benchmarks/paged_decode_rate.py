@@ -22,7 +22,6 @@ of ``--rounds`` per cell, so columns compare within one run on a shared machine:
 from __future__ import annotations
 
 import argparse
-import ctypes
 import sys
 import tempfile
 from pathlib import Path
@@ -32,7 +31,8 @@ if __name__ == "__main__" and not __package__:   # python benchmarks/paged_decod
 
 import torch  # noqa: E402
 
-from benchmarks.common import kernel_at_revision, mean_seconds, provenance, provenance_line  # noqa: E402
+from benchmarks.common import (add_kernel_ab_arguments, kernel_columns, mean_seconds, provenance,  # noqa: E402
+                               provenance_line)
 from headwise.integrations.vllm.paged import slot_pools  # noqa: E402
 from headwise.kernels.paged_decode import native  # noqa: E402
 
@@ -79,22 +79,14 @@ def make_case(layout: str, B: int, Hkv: int, G: int, N: int, window: int | None,
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--variant", action="append", default=[], metavar="NAME=REV",
-                        help="another revision's paged_decode.c as a column (repeatable)")
-    parser.add_argument("--rounds", type=int, default=6, help="interleaved rounds; each cell keeps its best")
-    parser.add_argument("--threads", type=int, default=2)
+    add_kernel_ab_arguments(parser, "paged_decode.c")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if not native.available():
         raise SystemExit("the native paged_decode kernel does not build here; nothing to measure.")
     print(provenance_line(provenance()))
     with tempfile.TemporaryDirectory() as tmp:
-        libs = [("this checkout", native._library())]
-        for name, rev in (v.split("=", 1) for v in args.variant):
-            lib = kernel_at_revision(rev, KERNEL, Path(tmp))
-            lib.paged_decode.restype = ctypes.c_int
-            lib.paged_decode.argtypes = native._library().paged_decode.argtypes
-            libs.append((name, lib))
+        libs = kernel_columns(args.variant, KERNEL, native._library(), "paged_decode", Path(tmp))
         original = native._library
         header = "| layout | B x Hkv x G | context | keys read | dtype | read bw (torch.sum) | " + " | ".join(
             f"{name} ms | {name} GB/s | % of bw" for name, _ in libs) + " |"

@@ -26,7 +26,8 @@ if __name__ == "__main__" and not __package__:   # python benchmarks/skinny_line
 
 import torch  # noqa: E402
 
-from benchmarks.common import kernel_at_revision, mean_seconds, provenance, provenance_line  # noqa: E402
+from benchmarks.common import (add_kernel_ab_arguments, kernel_columns, mean_seconds, provenance,  # noqa: E402
+                               provenance_line)
 from headwise.kernels.skinny_linear import native  # noqa: E402
 
 KERNEL = "headwise/kernels/skinny_linear/skinny_linear.c"
@@ -44,23 +45,15 @@ def layer_weights(model: str, dtype: torch.dtype) -> list[torch.Tensor]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--variant", action="append", default=[], metavar="NAME=REV",
-                        help="another revision's skinny_linear.c as a column (repeatable)")
+    add_kernel_ab_arguments(parser, "skinny_linear.c")
     parser.add_argument("--model", choices=sorted(MODELS), default="smollm2-135m")
-    parser.add_argument("--rounds", type=int, default=6, help="interleaved rounds; each cell keeps its best")
-    parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if not native.available():
         raise SystemExit("the native skinny_linear kernel does not build here; nothing to measure.")
     print(provenance_line(provenance()))
     with tempfile.TemporaryDirectory() as tmp:
-        libs = [("this checkout", native._library())]
-        for name, rev in (v.split("=", 1) for v in args.variant):
-            lib = kernel_at_revision(rev, KERNEL, Path(tmp))
-            lib.skinny_linear.restype = native._library().skinny_linear.restype
-            lib.skinny_linear.argtypes = native._library().skinny_linear.argtypes
-            libs.append((name, lib))
+        libs = kernel_columns(args.variant, KERNEL, native._library(), "skinny_linear", Path(tmp))
         header = "| model | rows | dtype | weights MB | read bw (torch.sum) | " + " | ".join(
             f"{name} ms | {name} GB/s | % of bw" for name, _ in libs) + " |"
         print(header)

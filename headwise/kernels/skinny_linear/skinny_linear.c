@@ -83,12 +83,13 @@ static inline int streams(int64_t M) { return M <= 4 ? 4 : (M <= 8 ? 2 : 1); }
 static inline int64_t rows_per_pass(int64_t M) { return M < 4 ? M : 4; }
 static inline int streams(int64_t M) { return M <= 2 ? 4 : 2; }
 #endif
-DEFINE_BOTH(4, 1) DEFINE_BOTH(4, 2) DEFINE_BOTH(4, 3) DEFINE_BOTH(4, 4)
-DEFINE_BOTH(2, 1) DEFINE_BOTH(2, 2) DEFINE_BOTH(2, 3) DEFINE_BOTH(2, 4)
-DEFINE_BOTH(2, 5) DEFINE_BOTH(2, 6) DEFINE_BOTH(2, 7) DEFINE_BOTH(2, 8)
-DEFINE_BOTH(1, 1) DEFINE_BOTH(1, 2) DEFINE_BOTH(1, 3) DEFINE_BOTH(1, 4) DEFINE_BOTH(1, 5) DEFINE_BOTH(1, 6)
-DEFINE_BOTH(1, 7) DEFINE_BOTH(1, 8) DEFINE_BOTH(1, 9) DEFINE_BOTH(1, 10) DEFINE_BOTH(1, 11) DEFINE_BOTH(1, 12)
-DEFINE_BOTH(1, 13) DEFINE_BOTH(1, 14) DEFINE_BOTH(1, 15) DEFINE_BOTH(1, 16)
+/* Every (streams, rows) specialisation block_rows dispatches to: X(S, M) for each. */
+#define FOR_EACH_SHAPE(X)                                                                                \
+    X(4, 1) X(4, 2) X(4, 3) X(4, 4)                                                                      \
+    X(2, 1) X(2, 2) X(2, 3) X(2, 4) X(2, 5) X(2, 6) X(2, 7) X(2, 8)                                      \
+    X(1, 1) X(1, 2) X(1, 3) X(1, 4) X(1, 5) X(1, 6) X(1, 7) X(1, 8)                                      \
+    X(1, 9) X(1, 10) X(1, 11) X(1, 12) X(1, 13) X(1, 14) X(1, 15) X(1, 16)
+FOR_EACH_SHAPE(DEFINE_BOTH)
 
 #ifdef __AVX512BF16__
 /* bf16 weights with AVX512-BF16: 32 weights a vector, multiplied with x's bf16 pairs by vdpbf16ps into M fp32
@@ -115,12 +116,7 @@ DEFINE_BOTH(1, 13) DEFINE_BOTH(1, 14) DEFINE_BOTH(1, 15) DEFINE_BOTH(1, 16)
             for (int m = 0; m < M; m++)                                                                  \
                 for (int64_t k = i; k < I; k++) out[s * M + m] += bf16_to_f32(rows[s][k]) * bf16_to_f32(xb[m * I + k]); \
     }
-DEFINE_DOT(4, 1) DEFINE_DOT(4, 2) DEFINE_DOT(4, 3) DEFINE_DOT(4, 4)
-DEFINE_DOT(2, 1) DEFINE_DOT(2, 2) DEFINE_DOT(2, 3) DEFINE_DOT(2, 4)
-DEFINE_DOT(2, 5) DEFINE_DOT(2, 6) DEFINE_DOT(2, 7) DEFINE_DOT(2, 8)
-DEFINE_DOT(1, 1) DEFINE_DOT(1, 2) DEFINE_DOT(1, 3) DEFINE_DOT(1, 4) DEFINE_DOT(1, 5) DEFINE_DOT(1, 6)
-DEFINE_DOT(1, 7) DEFINE_DOT(1, 8) DEFINE_DOT(1, 9) DEFINE_DOT(1, 10) DEFINE_DOT(1, 11) DEFINE_DOT(1, 12)
-DEFINE_DOT(1, 13) DEFINE_DOT(1, 14) DEFINE_DOT(1, 15) DEFINE_DOT(1, 16)
+FOR_EACH_SHAPE(DEFINE_DOT)
 #define BF16_ROWS(S, M) rows_dot_##S##_##M((const uint16_t *const *)rows, (const uint16_t *)x, I, out)
 #else
 #define HAVE_BF16_DOT 0
