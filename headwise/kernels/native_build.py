@@ -81,6 +81,17 @@ def _sources(source: Path, seen: dict[Path, bytes] | None = None) -> dict[Path, 
     return seen
 
 
+#: A native kernel's return code when it could not allocate scratch memory (1 means it refused its arguments).
+OUT_OF_MEMORY = 2
+
+
+def native_error(rc: int, refused: str) -> RuntimeError:
+    """The error for a native kernel's nonzero return code ``rc``; ``refused`` is the sentence for a refusal."""
+    if rc == OUT_OF_MEMORY:
+        return RuntimeError("a native kernel could not allocate its scratch memory; free memory or use the torch path.")
+    return RuntimeError(refused)
+
+
 @lru_cache(maxsize=None)
 def load_native(source: Path, isa: str | None = None) -> ctypes.CDLL | None:
     """The compiled library of ``source`` for ``isa`` (default ``default_isa()``), or ``None`` when it

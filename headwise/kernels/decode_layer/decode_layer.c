@@ -92,12 +92,15 @@ static inline void rope(float *x, const float *cos, const float *sin, int64_t he
     }
 }
 
-static void linear(const float *x, const void *w, const float *bias, float *y, int64_t M, int64_t I, int64_t O,
-                   int w_bf16) {
+/* skinny_linear.c's return code: 0, or 2 when it had no memory for bf16-rounded inputs (callers pass it on). */
+static int linear(const float *x, const void *w, const float *bias, float *y, int64_t M, int64_t I, int64_t O,
+                  int w_bf16) {
     const double t0 = TIC();
-    skinny_linear(x, w, bias, y, M, I, O, w_bf16);
+    const int rc = skinny_linear(x, w, bias, y, M, I, O, w_bf16);
     TOC(t0, P_LINEAR);
+    return rc;
 }
+#define TRY(call) do { const int rc_ = (call); if (rc_ != 0) return rc_; } while (0)
 
 /* Shapes of the decoder, fixed for a model. */
 typedef struct {
@@ -107,15 +110,15 @@ typedef struct {
 } Dims;
 
 /* One layer up to attention. x [T, E]; cos/sin [T, D]; h scratch [T, E]; q [T, H*D], k, v [T, Hkv*D]. */
-static void pre(const Dims *m, const void *const *w, const float *x, const float *cos, const float *sin, float *h,
-                float *q, float *k, float *v, int64_t T) {
+static int pre(const Dims *m, const void *const *w, const float *x, const float *cos, const float *sin, float *h,
+               float *q, float *k, float *v, int64_t T) {
     const int64_t E = m->E, H = m->H, Hkv = m->Hkv, D = m->D;
     double t0 = TIC();
     for (int64_t t = 0; t < T; t++) rms_norm(x + t * E, (const float *)w[N_IN], h + t * E, E, m->eps);
     TOC(t0, P_OTHER);
-    linear(h, w[W_Q], (const float *)w[B_Q], q, T, E, H * D, m->w_bf16);
-    linear(h, w[W_K], (const float *)w[B_K], k, T, E, Hkv * D, m->w_bf16);
-    linear(h, w[W_V], (const float *)w[B_V], v, T, E, Hkv * D, m->w_bf16);
+    TRY(linear(h, w[W_Q], (const float *)w[B_Q], q, T, E, H * D, m->w_bf16));
+    TRY(linear(h, w[W_K], (const float *)w[B_K], k, T, E, Hkv * D, m->w_bf16));
+    TRY(linear(h, w[W_V], (const float *)w[B_V], v, T, E, Hkv * D, m->w_bf16));
     t0 = TIC();
     for (int64_t t = 0; t < T; t++) {
         if (w[N_Q]) for (int64_t hh = 0; hh < H; hh++) rms_norm(q + (t * H + hh) * D, (const float *)w[N_Q], q + (t * H + hh) * D, D, m->qk_eps);
@@ -124,41 +127,41 @@ static void pre(const Dims *m, const void *const *w, const float *x, const float
         rope(k + t * Hkv * D, cos + t * D, sin + t * D, Hkv, D);
     }
     TOC(t0, P_OTHER);
+    return 0;
 }
 
 /* One layer after attention. x [T, E] updated; o [T, H*D]; scratch h [T, E], g, u [T, F]. */
-static void post(const Dims *m, const void *const *w, float *x, const float *o, float *h, float *g, float *u,
+static int post(const Dims *m, const void *const *w, float *x, const float *o, float *h, float *g, float *u,
                  int64_t T) {
     const int64_t E = m->E, F = m->F;
-    linear(o, w[W_O], NULL, h, T, m->H * m->D, E, m->w_bf16);
+    TRY(linear(o, w[W_O], NULL, h, T, m->H * m->D, E, m->w_bf16));
     double t0 = TIC();
     for (int64_t i = 0; i < T * E; i++) x[i] += h[i];
     for (int64_t t = 0; t < T; t++) rms_norm(x + t * E, (const float *)w[N_POST], h + t * E, E, m->eps);
     TOC(t0, P_OTHER);
-    linear(h, w[W_GATE], NULL, g, T, E, F, m->w_bf16);
-    linear(h, w[W_UP], NULL, u, T, E, F, m->w_bf16);
+    TRY(linear(h, w[W_GATE], NULL, g, T, E, F, m->w_bf16));
+    TRY(linear(h, w[W_UP], NULL, u, T, E, F, m->w_bf16));
     t0 = TIC();
     #pragma omp simd
     for (int64_t i = 0; i < T * F; i++) g[i] = g[i] / (1.f + exp_approx(-g[i])) * u[i];
     TOC(t0, P_OTHER);
-    linear(g, w[W_DOWN], NULL, h, T, F, E, m->w_bf16);
+    TRY(linear(g, w[W_DOWN], NULL, h, T, F, E, m->w_bf16));
     t0 = TIC();
     for (int64_t i = 0; i < T * E; i++) x[i] += h[i];
     TOC(t0, P_OTHER);
+    return 0;
 }
 
 int decode_pre(const Dims *m, const void *const *w, const float *x, const float *cos, const float *sin, float *h,
                float *q, float *k, float *v, int64_t T) {
     if (T < 1 || T > 16 || m->D > MAX_D || (m->D & 1)) return 1;
-    pre(m, w, x, cos, sin, h, q, k, v, T);
-    return 0;
+    return pre(m, w, x, cos, sin, h, q, k, v, T);
 }
 
 int decode_post(const Dims *m, const void *const *w, float *x, const float *o, float *h, float *g, float *u,
                 int64_t T) {
     if (T < 1 || T > 16) return 1;
-    post(m, w, x, o, h, g, u, T);
-    return 0;
+    return post(m, w, x, o, h, g, u, T);
 }
 
 /* The paged KV pool and a decode-only step's plan (all of the step's T tokens are decode tokens). */
@@ -188,7 +191,7 @@ int decode_layers(const Dims *m, const void *const *weights, const Pool *p, floa
     const size_t esize = p->kv_bf16 ? 2 : 4;
     for (int64_t l = first; l < last; l++) {
         const void *const *w = weights + l * NW;
-        pre(m, w, x, cos, sin, h, q, k, v, T);
+        TRY(pre(m, w, x, cos, sin, h, q, k, v, T));
         double t0 = TIC();
         for (int64_t r = p->write_offsets[l]; r < p->write_offsets[l + 1]; r++) {
             const int64_t dst = p->write_dst[r], src = p->write_src[r];
@@ -203,7 +206,7 @@ int decode_layers(const Dims *m, const void *const *weights, const Pool *p, floa
                                     p->bs * D, D, D, m->scale, p->kv_bf16, 0, -1);
         TOC(t0, P_ATTENTION);
         if (rc != 0) return rc;
-        post(m, w, x, o, h, g, u, T);
+        TRY(post(m, w, x, o, h, g, u, T));
     }
     return 0;
 }

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from ..native_build import default_isa, load_native
+from ..native_build import default_isa, load_native, native_error
 from ..paged_decode.native import MAX_BLOCK
 from .naive import Dims, LayerWeights
 
@@ -145,7 +145,7 @@ class DecodeLayers:
         rc = self.lib.decode_pre(ctypes.byref(self.c_dims), self._layer_ptr(layer), x.data_ptr(), cos.data_ptr(),
                                  sin.data_ptr(), h.data_ptr(), q.data_ptr(), k.data_ptr(), v.data_ptr(), T)
         if rc != 0:
-            raise RuntimeError(f"native decode_pre refused {T} rows.")
+            raise native_error(rc, f"native decode_pre refused {T} rows.")
         return q, k, v
 
     def post(self, layer: int, x: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
@@ -156,7 +156,7 @@ class DecodeLayers:
         rc = self.lib.decode_post(ctypes.byref(self.c_dims), self._layer_ptr(layer), x.data_ptr(), o.data_ptr(),
                                   h.data_ptr(), g.data_ptr(), u.data_ptr(), T)
         if rc != 0:
-            raise RuntimeError(f"native decode_post refused {T} rows.")
+            raise native_error(rc, f"native decode_post refused {T} rows.")
         return x
 
     def run(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
@@ -191,5 +191,5 @@ class DecodeLayers:
                                     k.data_ptr(), v.data_ptr(), o.data_ptr(), g.data_ptr(), u.data_ptr(), T, first, last)
         del keep
         if rc != 0:
-            raise RuntimeError(f"native decode_layers refused T={T}, D={d.D}, block {bs}.")
+            raise native_error(rc, f"native decode_layers refused T={T}, D={d.D}, block {bs}.")
         return x

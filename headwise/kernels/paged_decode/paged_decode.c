@@ -25,7 +25,7 @@
  * block table), slot t of entry j holds position j * bs + t, pos_pool is not read; each head visits only
  * its sink entries and the entries of its window, and skips entries equal to null_block. */
 /* Prefetch the row at element offset `off` (D elements, fp32 or bf16) into L2 (hint T1). A block's rows are
- * 128-256 lines requested at once: prefetches into L1 (T0) wait for its few fill buffers and stall the core
+ * 64-1024 lines requested at once: prefetches into L1 (T0) wait for its few fill buffers and stall the core
  * (perf: 40% of the kernel's samples on them); into L2 they do not (interleaved A/B: 1.3-1.5x the read rate). */
 static inline void prefetch_row(const void *pool, int64_t off, int64_t D, int kv_bf16) {
     const int64_t esize = kv_bf16 ? 2 : 4;

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from ..native_build import load_native
+from ..native_build import load_native, native_error
 
 SOURCE = Path(__file__).with_name("skinny_linear.c")
 #: Rows up to which the native kernel beats MKL here (measured at 4 and 8 rows; slower at 16).
@@ -57,5 +57,5 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     rc = lib.skinny_linear(rows.data_ptr(), weight.data_ptr(), None if bias is None else bias.data_ptr(),
                            y.data_ptr(), M, I, O, int(weight.dtype == torch.bfloat16))
     if rc != 0:
-        raise RuntimeError(f"native skinny_linear refused {M} rows.")
+        raise native_error(rc, f"native skinny_linear refused {M} rows.")
     return y.reshape(*x.shape[:-1], O).to(x.dtype)

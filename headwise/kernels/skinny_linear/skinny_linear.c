@@ -159,7 +159,8 @@ static inline void block_rows(int S, const void *const *rows, const void *x, int
     }
 }
 
-/* y[M, O] = x[M, I] @ W[O, I]^T (+ bias). Each thread takes a contiguous range of W rows (as a static
+/* y[M, O] = x[M, I] @ W[O, I]^T (+ bias); returns 0, 1 for M outside [1, 16], 2 (native_build.OUT_OF_MEMORY)
+ * when bf16 weights found no memory for the rounded x. Each thread takes a contiguous range of W rows (as a static
  * schedule would) and reads it as S interleaved streams: rows lo + o + s * q for s < S; each group of
  * S rows is multiplied by x's rows in passes of rows_per_pass(M). */
 int skinny_linear(const float *x, const void *w, const float *bias, float *y, int64_t M, int64_t I, int64_t O,
