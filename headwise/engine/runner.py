@@ -181,12 +181,16 @@ class ModelRunner:
         """Run one step. Returns the sequences that sample and their ``[S, V]`` fp32 logits."""
         plan, ids, positions, rows, samplers = self.build_plan(batch, fresh_blocks)
         device = self.k_pool.device
-        if self.lean is not None and len(ids) <= skinny_native.MAX_ROWS:
+        if self.lean is not None:
             def attend(layer, q, k, v, scale):
                 return layer_attention(self.layer_step(plan, layer, scale), q, k, v)
 
-            logits = self.lean.forward(torch.tensor(ids), torch.tensor(positions), torch.tensor(rows, dtype=torch.long),
-                                        attend, self.native_step(plan))
+            inputs = torch.tensor(ids), torch.tensor(positions), torch.tensor(rows, dtype=torch.long)
+            if len(ids) <= skinny_native.MAX_ROWS:
+                logits = self.lean.forward(*inputs, attend, self.native_step(plan))
+            else:
+                with self.linear_mode(len(ids), device):
+                    logits = self.lean.prefill_forward(*inputs, attend)
             return samplers, logits.float()
         with self.linear_mode(len(ids), device):
             out = self.model(input_ids=torch.tensor([ids], device=device),

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from headwise.engine import LLM
+from headwise.engine import lean as lean_module
 from headwise.engine.lean import LeanDecoder, lean_decoder
 from tests.conftest import TINY_CONFIGS, make_tiny
 from tests.engine.conftest import greedy, random_prompts
@@ -37,7 +38,25 @@ def test_lean_logits_equal_hf_forward(arch, tokens):
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max()))
 
 
-def test_lean_and_hf_forward_give_the_same_engine_tokens():
+@pytest.mark.parametrize("arch", sorted(TINY_CONFIGS))
+@pytest.mark.parametrize("tile", [16, 4096], ids=["tiles-of-16-rows", "one-tile"])
+def test_lean_prefill_logits_equal_hf_forward(arch, tile, monkeypatch):
+    monkeypatch.setattr(lean_module, "PREFILL_TILE_BYTES", 1)
+    monkeypatch.setattr(lean_module, "PREFILL_MIN_TILE", tile)
+    model = make_tiny(arch)
+    ids = torch.randint(3, 128, (57,), generator=torch.Generator().manual_seed(5))
+    positions = torch.arange(57)
+    rows = torch.tensor([56, 0, 17])
+    with torch.inference_mode():
+        ref = model(input_ids=ids[None], position_ids=positions[None], use_cache=False).logits[0, rows]
+        got = lean_decoder(model).prefill_forward(ids, positions, rows, causal_attend)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max()))
+
+
+@pytest.mark.parametrize("tile", [16, 4096], ids=["prefill-tiles-of-16-rows", "prefill-in-one-tile"])
+def test_lean_and_hf_forward_give_the_same_engine_tokens(tile, monkeypatch):
+    monkeypatch.setattr(lean_module, "PREFILL_TILE_BYTES", 1)
+    monkeypatch.setattr(lean_module, "PREFILL_MIN_TILE", tile)
     model = make_tiny("qwen3")
     prompts = random_prompts((3, 40, 97), seed=4)
     outs = {}
