@@ -372,7 +372,7 @@ def layer_attention(step: LayerStep, q: torch.Tensor, k: torch.Tensor, v: torch.
     step.k_pool.view(-1, D).index_copy_(0, dst, kt.index_select(0, src).to(step.k_pool.dtype))
     step.v_pool.view(-1, D).index_copy_(0, dst, vt.index_select(0, src).to(step.v_pool.dtype))
     step.pos_pool.view(-1).index_copy_(0, dst, plan.write_pos[step.layer])
-    out = q.new_empty(T, H, D)
+    out = plan.attention_output(T, H, D, q.dtype)
     # 3. decode tokens (the first Bd of the step) over the pool
     Bd = len(plan.decode_seqs)
     if Bd:
@@ -390,7 +390,7 @@ def layer_attention(step: LayerStep, q: torch.Tensor, k: torch.Tensor, v: torch.
         qc = q[None, :, chunk.start:chunk.stop]                                        # [1, H, n, D]
         kc, vc = k[None, :, chunk.start:chunk.stop], v[None, :, chunk.start:chunk.stop]
         if step.dense_prefill:
-            out[chunk.start:chunk.stop] = dense_prefill(step, chunk, groups, qc, kc, vc)
+            dense_prefill(step, chunk, groups, qc, kc, vc, out[chunk.start:chunk.stop])
             continue
         for group, heads in groups:
             if len(heads) == Hkv:
@@ -409,11 +409,12 @@ VLLM_PREFILL_MIN_TOKENS = 256
 
 
 def dense_prefill(step: LayerStep, chunk: Chunk, groups: list[tuple[EngineGroup, list[int]]], q: torch.Tensor,
-                  k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+                  k: torch.Tensor, v: torch.Tensor, out: torch.Tensor) -> None:
     """A dense-prefill chunk: every head reads all it has (the pool still keeps only the plan's KV),
     and groups that keep a state fold the chunk's keys into it.
 
-    ``q [1, H, n, D]``, ``k, v [1, Hkv, n, D]`` (the chunk's own) -> ``[n, H, D]``.
+    ``q [1, H, n, D]``, ``k, v [1, Hkv, n, D]`` (the chunk's own); the result goes into ``out [n, H, D]``
+    (contiguous).
     """
     for group, heads in groups:
         if hasattr(group, "fold"):
@@ -422,14 +423,14 @@ def dense_prefill(step: LayerStep, chunk: Chunk, groups: list[tuple[EngineGroup,
     if step.plan.runner.vllm_prefill and step._cached is None and n >= VLLM_PREFILL_MIN_TOKENS:
         if chunk.causal_batch is None:          # built by the first layer, reused by the others
             chunk.causal_batch = causal_prefill.CausalBatch([n], [n])
-        return chunk.causal_batch.run(q[0].transpose(0, 1), k[0].transpose(0, 1), v[0].transpose(0, 1), step.scale)
+        chunk.causal_batch.run(q[0].transpose(0, 1), k[0].transpose(0, 1), v[0].transpose(0, 1), step.scale, out=out)
+        return
     Hkv = k.shape[1]
     k, v, k_pos = step.prefill_keys(list(range(Hkv)), k, v)
     sink = torch.zeros(Hkv, dtype=torch.long, device=q.device)
     everything = torch.full((1, Hkv), int(step.prefill_pos[-1]) + 1, dtype=torch.long, device=q.device)
-    out = sink_window_attention(q, k, v, step.prefill_pos[None], k_pos, sink, everything, step.scale,
-                                backend=step.backend)
-    return out[0].transpose(0, 1)
+    out.copy_(sink_window_attention(q, k, v, step.prefill_pos[None], k_pos, sink, everything, step.scale,
+                                    backend=step.backend)[0].transpose(0, 1))
 
 
 def vllm_prefill_available(backend: str, device: torch.device, head_dim: int, dtype: torch.dtype) -> bool:

@@ -57,6 +57,16 @@ class StepPlan:
     write_dst_flat: torch.Tensor | None = None
     write_src_flat: torch.Tensor | None = None
     write_pos_flat: torch.Tensor | None = None
+    _attention_out: torch.Tensor | None = None
+
+    def attention_output(self, T: int, H: int, D: int, dtype: torch.dtype) -> torch.Tensor:
+        """The ``[T, H, D]`` tensor a layer's attention writes its output into: one per step, reused by
+        every layer (a layer's output is consumed, by its O projection, before the next layer attends;
+        whole-step tensors made per layer cost fresh pages every layer)."""
+        out = self._attention_out
+        if out is None or out.shape != (T, H, D) or out.dtype != dtype:
+            out = self._attention_out = torch.empty(T, H, D, dtype=dtype, device=self.runner.k_pool.device)
+        return out
 
 
 @dataclass

@@ -201,7 +201,7 @@ def test_dense_prefill_mode_equals_patched_hf(arch, monkeypatch):
     vllm_calls = []
     run = causal_prefill.CausalBatch.run
     monkeypatch.setattr(causal_prefill.CausalBatch, "run",
-                        lambda self, q, *a: vllm_calls.append(q.shape[0]) or run(self, q, *a))
+                        lambda self, q, *a, **kw: vllm_calls.append(q.shape[0]) or run(self, q, *a, **kw))
     llm = LLM(model, plan=plan, kv_cache_memory="16MiB", block_size=8, max_num_batched_tokens=64, prefill="dense")
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts], greedy(10), use_tqdm=False)
     assert vllm_calls == ([300] * model.config.num_hidden_layers if causal_prefill.supports(32, torch.float32) else [])

@@ -67,6 +67,19 @@ def test_vllm_kernel_matches_reference(dtype, H, Hkv, D, batch):
     torch.testing.assert_close(out.float(), expected, **TOLERANCE[dtype])
     again = kernel.run(q, keys, values, D ** -0.5)                                   # metadata reused
     assert torch.equal(again, out)
+    # the scratch cache is reused too: other keys through the same batch, written into a given tensor
+    q2, keys2, values2 = q.flip(0), keys * 0.5, values.flip(0)
+    into = torch.empty_like(q2)
+    assert kernel.run(q2, keys2, values2, D ** -0.5, out=into) is into
+    expected2 = causal_prefill.causal_attention(q2.float(), keys2.float(), values2.float(), lengths, q_lens, D ** -0.5)
+    torch.testing.assert_close(into.float(), expected2, **TOLERANCE[dtype])
+
+
+@needs_vllm
+def test_a_wrong_output_tensor_is_refused():
+    q, keys, values, lengths, q_lens = make_batch("prompt", 9, 3, 64, torch.float32)
+    with pytest.raises(ValueError, match="out must be a contiguous"):
+        causal_prefill.CausalBatch(lengths, q_lens).run(q, keys, values, 0.125, out=torch.empty(q.shape[0], 64, 9))
 
 
 @needs_vllm

@@ -38,6 +38,20 @@ def supports(head_dim: int, dtype: torch.dtype) -> bool:
     return head_dim in CPUAttentionBackend.get_supported_head_sizes()
 
 
+@functools.cache
+def compute_dtype(dtype: torch.dtype, D: int) -> torch.dtype:
+    """The dtype the kernel runs in for inputs of ``dtype``: bf16/fp16 run in fp32 unless vLLM picks its
+    AMX kernel for them. vLLM's vector kernel widens 16-bit keys to fp32 as it reads them; on this
+    project's AVX-512 CPU (no AMX) bf16 ran 10-11% slower than fp32 over the same values widened
+    once (8k prompts, 9 or 14 query heads; ``benchmarks/results/2026-12-04-prefill-tiles.md``).
+    fp32 arithmetic over bf16 values is at least as accurate as the bf16 kernel's."""
+    if dtype == torch.float32:
+        return dtype
+    from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
+
+    return dtype if _get_attn_isa(dtype, SCRATCH_BLOCK, D) == "amx" else torch.float32
+
+
 class CausalBatch:
     """Sequences for one causal call, laid out for vLLM's kernel: sequence ``b`` has ``lengths[b]`` keys,
     and its queries are the last ``q_lens[b]`` of them (each reads every key up to its own position).
@@ -62,6 +76,7 @@ class CausalBatch:
         self.query_start_loc = torch.tensor([0, *q_lens], dtype=torch.int32).cumsum(0, dtype=torch.int32)
         self.seq_lens = torch.tensor(lengths, dtype=torch.int32)
         self._meta: dict = {}
+        self._scratch: dict = {}
 
     def _metadata(self, H: int, Hkv: int, D: int, dtype: torch.dtype):
         key = (H, Hkv, D, dtype)
@@ -78,7 +93,16 @@ class CausalBatch:
             self._meta[key] = (meta, isa)
         return self._meta[key]
 
-    def run(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float) -> torch.Tensor:
+    def _scratch_cache(self, Hkv: int, D: int, dtype: torch.dtype) -> torch.Tensor:
+        """The scratch cache of this batch, made (zeroed: no NaN past a length) once per shape and reused
+        by every call: each call rewrites every slot a length covers, and the rest stays zero."""
+        key = (Hkv, D, dtype)
+        if key not in self._scratch:
+            self._scratch[key] = torch.zeros(self.num_blocks, Hkv, 2 * SCRATCH_BLOCK, D, dtype=dtype)
+        return self._scratch[key]
+
+    def run(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float,
+            out: torch.Tensor | None = None) -> torch.Tensor:
         """Causal attention of every sequence's queries over its keys.
 
         Args:
@@ -86,21 +110,37 @@ class CausalBatch:
             keys, values: ``[S, Hkv, D]`` the sequences' keys in position order, one after the other
                 (``S = sum(lengths)``); cast to ``q``'s dtype (fp32, bf16 or fp16).
             scale: softmax scale.
+            out: optional contiguous ``[T, H, D]`` tensor of ``q``'s dtype to write the result into.
 
         Returns:
-            ``[T, H, D]`` in ``q.dtype`` (vLLM accumulates in fp32).
+            ``[T, H, D]`` in ``q.dtype`` (vLLM accumulates in fp32; see ``compute_dtype``): ``out`` when given.
         """
         from vllm import _custom_ops as ops
 
-        H, D, Hkv, dtype = q.shape[1], q.shape[2], keys.shape[1], q.dtype
+        H, D, Hkv = q.shape[1], q.shape[2], keys.shape[1]
+        dtype = compute_dtype(q.dtype, D)
+        if dtype != q.dtype:
+            result = self.run(q.to(dtype), keys.to(dtype), values.to(dtype), scale)
+            if out is None:
+                return result.to(q.dtype)
+            self._check_out(out, q.shape, q.dtype)
+            return out.copy_(result)
         meta, isa = self._metadata(H, Hkv, D, dtype)
-        scratch = torch.zeros(self.num_blocks, Hkv, 2 * SCRATCH_BLOCK, D, dtype=dtype)   # zeros: no NaN past a length
-        key_cache, value_cache = scratch.chunk(2, dim=2)
+        key_cache, value_cache = self._scratch_cache(Hkv, D, dtype).chunk(2, dim=2)
         ops.cpu_attn_reshape_and_cache(keys.to(dtype).contiguous(), values.to(dtype).contiguous(), key_cache,
                                        value_cache, self.slots, isa)
-        out = torch.empty(q.shape, dtype=dtype)
+        if out is None:
+            out = torch.empty(q.shape, dtype=dtype)
+        else:
+            self._check_out(out, q.shape, dtype)
         ops.cpu_attention_with_kv_cache(query=q.contiguous(), key_cache=key_cache, value_cache=value_cache, output=out,
                                         query_start_loc=self.query_start_loc, seq_lens=self.seq_lens, scale=scale,
                                         causal=True, alibi_slopes=None, sliding_window=-1, block_table=self.block_table,
                                         softcap=0.0, scheduler_metadata=meta, s_aux=None)
         return out
+
+    @staticmethod
+    def _check_out(out: torch.Tensor, shape: torch.Size, dtype: torch.dtype) -> None:
+        if out.shape != shape or out.dtype != dtype or not out.is_contiguous():
+            raise ValueError(f"out must be a contiguous {tuple(shape)} {dtype} tensor, got "
+                             f"{tuple(out.shape)} {out.dtype} (contiguous: {out.is_contiguous()}).")
