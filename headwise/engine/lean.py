@@ -195,8 +195,9 @@ class LeanDecoder:
         RoPE, O projection, residual adds, MLP) runs ``PREFILL_TILE_BYTES``-sized tiles of rows: the
         temporaries of a tile stay in cache and in the allocator's heap, where whole-prompt temporaries
         (50-100 MB at 8k rows) came from fresh ``mmap`` pages, faulted in on every op. Only attention
-        (``attend``) sees all rows at once. Linear layers run ``F.linear`` (the runner's linear mode
-        routes them).
+        (``attend``) sees all rows at once. After the last layer's attention only the sampling rows go on
+        (its O projection and MLP for the other rows would feed nothing: 1/L of the linears saved). Linear
+        layers run ``F.linear`` (the runner's linear mode routes them).
 
         Args:
             input_ids, positions: ``[T]`` int64, the step's packed tokens.
@@ -225,6 +226,9 @@ class LeanDecoder:
                     qt, kt = _rms_norm(qt, attn.q_norm), _rms_norm(kt, attn.k_norm)
                 q[a:b], k[a:b] = _rope(qt, cos[a:b], sin[a:b]), _rope(kt, cos[a:b], sin[a:b])
             o = attend(index, q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), attn.scaling).reshape(T, H * D)
+            if index == len(self.layers) - 1:       # the last layer's other rows feed nothing: only the sampled go on
+                x, o = x.index_select(0, logit_rows), o.index_select(0, logit_rows)
+                tiles = [(a, min(a + tile, len(logit_rows))) for a in range(0, len(logit_rows), tile)]
             mlp = layer.mlp
             for a, b in tiles:
                 xt = x[a:b]
@@ -232,8 +236,7 @@ class LeanDecoder:
                 h = _rms_norm(xt, layer.post_attention_layernorm)
                 xt += F.linear(F.silu(F.linear(h, mlp.gate_proj.weight)) * F.linear(h, mlp.up_proj.weight),
                                mlp.down_proj.weight)
-        h = _rms_norm(x.index_select(0, logit_rows), self.final_norm)
-        return F.linear(h, self.lm_head.weight, self.lm_head.bias)
+        return F.linear(_rms_norm(x, self.final_norm), self.lm_head.weight, self.lm_head.bias)
 
 
 #: Row tiles of ``LeanDecoder.prefill_forward``: rows per tile = this over the widest row of a

@@ -50,7 +50,9 @@ def test_lean_prefill_logits_equal_hf_forward(arch, tile, monkeypatch):
     with torch.inference_mode():
         ref = model(input_ids=ids[None], position_ids=positions[None], use_cache=False).logits[0, rows]
         got = lean_decoder(model).prefill_forward(ids, positions, rows, causal_attend)
+        none = lean_decoder(model).prefill_forward(ids, positions, rows[:0], causal_attend)   # a chunk that samples nothing
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max()))
+    assert none.shape == (0, ref.shape[1])
 
 
 @pytest.mark.parametrize("tile", [16, 4096], ids=["prefill-tiles-of-16-rows", "prefill-in-one-tile"])
