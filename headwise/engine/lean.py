@@ -185,7 +185,6 @@ class LeanDecoder:
         h = _rms_norm(x.index_select(0, logit_rows), self.final_norm)
         return _linear(h, self.lm_head)
 
-
     @torch.inference_mode()
     def prefill_forward(self, input_ids: torch.Tensor, positions: torch.Tensor, logit_rows: torch.Tensor,
                         attend) -> torch.Tensor:

@@ -118,21 +118,18 @@ class CausalBatch:
         from vllm import _custom_ops as ops
 
         H, D, Hkv = q.shape[1], q.shape[2], keys.shape[1]
+        if out is not None:
+            self._check_out(out, q.shape, q.dtype)
         dtype = compute_dtype(q.dtype, D)
         if dtype != q.dtype:
             result = self.run(q.to(dtype), keys.to(dtype), values.to(dtype), scale)
-            if out is None:
-                return result.to(q.dtype)
-            self._check_out(out, q.shape, q.dtype)
-            return out.copy_(result)
+            return result.to(q.dtype) if out is None else out.copy_(result)
         meta, isa = self._metadata(H, Hkv, D, dtype)
         key_cache, value_cache = self._scratch_cache(Hkv, D, dtype).chunk(2, dim=2)
         ops.cpu_attn_reshape_and_cache(keys.to(dtype).contiguous(), values.to(dtype).contiguous(), key_cache,
                                        value_cache, self.slots, isa)
         if out is None:
             out = torch.empty(q.shape, dtype=dtype)
-        else:
-            self._check_out(out, q.shape, dtype)
         ops.cpu_attention_with_kv_cache(query=q.contiguous(), key_cache=key_cache, value_cache=value_cache, output=out,
                                         query_start_loc=self.query_start_loc, seq_lens=self.seq_lens, scale=scale,
                                         causal=True, alibi_slopes=None, sliding_window=-1, block_table=self.block_table,
