@@ -126,7 +126,7 @@ class LeanDecoder:
                 self._native_pointers = None if self.native is None else self.native.matrix_pointers
             if self.native is not None:
                 return self._forward_native(input_ids, positions, logit_rows, attend, native_step)
-        return self._forward_torch(input_ids, positions, logit_rows, attend)
+        return self.prefill_forward(input_ids, positions, logit_rows, attend, linear=skinny_native.skinny_linear)
 
     def _forward_native(self, input_ids, positions, logit_rows, attend, native_step) -> torch.Tensor:
         T, H, Hkv, D = input_ids.shape[0], self.num_heads, self.num_kv_heads, self.head_dim
@@ -161,34 +161,12 @@ class LeanDecoder:
         h = norm.weight.float() * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon))
         return skinny_native.skinny_linear(h, self.lm_head.weight, self.lm_head.bias)
 
-    def _forward_torch(self, input_ids, positions, logit_rows, attend) -> torch.Tensor:
-        T, H, Hkv, D = input_ids.shape[0], self.num_heads, self.num_kv_heads, self.head_dim
-        x = self.embed(input_ids)                                                        # [T, hidden]
-        cos, sin = self.rotary(x[None], positions[None])                                 # [1, T, D]
-        cos, sin = cos[0, :, None], sin[0, :, None]                                      # [T, 1, D]
-        for index, layer in enumerate(self.layers):
-            attn = layer.self_attn
-            h = _rms_norm(x, layer.input_layernorm)
-            q = _linear(h, attn.q_proj).view(T, H, D)
-            k = _linear(h, attn.k_proj).view(T, Hkv, D)
-            v = _linear(h, attn.v_proj).view(T, Hkv, D)
-            if self.qk_norm:
-                q, k = _rms_norm(q, attn.q_norm), _rms_norm(k, attn.k_norm)
-            q, k = _rope(q, cos, sin), _rope(k, cos, sin)
-            o = attend(index, q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), attn.scaling)
-            x = x + _linear(o.reshape(T, H * D), attn.o_proj)
-            h = _rms_norm(x, layer.post_attention_layernorm)
-            mlp = layer.mlp
-            x = x + _linear(F.silu(_linear(h, mlp.gate_proj)) * _linear(h, mlp.up_proj), mlp.down_proj)
-        if logit_rows.numel() == 0:
-            return x.new_empty(0, self.lm_head.weight.shape[0])
-        h = _rms_norm(x.index_select(0, logit_rows), self.final_norm)
-        return _linear(h, self.lm_head)
-
     @torch.inference_mode()
     def prefill_forward(self, input_ids: torch.Tensor, positions: torch.Tensor, logit_rows: torch.Tensor,
-                        attend) -> torch.Tensor:
-        """Logits of the step's sampling rows for a step of many tokens (prefill chunks, maybe decode tokens).
+                        attend, linear=F.linear) -> torch.Tensor:
+        """Logits of the step's sampling rows for a step of many tokens (prefill chunks, maybe decode tokens);
+        also a decode step's torch ops where the native decode layers do not build (``linear`` the skinny
+        kernel; a step of few rows is one tile).
 
         The HF forward's ops in its order and dtypes, but everything that works row by row (norms, QKV,
         RoPE, O projection, residual adds, MLP) runs ``PREFILL_TILE_BYTES``-sized tiles of rows: the
@@ -196,12 +174,13 @@ class LeanDecoder:
         (50-100 MB at 8k rows) came from fresh ``mmap`` pages, faulted in on every op. Only attention
         (``attend``) sees all rows at once. After the last layer's attention only the sampling rows go on
         (its O projection and MLP for the other rows would feed nothing: 1/L of the linears saved). Linear
-        layers run ``F.linear`` (the runner's linear mode routes them).
+        layers run ``linear`` (``F.linear`` by default, which the runner's linear mode routes).
 
         Args:
             input_ids, positions: ``[T]`` int64, the step's packed tokens.
             logit_rows: ``[S]`` int64, the rows whose logits are wanted.
             attend: ``attend(layer, q [H, T, D], k [Hkv, T, D], v [Hkv, T, D], scale) -> [T, H, D]``.
+            linear: ``linear(x, weight, bias=None)``, ``F.linear``'s signature.
 
         Returns:
             ``[S, V]`` logits in the model's dtype.
@@ -218,9 +197,9 @@ class LeanDecoder:
             attn = layer.self_attn
             for a, b in tiles:
                 h = _rms_norm(x[a:b], layer.input_layernorm)
-                qt = F.linear(h, attn.q_proj.weight, attn.q_proj.bias).view(b - a, H, D)
-                kt = F.linear(h, attn.k_proj.weight, attn.k_proj.bias).view(b - a, Hkv, D)
-                v[a:b] = F.linear(h, attn.v_proj.weight, attn.v_proj.bias).view(b - a, Hkv, D)
+                qt = linear(h, attn.q_proj.weight, attn.q_proj.bias).view(b - a, H, D)
+                kt = linear(h, attn.k_proj.weight, attn.k_proj.bias).view(b - a, Hkv, D)
+                v[a:b] = linear(h, attn.v_proj.weight, attn.v_proj.bias).view(b - a, Hkv, D)
                 if self.qk_norm:
                     qt, kt = _rms_norm(qt, attn.q_norm), _rms_norm(kt, attn.k_norm)
                 q[a:b], k[a:b] = _rope(qt, cos[a:b], sin[a:b]), _rope(kt, cos[a:b], sin[a:b])
@@ -231,11 +210,11 @@ class LeanDecoder:
             mlp = layer.mlp
             for a, b in tiles:
                 xt = x[a:b]
-                xt += F.linear(o[a:b], attn.o_proj.weight, attn.o_proj.bias)
+                xt += linear(o[a:b], attn.o_proj.weight, attn.o_proj.bias)
                 h = _rms_norm(xt, layer.post_attention_layernorm)
-                xt += F.linear(F.silu(F.linear(h, mlp.gate_proj.weight)) * F.linear(h, mlp.up_proj.weight),
-                               mlp.down_proj.weight)
-        return F.linear(_rms_norm(x, self.final_norm), self.lm_head.weight, self.lm_head.bias)
+                xt += linear(F.silu(linear(h, mlp.gate_proj.weight)) * linear(h, mlp.up_proj.weight),
+                             mlp.down_proj.weight)
+        return linear(_rms_norm(x, self.final_norm), self.lm_head.weight, self.lm_head.bias)
 
 
 #: Row tiles of ``LeanDecoder.prefill_forward``: rows per tile = this over the widest row of a
@@ -280,10 +259,6 @@ def native_layers(lean: LeanDecoder) -> "layer_native.DecodeLayers | None":
         logger.info("engine: layers have different attention scales; decode layers run as torch ops")
         return None
     return layer_native.DecodeLayers(dims, layers)
-
-
-def _linear(x: torch.Tensor, linear: torch.nn.Linear) -> torch.Tensor:
-    return skinny_native.skinny_linear(x, linear.weight, linear.bias)
 
 
 def _rms_norm(x: torch.Tensor, norm: torch.nn.Module) -> torch.Tensor:
