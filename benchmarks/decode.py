@@ -73,7 +73,8 @@ if __name__ == "__main__" and not __package__:   # python benchmarks/decode.py: 
 import torch  # noqa: E402
 
 from benchmarks.common import (Setting, kv_bytes_per_token, make_prompts,  # noqa: E402
-                               parse_settings, provenance, provenance_line, weight_bytes)
+                               parse_settings, provenance, provenance_line, vllm_cpu_env,
+                               weight_bytes)
 
 logger = logging.getLogger(__name__)
 
@@ -415,8 +416,7 @@ def run_vllm(model_dir: str | os.PathLike, prompts: list[list[int]], decode_toke
         row.error = f"vllm not importable: {exc}"
         return row
     gib = max(4, math.ceil(1.2 * row.dense_kv_bytes / 2**30))
-    env = dict(os.environ, VLLM_CPU_OMP_THREADS_BIND=f"0-{threads - 1}" if threads > 1 else "0",
-               VLLM_CPU_NUM_OF_RESERVED_CPU="0", VLLM_CPU_KVCACHE_SPACE=str(gib))
+    env = dict(os.environ, **vllm_cpu_env(threads, gib))
     with tempfile.TemporaryDirectory(prefix="headwise-vllm-") as tmp:
         job, result = Path(tmp) / "job.json", Path(tmp) / "result.json"
         job.write_text(json.dumps({"system": "vllm", "model": str(model_dir), "prompts": prompts, "plan": None,

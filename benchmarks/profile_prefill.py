@@ -33,7 +33,7 @@ if __name__ == "__main__" and not __package__:   # python benchmarks/profile_pre
 import torch  # noqa: E402
 
 from benchmarks.common import (SHIPPED_D25, Setting, make_prompts, median_seconds, provenance,  # noqa: E402
-                               provenance_line)
+                               provenance_line, vllm_cpu_env)
 
 #: Part of each profiled op (first matching fragment of its name wins); anything else is "other".
 PARTS = [
@@ -130,9 +130,7 @@ def profile_vllm(prompt: list[int], args) -> None:
     """vLLM-cpu's dense prefill of ``prompt`` under the profiler, in this process."""
     import os
 
-    os.environ.update(VLLM_ENABLE_V1_MULTIPROCESSING="0", VLLM_CPU_NUM_OF_RESERVED_CPU="0",
-                      VLLM_CPU_OMP_THREADS_BIND=f"0-{args.threads - 1}" if args.threads > 1 else "0",
-                      VLLM_CPU_KVCACHE_SPACE="2")
+    os.environ.update(VLLM_ENABLE_V1_MULTIPROCESSING="0", **vllm_cpu_env(args.threads, 2))
     from vllm import LLM, SamplingParams
 
     from headwise.models import model_dir
