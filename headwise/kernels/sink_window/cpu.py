@@ -8,13 +8,16 @@ Same signature and result as ``naive.sink_window_attention``. Two paths:
   KV heads with the same sink, span and key positions run together, their GQA query heads folded
   into the query axis. Queries go in blocks of ``query_block``:
 
-  - a *regular* block (consecutive real query positions ``q0..q1``, keys ``0..n-1`` in consecutive
-    slots: every prefill) splits its visible keys into mask-free pieces, run by torch's CPU flash
-    attention, which also returns each row's log-sum-exp, and merged exactly with those:
-    ``full`` (sink + window interior, seen by every query), ``causal`` (the diagonal square) and
-    ``reverse`` (the window's lower edge, causal once queries and keys are reversed). Blocks whose
-    window starts past the sink all have the same piece sizes and run as one batched call per
-    piece; blocks whose every window reaches the sink are plain causal (``full`` + ``causal``).
+  - a *band* block (a full block of consecutive real query positions ``q0..q1`` whose windows all
+    start past the sink, keys ``0..n-1`` in consecutive slots: most of every long prefill) reads its
+    window keys ``[q0 - span + 1, q1]`` as one contiguous slice with a ``[block, span + block - 1]``
+    mask that is the same for every band block, and its sink without one: consecutive band blocks
+    run as one batched masked call of torch's CPU flash attention over a strided view of the keys (no
+    copy) and one over the sink, merged exactly by the log-sum-exps flash attention also returns;
+  - another *regular* block splits its visible keys into mask-free flash pieces merged the same
+    way: ``full`` (sink + window interior, seen by every query), ``causal`` (the diagonal square)
+    and ``reverse`` (the window's lower edge, causal once queries and keys are reversed); blocks
+    whose every window reaches the sink are plain causal (``full`` + ``causal``).
   - any other block reads two key slices found by binary search (its heads' sink ``[0, sink)``
     and its window band ``[q_min - span + 1, q_max]``) with a small ``[block, slice]`` mask.
 
@@ -162,48 +165,59 @@ def _is_band(q0: int, q1: int, sink: int, span: int) -> bool:
 
 def _band_blocks(q: torch.Tensor, keys: "_Keys", q_pos: torch.Tensor, starts: list[int], size: int,
                  sink: int, span: int, scale: float):
-    """All band blocks of a head group at once: three batched flash calls per batch of blocks.
+    """All band blocks of a head group at once: one masked flash call over the window and one over the
+    sink per batch of consecutive blocks, merged by their log-sum-exps.
 
-    The pieces are those of ``_unmasked_parts`` case "band" (``full``: sink + window interior,
-    ``reverse``: lower edge, ``causal``: diagonal); every band block has the same piece sizes,
-    so the blocks become the batch axis. Yields ``(starts, out [n, h, G, size, D] fp32)``.
+    A band block's window keys ``[q0 - span + 1, q1]`` are one contiguous slice, and consecutive blocks'
+    slices are ``size`` slots apart, so a batch of blocks reads them as one strided view of the group's
+    keys (no copy); every block has the same ``[size, span + size - 1]`` mask (query ``i`` sees window
+    keys ``i .. i + span - 1``). Torch's CPU flash attention takes the view, the mask (broadcast over
+    blocks and heads) and the ``G`` query heads of each KV head (GQA). Yields ``(starts, out [n, h, G, size, D] fp32)``.
     """
     if not starts:
         return
-    h, G, _, D = q.shape
-    inner = span - size - 1
-    full_keys = sink + inner
-    per_block = 2 * h * (full_keys + 2 * G * size) * D * 4
-    step = max(1, BAND_BATCH_BYTES // per_block)
-    device = q.device
-    offsets = torch.arange(size, device=device)
-    for i in range(0, len(starts), step):
-        chunk = starts[i:i + step]
-        n = len(chunk)
-        query_index = torch.tensor(chunk, device=device)[:, None] + offsets                # [n, size]
-        qb = q[:, :, query_index].permute(2, 0, 1, 3, 4)                                   # [n, h, G, size, D]
-        first = keys.first_slot + q_pos[query_index[:, 0]]                                 # [n] slot of q0
-        pieces = []
-        if full_keys > 0:
-            full = torch.cat([torch.arange(sink, device=device).expand(n, sink) + keys.first_slot,
-                              (first - span + size + 1)[:, None] + torch.arange(inner, device=device)], dim=1)
-            k = keys.k[:, full].transpose(0, 1)                                            # [n, h, K, D]
-            v = keys.v[:, full].transpose(0, 1)
-            out, lse = _flash(qb.reshape(n, h, G * size, D), k, v, False, scale)
-            pieces.append((out.view(n, h, G, size, D), lse.view(n, h, G, size)))
-        qf = qb.reshape(n, h * G, size, D)
-        for kind, lo in (("reverse", first - span + 1), ("causal", first)):
-            slots = lo[:, None] + offsets                                                  # [n, size]
-            k = keys.k[:, slots].transpose(0, 1)[:, :, None].expand(n, h, G, size, D).reshape(n, h * G, size, D)
-            v = keys.v[:, slots].transpose(0, 1)[:, :, None].expand(n, h, G, size, D).reshape(n, h * G, size, D)
-            if kind == "reverse":
-                out, lse = _flash(qf.flip(2), k.flip(2), v.flip(2), True, scale)
-                out, lse = out.flip(2), lse.flip(2)
-            else:
-                out, lse = _flash(qf, k, v, True, scale)
-            pieces.append((out.view(n, h, G, size, D), lse.view(n, h, G, size)))
-        weights = torch.softmax(torch.stack([lse for _, lse in pieces]), dim=0)[..., None]
-        yield chunk, sum(out * w for (out, _), w in zip(pieces, weights))
+    h, G, Q, D = q.shape
+    width = span + size - 1                                      # window keys a block reads
+    step = max(1, BAND_BATCH_BYTES // (3 * h * G * size * D * 4))
+    k, v = keys.k.contiguous(), keys.v.contiguous()            # [h, S, D]
+    mask = _band_mask(size, span, q.device)                    # [size, width]
+    first = keys.first_slot
+    for run in _consecutive_runs(starts, [int(q_pos[start]) for start in starts], size):
+        for i in range(0, len(run), step):
+            chunk = run[i:i + step]
+            n, start = len(chunk), chunk[0]
+            qb = q[:, :, start:start + n * size].reshape(h, G, n, size, D).permute(2, 0, 1, 3, 4)
+            qb = qb.reshape(n, h * G, size, D)                                             # [n, h * G, size, D]
+            lo = first + int(q_pos[start]) - span + 1                                     # slot of block 0's first key
+            band_k, band_v = (t.as_strided((n, h, width, D), (size * D, t.stride(0), D, 1), t.storage_offset() + lo * D)
+                              for t in (k, v))
+            out, lse = _flash(qb, band_k, band_v, False, scale, mask)
+            if sink > 0:
+                sink_out, sink_lse = _flash(qb, k[None, :, first:first + sink].expand(n, h, sink, D),
+                                            v[None, :, first:first + sink].expand(n, h, sink, D), False, scale)
+                out = sink_out.lerp_(out, torch.sigmoid(lse - sink_lse)[..., None])       # band's share of the mass
+            yield chunk, out.view(n, h, G, size, D)
+
+
+def _consecutive_runs(starts: list[int], positions: list[int], size: int) -> list[list[int]]:
+    """Band block ``starts`` (ascending; their first queries at ``positions``) split where a block does not
+    follow the one before it in the queries or in position."""
+    runs: list[list[int]] = []
+    for i, start in enumerate(starts):
+        if i and start == starts[i - 1] + size and positions[i] == positions[i - 1] + size:
+            runs[-1].append(start)
+        else:
+            runs.append([start])
+    return runs
+
+
+def _band_mask(size: int, span: int, device) -> torch.Tensor:
+    """``[size, span + size - 1]`` additive mask of a band block: 0 where query ``i`` sees window key ``j``
+    (``i <= j <= i + span - 1``), -inf elsewhere."""
+    i = torch.arange(size, device=device)[:, None]
+    j = torch.arange(span + size - 1, device=device)[None]
+    seen = (j >= i) & (j <= i + span - 1)
+    return torch.zeros(seen.shape, device=device).masked_fill_(~seen, float("-inf"))
 
 
 class _Keys:
@@ -333,9 +347,11 @@ def _flash_part(q: torch.Tensor, keys: _Keys, lo, hi, kind: str, scale: float):
     return out.view(h, G, Qb, D), lse.view(h, G, Qb)
 
 
-def _flash(q, k, v, causal: bool, scale: float):
-    """torch's CPU flash attention, which also returns the log-sum-exp needed to merge pieces."""
-    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, scale=scale)
+def _flash(q, k, v, causal: bool, scale: float, mask: torch.Tensor | None = None):
+    """torch's CPU flash attention (optionally with an additive ``mask`` broadcast over batch and heads),
+    which also returns the log-sum-exp needed to merge pieces."""
+    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, attn_mask=mask,
+                                                                        scale=scale)
 
 
 def _masked_block(q: torch.Tensor, keys: _Keys, q_pos: torch.Tensor, sink: int, span: int,
