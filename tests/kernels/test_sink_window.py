@@ -73,6 +73,42 @@ def test_cpu_prompt_chunk_after_cached_keys(queries, padding):
     check("cpu", prefill_case(1000, 3, 4, "win_lt", padding, torch.float32, queries=queries), torch.float32)
 
 
+@pytest.mark.parametrize("sink,span", [(4, 300), (0, 300), (64, 96)], ids=["sink4-span300", "sink0-span300", "sink64-span96"])
+def test_cpu_chunk_after_a_ring_keeps_the_band_path(sink, span, monkeypatch):
+    """A prompt's next chunk after a window head's ring (sink + the last ``span`` keys kept, in ring order,
+    older keys dropped): the band blocks still run batched (``_band_blocks``), not masked one by one."""
+    from headwise.kernels.sink_window import cpu
+
+    g = torch.Generator().manual_seed(3)
+    C, n, G, D = 1500, 1000, 3, 16
+    kept = [*range(sink), *range(C - span, C)]
+    ring = kept[:sink] + kept[sink:][117 % span:] + kept[sink:][:117 % span]        # rotated, as a ring writes
+    k_pos = torch.tensor(ring + [-1] * 5 + list(range(C, C + n)))[None, None]       # [1, 1, S] with empty slots
+    S = k_pos.shape[-1]
+    case = Case(torch.randn(1, G, n, D, generator=g), torch.randn(1, 1, S, D, generator=g),
+                torch.randn(1, 1, S, D, generator=g), torch.arange(C, C + n)[None], k_pos,
+                torch.tensor([sink]), torch.tensor([[span]]), D ** -0.5)
+    masked = []
+    block = cpu._masked_block
+    monkeypatch.setattr(cpu, "_masked_block", lambda q, *a: masked.append(q.shape[2]) or block(q, *a))
+    check("cpu", case, torch.float32)
+    size = cpu.band_block(span, cpu.QUERY_BLOCK)
+    assert sum(masked) < size                      # only the last, partial block
+
+
+def test_key_layout_finds_head_and_tail_runs():
+    from headwise.kernels.sink_window.cpu import PAST_END, _KeyLayout
+
+    sorted_row = torch.tensor([-1, -1, 0, 1, 2, 3, 10, 11, 12, 13, 14, PAST_END])
+    layout = _KeyLayout.of(sorted_row)
+    assert (layout.count, layout.head_slot, layout.head_pos, layout.head_len) == (9, 2, 0, 4)
+    assert (layout.tail_slot, layout.tail_pos, layout.last_pos) == (6, 10, 14)
+    assert layout.holds_band(12, 13, 4, 3) and not layout.holds_band(12, 13, 4, 4)    # window from 10 / from 9
+    assert not layout.holds_band(12, 13, 5, 3)                                         # sink of 5: position 4 is gone
+    whole = _KeyLayout.of(torch.arange(6))
+    assert whole.contiguous_from_zero and whole.tail_pos == 0 and _KeyLayout.of(torch.tensor([-1])).count == 0
+
+
 def scrambled(case: Case, seed: int = 0) -> Case:
     """The same attention with every KV head's slots in its own random order (``k_pos [B, Hkv, S]``)."""
     g = torch.Generator().manual_seed(seed)

@@ -29,6 +29,8 @@ Math is fp32 (bf16/fp16 inputs are upcast slice by slice); the output has ``q``'
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
@@ -90,7 +92,7 @@ def banded_attention(q, k, v, q_pos, k_pos, sink, span, scale, query_block: int 
     span_rows = span.tolist()
     for b in range(B):
         pos, kb, vb = _keys_in_position_order(k[b], v[b], k_pos[b])            # [Hk, S], [Hkv, S, D] x2
-        first_slots = [_first_slot_of_contiguous(row) for row in pos]
+        layouts = [_KeyLayout.of(row) for row in pos]
         groups: dict[tuple[int, int, int], list[int]] = {}
         for h in range(Hkv):
             row = h if pos.shape[0] > 1 else 0
@@ -99,16 +101,17 @@ def banded_attention(q, k, v, q_pos, k_pos, sink, span, scale, query_block: int 
         runs = _QueryRuns(q_rows)
         for (s, w, row), heads in groups.items():
             heads_t = torch.tensor(heads, device=q.device)
-            keys = _Keys(pos[row].contiguous(), kb[heads_t].float(), vb[heads_t].float(), first_slots[row])
+            keys = _Keys(pos[row].contiguous(), kb[heads_t].float(), vb[heads_t].float(), layouts[row])
             q_heads = q[b].view(Hkv, G, Q, D)[heads_t].float()                    # [h, G, Q, D]
             size = band_block(w, query_block)
             band_starts = []
             for start in range(0, Q, size):
                 stop = min(Q, start + size)
-                regular = runs.regular(start, stop, keys)
-                if regular and stop - start == size and _is_band(*regular, s, w):
+                run = runs.consecutive(start, stop)
+                if run and stop - start == size and _is_band(*run, s, w) and keys.layout.holds_band(*run, s, w):
                     band_starts.append(start)            # done together below
                     continue
+                regular = runs.regular(start, stop, keys)
                 block = _attend_block(q_heads[:, :, start:stop], keys, q_rows[start:stop], regular, s, w, scale)
                 if block is not None:
                     out[b].view(Hkv, G, Q, D)[heads_t, :, start:stop] = block.to(q.dtype)
@@ -148,14 +151,19 @@ class _QueryRuns:
         steps = (q_pos[1:] == q_pos[:-1] + 1).long().cumsum(0).tolist()
         self.breaks_before = [0, *steps]          # consecutive steps among the first i + 1 queries
 
-    def regular(self, start: int, stop: int, keys: "_Keys") -> tuple[int, int] | None:
-        """``(q0, q1)`` when queries ``start..stop-1`` are ``q0, q0+1, ..., q1`` and keys ``0..q1`` are all there."""
+    def consecutive(self, start: int, stop: int) -> tuple[int, int] | None:
+        """``(q0, q1)`` when queries ``start..stop-1`` are the real positions ``q0, q0+1, ..., q1``."""
         q0, q1 = self.first[start], self.first[stop - 1]
-        if keys.first_slot is None or q0 < 0 or q1 >= keys.count:
-            return None
-        if self.breaks_before[stop - 1] - self.breaks_before[start] != stop - 1 - start:
+        if q0 < 0 or self.breaks_before[stop - 1] - self.breaks_before[start] != stop - 1 - start:
             return None
         return q0, q1
+
+    def regular(self, start: int, stop: int, keys: "_Keys") -> tuple[int, int] | None:
+        """``(q0, q1)`` when queries ``start..stop-1`` are ``q0, q0+1, ..., q1`` and keys ``0..q1`` are all there."""
+        run = self.consecutive(start, stop)
+        if run is None or keys.first_slot is None or run[1] >= keys.count:
+            return None
+        return run
 
 
 def _is_band(q0: int, q1: int, sink: int, span: int) -> bool:
@@ -181,20 +189,21 @@ def _band_blocks(q: torch.Tensor, keys: "_Keys", q_pos: torch.Tensor, starts: li
     step = max(1, BAND_BATCH_BYTES // (3 * h * G * size * D * 4))
     k, v = keys.k.contiguous(), keys.v.contiguous()            # [h, S, D]
     mask = _band_mask(size, span, q.device)                    # [size, width]
-    first = keys.first_slot
+    layout = keys.layout
     for run in _consecutive_runs(starts, [int(q_pos[start]) for start in starts], size):
         for i in range(0, len(run), step):
             chunk = run[i:i + step]
             n, start = len(chunk), chunk[0]
             qb = q[:, :, start:start + n * size].reshape(h, G, n, size, D).permute(2, 0, 1, 3, 4)
             qb = qb.reshape(n, h * G, size, D)                                             # [n, h * G, size, D]
-            lo = first + int(q_pos[start]) - span + 1                                     # slot of block 0's first key
+            lo = layout.tail_slot + int(q_pos[start]) - span + 1 - layout.tail_pos        # slot of block 0's first key
             band_k, band_v = (t.as_strided((n, h, width, D), (size * D, t.stride(0), D, 1), t.storage_offset() + lo * D)
                               for t in (k, v))
             out, lse = _flash(qb, band_k, band_v, False, scale, mask)
             if sink > 0:
-                sink_out, sink_lse = _flash(qb, k[None, :, first:first + sink].expand(n, h, sink, D),
-                                            v[None, :, first:first + sink].expand(n, h, sink, D), False, scale)
+                at = layout.head_slot
+                sink_out, sink_lse = _flash(qb, k[None, :, at:at + sink].expand(n, h, sink, D),
+                                            v[None, :, at:at + sink].expand(n, h, sink, D), False, scale)
                 out = sink_out.lerp_(out, torch.sigmoid(lse - sink_lse)[..., None])       # band's share of the mass
             yield chunk, out.view(n, h, G, size, D)
 
@@ -223,13 +232,54 @@ def _band_mask(size: int, span: int, device) -> torch.Tensor:
 class _Keys:
     """One sequence's keys of a head group in position order (see ``_keys_in_position_order``).
 
-    ``pos [S]`` sorted positions, ``k, v [h, S, D]`` fp32, ``first_slot``: when the real keys are
-    exactly positions ``0..n-1`` in consecutive slots, the slot of position 0 (else ``None``).
+    ``pos [S]`` sorted positions, ``k, v [h, S, D]`` fp32, ``layout``: where runs of consecutive
+    positions sit; ``first_slot``: when the real keys are exactly positions ``0..n-1`` in consecutive
+    slots, the slot of position 0 (else ``None``).
     """
 
-    def __init__(self, pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor, first_slot: int | None):
-        self.pos, self.k, self.v, self.first_slot = pos, k, v, first_slot
-        self.count = int(((pos >= 0) & (pos < PAST_END)).sum())
+    def __init__(self, pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: "_KeyLayout"):
+        self.pos, self.k, self.v, self.layout = pos, k, v, layout
+        self.first_slot = layout.head_slot if layout.contiguous_from_zero else None
+        self.count = layout.count
+
+
+@dataclass(frozen=True)
+class _KeyLayout:
+    """Runs of consecutive positions in a sorted ``pos [S]`` row (real keys fill slots ``head_slot`` to
+    ``head_slot + count - 1``): the *head* run starts at the first real key (position ``head_pos``,
+    ``head_len`` keys), the *tail* run ends at the last (position ``tail_pos`` at slot ``tail_slot``, to
+    ``last_pos``). A cache that dropped old keys (a window head's ring, read back for a prompt's next
+    chunk) holds its sink as the head run and its window plus the chunk as the tail run."""
+
+    count: int = 0
+    head_slot: int = 0
+    head_pos: int = 0
+    head_len: int = 0
+    tail_slot: int = 0
+    tail_pos: int = 0
+    last_pos: int = -1
+
+    @property
+    def contiguous_from_zero(self) -> bool:
+        return self.count > 0 and self.head_pos == 0 and self.head_len == self.count
+
+    def holds_band(self, q0: int, q1: int, sink: int, span: int) -> bool:
+        """Whether a band block of queries ``q0..q1`` finds its window ``[q0 - span + 1, q1]`` in the tail
+        run and its sink ``[0, sink)`` in the head run."""
+        window = q0 - span + 1 >= self.tail_pos and q1 <= self.last_pos
+        return window and (sink == 0 or self.head_pos == 0 and self.head_len >= sink)
+
+    @classmethod
+    def of(cls, pos: torch.Tensor) -> "_KeyLayout":
+        real = ((pos >= 0) & (pos < PAST_END)).nonzero().flatten()
+        if real.numel() == 0:
+            return cls()
+        first, count = int(real[0]), real.numel()
+        kept = pos[first:first + count]
+        gaps = (kept[1:] != kept[:-1] + 1).nonzero().flatten().tolist()       # run breaks after these slots
+        head_len = gaps[0] + 1 if gaps else count
+        tail = gaps[-1] + 1 if gaps else 0
+        return cls(count, first, int(kept[0]), head_len, first + tail, int(kept[tail]), int(kept[-1]))
 
 
 def _keys_in_position_order(k: torch.Tensor, v: torch.Tensor, k_pos: torch.Tensor):
@@ -253,18 +303,6 @@ def _keys_in_position_order(k: torch.Tensor, v: torch.Tensor, k_pos: torch.Tenso
     order = order.expand(k.shape[0], -1)                                        # [Hkv, S]
     index = order[..., None].expand(-1, -1, k.shape[-1])
     return past_end, k.gather(1, index), v.gather(1, index)
-
-
-def _first_slot_of_contiguous(pos: torch.Tensor) -> int | None:
-    """Slot of position 0 when the real keys of a sorted ``pos [S]`` row are ``0, 1, ..., n-1`` in a row."""
-    real = (pos >= 0) & (pos < PAST_END)
-    n = int(real.sum())
-    if n == 0:
-        return None
-    first = int(real.to(torch.int8).argmax())
-    if bool((pos[first:first + n] == torch.arange(n, device=pos.device)).all()):
-        return first
-    return None
 
 
 def _attend_block(q: torch.Tensor, keys: _Keys, q_pos: torch.Tensor, regular: tuple[int, int] | None,
