@@ -16,8 +16,9 @@ import torch
 from ..kernels.paged_decode import paged_decode
 from ..kernels.sink_window import sink_window_attention
 from ..kinds.base import HeadSpec
+from ..kinds.call import query_heads
 from ..kinds.registry import kind_of
-from .step import LayerStep, decode_pages, decode_rule
+from .step import LayerStep, causal_attention, decode_pages, decode_rule
 
 
 class SoftmaxEngineGroup:
@@ -41,22 +42,19 @@ class SoftmaxEngineGroup:
         span = step.prefill_seq.span[step.layer, heads]
         batch = step.causal_batch()
         whole = [] if batch is None else (span > step.prefill_pos[-1].cpu()).nonzero().flatten().tolist()
-        if not whole:
-            return self._window(step, heads, q, k, v)
         everyone = len(whole) == len(heads)
-        keys = step.causal_keys([heads[i] for i in whole], *((k, v) if everyone else (k[:, whole], v[:, whole])))
-        if keys is None:                               # the pool dropped some of their keys: the window path
+        own = (k, v) if everyone else (k[:, whole], v[:, whole])
+        keys = step.causal_keys([heads[i] for i in whole], *own) if whole else None
+        if keys is None:                 # no whole-chunk head, or the pool dropped some of their keys
             return self._window(step, heads, q, k, v)
         if everyone:
-            return causal(batch, q, *keys, step.scale)
+            return causal_attention(batch, q, *keys, step.scale)
         G = q.shape[1] // len(heads)
         rest = [i for i in range(len(heads)) if i not in whole]
+        q_whole, q_rest = query_heads(whole, G), query_heads(rest, G)
         out = torch.empty_like(q)
-        qh = torch.tensor([i * G + g for i in whole for g in range(G)], device=q.device)
-        out[:, qh] = causal(batch, q[:, qh], *keys, step.scale)
-        qh = torch.tensor([i * G + g for i in rest for g in range(G)], device=q.device)
-        kh = torch.tensor(rest, device=q.device)
-        out[:, qh] = self._window(step, [heads[i] for i in rest], q[:, qh], k[:, kh], v[:, kh])
+        out[:, q_whole] = causal_attention(batch, q[:, q_whole], *keys, step.scale)
+        out[:, q_rest] = self._window(step, [heads[i] for i in rest], q[:, q_rest], k[:, rest], v[:, rest])
         return out
 
     @staticmethod
@@ -74,12 +72,6 @@ class SoftmaxEngineGroup:
         tables, sink, span = decode_rule(step, heads)
         return paged_decode(q, step.k_pool, step.v_pool, step.pos_pool, tables, step.decode_pos, sink, span,
                             step.scale, backend=step.backend)
-
-
-def causal(batch, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
-    """Causal attention of one chunk through ``batch`` (a ``CausalBatch``): ``q [1, H, n, D]`` (the last
-    ``n`` positions), ``k, v [1, Hkv, C + n, D]`` (every key up to the last) -> ``[1, H, n, D]``."""
-    return batch.run(q[0].transpose(0, 1), k[0].transpose(0, 1), v[0].transpose(0, 1), scale).transpose(0, 1)[None]
 
 
 class RecurrentEngineGroup:

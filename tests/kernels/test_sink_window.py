@@ -73,7 +73,8 @@ def test_cpu_prompt_chunk_after_cached_keys(queries, padding):
     check("cpu", prefill_case(1000, 3, 4, "win_lt", padding, torch.float32, queries=queries), torch.float32)
 
 
-@pytest.mark.parametrize("sink,span", [(4, 300), (0, 300), (64, 96)], ids=["sink4-span300", "sink0-span300", "sink64-span96"])
+@pytest.mark.parametrize("sink,span", [(4, 300), (0, 300), (64, 96)],
+                         ids=["sink4-span300", "sink0-span300", "sink64-span96"])
 def test_cpu_chunk_after_a_ring_keeps_the_band_path(sink, span, monkeypatch):
     """A prompt's next chunk after a window head's ring (sink + the last ``span`` keys kept, in ring order,
     older keys dropped): the band blocks still run batched (``_band_blocks``), not masked one by one."""

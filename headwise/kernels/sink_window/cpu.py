@@ -239,8 +239,14 @@ class _Keys:
 
     def __init__(self, pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: "_KeyLayout"):
         self.pos, self.k, self.v, self.layout = pos, k, v, layout
-        self.first_slot = layout.head_slot if layout.contiguous_from_zero else None
-        self.count = layout.count
+
+    @property
+    def first_slot(self) -> int | None:
+        return self.layout.head_slot if self.layout.contiguous_from_zero else None
+
+    @property
+    def count(self) -> int:
+        return self.layout.count
 
 
 @dataclass(frozen=True)
