@@ -89,6 +89,30 @@ def vllm_cpu_env(threads: int, kv_gib: int) -> dict[str, str]:
             "VLLM_CPU_NUM_OF_RESERVED_CPU": "0", "VLLM_CPU_KVCACHE_SPACE": str(kv_gib)}
 
 
+@dataclass
+class FullBatchDecode:
+    """Decode speed from the decode-only steps in which every one of ``batch`` requests made a token.
+
+    Systems that decode earlier prompts while they prefill later ones (vLLM's chunked prefill, the
+    engine's mixed steps) finish those requests first, so their last decode-only steps run a shrinking
+    batch: timing every decode-only step measures a smaller batch than the setting's (vLLM at 32k x 4
+    averaged 2.5 requests a step). Only full steps count; ``add`` is given every decode-only step."""
+
+    batch: int
+    seconds: float = 0.0
+    steps: int = 0
+
+    def add(self, seconds: float, tokens: int) -> None:
+        """One decode-only step of ``seconds`` that made ``tokens`` tokens (counted when it is a full batch)."""
+        if tokens == self.batch:
+            self.seconds += seconds
+            self.steps += 1
+
+    @property
+    def tokens(self) -> int:
+        return self.steps * self.batch
+
+
 def count_new_tokens(outs, tokens: dict) -> int:
     """Tokens a vLLM ``engine.step()`` made: updates ``tokens`` (request id -> its token ids so far)
     from the step's ``RequestOutput``s and returns how many ids were added."""

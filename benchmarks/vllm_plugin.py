@@ -12,8 +12,9 @@ slices), cut to the model's context minus the decode steps minus vLLM's 16-token
   prefill, without / with ``additional_config={"headwise_plan": PLAN}``. The B requests are added to
   ``llm.llm_engine`` and the engine is stepped by hand (what ``LLM.generate`` does inside), noting
   when each step's outputs arrive: prefill = until every request has its first token (chunked
-  prefill included); decode = the later steps, which hold only decode tokens, over the tokens they
-  made. One pass, no second prefill (an earlier version split by ``max_tokens=1`` vs ``1+T``
+  prefill included); decode = the later steps, which hold only decode tokens, in which every request
+  made a token (``common.FullBatchDecode``: requests that decoded during later prompts' prefill finish
+  first, and the steps after that run a smaller batch). One pass, no second prefill (an earlier version split by ``max_tokens=1`` vs ``1+T``
   differences; a 1 s drift in a 30 s prefill moved the decode rate by 40%). KV blocks:
   ``num_gpu_blocks`` is what vLLM allocated (all free at start); "used" is the peak over the run of
   vLLM's own ``vllm:kv_cache_usage_perc`` gauge times its block count, read after every step (the
@@ -41,7 +42,7 @@ if __name__ == "__main__" and not __package__:   # python benchmarks/vllm_plugin
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 from benchmarks.common import SHIPPED_D25, Setting, kv_bytes_per_token, make_prompts  # noqa: E402
-from benchmarks.common import count_new_tokens, provenance, provenance_line  # noqa: E402
+from benchmarks.common import FullBatchDecode, count_new_tokens, provenance, provenance_line  # noqa: E402
 
 ENV = {"VLLM_CPU_OMP_THREADS_BIND": "0-1", "VLLM_CPU_NUM_OF_RESERVED_CPU": "0", "VLLM_CPU_KVCACHE_SPACE": "4"}
 MARGIN = 16                                   # tokens vLLM's max_model_len keeps beyond prompt + decode
@@ -93,16 +94,16 @@ def vllm_row(model_dir: str, prompts: list[list[int]], steps: int, plan: str | N
     peak_usage, untimed = 0.0, 0.0
     start = time.perf_counter()
     all_first = last = None
-    decode_tokens = decode_steps = 0
+    decode = FullBatchDecode(len(prompts))
     step_ms = []
     while engine.has_unfinished_requests():
         outs = engine.step()
         now = time.perf_counter() - untimed
         new = count_new_tokens(outs, tokens)
-        if all_first is not None and new:
-            decode_tokens += new
-            decode_steps += 1
-            step_ms.append(1000 * (now - last))
+        if all_first is not None and new:           # every prompt is in: a decode-only step
+            decode.add(now - last, new)
+            if new == len(prompts):
+                step_ms.append(1000 * (now - last))
         if new:
             last = now
         if all_first is None and len(tokens) == len(prompts) and all(tokens.values()):
@@ -113,8 +114,8 @@ def vllm_row(model_dir: str, prompts: list[list[int]], steps: int, plan: str | N
             untimed += time.perf_counter() - t0
     config = engine.vllm_config
     num_blocks = config.cache_config.num_gpu_blocks
-    return {"prefill_s": all_first - start, "decode_s": last - all_first, "decode_tokens": decode_tokens,
-            "decode_steps": decode_steps, "step_ms": step_ms, "block_size": config.cache_config.block_size,
+    return {"prefill_s": all_first - start, "decode_s": decode.seconds, "decode_tokens": decode.tokens,
+            "decode_steps": decode.steps, "step_ms": step_ms, "block_size": config.cache_config.block_size,
             "num_blocks": num_blocks, "peak_usage": peak_usage if track_kv else None,
             "blocks_used": round(peak_usage * (num_blocks - 1)) if track_kv and num_blocks else None,
             "max_num_batched_tokens": config.scheduler_config.max_num_batched_tokens,

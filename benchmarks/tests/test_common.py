@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from benchmarks.common import (REPO, ResultStore, Setting, make_prompts, per_length, plan_key, provenance,
+from benchmarks.common import (REPO, FullBatchDecode, ResultStore, Setting, make_prompts, per_length, plan_key, provenance,
                                spread_rank)
 
 SCRIPTS = sorted(p.relative_to(REPO).as_posix() for p in [*(REPO / "benchmarks").glob("*.py"),
@@ -33,6 +33,14 @@ def test_spread_rank_orders_every_trial_once_and_spreads_prefixes():
         assert len(set(ranks)) == count and all(0 <= r < 1 for r in ranks)
     order = sorted(range(8), key=lambda i: spread_rank(i, 8))
     assert order[:4] == [0, 4, 2, 6]                     # the first half of the run covers every quarter
+
+
+def test_full_batch_decode_times_only_steps_where_every_request_decodes():
+    decode = FullBatchDecode(batch=4)
+    for seconds, tokens in [(0.3, 4), (0.3, 4), (0.2, 3), (0.1, 1)]:     # requests ending one by one
+        decode.add(seconds, tokens)
+    assert (decode.steps, decode.tokens) == (2, 8)
+    assert decode.seconds == pytest.approx(0.6)
 
 
 def test_per_length_and_plan_key():

@@ -59,6 +59,7 @@ def test_rows_on_tiny_model(capsys):
         if engine_available():
             assert by[key].error is None, by[key].error
             assert [t[: STEPS + 1] for t in by["engine-dense"].tokens] == hf.tokens
+            assert by[key].decode_steps >= 1 and by[key].decode_tokens == by[key].decode_steps * SETTING.batch
         else:
             assert "engine" in by[key].error
     machine = {"read_gbps": 10.0}
@@ -129,3 +130,27 @@ def test_decode_rows_table_has_every_setting_and_ratios_within_a_setting():
                                                                              row("8192x8", 90.0)]})]
     text = table(done)
     assert "| after | engine-d25 | float32 | 4096x4 |" in text and "| 2.50x |" in text and "| 3.00x |" in text
+
+
+@pytest.mark.slow
+@pytest.mark.vllm
+@pytest.mark.real_model
+def test_vllm_and_engine_rows_time_full_batch_decode_steps(tmp_path):
+    """The vLLM row (its worker process) and an engine row on the embedded model: both decode rates come
+    from steps in which every request decoded, and their greedy tokens agree."""
+    import json
+    import subprocess
+    import sys
+
+    from benchmarks.common import REPO
+
+    out = tmp_path / "rows.json"
+    cmd = [sys.executable, str(REPO / "benchmarks" / "decode.py"), "--settings", "600x3", "--decode-tokens", "6",
+           "--rows", "vllm,engine-dense", "--threads", "2", "--json", str(out)]
+    subprocess.run(cmd, check=True, cwd=tmp_path, timeout=800)
+    rows = {r["key"]: r for r in json.loads(out.read_text())["rows"]}
+    for key in ("vllm", "engine-dense"):
+        r = rows[key]
+        assert r["error"] is None, r["error"]
+        assert 1 <= r["decode_steps"] <= 6 and r["decode_tokens"] == 3 * r["decode_steps"], r
+    assert rows["vllm"]["tokens"] == rows["engine-dense"]["tokens"]
