@@ -12,7 +12,7 @@ import json
 import statistics
 import subprocess
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -99,14 +99,20 @@ class FullBatchDecode:
     averaged 2.5 requests a step). Only full steps count; ``add`` is given every decode-only step."""
 
     batch: int
-    seconds: float = 0.0
-    steps: int = 0
+    step_seconds: list[float] = field(default_factory=list)      # each full step's time, in order
 
     def add(self, seconds: float, tokens: int) -> None:
         """One decode-only step of ``seconds`` that made ``tokens`` tokens (counted when it is a full batch)."""
         if tokens == self.batch:
-            self.seconds += seconds
-            self.steps += 1
+            self.step_seconds.append(seconds)
+
+    @property
+    def seconds(self) -> float:
+        return sum(self.step_seconds)
+
+    @property
+    def steps(self) -> int:
+        return len(self.step_seconds)
 
     @property
     def tokens(self) -> int:

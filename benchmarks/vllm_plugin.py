@@ -14,8 +14,9 @@ slices), cut to the model's context minus the decode steps minus vLLM's 16-token
   when each step's outputs arrive: prefill = until every request has its first token (chunked
   prefill included); decode = the later steps, which hold only decode tokens, in which every request
   made a token (``common.FullBatchDecode``: requests that decoded during later prompts' prefill finish
-  first, and the steps after that run a smaller batch). One pass, no second prefill (an earlier version split by ``max_tokens=1`` vs ``1+T``
-  differences; a 1 s drift in a 30 s prefill moved the decode rate by 40%). KV blocks:
+  first, and the steps after that run a smaller batch). One pass, no second prefill (an earlier
+  version split by ``max_tokens=1`` vs ``1+T`` differences; a 1 s drift in a 30 s prefill moved the
+  decode rate by 40%). KV blocks:
   ``num_gpu_blocks`` is what vLLM allocated (all free at start); "used" is the peak over the run of
   vLLM's own ``vllm:kv_cache_usage_perc`` gauge times its block count, read after every step (the
   read is left out of the timings).
@@ -95,15 +96,12 @@ def vllm_row(model_dir: str, prompts: list[list[int]], steps: int, plan: str | N
     start = time.perf_counter()
     all_first = last = None
     decode = FullBatchDecode(len(prompts))
-    step_ms = []
     while engine.has_unfinished_requests():
         outs = engine.step()
         now = time.perf_counter() - untimed
         new = count_new_tokens(outs, tokens)
         if all_first is not None and new:           # every prompt is in: a decode-only step
             decode.add(now - last, new)
-            if new == len(prompts):
-                step_ms.append(1000 * (now - last))
         if new:
             last = now
         if all_first is None and len(tokens) == len(prompts) and all(tokens.values()):
@@ -115,7 +113,8 @@ def vllm_row(model_dir: str, prompts: list[list[int]], steps: int, plan: str | N
     config = engine.vllm_config
     num_blocks = config.cache_config.num_gpu_blocks
     return {"prefill_s": all_first - start, "decode_s": decode.seconds, "decode_tokens": decode.tokens,
-            "decode_steps": decode.steps, "step_ms": step_ms, "block_size": config.cache_config.block_size,
+            "decode_steps": decode.steps, "step_ms": [1000 * t for t in decode.step_seconds],
+            "block_size": config.cache_config.block_size,
             "num_blocks": num_blocks, "peak_usage": peak_usage if track_kv else None,
             "blocks_used": round(peak_usage * (num_blocks - 1)) if track_kv and num_blocks else None,
             "max_num_batched_tokens": config.scheduler_config.max_num_batched_tokens,

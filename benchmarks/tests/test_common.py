@@ -7,8 +7,8 @@ import sys
 
 import pytest
 
-from benchmarks.common import (REPO, FullBatchDecode, ResultStore, Setting, make_prompts, per_length, plan_key, provenance,
-                               spread_rank)
+from benchmarks.common import (REPO, FullBatchDecode, ResultStore, Setting, make_prompts, per_length, plan_key,
+                               provenance, spread_rank)
 
 SCRIPTS = sorted(p.relative_to(REPO).as_posix() for p in [*(REPO / "benchmarks").glob("*.py"),
                                                           *(REPO / "scripts").glob("*.py")]
@@ -40,7 +40,7 @@ def test_full_batch_decode_times_only_steps_where_every_request_decodes():
     for seconds, tokens in [(0.3, 4), (0.3, 4), (0.2, 3), (0.1, 1)]:     # requests ending one by one
         decode.add(seconds, tokens)
     assert (decode.steps, decode.tokens) == (2, 8)
-    assert decode.seconds == pytest.approx(0.6)
+    assert decode.seconds == pytest.approx(0.6) and decode.step_seconds == [0.3, 0.3]
 
 
 def test_per_length_and_plan_key():
