@@ -29,7 +29,8 @@ prefix caching off:
   requests/s, output tok/s, p50/p95 time to first token and per-token latency (every gap between a
   request's consecutive tokens; a preemption's stall is one long gap), KV held at the peak. Systems:
   ``dense`` / ``d25`` / a plan spec run on vLLM (``run_vllm_pressure``), ``engine:<plan>`` on the
-  headwise engine (``run_engine_pressure``; ``PRESSURE_RUNNERS`` maps the two). Defaults are issue 29's
+  headwise engine (``run_engine_pressure``; ``PRESSURE_RUNNERS`` maps the two; ``engine:d25/sparse``
+  prefills sparse). Defaults are issue 29's
   full size (32 requests of 4k-8k, 128 output tokens, 512 MiB). ``--kv-memory 256MiB,...,4GiB`` runs
   every system at each budget; ``report --plot sweep.png`` draws output tok/s against the budget.
 
@@ -466,16 +467,17 @@ def engine_pressure(llm, prompts: list[list[int]], output_tokens: int, due: list
 
 def run_engine_pressure(spec: dict) -> dict:
     """One ``pressure`` row through the headwise engine: a KV pool of ``spec["kv_bytes"]`` bytes (keys,
-    values and slot positions), 2 threads, the plan's own prefill mode."""
+    values and slot positions), 2 threads, the plan's own prefill mode unless the system's variant sets it."""
     import torch
 
     from headwise.engine import LLM, SamplingParams
 
     torch.set_num_threads(2)
     prompts = pressure_prompts(spec["requests"], spec["min_prompt"], spec["max_prompt"], spec["seed"])
-    budget = {"max_num_batched_tokens": spec["max_num_batched_tokens"]} if spec.get("max_num_batched_tokens") else {}
+    options = {"max_num_batched_tokens": spec["max_num_batched_tokens"]} if spec.get("max_num_batched_tokens") else {}
+    options |= {ENGINE_EXTRA[key]: value for key, value in spec.get("extra", {}).items()}
     llm = LLM(None, spec["plan"] or "dense", kv_cache_memory=spec["kv_bytes"], max_num_seqs=256,
-              dtype=spec["dtype"], **budget)
+              dtype=spec["dtype"], **options)
     llm.generate([{"prompt_token_ids": prompts[0][:64]}], SamplingParams(max_tokens=3, temperature=0.0),
                  use_tqdm=False)                                                            # warm-up, not timed
     return engine_pressure(llm, prompts, spec["output_tokens"],
@@ -551,6 +553,8 @@ def save_row(path: str | None, rows: list[dict], row: dict) -> list[dict]:
 #: System name suffixes: ``d25/union`` runs d25 with these ``--additional-config`` keys.
 VARIANTS = {"union": {"headwise_kv_groups": "union"}, "whole": {"headwise_split_heads": False},
             "sparse": {"headwise_prefill": "sparse"}}
+#: The ``--additional-config`` keys an ``engine:<plan>`` system also takes, as the engine's ``LLM`` argument.
+ENGINE_EXTRA = {"headwise_prefill": "prefill"}
 
 
 def plan_of(system: str) -> tuple[str | None, dict]:
@@ -731,12 +735,13 @@ def cmd_profile(args) -> None:
 
 
 def pressure_system(system: str) -> tuple[str, str | None, dict]:
-    """``engine:<plan>`` -> the engine with that plan; anything else -> vLLM (``plan_of``): ``(runner, plan, extra)``."""
+    """``engine:<plan>`` -> the engine with that plan (``engine:d25/sparse``: with sparse prefill); anything else
+    -> vLLM (``plan_of``): ``(runner, plan, extra)``."""
     if system.startswith("engine:"):
         plan, extra = plan_of(system.split(":", 1)[1])
-        if extra:
-            raise SystemExit(f"{system!r}: the /variant suffixes are vLLM --additional-config keys; the engine takes "
-                             "none.")
+        if set(extra) - set(ENGINE_EXTRA):
+            raise SystemExit(f"{system!r}: the engine takes only the /sparse variant (its prefill mode); the others "
+                             "are vLLM --additional-config keys.")
         return "engine", plan, extra
     return ("vllm", *plan_of(system))
 
@@ -777,7 +782,7 @@ def cmd_pressure(args) -> None:
 
 
 SYSTEM_STYLE = {"dense": ("tab:gray", "o"), "d25": ("tab:blue", "s"), "engine:dense": ("tab:orange", "^"),
-                "engine:d25": ("tab:red", "D")}             # colour and marker of each system's line
+                "engine:d25": ("tab:red", "D"), "engine:d25/sparse": ("tab:purple", "v")}             # colour and marker of each system's line
 
 
 def plot_budget_sweep(rows: list[dict], path: str | os.PathLike) -> list[str]:

@@ -111,7 +111,9 @@ def test_pressure_systems_and_table():
     assert bench.pressure_system("engine:d25") == ("engine", bench.PLANS["d25"], {})
     assert bench.pressure_system("engine:dense") == ("engine", None, {})
     assert bench.pressure_system("d25/union")[:2] == ("vllm", bench.PLANS["d25"])
-    with pytest.raises(SystemExit):
+    assert bench.pressure_system("engine:d25/sparse") == ("engine", bench.PLANS["d25"],
+                                                          {"headwise_prefill": "sparse"})
+    with pytest.raises(SystemExit, match="only the /sparse variant"):
         bench.pressure_system("engine:d25/union")
     assert set(bench.PRESSURE_RUNNERS) == {"vllm", "engine"}
     row = {"part": "pressure", "dtype": "float32", "case": "2 x 10-20 + 4", "kv_bytes": 2**20, "total_s": 2.0,
