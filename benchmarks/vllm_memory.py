@@ -62,10 +62,11 @@ from typing import Callable, Iterator
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))                 # this checkout's headwise, for the children too
+from benchmarks.common import vllm_cpu_env  # noqa: E402
+
 PLANS = {"d25": "smollm2-135m-d25", "d50": "smollm2-135m-d50"}      # shipped plans (headwise plan list)
 MARGIN = 16                                       # tokens vLLM's max_model_len keeps beyond prompt + decode
-BASE_ENV = {"VLLM_CPU_OMP_THREADS_BIND": "0-1", "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",
-            "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+BASE_ENV = {**vllm_cpu_env(2), "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
 
 
 # ---- prompts ----------------------------------------------------------------------------------
@@ -127,9 +128,8 @@ def make_llm(plan: str | None, dtype: str, max_model_len: int, max_num_seqs: int
 def run_plans_row(spec: dict) -> dict:
     """One ``plans`` row: prefill s, decode tok/s, blocks in use per step (this process, in-process engine)."""
     from vllm import SamplingParams
-    from vllm.sampling_params import RequestOutputKind
 
-    from benchmarks.common import FullBatchDecode, count_new_tokens
+    from benchmarks.common import step_vllm_batch
     from headwise.integrations.vllm.pool import blocks_in_use, pool_layout
 
     prompts = case_prompts(spec["length"], spec["batch"], spec["steps"])
@@ -137,33 +137,12 @@ def run_plans_row(spec: dict) -> dict:
                    max(8, len(prompts)), spec.get("extra"))
     warm = SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True)
     llm.generate([{"prompt_token_ids": p[:64]} for p in prompts], warm, use_tqdm=False)      # not timed
-    engine = llm.llm_engine
-    params = SamplingParams(max_tokens=1 + spec["steps"], temperature=0.0, ignore_eos=True,
-                            output_kind=RequestOutputKind.CUMULATIVE)
-    for i, p in enumerate(prompts):
-        engine.add_request(f"r{i}", {"prompt_token_ids": p}, params)
-    tokens: dict[str, list[int]] = {}
-    used, untimed, all_first, last, first_step = [], 0.0, None, None, None
-    decode = FullBatchDecode(len(prompts))
-    start = time.perf_counter()
-    while engine.has_unfinished_requests():
-        outs = engine.step()
-        now = time.perf_counter() - untimed
-        new = count_new_tokens(outs, tokens)
-        if all_first is not None and new:           # every prompt is in: a decode-only step
-            decode.add(now - last, new)
-        if new:
-            last = now
-        t0 = time.perf_counter()
-        used.append(blocks_in_use(llm))
-        untimed += time.perf_counter() - t0
-        if all_first is None and len(tokens) == len(prompts) and all(tokens.values()):
-            all_first, first_step = now, len(used) - 1
-    layout = pool_layout(llm)
-    return {"prefill_s": all_first - start, "decode_s": decode.seconds, "decode_tokens": decode.tokens,
-            "decode_steps": decode.steps, "used": used, "first_step": first_step, "num_blocks": layout.num_blocks,
-            "bytes_per_block": layout.bytes_per_block, "groups": layout.groups, "prompt_tokens": len(prompts[0]),
-            "tokens": [tokens[f"r{i}"] for i in range(len(prompts))]}
+    run = step_vllm_batch(llm, prompts, spec["steps"], probe=lambda: blocks_in_use(llm))
+    decode, layout = run["decode"], pool_layout(llm)
+    return {"prefill_s": run["prefill_s"], "decode_s": decode.seconds, "decode_tokens": decode.tokens,
+            "decode_steps": decode.steps, "used": run["probes"], "first_step": run["first_step"],
+            "num_blocks": layout.num_blocks, "bytes_per_block": layout.bytes_per_block, "groups": layout.groups,
+            "prompt_tokens": len(prompts[0]), "tokens": run["tokens"]}
 
 
 #: What ``profile`` times inside a decode step: ``(module path, owner attribute path, part)``; an owner

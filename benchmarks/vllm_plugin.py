@@ -43,9 +43,9 @@ if __name__ == "__main__" and not __package__:   # python benchmarks/vllm_plugin
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 from benchmarks.common import SHIPPED_D25, Setting, kv_bytes_per_token, make_prompts  # noqa: E402
-from benchmarks.common import FullBatchDecode, count_new_tokens, provenance, provenance_line  # noqa: E402
+from benchmarks.common import provenance, provenance_line, step_vllm_batch, vllm_cpu_env  # noqa: E402
 
-ENV = {"VLLM_CPU_OMP_THREADS_BIND": "0-1", "VLLM_CPU_NUM_OF_RESERVED_CPU": "0", "VLLM_CPU_KVCACHE_SPACE": "4"}
+ENV = vllm_cpu_env(2, 4)
 MARGIN = 16                                   # tokens vLLM's max_model_len keeps beyond prompt + decode
 
 
@@ -75,7 +75,6 @@ def vllm_row(model_dir: str, prompts: list[list[int]], steps: int, plan: str | N
 
     ``track_kv`` turns vLLM's stats on and reads its KV usage gauge after every step (untimed)."""
     from vllm import LLM, SamplingParams
-    from vllm.sampling_params import RequestOutputKind
 
     kwargs = dict(model=str(model_dir), dtype=dtype, enable_prefix_caching=False,
                   max_model_len=max(map(len, prompts)) + steps + MARGIN, max_num_seqs=max(8, len(prompts)),
@@ -85,42 +84,18 @@ def vllm_row(model_dir: str, prompts: list[list[int]], steps: int, plan: str | N
     llm = LLM(**kwargs)
     warm = SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True)
     llm.generate([{"prompt_token_ids": p[:64]} for p in prompts], warm, use_tqdm=False)   # warm-up, not timed
-
-    engine = llm.llm_engine
-    params = SamplingParams(max_tokens=1 + steps, temperature=0.0, ignore_eos=True,
-                            output_kind=RequestOutputKind.CUMULATIVE)
-    for i, p in enumerate(prompts):
-        engine.add_request(f"bench-{i}", {"prompt_token_ids": p}, params)
-    tokens: dict[str, list[int]] = {}
-    peak_usage, untimed = 0.0, 0.0
-    start = time.perf_counter()
-    all_first = last = None
-    decode = FullBatchDecode(len(prompts))
-    while engine.has_unfinished_requests():
-        outs = engine.step()
-        now = time.perf_counter() - untimed
-        new = count_new_tokens(outs, tokens)
-        if all_first is not None and new:           # every prompt is in: a decode-only step
-            decode.add(now - last, new)
-        if new:
-            last = now
-        if all_first is None and len(tokens) == len(prompts) and all(tokens.values()):
-            all_first = now
-        if track_kv:
-            t0 = time.perf_counter()
-            peak_usage = max(peak_usage, kv_usage(llm) or 0.0)
-            untimed += time.perf_counter() - t0
-    config = engine.vllm_config
+    run = step_vllm_batch(llm, prompts, steps, probe=(lambda: kv_usage(llm) or 0.0) if track_kv else None)
+    decode, peak_usage = run["decode"], max(run["probes"], default=0.0)
+    config = llm.llm_engine.vllm_config
     num_blocks = config.cache_config.num_gpu_blocks
-    return {"prefill_s": all_first - start, "decode_s": decode.seconds, "decode_tokens": decode.tokens,
+    return {"prefill_s": run["prefill_s"], "decode_s": decode.seconds, "decode_tokens": decode.tokens,
             "decode_steps": decode.steps, "step_ms": [1000 * t for t in decode.step_seconds],
             "block_size": config.cache_config.block_size,
             "num_blocks": num_blocks, "peak_usage": peak_usage if track_kv else None,
             "blocks_used": round(peak_usage * (num_blocks - 1)) if track_kv and num_blocks else None,
             "max_num_batched_tokens": config.scheduler_config.max_num_batched_tokens,
             "chunked_prefill": getattr(config.scheduler_config, "enable_chunked_prefill", None),
-            "vllm_version": __import__("vllm").__version__,
-            "tokens": [tokens[f"bench-{i}"] for i in range(len(prompts))]}
+            "vllm_version": __import__("vllm").__version__, "tokens": run["tokens"]}
 
 
 def engine_row(plan: str, prompts: list[list[int]], steps: int, length: int) -> dict:

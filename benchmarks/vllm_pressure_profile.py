@@ -19,9 +19,10 @@ import sys
 import time
 from pathlib import Path
 
-os.environ.update({"VLLM_CPU_OMP_THREADS_BIND": "0-1", "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",
-                   "VLLM_ENABLE_V1_MULTIPROCESSING": "0"})
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.common import vllm_cpu_env  # noqa: E402
+
+os.environ.update({**vllm_cpu_env(2), "VLLM_ENABLE_V1_MULTIPROCESSING": "0"})   # before vLLM is imported
 from benchmarks import vllm_memory as vm  # noqa: E402
 
 #: What is timed on top of ``vllm_memory.PROFILE_POINTS``: ``(module, owner attribute path, part)``.

