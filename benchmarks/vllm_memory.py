@@ -760,8 +760,9 @@ def cmd_pressure(args) -> None:
     print(pressure_table(rows))
 
 
+#: Colour and marker of each system's line in the budget-sweep plot.
 SYSTEM_STYLE = {"dense": ("tab:gray", "o"), "d25": ("tab:blue", "s"), "engine:dense": ("tab:orange", "^"),
-                "engine:d25": ("tab:red", "D"), "engine:d25/sparse": ("tab:purple", "v")}             # colour and marker of each system's line
+                "engine:d25": ("tab:red", "D"), "engine:d25/sparse": ("tab:purple", "v")}
 
 
 def plot_budget_sweep(rows: list[dict], path: str | os.PathLike) -> list[str]:
