@@ -20,10 +20,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import vllm_cpu_env  # noqa: E402
+from benchmarks import vllm_memory as vm  # noqa: E402  (imports no vLLM at module level)
 
-os.environ.update({**vllm_cpu_env(2), "VLLM_ENABLE_V1_MULTIPROCESSING": "0"})   # before vLLM is imported
-from benchmarks import vllm_memory as vm  # noqa: E402
+os.environ.update(vm.BASE_ENV)                   # the rows' environment, before vLLM is imported
 
 #: What is timed on top of ``vllm_memory.PROFILE_POINTS``: ``(module, owner attribute path, part)``.
 POINTS = vm.PROFILE_POINTS + (
