@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import statistics
 import subprocess
 import time
@@ -168,6 +169,33 @@ def step_vllm_batch(llm, prompts: list[list[int]], steps: int, probe=None) -> di
             untimed += time.perf_counter() - t0
     return {"prefill_s": all_first - start, "decode": decode, "tokens": [tokens[f"r{i}"] for i in range(len(prompts))],
             "probes": probes, "first_step": first_step}
+
+
+def logit_ulp(value: float, dtype: torch.dtype) -> float:
+    """The spacing of ``dtype``'s numbers at ``value``: one unit in the last place (bf16 at 20.0: 0.125)."""
+    info = torch.finfo(dtype)
+    return info.eps * 2.0 ** math.floor(math.log2(abs(value))) if value else info.tiny
+
+
+def greedy_agreement(reference: list[int], top: list[list[tuple[int, float]]], tokens: list[int],
+                     dtype: torch.dtype) -> tuple[bool, int | None]:
+    """Whether greedy ``tokens`` agree with a reference run's greedy ``reference`` tokens.
+
+    ``top[i]``: the reference's best few ``(token, logit)`` at step ``i``, logits in the reference's
+    ``dtype``. Equal lists agree. At the first step where they differ, the two agree up to a tie when
+    ``tokens[i]`` is among the reference's candidates and its logit is within one ``logit_ulp`` of the
+    reference's pick: both greedy choices are right, and which one a run makes depends on rounding
+    (an exact bf16 tie goes to the lower token id in ``argmax``). Later steps continue different texts
+    and are not compared (vLLM's own ``check_logprobs_close`` rule, by logits).
+
+    Returns ``(agree, step)``: ``step`` is the first step that differs (``None``: every step equal).
+    """
+    for i, (want, got) in enumerate(zip(reference, tokens)):
+        if want != got:
+            logits = dict(top[i]) if i < len(top) else {}
+            tie = got in logits and want in logits and logits[want] - logits[got] <= logit_ulp(logits[want], dtype)
+            return tie, i
+    return len(reference) == len(tokens), None if len(reference) == len(tokens) else min(len(reference), len(tokens))
 
 
 def make_prompts(setting: Setting, tokenizer=None, vocab_size: int | None = None, seed: int = 0) -> list[list[int]]:

@@ -14,7 +14,10 @@ prefix caching off:
   blocks than dense's: fewer layers per KV cache group), at the peak of the run and at the peak
   after every prompt is in. ``--hf-check K``: the patched HF model (``headwise.patch_model``, same
   dtype, spans by the current length like the plugin) runs the first K prompts in its own process
-  and the row counts the prompts whose ``1 + steps`` greedy tokens are the same.
+  and the row counts the prompts whose ``1 + steps`` greedy tokens agree: the same, or the same up to
+  a step where the HF model's logits of the two tokens tie within one unit of the dtype's last place
+  (``common.greedy_agreement``; an exact bf16 tie goes to the lower token id, so a greedy run's pick
+  there is rounding). ``--reuse-rows`` re-runs only that check for rows already in ``--json``.
 * ``profile``: the ``plans`` case (default 4096x4, 16 decode steps), every decode-only step timed
   whole and in parts by wall-clock wrappers (``step_timers``: vLLM's and headwise's attention
   ``forward``, ``do_kv_cache_update``, ``paged.attend``, ``PositionBuffer.fill``; the outermost call
@@ -62,7 +65,7 @@ from typing import Callable, Iterator
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))                 # this checkout's headwise, for the children too
-from benchmarks.common import vllm_cpu_env  # noqa: E402
+from benchmarks.common import greedy_agreement, vllm_cpu_env  # noqa: E402
 
 PLANS = {"d25": "smollm2-135m-d25", "d50": "smollm2-135m-d50"}      # shipped plans (headwise plan list)
 MARGIN = 16                                       # tokens vLLM's max_model_len keeps beyond prompt + decode
@@ -234,8 +237,14 @@ def run_profile_row(spec: dict) -> dict:
     return {"steps": steps, "prompt_tokens": len(prompts[0])}
 
 
+#: Candidates per step ``run_hf_check`` keeps for the token comparison.
+TOP_CANDIDATES = 5
+
+
 def run_hf_check(spec: dict) -> dict:
-    """Greedy tokens of the patched HF model for the first ``spec["k"]`` prompts of the case."""
+    """Greedy tokens of the patched HF model for the first ``spec["k"]`` prompts of the case, and at every
+    step its best ``TOP_CANDIDATES`` ``(token, logit)`` (logits in the model's dtype, for
+    ``common.greedy_agreement``)."""
     import torch
 
     from headwise import patch_model
@@ -252,19 +261,23 @@ def run_hf_check(spec: dict) -> dict:
 
         plan = replace(Plan.from_spec(plan, model), prefill=spec["prefill"])
     patch_model(model, plan)
-    out = []
+    out, tops = [], []
     with torch.no_grad():
         for p in prompts:
             res = model(input_ids=torch.tensor([p]), use_cache=True)
-            cache, token, toks = res.past_key_values, res.logits[:, -1:].argmax(-1), []
-            for _ in range(1 + spec["steps"]):
+            cache, toks, top = res.past_key_values, [], []
+            while True:
+                logits = res.logits[0, -1]
+                token = logits.argmax(-1)
+                best = logits.topk(TOP_CANDIDATES)
+                top.append([(int(i), float(v)) for i, v in zip(best.indices, best.values)])
                 toks.append(int(token))
                 if len(toks) == 1 + spec["steps"]:
                     break
-                res = model(input_ids=token, past_key_values=cache, use_cache=True)
-                token = res.logits[:, -1:].argmax(-1)
+                res = model(input_ids=token.view(1, 1), past_key_values=cache, use_cache=True)
             out.append(toks)
-    return {"tokens": out}
+            tops.append(top)
+    return {"tokens": out, "top": tops}
 
 
 def arrival_times(n: int, rate: float, seed: int = 0) -> list[float]:
@@ -558,7 +571,7 @@ def plans_table(rows: list[dict]) -> str:
     dense = {(r["dtype"], r["case"]): r for r in rows if r["name"] == "dense"}
     out = ["| system | dtype | case (prompt tokens) | prefill s | decode tok/s | decode vs dense | KV groups | "
            "blocks in use at peak / pool (block MB) | KV MB held at peak | vs dense | KV MB held after prompts in "
-           "(peak) | vs dense | same tokens as patched HF |",
+           "(peak) | vs dense | greedy tokens agree with patched HF |",
            "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in sorted(rows, key=lambda r: (r["case"], r["dtype"], r["name"] != "dense", r["name"])):
         ref = dense.get((r["dtype"], r["case"]))
@@ -573,6 +586,8 @@ def plans_table(rows: list[dict]) -> str:
         else:
             speed = vs_peak = vs_after = "-"
         hf = f"{r['hf_same']}/{r['hf_k']}" if r.get("hf_k") else "-"
+        if r.get("hf_ties"):
+            hf += f" ({len(r['hf_ties'])} to a {r['dtype']} logit tie: step {', '.join(map(str, r['hf_ties']))})"
         out.append(f"| {r['name']} | {r['dtype']} | {r['case']} ({r['prompt_tokens']}) | {r['prefill_s']:.1f} | "
                    f"{rate:.1f} | {speed} | {len(r['groups'])} | {max(r['used'])} / {r['num_blocks']} "
                    f"({r['bytes_per_block'] / 2 ** 20:.2f}) | {mb(peak)} | {vs_peak} | {mb(after)} | {vs_after} | {hf} |")
@@ -653,7 +668,9 @@ def profile_table(rows: list[dict]) -> str:
 def report(rows: list[dict]) -> str:
     provs = {}
     for r in rows:
-        provs.setdefault(r["prov"]["command"], r["prov"])
+        for p in (r["prov"], r.get("hf_prov")):
+            if p:
+                provs.setdefault(p["command"], p)
     lines = ["# vLLM + headwise plans: KV memory, prefill, decode, memory pressure", ""]
     lines += [f"- {p['date']}; commit {p['commit']}; {p['machine']}; load average at start "
               f"{p['load'][0]:.1f}; `{p['command']}`" for p in provs.values()]
@@ -671,6 +688,8 @@ def report(rows: list[dict]) -> str:
 
 # ---- commands ---------------------------------------------------------------------------------------
 def cmd_plans(args) -> None:
+    import torch
+
     rows = load_store(args.json)
     length, batch = (int(x) for x in args.case.split("x"))
     prov = provenance()
@@ -679,15 +698,23 @@ def cmd_plans(args) -> None:
             plan, extra = plan_of(system)
             spec = {"part": "plans", "name": system, "plan": plan, "extra": extra, "dtype": dtype, "length": length,
                     "batch": batch, "steps": args.steps}
-            r = run_child(spec, {"VLLM_CPU_KVCACHE_SPACE": str(args.kv_space)}, args.timeout)
-            r.update(part="plans", name=system, dtype=dtype, case=args.case, plan=plan, extra=extra, prov=prov,
-                     steps=args.steps)
+            stored = [x for x in rows if (x["part"], x["name"], x["dtype"], x["case"], x.get("steps")) ==
+                      ("plans", system, dtype, args.case, args.steps)]
+            if args.reuse_rows and stored:
+                r = stored[0]                            # its vLLM figures and tokens; the HF check runs again
+            else:
+                r = run_child(spec, {"VLLM_CPU_KVCACHE_SPACE": str(args.kv_space)}, args.timeout)
+                r.update(part="plans", name=system, dtype=dtype, case=args.case, plan=plan, extra=extra, prov=prov,
+                         steps=args.steps)
             if plan and args.hf_check:
                 prefill = extra.get("headwise_prefill")
                 hf = run_child({"part": "hf", "name": system, "plan": plan, "prefill": prefill, "dtype": dtype,
                                 "length": length, "batch": batch, "steps": args.steps, "k": args.hf_check}, {},
                                args.timeout)
-                r.update(hf_k=len(hf["tokens"]), hf_same=sum(a == b for a, b in zip(hf["tokens"], r["tokens"])))
+                checks = [greedy_agreement(ref, top, got, getattr(torch, dtype))
+                          for ref, top, got in zip(hf["tokens"], hf["top"], r["tokens"])]
+                r.update(hf_k=len(checks), hf_same=sum(agree for agree, _ in checks),
+                         hf_ties=[step for agree, step in checks if agree and step is not None], hf_prov=prov)
             print(f"{system} {dtype} {args.case}: prefill {r['prefill_s']:.1f} s, decode "
                   f"{r['decode_tokens'] / r['decode_s']:.1f} tok/s, peak {max(r['used'])} blocks of "
                   f"{r['bytes_per_block'] / 2**20:.2f} MB ({r['wall_s']:.0f} s wall)", file=sys.stderr, flush=True)
@@ -818,6 +845,9 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=32, help="decode steps after the first token")
     p.add_argument("--kv-space", type=float, default=4, help="VLLM_CPU_KVCACHE_SPACE in GiB")
     p.add_argument("--hf-check", type=int, default=1, help="prompts checked against the patched HF model (0: none)")
+    p.add_argument("--reuse-rows", action="store_true",
+                   help="keep the vLLM rows already in --json for these systems, dtypes, case and steps; run only "
+                        "the HF check again")
     p.set_defaults(func=cmd_plans)
     f = sub.add_parser("profile", help="where a decode step goes: attention, KV write, the rest (plans' case)")
     f.add_argument("--systems", default="dense,d25")

@@ -6,9 +6,10 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
-from benchmarks.common import (REPO, FullBatchDecode, ResultStore, Setting, make_prompts, per_length, plan_key,
-                               provenance, spread_rank, vllm_cpu_env)
+from benchmarks.common import (REPO, FullBatchDecode, ResultStore, Setting, greedy_agreement, logit_ulp, make_prompts,
+                               per_length, plan_key, provenance, spread_rank, vllm_cpu_env)
 
 SCRIPTS = sorted(p.relative_to(REPO).as_posix() for p in [*(REPO / "benchmarks").glob("*.py"),
                                                           *(REPO / "scripts").glob("*.py")]
@@ -25,6 +26,30 @@ def test_result_store_resumes_from_its_file(tmp_path):
     again = ResultStore(path)
     assert again == {"a": {"ok": True}, "b": [1.5, 3]}
     assert ResultStore(None) == {} and not (tmp_path / "None").exists()
+
+
+def test_logit_ulp_is_the_spacing_of_the_dtype():
+    assert logit_ulp(20.0, torch.bfloat16) == 0.125 and logit_ulp(-20.0, torch.bfloat16) == 0.125
+    assert logit_ulp(1.0, torch.float32) == 2.0 ** -23
+    assert float(torch.tensor(20.0 + logit_ulp(20.0, torch.bfloat16), dtype=torch.bfloat16)) == 20.125
+
+
+@pytest.mark.parametrize("tokens, top, expected", [
+    pytest.param([5, 6, 7], [], (True, None), id="same"),
+    pytest.param([5, 9, 1], [[(5, 3.0)], [(6, 20.0), (9, 20.0)], []], (True, 1), id="exact-tie"),
+    pytest.param([5, 9, 1], [[(5, 3.0)], [(6, 20.125), (9, 20.0)], []], (True, 1), id="one-ulp"),
+    pytest.param([5, 9, 1], [[(5, 3.0)], [(6, 20.25), (9, 20.0)], []], (False, 1), id="two-ulps"),
+    pytest.param([5, 8, 7], [[(5, 3.0)], [(6, 20.0), (9, 20.0)], []], (False, 1), id="not-a-candidate"),
+    pytest.param([5, 6], [], (False, 2), id="shorter"),
+])
+def test_greedy_agreement_allows_a_tie_at_the_first_difference(tokens, top, expected):
+    assert greedy_agreement([5, 6, 7], top, tokens, torch.bfloat16) == expected
+
+
+def test_greedy_agreement_in_fp32_needs_logits_within_one_ulp():
+    top = [[(6, 20.0), (9, 20.0 - 2.0 ** -19)]]
+    assert greedy_agreement([6], top, [9], torch.float32) == (True, 0)
+    assert greedy_agreement([6], [[(6, 20.0), (9, 19.999)]], [9], torch.float32) == (False, 0)
 
 
 def test_spread_rank_orders_every_trial_once_and_spreads_prefixes():

@@ -167,6 +167,12 @@ def test_plans_command_times_full_batch_decode_and_tracks_blocks(tmp_path):
         assert 0 <= r["first_step"] < len(r["used"]) and max(r["used"]) <= r["num_blocks"]
     assert rows["d25"]["hf_same"] == rows["d25"]["hf_k"] == 1
     assert "| d25 | float32 | 512x2 " in proc.stdout       # the table, KV held against dense's included
+    again = subprocess.run(cmd[:3] + ["--systems", "d25", "--reuse-rows"] + cmd[5:], cwd=ROOT, capture_output=True,
+                           text=True, timeout=900)              # only the HF check runs again
+    assert again.returncode == 0, again.stderr[-4000:]
+    rechecked = {r["name"]: r for r in json.loads(store.read_text())}
+    assert rechecked["dense"] == rows["dense"] and rechecked["d25"]["used"] == rows["d25"]["used"]
+    assert rechecked["d25"]["hf_same"] == 1 and rechecked["d25"]["hf_prov"]["command"] != rows["d25"]["prov"]["command"]
 
 
 def test_arrival_times_are_a_seeded_poisson_stream():
