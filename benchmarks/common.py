@@ -195,7 +195,9 @@ def greedy_agreement(reference: list[int], top: list[list[tuple[int, float]]], t
             logits = dict(top[i]) if i < len(top) else {}
             tie = got in logits and want in logits and logits[want] - logits[got] <= logit_ulp(logits[want], dtype)
             return tie, i
-    return len(reference) == len(tokens), None if len(reference) == len(tokens) else min(len(reference), len(tokens))
+    if len(reference) == len(tokens):
+        return True, None
+    return False, min(len(reference), len(tokens))          # one run stopped early
 
 
 def make_prompts(setting: Setting, tokenizer=None, vocab_size: int | None = None, seed: int = 0) -> list[list[int]]:

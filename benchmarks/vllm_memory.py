@@ -698,10 +698,10 @@ def cmd_plans(args) -> None:
             plan, extra = plan_of(system)
             spec = {"part": "plans", "name": system, "plan": plan, "extra": extra, "dtype": dtype, "length": length,
                     "batch": batch, "steps": args.steps}
-            stored = [x for x in rows if (x["part"], x["name"], x["dtype"], x["case"], x.get("steps")) ==
-                      ("plans", system, dtype, args.case, args.steps)]
-            if args.reuse_rows and stored:
-                r = stored[0]                            # its vLLM figures and tokens; the HF check runs again
+            stored = next((x for x in rows if (x["part"], x["name"], x["dtype"], x["case"], x.get("steps")) ==
+                           ("plans", system, dtype, args.case, args.steps)), None) if args.reuse_rows else None
+            if stored:
+                r = stored                               # its vLLM figures and tokens; the HF check runs again
             else:
                 r = run_child(spec, {"VLLM_CPU_KVCACHE_SPACE": str(args.kv_space)}, args.timeout)
                 r.update(part="plans", name=system, dtype=dtype, case=args.case, plan=plan, extra=extra, prov=prov,
