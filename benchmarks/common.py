@@ -38,6 +38,8 @@ def provenance() -> dict:
                                 capture_output=True, text=True, timeout=10).stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         commit = None
+    if not commit and (REPO / ".commit").is_file():      # a `git archive` copy names its commit
+        commit = (REPO / ".commit").read_text().strip() + " (archive copy)"
     try:
         memory = f", {os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB"
     except (ValueError, OSError, AttributeError):
@@ -90,6 +92,28 @@ def vllm_cpu_env(threads: int, kv_gib: float | None = None) -> dict[str, str]:
     env = {"VLLM_CPU_OMP_THREADS_BIND": f"0-{threads - 1}" if threads > 1 else "0",
            "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}
     return env if kv_gib is None else env | {"VLLM_CPU_KVCACHE_SPACE": f"{kv_gib:g}"}
+
+
+def make_vllm_llm(model_dir, plan: str | None, dtype: str, max_model_len: int, max_num_seqs: int,
+                  extra: dict | None = None, **more):
+    """vLLM's ``LLM`` on ``model_dir`` as the benchmark rows run it: no prefix caching, seed 0, and with
+    ``plan`` the headwise plugin's plan (plus ``extra`` plugin settings) in ``additional_config``;
+    ``more`` goes to ``LLM`` as it is."""
+    from vllm import LLM
+
+    kwargs = dict(model=str(model_dir), dtype=dtype, enable_prefix_caching=False, max_model_len=max_model_len,
+                  max_num_seqs=max_num_seqs, seed=0, **more)
+    if plan:
+        kwargs["additional_config"] = {"headwise_plan": plan, **(extra or {})}
+    return LLM(**kwargs)
+
+
+def warm_up_vllm(llm, prompts: list[list[int]]) -> None:
+    """Three greedy tokens after the first 64 tokens of each prompt (not timed: compiles and warms caches)."""
+    from vllm import SamplingParams
+
+    llm.generate([{"prompt_token_ids": p[:64]} for p in prompts],
+                 SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True), use_tqdm=False)
 
 
 @dataclass

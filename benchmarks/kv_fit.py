@@ -24,7 +24,6 @@ reach these counts. Activations (a 32k prompt's attention and MLP tensors) are o
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 from pathlib import Path
 

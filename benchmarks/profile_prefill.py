@@ -121,7 +121,7 @@ def print_profile(prof, title: str, wall: float, top: int) -> None:
     print("| part | self CPU s | share |\n|---|---:|---:|")
     for part, seconds in sorted(parts.items(), key=lambda kv: -kv[1]):
         print(f"| {part} | {seconds:.2f} | {100 * seconds / total:.0f}% |")
-    print(f"\n| top op | calls | self CPU s | share |\n|---|---:|---:|---:|")
+    print("\n| top op | calls | self CPU s | share |\n|---|---:|---:|---:|")
     for seconds, name, count in sorted(ops, reverse=True)[:top]:
         print(f"| `{name}` | {count} | {seconds:.2f} | {100 * seconds / total:.0f}% |")
 

@@ -53,9 +53,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import random
-import shlex
 import subprocess
 import sys
 import time
@@ -65,7 +63,8 @@ from typing import Callable, Iterator
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))                 # this checkout's headwise, for the children too
-from benchmarks.common import greedy_agreement, vllm_cpu_env  # noqa: E402
+from benchmarks.common import greedy_agreement, make_vllm_llm, vllm_cpu_env, warm_up_vllm  # noqa: E402
+from benchmarks.common import provenance as common_provenance  # noqa: E402
 
 PLANS = {"d25": "smollm2-135m-d25", "d50": "smollm2-135m-d50"}      # shipped plans (headwise plan list)
 MARGIN = 16                                       # tokens vLLM's max_model_len keeps beyond prompt + decode
@@ -117,29 +116,21 @@ def pressure_prompts(n: int, lo: int, hi: int, seed: int = 0) -> list[list[int]]
 # ---- the rows (children) ------------------------------------------------------------------------
 def make_llm(plan: str | None, dtype: str, max_model_len: int, max_num_seqs: int, extra: dict | None = None,
              **more):
-    from vllm import LLM
-
+    """``benchmarks.common.make_vllm_llm`` on the embedded model."""
     from headwise.models import embedded_model_dir
 
-    kwargs = dict(model=str(embedded_model_dir()), dtype=dtype, enable_prefix_caching=False, max_model_len=max_model_len,
-                  max_num_seqs=max_num_seqs, seed=0, **more)
-    if plan:
-        kwargs["additional_config"] = {"headwise_plan": plan, **(extra or {})}
-    return LLM(**kwargs)
+    return make_vllm_llm(embedded_model_dir(), plan, dtype, max_model_len, max_num_seqs, extra, **more)
 
 
 def run_plans_row(spec: dict) -> dict:
     """One ``plans`` row: prefill s, decode tok/s, blocks in use per step (this process, in-process engine)."""
-    from vllm import SamplingParams
-
     from benchmarks.common import step_vllm_batch
     from headwise.integrations.vllm.pool import blocks_in_use, pool_layout
 
     prompts = case_prompts(spec["length"], spec["batch"], spec["steps"])
     llm = make_llm(spec["plan"], spec["dtype"], max(map(len, prompts)) + 1 + spec["steps"] + MARGIN,
                    max(8, len(prompts)), spec.get("extra"))
-    warm = SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True)
-    llm.generate([{"prompt_token_ids": p[:64]} for p in prompts], warm, use_tqdm=False)      # not timed
+    warm_up_vllm(llm, prompts)
     run = step_vllm_batch(llm, prompts, spec["steps"], probe=lambda: blocks_in_use(llm))
     decode, layout = run["decode"], pool_layout(llm)
     return {"prefill_s": run["prefill_s"], "decode_s": decode.seconds, "decode_tokens": decode.tokens,
@@ -212,8 +203,7 @@ def run_profile_row(spec: dict) -> dict:
     prompts = case_prompts(spec["length"], spec["batch"], spec["steps"])
     llm = make_llm(spec["plan"], spec["dtype"], max(map(len, prompts)) + 1 + spec["steps"] + MARGIN,
                    max(8, len(prompts)), spec.get("extra"))
-    llm.generate([{"prompt_token_ids": p[:64]} for p in prompts], SamplingParams(max_tokens=3, temperature=0.0,
-                                                                                  ignore_eos=True), use_tqdm=False)
+    warm_up_vllm(llm, prompts)
     engine = llm.llm_engine
     params = SamplingParams(max_tokens=1 + spec["steps"], temperature=0.0, ignore_eos=True)
     for i, p in enumerate(prompts):
@@ -510,22 +500,11 @@ def run_child(spec: dict, env: dict[str, str], timeout: float) -> dict:
 
 # ---- provenance and the store -------------------------------------------------------------------
 def provenance() -> dict:
-    """Date, commit, machine and command of this invocation (what a results file records)."""
-    try:
-        commit = subprocess.run(["git", "-C", str(REPO), "describe", "--always", "--dirty", "--abbrev=12"],
-                                capture_output=True, text=True, timeout=10).stdout.strip() or "not recorded"
-    except (OSError, subprocess.SubprocessError):
-        commit = "not recorded"
-    if commit == "not recorded" and (REPO / ".commit").is_file():      # a `git archive` copy names its commit
-        commit = (REPO / ".commit").read_text().strip() + " (archive copy)"
-    import torch
+    """``benchmarks.common.provenance()`` with vLLM's version and the load average (what a results file records)."""
     import vllm
 
-    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2 ** 30
-    return {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "commit": commit,
-            "machine": f"{platform.system()} {platform.machine()}, {os.cpu_count()} CPUs, {memory:.0f} GiB, "
-                       f"python {platform.python_version()}, torch {torch.__version__}, vllm {vllm.__version__}",
-            "command": shlex.join([Path(sys.executable).name, *sys.argv]), "load": os.getloadavg()}
+    info = common_provenance()
+    return info | {"machine": f"{info['machine']}, vllm {vllm.__version__}", "load": os.getloadavg()}
 
 
 def load_store(path: str | None) -> list[dict]:

@@ -43,7 +43,8 @@ if __name__ == "__main__" and not __package__:   # python benchmarks/vllm_plugin
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 from benchmarks.common import SHIPPED_D25, Setting, kv_bytes_per_token, make_prompts  # noqa: E402
-from benchmarks.common import provenance, provenance_line, step_vllm_batch, vllm_cpu_env  # noqa: E402
+from benchmarks.common import make_vllm_llm, provenance, provenance_line, step_vllm_batch, vllm_cpu_env  # noqa: E402
+from benchmarks.common import warm_up_vllm  # noqa: E402
 
 ENV = vllm_cpu_env(2, 4)
 MARGIN = 16                                   # tokens vLLM's max_model_len keeps beyond prompt + decode
@@ -74,16 +75,9 @@ def vllm_row(model_dir: str, prompts: list[list[int]], steps: int, plan: str | N
     """One vLLM row in this process (a child: vLLM spawns its engine, it needs the ``__main__`` guard).
 
     ``track_kv`` turns vLLM's stats on and reads its KV usage gauge after every step (untimed)."""
-    from vllm import LLM, SamplingParams
-
-    kwargs = dict(model=str(model_dir), dtype=dtype, enable_prefix_caching=False,
-                  max_model_len=max(map(len, prompts)) + steps + MARGIN, max_num_seqs=max(8, len(prompts)),
-                  seed=0, disable_log_stats=not track_kv)
-    if plan:
-        kwargs["additional_config"] = {"headwise_plan": plan}
-    llm = LLM(**kwargs)
-    warm = SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True)
-    llm.generate([{"prompt_token_ids": p[:64]} for p in prompts], warm, use_tqdm=False)   # warm-up, not timed
+    llm = make_vllm_llm(model_dir, plan, dtype, max(map(len, prompts)) + steps + MARGIN, max(8, len(prompts)),
+                        disable_log_stats=not track_kv)
+    warm_up_vllm(llm, prompts)
     run = step_vllm_batch(llm, prompts, steps, probe=(lambda: kv_usage(llm) or 0.0) if track_kv else None)
     decode, peak_usage = run["decode"], max(run["probes"], default=0.0)
     config = llm.llm_engine.vllm_config

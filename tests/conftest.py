@@ -37,14 +37,6 @@ def make_tiny(arch: str = "llama", seed: int = 0, **overrides):
     return model.eval()
 
 
-@pytest.hookimpl(tryfirst=True)
-def pytest_collection_modifyitems(config, items):
-    """Every test that uses the ``real_model`` fixture carries the ``real_model`` marker (before ``-m`` selects)."""
-    for item in items:
-        if "real_model" in getattr(item, "fixturenames", ()):
-            item.add_marker(pytest.mark.real_model)
-
-
 @pytest.fixture(autouse=True)
 def same_process_state(request):
     """Each test starts from the same process state and leaves it as it found it, so that a test gives the
@@ -109,11 +101,15 @@ def qwen_model():
     return load_model(QWEN)
 
 
-@pytest.hookimpl(tryfirst=True)          # before -m deselects
+@pytest.hookimpl(tryfirst=True)          # before -m selects
 def pytest_collection_modifyitems(config, items):
+    """Tests that use the ``real_model`` fixture carry the ``real_model`` marker; those that use ``qwen_model``
+    carry ``real_model`` and ``slow`` (left out of ``make test``)."""
     for item in items:
-        if "qwen_model" in getattr(item, "fixturenames", ()):
+        fixtures = getattr(item, "fixturenames", ())
+        if "real_model" in fixtures or "qwen_model" in fixtures:
             item.add_marker(pytest.mark.real_model)
+        if "qwen_model" in fixtures:
             item.add_marker(pytest.mark.slow)
 
 

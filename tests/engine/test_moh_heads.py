@@ -91,7 +91,6 @@ def test_moh_heads_survive_preemption():
 def test_shipped_moh_plan_on_the_real_model_equals_patched_hf(real_model):
     """shipped plan ``smollm2-135m-moh0.75`` (fitted routers, 22 routed layers): engine greedy tokens equal
     the patched HF model's on a batch of two prose prompts."""
-    from pathlib import Path
 
     from headwise import load_plan
     from headwise.data.prose import tokenized_prose

@@ -5,7 +5,6 @@ from __future__ import annotations
 import random
 
 import pytest
-import torch
 
 from headwise.engine import LLM
 from headwise.engine.block_manager import BlockManager
