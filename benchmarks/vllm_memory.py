@@ -677,11 +677,10 @@ def cmd_plans(args) -> None:
             plan, extra = plan_of(system)
             spec = {"part": "plans", "name": system, "plan": plan, "extra": extra, "dtype": dtype, "length": length,
                     "batch": batch, "steps": args.steps}
-            stored = next((x for x in rows if (x["part"], x["name"], x["dtype"], x["case"], x.get("steps")) ==
-                           ("plans", system, dtype, args.case, args.steps)), None) if args.reuse_rows else None
-            if stored:
-                r = stored                               # its vLLM figures and tokens; the HF check runs again
-            else:
+            # --reuse-rows: a stored row's vLLM figures and tokens; the HF check runs again
+            r = next((x for x in rows if (x["part"], x["name"], x["dtype"], x["case"], x.get("steps")) ==
+                      ("plans", system, dtype, args.case, args.steps)), None) if args.reuse_rows else None
+            if r is None:
                 r = run_child(spec, {"VLLM_CPU_KVCACHE_SPACE": str(args.kv_space)}, args.timeout)
                 r.update(part="plans", name=system, dtype=dtype, case=args.case, plan=plan, extra=extra, prov=prov,
                          steps=args.steps)
